@@ -1,0 +1,30 @@
+# Two commands: `make demo` (set up everything, then run the main job) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+demo: $(STAMP)
+	$(PY) -m inception_fast demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m inception_fast bench --write-readme
+
+install: $(STAMP)
+
+# torch first (the C++ build compiles against it), then the package with its extension.
+# Re-runs when setup.py or a C++ source changes, so `make test` never runs a stale kernel.
+$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 setuptools wheel pybind11 ninja numpy
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
+	$(PY) -c "import inception_fast._C" || (echo "inception_fast: the C++ extension did not build (see above)"; exit 1)
+	touch $(STAMP)
+
+clean:
+	rm -rf build *.egg-info inception_fast/_C*.so $(STAMP)

@@ -1,0 +1,367 @@
+// The fused Inception forward on the CPU, NHWC, in two stages.
+//
+// Stage 1 (pointwise): for each block of pixel rows, one GEMM over the input for
+//   [1x1 | 3x3 reduce | 5x5 reduce], and one GEMM over the 3x3-max-pooled rows
+//   (pooled into a small per-thread buffer, never a full tensor) for the pool
+//   projection. 1x1 and pool columns land in their channel slices of the output;
+//   the reductions land in the interiors of two zero-bordered buffers t3, t5.
+// Stage 2 (spatial): implicit-GEMM K3xK3 over t3 and K5xK5 over t5, into their
+//   output slices. The zero border makes every tap an in-bounds load, so one
+//   tap offset serves all rows of a tile and the inner loop has no branches.
+//
+// One register-tiled micro-kernel serves all four GEMMs: a 1x1 conv is the
+// one-tap case. Rows of A are addressed through per-row pointers (implicit
+// GEMM, no im2col); B is pre-packed into panels of two SIMD vectors. Every
+// epilogue adds the bias, applies ReLU and stores straight into the
+// destination's channel slice: there is no concat copy.
+//
+// Results do not depend on the thread count: each output element is one
+// accumulation in a fixed order, whichever thread or block computes it.
+
+#include "inception_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace inception_fast {
+namespace {
+
+// 64-byte vectors: one zmm register with AVX-512, two ymm with AVX2 (GCC splits them).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float Vec __attribute__((vector_size(64)));
+  static constexpr int kLanes = 16;
+};
+template <>
+struct Simd<double> {
+  typedef double Vec __attribute__((vector_size(64)));
+  static constexpr int kLanes = 8;
+};
+
+// 12 rows x 2 vectors = 24 accumulators: the most that fit 32 zmm registers next to
+// the two B vectors and one broadcast A value.
+constexpr int kMR = 12;
+
+template <typename T>
+constexpr int kNR = 2 * Simd<T>::kLanes;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// An NHWC tensor, possibly with a spatial zero border of `pad`, seen as pixel rows.
+template <typename T>
+struct Plane {
+  T* data;
+  int64_t stride_n, stride_h, stride_w;  // elements; channels are contiguous
+  int64_t pad;
+
+  T* interior_row(int64_t n, int64_t h, int64_t w) const {
+    return data + n * stride_n + (h + pad) * stride_h + (w + pad) * stride_w;
+  }
+  // Top-left corner of the KxK window centred on output pixel (h, w), with pad == K / 2.
+  T* window_row(int64_t n, int64_t h, int64_t w) const {
+    return data + n * stride_n + h * stride_h + w * stride_w;
+  }
+};
+
+// GEMM columns [begin, end) go to channels [channel, channel + end - begin) of `dst`.
+template <typename T>
+struct Segment {
+  int64_t begin, end;
+  Plane<T> dst;
+  int64_t channel;
+};
+
+// C = relu(A @ B + bias), A rows given by pointers, A's K index split into taps.
+template <typename T>
+struct Gemm {
+  const T* b_packed;                // (panels, taps * k_per_tap, kNR)
+  const T* bias;                    // (cols,)
+  int64_t cols;
+  int64_t k_per_tap;                // channels read at each tap
+  std::vector<int64_t> tap_offset;  // element offset of each tap from a row's window origin
+  std::vector<Segment<T>> segments;
+};
+
+// acc[i] += a[i][tap][c] * B[tap][c] over all taps and channels, for MR rows and kNR columns.
+template <typename T, int MR>
+void micro_tile(const T* const* a_rows, const int64_t* tap_offset, int64_t taps,
+                int64_t k_per_tap, const T* b, T* tile /* MR x kNR */) {
+  using Vec = typename Simd<T>::Vec;
+  constexpr int L = Simd<T>::kLanes;
+  Vec acc0[MR], acc1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = Vec{};
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* a[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + tap_offset[t];
+    for (int64_t c = 0; c < k_per_tap; ++c, b += 2 * L) {
+      const Vec b0 = *reinterpret_cast<const Vec*>(b);
+      const Vec b1 = *reinterpret_cast<const Vec*>(b + L);
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        const T ai = a[i][c];
+        acc0[i] += ai * b0;
+        acc1[i] += ai * b1;
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(tile + i * 2 * L, &acc0[i], sizeof(Vec));
+    std::memcpy(tile + i * 2 * L + L, &acc1[i], sizeof(Vec));
+  }
+}
+
+template <typename T>
+using MicroTileFn = void (*)(const T* const*, const int64_t*, int64_t, int64_t, const T*, T*);
+
+// The micro-kernel for each row count 1..kMR, so that a block's last tile needs no padding.
+template <typename T, int... MR>
+constexpr std::array<MicroTileFn<T>, sizeof...(MR)> make_table(std::integer_sequence<int, MR...>) {
+  return {&micro_tile<T, MR + 1>...};
+}
+template <typename T>
+constexpr auto kMicroTiles = make_table<T>(std::make_integer_sequence<int, kMR>{});
+
+// ReLU that keeps NaN, like torch.relu: NaN < 0 is false.
+template <typename T>
+inline T relu(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// Runs `gemm` for rows whose A rows start at a_rows[i] and whose destination pixels are
+// (n, h, w)[i]; rows and columns need not be multiples of the tile.
+template <typename T>
+void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
+              const int64_t* pix_h, const int64_t* pix_w, int64_t rows) {
+  constexpr int NR = kNR<T>;
+  const int64_t taps = static_cast<int64_t>(gemm.tap_offset.size());
+  const int64_t k_total = taps * gemm.k_per_tap;
+  const int64_t panels = ceil_div(gemm.cols, NR);
+  alignas(64) T tile[kMR * NR];
+  T* dst_rows[kMR];
+  for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
+    // A tile rows stay in L1 while every B panel streams past them from L2.
+    for (int64_t p = 0; p < panels; ++p) {
+      kMicroTiles<T>[mr - 1](a_rows + r0, gemm.tap_offset.data(), taps, gemm.k_per_tap,
+                             gemm.b_packed + p * k_total * NR, tile);
+      const int64_t col0 = p * NR, col1 = std::min(col0 + NR, gemm.cols);
+      for (const Segment<T>& seg : gemm.segments) {
+        const int64_t lo = std::max(col0, seg.begin), hi = std::min(col1, seg.end);
+        if (lo >= hi) continue;
+        for (int i = 0; i < mr; ++i)
+          dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) +
+                        seg.channel - seg.begin;
+        for (int i = 0; i < mr; ++i) {
+          const T* src = tile + i * NR - col0;
+          T* dst = dst_rows[i];
+          for (int64_t j = lo; j < hi; ++j) dst[j] = relu(src[j] + gemm.bias[j]);
+        }
+      }
+    }
+  }
+}
+
+// pooled[i][c] = max of x over the 3x3 window (-inf padding) around pixel i; NaN wins, as in
+// torch.max_pool2d.
+template <typename T>
+void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
+                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
+    T* out = pooled + i * C;
+    std::memcpy(out, x.interior_row(n, h, w), C * sizeof(T));
+    for (int64_t dy = -1; dy <= 1; ++dy) {
+      if (h + dy < 0 || h + dy >= H) continue;
+      for (int64_t dx = -1; dx <= 1; ++dx) {
+        if ((dy == 0 && dx == 0) || w + dx < 0 || w + dx >= W) continue;
+        const T* in = x.interior_row(n, h + dy, w + dx);
+        for (int64_t c = 0; c < C; ++c) {
+          const T v = in[c];
+          out[c] = (v > out[c] || v != v) ? v : out[c];
+        }
+      }
+    }
+  }
+}
+
+// Zeros the `pad`-wide spatial border of an (N, H + 2 pad, W + 2 pad, C) buffer. The interior
+// is fully written by stage 1, so zeroing all of it would be wasted bandwidth.
+template <typename T>
+void zero_border(const Plane<T>& buf, int64_t N, int64_t H, int64_t W, int64_t C) {
+  const int64_t pad = buf.pad, Wp = W + 2 * pad;
+  if (pad == 0) return;
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* img = buf.data + n * buf.stride_n;
+      for (int64_t hp = 0; hp < H + 2 * pad; ++hp) {
+        T* row = img + hp * buf.stride_h;
+        if (hp < pad || hp >= H + pad) {
+          std::fill(row, row + Wp * C, T(0));
+        } else {
+          std::fill(row, row + pad * C, T(0));
+          std::fill(row + (W + pad) * C, row + Wp * C, T(0));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+Plane<T> padded_plane(at::Tensor& buf, int64_t H, int64_t W, int64_t C, int64_t pad) {
+  const int64_t Wp = W + 2 * pad;
+  return {buf.data_ptr<T>(), (H + 2 * pad) * Wp * C, Wp * C, C, pad};
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& x, const at::Tensor& reduce_b, const at::Tensor& reduce_bias,
+                  const at::Tensor& conv3_b, const at::Tensor& conv3_bias,
+                  const at::Tensor& conv5_b, const at::Tensor& conv5_bias,
+                  const at::Tensor& pool_b, const at::Tensor& pool_bias, const InceptionDims& d,
+                  at::Tensor& out) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t c_out = out.size(1), M = N * H * W;
+  const int64_t p3 = d.k3 / 2, p5 = d.k5 / 2;
+
+  // Intermediates keep a zero border so that stage 2 never tests bounds.
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor t3 = at::empty({N, H + 2 * p3, W + 2 * p3, d.r3}, opts);
+  at::Tensor t5 = at::empty({N, H + 2 * p5, W + 2 * p5, d.r5}, opts);
+  const Plane<T> t3_plane = padded_plane<T>(t3, H, W, d.r3, p3);
+  const Plane<T> t5_plane = padded_plane<T>(t5, H, W, d.r5, p5);
+  zero_border(t3_plane, N, H, W, d.r3);
+  zero_border(t5_plane, N, H, W, d.r5);
+
+  const Plane<const T> x_plane{x.data_ptr<T>(), H * W * C, W * C, C, 0};
+  const Plane<T> out_plane{out.data_ptr<T>(), H * W * c_out, W * c_out, c_out, 0};
+
+  const int64_t c1 = d.c1, r3 = d.r3, r5 = d.r5;
+  const Gemm<T> reduce{reduce_b.data_ptr<T>(), reduce_bias.data_ptr<T>(), c1 + r3 + r5, C, {0},
+                       {{0, c1, out_plane, 0},
+                        {c1, c1 + r3, t3_plane, 0},
+                        {c1 + r3, c1 + r3 + r5, t5_plane, 0}}};
+  const Gemm<T> pool{pool_b.data_ptr<T>(), pool_bias.data_ptr<T>(), d.cp, C, {0},
+                     {{0, d.cp, out_plane, c1 + d.c3 + d.c5}}};
+  auto spatial = [&](const at::Tensor& b, const at::Tensor& bias, int64_t cols, int64_t k,
+                     const Plane<T>& src, int64_t channel) {
+    Gemm<T> g{b.data_ptr<T>(), bias.data_ptr<T>(), cols, src.stride_w, {}, {{0, cols, out_plane, channel}}};
+    for (int64_t dy = 0; dy < k; ++dy)
+      for (int64_t dx = 0; dx < k; ++dx) g.tap_offset.push_back(dy * src.stride_h + dx * src.stride_w);
+    return g;
+  };
+  const Gemm<T> conv3 = spatial(conv3_b, conv3_bias, d.c3, d.k3, t3_plane, c1);
+  const Gemm<T> conv5 = spatial(conv5_b, conv5_bias, d.c5, d.k5, t5_plane, c1 + d.c3);
+
+  // A few blocks per thread balance the last wave; at least one full register tile each.
+  const int64_t threads = at::get_num_threads();
+  const int64_t block = std::clamp<int64_t>(ceil_div(ceil_div(M, 4 * threads), kMR) * kMR, kMR, 8 * kMR);
+  const int64_t blocks = ceil_div(M, block);
+
+  auto for_each_block = [&](auto&& body) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<int64_t> pix(3 * block);
+      std::vector<const T*> a_rows(block);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m0 = b * block, rows = std::min(block, M - m0);
+        int64_t *pn = pix.data(), *ph = pn + block, *pw = ph + block;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t m = m0 + i, hw = m % (H * W);
+          pn[i] = m / (H * W);
+          ph[i] = hw / W;
+          pw[i] = hw % W;
+        }
+        body(rows, pn, ph, pw, a_rows.data());
+      }
+    });
+  };
+
+  // Stage 1: pointwise GEMMs, the pooled rows built in a per-thread buffer on the fly.
+  for_each_block([&](int64_t rows, const int64_t* pn, const int64_t* ph, const int64_t* pw,
+                     const T** a_rows) {
+    thread_local std::vector<T> pooled;
+    pooled.resize(block * C);
+    for (int64_t i = 0; i < rows; ++i) a_rows[i] = x_plane.interior_row(pn[i], ph[i], pw[i]);
+    run_gemm(reduce, a_rows, pn, ph, pw, rows);
+    max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, pooled.data());
+    for (int64_t i = 0; i < rows; ++i) a_rows[i] = pooled.data() + i * C;
+    run_gemm(pool, a_rows, pn, ph, pw, rows);
+  });
+
+  // Stage 2: both spatial convolutions for the same rows, so every block costs the same.
+  for_each_block([&](int64_t rows, const int64_t* pn, const int64_t* ph, const int64_t* pw,
+                     const T** a_rows) {
+    for (int64_t i = 0; i < rows; ++i) a_rows[i] = t3_plane.window_row(pn[i], ph[i], pw[i]);
+    run_gemm(conv3, a_rows, pn, ph, pw, rows);
+    for (int64_t i = 0; i < rows; ++i) a_rows[i] = t5_plane.window_row(pn[i], ph[i], pw[i]);
+    run_gemm(conv5, a_rows, pn, ph, pw, rows);
+  });
+}
+
+void check_packed(const at::Tensor& b, const char* name, int64_t k, int64_t cols,
+                  const at::Tensor& x) {
+  const int64_t width = panel_width(x.scalar_type());
+  TORCH_CHECK(b.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(),
+              ", got ", b.scalar_type());
+  TORCH_CHECK(b.is_contiguous() && b.dim() == 3 && b.size(0) == ceil_div(cols, width) &&
+                  b.size(1) == k && b.size(2) == width,
+              name, " must be contiguous with shape (", ceil_div(cols, width), ", ", k, ", ",
+              width, "), got ", b.sizes());
+}
+
+void check_bias(const at::Tensor& b, const char* name, int64_t cols, const at::Tensor& x) {
+  TORCH_CHECK(b.scalar_type() == x.scalar_type() && b.is_contiguous() && b.dim() == 1 &&
+                  b.size(0) == cols,
+              name, " must be a contiguous (", cols, ",) tensor of dtype ", x.scalar_type(),
+              ", got ", b.sizes(), " of ", b.scalar_type());
+}
+
+}  // namespace
+
+int64_t panel_width(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return kNR<float>;
+    case at::kDouble: return kNR<double>;
+    default: TORCH_CHECK(false, "inception_fast CPU kernel supports float32 and float64, got ", dtype);
+  }
+}
+
+at::Tensor inception_forward(const at::Tensor& x_in, const at::Tensor& reduce_b,
+                             const at::Tensor& reduce_bias, const at::Tensor& conv3_b,
+                             const at::Tensor& conv3_bias, const at::Tensor& conv5_b,
+                             const at::Tensor& conv5_bias, const at::Tensor& pool_b,
+                             const at::Tensor& pool_bias, const InceptionDims& d) {
+  TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor, got ", x_in.device());
+  TORCH_CHECK(x_in.dim() == 4, "x must be 4-D (N, C, H, W), got ", x_in.sizes());
+  TORCH_CHECK(d.k3 % 2 == 1 && d.k5 % 2 == 1, "kernel sizes must be odd, got ", d.k3, " and ", d.k5);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  check_packed(reduce_b, "reduce_b", C, d.c1 + d.r3 + d.r5, x_in);
+  check_bias(reduce_bias, "reduce_bias", d.c1 + d.r3 + d.r5, x_in);
+  check_packed(conv3_b, "conv3_b", d.k3 * d.k3 * d.r3, d.c3, x_in);
+  check_bias(conv3_bias, "conv3_bias", d.c3, x_in);
+  check_packed(conv5_b, "conv5_b", d.k5 * d.k5 * d.r5, d.c5, x_in);
+  check_bias(conv5_bias, "conv5_bias", d.c5, x_in);
+  check_packed(pool_b, "pool_b", C, d.cp, x_in);
+  check_bias(pool_bias, "pool_bias", d.cp, x_in);
+
+  // NHWC in memory; a no-op for channels_last inputs, one copy for anything else.
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({N, d.c1 + d.c3 + d.c5 + d.cp, H, W},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_forward", [&] {
+    forward_impl<scalar_t>(x, reduce_b, reduce_bias, conv3_b, conv3_bias, conv5_b, conv5_bias,
+                           pool_b, pool_bias, d, out);
+  });
+  return out;
+}
+
+}  // namespace inception_fast

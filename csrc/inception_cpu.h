@@ -1,0 +1,29 @@
+// The fused Inception forward on the CPU: declarations shared by the kernel and its bindings.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace inception_fast {
+
+// Columns of one packed weight panel for `dtype`: two SIMD vectors of 64 bytes.
+// Python packs B as (ceil(cols / width), K, width), zero-padded past the last column.
+int64_t panel_width(at::ScalarType dtype);
+
+// Shapes of one module, read off the packed weights by the Python host wrapper.
+struct InceptionDims {
+  int64_t c1, r3, r5, c3, c5, cp, k3, k5;
+};
+
+// x: (N, Cin, H, W) in any memory format. Returns (N, c1+c3+c5+cp, H, W), channels_last.
+//   reduce_b  (panels, Cin, width)        [W1 | W3r | W5r] as B = W^T, packed
+//   reduce_bias (c1 + r3 + r5,)           [b1 | b3r | b5r]
+//   conv3_b   (panels, k3*k3*r3, width)   K index = (dy*k3 + dx)*r3 + c
+//   conv5_b   (panels, k5*k5*r5, width)
+//   pool_b    (panels, Cin, width)        Wp^T, packed
+at::Tensor inception_forward(const at::Tensor& x, const at::Tensor& reduce_b,
+                             const at::Tensor& reduce_bias, const at::Tensor& conv3_b,
+                             const at::Tensor& conv3_bias, const at::Tensor& conv5_b,
+                             const at::Tensor& conv5_bias, const at::Tensor& pool_b,
+                             const at::Tensor& pool_bias, const InceptionDims& dims);
+
+}  // namespace inception_fast

@@ -1,0 +1,39 @@
+"""inception_fast: the Inception module of GoogLeNet as one fused kernel.
+
+    import inception_fast as ifast
+    fused = ifast.FusedInception.from_module(block)   # or ifast.swap_inception(model)
+    report = ifast.profile(model, input_size=(1, 3, 224, 224))
+"""
+
+from . import models
+from .blocks import NotAnInceptionBlock
+from .fused import FusedInception
+from .ops.inception import BACKENDS, InceptionFunction, InceptionWeights, inception
+from .profile import ProfileReport, ProfileRow, profile
+from .reference import ReferenceInception
+from .spec import GOOGLENET_INCEPTION, BranchCounts, InceptionSpec, PaperBlock
+from .swap import swap_inception
+from .verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "GOOGLENET_INCEPTION",
+    "BranchCounts",
+    "FusedInception",
+    "InceptionFunction",
+    "InceptionSpec",
+    "InceptionWeights",
+    "NotAnInceptionBlock",
+    "PaperBlock",
+    "ProfileReport",
+    "ProfileRow",
+    "ReferenceInception",
+    "VerifyReport",
+    "inception",
+    "models",
+    "profile",
+    "swap_inception",
+    "verify",
+]

@@ -1,0 +1,36 @@
+"""A one-entry cache keyed on tensors' identity of storage and version counter."""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, Sequence, TypeVar
+
+import torch
+
+V = TypeVar("V")
+
+
+class TensorVersionCache(Generic[V]):
+    """Rebuilds its value when any source tensor is written in place or replaced.
+
+    The key holds a detached alias of each source, which keeps the old storage
+    alive: an equal data_ptr therefore means the same storage, never a new tensor
+    that happens to reuse freed memory. In-place writes bump the shared version
+    counter (optimizer.step, load_state_dict, anything under no_grad). Writes
+    through `.data` do not: call `clear()` after those.
+    """
+
+    def __init__(self) -> None:
+        self._key: list[tuple[torch.Tensor, int, int]] | None = None
+        self._value: V | None = None
+
+    def get(self, sources: Sequence[torch.Tensor], build: Callable[[], V]) -> V:
+        if self._key is None or len(self._key) != len(sources) or any(
+            t.data_ptr() != ptr or t._version != version or t.shape != alias.shape or t.dtype != alias.dtype
+            for t, (alias, ptr, version) in zip(sources, self._key)
+        ):
+            self._value = build()
+            self._key = [(t.detach(), t.data_ptr(), t._version) for t in sources]
+        return self._value  # type: ignore[return-value]
+
+    def clear(self) -> None:
+        self._key, self._value = None, None

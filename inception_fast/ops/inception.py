@@ -1,0 +1,257 @@
+"""The fused Inception op: weight checks, backend dispatch, host wrappers and autograd.
+
+Weights use PyTorch's Conv2d layout, so any module's parameters pass straight in:
+
+    w1  (c1, Cin, 1, 1)    b1  (c1,)      branch 1: 1x1
+    w3r (r3, Cin, 1, 1)    b3r (r3,)      branch 2: 1x1 reduction ...
+    w3  (c3, r3, K3, K3)   b3  (c3,)      ... then K3xK3, 'same' padding
+    w5r (r5, Cin, 1, 1)    b5r (r5,)      branch 3: 1x1 reduction ...
+    w5  (c5, r5, K5, K5)   b5  (c5,)      ... then K5xK5, 'same' padding
+    wp  (cp, Cin, 1, 1)    bp  (cp,)      branch 4: 3x3/1 max pool, then 1x1
+
+Every convolution is followed by ReLU. The output is logically NCHW
+(N, c1+c3+c5+cp, H, W) and laid out channels_last, so that a stack of fused
+modules never transposes.
+
+Backends: "cpu" is the C++ kernel of csrc/ (two stages, every branch storing
+straight into its channel slice of the output); "reference" is plain PyTorch
+ops; "triton" is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .._cache import TensorVersionCache
+from .._checks import check_choice, check_input, check_same_dtype_device
+from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
+from ..spec import InceptionSpec
+
+__all__ = [
+    "BACKENDS",
+    "CpuPackedWeights",
+    "InceptionFunction",
+    "InceptionWeights",
+    "fused_forward",
+    "inception",
+    "pack_cpu_weights",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+class InceptionWeights(NamedTuple):
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w3r: torch.Tensor
+    b3r: torch.Tensor
+    w3: torch.Tensor
+    b3: torch.Tensor
+    w5r: torch.Tensor
+    b5r: torch.Tensor
+    w5: torch.Tensor
+    b5: torch.Tensor
+    wp: torch.Tensor
+    bp: torch.Tensor
+
+    def spec(self) -> InceptionSpec:
+        """The module's shape, checked for consistency across all twelve tensors."""
+        for name, t in self._asdict().items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            expected_dim = 1 if name.startswith("b") else 4
+            if t.dim() != expected_dim:
+                raise ValueError(
+                    f"{name} must be {expected_dim}-D, got shape {tuple(t.shape)}"
+                )
+        cin = self.w1.shape[1]
+        k3, k5 = self.w3.shape[-1], self.w5.shape[-1]
+        expected = {
+            "w1": (self.w1.shape[0], cin, 1, 1),
+            "w3r": (self.w3r.shape[0], cin, 1, 1),
+            "w3": (self.w3.shape[0], self.w3r.shape[0], k3, k3),
+            "w5r": (self.w5r.shape[0], cin, 1, 1),
+            "w5": (self.w5.shape[0], self.w5r.shape[0], k5, k5),
+            "wp": (self.wp.shape[0], cin, 1, 1),
+        }
+        for name, shape in expected.items():
+            w = getattr(self, name)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+            b = getattr(self, "b" + name[1:])
+            if tuple(b.shape) != (shape[0],):
+                raise ValueError(f"b{name[1:]} must have shape ({shape[0]},), got {tuple(b.shape)}")
+        try:
+            return InceptionSpec(
+                in_channels=cin,
+                ch1x1=self.w1.shape[0],
+                ch3x3red=self.w3r.shape[0],
+                ch3x3=self.w3.shape[0],
+                ch5x5red=self.w5r.shape[0],
+                ch5x5=self.w5.shape[0],
+                pool_proj=self.wp.shape[0],
+                k3=k3,
+                k5=k5,
+            )
+        except ValueError as exc:
+            raise ValueError(f"inconsistent Inception weights: {exc}") from None
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Turn 'auto' into the backend that will run on x's device."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        if x.is_cuda:
+            # The Triton kernels are not written yet; plain PyTorch is correct everywhere.
+            return "reference"
+        if cpu_extension() is None:
+            warn_cpu_fallback()
+            return "reference"
+        if x.dtype not in _CPU_DTYPES:
+            return "reference"
+        return "cpu"
+    if backend == "triton":
+        raise NotImplementedError(
+            "backend='triton' is not implemented yet; use backend='reference' on CUDA tensors"
+        )
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs x on the CPU, got x on {x.device}")
+        if x.dtype not in _CPU_DTYPES:
+            raise TypeError(f"backend='cpu' supports x of dtype float32 or float64, got {x.dtype}")
+        require_cpu_extension()
+    return backend
+
+
+# -- reference backend ---------------------------------------------------------
+
+
+def _forward_reference(x: torch.Tensor, w: InceptionWeights) -> torch.Tensor:
+    k3, k5 = w.w3.shape[-1], w.w5.shape[-1]
+    y1 = F.relu(F.conv2d(x, w.w1, w.b1))
+    y3 = F.relu(F.conv2d(F.relu(F.conv2d(x, w.w3r, w.b3r)), w.w3, w.b3, padding=k3 // 2))
+    y5 = F.relu(F.conv2d(F.relu(F.conv2d(x, w.w5r, w.b5r)), w.w5, w.b5, padding=k5 // 2))
+    yp = F.relu(F.conv2d(F.max_pool2d(x, 3, stride=1, padding=1), w.wp, w.bp))
+    return torch.cat([y1, y3, y5, yp], dim=1).contiguous(memory_format=torch.channels_last)
+
+
+# -- cpu backend ---------------------------------------------------------------
+
+
+class CpuPackedWeights(NamedTuple):
+    """Weights in the C++ kernel's layout: B = W^T in panels of `panel_width` columns."""
+
+    reduce_b: torch.Tensor  # (panels, Cin, width)          [W1 | W3r | W5r]^T
+    reduce_bias: torch.Tensor  # (c1 + r3 + r5,)
+    conv3_b: torch.Tensor  # (panels, K3*K3*r3, width)      row (dy*K3 + dx)*r3 + c
+    conv3_bias: torch.Tensor  # (c3,)
+    conv5_b: torch.Tensor  # (panels, K5*K5*r5, width)
+    conv5_bias: torch.Tensor  # (c5,)
+    pool_b: torch.Tensor  # (panels, Cin, width)            Wp^T
+    pool_bias: torch.Tensor  # (cp,)
+    dims: tuple[int, ...]  # (c1, r3, r5, c3, c5, cp, K3, K5)
+
+
+def _pack_panels(b: torch.Tensor, width: int) -> torch.Tensor:
+    """(K, cols) -> (ceil(cols / width), K, width), zero-padded: one panel per register tile."""
+    k, cols = b.shape
+    panels = -(-cols // width)
+    padded = b.new_zeros(k, panels * width)
+    padded[:, :cols] = b
+    return padded.reshape(k, panels, width).permute(1, 0, 2).contiguous()
+
+
+def _as_gemm_b(w: torch.Tensor) -> torch.Tensor:
+    """Conv weight (cout, cin, k, k) -> B (k*k*cin, cout), row index (dy*k + dx)*cin + c."""
+    return w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+
+
+def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
+    width = require_cpu_extension().panel_width(w.w1.dtype)
+    s = w.spec()
+    with torch.no_grad():
+        reduce_b = torch.cat([_as_gemm_b(w.w1), _as_gemm_b(w.w3r), _as_gemm_b(w.w5r)], dim=1)
+        return CpuPackedWeights(
+            reduce_b=_pack_panels(reduce_b, width),
+            reduce_bias=torch.cat([w.b1, w.b3r, w.b5r]).detach().contiguous(),
+            conv3_b=_pack_panels(_as_gemm_b(w.w3), width),
+            conv3_bias=w.b3.detach().contiguous(),
+            conv5_b=_pack_panels(_as_gemm_b(w.w5), width),
+            conv5_bias=w.b5.detach().contiguous(),
+            pool_b=_pack_panels(_as_gemm_b(w.wp), width),
+            pool_bias=w.bp.detach().contiguous(),
+            dims=(s.ch1x1, s.ch3x3red, s.ch5x5red, s.ch3x3, s.ch5x5, s.pool_proj, s.k3, s.k5),
+        )
+
+
+def _forward_cpu(x: torch.Tensor, w: InceptionWeights, cache: TensorVersionCache | None) -> torch.Tensor:
+    packed = cache.get(w, lambda: pack_cpu_weights(w)) if cache is not None else pack_cpu_weights(w)
+    return require_cpu_extension().inception_forward(x, *packed)
+
+
+class InceptionFunction(torch.autograd.Function):
+    """Fused forward; the backward recomputes with PyTorch ops (not fused yet)."""
+
+    @staticmethod
+    def forward(ctx, x, backend: str, cache: TensorVersionCache | None, *weights: torch.Tensor):
+        ctx.save_for_backward(x, *weights)
+        w = InceptionWeights(*weights)
+        if backend == "cpu":
+            return _forward_cpu(x, w, cache)
+        raise AssertionError(f"unreachable: backend {backend!r} has no fused forward")
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        needs_grad = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, *weights), needs_grad)]
+        wanted = [t for t in inputs if t.requires_grad]
+        with torch.enable_grad():
+            out = _forward_reference(inputs[0], InceptionWeights(*inputs[1:]))
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        result = [next(grads) if t.requires_grad else None for t in inputs]
+        return (result[0], None, None, *result[1:])
+
+
+def inception(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w3r: torch.Tensor,
+    b3r: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+    w5r: torch.Tensor,
+    b5r: torch.Tensor,
+    w5: torch.Tensor,
+    b5: torch.Tensor,
+    wp: torch.Tensor,
+    bp: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The whole Inception module as one op. See the module docstring for shapes.
+
+    Packs the weights into the kernel's layout on every call; FusedInception
+    keeps them packed between calls.
+    """
+    weights = InceptionWeights(w1, b1, w3r, b3r, w3, b3, w5r, b5r, w5, b5, wp, bp)
+    return fused_forward(x, weights, backend=backend)
+
+
+def fused_forward(
+    x: torch.Tensor, weights: InceptionWeights, backend: str = "auto", cache: TensorVersionCache | None = None
+) -> torch.Tensor:
+    """`inception` over an InceptionWeights, reusing `cache`'s packed weights while they are current."""
+    spec = weights.spec()
+    check_input(x, spec.in_channels)
+    check_same_dtype_device(x, weights._asdict())
+    backend = resolve_backend(backend, x)
+    if backend == "reference":
+        return _forward_reference(x, weights)
+    return InceptionFunction.apply(x, backend, cache, *weights)
