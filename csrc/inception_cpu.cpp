@@ -78,6 +78,13 @@ struct Segment {
   int64_t channel;
 };
 
+// A slice of the K dimension small enough that its B rows for one panel stay in L1:
+// whole taps when a tap's channels fit, else a channel range of a single tap.
+struct KChunk {
+  int64_t tap_begin, taps;
+  int64_t c_begin, c_count;
+};
+
 // C = relu(A @ B + bias), A rows given by pointers, A's K index split into taps.
 template <typename T>
 struct Gemm {
@@ -87,22 +94,55 @@ struct Gemm {
   int64_t k_per_tap;                // channels read at each tap
   std::vector<int64_t> tap_offset;  // element offset of each tap from a row's window origin
   std::vector<Segment<T>> segments;
+  std::vector<KChunk> chunks;       // filled by plan_chunks()
+
+  int64_t panels() const { return ceil_div(cols, kNR<T>); }
+  int64_t k_total() const { return static_cast<int64_t>(tap_offset.size()) * k_per_tap; }
 };
 
-// acc[i] += a[i][tap][c] * B[tap][c] over all taps and channels, for MR rows and kNR columns.
+// Half of a 48 KB L1: the B chunk of one panel, with room left for the A rows it meets.
+constexpr int64_t kChunkBytes = 24 * 1024;
+
+// Rows of one parallel work item: enough to reuse each B chunk many times from L1, few
+// enough that the block's A rows and partial sums stay in a 2 MB L2.
+constexpr int64_t kMaxBlockRows = 32 * kMR;
+
+template <typename T>
+void plan_chunks(Gemm<T>& g) {
+  const int64_t k_max = std::max<int64_t>(1, kChunkBytes / (kNR<T> * sizeof(T)));
+  const int64_t taps = static_cast<int64_t>(g.tap_offset.size());
+  if (g.k_per_tap <= k_max) {
+    const int64_t step = k_max / g.k_per_tap;
+    for (int64_t t = 0; t < taps; t += step)
+      g.chunks.push_back({t, std::min(step, taps - t), 0, g.k_per_tap});
+  } else {
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < g.k_per_tap; c += k_max)
+        g.chunks.push_back({t, 1, c, std::min(k_max, g.k_per_tap - c)});
+  }
+}
+
+// tile (+)= A[MR rows, chunk] @ B[chunk, kNR] for one K chunk; the first chunk starts from 0.
 template <typename T, int MR>
-void micro_tile(const T* const* a_rows, const int64_t* tap_offset, int64_t taps,
-                int64_t k_per_tap, const T* b, T* tile /* MR x kNR */) {
+void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk& chunk,
+                const T* b, T* tile /* MR x kNR */, bool accumulate) {
   using Vec = typename Simd<T>::Vec;
   constexpr int L = Simd<T>::kLanes;
   Vec acc0[MR], acc1[MR];
 #pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = Vec{};
-  for (int64_t t = 0; t < taps; ++t) {
+  for (int i = 0; i < MR; ++i) {
+    if (accumulate) {
+      std::memcpy(&acc0[i], tile + i * 2 * L, sizeof(Vec));
+      std::memcpy(&acc1[i], tile + i * 2 * L + L, sizeof(Vec));
+    } else {
+      acc0[i] = acc1[i] = Vec{};
+    }
+  }
+  for (int64_t t = chunk.tap_begin; t < chunk.tap_begin + chunk.taps; ++t) {
     const T* a[MR];
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + tap_offset[t];
-    for (int64_t c = 0; c < k_per_tap; ++c, b += 2 * L) {
+    for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + tap_offset[t] + chunk.c_begin;
+    for (int64_t c = 0; c < chunk.c_count; ++c, b += 2 * L) {
       const Vec b0 = *reinterpret_cast<const Vec*>(b);
       const Vec b1 = *reinterpret_cast<const Vec*>(b + L);
 #pragma GCC unroll 12
@@ -121,7 +161,7 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, int64_t taps,
 }
 
 template <typename T>
-using MicroTileFn = void (*)(const T* const*, const int64_t*, int64_t, int64_t, const T*, T*);
+using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, const T*, T*, bool);
 
 // The micro-kernel for each row count 1..kMR, so that a block's last tile needs no padding.
 template <typename T, int... MR>
@@ -138,22 +178,38 @@ inline T relu(T v) {
 }
 
 // Runs `gemm` for rows whose A rows start at a_rows[i] and whose destination pixels are
-// (n, h, w)[i]; rows and columns need not be multiples of the tile.
+// (n, h, w)[i]; rows and columns need not be multiples of the tile. `acc` holds
+// ceil(rows / kMR) * panels tiles of kMR x kNR partial sums.
+//
+// Loop order (Goto's): K chunk, then panel, then row tile. One chunk of one B panel
+// (<= kChunkBytes) stays in L1 while every row tile of the block streams past it;
+// the block's A rows and partial sums stay in L2.
 template <typename T>
 void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
-              const int64_t* pix_h, const int64_t* pix_w, int64_t rows) {
+              const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* acc) {
   constexpr int NR = kNR<T>;
-  const int64_t taps = static_cast<int64_t>(gemm.tap_offset.size());
-  const int64_t k_total = taps * gemm.k_per_tap;
-  const int64_t panels = ceil_div(gemm.cols, NR);
-  alignas(64) T tile[kMR * NR];
-  T* dst_rows[kMR];
-  for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-    const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
-    // A tile rows stay in L1 while every B panel streams past them from L2.
+  const int64_t panels = gemm.panels(), k_total = gemm.k_total();
+  const int64_t row_tiles = ceil_div(rows, kMR);
+  bool first = true;
+  for (const KChunk& chunk : gemm.chunks) {
+    const int64_t b_row = chunk.tap_begin * gemm.k_per_tap + chunk.c_begin;
     for (int64_t p = 0; p < panels; ++p) {
-      kMicroTiles<T>[mr - 1](a_rows + r0, gemm.tap_offset.data(), taps, gemm.k_per_tap,
-                             gemm.b_packed + p * k_total * NR, tile);
+      const T* b = gemm.b_packed + (p * k_total + b_row) * NR;
+      for (int64_t rt = 0; rt < row_tiles; ++rt) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - rt * kMR));
+        kMicroTiles<T>[mr - 1](a_rows + rt * kMR, gemm.tap_offset.data(), chunk, b,
+                               acc + (rt * panels + p) * kMR * NR, !first);
+      }
+    }
+    first = false;
+  }
+  // Epilogue: bias, ReLU, and a store straight into each segment's channel slice.
+  T* dst_rows[kMR];
+  for (int64_t rt = 0; rt < row_tiles; ++rt) {
+    const int64_t r0 = rt * kMR;
+    const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
+    for (int64_t p = 0; p < panels; ++p) {
+      const T* tile = acc + (rt * panels + p) * kMR * NR;
       const int64_t col0 = p * NR, col1 = std::min(col0 + NR, gemm.cols);
       for (const Segment<T>& seg : gemm.segments) {
         const int64_t lo = std::max(col0, seg.begin), hi = std::min(col1, seg.end);
@@ -245,11 +301,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& reduce_b, const at::Ten
   const Plane<T> out_plane{out.data_ptr<T>(), H * W * c_out, W * c_out, c_out, 0};
 
   const int64_t c1 = d.c1, r3 = d.r3, r5 = d.r5;
-  const Gemm<T> reduce{reduce_b.data_ptr<T>(), reduce_bias.data_ptr<T>(), c1 + r3 + r5, C, {0},
+  Gemm<T> reduce{reduce_b.data_ptr<T>(), reduce_bias.data_ptr<T>(), c1 + r3 + r5, C, {0},
                        {{0, c1, out_plane, 0},
                         {c1, c1 + r3, t3_plane, 0},
                         {c1 + r3, c1 + r3 + r5, t5_plane, 0}}};
-  const Gemm<T> pool{pool_b.data_ptr<T>(), pool_bias.data_ptr<T>(), d.cp, C, {0},
+  Gemm<T> pool{pool_b.data_ptr<T>(), pool_bias.data_ptr<T>(), d.cp, C, {0},
                      {{0, d.cp, out_plane, c1 + d.c3 + d.c5}}};
   auto spatial = [&](const at::Tensor& b, const at::Tensor& bias, int64_t cols, int64_t k,
                      const Plane<T>& src, int64_t channel) {
@@ -258,18 +314,22 @@ void forward_impl(const at::Tensor& x, const at::Tensor& reduce_b, const at::Ten
       for (int64_t dx = 0; dx < k; ++dx) g.tap_offset.push_back(dy * src.stride_h + dx * src.stride_w);
     return g;
   };
-  const Gemm<T> conv3 = spatial(conv3_b, conv3_bias, d.c3, d.k3, t3_plane, c1);
-  const Gemm<T> conv5 = spatial(conv5_b, conv5_bias, d.c5, d.k5, t5_plane, c1 + d.c3);
+  Gemm<T> conv3 = spatial(conv3_b, conv3_bias, d.c3, d.k3, t3_plane, c1);
+  Gemm<T> conv5 = spatial(conv5_b, conv5_bias, d.c5, d.k5, t5_plane, c1 + d.c3);
+  for (Gemm<T>* g : {&reduce, &pool, &conv3, &conv5}) plan_chunks(*g);
 
-  // A few blocks per thread balance the last wave; at least one full register tile each.
+  // Big blocks reuse each L1-resident B chunk over more rows; a multiple of the thread
+  // count balances the threads.
   const int64_t threads = at::get_num_threads();
-  const int64_t block = std::clamp<int64_t>(ceil_div(ceil_div(M, 4 * threads), kMR) * kMR, kMR, 8 * kMR);
-  const int64_t blocks = ceil_div(M, block);
+  const int64_t blocks = threads * ceil_div(M, threads * kMaxBlockRows);
+  const int64_t block = ceil_div(ceil_div(M, blocks), kMR) * kMR;
+  const int64_t max_panels = std::max({reduce.panels(), pool.panels(), conv3.panels(), conv5.panels()});
 
   auto for_each_block = [&](auto&& body) {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<int64_t> pix(3 * block);
       std::vector<const T*> a_rows(block);
+      std::vector<T> acc(ceil_div(block, kMR) * max_panels * kMR * kNR<T>);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * block, rows = std::min(block, M - m0);
         int64_t *pn = pix.data(), *ph = pn + block, *pw = ph + block;
@@ -279,30 +339,30 @@ void forward_impl(const at::Tensor& x, const at::Tensor& reduce_b, const at::Ten
           ph[i] = hw / W;
           pw[i] = hw % W;
         }
-        body(rows, pn, ph, pw, a_rows.data());
+        body(rows, pn, ph, pw, a_rows.data(), acc.data());
       }
     });
   };
 
   // Stage 1: pointwise GEMMs, the pooled rows built in a per-thread buffer on the fly.
   for_each_block([&](int64_t rows, const int64_t* pn, const int64_t* ph, const int64_t* pw,
-                     const T** a_rows) {
+                     const T** a_rows, T* acc) {
     thread_local std::vector<T> pooled;
     pooled.resize(block * C);
     for (int64_t i = 0; i < rows; ++i) a_rows[i] = x_plane.interior_row(pn[i], ph[i], pw[i]);
-    run_gemm(reduce, a_rows, pn, ph, pw, rows);
+    run_gemm(reduce, a_rows, pn, ph, pw, rows, acc);
     max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, pooled.data());
     for (int64_t i = 0; i < rows; ++i) a_rows[i] = pooled.data() + i * C;
-    run_gemm(pool, a_rows, pn, ph, pw, rows);
+    run_gemm(pool, a_rows, pn, ph, pw, rows, acc);
   });
 
   // Stage 2: both spatial convolutions for the same rows, so every block costs the same.
   for_each_block([&](int64_t rows, const int64_t* pn, const int64_t* ph, const int64_t* pw,
-                     const T** a_rows) {
+                     const T** a_rows, T* acc) {
     for (int64_t i = 0; i < rows; ++i) a_rows[i] = t3_plane.window_row(pn[i], ph[i], pw[i]);
-    run_gemm(conv3, a_rows, pn, ph, pw, rows);
+    run_gemm(conv3, a_rows, pn, ph, pw, rows, acc);
     for (int64_t i = 0; i < rows; ++i) a_rows[i] = t5_plane.window_row(pn[i], ph[i], pw[i]);
-    run_gemm(conv5, a_rows, pn, ph, pw, rows);
+    run_gemm(conv5, a_rows, pn, ph, pw, rows, acc);
   });
 }
 
