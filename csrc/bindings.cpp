@@ -7,11 +7,11 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& reduce_b, const at::Te
                    const at::Tensor& conv3_b, const at::Tensor& conv3_bias,
                    const at::Tensor& conv5_b, const at::Tensor& conv5_bias,
                    const at::Tensor& pool_b, const at::Tensor& pool_bias,
-                   std::vector<int64_t> dims) {
+                   std::vector<int64_t> dims, std::optional<at::Tensor> out) {
   TORCH_CHECK(dims.size() == 8, "dims must be (c1, r3, r5, c3, c5, cp, k3, k5), got ", dims.size(), " values");
   const inception_fast::InceptionDims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]};
   return inception_fast::inception_forward(x, reduce_b, reduce_bias, conv3_b, conv3_bias, conv5_b,
-                                           conv5_bias, pool_b, pool_bias, d);
+                                           conv5_bias, pool_b, pool_bias, d, out);
 }
 
 }  // namespace
@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused Inception forward; weights pre-packed by inception_fast.ops.inception",
         py::arg("x"), py::arg("reduce_b"), py::arg("reduce_bias"), py::arg("conv3_b"),
         py::arg("conv3_bias"), py::arg("conv5_b"), py::arg("conv5_bias"), py::arg("pool_b"),
-        py::arg("pool_bias"), py::arg("dims"));
+        py::arg("pool_bias"), py::arg("dims"), py::arg("out") = py::none());
   m.def("panel_width", [](at::ScalarType dtype) { return inception_fast::panel_width(dtype); },
         "Columns per packed weight panel for a dtype", py::arg("dtype"));
 }

@@ -398,7 +398,8 @@ at::Tensor inception_forward(const at::Tensor& x_in, const at::Tensor& reduce_b,
                              const at::Tensor& reduce_bias, const at::Tensor& conv3_b,
                              const at::Tensor& conv3_bias, const at::Tensor& conv5_b,
                              const at::Tensor& conv5_bias, const at::Tensor& pool_b,
-                             const at::Tensor& pool_bias, const InceptionDims& d) {
+                             const at::Tensor& pool_bias, const InceptionDims& d,
+                             const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(x_in.device().is_cpu(), "x must be a CPU tensor, got ", x_in.device());
   TORCH_CHECK(x_in.dim() == 4, "x must be 4-D (N, C, H, W), got ", x_in.sizes());
   TORCH_CHECK(d.k3 % 2 == 1 && d.k5 % 2 == 1, "kernel sizes must be odd, got ", d.k3, " and ", d.k5);
@@ -414,8 +415,19 @@ at::Tensor inception_forward(const at::Tensor& x_in, const at::Tensor& reduce_b,
 
   // NHWC in memory; a no-op for channels_last inputs, one copy for anything else.
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = at::empty({N, d.c1 + d.c3 + d.c5 + d.cp, H, W},
-                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const std::vector<int64_t> out_shape{N, d.c1 + d.c3 + d.c5 + d.cp, H, W};
+  at::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.scalar_type() == x.scalar_type() &&
+                    out.device() == x.device() &&
+                    out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "out must be a channels_last ", x.scalar_type(), " tensor of shape ",
+                at::IntArrayRef(out_shape), ", got ", out.sizes(), " of ", out.scalar_type(),
+                out.is_contiguous(at::MemoryFormat::ChannelsLast) ? "" : " (not channels_last)");
+  } else {
+    out = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_forward", [&] {
     forward_impl<scalar_t>(x, reduce_b, reduce_bias, conv3_b, conv3_bias, conv5_b, conv5_bias,

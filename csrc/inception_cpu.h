@@ -14,7 +14,8 @@ struct InceptionDims {
   int64_t c1, r3, r5, c3, c5, cp, k3, k5;
 };
 
-// x: (N, Cin, H, W) in any memory format. Returns (N, c1+c3+c5+cp, H, W), channels_last.
+// x: (N, Cin, H, W) in any memory format. Returns (N, c1+c3+c5+cp, H, W), channels_last:
+// `out` when given (it must already be that shape, dtype and layout), else a new tensor.
 //   reduce_b  (panels, Cin, width)        [W1 | W3r | W5r] as B = W^T, packed
 //   reduce_bias (c1 + r3 + r5,)           [b1 | b3r | b5r]
 //   conv3_b   (panels, k3*k3*r3, width)   K index = (dy*k3 + dx)*r3 + c
@@ -24,6 +25,7 @@ at::Tensor inception_forward(const at::Tensor& x, const at::Tensor& reduce_b,
                              const at::Tensor& reduce_bias, const at::Tensor& conv3_b,
                              const at::Tensor& conv3_bias, const at::Tensor& conv5_b,
                              const at::Tensor& conv5_bias, const at::Tensor& pool_b,
-                             const at::Tensor& pool_bias, const InceptionDims& dims);
+                             const at::Tensor& pool_bias, const InceptionDims& dims,
+                             const std::optional<at::Tensor>& out);
 
 }  // namespace inception_fast

@@ -49,3 +49,14 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_out(out: object, shape: tuple[int, ...], x: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != x.dtype or out.device != x.device:
+        raise TypeError(f"out must be {x.dtype} on {x.device}, got {out.dtype} on {out.device}")
+    if not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("out must be contiguous in torch.channels_last memory format")

@@ -86,6 +86,12 @@ class ProfileReport:
         writer.writerow(["total", "", "", "", self.total_params, self.total_macs])
         return buf.getvalue()
 
+    def plot(self, path: str) -> str:
+        """Write a PNG: MACs per layer, the cumulative curve and the budget line."""
+        from .plots import plot_profile
+
+        return str(plot_profile(self, path))
+
     def __str__(self) -> str:
         return self.to_markdown()
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .._cache import TensorVersionCache
-from .._checks import check_choice, check_input, check_same_dtype_device
+from .._checks import check_choice, check_input, check_out, check_same_dtype_device
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 from ..spec import InceptionSpec
 
@@ -189,9 +189,14 @@ def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
         )
 
 
-def _forward_cpu(x: torch.Tensor, w: InceptionWeights, cache: TensorVersionCache | None) -> torch.Tensor:
+def _forward_cpu(
+    x: torch.Tensor,
+    w: InceptionWeights,
+    cache: TensorVersionCache | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     packed = cache.get(w, lambda: pack_cpu_weights(w)) if cache is not None else pack_cpu_weights(w)
-    return require_cpu_extension().inception_forward(x, *packed)
+    return require_cpu_extension().inception_forward(x, *packed, out=out)
 
 
 class InceptionFunction(torch.autograd.Function):
@@ -234,24 +239,39 @@ def inception(
     bp: torch.Tensor,
     *,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole Inception module as one op. See the module docstring for shapes.
 
+    `out`, if given, must be a channels_last tensor of the output's shape and
+    x's dtype; it is written in full and returned (no autograd through it).
     Packs the weights into the kernel's layout on every call; FusedInception
     keeps them packed between calls.
     """
     weights = InceptionWeights(w1, b1, w3r, b3r, w3, b3, w5r, b5r, w5, b5, wp, bp)
-    return fused_forward(x, weights, backend=backend)
+    return fused_forward(x, weights, backend=backend, out=out)
 
 
 def fused_forward(
-    x: torch.Tensor, weights: InceptionWeights, backend: str = "auto", cache: TensorVersionCache | None = None
+    x: torch.Tensor,
+    weights: InceptionWeights,
+    backend: str = "auto",
+    cache: TensorVersionCache | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`inception` over an InceptionWeights, reusing `cache`'s packed weights while they are current."""
     spec = weights.spec()
     check_input(x, spec.in_channels)
     check_same_dtype_device(x, weights._asdict())
     backend = resolve_backend(backend, x)
+    if out is not None:
+        n, _, h, w = x.shape
+        check_out(out, (n, spec.out_channels, h, w), x)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+            raise ValueError("out= does not support autograd; call under torch.no_grad() or drop out=")
+        if backend == "reference":
+            return out.copy_(_forward_reference(x, weights))
+        return _forward_cpu(x, weights, cache, out)
     if backend == "reference":
         return _forward_reference(x, weights)
     return InceptionFunction.apply(x, backend, cache, *weights)

@@ -1,0 +1,202 @@
+"""Microbenchmarks: the fused module against its peers, as ratios measured in one process.
+
+Method (DESIGN.md, "Performance method"): every provider of a case runs in the
+same process, in alternating order, and each reports the median of its timed
+runs after warm-up. Only ratios within one run are compared. GMAC/s use the
+spec's analytic MAC count, which the profiler checks against FlopCounterMode.
+On CUDA tensors the same code times with CUDA events via triton.testing.do_bench.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .fused import FusedInception
+from .reference import ReferenceInception
+from .spec import GOOGLENET_INCEPTION
+
+__all__ = ["CaseResult", "BenchReport", "time_alternating", "gemm_ceiling", "bench_blocks", "machine_info"]
+
+PEERS = ("eager_nchw", "eager_channels_last", "compile_freezing")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(
+    providers: dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Median seconds per call of each provider, the providers interleaved in rotating order."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        # do_bench flushes L2 and times with CUDA events; interleave by alternating calls.
+        samples = {name: [] for name in providers}
+        for _ in range(max(1, reps // 5)):
+            for name, fn in providers.items():
+                samples[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3)
+        return {name: statistics.median(s) for name, s in samples.items()}
+    names = list(providers)
+    for _ in range(warmup):
+        for name in names:
+            providers[name]()
+    samples = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            providers[name]()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def gemm_ceiling(dtype: torch.dtype = torch.float32, reps: int = 10) -> dict[str, float]:
+    """GMAC/s of torch.mm (MKL) and of a large channels_last 1x1 conv (oneDNN), same shape."""
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    # The same GEMM as a 1x1 convolution: 2048 pixels, 2048 -> 2048 channels.
+    x = torch.randn(1, n, 32, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t = time_alternating(
+            {"mm": lambda: torch.mm(a, b), "conv1x1": lambda: torch.nn.functional.conv2d(x, w)}, reps=reps
+        )
+    return {name: n**3 / seconds / 1e9 for name, seconds in t.items()}
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {
+        "cpu": cpu,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+@dataclass
+class CaseResult:
+    block: str
+    batch: int
+    dtype: str
+    backend: str
+    macs: int
+    ms: dict[str, float]  # provider -> median milliseconds
+
+    @property
+    def fused_gmacs(self) -> float:
+        return self.macs / (self.ms["fused"] / 1e3) / 1e9
+
+    def speedup(self, peer: str) -> float | None:
+        return self.ms[peer] / self.ms["fused"] if peer in self.ms else None
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, str]
+    ceiling_gmacs: dict[str, float]
+    cases: list[CaseResult]
+
+    @property
+    def ceiling(self) -> float:
+        return max(self.ceiling_gmacs.values())
+
+    def geomean_speedup(self, peer: str) -> float | None:
+        values = [s for c in self.cases if (s := c.speedup(peer)) is not None]
+        return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+    def to_markdown(self) -> str:
+        peers = [p for p in PEERS if any(p in c.ms for c in self.cases)]
+        head = ["block", "batch", "fused ms", "GMAC/s", "% of ceiling", *(f"vs {p}" for p in peers)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in self.cases:
+            cells = [c.block, str(c.batch), f"{c.ms['fused']:.2f}", f"{c.fused_gmacs:.1f}",
+                     f"{c.fused_gmacs / self.ceiling:.0%}"]
+            cells += [f"{s:.2f}×" if (s := c.speedup(p)) is not None else "–" for p in peers]
+            lines.append("| " + " | ".join(cells) + " |")
+        geo = [f"{g:.2f}×" if (g := self.geomean_speedup(p)) is not None else "–" for p in peers]
+        lines.append("| **geomean** | | | | | " + " | ".join(f"**{g}**" for g in geo) + " |")
+        ceil = ", ".join(f"{k} {v:.1f}" for k, v in self.ceiling_gmacs.items())
+        lines.append(f"\nGEMM ceiling (GMAC/s, same run, 2048³): {ceil}. "
+                     f"Machine: {self.machine['cpu']}, {self.machine['threads']} threads, "
+                     f"torch {self.machine['torch']}, {self.machine['date']}.")
+        return "\n".join(lines)
+
+    def to_json_dict(self) -> dict:
+        return {"machine": self.machine, "ceiling_gmacs": self.ceiling_gmacs,
+                "cases": [asdict(c) | {"fused_gmacs": c.fused_gmacs} for c in self.cases]}
+
+
+def _compiled(module: torch.nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # inference: constant-fold and prepack the weights
+    compiled = torch.compile(module)
+    with torch.no_grad():
+        compiled(example)  # compile outside the timed region
+    return compiled
+
+
+def bench_blocks(
+    blocks: list[str],
+    batches: list[int],
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    with_compile: bool = True,
+    reps: int = 10,
+    progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
+) -> BenchReport:
+    """Time each GoogLeNet block against each peer, in one process."""
+    cases = []
+    total = len(blocks) * len(batches)
+    for i, name in enumerate(blocks):
+        block = GOOGLENET_INCEPTION[name]
+        for j, batch in enumerate(batches):
+            if progress:
+                progress(f"[{i * len(batches) + j + 1}/{total}] block {name}, batch {batch}")
+            ref = ReferenceInception(block.spec).to(device=device, dtype=dtype).eval()
+            ref_cl = ReferenceInception(block.spec).to(device=device, dtype=dtype).eval()
+            ref_cl.load_state_dict(ref.state_dict())
+            ref_cl = ref_cl.to(memory_format=torch.channels_last)
+            fused = FusedInception.from_module(ref, backend=backend)
+            x = torch.randn(batch, block.spec.in_channels, block.size, block.size, device=device, dtype=dtype)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            providers = {
+                "fused": lambda: fused(x_cl),
+                "eager_nchw": lambda: ref(x),
+                "eager_channels_last": lambda: ref_cl(x_cl),
+            }
+            if with_compile:
+                compiled = _compiled(ref_cl, x_cl)
+                providers["compile_freezing"] = lambda: compiled(x_cl)
+            with torch.no_grad():
+                seconds = time_alternating(providers, reps=reps, device=device)
+            cases.append(CaseResult(
+                block=name, batch=batch, dtype=str(dtype).removeprefix("torch."), backend=backend,
+                macs=block.spec.macs(block.size, block.size, batch).total,
+                ms={k: v * 1e3 for k, v in seconds.items()},
+            ))
+    return BenchReport(machine=machine_info(), ceiling_gmacs=gemm_ceiling(dtype), cases=cases)
+
+
+def print_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

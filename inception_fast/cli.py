@@ -1,0 +1,212 @@
+"""Command line: python -m inception_fast demo|profile|verify|bench.
+
+Bad arguments print one line and exit 2; a failed check (budget exceeded,
+verification past tolerance) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .models import googlenet_paper
+
+MODELS = ("googlenet_paper", "googlenet", "inception_v3", "resnet50", "vgg16", "alexnet")
+RESULTS_DIR = Path("benchmarks/results")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: one line on stderr, exit code 2."""
+
+
+def _randomize_bn_(model: nn.Module) -> nn.Module:
+    # Untrained BN statistics (mean 0, var 1) would make BN folding trivially right.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def build_model(name: str) -> nn.Module:
+    """A model by CLI name (random weights, random BN statistics) or `package.module:factory`."""
+    if name == "googlenet_paper":
+        return googlenet_paper()
+    if name in MODELS:
+        import torchvision.models as tvm
+
+        kwargs = {"weights": None}
+        if name in ("googlenet", "inception_v3"):
+            kwargs |= {"aux_logits": False, "init_weights": True}
+        return _randomize_bn_(getattr(tvm, name)(**kwargs))
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"MODEL must be one of {', '.join(MODELS)} or 'package.module:factory', got {name!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"MODEL {name!r} does not import: {exc}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"MODEL factory {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input must be comma-separated positive ints like 1,3,224,224, got {text!r}") from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise UsageError(f"--input must be 4 positive ints N,C,H,W, got {text!r}")
+    return shape
+
+
+def _csv(kind: Callable[[str], object], choices: tuple | None = None):
+    def parse(text: str) -> list:
+        values = [kind(v) for v in text.split(",") if v]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list from {choices}, got {text!r}")
+        return values
+
+    return parse
+
+
+# -- subcommands ---------------------------------------------------------------
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import profile
+
+    model = build_model(args.model).eval()
+    report = profile(model, parse_shape(args.input), budget=args.budget)
+    print({"md": report.to_markdown, "json": report.to_json, "csv": report.to_csv}[args.format]())
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if report.within_budget else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .swap import swap_inception
+    from .verify import verify
+
+    original = build_model(args.model).eval()
+    swapped = swap_inception(copy.deepcopy(original), backend=args.backend)
+    report = verify(original, swapped, torch.randn(parse_shape(args.input)), rtol=args.rtol)
+    print(report.to_markdown())
+    print(f"\n{len(report.blocks)} fused block(s); {'PASS' if report.ok else 'FAIL'} at rtol {args.rtol:g}")
+    return 0 if report.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_blocks, print_progress
+    from .plots import plot_speedups
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    blocks = args.blocks or (["3a", "4a", "5b"] if args.quick else list(_block_names()))
+    batches = args.batch or ([1, 8] if args.quick else [1, 32])
+    report = bench_blocks(
+        blocks, batches, dtype=getattr(torch, args.dtype), backend=args.backend,
+        with_compile=not args.no_compile, reps=5 if args.quick else args.reps, progress=print_progress,
+    )
+    print(report.to_markdown())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report.to_json_dict(), indent=2))
+    (out / "bench.md").write_text(report.to_markdown() + "\n")
+    plot_speedups(report, out / "bench_speedup.png")
+    print(f"wrote {out}/bench.json, bench.md, bench_speedup.png", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .bench import bench_blocks, machine_info, print_progress
+    from .profile import profile
+    from .swap import swap_inception
+    from .verify import verify
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"# inception_fast demo\n\nMachine: {machine_info()}\n")
+    ok = True
+    for name in ("googlenet", "googlenet_paper"):
+        print_progress(f"swapping fused Inception blocks into {name} and verifying them ...")
+        original = build_model(name).eval()
+        swapped = swap_inception(copy.deepcopy(original))
+        report = verify(original, swapped, torch.randn(2, 3, 224, 224))
+        print(f"## {name}: fused blocks against the original, batch 2, 224×224\n\n{report.to_markdown()}\n")
+        ok &= report.ok
+    print_progress("profiling googlenet_paper ...")
+    print("## Multiply-add budget of googlenet_paper (paper: 1.5 G)\n")
+    print(profile(googlenet_paper().eval(), (1, 3, 224, 224), budget=1.5e9).to_markdown() + "\n")
+    print("## Short benchmark (medians, alternating providers; `make bench` for the full table)\n")
+    report = bench_blocks(["3a", "4a", "5b"], [1, 8], with_compile=False, reps=5, progress=print_progress)
+    print(report.to_markdown())
+    print(f"\nverification: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def _block_names():
+    from .spec import GOOGLENET_INCEPTION
+
+    return GOOGLENET_INCEPTION.keys()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m inception_fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,verify,bench}")
+
+    p = sub.add_parser("demo", help="swap fused blocks into GoogLeNet, verify, profile, benchmark")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("profile", help="params and multiply-adds per layer, against a budget")
+    p.add_argument("model", help=f"{'|'.join(MODELS)} or package.module:factory")
+    p.add_argument("--input", default="1,3,224,224", help="input shape N,C,H,W")
+    p.add_argument("--budget", type=float, default=None, help="MACs; exit 1 when the total exceeds it")
+    p.add_argument("--format", choices=("md", "json", "csv"), default="md")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart of MACs per layer")
+    p.set_defaults(run=cmd_profile)
+
+    p = sub.add_parser("verify", help="swap fused blocks into a model and compare block by block")
+    p.add_argument("model", help=f"{'|'.join(MODELS)} or package.module:factory")
+    p.add_argument("--input", default="2,3,224,224", help="input shape N,C,H,W")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative L2 tolerance (exit 1 past it)")
+    p.add_argument("--backend", choices=("auto", "cpu", "reference", "triton"), default="auto")
+    p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser("bench", help="fused blocks against eager and torch.compile, as ratios")
+    p.add_argument("--quick", action="store_true", help="three blocks, batch 1 and 8, 5 reps")
+    p.add_argument("--blocks", type=_csv(str, tuple(_block_names())), default=None)
+    p.add_argument("--batch", type=_csv(int), default=None)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--backend", choices=("auto", "cpu", "reference", "triton"), default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, TypeError) as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2

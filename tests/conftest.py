@@ -1,0 +1,66 @@
+"""Shared test helpers: the tolerance table, error metric, random modules and inputs."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import inception_fast as ifast
+from inception_fast._extension import cpu_extension
+
+# ||y - ref|| / ||ref|| against an fp64 reference (DESIGN.md, "Verification").
+TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+# Channel counts that are not multiples of any block size, odd grids, K5 = 3 and 5.
+AWKWARD_SPECS = [
+    pytest.param(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6), id="tiny-odd"),
+    pytest.param(ifast.InceptionSpec(20, 17, 33, 35, 4, 19, 21, k5=3), id="k5=3"),
+    pytest.param(ifast.InceptionSpec(37, 40, 24, 33, 8, 47, 1, k3=5, k5=7), id="k3=5,k5=7"),
+]
+AWKWARD_SIZES = [pytest.param((1, 1, 1), id="n1-1x1"), pytest.param((3, 7, 7), id="n3-7x7"),
+                 pytest.param((1, 13, 13), id="n1-13x13"), pytest.param((2, 5, 9), id="n2-5x9")]
+
+needs_cpu_kernel = pytest.mark.skipif(cpu_extension() is None, reason="C++ extension not built")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """A different, reproducible random stream per test: fresh inputs, never a shared tensor."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if torch.isnan(got).any():
+        return float("nan")  # a NaN never passes: nan <= tol is False
+    denom = want.norm().item()
+    return (got - want).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def randomize_(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial weights, biases and BN statistics, so that no term is zero by construction."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.normal_(0, (2.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.2, 0.2)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return module
+
+
+def reference_module(spec, batch_norm=False) -> ifast.ReferenceInception:
+    return randomize_(ifast.ReferenceInception(spec, batch_norm=batch_norm)).eval()

@@ -1,0 +1,175 @@
+"""The fused forward of every CPU-capable backend against an fp64 ReferenceInception."""
+
+import pytest
+import torch
+
+import inception_fast as ifast
+from inception_fast.ops.inception import InceptionWeights
+
+from conftest import AWKWARD_SIZES, AWKWARD_SPECS, TOLERANCE, needs_cpu_kernel, reference_module, rel_err
+
+BACKEND_DTYPES = [
+    pytest.param("cpu", torch.float32, marks=needs_cpu_kernel, id="cpu-fp32"),
+    pytest.param("cpu", torch.float64, marks=needs_cpu_kernel, id="cpu-fp64"),
+    pytest.param("reference", torch.float32, id="reference-fp32"),
+]
+
+
+def weights_of(module) -> InceptionWeights:
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return InceptionWeights(*(t for c in convs for t in (c.weight, c.bias)))
+
+
+def run_poisoned(x, weights, backend):
+    """Run into a NaN-filled `out`, so that an element the kernel skips shows up as NaN."""
+    n, _, h, w = x.shape
+    out = torch.full((n, weights.spec().out_channels, h, w), float("nan"), dtype=x.dtype)
+    out = out.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = ifast.inception(x, *weights, backend=backend, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("size", AWKWARD_SIZES)
+@pytest.mark.parametrize("spec", AWKWARD_SPECS)
+def test_awkward_shapes_match_fp64_reference(spec, size, backend, dtype):
+    n, h, w = size
+    ref = reference_module(spec).double()
+    x = torch.randn(n, spec.in_channels, h, w, dtype=torch.float64)
+    want = ref(x)
+    weights = InceptionWeights(*(t.to(dtype) for t in weights_of(ref)))
+    got = run_poisoned(x.to(dtype), weights, backend)
+    assert not torch.isnan(got).any()
+    assert rel_err(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_googlenet_3a_block(backend, dtype):
+    block = ifast.GOOGLENET_INCEPTION["3a"]
+    ref = reference_module(block.spec).double()
+    x = torch.randn(2, 192, 28, 28, dtype=torch.float64)
+    fused = ifast.FusedInception.from_module(ref, backend=backend).to(dtype)
+    with torch.no_grad():
+        got = fused(x.to(dtype))
+    ref.double()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, ref(x)) <= TOLERANCE[dtype]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(
+    "layout",
+    ["nchw", "channels_last", "channel-slice", "spatial-stride"],
+)
+def test_any_input_layout(layout):
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec)
+    base = torch.randn(2, 2 * spec.in_channels, 9, 18)
+    x = {
+        "nchw": base[:, :13, :, :9].contiguous(),
+        "channels_last": base[:, :13, :, :9].contiguous(memory_format=torch.channels_last),
+        "channel-slice": base[:, 5:18, :, :9],
+        "spatial-stride": base[:, :13, :, ::2],
+    }[layout]
+    fused = ifast.FusedInception.from_module(ref, backend="cpu")
+    with torch.no_grad():
+        assert rel_err(fused(x), ref(x)) <= TOLERANCE[torch.float32]
+
+
+@needs_cpu_kernel
+def test_thread_count_does_not_change_a_single_bit():
+    block = ifast.GOOGLENET_INCEPTION["4a"]
+    fused = ifast.FusedInception.from_module(reference_module(block.spec), backend="cpu")
+    x = torch.randn(3, block.spec.in_channels, 14, 14)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append(fused(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@needs_cpu_kernel
+def test_batch_zero_gives_an_empty_output():
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    fused = ifast.FusedInception.from_module(reference_module(spec), backend="cpu")
+    y = fused(torch.randn(0, 13, 5, 5))
+    assert y.shape == (0, spec.out_channels, 5, 5)
+
+
+@needs_cpu_kernel
+def test_nan_and_inf_propagate_like_the_reference():
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec)
+    x = torch.randn(1, 13, 6, 6)
+    x[0, 2, 1, 1] = float("nan")
+    x[0, 4, 4, 4] = float("inf")
+    x[0, 7, 0, 5] = float("-inf")
+    want = ref(x)
+    with torch.no_grad():
+        got = ifast.FusedInception.from_module(ref, backend="cpu")(x)
+    # Same positions hold NaN and the same infinities; the finite values agree.
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want))
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) <= TOLERANCE[torch.float32]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_backend_rejects_half_dtypes(dtype):
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    fused = ifast.FusedInception(spec, backend="cpu").to(dtype)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fused(torch.randn(1, 13, 4, 4, dtype=dtype))
+
+
+def test_auto_backend_runs_half_dtypes_on_the_reference_path():
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec).double()
+    x = torch.randn(1, 13, 6, 6, dtype=torch.float64)
+    fused = ifast.FusedInception.from_module(ref).to(torch.bfloat16)
+    with torch.no_grad():
+        got = fused(x.to(torch.bfloat16))
+    ref.double()
+    assert rel_err(got, ref(x)) <= TOLERANCE[torch.bfloat16]
+
+
+def test_triton_backend_says_it_is_not_there_yet():
+    fused = ifast.FusedInception(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6), backend="triton")
+    with pytest.raises(NotImplementedError, match="triton"):
+        fused(torch.randn(1, 13, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda w: w._replace(w3=w.w3[:, :-1]), ValueError, "w3 must have shape"),
+        (lambda w: w._replace(b5=w.b5[:-1]), ValueError, "b5 must have shape"),
+        (lambda w: w._replace(wp=w.wp.double()), TypeError, "wp must have x's dtype"),
+        (lambda w: w._replace(w5=w.w5[:, :, :4, :4]), ValueError, "odd"),
+        (lambda w: w._replace(b1=w.b1[None]), ValueError, "b1 must be 1-D"),
+    ],
+)
+def test_functional_rejects_bad_weights_before_running(change, error, words):
+    weights = change(weights_of(reference_module(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6))))
+    with pytest.raises(error, match=words):
+        ifast.inception(torch.randn(1, 13, 5, 5), *weights)
+
+
+def test_functional_rejects_unknown_backend_and_bad_out():
+    weights = weights_of(reference_module(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)))
+    x = torch.randn(1, 13, 5, 5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ifast.inception(x, *weights, backend="cuda")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="out must have shape"):
+            ifast.inception(x, *weights, out=torch.empty(1, 30, 5, 5))
+        with pytest.raises(ValueError, match="channels_last"):
+            ifast.inception(x, *weights, out=torch.empty(1, 31, 5, 5))
