@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import pytest
+
+from inception_fast.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "inception_fast", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_subcommands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("demo", "profile", "verify", "bench"):
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["profile", "googlenet_paper", "--input", "1,3,x"], "--input"),
+        (["profile", "googlenet_paper", "--input", "1,3,224"], "--input"),
+        (["profile", "no.such.module:factory"], "does not import"),
+        (["verify", "notamodel"], "MODEL must be one of"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, words):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and words in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_profile_exits_1_over_budget(capsys, tmp_path):
+    assert main(["profile", "googlenet_paper", "--budget", "1e9", "--plot", str(tmp_path / "p.png")]) == 1
+    assert "OVER" in capsys.readouterr().out
+    assert main(["profile", "googlenet_paper", "--budget", "2e9", "--format", "csv"]) == 0
+
+
+def test_verify_passes_on_torchvision_googlenet(capsys):
+    assert main(["verify", "googlenet", "--input", "1,3,224,224"]) == 0
+    assert "9 fused block(s); PASS" in capsys.readouterr().out

@@ -1,0 +1,105 @@
+"""FusedInception as a module: BN folding, train mode, weight caches, state_dict, autograd."""
+
+import copy
+
+import pytest
+import torch
+
+import inception_fast as ifast
+
+from conftest import TOLERANCE, needs_cpu_kernel, randomize_, reference_module, rel_err
+
+SPEC = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+BACKENDS = [pytest.param("cpu", marks=needs_cpu_kernel), "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_is_folded_in_eval(backend):
+    ref = reference_module(SPEC, batch_norm=True)
+    fused = ifast.FusedInception.from_module(ref, backend=backend).eval()
+    x = torch.randn(2, 13, 7, 7)
+    with torch.no_grad():
+        assert rel_err(fused(x), ref(x)) <= TOLERANCE[torch.float32]
+
+
+def test_batch_norm_train_mode_matches_the_original_and_updates_running_stats():
+    original = reference_module(SPEC, batch_norm=True).train()
+    twin = copy.deepcopy(original)
+    fused = ifast.FusedInception.from_module(twin)
+    assert fused.training
+    x = torch.randn(4, 13, 6, 6)
+    torch.testing.assert_close(fused(x), original(x))
+    for a, b in zip(original.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b)
+    assert twin.branch1.bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_next_forward_sees_optimizer_step_and_load_state_dict(backend, batch_norm):
+    ref = reference_module(SPEC, batch_norm=batch_norm)
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend=backend).eval()
+    x = torch.randn(1, 13, 5, 5)
+    with torch.no_grad():
+        fused(x)  # fill the fold and pack caches
+    opt = torch.optim.SGD(fused.parameters(), lr=0.5)
+    for p in fused.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    mirror = reference_module(SPEC, batch_norm=batch_norm)
+    mirror.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert rel_err(fused(x), mirror(x)) <= TOLERANCE[torch.float32]
+        fused.load_state_dict(ref.state_dict())
+        assert rel_err(fused(x), ref(x)) <= TOLERANCE[torch.float32]
+
+
+def test_state_dict_keys_are_the_original_blocks():
+    from torchvision.models.googlenet import Inception
+
+    tv = Inception(192, 64, 96, 128, 16, 32, 32)
+    fused = ifast.FusedInception.from_module(tv)
+    assert fused.state_dict().keys() == tv.state_dict().keys()
+    plain = ifast.FusedInception(SPEC)
+    assert plain.state_dict().keys() == ifast.ReferenceInception(SPEC).state_dict().keys()
+
+
+def test_repr_says_what_runs():
+    text = repr(ifast.FusedInception.from_module(reference_module(SPEC, batch_norm=True), backend="cpu"))
+    assert text.startswith("FusedInception(")
+    assert "backend='cpu'" in text and "unfused in train mode" in text and "in_channels=13" in text
+
+
+def test_from_module_refuses_what_it_cannot_prove():
+    bad = reference_module(SPEC)
+    bad.branch2[1].conv.stride = (2, 2)
+    with pytest.raises(ifast.NotAnInceptionBlock, match="stride"):
+        ifast.FusedInception.from_module(bad)
+    with pytest.raises(ifast.NotAnInceptionBlock, match="not a known Inception block"):
+        ifast.FusedInception.from_module(torch.nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_the_reference_module(backend):
+    ref = reference_module(SPEC).train()
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(2, 13, 6, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(2, SPEC.out_channels, 6, 6)
+    fused(x).backward(grad_out)
+    ref(x_ref).backward(grad_out)
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], name
+
+
+@needs_cpu_kernel
+def test_gradcheck_fp64_cpu_backend():
+    spec = ifast.InceptionSpec(4, 2, 3, 2, 2, 3, 2, k5=3)
+    ref = randomize_(ifast.ReferenceInception(spec)).double()
+    weights = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    # Keep pre-activations away from ReLU's kink, where finite differences are meaningless.
+    assert torch.autograd.gradcheck(
+        lambda x, *w: ifast.inception(x, *w, backend="cpu"), (x, *weights), eps=1e-6, atol=1e-5
+    )
