@@ -131,7 +131,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     (out / "bench.md").write_text(report.to_markdown() + "\n")
     plot_speedups(report, out / "bench_speedup.png")
     print(f"wrote {out}/bench.json, bench.md, bench_speedup.png", file=sys.stderr)
+    if args.write_readme:
+        _write_readme_section(Path("README.md"), "bench", report.to_markdown())
     return 0
+
+
+def _write_readme_section(readme: Path, name: str, body: str) -> None:
+    """Replace the text between <!-- name:start --> and <!-- name:end --> markers."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise UsageError(f"{readme} has no {start} ... {end} markers to write into")
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+    print(f"updated the {name} section of {readme}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -198,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--write-readme", action="store_true", help="also replace README.md's benchmark table")
     p.set_defaults(run=cmd_bench)
     return parser
 

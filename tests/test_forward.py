@@ -79,10 +79,16 @@ def test_any_input_layout(layout):
 
 
 @needs_cpu_kernel
-def test_thread_count_does_not_change_a_single_bit():
-    block = ifast.GOOGLENET_INCEPTION["4a"]
+@pytest.mark.parametrize(
+    "name, batch",
+    # Each schedule of the kernel: image groups (4a, N=4), row blocks (4a, N=3), column
+    # parts (5b, N=1); one thread always runs image groups.
+    [("4a", 4), ("4a", 3), ("5b", 1)],
+)
+def test_thread_count_does_not_change_a_single_bit(name, batch):
+    block = ifast.GOOGLENET_INCEPTION[name]
     fused = ifast.FusedInception.from_module(reference_module(block.spec), backend="cpu")
-    x = torch.randn(3, block.spec.in_channels, 14, 14)
+    x = torch.randn(batch, block.spec.in_channels, block.size, block.size)
     threads = torch.get_num_threads()
     try:
         results = []
