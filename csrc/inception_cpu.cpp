@@ -126,9 +126,12 @@ void plan_chunks(Gemm<T>& g) {
 }
 
 // tile (+)= A[MR rows, chunk] @ B[chunk, kNR] for one K chunk; the first chunk starts from 0.
+// With `dst` (the last chunk of a full panel inside one segment), the sums skip the tile:
+// dst[i][0:kNR] = relu(sum + bias) straight from the registers.
 template <typename T, int MR>
 void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk& chunk,
-                const T* b, T* tile /* MR x kNR */, bool accumulate) {
+                const T* b, T* tile /* MR x kNR */, bool accumulate, T* const* dst,
+                const T* bias /* kNR, with dst */) {
   using Vec = typename Simd<T>::Vec;
   constexpr int L = Simd<T>::kLanes;
   Vec acc0[MR], acc1[MR];
@@ -156,6 +159,21 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk&
       }
     }
   }
+  if (dst != nullptr) {
+    Vec bias0, bias1;
+    std::memcpy(&bias0, bias, sizeof(Vec));
+    std::memcpy(&bias1, bias + L, sizeof(Vec));
+    const Vec zero{};
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      Vec v0 = acc0[i] + bias0, v1 = acc1[i] + bias1;
+      v0 = v0 < zero ? zero : v0;  // keeps NaN, like torch.relu
+      v1 = v1 < zero ? zero : v1;
+      std::memcpy(dst[i], &v0, sizeof(Vec));
+      std::memcpy(dst[i] + L, &v1, sizeof(Vec));
+    }
+    return;
+  }
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
     std::memcpy(tile + i * 2 * L, &acc0[i], sizeof(Vec));
@@ -164,7 +182,8 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk&
 }
 
 template <typename T>
-using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, const T*, T*, bool);
+using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, const T*, T*, bool,
+                             T* const*, const T*);
 
 // The micro-kernel for each row count 1..kMR, so that a block's last tile needs no padding.
 template <typename T, int... MR>
@@ -197,33 +216,47 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
   const int64_t p_begin = panels * part / parts, p_end = panels * (part + 1) / parts;
   if (p_begin == p_end) return;
   const int64_t row_tiles = ceil_div(rows, kMR);
-  bool first = true;
-  for (const KChunk& chunk : gemm.chunks) {
+  // A full panel inside one segment stores from registers in its last chunk; others go
+  // through the tile and the generic epilogue below.
+  auto direct_segment = [&](int64_t p) -> const Segment<T>* {
+    for (const Segment<T>& seg : gemm.segments)
+      if (seg.begin <= p * NR && (p + 1) * NR <= seg.end) return &seg;
+    return nullptr;
+  };
+  T* dst_rows[kMR];
+  auto point_rows = [&](const Segment<T>& seg, int64_t r0, int mr, int64_t col) {
+    for (int i = 0; i < mr; ++i)
+      dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) +
+                    seg.channel + col - seg.begin;
+  };
+  for (size_t c = 0; c < gemm.chunks.size(); ++c) {
+    const KChunk& chunk = gemm.chunks[c];
+    const bool last = c + 1 == gemm.chunks.size();
     const int64_t b_row = chunk.tap_begin * gemm.k_per_tap + chunk.c_begin;
     for (int64_t p = p_begin; p < p_end; ++p) {
       const T* b = gemm.b_packed + (p * k_total + b_row) * NR;
+      const Segment<T>* direct = last ? direct_segment(p) : nullptr;
       for (int64_t rt = 0; rt < row_tiles; ++rt) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - rt * kMR));
+        if (direct != nullptr) point_rows(*direct, rt * kMR, mr, p * NR);
         kMicroTiles<T>[mr - 1](a_rows + rt * kMR, gemm.tap_offset.data(), chunk, b,
-                               acc + (rt * panels + p) * kMR * NR, !first);
+                               acc + (rt * panels + p) * kMR * NR, c > 0,
+                               direct != nullptr ? dst_rows : nullptr, gemm.bias + p * NR);
       }
     }
-    first = false;
   }
-  // Epilogue: bias, ReLU, and a store straight into each segment's channel slice.
-  T* dst_rows[kMR];
+  // Epilogue of the remaining panels: bias, ReLU, and a store into each segment's slice.
   for (int64_t rt = 0; rt < row_tiles; ++rt) {
     const int64_t r0 = rt * kMR;
     const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
     for (int64_t p = p_begin; p < p_end; ++p) {
+      if (direct_segment(p) != nullptr) continue;
       const T* tile = acc + (rt * panels + p) * kMR * NR;
       const int64_t col0 = p * NR, col1 = std::min(col0 + NR, gemm.cols);
       for (const Segment<T>& seg : gemm.segments) {
         const int64_t lo = std::max(col0, seg.begin), hi = std::min(col1, seg.end);
         if (lo >= hi) continue;
-        for (int i = 0; i < mr; ++i)
-          dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) +
-                        seg.channel - seg.begin;
+        point_rows(seg, r0, mr, 0);
         for (int i = 0; i < mr; ++i) {
           const T* src = tile + i * NR - col0;
           T* dst = dst_rows[i];

@@ -84,7 +84,7 @@ class FusedInception(nn.Module):
             branches = (self.branch1, self.branch2, self.branch3, self.branch4)
             out = torch.cat([branch(x) for branch in branches], dim=1)
             return out.contiguous(memory_format=torch.channels_last)
-        return fused_forward(x, self._weights(), self.backend, self._pack_cache)
+        return fused_forward(x, self._weights(), self.backend, self._pack_cache, spec=self.spec)
 
     def extra_repr(self) -> str:
         mode = "unfused in train mode (batch norm), " if self.batch_norm else ""

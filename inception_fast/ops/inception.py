@@ -258,9 +258,14 @@ def fused_forward(
     backend: str = "auto",
     cache: TensorVersionCache | None = None,
     out: torch.Tensor | None = None,
+    spec: InceptionSpec | None = None,
 ) -> torch.Tensor:
-    """`inception` over an InceptionWeights, reusing `cache`'s packed weights while they are current."""
-    spec = weights.spec()
+    """`inception` over an InceptionWeights, reusing `cache`'s packed weights while they are current.
+
+    A caller that already validated the weights' shapes (FusedInception) passes their
+    `spec` and skips the per-call shape checks; the kernels still check what they read.
+    """
+    spec = spec if spec is not None else weights.spec()
     check_input(x, spec.in_channels)
     check_same_dtype_device(x, weights._asdict())
     backend = resolve_backend(backend, x)
