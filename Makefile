@@ -11,6 +11,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_interpreter.py
 
 bench: $(STAMP)
 	$(PY) -m inception_fast bench --write-readme

@@ -13,13 +13,14 @@ Every convolution is followed by ReLU. The output is logically NCHW
 (N, c1+c3+c5+cp, H, W) and laid out channels_last, so that a stack of fused
 modules never transposes.
 
-Backends: "cpu" is the C++ kernel of csrc/ (two stages, every branch storing
-straight into its channel slice of the output); "reference" is plain PyTorch
-ops; "triton" is not implemented yet.
+Backends: "cpu" is the C++ kernel of csrc/ and "triton" the Triton kernels of
+inception_triton.py (both two stages, every branch storing straight into its
+channel slice of the output); "reference" is plain PyTorch ops.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -107,8 +108,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         if x.is_cuda:
-            # The Triton kernels are not written yet; plain PyTorch is correct everywhere.
-            return "reference"
+            return "triton" if _triton_available() else "reference"
         if cpu_extension() is None:
             warn_cpu_fallback()
             return "reference"
@@ -116,9 +116,14 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             return "reference"
         return "cpu"
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not implemented yet; use backend='reference' on CUDA tensors"
-        )
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not x.is_cuda and not _interpreting():
+            raise ValueError(
+                f"backend='triton' needs a CUDA tensor, got x on {x.device}; to run the Triton "
+                "kernels on the CPU, set TRITON_INTERPRET=1 before importing inception_fast, "
+                "or use backend='cpu'"
+            )
     if backend == "cpu":
         if x.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs x on the CPU, got x on {x.device}")
@@ -126,6 +131,18 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             raise TypeError(f"backend='cpu' supports x of dtype float32 or float64, got {x.dtype}")
         require_cpu_extension()
     return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # -- reference backend ---------------------------------------------------------
@@ -194,9 +211,30 @@ def _forward_cpu(
     w: InceptionWeights,
     cache: TensorVersionCache | None,
     out: torch.Tensor | None = None,
+    spec: InceptionSpec | None = None,
 ) -> torch.Tensor:
     packed = cache.get(w, lambda: pack_cpu_weights(w)) if cache is not None else pack_cpu_weights(w)
     return require_cpu_extension().inception_forward(x, *packed, out=out)
+
+
+# -- triton backend ------------------------------------------------------------
+
+
+def _forward_triton(
+    x: torch.Tensor,
+    w: InceptionWeights,
+    cache: TensorVersionCache | None,
+    out: torch.Tensor | None = None,
+    spec: InceptionSpec | None = None,
+) -> torch.Tensor:
+    from . import inception_triton  # imports triton: only when this backend runs
+
+    packed = (cache.get(w, lambda: inception_triton.pack_triton_weights(w)) if cache is not None
+              else inception_triton.pack_triton_weights(w))
+    return inception_triton.forward_triton(x, packed, spec if spec is not None else w.spec(), out)
+
+
+_FORWARDS = {"cpu": _forward_cpu, "triton": _forward_triton}
 
 
 class InceptionFunction(torch.autograd.Function):
@@ -205,10 +243,7 @@ class InceptionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, backend: str, cache: TensorVersionCache | None, *weights: torch.Tensor):
         ctx.save_for_backward(x, *weights)
-        w = InceptionWeights(*weights)
-        if backend == "cpu":
-            return _forward_cpu(x, w, cache)
-        raise AssertionError(f"unreachable: backend {backend!r} has no fused forward")
+        return _FORWARDS[backend](x, InceptionWeights(*weights), cache)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -276,7 +311,7 @@ def fused_forward(
             raise ValueError("out= does not support autograd; call under torch.no_grad() or drop out=")
         if backend == "reference":
             return out.copy_(_forward_reference(x, weights))
-        return _forward_cpu(x, weights, cache, out)
+        return _FORWARDS[backend](x, weights, cache, out)
     if backend == "reference":
         return _forward_reference(x, weights)
     return InceptionFunction.apply(x, backend, cache, *weights)

@@ -1,0 +1,68 @@
+"""Every shipped Triton config, compiled ahead of time for sm_80 and sm_90 (no GPU needed).
+
+From the cubin (cuobjdump -res-usage, shipped in the triton wheel) and the PTX:
+no spills, tensor-core instructions, shared memory within the architecture's limit.
+Writes the resource table to benchmarks/results/aot_resources.md.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs real JIT kernels")
+triton = pytest.importorskip("triton")
+
+from inception_fast.ops.inception_triton import SHARED_MEMORY_LIMIT, compile_ahead_of_time, kernel_configs  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "aot_resources.md"
+CASES = [(kind, exact, cfg) for kind in ("pointwise", "spatial") for exact in (False, True)
+         for cfg in kernel_configs(kind, exact_fp32=exact)]
+# (dtype, dot precision) of the tensor-core lists; the exact-fp32 lists (FMA dots, when
+# allow_tf32 is off) compile for fp32 "ieee" only.
+TENSOR_CORE_DTYPES = [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "tf32")]
+EXACT_DTYPES = [(torch.float32, "ieee")]
+
+
+def dtypes_of(exact):
+    return EXACT_DTYPES if exact else TENSOR_CORE_DTYPES
+
+
+PARAMS = [(kind, cfg, dtype, precision) for kind, exact, cfg in CASES for dtype, precision in dtypes_of(exact)]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    results = {}
+    for kind, exact, cfg in CASES:
+        for dtype, precision in dtypes_of(exact):
+            for capability in (80, 90):
+                results[kind, cfg, dtype, precision, capability] = compile_ahead_of_time(
+                    kind, cfg, dtype, capability, precision)
+    rows = [
+        "| kernel | BLOCK_M×N×K | warps | stages | dtype | sm | registers | stack | local | shared (B) | MMA |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results.values():
+        c = r.config
+        rows.append(f"| {r.kernel} | {c.block_m}×{c.block_n}×{c.block_k} | {c.num_warps} | {c.num_stages} | "
+                    f"{r.dtype} | {r.capability} | {r.registers} | {r.stack} | {r.local} | {r.shared} | "
+                    f"{r.tensor_core_op} |")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(f"Triton {triton.__version__}, compiled by tests/test_triton_aot.py\n\n" + "\n".join(rows) + "\n")
+    print("\n".join(rows))
+    return results
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize(
+    "kind, cfg, dtype, precision", PARAMS,
+    ids=[f"{k}-{'x'.join(map(str, c))}-{str(d).removeprefix('torch.')}-{p or 'default'}" for k, c, d, p in PARAMS],
+)
+def test_config_compiles_without_spills_on_tensor_cores(compiled, kind, cfg, dtype, precision, capability):
+    r = compiled[kind, cfg, dtype, precision, capability]
+    assert r.stack == 0 and r.local == 0, f"spills: STACK {r.stack} LOCAL {r.local}"
+    assert r.shared <= SHARED_MEMORY_LIMIT[capability]
+    if precision != "ieee":
+        assert r.tensor_core_op == {80: "mma.sync", 90: "wgmma"}[capability]
