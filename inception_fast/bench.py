@@ -64,21 +64,25 @@ def time_alternating(
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def gemm_ceiling(dtype: torch.dtype = torch.float32, reps: int = 10) -> dict[str, float]:
-    """GMAC/s of torch.mm (MKL) and of a large channels_last 1x1 conv (oneDNN), same shape."""
+def gemm_ceiling(dtype: torch.dtype = torch.float32, reps: int = 10, device: str = "cpu") -> dict[str, float]:
+    """GMAC/s of torch.mm (MKL/cuBLAS) and of a large channels_last 1x1 conv (oneDNN/cuDNN), same shape."""
     n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     # The same GEMM as a 1x1 convolution: 2048 pixels, 2048 -> 2048 channels.
-    x = torch.randn(1, n, 32, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(n, n, 1, 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, n, 32, 64, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, n, 1, 1, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         t = time_alternating(
-            {"mm": lambda: torch.mm(a, b), "conv1x1": lambda: torch.nn.functional.conv2d(x, w)}, reps=reps
+            {"mm": lambda: torch.mm(a, b), "conv1x1": lambda: torch.nn.functional.conv2d(x, w)},
+            reps=reps, device=device,
         )
     return {name: n**3 / seconds / 1e9 for name, seconds in t.items()}
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(device: str = "cpu") -> dict[str, str]:
+    if torch.device(device).type == "cuda":
+        return {"cpu": torch.cuda.get_device_name(device), "threads": "GPU", "torch": torch.__version__,
+                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -195,7 +199,7 @@ def bench_blocks(
                 macs=block.spec.macs(block.size, block.size, batch).total,
                 ms={k: v * 1e3 for k, v in seconds.items()},
             ))
-    return BenchReport(machine=machine_info(), ceiling_gmacs=gemm_ceiling(dtype), cases=cases)
+    return BenchReport(machine=machine_info(device), ceiling_gmacs=gemm_ceiling(dtype, device=device), cases=cases)
 
 
 def print_progress(message: str) -> None:

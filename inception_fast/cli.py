@@ -1,4 +1,4 @@
-"""Command line: python -m inception_fast demo|profile|verify|bench.
+"""Command line: python -m inception_fast demo|profile|verify|bench|traffic.
 
 Bad arguments print one line and exit 2; a failed check (budget exceeded,
 verification past tolerance) exits 1.
@@ -123,6 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench_blocks(
         blocks, batches, dtype=getattr(torch, args.dtype), backend=args.backend,
         with_compile=not args.no_compile, reps=5 if args.quick else args.reps, progress=print_progress,
+        device=args.device,
     )
     print(report.to_markdown())
     out = Path(args.out)
@@ -145,6 +146,18 @@ def _write_readme_section(readme: Path, name: str, body: str) -> None:
     head, rest = text.split(start, 1)
     readme.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
     print(f"updated the {name} section of {readme}", file=sys.stderr)
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    from .spec import GOOGLENET_INCEPTION
+    from .traffic import traffic
+
+    print("| block | batch | minimum (MB) | fused / minimum | eager / minimum |\n|---|---|---:|---:|---:|")
+    for name, block in GOOGLENET_INCEPTION.items():
+        for batch in args.batch:
+            t = traffic(block.spec, block.size, block.size, batch, bytes_per_element=args.bytes)
+            print(f"| {name} | {batch} | {t.minimum / 1e6:.2f} | {t.fused_ratio:.2f}× | {t.eager_ratio:.2f}× |")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -181,7 +194,7 @@ def _block_names():
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inception_fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,verify,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,verify,bench,traffic}")
 
     p = sub.add_parser("demo", help="swap fused blocks into GoogLeNet, verify, profile, benchmark")
     p.set_defaults(run=cmd_demo)
@@ -201,11 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "cpu", "reference", "triton"), default="auto")
     p.set_defaults(run=cmd_verify)
 
+    p = sub.add_parser("traffic", help="modelled DRAM bytes of the fused GPU forward against the minimum")
+    p.add_argument("--batch", type=_csv(int), default=[1, 256])
+    p.add_argument("--bytes", type=int, default=2, help="bytes per element (2: fp16/bf16)")
+    p.set_defaults(run=cmd_traffic)
+
     p = sub.add_parser("bench", help="fused blocks against eager and torch.compile, as ratios")
     p.add_argument("--quick", action="store_true", help="three blocks, batch 1 and 8, 5 reps")
     p.add_argument("--blocks", type=_csv(str, tuple(_block_names())), default=None)
     p.add_argument("--batch", type=_csv(int), default=None)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda times with CUDA events (triton.testing.do_bench)")
     p.add_argument("--backend", choices=("auto", "cpu", "reference", "triton"), default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=15)
