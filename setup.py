@@ -17,10 +17,17 @@ except ImportError:
 
 
 class OptionalBuildExtension(BuildExtension):
+    def build_extensions(self):
+        self.failed = []
+        super().build_extensions()  # sets torch's flags, then build_extension() for each
+        # Dropped from the outputs, so that an editable install does not look for them.
+        self.extensions = [ext for ext in self.extensions if ext not in self.failed]
+
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # compiler missing or failing: keep the pure-Python package
+            self.failed.append(ext)
             print(
                 f"\n*** inception_fast: building {ext.name} failed ({exc}).\n"
                 "*** The package installs without it; backend='cpu' will raise and backend='auto'\n"

@@ -182,3 +182,22 @@ def test_functional_rejects_unknown_backend_and_bad_out():
             ifast.inception(x, *weights, out=torch.empty(1, 30, 5, 5))
         with pytest.raises(ValueError, match="channels_last"):
             ifast.inception(x, *weights, out=torch.empty(1, 31, 5, 5))
+
+
+def test_missing_extension_falls_back_once_and_cpu_backend_explains(monkeypatch):
+    from inception_fast import _extension
+
+    monkeypatch.setattr(_extension, "_load", lambda: (None, "ImportError: simulated missing build"))
+    _extension.warn_cpu_fallback.cache_clear()
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec)
+    x = torch.randn(1, 13, 5, 5)
+    with pytest.warns(RuntimeWarning, match="simulated missing build") as record:
+        with torch.no_grad():
+            for _ in range(3):
+                y = ifast.FusedInception.from_module(ref)(x)
+    assert len(record) == 1
+    assert rel_err(y, ref(x)) <= TOLERANCE[torch.float32]
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        ifast.FusedInception.from_module(ref, backend="cpu")(x)
+    _extension.warn_cpu_fallback.cache_clear()

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from .._cache import TensorVersionCache
 from .._checks import check_choice, check_input, check_out, check_same_dtype_device
@@ -189,7 +190,8 @@ def _as_gemm_b(w: torch.Tensor) -> torch.Tensor:
 
 
 def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
-    width = require_cpu_extension().panel_width(w.w1.dtype)
+    # Two 64-byte SIMD vectors of columns per panel, as csrc/ expects (it checks the shape).
+    width = 128 // w.w1.element_size()
     s = w.spec()
     with torch.no_grad():
         reduce_b = torch.cat([_as_gemm_b(w.w1), _as_gemm_b(w.w3r), _as_gemm_b(w.w5r)], dim=1)
@@ -206,6 +208,39 @@ def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
         )
 
 
+def _cacheable(cache: TensorVersionCache | None, x: torch.Tensor) -> bool:
+    """Under torch.compile or torch.export, packing is traced into the graph (where
+    freezing can fold it) instead of cached: traced tensors have no storage to key on."""
+    if cache is None or torch.compiler.is_compiling():
+        return False
+    try:
+        x.data_ptr()
+    except RuntimeError:  # FakeTensor / FunctionalTensor
+        return False
+    return True
+
+
+# Each kernel entry point is a torch.library custom op: FlopCounterMode (and so the
+# profiler) sees it through the formula registered below, and tracers see its shape.
+@torch.library.custom_op("inception_fast::cpu_forward", mutates_args=())
+def cpu_forward(
+    x: torch.Tensor,
+    reduce_b: torch.Tensor,
+    reduce_bias: torch.Tensor,
+    conv3_b: torch.Tensor,
+    conv3_bias: torch.Tensor,
+    conv5_b: torch.Tensor,
+    conv5_bias: torch.Tensor,
+    pool_b: torch.Tensor,
+    pool_bias: torch.Tensor,
+    dims: list[int],
+) -> torch.Tensor:
+    """The C++ kernel on packed weights (CpuPackedWeights); dims = (c1, r3, r5, c3, c5, cp, K3, K5)."""
+    return require_cpu_extension().inception_forward(
+        x, reduce_b, reduce_bias, conv3_b, conv3_bias, conv5_b, conv5_bias, pool_b, pool_bias, list(dims)
+    )
+
+
 def _forward_cpu(
     x: torch.Tensor,
     w: InceptionWeights,
@@ -213,8 +248,10 @@ def _forward_cpu(
     out: torch.Tensor | None = None,
     spec: InceptionSpec | None = None,
 ) -> torch.Tensor:
-    packed = cache.get(w, lambda: pack_cpu_weights(w)) if cache is not None else pack_cpu_weights(w)
-    return require_cpu_extension().inception_forward(x, *packed, out=out)
+    packed = cache.get(w, lambda: pack_cpu_weights(w)) if _cacheable(cache, x) else pack_cpu_weights(w)
+    if out is not None:  # no autograd, no tracing: straight into the caller's buffer
+        return require_cpu_extension().inception_forward(x, *packed, out=out)
+    return cpu_forward(x, *packed[:-1], list(packed.dims))
 
 
 # -- triton backend ------------------------------------------------------------
@@ -229,9 +266,56 @@ def _forward_triton(
 ) -> torch.Tensor:
     from . import inception_triton  # imports triton: only when this backend runs
 
-    packed = (cache.get(w, lambda: inception_triton.pack_triton_weights(w)) if cache is not None
+    packed = (cache.get(w, lambda: inception_triton.pack_triton_weights(w)) if _cacheable(cache, x)
               else inception_triton.pack_triton_weights(w))
-    return inception_triton.forward_triton(x, packed, spec if spec is not None else w.spec(), out)
+    spec = spec if spec is not None else w.spec()
+    if out is not None:
+        return inception_triton.forward_triton(x, packed, spec, out)
+    return triton_forward(x, *packed, _dims(spec))
+
+
+@torch.library.custom_op("inception_fast::triton_forward", mutates_args=())
+def triton_forward(
+    x: torch.Tensor,
+    w_red: torch.Tensor,
+    b_red: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+    w5: torch.Tensor,
+    b5: torch.Tensor,
+    w_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    dims: list[int],
+) -> torch.Tensor:
+    """The two Triton launches on TritonWeights; dims = (c1, r3, r5, c3, c5, cp, K3, K5)."""
+    from . import inception_triton
+
+    packed = inception_triton.TritonWeights(w_red, b_red, w3, b3, w5, b5, w_pool, b_pool)
+    return inception_triton.forward_triton(x, packed, _spec_of(x.shape, dims))
+
+
+def _dims(spec: InceptionSpec) -> list[int]:
+    return [spec.ch1x1, spec.ch3x3red, spec.ch5x5red, spec.ch3x3, spec.ch5x5, spec.pool_proj, spec.k3, spec.k5]
+
+
+def _spec_of(x_shape, dims) -> InceptionSpec:
+    c1, r3, r5, c3, c5, cp, k3, k5 = dims
+    return InceptionSpec(x_shape[1], c1, r3, c3, r5, c5, cp, k3=k3, k5=k5)
+
+
+@cpu_forward.register_fake
+@triton_forward.register_fake
+def _(x, *weights_and_dims):
+    s = _spec_of(x.shape, weights_and_dims[-1])
+    n, _, h, w = x.shape
+    return x.new_empty((n, s.out_channels, h, w)).contiguous(memory_format=torch.channels_last)
+
+
+@register_flop_formula([torch.ops.inception_fast.cpu_forward, torch.ops.inception_fast.triton_forward])
+def _inception_flops(x_shape, *weight_shapes_and_dims, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-accumulate of the six convolutions, as FlopCounterMode counts convs."""
+    n, _, h, w = x_shape
+    return 2 * _spec_of(x_shape, weight_shapes_and_dims[-1]).macs(h, w, n).total
 
 
 _FORWARDS = {"cpu": _forward_cpu, "triton": _forward_triton}
