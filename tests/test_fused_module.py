@@ -103,3 +103,58 @@ def test_gradcheck_fp64_cpu_backend():
     assert torch.autograd.gradcheck(
         lambda x, *w: ifast.inception(x, *w, backend="cpu"), (x, *weights), eps=1e-6, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec", [
+    ifast.InceptionSpec(20, 17, 33, 35, 4, 19, 21, k5=3),
+    ifast.InceptionSpec(37, 40, 24, 33, 8, 47, 1, k3=5, k5=7),
+])
+@pytest.mark.parametrize("size", [(1, 1, 1), (3, 7, 7), (2, 5, 9)])
+def test_gradients_on_awkward_shapes(backend, spec, size):
+    n, h, w = size
+    ref = reference_module(spec).train()
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(n, spec.in_channels, h, w, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(n, spec.out_channels, h, w)
+    fused(x).backward(grad_out)
+    ref(x_ref).backward(grad_out)
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_at_exactly_zero_passes_no_gradient_like_torch(backend):
+    ref = reference_module(SPEC).train()
+    with torch.no_grad():  # branch 1 and the 5x5 reduction output exactly 0 everywhere
+        ref.branch1.conv.weight.zero_()
+        ref.branch1.conv.bias.zero_()
+        ref.branch3[0].conv.weight.zero_()
+        ref.branch3[0].conv.bias.zero_()
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(2, 13, 6, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(2, SPEC.out_channels, 6, 6)
+    fused(x).backward(grad_out)
+    ref(x_ref).backward(grad_out)
+    assert torch.count_nonzero(fused.branch1.conv.weight.grad) == 0
+    assert torch.count_nonzero(fused.branch3[0].conv.weight.grad) == 0
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    for p, q in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_cpu_kernel
+def test_backward_saves_no_intermediates():
+    """Saved for backward: x, the output and the weights; never t3, t5 or the pooled input."""
+    spec = ifast.GOOGLENET_INCEPTION["3a"].spec
+    fused = ifast.FusedInception(spec, backend="cpu").train()
+    x = torch.randn(1, 192, 28, 28, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        fused(x)
+    weights = sum(p.numel() for p in fused.parameters())
+    expected = x.numel() + spec.out_channels * 28 * 28 + weights
+    assert sum(saved) == expected

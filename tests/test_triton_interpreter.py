@@ -57,6 +57,7 @@ def test_googlenet_3a_block_at_28x28(dtype):
     assert rel_err(got, ref(x)) <= TOLERANCE[dtype]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_fused_module_and_nan_propagation():
     spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
     ref = reference_module(spec)

@@ -321,25 +321,101 @@ def _inception_flops(x_shape, *weight_shapes_and_dims, out_shape=None, **kwargs)
 _FORWARDS = {"cpu": _forward_cpu, "triton": _forward_triton}
 
 
+# -- backward (every backend) ---------------------------------------------------
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C): NHWC pixel rows, a view when t is channels_last."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _as_image(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N*H*W, C) pixel rows -> logical (N, C, H, W) in channels_last memory, a view."""
+    n, _, h, w = like.shape
+    return rows.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def inception_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: InceptionWeights, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (x, w1, b1, ..., wp, bp) from the saved input x and output y.
+
+    Fused as DESIGN.md plans it, on NHWC pixel rows:
+      1. the ReLU masks of all four branches come from y (the saved output);
+      2. the K3/K5 stages give dt3, dt5 (masked by t3 > 0, t5 > 0) and their weight grads;
+      3. one GEMM gives dx of the three 1x1 convolutions that share x,
+         [g1 | dt3 | dt5] @ [W1; W3r; W5r], and one more their weight grads;
+      4. the pool branch adds its max-pool scatter of gp @ Wp.
+    t3, t5 and the pooled input are recomputed, never stored. Subgradient at 0: none
+    flows where a ReLU output is exactly 0, as in torch.relu.
+    """
+    s = w.spec()
+    rows = lambda t: _as_rows(t.contiguous(memory_format=torch.channels_last))  # noqa: E731
+    x_rows = rows(x)
+    g = rows(grad_out) * (rows(y) > 0)  # all four ReLU masks at once
+    g1, g3, g5, gp = (g[:, sl] for sl in s.branch_slices)
+
+    # Recompute the reductions with one GEMM: t = relu(x @ [W3r; W5r]^T + b).
+    w_red = torch.cat([w.w3r, w.w5r]).flatten(1)
+    t = torch.relu(torch.addmm(torch.cat([w.b3r, w.b5r]), x_rows, w_red.t()))
+    t3, t5 = t[:, : s.ch3x3red], t[:, s.ch3x3red :]
+
+    def spatial(g_branch, t_branch, weight, bias):
+        k = weight.shape[-1]
+        d_t, d_w, d_b = torch.ops.aten.convolution_backward(
+            _as_image(g_branch, x), _as_image(t_branch, x), weight, [bias.shape[0]],
+            [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, True],
+        )
+        return rows(d_t) * (t_branch > 0), d_w, d_b
+
+    dt3, dw3, db3 = spatial(g3.contiguous(), t3.contiguous(), w.w3, w.b3)
+    dt5, dw5, db5 = spatial(g5.contiguous(), t5.contiguous(), w.w5, w.b5)
+
+    # The three 1x1 convolutions that share x: one GEMM for dx, one for their weights.
+    d_red = torch.cat([g1, dt3, dt5], dim=1)
+    w_1x1 = torch.cat([w.w1, w.w3r, w.w5r]).flatten(1)  # (c1 + r3 + r5, Cin)
+    dw_red = (d_red.t() @ x_rows).split([s.ch1x1, s.ch3x3red, s.ch5x5red])
+    db_red = d_red.sum(0).split([s.ch1x1, s.ch3x3red, s.ch5x5red])
+
+    dx = None
+    pooled, indices = F.max_pool2d(x, 3, stride=1, padding=1, return_indices=True)
+    if needs[0]:
+        dx_rows = d_red @ w_1x1
+        d_pooled = _as_image(gp @ w.wp.flatten(1), x)
+        dx = _as_image(dx_rows, x) + torch.ops.aten.max_pool2d_with_indices_backward(
+            d_pooled, x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices
+        )
+    dwp = gp.t() @ rows(pooled)
+    grads = (
+        dx,
+        dw_red[0].reshape(w.w1.shape), db_red[0],
+        dw_red[1].reshape(w.w3r.shape), db_red[1],
+        dw3, db3,
+        dw_red[2].reshape(w.w5r.shape), db_red[2],
+        dw5, db5,
+        dwp.reshape(w.wp.shape), gp.sum(0),
+    )
+    return tuple(gr if need else None for gr, need in zip(grads, needs))
+
+
 class InceptionFunction(torch.autograd.Function):
-    """Fused forward; the backward recomputes with PyTorch ops (not fused yet)."""
+    """The fused forward of a backend, and the fused backward of inception_backward.
+
+    Saves x, the output and the weights; t3, t5 and the pooled input are recomputed.
+    """
 
     @staticmethod
     def forward(ctx, x, backend: str, cache: TensorVersionCache | None, *weights: torch.Tensor):
-        ctx.save_for_backward(x, *weights)
-        return _FORWARDS[backend](x, InceptionWeights(*weights), cache)
+        y = _FORWARDS[backend](x, InceptionWeights(*weights), cache)
+        ctx.save_for_backward(x, y, *weights)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, *weights = ctx.saved_tensors
-        needs_grad = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, *weights), needs_grad)]
-        wanted = [t for t in inputs if t.requires_grad]
-        with torch.enable_grad():
-            out = _forward_reference(inputs[0], InceptionWeights(*inputs[1:]))
-            grads = iter(torch.autograd.grad(out, wanted, grad_out))
-        result = [next(grads) if t.requires_grad else None for t in inputs]
-        return (result[0], None, None, *result[1:])
+        x, y, *weights = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        grads = inception_backward(grad_out, x, y, InceptionWeights(*weights), needs)
+        return (grads[0], None, None, *grads[1:])
 
 
 def inception(
