@@ -14,7 +14,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_interpreter.py
 
 bench: $(STAMP)
-	$(PY) -m inception_fast bench --write-readme
+	$(PY) -m inception_fast bench --networks 1,16 --write-readme
 
 install: $(STAMP)
 

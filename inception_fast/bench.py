@@ -204,3 +204,44 @@ def bench_blocks(
 
 def print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def bench_networks(
+    batches: list[int], with_compile: bool = True, reps: int = 5, progress: Callable[[str], None] | None = None
+) -> list[dict]:
+    """Whole torchvision GoogLeNet (random weights, eval): swapped against eager and compile."""
+    import copy
+
+    import torchvision
+
+    from .swap import swap_inception
+
+    rows = []
+    for batch in batches:
+        if progress:
+            progress(f"torchvision googlenet, batch {batch}")
+        original = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).eval()
+        original = original.to(memory_format=torch.channels_last)
+        swapped = swap_inception(copy.deepcopy(original))
+        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        providers = {"fused": lambda: swapped(x), "eager_channels_last": lambda: original(x)}
+        if with_compile:
+            compiled = _compiled(original, x)
+            providers["compile_freezing"] = lambda: compiled(x)
+        with torch.no_grad():
+            seconds = time_alternating(providers, reps=reps)
+        rows.append({"model": "torchvision googlenet", "batch": batch,
+                     "ms": {k: v * 1e3 for k, v in seconds.items()},
+                     "speedup": {k: v / seconds["fused"] for k, v in seconds.items() if k != "fused"}})
+    return rows
+
+
+def networks_markdown(rows: list[dict]) -> str:
+    lines = ["| model | batch | fused ms | eager channels_last ms | compile (freezing) ms | vs eager CL | vs compile |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms, sp = r["ms"], r["speedup"]
+        lines.append(f"| {r['model']} | {r['batch']} | {ms['fused']:.1f} | {ms['eager_channels_last']:.1f} | "
+                     f"{ms.get('compile_freezing', float('nan')):.1f} | {sp['eager_channels_last']:.2f}× | "
+                     f"{sp.get('compile_freezing', float('nan')):.2f}× |")
+    return "\n".join(lines)

@@ -128,12 +128,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(report.to_markdown())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report.to_json_dict(), indent=2))
-    (out / "bench.md").write_text(report.to_markdown() + "\n")
+    data = report.to_json_dict()
+    markdown = report.to_markdown()
+    if args.networks:
+        from .bench import bench_networks, networks_markdown
+
+        data["networks"] = bench_networks(args.networks, with_compile=not args.no_compile, progress=print_progress)
+        markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
+        print(markdown.split("\n\nWhole network", 1)[1])
+    (out / "bench.json").write_text(json.dumps(data, indent=2))
+    (out / "bench.md").write_text(markdown + "\n")
     plot_speedups(report, out / "bench_speedup.png")
     print(f"wrote {out}/bench.json, bench.md, bench_speedup.png", file=sys.stderr)
     if args.write_readme:
-        _write_readme_section(Path("README.md"), "bench", report.to_markdown())
+        _write_readme_section(Path("README.md"), "bench", markdown)
     return 0
 
 
@@ -230,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--networks", type=_csv(int), default=None, metavar="BATCHES",
+                   help="also time a whole swapped torchvision GoogLeNet at these batch sizes")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--write-readme", action="store_true", help="also replace README.md's benchmark table")
     p.set_defaults(run=cmd_bench)

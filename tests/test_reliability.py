@@ -1,0 +1,99 @@
+"""Edge cases of use: threads, inference mode, dtypes, and distributed training."""
+
+import copy
+import os
+import socket
+import threading
+
+import pytest
+import torch
+
+import inception_fast as ifast
+
+from conftest import TOLERANCE, needs_cpu_kernel, reference_module, rel_err
+
+SPEC = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+
+
+@needs_cpu_kernel
+def test_four_threads_on_one_module_match_serial_runs():
+    fused = ifast.FusedInception.from_module(reference_module(ifast.GOOGLENET_INCEPTION["4a"].spec), backend="cpu")
+    inputs = [torch.randn(2, 480, 14, 14) for _ in range(4)]
+    with torch.no_grad():
+        serial = [fused(x) for x in inputs]
+    results = [None] * 4
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = fused(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for want, got in zip(serial, results):
+        assert torch.equal(want, got)
+
+
+@needs_cpu_kernel
+def test_inference_mode_and_no_grad_with_grad_requiring_input():
+    ref = reference_module(SPEC)
+    fused = ifast.FusedInception.from_module(ref, backend="cpu")
+    x = torch.randn(2, 13, 5, 5, requires_grad=True)
+    with torch.inference_mode():
+        y = fused(x)
+    assert rel_err(y, ref(x)) <= TOLERANCE[torch.float32]
+    with torch.no_grad():
+        y = fused(x)
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool])
+def test_non_floating_inputs_are_rejected(dtype):
+    with pytest.raises(TypeError, match="floating"):
+        ifast.FusedInception(SPEC)(torch.zeros(1, 13, 4, 4, dtype=dtype))
+
+
+def _ddp_worker(rank, world, port, result_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from inception_fast.models import googlenet_paper
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # same initial weights on both ranks
+    model = ifast.swap_inception(googlenet_paper(num_classes=10, aux_logits=False), backend="cpu")
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    torch.manual_seed(100 + rank)  # different data per rank
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save({"losses": losses, "params": flat}, f"{result_path}.{rank}")
+    dist.destroy_process_group()
+
+
+@needs_cpu_kernel
+@pytest.mark.slow
+def test_ddp_two_processes_train_a_fused_googlenet(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = str(tmp_path / "rank")
+    mp.spawn(_ddp_worker, args=(2, port, result), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{result}.0"), torch.load(f"{result}.1")
+    assert all(map(lambda v: v == v and abs(v) < 1e3, r0["losses"] + r1["losses"]))
+    # DDP all-reduces the gradients: both replicas end with the same weights.
+    torch.testing.assert_close(r0["params"], r1["params"])
+    assert r0["losses"] != r1["losses"]  # they did see different data
