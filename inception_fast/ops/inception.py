@@ -30,6 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .._cache import TensorVersionCache
 from .._checks import check_choice, check_input, check_out, check_same_dtype_device
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
+from ._layout import as_gemm_b
 from ..spec import InceptionSpec
 
 __all__ = [
@@ -184,25 +185,20 @@ def _pack_panels(b: torch.Tensor, width: int) -> torch.Tensor:
     return padded.reshape(k, panels, width).permute(1, 0, 2).contiguous()
 
 
-def _as_gemm_b(w: torch.Tensor) -> torch.Tensor:
-    """Conv weight (cout, cin, k, k) -> B (k*k*cin, cout), row index (dy*k + dx)*cin + c."""
-    return w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0])
-
-
 def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
     # Two 64-byte SIMD vectors of columns per panel, as csrc/ expects (it checks the shape).
     width = 128 // w.w1.element_size()
     s = w.spec()
     with torch.no_grad():
-        reduce_b = torch.cat([_as_gemm_b(w.w1), _as_gemm_b(w.w3r), _as_gemm_b(w.w5r)], dim=1)
+        reduce_b = torch.cat([as_gemm_b(w.w1), as_gemm_b(w.w3r), as_gemm_b(w.w5r)], dim=1)
         return CpuPackedWeights(
             reduce_b=_pack_panels(reduce_b, width),
             reduce_bias=torch.cat([w.b1, w.b3r, w.b5r]).detach().contiguous(),
-            conv3_b=_pack_panels(_as_gemm_b(w.w3), width),
+            conv3_b=_pack_panels(as_gemm_b(w.w3), width),
             conv3_bias=w.b3.detach().contiguous(),
-            conv5_b=_pack_panels(_as_gemm_b(w.w5), width),
+            conv5_b=_pack_panels(as_gemm_b(w.w5), width),
             conv5_bias=w.b5.detach().contiguous(),
-            pool_b=_pack_panels(_as_gemm_b(w.wp), width),
+            pool_b=_pack_panels(as_gemm_b(w.wp), width),
             pool_bias=w.bp.detach().contiguous(),
             dims=(s.ch1x1, s.ch3x3red, s.ch5x5red, s.ch3x3, s.ch5x5, s.pool_proj, s.k3, s.k5),
         )

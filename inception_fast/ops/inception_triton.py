@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import as_gemm_b
 from ..spec import InceptionSpec
 
 __all__ = [
@@ -250,21 +251,16 @@ class TritonWeights(NamedTuple):
     b_pool: torch.Tensor  # (cp,)
 
 
-def _as_gemm_b(w: torch.Tensor) -> torch.Tensor:
-    """Conv weight (cout, cin, k, k) -> B (k*k*cin, cout), row index (dy*k + dx)*cin + c."""
-    return w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0])
-
-
 def pack_triton_weights(w) -> TritonWeights:
     with torch.no_grad():
         return TritonWeights(
-            w_red=torch.cat([_as_gemm_b(w.w1), _as_gemm_b(w.w3r), _as_gemm_b(w.w5r)], dim=1).contiguous(),
+            w_red=torch.cat([as_gemm_b(w.w1), as_gemm_b(w.w3r), as_gemm_b(w.w5r)], dim=1).contiguous(),
             b_red=torch.cat([w.b1, w.b3r, w.b5r]).detach().contiguous(),
-            w3=_as_gemm_b(w.w3).contiguous(),
+            w3=as_gemm_b(w.w3).contiguous(),
             b3=w.b3.detach().contiguous(),
-            w5=_as_gemm_b(w.w5).contiguous(),
+            w5=as_gemm_b(w.w5).contiguous(),
             b5=w.b5.detach().contiguous(),
-            w_pool=_as_gemm_b(w.wp).contiguous(),
+            w_pool=as_gemm_b(w.wp).contiguous(),
             b_pool=w.bp.detach().contiguous(),
         )
 

@@ -1,0 +1,12 @@
+"""Weight layouts shared by the kernels of every backend."""
+
+import torch
+
+
+def as_gemm_b(w: torch.Tensor) -> torch.Tensor:
+    """Conv weight (cout, cin, k, k) -> GEMM B (k*k*cin, cout), row index (dy*k + dx)*cin + c.
+
+    The kernels walk K tap by tap and, within a tap, channel by channel: the order in
+    which NHWC stores a pixel's channels, so every tap reads contiguous memory.
+    """
+    return w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0])
