@@ -92,7 +92,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profile import profile
 
     model = build_model(args.model).eval()
-    report = profile(model, parse_shape(args.input), budget=args.budget)
+    report = profile(model, parse_shape(args.input), budget=args.budget, depth=args.depth,
+                     include_aux=args.include_aux)
     print({"md": report.to_markdown, "json": report.to_json, "csv": report.to_csv}[args.format]())
     if args.plot:
         report.plot(args.plot)
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help="MACs; exit 1 when the total exceeds it")
     p.add_argument("--format", choices=("md", "json", "csv"), default="md")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of MACs per layer")
+    p.add_argument("--depth", type=int, default=1, help="rows this many levels below the model")
+    p.add_argument("--include-aux", action="store_true", help="count auxiliary heads in the total")
     p.set_defaults(run=cmd_profile)
 
     p = sub.add_parser("verify", help="swap fused blocks into a model and compare block by block")

@@ -22,7 +22,7 @@ def _pyplot():
 def plot_profile(report: "ProfileReport", path: str | Path) -> Path:
     """Bars of MACs per layer, the cumulative curve, and the budget as a horizontal line."""
     plt = _pyplot()
-    rows = [r for r in report.rows if r.output_shape is not None]
+    rows = [r for r in report.rows if not r.auxiliary and r.output_shape is not None]
     names = [r.name for r in rows]
     macs = [r.macs / 1e6 for r in rows]
     cumulative = [sum(macs[: i + 1]) for i in range(len(macs))]
