@@ -1,10 +1,12 @@
 """Recognising Inception blocks and folding their weights for the fused op.
 
 A block is accepted when its structure proves it computes the module of
-DESIGN.md: four branches named branch1..branch4 (torchvision's names), each
-convolution a unit with ``.conv`` (stride 1, 'same' padding, odd square
-kernel), an optional ``.bn`` and a ReLU, and a 3x3/1/1 max pool in front of the
-projection. Anything else is rejected with the reason, never half-accepted.
+DESIGN.md. ReferenceInception and torchvision's Inception are read by their
+branch1..branch4 children; any other block by tracing its forward with torch.fx
+and matching cat([1x1, 1x1->KxK, 1x1->KxK, maxpool->1x1], dim=1), each conv
+followed by an optional BN and a ReLU. Every convolution must be stride 1 with
+zero 'same' padding and an odd square kernel. Anything else is rejected with
+the reason, never half-accepted.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ from .ops.inception import InceptionWeights
 from .reference import ConvReLU, ReferenceInception
 from .spec import InceptionSpec
 
-__all__ = ["ConvUnit", "NotAnInceptionBlock", "parse_inception_block", "fold_conv_bn"]
+__all__ = ["ConvUnit", "NotAnInceptionBlock", "parse_inception_block", "parse_traced_block", "fold_conv_bn"]
 
 
 class NotAnInceptionBlock(ValueError):
-    """The module is not (provably) the Inception computation; the message says why."""
+    """The module is not (provably) the Inception computation; the message says why.
+
+    `near_miss` is set once the block is known to concatenate four branches along
+    channels: a reason worth showing a user, unlike "a ResNet block does not end in cat".
+    """
+
+    def __init__(self, message: str, near_miss: bool = False):
+        super().__init__(message)
+        self.near_miss = near_miss
 
 
 class ConvUnit(NamedTuple):
@@ -40,7 +50,7 @@ def _relu_units() -> tuple[type, ...]:
     return (*units, BasicConv2d)
 
 
-def _inception_classes() -> tuple[type, ...]:
+def inception_classes() -> tuple[type, ...]:
     """Block classes whose forward is known to be torch.cat([branch1..branch4], dim=1)."""
     classes: list[type] = [ReferenceInception]
     try:
@@ -56,9 +66,13 @@ def _parse_unit(unit: nn.Module, where: str, kernel: int | None) -> ConvUnit:
             f"{where} is a {type(unit).__name__}, not a conv(+bn)+ReLU unit "
             f"({', '.join(c.__name__ for c in _relu_units())})"
         )
-    conv, bn = unit.conv, getattr(unit, "bn", None)
+    return _check_conv(unit.conv, getattr(unit, "bn", None), f"{where}.conv", kernel)
+
+
+def _check_conv(conv: nn.Module, bn: nn.Module | None, where: str, kernel: int | None) -> ConvUnit:
+    """A stride-1, 'same'-padded, odd square conv (and a foldable BN), or the reasons it is not."""
     if not isinstance(conv, nn.Conv2d):
-        raise NotAnInceptionBlock(f"{where}.conv is a {type(conv).__name__}, not nn.Conv2d")
+        raise NotAnInceptionBlock(f"{where} is a {type(conv).__name__}, not nn.Conv2d")
     k = conv.kernel_size[0]
     problems = []
     if conv.kernel_size != (k, k) or k % 2 == 0:
@@ -77,29 +91,39 @@ def _parse_unit(unit: nn.Module, where: str, kernel: int | None) -> ConvUnit:
         elif not bn.track_running_stats:
             problems.append("bn has no running statistics to fold")
     if problems:
-        raise NotAnInceptionBlock(f"{where}.conv: " + "; ".join(problems))
+        raise NotAnInceptionBlock(f"{where}: " + "; ".join(problems))
     return ConvUnit(conv, bn)
 
 
-def parse_inception_block(block: nn.Module) -> tuple[InceptionSpec, tuple[ConvUnit, ...]]:
-    """The spec and the six conv units [1x1, 3x3red, 3x3, 5x5red, 5x5, pool proj] of a block."""
-    if not isinstance(block, _inception_classes()):
-        raise NotAnInceptionBlock(
-            f"{type(block).__name__} is not a known Inception block class "
-            f"({', '.join(c.__name__ for c in _inception_classes())})"
-        )
-    b2, b3, b4 = block.branch2, block.branch3, block.branch4
-    for name, seq in (("branch2", b2), ("branch3", b3), ("branch4", b4)):
-        if not isinstance(seq, nn.Sequential) or len(seq) != 2:
-            raise NotAnInceptionBlock(f"{name} is not a 2-stage nn.Sequential")
-    pool = b4[0]
-    if not (
+def _is_max_pool_3x3_s1_p1(pool: nn.Module) -> bool:
+    return (
         isinstance(pool, nn.MaxPool2d)
         and _pair(pool.kernel_size) == (3, 3)
         and _pair(pool.stride) == (1, 1)
         and _pair(pool.padding) == (1, 1)
         and _pair(pool.dilation) == (1, 1)
-    ):
+    )
+
+
+def parse_inception_block(block: nn.Module) -> tuple[InceptionSpec, tuple[ConvUnit, ...]]:
+    """The spec and the six conv units [1x1, 3x3red, 3x3, 5x5red, 5x5, pool proj] of a block.
+
+    Known classes (ReferenceInception, torchvision's Inception) are read by their
+    branch1..4 structure; any other module by tracing its forward (parse_traced_block).
+    """
+    if not isinstance(block, inception_classes()):
+        spec, units, _ = parse_traced_block(block)
+        return spec, units
+    return _units_spec(_parse_known_block(block))
+
+
+def _parse_known_block(block: nn.Module) -> tuple[ConvUnit, ...]:
+    b2, b3, b4 = block.branch2, block.branch3, block.branch4
+    for name, seq in (("branch2", b2), ("branch3", b3), ("branch4", b4)):
+        if not isinstance(seq, nn.Sequential) or len(seq) != 2:
+            raise NotAnInceptionBlock(f"{name} is not a 2-stage nn.Sequential")
+    pool = b4[0]
+    if not _is_max_pool_3x3_s1_p1(pool):
         raise NotAnInceptionBlock(f"branch4[0] is {pool}, not a 3x3 max pool, stride 1, padding 1")
     units = (
         _parse_unit(block.branch1, "branch1", kernel=1),
@@ -109,18 +133,23 @@ def parse_inception_block(block: nn.Module) -> tuple[InceptionSpec, tuple[ConvUn
         _parse_unit(b3[1], "branch3[1]", kernel=None),
         _parse_unit(b4[1], "branch4[1]", kernel=1),
     )
+    return units
+
+
+def _units_spec(units: tuple[ConvUnit, ...]) -> tuple[InceptionSpec, tuple[ConvUnit, ...]]:
+    """Check that the six units chain as an Inception module does, and read its spec."""
     c = [u.conv for u in units]
     cin = c[0].in_channels
     for where, conv, expected_in in (
-        ("branch2[0]", c[1], cin),
-        ("branch2[1]", c[2], c[1].out_channels),
-        ("branch3[0]", c[3], cin),
-        ("branch3[1]", c[4], c[3].out_channels),
-        ("branch4[1]", c[5], cin),
+        ("the 3x3 reduction", c[1], cin),
+        ("the 3x3 convolution", c[2], c[1].out_channels),
+        ("the 5x5 reduction", c[3], cin),
+        ("the 5x5 convolution", c[4], c[3].out_channels),
+        ("the pool projection", c[5], cin),
     ):
         if conv.in_channels != expected_in:
             raise NotAnInceptionBlock(
-                f"{where}.conv takes {conv.in_channels} channels, its input has {expected_in}"
+                f"{where} takes {conv.in_channels} channels, its input has {expected_in}"
             )
     if len({u.bn is None for u in units}) != 1:
         raise NotAnInceptionBlock("some convolutions have batch norm and others do not")
@@ -140,6 +169,95 @@ def parse_inception_block(block: nn.Module) -> tuple[InceptionSpec, tuple[ConvUn
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def _relu_node(node) -> bool:
+    import torch.nn.functional as F
+
+    if node.op == "call_function":
+        return node.target in (torch.relu, F.relu, torch.relu_)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return False
+
+
+def parse_traced_block(block: nn.Module):
+    """Read an Inception module off the traced forward of any block.
+
+    Proves, from the torch.fx graph, that forward(x) is torch.cat([b1, b2, b3, b4], 1)
+    with b1 = relu(bn?(conv1x1(x))), b2 and b3 = relu(bn?(convKxK(relu(bn?(conv1x1(x)))))),
+    b4 = relu(bn?(conv1x1(maxpool3x3/1/1(x)))), every intermediate used once. Returns
+    (spec, units, graph module sharing the block's submodules), or raises
+    NotAnInceptionBlock with the first reason it is not.
+    """
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    name = type(block).__name__
+    try:
+        graph_module = fx.symbolic_trace(block)
+    except Exception as exc:  # data-dependent control flow, unsupported ops...
+        raise NotAnInceptionBlock(f"{name}'s forward does not trace with torch.fx ({exc})") from None
+    nodes = list(graph_module.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    output = next(n for n in nodes if n.op == "output")
+    if len(inputs) != 1:
+        raise NotAnInceptionBlock(f"{name}'s forward takes {len(inputs)} inputs, not one")
+    x = inputs[0]
+    cat = output.args[0]
+    if not (isinstance(cat, fx.Node) and cat.op == "call_function" and cat.target is torch.cat):
+        raise NotAnInceptionBlock(f"{name}'s forward does not return a torch.cat")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    parts = cat.args[0]
+    if dim not in (1, -3) or not isinstance(parts, (list, tuple)) or len(parts) != 4:
+        raise NotAnInceptionBlock(f"{name} concatenates {len(parts)} tensors along dim {dim}, not 4 along 1")
+    modules = dict(graph_module.named_modules())
+
+    def module_of(node, kind):
+        return modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], kind) else None
+
+    def conv_unit(node, where):
+        """relu(bn?(conv(input))) ending at node -> (unit, input node)."""
+        if not (_relu_node(node) or module_of(node, nn.ReLU) is not None):
+            raise NotAnInceptionBlock(f"{name}: {where} does not end in ReLU ({node.format_node()})", near_miss=True)
+        prev = node.args[0]
+        bn = module_of(prev, nn.BatchNorm2d)
+        if bn is not None:
+            prev = prev.args[0]
+        conv = module_of(prev, nn.Conv2d)
+        if conv is None or len(prev.users) != 1:
+            raise NotAnInceptionBlock(f"{name}: {where} is not conv(+bn)+ReLU ({prev.format_node()})", near_miss=True)
+        return (conv, bn), prev.args[0]
+
+    branches = []
+    for i, part in enumerate(parts):
+        where = f"branch {i + 1} of the concat"
+        (conv, bn), src = conv_unit(part, where)
+        if src is x:
+            branches.append(("1x1", [(conv, bn)]))
+        elif module_of(src, nn.MaxPool2d) is not None and src.args[0] is x:
+            if not _is_max_pool_3x3_s1_p1(modules[src.target]):
+                raise NotAnInceptionBlock(f"{name}: {where} pools with {modules[src.target]}, not 3x3/1/1", near_miss=True)
+            branches.append(("pool", [(conv, bn)]))
+        elif src.op == "call_function" and src.target is F.max_pool2d:
+            raise NotAnInceptionBlock(f"{name}: {where} uses functional max_pool2d; use nn.MaxPool2d", near_miss=True)
+        else:
+            (rconv, rbn), src2 = conv_unit(src, where + "'s reduction")
+            if src2 is not x or len(src.users) != 1:
+                raise NotAnInceptionBlock(f"{name}: {where} is deeper than 1x1 -> KxK", near_miss=True)
+            branches.append(("spatial", [(rconv, rbn), (conv, bn)]))
+    kinds = [k for k, _ in branches]
+    if kinds != ["1x1", "spatial", "spatial", "pool"]:
+        raise NotAnInceptionBlock(f"{name} concatenates branches {kinds}, not [1x1, spatial, spatial, pool]", near_miss=True)
+    where = ("1x1", "3x3 reduction", "3x3 convolution", "5x5 reduction", "5x5 convolution", "pool projection")
+    raw = [u for _, units in branches for u in units]
+    kernels = (1, 1, None, 1, None, 1)
+    try:
+        units = tuple(_check_conv(c, b, f"{name}'s {w}", k) for (c, b), w, k in zip(raw, where, kernels))
+        spec, units = _units_spec(units)
+    except NotAnInceptionBlock as exc:
+        raise NotAnInceptionBlock(str(exc), near_miss=True) from None
+    return spec, units, graph_module
 
 
 def fold_conv_bn(unit: ConvUnit) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """FusedInception: the nn.Module face of ops/inception.py.
 
-It keeps the original block's four branches as children, so parameters,
+It keeps the original block's children under their names, so parameters,
 buffers and state_dict keys are exactly those of the block it replaces (a
-ReferenceInception, or torchvision's Inception). Only forward changes: the
+ReferenceInception, torchvision's Inception, or a user's block of that shape). Only forward changes: the
 branches' weights (BN folded in eval mode) go to the one fused op.
 """
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_input
-from .blocks import fold_units, parse_inception_block
+from .blocks import inception_classes, fold_units, parse_inception_block, parse_traced_block
 from ._cache import TensorVersionCache
 from .ops.inception import BACKENDS, InceptionWeights, fused_forward
 from .reference import ReferenceInception
@@ -41,8 +41,9 @@ class FusedInception(nn.Module):
     def from_module(cls, module: nn.Module, backend: str = "auto") -> "FusedInception":
         """A fused module sharing (not copying) the parameters and buffers of `module`.
 
-        Accepts ReferenceInception and torchvision's googlenet Inception block.
-        Raises NotAnInceptionBlock (a ValueError) saying why for anything else.
+        Accepts ReferenceInception, torchvision's googlenet Inception block, and any
+        block whose traced forward has the Inception structure (blocks.py). Raises
+        NotAnInceptionBlock (a ValueError) saying why for anything else.
         """
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
@@ -51,14 +52,21 @@ class FusedInception(nn.Module):
         return fused
 
     def _adopt(self, block: nn.Module, backend: str) -> None:
-        spec, units = parse_inception_block(block)
+        if isinstance(block, inception_classes()):
+            (spec, units), traced = parse_inception_block(block), None
+        else:
+            spec, units, traced = parse_traced_block(block)
         self.spec = spec
         self.backend = check_choice("backend", backend, BACKENDS)
         self.batch_norm = units[0].bn is not None
         self.source = type(block).__name__
-        self.branch1, self.branch2 = block.branch1, block.branch2
-        self.branch3, self.branch4 = block.branch3, block.branch4
+        # The block's own children under their own names: state_dict keys do not change.
+        for name, child in block.named_children():
+            setattr(self, name, child)
         self._units = units  # a plain tuple: not registered twice as submodules
+        # A traced block's forward (sharing its submodules), for train mode with BN; set
+        # around nn.Module.__setattr__ so that it is not registered as a submodule.
+        object.__setattr__(self, "_traced", traced)
         self._fold_cache: TensorVersionCache[InceptionWeights] = TensorVersionCache()
         self._pack_cache: TensorVersionCache = TensorVersionCache()
 
@@ -81,8 +89,11 @@ class FusedInception(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
         if self.batch_norm and self.training:
-            branches = (self.branch1, self.branch2, self.branch3, self.branch4)
-            out = torch.cat([branch(x) for branch in branches], dim=1)
+            if self._traced is not None:
+                out = self._traced(x)
+            else:
+                branches = (self.branch1, self.branch2, self.branch3, self.branch4)
+                out = torch.cat([branch(x) for branch in branches], dim=1)
             return out.contiguous(memory_format=torch.channels_last)
         return fused_forward(x, self._weights(), self.backend, self._pack_cache, spec=self.spec)
 

@@ -75,7 +75,7 @@ def test_from_module_refuses_what_it_cannot_prove():
     bad.branch2[1].conv.stride = (2, 2)
     with pytest.raises(ifast.NotAnInceptionBlock, match="stride"):
         ifast.FusedInception.from_module(bad)
-    with pytest.raises(ifast.NotAnInceptionBlock, match="not a known Inception block"):
+    with pytest.raises(ifast.NotAnInceptionBlock, match="does not return a torch.cat"):
         ifast.FusedInception.from_module(torch.nn.Conv2d(3, 3, 1))
 
 

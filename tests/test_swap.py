@@ -86,3 +86,82 @@ def test_bad_arguments():
         ifast.swap_inception("googlenet")
     with pytest.raises(ValueError, match="backend must be one of"):
         ifast.swap_inception(torch.nn.Linear(2, 2), backend="gpu")
+
+
+class UserBlock(torch.nn.Module):
+    """A user's own Inception block: other class, other names, functional ReLUs and BN."""
+
+    def __init__(self, cin=12, bn=False):
+        super().__init__()
+        self.one = torch.nn.Conv2d(cin, 5, 1)
+        self.red3, self.conv3 = torch.nn.Conv2d(cin, 6, 1), torch.nn.Conv2d(6, 7, 3, padding=1)
+        self.red5, self.conv5 = torch.nn.Conv2d(cin, 3, 1), torch.nn.Conv2d(3, 4, 5, padding=2)
+        self.pool, self.proj = torch.nn.MaxPool2d(3, 1, 1), torch.nn.Conv2d(cin, 2, 1)
+        self.bn = bn
+        if bn:
+            self.norms = torch.nn.ModuleList([torch.nn.BatchNorm2d(c, eps=1e-3) for c in (5, 6, 7, 3, 4, 2)])
+
+    def norm(self, i, t):
+        return self.norms[i](t) if self.bn else t
+
+    def forward(self, x):
+        relu = torch.nn.functional.relu
+        b1 = relu(self.norm(0, self.one(x)))
+        b2 = relu(self.norm(2, self.conv3(relu(self.norm(1, self.red3(x))))))
+        b3 = relu(self.norm(4, self.conv5(relu(self.norm(3, self.red5(x))))))
+        b4 = relu(self.norm(5, self.proj(self.pool(x))))
+        return torch.cat([b1, b2, b3, b4], dim=1)
+
+
+def test_a_users_own_block_is_recognised_by_structure():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), UserBlock(), torch.nn.ReLU())
+    randomize_(model).eval()
+    original = copy.deepcopy(model)
+    ifast.swap_inception(model, verify=1e-5)
+    assert isinstance(model[1], ifast.FusedInception)
+    assert model[1].spec == ifast.InceptionSpec(12, 5, 6, 7, 3, 4, 2, k3=3, k5=5)
+    assert model.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) <= 1e-5
+
+
+def test_a_user_block_with_bn_folds_in_eval_and_runs_its_own_forward_in_train():
+    block = randomize_(UserBlock(bn=True))
+    fused = ifast.FusedInception.from_module(copy.deepcopy(block))
+    x = torch.randn(4, 12, 6, 6)
+    block.eval(), fused.eval()
+    with torch.no_grad():
+        assert rel_err(fused(x), block(x)) <= 1e-5
+    block.train(), fused.train()
+    torch.testing.assert_close(fused(x), block(x))
+    torch.testing.assert_close(fused.norms[0].running_mean, block.norms[0].running_mean)
+
+
+def test_a_near_miss_user_block_is_left_alone_with_the_reason(caplog):
+    block = UserBlock()
+    block.conv5 = torch.nn.Conv2d(3, 4, 5, padding=2, stride=2)  # not 'same': the concat would fail
+    block.conv5.stride = (1, 2)
+    model = torch.nn.Sequential(block)
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert isinstance(model[0], UserBlock)
+    assert "left 0 (UserBlock) unfused" in caplog.text and "stride" in caplog.text
+
+
+def test_verify_rejects_a_block_whose_numbers_differ(monkeypatch, caplog):
+    from inception_fast import swap
+
+    monkeypatch.setattr(swap, "_numerically_equal", lambda block, fused, rtol: 1.0)
+    model = torch.nn.Sequential(UserBlock())
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model, verify=1e-4)
+    assert isinstance(model[0], UserBlock) and "differs by 1.00e+00" in caplog.text
+
+
+def test_to_dtype_and_memory_format_keep_working_after_a_swap():
+    model = ifast.swap_inception(torchvision_googlenet())
+    model = model.to(torch.float64).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        assert model(x).dtype == torch.float64
