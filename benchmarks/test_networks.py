@@ -1,0 +1,47 @@
+"""Whole networks, forward (eval): torchvision GoogLeNet and the paper's, swapped or not."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import inception_fast as ifast
+from inception_fast.models import googlenet_paper
+
+from conftest import SMOKE
+
+BATCHES = [1] if SMOKE else [1, 16]
+PROVIDERS = ["eager_nchw", "eager_channels_last", "fused"] + ([] if SMOKE else ["compile_freezing"])
+MODELS = {
+    "torchvision_googlenet": lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True),
+    "googlenet_paper": lambda: googlenet_paper(aux_logits=False),
+}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_network(benchmark, model_name, batch, provider):
+    model = MODELS[model_name]().eval()
+    size = 64 if SMOKE else 224
+    x = torch.randn(batch, 3, size, size)
+    if provider != "eager_nchw":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if provider == "fused":
+        model = ifast.swap_inception(copy.deepcopy(model))
+    elif provider == "compile_freezing":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        model = torch.compile(model)
+    benchmark.group = f"{model_name}-N{batch}"
+    benchmark.extra_info["macs"] = ifast.profile(MODELS[model_name]().eval(), tuple(x.shape)).total_macs
+
+    def forward():
+        with torch.no_grad():
+            return model(x)
+
+    forward()  # warm-up (and compile) outside the timed rounds
+    benchmark.pedantic(forward, rounds=1 if SMOKE else 5, warmup_rounds=0 if SMOKE else 1)
