@@ -10,6 +10,7 @@ On CUDA tensors the same code times with CUDA events via triton.testing.do_bench
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import platform
 import statistics
@@ -26,7 +27,7 @@ from .spec import GOOGLENET_INCEPTION
 
 __all__ = ["CaseResult", "BenchReport", "time_alternating", "gemm_ceiling", "bench_blocks", "machine_info"]
 
-PEERS = ("eager_nchw", "eager_channels_last", "compile_freezing")
+PEERS = ("eager_nchw", "eager_channels_last", "compile_freezing", "compile")
 
 
 def _sync(device: torch.device) -> None:
@@ -102,7 +103,7 @@ class CaseResult:
     batch: int
     dtype: str
     backend: str
-    macs: int
+    macs: int  # of the timed work: 3x the forward's with a backward
     ms: dict[str, float]  # provider -> median milliseconds
 
     @property
@@ -149,14 +150,22 @@ class BenchReport:
                 "cases": [asdict(c) | {"fused_gmacs": c.fused_gmacs} for c in self.cases]}
 
 
-def _compiled(module: torch.nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _compiled(module: torch.nn.Module, example: torch.Tensor, freezing: bool = True) -> Callable:
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True  # inference: constant-fold and prepack the weights
+    inductor_config.freezing = freezing  # inference: constant-fold and prepack the weights
     compiled = torch.compile(module)
-    with torch.no_grad():
+    with torch.set_grad_enabled(not freezing):
         compiled(example)  # compile outside the timed region
     return compiled
+
+
+def _step(module: Callable, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], object]:
+    """A forward, or with `grad` a forward and a backward from x (which then requires grad)."""
+    if grad is None:
+        return lambda: module(x)
+    x = x.detach().requires_grad_()
+    return lambda: module(x).backward(grad)
 
 
 def bench_blocks(
@@ -168,8 +177,13 @@ def bench_blocks(
     reps: int = 10,
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
+    backward: bool = False,
 ) -> BenchReport:
-    """Time each GoogLeNet block against each peer, in one process."""
+    """Time each GoogLeNet block against each peer, in one process.
+
+    With `backward`, each provider runs forward and backward (train mode, the same
+    grad_output for all) and torch.compile runs without freezing.
+    """
     cases = []
     total = len(blocks) * len(batches)
     for i, name in enumerate(blocks):
@@ -177,26 +191,26 @@ def bench_blocks(
         for j, batch in enumerate(batches):
             if progress:
                 progress(f"[{i * len(batches) + j + 1}/{total}] block {name}, batch {batch}")
-            ref = ReferenceInception(block.spec).to(device=device, dtype=dtype).eval()
-            ref_cl = ReferenceInception(block.spec).to(device=device, dtype=dtype).eval()
+            ref = ReferenceInception(block.spec).to(device=device, dtype=dtype).train(backward)
+            ref_cl = ReferenceInception(block.spec).to(device=device, dtype=dtype).train(backward)
             ref_cl.load_state_dict(ref.state_dict())
             ref_cl = ref_cl.to(memory_format=torch.channels_last)
-            fused = FusedInception.from_module(ref, backend=backend)
+            fused = FusedInception.from_module(copy.deepcopy(ref), backend=backend)
             x = torch.randn(batch, block.spec.in_channels, block.size, block.size, device=device, dtype=dtype)
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            providers = {
-                "fused": lambda: fused(x_cl),
-                "eager_nchw": lambda: ref(x),
-                "eager_channels_last": lambda: ref_cl(x_cl),
-            }
+            modules = {"fused": (fused, x_cl), "eager_nchw": (ref, x), "eager_channels_last": (ref_cl, x_cl)}
             if with_compile:
-                compiled = _compiled(ref_cl, x_cl)
-                providers["compile_freezing"] = lambda: compiled(x_cl)
-            with torch.no_grad():
+                # Freezing is for inference only: training compiles without it.
+                modules["compile" if backward else "compile_freezing"] = (
+                    _compiled(ref_cl, x_cl, freezing=not backward), x_cl)
+            grad = torch.randn(batch, block.spec.out_channels, block.size, block.size, device=device, dtype=dtype)
+            providers = {name: _step(m, inp, grad if backward else None) for name, (m, inp) in modules.items()}
+            with torch.set_grad_enabled(backward):
                 seconds = time_alternating(providers, reps=reps, device=device)
             cases.append(CaseResult(
                 block=name, batch=batch, dtype=str(dtype).removeprefix("torch."), backend=backend,
-                macs=block.spec.macs(block.size, block.size, batch).total,
+                # A backward costs two forwards (data and weight gradients): 3x in all.
+                macs=(3 if backward else 1) * block.spec.macs(block.size, block.size, batch).total,
                 ms={k: v * 1e3 for k, v in seconds.items()},
             ))
     return BenchReport(machine=machine_info(device), ceiling_gmacs=gemm_ceiling(dtype, device=device), cases=cases)

@@ -124,7 +124,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench_blocks(
         blocks, batches, dtype=getattr(torch, args.dtype), backend=args.backend,
         with_compile=not args.no_compile, reps=5 if args.quick else args.reps, progress=print_progress,
-        device=args.device,
+        device=args.device, backward=args.backward,
     )
     print(report.to_markdown())
     out = Path(args.out)
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--backward", action="store_true", help="time forward+backward (train mode)")
     p.add_argument("--networks", type=_csv(int), default=None, metavar="BATCHES",
                    help="also time a whole swapped torchvision GoogLeNet at these batch sizes")
     p.add_argument("--out", default=str(RESULTS_DIR))

@@ -347,9 +347,10 @@ def inception_backward(
     """
     s = w.spec()
     rows = lambda t: _as_rows(t.contiguous(memory_format=torch.channels_last))  # noqa: E731
-    x_rows = rows(x)
-    g = rows(grad_out) * (rows(y) > 0)  # all four ReLU masks at once
-    g1, g3, g5, gp = (g[:, sl] for sl in s.branch_slices)
+    relu_backward = torch.ops.aten.threshold_backward  # grad where output > 0, as torch.relu
+    x_rows, grad_rows, y_rows = rows(x), rows(grad_out), rows(y)
+    # The ReLU masks of the four branches, each into its own contiguous block of rows.
+    g1, g3, g5, gp = (relu_backward(grad_rows[:, sl], y_rows[:, sl], 0) for sl in s.branch_slices)
 
     # Recompute the reductions with one GEMM: t = relu(x @ [W3r; W5r]^T + b).
     w_red = torch.cat([w.w3r, w.w5r]).flatten(1)
@@ -362,10 +363,10 @@ def inception_backward(
             _as_image(g_branch, x), _as_image(t_branch, x), weight, [bias.shape[0]],
             [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, True],
         )
-        return rows(d_t) * (t_branch > 0), d_w, d_b
+        return relu_backward(rows(d_t), t_branch, 0), d_w, d_b
 
-    dt3, dw3, db3 = spatial(g3.contiguous(), t3.contiguous(), w.w3, w.b3)
-    dt5, dw5, db5 = spatial(g5.contiguous(), t5.contiguous(), w.w5, w.b5)
+    dt3, dw3, db3 = spatial(g3, t3.contiguous(), w.w3, w.b3)
+    dt5, dw5, db5 = spatial(g5, t5.contiguous(), w.w5, w.b5)
 
     # The three 1x1 convolutions that share x: one GEMM for dx, one for their weights.
     d_red = torch.cat([g1, dt3, dt5], dim=1)
