@@ -42,3 +42,8 @@ def test_profile_exits_1_over_budget(capsys, tmp_path):
 def test_verify_passes_on_torchvision_googlenet(capsys):
     assert main(["verify", "googlenet", "--input", "1,3,224,224"]) == 0
     assert "9 fused block(s); PASS" in capsys.readouterr().out
+
+
+def test_verify_exits_1_past_tolerance(capsys):
+    assert main(["verify", "googlenet", "--input", "1,3,64,64", "--rtol", "1e-15"]) == 1
+    assert "FAIL at rtol 1e-15" in capsys.readouterr().out

@@ -200,7 +200,7 @@ def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
             conv5_bias=w.b5.detach().contiguous(),
             pool_b=_pack_panels(as_gemm_b(w.wp), width),
             pool_bias=w.bp.detach().contiguous(),
-            dims=(s.ch1x1, s.ch3x3red, s.ch5x5red, s.ch3x3, s.ch5x5, s.pool_proj, s.k3, s.k5),
+            dims=tuple(_dims(s)),
         )
 
 
