@@ -79,18 +79,28 @@ def test_from_module_refuses_what_it_cannot_prove():
         ifast.FusedInception.from_module(torch.nn.Conv2d(3, 3, 1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_match_the_reference_module(backend):
-    ref = reference_module(SPEC).train()
+def backward_both(ref, backend, shape):
+    """Backward of ref and of its fused twin with one grad_output; (fused, x, x_ref) with grads."""
     fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend=backend)
-    x = torch.randn(2, 13, 6, 6, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    grad_out = torch.randn(2, SPEC.out_channels, 6, 6)
+    grad_out = torch.randn(shape[0], ref.spec.out_channels, *shape[2:])
     fused(x).backward(grad_out)
     ref(x_ref).backward(grad_out)
+    return fused, x, x_ref
+
+
+def assert_grads_match(fused, ref, x, x_ref):
     assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
     for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
         assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_the_reference_module(backend):
+    ref = reference_module(SPEC).train()
+    fused, x, x_ref = backward_both(ref, backend, (2, 13, 6, 6))
+    assert_grads_match(fused, ref, x, x_ref)
 
 
 @needs_cpu_kernel
@@ -114,15 +124,8 @@ def test_gradcheck_fp64_cpu_backend():
 def test_gradients_on_awkward_shapes(backend, spec, size):
     n, h, w = size
     ref = reference_module(spec).train()
-    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend=backend)
-    x = torch.randn(n, spec.in_channels, h, w, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    grad_out = torch.randn(n, spec.out_channels, h, w)
-    fused(x).backward(grad_out)
-    ref(x_ref).backward(grad_out)
-    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
-    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
-        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], name
+    fused, x, x_ref = backward_both(ref, backend, (n, spec.in_channels, h, w))
+    assert_grads_match(fused, ref, x, x_ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,12 +136,7 @@ def test_relu_at_exactly_zero_passes_no_gradient_like_torch(backend):
         ref.branch1.conv.bias.zero_()
         ref.branch3[0].conv.weight.zero_()
         ref.branch3[0].conv.bias.zero_()
-    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend=backend)
-    x = torch.randn(2, 13, 6, 6, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    grad_out = torch.randn(2, SPEC.out_channels, 6, 6)
-    fused(x).backward(grad_out)
-    ref(x_ref).backward(grad_out)
+    fused, x, x_ref = backward_both(ref, backend, (2, 13, 6, 6))
     assert torch.count_nonzero(fused.branch1.conv.weight.grad) == 0
     assert torch.count_nonzero(fused.branch3[0].conv.weight.grad) == 0
     assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
