@@ -1,5 +1,7 @@
 """The fused op as a torch.library custom op: profiler counting, torch.export, torch.compile."""
 
+import copy
+
 import pytest
 import torch
 
@@ -40,3 +42,18 @@ def test_compile_fullgraph_inference_of_a_fused_googlenet():
     with torch.no_grad():
         compiled = torch.compile(fused, fullgraph=True)  # fullgraph: any graph break raises
         assert rel_err(compiled(x), original(x)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_training_step_matches_eager_autograd():
+    ref = reference_module(SPEC).train()
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend="cpu").train()
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 13, 5, 5, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(2, SPEC.out_channels, 5, 5)
+    compiled(x).backward(grad_out)
+    ref(x_ref).backward(grad_out)
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    for p, q in zip(fused.parameters(), ref.parameters()):
+        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32]
