@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import inception_fast as ifast
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs real JIT kernels")
 triton = pytest.importorskip("triton")
 
@@ -66,3 +68,12 @@ def test_config_compiles_without_spills_on_tensor_cores(compiled, kind, cfg, dty
     assert r.shared <= SHARED_MEMORY_LIMIT[capability]
     if precision != "ieee":
         assert r.tensor_core_op == {80: "mma.sync", 90: "wgmma"}[capability]
+
+
+def test_more_than_2_31_pixels_is_refused_before_any_allocation():
+    from inception_fast.ops.inception_triton import forward_triton
+
+    spec = ifast.InceptionSpec(4, 2, 2, 2, 2, 2, 2)
+    x = torch.empty(1, 4, 1, 1).expand(2**31, 4, 1, 1)  # no memory behind the batch
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
+        forward_triton(x, None, spec)

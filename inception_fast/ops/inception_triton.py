@@ -333,6 +333,9 @@ def _autotune(x, tw, spec, out, t3, t5) -> tuple[KernelConfig, KernelConfig]:
 def forward_triton(x: torch.Tensor, tw: TritonWeights, spec: InceptionSpec, out: torch.Tensor | None = None) -> torch.Tensor:
     """Checked by the caller (ops/inception.py); allocates and launches."""
     n, _, h, w = x.shape
+    if n * h * w >= 2**31:
+        # Pixel indices are 32-bit in the kernels (element offsets are 64-bit).
+        raise ValueError(f"x has {n * h * w} pixels (N*H*W); the Triton kernels take fewer than 2**31")
     x = x.contiguous(memory_format=torch.channels_last)
     if out is None:
         out = torch.empty((n, spec.out_channels, h, w), device=x.device, dtype=x.dtype,
