@@ -2,8 +2,9 @@
 
 It keeps the original block's children under their names, so parameters,
 buffers and state_dict keys are exactly those of the block it replaces (a
-ReferenceInception, torchvision's Inception, or a user's block of that shape). Only forward changes: the
-branches' weights (BN folded in eval mode) go to the one fused op.
+ReferenceInception, torchvision's Inception, or a user's block of that
+shape). Only forward changes: the branches' weights (BN folded in eval mode)
+go to the one fused op.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_input
-from .blocks import inception_classes, fold_units, parse_inception_block, parse_traced_block
 from ._cache import TensorVersionCache
+from ._checks import check_choice, check_input
+from .blocks import fold_units, inception_classes, parse_inception_block, parse_traced_block
 from .ops.inception import BACKENDS, InceptionWeights, fused_forward
 from .reference import ReferenceInception
 from .spec import InceptionSpec
@@ -45,6 +46,8 @@ class FusedInception(nn.Module):
         block whose traced forward has the Inception structure (blocks.py). Raises
         NotAnInceptionBlock (a ValueError) saying why for anything else.
         """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused._adopt(module, backend)
