@@ -16,7 +16,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -97,6 +97,46 @@ def machine_info(device: str = "cpu") -> dict[str, str]:
     }
 
 
+def peak_forward_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak bytes allocated while fn() runs (CPU), replayed from torch.profiler's memory
+    timeline; the kernels' own scratch (t3, t5) counts, as it goes through torch's
+    allocator. None where this torch has no memory timeline (a private API)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import Action
+    except ImportError:
+        return None
+    with torch.no_grad():
+        fn()  # warm caches outside the measurement
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+def saved_tensor_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes that autograd keeps for the backward of module(x) (x requiring grad)."""
+    saved: dict[int, int] = {}  # by storage, so that views of one tensor count once
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = x.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    return sum(n for ptr, n in saved.items() if ptr not in params and ptr != x.untyped_storage().data_ptr())
+
+
 @dataclass
 class CaseResult:
     block: str
@@ -105,6 +145,8 @@ class CaseResult:
     backend: str
     macs: int  # of the timed work: 3x the forward's with a backward
     ms: dict[str, float]  # provider -> median milliseconds
+    # fused and eager channels_last: peak forward bytes, bytes saved for backward
+    memory: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def fused_gmacs(self) -> float:
@@ -130,15 +172,26 @@ class BenchReport:
 
     def to_markdown(self) -> str:
         peers = [p for p in PEERS if any(p in c.ms for c in self.cases)]
+        with_memory = any(c.memory for c in self.cases)
         head = ["block", "batch", "fused ms", "GMAC/s", "% of ceiling", *(f"vs {p}" for p in peers)]
+        if with_memory:
+            head += ["peak MB fused / eager CL", "saved MB fused / eager CL"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def mb(a: int | None, b: int | None) -> str:
+            return "–" if a is None or b is None else f"{a / 1e6:.1f} / {b / 1e6:.1f}"
+
         for c in self.cases:
             cells = [c.block, str(c.batch), f"{c.ms['fused']:.2f}", f"{c.fused_gmacs:.1f}",
                      f"{c.fused_gmacs / self.ceiling:.0%}"]
             cells += [f"{s:.2f}×" if (s := c.speedup(p)) is not None else "–" for p in peers]
+            if with_memory:
+                m = c.memory
+                cells += [mb(m.get("fused_peak"), m.get("eager_peak")), mb(m.get("fused_saved"), m.get("eager_saved"))]
             lines.append("| " + " | ".join(cells) + " |")
         geo = [f"{g:.2f}×" if (g := self.geomean_speedup(p)) is not None else "–" for p in peers]
-        lines.append("| **geomean** | | | | | " + " | ".join(f"**{g}**" for g in geo) + " |")
+        lines.append("| **geomean** | | | | | " + " | ".join(f"**{g}**" for g in geo) + " |"
+                     + (" | |" if with_memory else ""))
         ceil = ", ".join(f"{k} {v:.1f}" for k, v in self.ceiling_gmacs.items())
         lines.append(f"\nGEMM ceiling (GMAC/s, same run, 2048³): {ceil}. "
                      f"Machine: {self.machine['cpu']}, {self.machine['threads']} threads, "
@@ -207,11 +260,20 @@ def bench_blocks(
             providers = {name: _step(m, inp, grad if backward else None) for name, (m, inp) in modules.items()}
             with torch.set_grad_enabled(backward):
                 seconds = time_alternating(providers, reps=reps, device=device)
+            memory = {}
+            if torch.device(device).type == "cpu":  # CUDA would read torch.cuda.max_memory_allocated
+                memory = {
+                    "fused_peak": peak_forward_bytes(lambda: fused(x_cl)),
+                    "eager_peak": peak_forward_bytes(lambda: ref_cl(x_cl)),
+                    "fused_saved": saved_tensor_bytes(fused.train(), x_cl),
+                    "eager_saved": saved_tensor_bytes(ref_cl.train(), x_cl),
+                }
+                fused.train(backward), ref_cl.train(backward)
             cases.append(CaseResult(
                 block=name, batch=batch, dtype=str(dtype).removeprefix("torch."), backend=backend,
                 # A backward costs two forwards (data and weight gradients): 3x in all.
                 macs=(3 if backward else 1) * block.spec.macs(block.size, block.size, batch).total,
-                ms={k: v * 1e3 for k, v in seconds.items()},
+                ms={k: v * 1e3 for k, v in seconds.items()}, memory=memory,
             ))
     return BenchReport(machine=machine_info(device), ceiling_gmacs=gemm_ceiling(dtype, device=device), cases=cases)
 
