@@ -286,8 +286,6 @@ def bench_networks(
     batches: list[int], with_compile: bool = True, reps: int = 5, progress: Callable[[str], None] | None = None
 ) -> list[dict]:
     """Whole torchvision GoogLeNet (random weights, eval): swapped against eager and compile."""
-    import copy
-
     import torchvision
 
     from .swap import swap_inception

@@ -64,3 +64,38 @@ def randomize_(module: torch.nn.Module) -> torch.nn.Module:
 
 def reference_module(spec, batch_norm=False) -> ifast.ReferenceInception:
     return randomize_(ifast.ReferenceInception(spec, batch_norm=batch_norm)).eval()
+
+
+def weights_of(module, dtype=None):
+    """The twelve conv tensors of a block, in InceptionWeights order (optionally cast)."""
+    from inception_fast.ops.inception import InceptionWeights
+
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return InceptionWeights(*(t if dtype is None else t.detach().to(dtype) for c in convs for t in (c.weight, c.bias)))
+
+
+def run_poisoned(x, weights, backend):
+    """Run into a NaN-filled `out`, so that an element the kernel skips shows up as NaN."""
+    n, _, h, w = x.shape
+    out = torch.full((n, weights.spec().out_channels, h, w), float("nan"), dtype=x.dtype)
+    out = out.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = ifast.inception(x, *weights, backend=backend, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    return y
+
+
+def assert_special_values_propagate(backend):
+    """NaN and +-inf in x reach the same output positions as in the reference module."""
+    ref = reference_module(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6))
+    x = torch.randn(2, 13, 6, 6)
+    x[0, 2, 1, 1] = float("nan")
+    x[1, 4, 4, 4] = float("inf")
+    x[0, 7, 0, 5] = float("-inf")
+    want = ref(x)
+    with torch.no_grad():
+        got = ifast.FusedInception.from_module(ref, backend=backend)(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want))
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) <= TOLERANCE[torch.float32]

@@ -6,31 +6,23 @@ import pytest
 import torch
 
 import inception_fast as ifast
-from inception_fast.ops.inception import InceptionWeights
-
-from conftest import AWKWARD_SIZES, AWKWARD_SPECS, TOLERANCE, needs_cpu_kernel, reference_module, rel_err
+from conftest import (
+    AWKWARD_SIZES,
+    AWKWARD_SPECS,
+    TOLERANCE,
+    assert_special_values_propagate,
+    needs_cpu_kernel,
+    reference_module,
+    rel_err,
+    run_poisoned,
+    weights_of,
+)
 
 BACKEND_DTYPES = [
     pytest.param("cpu", torch.float32, marks=needs_cpu_kernel, id="cpu-fp32"),
     pytest.param("cpu", torch.float64, marks=needs_cpu_kernel, id="cpu-fp64"),
     pytest.param("reference", torch.float32, id="reference-fp32"),
 ]
-
-
-def weights_of(module) -> InceptionWeights:
-    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
-    return InceptionWeights(*(t for c in convs for t in (c.weight, c.bias)))
-
-
-def run_poisoned(x, weights, backend):
-    """Run into a NaN-filled `out`, so that an element the kernel skips shows up as NaN."""
-    n, _, h, w = x.shape
-    out = torch.full((n, weights.spec().out_channels, h, w), float("nan"), dtype=x.dtype)
-    out = out.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        y = ifast.inception(x, *weights, backend=backend, out=out)
-    assert y.data_ptr() == out.data_ptr()
-    return y
 
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
@@ -41,8 +33,7 @@ def test_awkward_shapes_match_fp64_reference(spec, size, backend, dtype):
     ref = reference_module(spec).double()
     x = torch.randn(n, spec.in_channels, h, w, dtype=torch.float64)
     want = ref(x)
-    weights = InceptionWeights(*(t.to(dtype) for t in weights_of(ref)))
-    got = run_poisoned(x.to(dtype), weights, backend)
+    got = run_poisoned(x.to(dtype), weights_of(ref, dtype), backend)
     assert not torch.isnan(got).any()
     assert rel_err(got, want) <= TOLERANCE[dtype]
 
@@ -113,20 +104,7 @@ def test_batch_zero_gives_an_empty_output():
 
 @needs_cpu_kernel
 def test_nan_and_inf_propagate_like_the_reference():
-    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
-    ref = reference_module(spec)
-    x = torch.randn(1, 13, 6, 6)
-    x[0, 2, 1, 1] = float("nan")
-    x[0, 4, 4, 4] = float("inf")
-    x[0, 7, 0, 5] = float("-inf")
-    want = ref(x)
-    with torch.no_grad():
-        got = ifast.FusedInception.from_module(ref, backend="cpu")(x)
-    # Same positions hold NaN and the same infinities; the finite values agree.
-    assert torch.equal(torch.isnan(got), torch.isnan(want))
-    assert torch.equal(torch.isposinf(got), torch.isposinf(want))
-    finite = torch.isfinite(want)
-    assert rel_err(got[finite], want[finite]) <= TOLERANCE[torch.float32]
+    assert_special_values_propagate("cpu")
 
 
 @needs_cpu_kernel

@@ -10,9 +10,16 @@ import pytest
 import torch
 
 import inception_fast as ifast
-from inception_fast.ops.inception import InceptionWeights
-
-from conftest import AWKWARD_SIZES, AWKWARD_SPECS, TOLERANCE, reference_module, rel_err
+from conftest import (
+    AWKWARD_SIZES,
+    AWKWARD_SPECS,
+    TOLERANCE,
+    assert_special_values_propagate,
+    reference_module,
+    rel_err,
+    run_poisoned,
+    weights_of,
+)
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -23,19 +30,6 @@ triton = pytest.importorskip("triton")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def weights_of(module, dtype) -> InceptionWeights:
-    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
-    return InceptionWeights(*(t.detach().to(dtype) for c in convs for t in (c.weight, c.bias)))
-
-
-def run_poisoned(x, weights):
-    n, _, h, w = x.shape
-    out = torch.full((n, weights.spec().out_channels, h, w), float("nan"), dtype=x.dtype)
-    out = out.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        return ifast.inception(x, *weights, backend="triton", out=out)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", AWKWARD_SIZES)
 @pytest.mark.parametrize("spec", AWKWARD_SPECS)
@@ -43,7 +37,7 @@ def test_awkward_shapes_match_fp64_reference(spec, size, dtype):
     n, h, w = size
     ref = reference_module(spec).double()
     x = torch.randn(n, spec.in_channels, h, w, dtype=torch.float64)
-    got = run_poisoned(x.to(dtype), weights_of(ref, dtype))
+    got = run_poisoned(x.to(dtype), weights_of(ref, dtype), "triton")
     assert not torch.isnan(got).any()
     assert rel_err(got, ref(x)) <= TOLERANCE[dtype]
 
@@ -53,23 +47,14 @@ def test_googlenet_3a_block_at_28x28(dtype):
     block = ifast.GOOGLENET_INCEPTION["3a"]
     ref = reference_module(block.spec).double()
     x = torch.randn(1, 192, 28, 28, dtype=torch.float64)
-    got = run_poisoned(x.to(dtype), weights_of(ref, dtype))
+    got = run_poisoned(x.to(dtype), weights_of(ref, dtype), "triton")
     assert rel_err(got, ref(x)) <= TOLERANCE[dtype]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
-def test_fused_module_and_nan_propagation():
-    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
-    ref = reference_module(spec)
-    x = torch.randn(2, 13, 6, 6)
-    x[0, 2, 1, 1] = float("nan")
-    x[1, 4, 4, 4] = float("inf")
-    want = ref(x)
-    with torch.no_grad():
-        got = ifast.FusedInception.from_module(ref, backend="triton")(x)
-    assert torch.equal(torch.isnan(got), torch.isnan(want))
-    finite = torch.isfinite(want)
-    assert rel_err(got[finite], want[finite]) <= TOLERANCE[torch.float32]
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # numpy, on NaN
+def test_nan_and_inf_propagate_like_the_reference():
+    assert_special_values_propagate("triton")
 
 
 def test_two_launches_per_forward_against_at_least_13_eager_kernels(monkeypatch):
