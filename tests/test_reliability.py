@@ -97,3 +97,12 @@ def test_ddp_two_processes_train_a_fused_googlenet(tmp_path):
     # DDP all-reduces the gradients: both replicas end with the same weights.
     torch.testing.assert_close(r0["params"], r1["params"])
     assert r0["losses"] != r1["losses"]  # they did see different data
+
+
+def test_weights_on_another_device_are_rejected_before_running():
+    from conftest import weights_of
+
+    weights = weights_of(reference_module(SPEC))
+    meta = weights._replace(w3=weights.w3.to("meta"))  # a second device without a GPU
+    with pytest.raises(ValueError, match="w3 must be on x's device cpu, got meta"):
+        ifast.inception(torch.randn(1, 13, 5, 5), *meta)
