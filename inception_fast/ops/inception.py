@@ -216,6 +216,11 @@ def _cacheable(cache: TensorVersionCache | None, x: torch.Tensor) -> bool:
     return True
 
 
+def _packed(cache: TensorVersionCache | None, x: torch.Tensor, w: InceptionWeights, pack):
+    """w in a backend's kernel layout: from `cache` while current, else packed now."""
+    return cache.get(w, lambda: pack(w)) if _cacheable(cache, x) else pack(w)
+
+
 # Each kernel entry point is a torch.library custom op: FlopCounterMode (and so the
 # profiler) sees it through the formula registered below, and tracers see its shape.
 @torch.library.custom_op("inception_fast::cpu_forward", mutates_args=())
@@ -244,7 +249,7 @@ def _forward_cpu(
     out: torch.Tensor | None = None,
     spec: InceptionSpec | None = None,
 ) -> torch.Tensor:
-    packed = cache.get(w, lambda: pack_cpu_weights(w)) if _cacheable(cache, x) else pack_cpu_weights(w)
+    packed = _packed(cache, x, w, pack_cpu_weights)
     if out is not None:  # no autograd, no tracing: straight into the caller's buffer
         return require_cpu_extension().inception_forward(x, *packed, out=out)
     return cpu_forward(x, *packed[:-1], list(packed.dims))
@@ -262,8 +267,7 @@ def _forward_triton(
 ) -> torch.Tensor:
     from . import inception_triton  # imports triton: only when this backend runs
 
-    packed = (cache.get(w, lambda: inception_triton.pack_triton_weights(w)) if _cacheable(cache, x)
-              else inception_triton.pack_triton_weights(w))
+    packed = _packed(cache, x, w, inception_triton.pack_triton_weights)
     spec = spec if spec is not None else w.spec()
     if out is not None:
         return inception_triton.forward_triton(x, packed, spec, out)
