@@ -23,6 +23,7 @@ install: $(STAMP)
 $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 setuptools wheel pybind11 ninja numpy
+	rm -f inception_fast/_C*.so  # a failed build must not leave a stale kernel behind
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	$(PY) -c "import inception_fast._C" || (echo "inception_fast: the C++ extension did not build (see above)"; exit 1)
 	touch $(STAMP)

@@ -1,5 +1,6 @@
 // Python bindings of the CPU kernels: inception_fast._C.
 #include "inception_cpu.h"
+#include "nhwc.h"
 
 namespace {
 
@@ -23,6 +24,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("reduce_b"), py::arg("reduce_bias"), py::arg("conv3_b"),
         py::arg("conv3_bias"), py::arg("conv5_b"), py::arg("conv5_bias"), py::arg("pool_b"),
         py::arg("pool_bias"), py::arg("dims"), py::arg("out") = py::none());
+  m.def("inception_backward", &inception_fast::inception_backward,
+        "Fused Inception backward: grads of (x, w1, b1, ..., wp, bp), None where not needed",
+        py::arg("grad_out"), py::arg("x"), py::arg("y"), py::arg("weights"), py::arg("needs"));
+  m.def("pixel_offset", &inception_fast::pixel_offset,
+        "Element offset of pixel (n, h, w) in an NHWC plane, as the kernels compute it",
+        py::arg("stride_n"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad"),
+        py::arg("n"), py::arg("h"), py::arg("w"));
   m.def("panel_width", [](at::ScalarType dtype) { return inception_fast::panel_width(dtype); },
         "Columns per packed weight panel for a dtype", py::arg("dtype"));
 }

@@ -19,6 +19,7 @@
 // accumulation in a fixed order, whichever thread or block computes it.
 
 #include "inception_cpu.h"
+#include "nhwc.h"
 
 #include <ATen/Parallel.h>
 
@@ -31,20 +32,6 @@
 namespace inception_fast {
 namespace {
 
-// 64-byte vectors: one zmm register with AVX-512, two ymm with AVX2 (GCC splits them).
-template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float Vec __attribute__((vector_size(64)));
-  static constexpr int kLanes = 16;
-};
-template <>
-struct Simd<double> {
-  typedef double Vec __attribute__((vector_size(64)));
-  static constexpr int kLanes = 8;
-};
-
 // 12 rows x 2 vectors = 24 accumulators: the most that fit 32 zmm registers next to
 // the two B vectors and one broadcast A value.
 constexpr int kMR = 12;
@@ -53,22 +40,6 @@ template <typename T>
 constexpr int kNR = 2 * Simd<T>::kLanes;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// An NHWC tensor, possibly with a spatial zero border of `pad`, seen as pixel rows.
-template <typename T>
-struct Plane {
-  T* data;
-  int64_t stride_n, stride_h, stride_w;  // elements; channels are contiguous
-  int64_t pad;
-
-  T* interior_row(int64_t n, int64_t h, int64_t w) const {
-    return data + n * stride_n + (h + pad) * stride_h + (w + pad) * stride_w;
-  }
-  // Top-left corner of the KxK window centred on output pixel (h, w), with pad == K / 2.
-  T* window_row(int64_t n, int64_t h, int64_t w) const {
-    return data + n * stride_n + h * stride_h + w * stride_w;
-  }
-};
 
 // GEMM columns [begin, end) go to channels [channel, channel + end - begin) of `dst`.
 template <typename T>

@@ -1,4 +1,4 @@
-// The fused Inception forward on the CPU: declarations shared by the kernel and its bindings.
+// The fused Inception op on the CPU: declarations shared by the kernels and their bindings.
 #pragma once
 
 #include <torch/extension.h>
@@ -27,5 +27,11 @@ at::Tensor inception_forward(const at::Tensor& x, const at::Tensor& reduce_b,
                              const at::Tensor& conv5_bias, const at::Tensor& pool_b,
                              const at::Tensor& pool_bias, const InceptionDims& dims,
                              const std::optional<at::Tensor>& out);
+
+// Gradients of (x, w1, b1, w3r, b3r, w3, b3, w5r, b5r, w5, b5, wp, bp), each undefined
+// where needs[i] is false, from the saved input x and output y. Weights in Conv2d layout.
+std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& y, const std::vector<at::Tensor>& w,
+                                           const std::vector<bool>& needs);
 
 }  // namespace inception_fast

@@ -10,3 +10,9 @@ def as_gemm_b(w: torch.Tensor) -> torch.Tensor:
     which NHWC stores a pixel's channels, so every tap reads contiguous memory.
     """
     return w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+
+
+def from_gemm_b(b: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of as_gemm_b: GEMM B (k*k*cin, cout) -> conv weight (cout, cin, k, k)."""
+    cout = b.shape[1]
+    return b.t().reshape(cout, k, k, -1).permute(0, 3, 1, 2).contiguous()

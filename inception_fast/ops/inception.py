@@ -30,7 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .._cache import TensorVersionCache
 from .._checks import check_choice, check_input, check_out, check_same_dtype_device
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
-from ._layout import as_gemm_b
+from ._layout import as_gemm_b, from_gemm_b
 from ..spec import InceptionSpec
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "CpuPackedWeights",
     "InceptionFunction",
     "InceptionWeights",
+    "backward",
     "fused_forward",
     "inception",
     "pack_cpu_weights",
@@ -183,6 +184,11 @@ def _pack_panels(b: torch.Tensor, width: int) -> torch.Tensor:
     padded = b.new_zeros(k, panels * width)
     padded[:, :cols] = b
     return padded.reshape(k, panels, width).permute(1, 0, 2).contiguous()
+
+
+def _unpack_panels(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of _pack_panels: (panels, K, width) -> (K, cols)."""
+    return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)[:, :cols]
 
 
 def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
@@ -375,8 +381,9 @@ def inception_backward(
     # The three 1x1 convolutions that share x: one GEMM for dx, one for their weights.
     d_red = torch.cat([g1, dt3, dt5], dim=1)
     w_1x1 = torch.cat([w.w1, w.w3r, w.w5r]).flatten(1)  # (c1 + r3 + r5, Cin)
-    dw_red = (d_red.t() @ x_rows).split([s.ch1x1, s.ch3x3red, s.ch5x5red])
-    db_red = d_red.sum(0).split([s.ch1x1, s.ch3x3red, s.ch5x5red])
+    # Own storage per gradient (weights are small): a custom op's outputs may not alias.
+    dw_red = [g.clone() for g in (d_red.t() @ x_rows).split([s.ch1x1, s.ch3x3red, s.ch5x5red])]
+    db_red = [g.clone() for g in d_red.sum(0).split([s.ch1x1, s.ch3x3red, s.ch5x5red])]
 
     dx = None
     pooled, indices = F.max_pool2d(x, 3, stride=1, padding=1, return_indices=True)
@@ -399,10 +406,44 @@ def inception_backward(
     return tuple(gr if need else None for gr, need in zip(grads, needs))
 
 
-class InceptionFunction(torch.autograd.Function):
-    """The fused forward of a backend, and the fused backward of inception_backward.
+_WEIGHT_NAMES = InceptionWeights._fields
 
-    Saves x, the output and the weights; t3, t5 and the pooled input are recomputed.
+
+@torch.library.custom_op("inception_fast::backward", mutates_args=())
+def backward(
+    grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: list[torch.Tensor], needs: list[bool]
+) -> list[torch.Tensor]:
+    """Gradients of (x, w1, b1, ..., wp, bp); an empty tensor where needs[i] is False.
+
+    CPU float32/float64 tensors run the C++ backward of csrc/; anything else (CUDA, or
+    no compiled extension) runs inception_backward, the same algorithm as ATen calls.
+    """
+    extension = cpu_extension()
+    if x.device.type == "cpu" and x.dtype in _CPU_DTYPES and extension is not None:
+        grads = extension.inception_backward(grad_out, x, y, list(weights), list(needs))
+    else:
+        grads = inception_backward(grad_out, x, y, InceptionWeights(*weights), tuple(needs))
+    return [g if need else x.new_empty(0) for g, need in zip(grads, needs)]
+
+
+@backward.register_fake
+def _(grad_out, x, y, weights, needs):
+    like = (x, *weights)
+    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(like, needs)]
+
+
+def _backward_grads(grad_out, x, y, weights, needs) -> tuple[torch.Tensor | None, ...]:
+    grads = backward(grad_out, x, y, list(weights), list(needs))
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+class InceptionFunction(torch.autograd.Function):
+    """The fused forward of a backend and the fused backward op, over Conv2d-layout weights.
+
+    apply(x, backend, cache, w1, b1, w3r, b3r, w3, b3, w5r, b5r, w5, b5, wp, bp), with a
+    concrete backend ("cpu" or "triton") and an optional TensorVersionCache of packed
+    weights. Saves x, the output and the weights; t3, t5 and the pooled input are
+    recomputed in the backward.
     """
 
     @staticmethod
@@ -415,8 +456,72 @@ class InceptionFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, y, *weights = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
-        grads = inception_backward(grad_out, x, y, InceptionWeights(*weights), needs)
+        grads = _backward_grads(grad_out, x, y, weights, needs)
         return (grads[0], None, None, *grads[1:])
+
+
+# Autograd of the forward custom ops themselves, over their packed weights: packing is a
+# linear map (a permutation plus zero padding), so the gradient of a packed tensor is the
+# packed gradient, zero in the padding. InceptionFunction does not go through this; it is
+# what makes a bare torch.ops.inception_fast.*_forward call (or a graph holding one)
+# differentiable.
+def _setup_forward_context(ctx, inputs, output):
+    x, *packed, dims = inputs
+    ctx.dims = list(dims)
+    ctx.save_for_backward(x, output, *packed)
+
+
+def _forward_op_backward(unpack, pack):
+    def backward_fn(ctx, grad_out):
+        x, y, *packed = ctx.saved_tensors
+        weights = unpack(packed, ctx.dims, x.shape[1])
+        needs = (ctx.needs_input_grad[0],) + (any(ctx.needs_input_grad[1:-1]),) * len(_WEIGHT_NAMES)
+        grads = _backward_grads(grad_out, x, y, weights, needs)
+        packed_grads = pack(InceptionWeights(*grads[1:])) if needs[1] else (None,) * len(packed)
+        return (grads[0], *packed_grads[: len(packed)], None)
+
+    return backward_fn
+
+
+def _unpack_cpu(packed, dims, cin: int) -> InceptionWeights:
+    c1, r3, r5, c3, c5, cp, k3, k5 = dims
+    reduce_b, reduce_bias, conv3_b, conv3_bias, conv5_b, conv5_bias, pool_b, pool_bias = packed
+    w1, w3r, w5r = _unpack_panels(reduce_b, c1 + r3 + r5).split([c1, r3, r5], dim=1)
+    b1, b3r, b5r = reduce_bias.split([c1, r3, r5])
+    return InceptionWeights(
+        from_gemm_b(w1, 1), b1, from_gemm_b(w3r, 1), b3r,
+        from_gemm_b(_unpack_panels(conv3_b, c3), k3), conv3_bias,
+        from_gemm_b(w5r, 1), b5r,
+        from_gemm_b(_unpack_panels(conv5_b, c5), k5), conv5_bias,
+        from_gemm_b(_unpack_panels(pool_b, cp), 1), pool_bias,
+    )
+
+
+def _pack_cpu_grads(grads: InceptionWeights) -> CpuPackedWeights:
+    return pack_cpu_weights(grads)[:-1]
+
+
+def _unpack_triton(packed, dims, cin: int) -> InceptionWeights:
+    c1, r3, r5, c3, c5, cp, k3, k5 = dims
+    w_red, b_red, w3, b3, w5, b5, w_pool, b_pool = packed
+    w1, w3r, w5r = w_red.split([c1, r3, r5], dim=1)
+    b1, b3r, b5r = b_red.split([c1, r3, r5])
+    return InceptionWeights(
+        from_gemm_b(w1, 1), b1, from_gemm_b(w3r, 1), b3r, from_gemm_b(w3, k3), b3,
+        from_gemm_b(w5r, 1), b5r, from_gemm_b(w5, k5), b5, from_gemm_b(w_pool, 1), b_pool,
+    )
+
+
+def _pack_triton_grads(grads: InceptionWeights):
+    from . import inception_triton
+
+    return inception_triton.pack_triton_weights(grads)
+
+
+cpu_forward.register_autograd(_forward_op_backward(_unpack_cpu, _pack_cpu_grads), setup_context=_setup_forward_context)
+triton_forward.register_autograd(
+    _forward_op_backward(_unpack_triton, _pack_triton_grads), setup_context=_setup_forward_context
+)
 
 
 def inception(

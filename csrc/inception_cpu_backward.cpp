@@ -1,0 +1,224 @@
+// The fused Inception backward on the CPU: ATen GEMMs and convolution backward calls,
+// grouped as DESIGN.md plans it, plus one NHWC kernel of our own for the max-pool branch.
+//
+// On NHWC pixel rows (M = N*H*W rows):
+//   1. grad_out masked by y > 0 gives the four branches' ReLU gradients;
+//   2. t3, t5 are recomputed (two addmm + ReLU), never stored by the forward;
+//   3. convolution_backward of the K3 and K5 stages gives dt3, dt5, masked by t > 0
+//      straight into their column blocks of d_red = [g1 | dt3 | dt5];
+//   4. one GEMM gives dx of the three 1x1 convolutions that share x (d_red @ W_1x1) and
+//      one their weight gradients (d_red^T @ x);
+//   5. one pass over x recomputes the 3x3 max pool (values and argmax) and scatters
+//      gp @ Wp into dx at the argmax, in place: no index tensor, no zeroed gradient
+//      buffer, no separate add, no full-size gp @ Wp tensor.
+
+#include "inception_cpu.h"
+#include "nhwc.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace inception_fast {
+namespace {
+
+// Logical (N, C, H, W) over NHWC rows (M, C): a view.
+at::Tensor as_image(const at::Tensor& rows, int64_t N, int64_t H, int64_t W) {
+  return rows.view({N, H, W, rows.size(1)}).permute({0, 3, 1, 2});
+}
+
+// NHWC rows of a channels_last tensor: a view.
+at::Tensor as_rows(const at::Tensor& image) {
+  return image.permute({0, 2, 3, 1}).reshape({-1, image.size(1)});
+}
+
+// One pixel of one channel block (cb channels) of the pool branch: pooled = max over the
+// window's `taps` pixels (x rows, row-major), and dx[argmax] += dp. kTaps > 0 fixes the tap
+// count at compile time (an interior pixel's full 3x3 window), so the tap loops unroll.
+template <typename T, int kTaps>
+inline void pool_pixel(const T* const* x, T* const* dx, T* pooled, const T* dp, int taps, int64_t cb) {
+  using Vec = typename Simd<T>::Vec;
+  using Mask = typename Simd<T>::Mask;
+  constexpr int64_t L = Simd<T>::kLanes;
+  if constexpr (kTaps > 0) taps = kTaps;
+  int64_t c = 0;
+  for (; c + L <= cb; c += L) {
+    Vec m, v;
+    std::memcpy(&m, x[0] + c, sizeof(Vec));
+    Mask arg{};
+#pragma GCC unroll 9
+    for (int k = 1; k < taps; ++k) {
+      std::memcpy(&v, x[k] + c, sizeof(Vec));
+      const Mask take = (v > m) | (v != v);
+      m = take ? v : m;
+      arg = take ? Mask{} + k : arg;
+    }
+    std::memcpy(pooled + c, &m, sizeof(Vec));
+    if (dp == nullptr) continue;
+    Vec g, acc;
+    std::memcpy(&g, dp + c, sizeof(Vec));
+#pragma GCC unroll 9
+    for (int k = 0; k < taps; ++k) {
+      std::memcpy(&acc, dx[k] + c, sizeof(Vec));
+      acc += arg == k ? g : Vec{};
+      std::memcpy(dx[k] + c, &acc, sizeof(Vec));
+    }
+  }
+  for (; c < cb; ++c) {  // the same, one channel at a time
+    T m = x[0][c];
+    int arg = 0;
+    for (int k = 1; k < taps; ++k) {
+      const T v = x[k][c];
+      if (v > m || v != v) m = v, arg = k;
+    }
+    pooled[c] = m;
+    if (dp != nullptr) dx[arg][c] += dp[c];
+  }
+}
+
+// pooled = 3x3/1 max pool of x (pad 1, -inf border); with dx, dx[argmax] += gp @ Wp.
+// The argmax is torch's: the window is scanned row-major and a value replaces the running
+// max when it is greater or NaN, so ties go to the first and NaN to the last NaN. Work items
+// are (image, channel block) pairs: no two write the same element of dx, whatever the
+// thread count, so the scatter needs no atomics and is deterministic. Each item computes
+// its own block of d_pooled = gp @ Wp (one image's rows, one block of columns): it stays
+// in L2 instead of making a round trip through memory as a full (M, C) tensor.
+// (Measured and rejected: items that own a channel block across all images, so that dx
+// and pooled never exist in full either; the many small GEMMs that needs ran at a third
+// of MKL's speed and the whole step got 1.7x slower.)
+template <typename T>
+void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /* (M, cp) */,
+                          const at::Tensor& wp /* (cp, C) */, T* dx /* (N, H, W, C) or null, accumulated into */,
+                          T* pooled /* (N, H, W, C) */, int64_t N, int64_t H, int64_t W, int64_t C) {
+  constexpr int64_t kBlock = 4 * Simd<T>::kLanes;  // channels of one work item: its rows stay in L1
+  const int64_t blocks = (C + kBlock - 1) / kBlock, HW = H * W;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t n = item / blocks, c0 = (item % blocks) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
+      at::Tensor dp_block;  // (HW, cb): this item's d_pooled
+      if (dx != nullptr) dp_block = at::mm(gp.narrow(0, n * HW, HW), wp.narrow(1, c0, cb));
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t w = 0; w < W; ++w) {
+          const T* x_rows[9];
+          T* dx_rows[9];
+          int taps = 0;
+          for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
+            for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
+              const int64_t offset = ((n * H + hh) * W + ww) * C + c0;
+              x_rows[taps] = x + offset;
+              dx_rows[taps++] = dx + offset;
+            }
+          const int64_t p = h * W + w;
+          const T* dp = dx != nullptr ? dp_block.data_ptr<T>() + p * cb : nullptr;
+          T* out = pooled + (n * HW + p) * C + c0;
+          if (taps == 9)
+            pool_pixel<T, 9>(x_rows, dx_rows, out, dp, taps, cb);
+          else
+            pool_pixel<T, 0>(x_rows, dx_rows, out, dp, taps, cb);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at::Tensor& x_in,
+                                           const at::Tensor& y, const std::vector<at::Tensor>& w,
+                                           const std::vector<bool>& needs) {
+  TORCH_CHECK(w.size() == 12, "weights must be (w1, b1, w3r, b3r, w3, b3, w5r, b5r, w5, b5, wp, bp), got ",
+              w.size(), " tensors");
+  TORCH_CHECK(needs.size() == 13, "needs must have 13 flags (x and the 12 weights), got ", needs.size());
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes());
+  const at::Tensor &w1 = w[0], &b1 = w[1], &w3r = w[2], &b3r = w[3], &w3 = w[4], &b3 = w[5];
+  const at::Tensor &w5r = w[6], &b5r = w[7], &w5 = w[8], &b5 = w[9], &wp = w[10], &bp = w[11];
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t c1 = w1.size(0), r3 = w3r.size(0), c3 = w3.size(0), r5 = w5r.size(0);
+  const int64_t c5 = w5.size(0), cp = wp.size(0), c_out = c1 + c3 + c5 + cp;
+  TORCH_CHECK(grad_out.sizes() == y.sizes() && y.size(0) == N && y.size(1) == c_out &&
+                  y.size(2) == H && y.size(3) == W,
+              "grad_out and y must have shape (", N, ", ", c_out, ", ", H, ", ", W, "), got ",
+              grad_out.sizes(), " and ", y.sizes());
+  for (const at::Tensor& t : w)
+    TORCH_CHECK(t.scalar_type() == x_in.scalar_type() && t.device() == x_in.device(),
+                "weights must match x's dtype and device");
+
+  if (N * H * W == 0) {  // an empty batch or image: every gradient is zero
+    std::vector<at::Tensor> grads{needs[0] ? at::zeros_like(x_in) : at::Tensor()};
+    for (size_t i = 0; i < w.size(); ++i) grads.push_back(needs[i + 1] ? at::zeros_like(w[i]) : at::Tensor());
+    return grads;
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(cl), x_rows = as_rows(x);
+
+  // 1. Each branch's ReLU gradient (none flows where y == 0, as torch.relu), into its own
+  //    contiguous rows; the 1x1 branch's straight into its column block of d_red.
+  const at::Tensor grad_rows = as_rows(grad_out.contiguous(cl)), y_rows = as_rows(y.contiguous(cl));
+  auto branch_grad = [&](int64_t begin, int64_t width) {
+    return at::threshold_backward(grad_rows.narrow(1, begin, width), y_rows.narrow(1, begin, width), 0);
+  };
+  const at::Tensor d_red = at::empty({N * H * W, c1 + r3 + r5}, x.options());
+  at::Tensor g1 = d_red.narrow(1, 0, c1);
+  at::threshold_backward_out(g1, grad_rows.narrow(1, 0, c1), y_rows.narrow(1, 0, c1), 0);
+  const at::Tensor g3 = branch_grad(c1, c3), g5 = branch_grad(c1 + c3, c5);
+  const at::Tensor gp = branch_grad(c1 + c3 + c5, cp);
+
+  // 2. The reductions, recomputed: t = relu(x @ W^T + b).
+  auto reduce = [&](const at::Tensor& wr, const at::Tensor& br) {
+    return at::addmm(br, x_rows, wr.flatten(1).t()).relu_();
+  };
+  const at::Tensor t3 = reduce(w3r, b3r), t5 = reduce(w5r, b5r);
+
+  // 3. The spatial stages; their input grads land masked in d_red = [g1 | dt3 | dt5].
+  auto spatial = [&](const at::Tensor& g_branch, const at::Tensor& t, const at::Tensor& weight,
+                     int64_t d_red_col, bool need_weight) {
+    const int64_t k = weight.size(-1);
+    auto [d_t, d_w, d_b] = at::convolution_backward(
+        as_image(g_branch, N, H, W), as_image(t, N, H, W), weight,
+        at::OptionalIntArrayRef(std::vector<int64_t>{weight.size(0)}), {1, 1}, {k / 2, k / 2}, {1, 1},
+        false, {0, 0}, 1, {true, need_weight, true});
+    at::Tensor d_t_out = d_red.narrow(1, d_red_col, t.size(1));
+    at::threshold_backward_out(d_t_out, as_rows(d_t.contiguous(cl)), t, 0);
+    return std::make_pair(d_w, d_b);
+  };
+  auto [dw3, db3] = spatial(g3, t3, w3, c1, needs[5]);
+  auto [dw5, db5] = spatial(g5, t5, w5, c1 + r3, needs[9]);
+
+  // 4. The three 1x1 convolutions that share x: one GEMM for dx, one for their weights.
+  const at::Tensor dw_red = at::mm(d_red.t(), x_rows);
+  const at::Tensor db_red = d_red.sum(0);
+  at::Tensor dx;
+  if (needs[0]) dx = at::mm(d_red, at::cat({w1.flatten(1), w3r.flatten(1), w5r.flatten(1)}));
+  // 5. The pool branch: pooled input recomputed, its scatter added into dx in place.
+  const at::Tensor pooled = at::empty({N * H * W, C}, x.options());
+  {
+    RECORD_FUNCTION("inception_fast::max_pool3x3_backward", std::vector<c10::IValue>());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool3x3_backward", [&] {
+      max_pool3x3_backward<scalar_t>(x.data_ptr<scalar_t>(), gp, wp.flatten(1),
+                                     needs[0] ? dx.data_ptr<scalar_t>() : nullptr,
+                                     pooled.data_ptr<scalar_t>(), N, H, W, C);
+    });
+  }
+  const at::Tensor dwp = at::mm(gp.t(), pooled);
+
+  // Own storage per gradient (weights are small): a custom op's outputs may not alias.
+  auto split = [&](const at::Tensor& t, int64_t begin, int64_t size) {
+    return t.narrow(0, begin, size).clone();
+  };
+  std::vector<at::Tensor> grads{
+      needs[0] ? as_image(dx, N, H, W) : at::Tensor(),
+      split(dw_red, 0, c1).view(w1.sizes()), split(db_red, 0, c1),
+      split(dw_red, c1, r3).view(w3r.sizes()), split(db_red, c1, r3),
+      dw3, db3,
+      split(dw_red, c1 + r3, r5).view(w5r.sizes()), split(db_red, c1 + r3, r5),
+      dw5, db5,
+      dwp.view(wp.sizes()), gp.sum(0),
+  };
+  for (size_t i = 0; i < grads.size(); ++i)
+    if (!needs[i]) grads[i] = at::Tensor();
+  return grads;
+}
+
+}  // namespace inception_fast
