@@ -257,7 +257,11 @@ def bench_blocks(
                 modules["compile" if backward else "compile_freezing"] = (
                     _compiled(ref_cl, x_cl, freezing=not backward), x_cl)
             grad = torch.randn(batch, block.spec.out_channels, block.size, block.size, device=device, dtype=dtype)
-            providers = {name: _step(m, inp, grad if backward else None) for name, (m, inp) in modules.items()}
+            # Each provider gets grad_output in its own output's layout, as the layer above
+            # it in a network of that layout would hand it over.
+            grad_cl = grad.contiguous(memory_format=torch.channels_last)
+            providers = {name: _step(m, inp, (grad if inp is x else grad_cl) if backward else None)
+                         for name, (m, inp) in modules.items()}
             with torch.set_grad_enabled(backward):
                 seconds = time_alternating(providers, reps=reps, device=device)
             memory = {}

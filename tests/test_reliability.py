@@ -106,3 +106,23 @@ def test_weights_on_another_device_are_rejected_before_running():
     meta = weights._replace(w3=weights.w3.to("meta"))  # a second device without a GPU
     with pytest.raises(ValueError, match="w3 must be on x's device cpu, got meta"):
         ifast.inception(torch.randn(1, 13, 5, 5), *meta)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("n, h, w, c, pad", [
+    (20_000, 28, 28, 192, 0),   # 3a's input at batch 20k: 3.0e9 elements
+    (90_000, 7, 7, 832, 0),     # 5b's input: 3.7e9
+    (40_000, 28, 28, 96, 1),    # 3a's zero-bordered t3: (28 + 2)^2 * 96 per image
+    (1_000_000, 14, 14, 48, 2),  # 4e-sized t5, 2^40 and beyond
+])
+def test_cpu_kernel_pixel_offsets_do_not_overflow_past_2_to_the_31(n, h, w, c, pad):
+    """The C++ kernels address NHWC planes through one helper; check it where int32 would wrap."""
+    from inception_fast._extension import require_cpu_extension
+
+    ext = require_cpu_extension()
+    wp = w + 2 * pad
+    stride_w, stride_h, stride_n = c, wp * c, (h + 2 * pad) * wp * c
+    for img, row, col in [(n - 1, h - 1, w - 1), (n - 1, 0, 0), (n - 1, h // 2, w // 2)]:
+        want = img * stride_n + (row + pad) * stride_h + (col + pad) * stride_w
+        assert want > 2**31 - 1
+        assert ext.pixel_offset(stride_n, stride_h, stride_w, pad, img, row, col) == want

@@ -85,3 +85,97 @@ def test_two_launches_per_forward_against_at_least_13_eager_kernels(monkeypatch)
     with torch.no_grad(), CountOps():
         ref(x)
     assert CountOps.count >= 13
+
+
+# -- backward and reliability on the triton backend --------------------------------------
+
+
+def _grads(module, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    module(x).backward(grad_out)
+    return [x.grad, *(p.grad for p in module.parameters())]
+
+
+def test_gradients_match_the_reference_module():
+    import copy
+
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec).train()
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend="triton").train()
+    x = torch.randn(2, 13, 6, 6)
+    grad_out = torch.randn(2, spec.out_channels, 6, 6)
+    for got, want in zip(_grads(fused, x, grad_out), _grads(ref, x, grad_out)):
+        assert rel_err(got, want) <= TOLERANCE[torch.float32]
+
+
+def test_bare_triton_forward_op_backpropagates_to_its_packed_weights():
+    """register_autograd of inception_fast::triton_forward, through a differentiable pack."""
+    from inception_fast.ops import inception_triton
+    from inception_fast.ops.inception import InceptionWeights, _dims
+
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec).train()
+    weights = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    x = torch.randn(2, 13, 5, 5)
+    grad_out = torch.randn(2, spec.out_channels, 5, 5)
+    packed = inception_triton.pack_triton_weights(InceptionWeights(*weights))
+    torch.ops.inception_fast.triton_forward(x, *packed, _dims(spec)).backward(grad_out)
+    want = _grads(ref, x, grad_out)[1:]
+    for name, w, g in zip(InceptionWeights._fields, weights, want):
+        assert rel_err(w.grad, g) <= TOLERANCE[torch.float32], name
+
+
+def test_next_forward_sees_optimizer_step_and_load_state_dict():
+    import copy
+
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec)
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref), backend="triton").eval()
+    x = torch.randn(1, 13, 5, 5)
+    with torch.no_grad():
+        fused(x)  # fill the pack cache
+    opt = torch.optim.SGD(fused.parameters(), lr=0.5)
+    for p in fused.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    mirror = reference_module(spec)
+    mirror.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert rel_err(fused(x), mirror(x)) <= TOLERANCE[torch.float32]
+        fused.load_state_dict(ref.state_dict())
+        assert rel_err(fused(x), ref(x)) <= TOLERANCE[torch.float32]
+
+
+def test_edge_shapes_and_layouts():
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    ref = reference_module(spec)
+    fused = ifast.FusedInception.from_module(ref, backend="triton")
+    wide = torch.randn(2, 26, 6, 8)
+    with torch.no_grad():
+        assert fused(torch.randn(0, 13, 5, 5)).shape == (0, spec.out_channels, 5, 5)
+        for x in (torch.randn(3, 13, 1, 1), wide[:, ::2], wide.contiguous(memory_format=torch.channels_last)[:, :13]):
+            assert rel_err(fused(x), ref(x)) <= TOLERANCE[torch.float32]
+
+
+def test_repeated_calls_are_bit_identical():
+    fused = ifast.FusedInception.from_module(reference_module(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)),
+                                             backend="triton")
+    x = torch.randn(2, 13, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(fused(x), fused(x))
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (torch.randn(1, 12, 5, 5), ValueError, "13"),
+    (torch.randn(13, 5, 5), ValueError, "4-D"),
+    (torch.zeros(1, 13, 5, 5, dtype=torch.int32), TypeError, "floating"),
+    (torch.randn(1, 13, 5, 5, dtype=torch.float64), TypeError, "dtype"),
+])
+def test_bad_input_is_rejected_before_any_launch(bad, error, words, monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(InterpretedFunction, "run", lambda *a, **k: pytest.fail("a kernel ran"))
+    fused = ifast.FusedInception.from_module(reference_module(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)),
+                                             backend="triton")
+    with pytest.raises(error, match=words), torch.no_grad():
+        fused(bad)

@@ -9,7 +9,7 @@ def as_gemm_b(w: torch.Tensor) -> torch.Tensor:
     The kernels walk K tap by tap and, within a tap, channel by channel: the order in
     which NHWC stores a pixel's channels, so every tap reads contiguous memory.
     """
-    return w.detach().permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
 
 
 def from_gemm_b(b: torch.Tensor, k: int) -> torch.Tensor:

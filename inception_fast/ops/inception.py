@@ -181,8 +181,7 @@ def _pack_panels(b: torch.Tensor, width: int) -> torch.Tensor:
     """(K, cols) -> (ceil(cols / width), K, width), zero-padded: one panel per register tile."""
     k, cols = b.shape
     panels = -(-cols // width)
-    padded = b.new_zeros(k, panels * width)
-    padded[:, :cols] = b
+    padded = F.pad(b, (0, panels * width - cols))
     return padded.reshape(k, panels, width).permute(1, 0, 2).contiguous()
 
 
@@ -192,22 +191,21 @@ def _unpack_panels(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
+    """w in the C++ kernel's layout; differentiable (packing is linear) when grad mode is on."""
+    return CpuPackedWeights(*_cpu_panels(w), dims=tuple(_dims(w.spec())))
+
+
+def _cpu_panels(w: InceptionWeights) -> tuple[torch.Tensor, ...]:
+    """The eight tensors of CpuPackedWeights, without checking shapes (symbolic ones too)."""
     # Two 64-byte SIMD vectors of columns per panel, as csrc/ expects (it checks the shape).
     width = 128 // w.w1.element_size()
-    s = w.spec()
-    with torch.no_grad():
-        reduce_b = torch.cat([as_gemm_b(w.w1), as_gemm_b(w.w3r), as_gemm_b(w.w5r)], dim=1)
-        return CpuPackedWeights(
-            reduce_b=_pack_panels(reduce_b, width),
-            reduce_bias=torch.cat([w.b1, w.b3r, w.b5r]).detach().contiguous(),
-            conv3_b=_pack_panels(as_gemm_b(w.w3), width),
-            conv3_bias=w.b3.detach().contiguous(),
-            conv5_b=_pack_panels(as_gemm_b(w.w5), width),
-            conv5_bias=w.b5.detach().contiguous(),
-            pool_b=_pack_panels(as_gemm_b(w.wp), width),
-            pool_bias=w.bp.detach().contiguous(),
-            dims=tuple(_dims(s)),
-        )
+    reduce_b = torch.cat([as_gemm_b(w.w1), as_gemm_b(w.w3r), as_gemm_b(w.w5r)], dim=1)
+    return (
+        _pack_panels(reduce_b, width), torch.cat([w.b1, w.b3r, w.b5r]).contiguous(),
+        _pack_panels(as_gemm_b(w.w3), width), w.b3.contiguous(),
+        _pack_panels(as_gemm_b(w.w5), width), w.b5.contiguous(),
+        _pack_panels(as_gemm_b(w.wp), width), w.bp.contiguous(),
+    )
 
 
 def _cacheable(cache: TensorVersionCache | None, x: torch.Tensor) -> bool:
@@ -224,7 +222,10 @@ def _cacheable(cache: TensorVersionCache | None, x: torch.Tensor) -> bool:
 
 def _packed(cache: TensorVersionCache | None, x: torch.Tensor, w: InceptionWeights, pack):
     """w in a backend's kernel layout: from `cache` while current, else packed now."""
-    return cache.get(w, lambda: pack(w)) if _cacheable(cache, x) else pack(w)
+    if _cacheable(cache, x):
+        with torch.no_grad():  # a cached value must never hold on to an autograd graph
+            return cache.get(w, lambda: pack(w))
+    return pack(w)
 
 
 # Each kernel entry point is a torch.library custom op: FlopCounterMode (and so the
@@ -312,9 +313,9 @@ def _spec_of(x_shape, dims) -> InceptionSpec:
 @cpu_forward.register_fake
 @triton_forward.register_fake
 def _(x, *weights_and_dims):
-    s = _spec_of(x.shape, weights_and_dims[-1])
-    n, _, h, w = x.shape
-    return x.new_empty((n, s.out_channels, h, w)).contiguous(memory_format=torch.channels_last)
+    c1, _, _, c3, c5, cp, _, _ = weights_and_dims[-1]
+    n, _, h, w = x.shape  # symbolic under dynamic shapes: no InceptionSpec (it wants ints)
+    return x.new_empty((n, c1 + c3 + c5 + cp, h, w)).contiguous(memory_format=torch.channels_last)
 
 
 @register_flop_formula([torch.ops.inception_fast.cpu_forward, torch.ops.inception_fast.triton_forward])
@@ -423,13 +424,17 @@ def backward(
         grads = extension.inception_backward(grad_out, x, y, list(weights), list(needs))
     else:
         grads = inception_backward(grad_out, x, y, InceptionWeights(*weights), tuple(needs))
-    return [g if need else x.new_empty(0) for g, need in zip(grads, needs)]
+    # Fixed layouts, whatever oneDNN or cuDNN chose: dx channels_last, weight grads contiguous.
+    formats = (torch.channels_last,) + (torch.contiguous_format,) * len(weights)
+    return [g.contiguous(memory_format=f) if need else x.new_empty(0) for g, need, f in zip(grads, needs, formats)]
 
 
 @backward.register_fake
 def _(grad_out, x, y, weights, needs):
     like = (x, *weights)
-    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(like, needs)]
+    formats = (torch.channels_last,) + (torch.contiguous_format,) * len(weights)
+    return [t.new_empty(t.shape).contiguous(memory_format=f) if need else x.new_empty(0)
+            for t, need, f in zip(like, needs, formats)]
 
 
 def _backward_grads(grad_out, x, y, weights, needs) -> tuple[torch.Tensor | None, ...]:
@@ -497,10 +502,6 @@ def _unpack_cpu(packed, dims, cin: int) -> InceptionWeights:
     )
 
 
-def _pack_cpu_grads(grads: InceptionWeights) -> CpuPackedWeights:
-    return pack_cpu_weights(grads)[:-1]
-
-
 def _unpack_triton(packed, dims, cin: int) -> InceptionWeights:
     c1, r3, r5, c3, c5, cp, k3, k5 = dims
     w_red, b_red, w3, b3, w5, b5, w_pool, b_pool = packed
@@ -518,7 +519,7 @@ def _pack_triton_grads(grads: InceptionWeights):
     return inception_triton.pack_triton_weights(grads)
 
 
-cpu_forward.register_autograd(_forward_op_backward(_unpack_cpu, _pack_cpu_grads), setup_context=_setup_forward_context)
+cpu_forward.register_autograd(_forward_op_backward(_unpack_cpu, _cpu_panels), setup_context=_setup_forward_context)
 triton_forward.register_autograd(
     _forward_op_backward(_unpack_triton, _pack_triton_grads), setup_context=_setup_forward_context
 )

@@ -252,17 +252,17 @@ class TritonWeights(NamedTuple):
 
 
 def pack_triton_weights(w) -> TritonWeights:
-    with torch.no_grad():
-        return TritonWeights(
-            w_red=torch.cat([as_gemm_b(w.w1), as_gemm_b(w.w3r), as_gemm_b(w.w5r)], dim=1).contiguous(),
-            b_red=torch.cat([w.b1, w.b3r, w.b5r]).detach().contiguous(),
-            w3=as_gemm_b(w.w3).contiguous(),
-            b3=w.b3.detach().contiguous(),
-            w5=as_gemm_b(w.w5).contiguous(),
-            b5=w.b5.detach().contiguous(),
-            w_pool=as_gemm_b(w.wp).contiguous(),
-            b_pool=w.bp.detach().contiguous(),
-        )
+    """w in the Triton kernels' layout; differentiable (packing is linear) when grad mode is on."""
+    return TritonWeights(
+        w_red=torch.cat([as_gemm_b(w.w1), as_gemm_b(w.w3r), as_gemm_b(w.w5r)], dim=1).contiguous(),
+        b_red=torch.cat([w.b1, w.b3r, w.b5r]).contiguous(),
+        w3=as_gemm_b(w.w3).contiguous(),
+        b3=w.b3.contiguous(),
+        w5=as_gemm_b(w.w5).contiguous(),
+        b5=w.b5.contiguous(),
+        w_pool=as_gemm_b(w.wp).contiguous(),
+        b_pool=w.bp.contiguous(),
+    )
 
 
 def input_precision(dtype: torch.dtype) -> str:
