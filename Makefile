@@ -15,6 +15,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m inception_fast bench --networks 1,16 --write-readme
+	$(PY) -m inception_fast bench --blocks 3a,4a,5b --batch 32 --backward --reps 10 --out benchmarks/results/backward --write-readme
 
 install: $(STAMP)
 

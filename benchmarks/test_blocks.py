@@ -1,4 +1,4 @@
-"""Each GoogLeNet block, forward and forward+backward, through every provider."""
+"""Each GoogLeNet block, forward, backward and forward+backward, through every provider."""
 
 import pytest
 import torch
@@ -6,51 +6,76 @@ import torch
 import inception_fast as ifast
 from inception_fast._extension import cpu_extension
 
-from conftest import BATCHES, SMOKE
+from conftest import BATCHES, DEVICE, DTYPES, SMOKE
 
 BLOCKS = ["5a"] if SMOKE else list(ifast.GOOGLENET_INCEPTION)
-PROVIDERS = ["eager_nchw", "eager_channels_last", "fused_reference"] + (["fused_cpu"] if cpu_extension() else [])
+PROVIDERS = ["eager_nchw", "eager_channels_last", "fused_reference"]
+if DEVICE == "cuda":
+    PROVIDERS.append("fused_triton")
+elif cpu_extension() is not None:
+    PROVIDERS.append("fused_cpu")
 if not SMOKE:
-    PROVIDERS.append("compile_freezing")
+    PROVIDERS.append("compile")  # with freezing for inference
 
 
-def make_provider(provider: str, block, batch: int, train: bool):
-    ref = ifast.ReferenceInception(block.spec).train(train)
-    x = torch.randn(batch, block.spec.in_channels, block.size, block.size, requires_grad=train)
-    if provider == "eager_nchw":
-        module = ref
-    elif provider == "eager_channels_last":
-        module, x = ref.to(memory_format=torch.channels_last), x.detach().contiguous(memory_format=torch.channels_last)
-    elif provider.startswith("fused_"):
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_provider(provider: str, block, batch: int, dtype: torch.dtype, mode: str):
+    """The timed callable for one case; anything not timed (compiling, a backward's
+    forward) runs here, outside the rounds."""
+    train = mode != "forward"
+    ref = ifast.ReferenceInception(block.spec).to(device=DEVICE, dtype=dtype).train(train)
+    x = torch.randn(batch, block.spec.in_channels, block.size, block.size, device=DEVICE, dtype=dtype)
+    grad = torch.randn(batch, block.spec.out_channels, block.size, block.size, device=DEVICE, dtype=dtype)
+    channels_last = provider != "eager_nchw"
+    if channels_last:  # inputs and grad_output in the layout a channels_last network hands over
+        ref = ref.to(memory_format=torch.channels_last)
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    if provider.startswith("fused_"):
         module = ifast.FusedInception.from_module(ref, backend=provider.removeprefix("fused_"))
-        x = x.detach().contiguous(memory_format=torch.channels_last)
-    else:  # compile_freezing
+    elif provider == "compile":
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = not train
-        module = torch.compile(ref.to(memory_format=torch.channels_last))
-        x = x.detach().contiguous(memory_format=torch.channels_last)
+        module = torch.compile(ref)
+    else:
+        module = ref
     x.requires_grad_(train)
-    if not train:
-        def forward():
-            with torch.no_grad():
-                return module(x)
-        return forward
-    grad = torch.randn(batch, block.spec.out_channels, block.size, block.size)
 
-    def forward_backward():
-        module(x).backward(grad)
-    return forward_backward
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                module(x)
+            _sync()
+    elif mode == "backward":
+        y = module(x)
+
+        def run():
+            y.backward(grad, retain_graph=True)
+            _sync()
+    else:
+        def run():
+            module(x).backward(grad)
+            _sync()
+    run()  # warm-up (and compile) outside the timed rounds
+    return run
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_name", BLOCKS)
-@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-def test_block(benchmark, block_name, batch, provider, mode):
+@pytest.mark.parametrize("mode", ["forward", "backward", "forward_backward"])
+def test_block(benchmark, block_name, dtype, batch, provider, mode):
+    if provider == "fused_cpu" and dtype not in (torch.float32, torch.float64):
+        pytest.skip("the C++ kernel runs float32 and float64")
     block = ifast.GOOGLENET_INCEPTION[block_name]
-    fn = make_provider(provider, block, batch, train=mode == "forward_backward")
-    benchmark.group = f"{block_name}-N{batch}-{mode}"
-    benchmark.extra_info["macs"] = block.spec.macs(block.size, block.size, batch).total
-    fn()  # warm-up (and compile) outside the timed rounds
+    fn = make_provider(provider, block, batch, dtype, mode)
+    benchmark.group = f"{block_name}-{str(dtype).removeprefix('torch.')}-N{batch}-{mode}"
+    forward_macs = block.spec.macs(block.size, block.size, batch).total
+    # A backward is two forward-sized GEMM sets (data and weight gradients).
+    benchmark.extra_info["macs"] = {"forward": 1, "backward": 2, "forward_backward": 3}[mode] * forward_macs
     benchmark.pedantic(fn, rounds=1 if SMOKE else 10, warmup_rounds=0 if SMOKE else 2)

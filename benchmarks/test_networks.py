@@ -9,9 +9,8 @@ import torchvision
 import inception_fast as ifast
 from inception_fast.models import googlenet_paper
 
-from conftest import SMOKE
+from conftest import BATCHES, DEVICE, DTYPES, SMOKE
 
-BATCHES = [1] if SMOKE else [1, 16]
 PROVIDERS = ["eager_nchw", "eager_channels_last", "fused"] + ([] if SMOKE else ["compile_freezing"])
 MODELS = {
     "torchvision_googlenet": lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True),
@@ -21,11 +20,12 @@ MODELS = {
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_network(benchmark, model_name, batch, provider):
-    model = MODELS[model_name]().eval()
+def test_network(benchmark, model_name, dtype, batch, provider):
+    model = MODELS[model_name]().eval().to(device=DEVICE, dtype=dtype)
     size = 64 if SMOKE else 224
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size, device=DEVICE, dtype=dtype)
     if provider != "eager_nchw":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -36,12 +36,14 @@ def test_network(benchmark, model_name, batch, provider):
 
         inductor_config.freezing = True
         model = torch.compile(model)
-    benchmark.group = f"{model_name}-N{batch}"
+    benchmark.group = f"{model_name}-{str(dtype).removeprefix('torch.')}-N{batch}"
     benchmark.extra_info["macs"] = ifast.profile(MODELS[model_name]().eval(), tuple(x.shape)).total_macs
 
     def forward():
         with torch.no_grad():
-            return model(x)
+            model(x)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
 
     forward()  # warm-up (and compile) outside the timed rounds
     benchmark.pedantic(forward, rounds=1 if SMOKE else 5, warmup_rounds=0 if SMOKE else 1)

@@ -25,7 +25,8 @@ from .fused import FusedInception
 from .reference import ReferenceInception
 from .spec import GOOGLENET_INCEPTION
 
-__all__ = ["CaseResult", "BenchReport", "time_alternating", "gemm_ceiling", "bench_blocks", "machine_info"]
+__all__ = ["CaseResult", "BenchReport", "time_alternating", "gemm_ceiling", "bench_blocks", "machine_info",
+           "device_peak_tflops"]
 
 PEERS = ("eager_nchw", "eager_channels_last", "compile_freezing", "compile")
 
@@ -80,10 +81,38 @@ def gemm_ceiling(dtype: torch.dtype = torch.float32, reps: int = 10, device: str
     return {name: n**3 / seconds / 1e9 for name, seconds in t.items()}
 
 
-def machine_info(device: str = "cpu") -> dict[str, str]:
+# Dense peak TFLOP/s from the vendors' datasheets: (fp16/bf16 tensor core, tf32 tensor
+# core, fp32 FMA). Keyed by compute capability; PCIe boards of a generation run lower clocks.
+_PEAK_TFLOPS = {
+    ((9, 0), "pcie"): (756.0, 378.0, 51.2),  # H100 PCIe
+    ((9, 0), ""): (989.4, 494.7, 66.9),      # H100 SXM, H200
+    ((8, 0), ""): (312.0, 156.0, 19.5),      # A100
+}
+
+
+def device_peak_tflops(device: str | torch.device, dtype: torch.dtype) -> float | None:
+    """The datasheet peak of a CUDA device for dtype's math, or None where not tabled (or CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device).lower()
+    row = _PEAK_TFLOPS.get((capability, "pcie" if "pcie" in name else "")) or _PEAK_TFLOPS.get((capability, ""))
+    if row is None:
+        return None
+    if dtype in (torch.float16, torch.bfloat16):
+        return row[0]
+    if dtype == torch.float32:
+        return row[1] if torch.backends.cuda.matmul.allow_tf32 else row[2]
+    return None
+
+
+def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str]:
     if torch.device(device).type == "cuda":
+        peak = device_peak_tflops(device, dtype)
         return {"cpu": torch.cuda.get_device_name(device), "threads": "GPU", "torch": torch.__version__,
-                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+                "peak_tflops": "" if peak is None else f"{peak:g}"}
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -152,6 +181,10 @@ class CaseResult:
     def fused_gmacs(self) -> float:
         return self.macs / (self.ms["fused"] / 1e3) / 1e9
 
+    @property
+    def fused_tflops(self) -> float:
+        return 2 * self.fused_gmacs / 1e3  # two FLOPs per multiply-add
+
     def speedup(self, peer: str) -> float | None:
         return self.ms[peer] / self.ms["fused"] if peer in self.ms else None
 
@@ -166,6 +199,12 @@ class BenchReport:
     def ceiling(self) -> float:
         return max(self.ceiling_gmacs.values())
 
+    @property
+    def peak_tflops(self) -> float | None:
+        """The device's datasheet peak (CUDA only): adds TFLOP/s and % of peak columns."""
+        peak = self.machine.get("peak_tflops")
+        return float(peak) if peak else None
+
     def geomean_speedup(self, peer: str) -> float | None:
         values = [s for c in self.cases if (s := c.speedup(peer)) is not None]
         return math.exp(sum(map(math.log, values)) / len(values)) if values else None
@@ -173,7 +212,10 @@ class BenchReport:
     def to_markdown(self) -> str:
         peers = [p for p in PEERS if any(p in c.ms for c in self.cases)]
         with_memory = any(c.memory for c in self.cases)
-        head = ["block", "batch", "fused ms", "GMAC/s", "% of ceiling", *(f"vs {p}" for p in peers)]
+        head = ["block", "batch", "fused ms", "GMAC/s", "% of ceiling"]
+        if self.peak_tflops:
+            head += ["TFLOP/s", "% of device peak"]
+        head += [f"vs {p}" for p in peers]
         if with_memory:
             head += ["peak MB fused / eager CL", "saved MB fused / eager CL"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -184,19 +226,31 @@ class BenchReport:
         for c in self.cases:
             cells = [c.block, str(c.batch), f"{c.ms['fused']:.2f}", f"{c.fused_gmacs:.1f}",
                      f"{c.fused_gmacs / self.ceiling:.0%}"]
+            if self.peak_tflops:
+                cells += [f"{c.fused_tflops:.1f}", f"{c.fused_tflops / self.peak_tflops:.0%}"]
             cells += [f"{s:.2f}×" if (s := c.speedup(p)) is not None else "–" for p in peers]
             if with_memory:
                 m = c.memory
                 cells += [mb(m.get("fused_peak"), m.get("eager_peak")), mb(m.get("fused_saved"), m.get("eager_saved"))]
             lines.append("| " + " | ".join(cells) + " |")
         geo = [f"{g:.2f}×" if (g := self.geomean_speedup(p)) is not None else "–" for p in peers]
-        lines.append("| **geomean** | | | | | " + " | ".join(f"**{g}**" for g in geo) + " |"
+        lines.append("| **geomean** | | | | | " + ("| | " if self.peak_tflops else "") + " | ".join(f"**{g}**" for g in geo) + " |"
                      + (" | |" if with_memory else ""))
         ceil = ", ".join(f"{k} {v:.1f}" for k, v in self.ceiling_gmacs.items())
         lines.append(f"\nGEMM ceiling (GMAC/s, same run, 2048³): {ceil}. "
                      f"Machine: {self.machine['cpu']}, {self.machine['threads']} threads, "
                      f"torch {self.machine['torch']}, {self.machine['date']}.")
         return "\n".join(lines)
+
+    def to_csv(self) -> str:
+        """One row per (case, provider): ms, GMAC/s and the fused module's speedup over it."""
+        rows = ["block,batch,dtype,backend,provider,ms,gmacs,fused_speedup"]
+        for c in self.cases:
+            for provider, ms in c.ms.items():
+                gmacs = c.macs / (ms / 1e3) / 1e9
+                rows.append(f"{c.block},{c.batch},{c.dtype},{c.backend},{provider},{ms:.4f},{gmacs:.2f},"
+                            f"{ms / c.ms['fused']:.4f}")
+        return "\n".join(rows) + "\n"
 
     def to_json_dict(self) -> dict:
         return {"machine": self.machine, "ceiling_gmacs": self.ceiling_gmacs,
@@ -279,7 +333,8 @@ def bench_blocks(
                 macs=(3 if backward else 1) * block.spec.macs(block.size, block.size, batch).total,
                 ms={k: v * 1e3 for k, v in seconds.items()}, memory=memory,
             ))
-    return BenchReport(machine=machine_info(device), ceiling_gmacs=gemm_ceiling(dtype, device=device), cases=cases)
+    return BenchReport(machine=machine_info(device, dtype), ceiling_gmacs=gemm_ceiling(dtype, device=device),
+                       cases=cases)
 
 
 def print_progress(message: str) -> None:

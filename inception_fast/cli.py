@@ -139,10 +139,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(markdown.split("\n\nWhole network", 1)[1])
     (out / "bench.json").write_text(json.dumps(data, indent=2))
     (out / "bench.md").write_text(markdown + "\n")
+    (out / "bench.csv").write_text(report.to_csv())
     plot_speedups(report, out / "bench_speedup.png")
-    print(f"wrote {out}/bench.json, bench.md, bench_speedup.png", file=sys.stderr)
+    print(f"wrote {out}/bench.json, bench.csv, bench.md, bench_speedup.png", file=sys.stderr)
     if args.write_readme:
-        _write_readme_section(Path("README.md"), "bench", markdown)
+        _write_readme_section(Path("README.md"), "backward" if args.backward else "bench", markdown)
     return 0
 
 

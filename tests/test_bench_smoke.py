@@ -28,4 +28,27 @@ def test_bench_command_writes_results(tmp_path, capsys):
     case = data["cases"][0]
     assert case["block"] == "5a" and {"fused", "eager_nchw", "eager_channels_last"} <= case["ms"].keys()
     assert (tmp_path / "bench_speedup.png").read_bytes()[:4] == b"\x89PNG"
+    csv_rows = (tmp_path / "bench.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("block,batch,dtype,backend,provider,ms")
+    assert any(row.startswith("5a,1,float32,auto,fused,") and row.endswith(",1.0000") for row in csv_rows)
     assert "| 5a | 1 |" in capsys.readouterr().out
+
+
+def test_cuda_report_adds_tflops_and_percent_of_device_peak(monkeypatch):
+    """The CUDA columns, checked without a GPU: a report whose machine has a datasheet peak."""
+    import torch
+
+    from inception_fast import bench
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert bench.device_peak_tflops("cuda", torch.bfloat16) == 989.4
+    assert bench.device_peak_tflops("cpu", torch.float32) is None
+    case = bench.CaseResult(block="3a", batch=256, dtype="bfloat16", backend="triton", macs=10**12,
+                            ms={"fused": 4.0, "eager_channels_last": 8.0})
+    report = bench.BenchReport(machine={"cpu": "H100", "threads": "GPU", "torch": "x", "date": "d",
+                                        "peak_tflops": "989.4"},
+                               ceiling_gmacs={"mm": 400_000.0}, cases=[case])
+    text = report.to_markdown()
+    assert "TFLOP/s | % of device peak" in text
+    assert "| 3a | 256 | 4.00 | 250000.0 | 62% | 500.0 | 51% | 2.00× |" in text
