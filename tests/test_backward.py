@@ -32,7 +32,7 @@ def _case(spec, size, dtype, *, ties=False):
 def test_cpp_backward_matches_the_aten_twin(spec, size, dtype):
     """The C++ backward (CPU) and inception_backward (every other device) agree."""
     x, y, weights, g = _case(spec, size, dtype, ties=True)
-    cpp = op.backward(g, x, y, list(weights), list(ALL))
+    cpp = op.backward(g, x, y, list(weights), list(ALL), "cpu")
     aten = op.inception_backward(g, x, y, weights, ALL)
     for name, a, b in zip(("x", *op.InceptionWeights._fields), cpp, aten):
         assert rel_err(a, b) <= TOLERANCE[dtype], name
@@ -55,21 +55,21 @@ def test_max_pool_ties_send_the_gradient_where_torch_does():
 def test_only_the_requested_gradients_are_returned():
     x, y, weights, g = _case(SPEC, (2, 5, 5), torch.float32)
     needs = [False] + [True] * 12
-    grads = op.backward(g, x, y, list(weights), needs)
+    grads = op.backward(g, x, y, list(weights), needs, "cpu")
     assert grads[0].numel() == 0
     assert [tuple(t.shape) for t in grads[1:]] == [tuple(w.shape) for w in weights]
 
 
 def test_backward_is_bit_identical_across_calls():
     x, y, weights, g = _case(ifast.GOOGLENET_INCEPTION["5a"].spec, (2, 7, 7), torch.float32)
-    first = op.backward(g, x, y, list(weights), list(ALL))
-    again = op.backward(g, x, y, list(weights), list(ALL))
+    first = op.backward(g, x, y, list(weights), list(ALL), "cpu")
+    again = op.backward(g, x, y, list(weights), list(ALL), "cpu")
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_empty_batch_has_zero_gradients_of_the_right_shapes():
     x, y, weights, g = _case(SPEC, (2, 5, 5), torch.float32)
-    grads = op.backward(g[:0], x[:0], y[:0], list(weights), list(ALL))
+    grads = op.backward(g[:0], x[:0], y[:0], list(weights), list(ALL), "cpu")
     assert tuple(grads[0].shape) == (0, 13, 5, 5)
     assert all(t.shape == w.shape and not t.any() for t, w in zip(grads[1:], weights))
 
@@ -79,7 +79,7 @@ def test_custom_op_registrations_pass_opcheck(which):
     """Schema, register_fake and register_autograd agree with the real kernels."""
     x, y, weights, g = _case(SPEC, (2, 5, 5), torch.float64)
     if which == "backward":
-        args = (g, x, y, list(weights), list(ALL))
+        args = (g, x, y, list(weights), list(ALL), "cpu")
         target = torch.ops.inception_fast.backward.default
     else:
         packed = op.pack_cpu_weights(weights)

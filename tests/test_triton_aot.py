@@ -1,4 +1,5 @@
-"""Every shipped Triton config, compiled ahead of time for sm_80 and sm_90 (no GPU needed).
+"""Every shipped Triton config of the forward and backward kernels, compiled ahead of time
+for sm_80 and sm_90 (no GPU needed).
 
 From the cubin (cuobjdump -res-usage, shipped in the triton wheel) and the PTX:
 no spills, tensor-core instructions, shared memory within the architecture's limit.
@@ -19,8 +20,13 @@ triton = pytest.importorskip("triton")
 from inception_fast.ops.inception_triton import SHARED_MEMORY_LIMIT, compile_ahead_of_time, kernel_configs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "aot_resources.md"
+from inception_fast.ops.inception_triton_backward import BACKWARD_KERNELS, backward_configs  # noqa: E402
+
+# Forward kernels, then backward kernels, each with the autotune list it launches with.
 CASES = [(kind, exact, cfg) for kind in ("pointwise", "spatial") for exact in (False, True)
          for cfg in kernel_configs(kind, exact_fp32=exact)]
+CASES += [(kind, exact, cfg) for kind in BACKWARD_KERNELS for exact in (False, True)
+          for cfg in backward_configs(kind, exact_fp32=exact)]
 # (dtype, dot precision) of the tensor-core lists; the exact-fp32 lists (FMA dots, when
 # allow_tf32 is off) compile for fp32 "ieee" only.
 TENSOR_CORE_DTYPES = [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "tf32")]

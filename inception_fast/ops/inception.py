@@ -412,15 +412,21 @@ _WEIGHT_NAMES = InceptionWeights._fields
 
 @torch.library.custom_op("inception_fast::backward", mutates_args=())
 def backward(
-    grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: list[torch.Tensor], needs: list[bool]
+    grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weights: list[torch.Tensor], needs: list[bool],
+    backend: str,
 ) -> list[torch.Tensor]:
     """Gradients of (x, w1, b1, ..., wp, bp); an empty tensor where needs[i] is False.
 
-    CPU float32/float64 tensors run the C++ backward of csrc/; anything else (CUDA, or
-    no compiled extension) runs inception_backward, the same algorithm as ATen calls.
+    backend "cpu" runs the C++ backward of csrc/, "triton" the Triton kernels of
+    inception_triton_backward.py (the forward's backend picks). Without the compiled
+    extension, "cpu" falls back to inception_backward: the same algorithm as ATen calls.
     """
     extension = cpu_extension()
-    if x.device.type == "cpu" and x.dtype in _CPU_DTYPES and extension is not None:
+    if backend == "triton":
+        from . import inception_triton_backward
+
+        grads = inception_triton_backward.backward_triton(grad_out, x, y, InceptionWeights(*weights), tuple(needs))
+    elif x.device.type == "cpu" and x.dtype in _CPU_DTYPES and extension is not None:
         grads = extension.inception_backward(grad_out, x, y, list(weights), list(needs))
     else:
         grads = inception_backward(grad_out, x, y, InceptionWeights(*weights), tuple(needs))
@@ -430,15 +436,15 @@ def backward(
 
 
 @backward.register_fake
-def _(grad_out, x, y, weights, needs):
+def _(grad_out, x, y, weights, needs, backend):
     like = (x, *weights)
     formats = (torch.channels_last,) + (torch.contiguous_format,) * len(weights)
     return [t.new_empty(t.shape).contiguous(memory_format=f) if need else x.new_empty(0)
             for t, need, f in zip(like, needs, formats)]
 
 
-def _backward_grads(grad_out, x, y, weights, needs) -> tuple[torch.Tensor | None, ...]:
-    grads = backward(grad_out, x, y, list(weights), list(needs))
+def _backward_grads(grad_out, x, y, weights, needs, backend) -> tuple[torch.Tensor | None, ...]:
+    grads = backward(grad_out, x, y, list(weights), list(needs), backend)
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
@@ -455,13 +461,14 @@ class InceptionFunction(torch.autograd.Function):
     def forward(ctx, x, backend: str, cache: TensorVersionCache | None, *weights: torch.Tensor):
         y = _FORWARDS[backend](x, InceptionWeights(*weights), cache)
         ctx.save_for_backward(x, y, *weights)
+        ctx.backend = backend
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, y, *weights = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
-        grads = _backward_grads(grad_out, x, y, weights, needs)
+        grads = _backward_grads(grad_out, x, y, weights, needs, ctx.backend)
         return (grads[0], None, None, *grads[1:])
 
 
@@ -476,12 +483,12 @@ def _setup_forward_context(ctx, inputs, output):
     ctx.save_for_backward(x, output, *packed)
 
 
-def _forward_op_backward(unpack, pack):
+def _forward_op_backward(backend: str, unpack, pack):
     def backward_fn(ctx, grad_out):
         x, y, *packed = ctx.saved_tensors
         weights = unpack(packed, ctx.dims, x.shape[1])
         needs = (ctx.needs_input_grad[0],) + (any(ctx.needs_input_grad[1:-1]),) * len(_WEIGHT_NAMES)
-        grads = _backward_grads(grad_out, x, y, weights, needs)
+        grads = _backward_grads(grad_out, x, y, weights, needs, backend)
         packed_grads = pack(InceptionWeights(*grads[1:])) if needs[1] else (None,) * len(packed)
         return (grads[0], *packed_grads[: len(packed)], None)
 
@@ -519,10 +526,10 @@ def _pack_triton_grads(grads: InceptionWeights):
     return inception_triton.pack_triton_weights(grads)
 
 
-cpu_forward.register_autograd(_forward_op_backward(_unpack_cpu, _cpu_panels), setup_context=_setup_forward_context)
-triton_forward.register_autograd(
-    _forward_op_backward(_unpack_triton, _pack_triton_grads), setup_context=_setup_forward_context
-)
+cpu_forward.register_autograd(_forward_op_backward("cpu", _unpack_cpu, _cpu_panels),
+                              setup_context=_setup_forward_context)
+triton_forward.register_autograd(_forward_op_backward("triton", _unpack_triton, _pack_triton_grads),
+                                 setup_context=_setup_forward_context)
 
 
 def inception(

@@ -374,11 +374,22 @@ class CompiledKernel(NamedTuple):
         return None
 
 
-_POINTER_ARGS = {
-    "pointwise": ["x_ptr", "w_red_ptr", "b_red_ptr", "w_pool_ptr", "b_pool_ptr", "out_ptr", "t3_ptr", "t5_ptr"],
-    "spatial": ["t3_ptr", "w3_ptr", "b3_ptr", "t5_ptr", "w5_ptr", "b5_ptr", "out_ptr"],
-}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+#: Pointer arguments that are not of the data dtype.
+_POINTER_DTYPES = {"argmax_ptr": "i8"}
+
+
+def jit_kernel(kind: str):
+    """The JIT function of a kernel kind: the forward's "pointwise" and "spatial", or one of
+    the backward's (inception_triton_backward.BACKWARD_KERNELS)."""
+    forward = {"pointwise": _pointwise_kernel, "spatial": _spatial_kernel}
+    if kind in forward:
+        return forward[kind]
+    from .inception_triton_backward import BACKWARD_KERNELS
+
+    if kind not in BACKWARD_KERNELS:
+        raise ValueError(f"kind must be one of {sorted([*forward, *BACKWARD_KERNELS])}, got {kind!r}")
+    return BACKWARD_KERNELS[kind][0]
 
 
 def _cuda_tool(name: str) -> str:
@@ -403,13 +414,14 @@ def compile_ahead_of_time(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = {"pointwise": _pointwise_kernel, "spatial": _spatial_kernel}[kind]
+    fn = jit_kernel(kind)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("ahead-of-time compilation needs real JIT kernels: unset TRITON_INTERPRET")
     meta = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
             "INPUT_PRECISION": precision or ("tf32" if dtype == torch.float32 else "ieee"), "UPCAST_DOT": False}
-    pointers = _POINTER_ARGS[kind]
-    signature = {name: ("constexpr" if name in meta else f"*{_TRITON_DTYPE[dtype]}" if name in pointers else "i32")
+    pointers = [name for name in fn.arg_names if name.endswith("_ptr")]
+    signature = {name: ("constexpr" if name in meta
+                        else f"*{_POINTER_DTYPES.get(name, _TRITON_DTYPE[dtype])}" if name in pointers else "i32")
                  for name in fn.arg_names}
     # Launches see 16-byte aligned pointers (torch allocations), as here.
     attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in pointers}
