@@ -27,6 +27,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inception_backward", &inception_fast::inception_backward,
         "Fused Inception backward: grads of (x, w1, b1, ..., wp, bp), None where not needed",
         py::arg("grad_out"), py::arg("x"), py::arg("y"), py::arg("weights"), py::arg("needs"));
+  m.def("inception_graph_forward", &inception_fast::inception_graph_forward,
+        "Fused forward of a branch-graph (Inception-v3) block planned by ops/branch_graph.py",
+        py::arg("x"), py::arg("buf_channels"), py::arg("buf_border"), py::arg("gemm_descs"),
+        py::arg("b"), py::arg("bias"), py::arg("out_channels"), py::arg("out") = py::none());
   m.def("pixel_offset", &inception_fast::pixel_offset,
         "Element offset of pixel (n, h, w) in an NHWC plane, as the kernels compute it",
         py::arg("stride_n"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad"),

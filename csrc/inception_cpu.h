@@ -34,4 +34,17 @@ std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at:
                                            const at::Tensor& y, const std::vector<at::Tensor>& w,
                                            const std::vector<bool>& needs);
 
+// The forward of a branch-graph block (Inception-v3), as stages of GEMMs planned by
+// inception_fast/ops/branch_graph.py. Buffer k is an (N, H + 2 border, W + 2 border,
+// channels) NHWC intermediate with a zero border. gemm_descs[g] = (stage, source, kh, kw,
+// cols, segments, then (begin, end, destination, channel) per segment); source -1 is x,
+// -2 its 3x3 average pool (count_include_pad), -3 its 3x3 max pool, k >= 0 buffer k;
+// destination -1 is the output, k >= 0 buffer k. b[g] is B packed in panels as for
+// inception_forward, K index (dy * kw + dx) * source_channels + c.
+at::Tensor inception_graph_forward(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
+                                   const std::vector<int64_t>& buf_border,
+                                   const std::vector<std::vector<int64_t>>& gemm_descs,
+                                   const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
+                                   int64_t out_channels, const std::optional<at::Tensor>& out);
+
 }  // namespace inception_fast

@@ -11,6 +11,7 @@ from torch import nn
 from ._checks import check_choice
 from .blocks import NotAnInceptionBlock, inception_classes
 from .fused import FusedInception
+from .fused_graph import FusedBranchGraph, torchvision_graph_layout
 from .ops.inception import BACKENDS
 
 __all__ = ["swap_inception"]
@@ -26,22 +27,37 @@ def _is_candidate(module: nn.Module) -> bool:
     non-container with at least four children (four branches)."""
     if isinstance(module, inception_classes()) or all(hasattr(module, f"branch{i}") for i in range(1, 5)):
         return True
-    return not isinstance(module, (*_CONTAINERS, FusedInception)) and len(list(module.children())) >= 4
+    return not isinstance(module, (*_CONTAINERS, FusedInception, FusedBranchGraph)) and len(list(module.children())) >= 4
 
 
-def _numerically_equal(block: nn.Module, fused: FusedInception, rtol: float) -> float:
+def _fuse(module: nn.Module, backend: str) -> nn.Module:
+    """The fused twin of a block: Inception-v3's A/C/E on the branch-graph kernel, any
+    GoogLeNet-style block on FusedInception."""
+    if torchvision_graph_layout(module) is not None:
+        # The branch-graph kernel runs on the CPU; "triton" has no v3 kernel yet.
+        return FusedBranchGraph.from_module(module, "reference" if backend == "triton" else backend)
+    if type(module).__name__ in ("InceptionB", "InceptionD", "InceptionAux"):
+        raise NotAnInceptionBlock("Inception-v3's grid-reduction blocks (stride-2 branches) and auxiliary "
+                                  "head are not fused yet", near_miss=True)
+    return FusedInception.from_module(module, backend)
+
+
+def _numerically_equal(block: nn.Module, fused: nn.Module) -> float:
     """Relative error of the fused block against the original on a random 7x7 input (eval)."""
     param = next(block.parameters())
     x = torch.randn(2, fused.spec.in_channels, 7, 7, device=param.device, dtype=param.dtype)
     twin = copy.deepcopy(block).eval()  # eval: BN folded; the copy keeps block's mode and stats
-    fused_twin = FusedInception.from_module(twin, fused.backend).eval()
+    fused_twin = type(fused).from_module(twin, fused.backend).eval()
     with torch.no_grad():
         want, got = twin(x), fused_twin(x)
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None = None) -> nn.Module:
-    """Replace every Inception block of `model` in place by a FusedInception; return `model`.
+    """Replace every Inception block of `model` in place by a fused one; return `model`.
+
+    GoogLeNet-style blocks become FusedInception; torchvision's Inception-v3 InceptionA, C
+    and E become FusedBranchGraph (CPU kernel; other devices run the original branches).
 
     Blocks are recognised by structure (blocks.py), whatever their class. The fused
     block shares the original's parameters and buffers, so state_dict keys and values
@@ -54,7 +70,7 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
     check_choice("backend", backend, BACKENDS)
     if verify is not None and not (isinstance(verify, float) and verify > 0):
         raise ValueError(f"verify must be a positive relative tolerance (float) or None, got {verify!r}")
-    if isinstance(model, FusedInception):
+    if isinstance(model, (FusedInception, FusedBranchGraph)):
         return model
     swapped, skipped = [], []
     # Collect first: replacing children while iterating named_modules is undefined.
@@ -64,10 +80,10 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
         if any(name.startswith(prefix + ".") for prefix in replaced):
             continue  # inside a block that is already fused
         try:
-            fused = FusedInception.from_module(module, backend)
+            fused = _fuse(module, backend)
             if not name:  # the model itself is a block: it cannot replace itself in place
                 raise TypeError("model is itself an Inception block; use FusedInception.from_module(model)")
-            if verify is not None and (err := _numerically_equal(module, fused, verify)) > verify:
+            if verify is not None and (err := _numerically_equal(module, fused)) > verify:
                 raise NotAnInceptionBlock(f"fused output differs by {err:.2e} relative (> verify={verify:g})",
                                           near_miss=True)
         except NotAnInceptionBlock as reason:

@@ -1,0 +1,291 @@
+// The register-tiled GEMM shared by the CPU kernels: pointer-addressed A rows (implicit
+// GEMM over NHWC planes), B packed in panels of two SIMD vectors, and an epilogue that adds
+// the bias, applies ReLU and stores into channel slices of NHWC destinations.
+#pragma once
+
+#include "nhwc.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace inception_fast {
+namespace gemm {
+
+// 12 rows x 2 vectors = 24 accumulators: the most that fit 32 zmm registers next to
+// the two B vectors and one broadcast A value.
+constexpr int kMR = 12;
+
+template <typename T>
+constexpr int kNR = 2 * Simd<T>::kLanes;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// GEMM columns [begin, end) go to channels [channel, channel + end - begin) of `dst`.
+template <typename T>
+struct Segment {
+  int64_t begin, end;
+  Plane<T> dst;
+  int64_t channel;
+};
+
+// A slice of the K dimension small enough that its B rows for one panel stay in L1:
+// whole taps when a tap's channels fit, else a channel range of a single tap.
+struct KChunk {
+  int64_t tap_begin, taps;
+  int64_t c_begin, c_count;
+};
+
+// C = relu(A @ B + bias), A rows given by pointers, A's K index split into taps.
+template <typename T>
+struct Gemm {
+  const T* b_packed;                // (panels, taps * k_per_tap, kNR)
+  const T* bias;                    // (cols,)
+  int64_t cols;
+  int64_t k_per_tap;                // channels read at each tap
+  std::vector<int64_t> tap_offset;  // element offset of each tap from a row's window origin
+  std::vector<Segment<T>> segments;
+  std::vector<KChunk> chunks;       // filled by plan_chunks()
+
+  int64_t panels() const { return ceil_div(cols, kNR<T>); }
+  int64_t k_total() const { return static_cast<int64_t>(tap_offset.size()) * k_per_tap; }
+};
+
+// Half of a 48 KB L1: the B chunk of one panel, with room left for the A rows it meets.
+constexpr int64_t kChunkBytes = 24 * 1024;
+
+// Rows of one parallel work item: enough to reuse each B chunk many times from L1, few
+// enough that the block's A rows and partial sums stay in a 2 MB L2.
+constexpr int64_t kMaxBlockRows = 32 * kMR;
+
+// Rows per thread under which threads split a GEMM's columns rather than its rows.
+constexpr int64_t kSplitColumnsBelowRows = 6 * kMR;
+
+template <typename T>
+void plan_chunks(Gemm<T>& g) {
+  const int64_t k_max = std::max<int64_t>(1, kChunkBytes / (kNR<T> * sizeof(T)));
+  const int64_t taps = static_cast<int64_t>(g.tap_offset.size());
+  if (g.k_per_tap <= k_max) {
+    const int64_t step = k_max / g.k_per_tap;
+    for (int64_t t = 0; t < taps; t += step)
+      g.chunks.push_back({t, std::min(step, taps - t), 0, g.k_per_tap});
+  } else {
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < g.k_per_tap; c += k_max)
+        g.chunks.push_back({t, 1, c, std::min(k_max, g.k_per_tap - c)});
+  }
+}
+
+// tile (+)= A[MR rows, chunk] @ B[chunk, kNR] for one K chunk; the first chunk starts from 0.
+// With `dst` (the last chunk of a full panel inside one segment), the sums skip the tile:
+// dst[i][0:kNR] = relu(sum + bias) straight from the registers.
+template <typename T, int MR>
+void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk& chunk,
+                const T* b, T* tile /* MR x kNR */, bool accumulate, T* const* dst,
+                const T* bias /* kNR, with dst */) {
+  using Vec = typename Simd<T>::Vec;
+  constexpr int L = Simd<T>::kLanes;
+  Vec acc0[MR], acc1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    if (accumulate) {
+      std::memcpy(&acc0[i], tile + i * 2 * L, sizeof(Vec));
+      std::memcpy(&acc1[i], tile + i * 2 * L + L, sizeof(Vec));
+    } else {
+      acc0[i] = acc1[i] = Vec{};
+    }
+  }
+  for (int64_t t = chunk.tap_begin; t < chunk.tap_begin + chunk.taps; ++t) {
+    const T* a[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + tap_offset[t] + chunk.c_begin;
+    for (int64_t c = 0; c < chunk.c_count; ++c, b += 2 * L) {
+      const Vec b0 = *reinterpret_cast<const Vec*>(b);
+      const Vec b1 = *reinterpret_cast<const Vec*>(b + L);
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        const T ai = a[i][c];
+        acc0[i] += ai * b0;
+        acc1[i] += ai * b1;
+      }
+    }
+  }
+  if (dst != nullptr) {
+    Vec bias0, bias1;
+    std::memcpy(&bias0, bias, sizeof(Vec));
+    std::memcpy(&bias1, bias + L, sizeof(Vec));
+    const Vec zero{};
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      Vec v0 = acc0[i] + bias0, v1 = acc1[i] + bias1;
+      v0 = v0 < zero ? zero : v0;  // keeps NaN, like torch.relu
+      v1 = v1 < zero ? zero : v1;
+      std::memcpy(dst[i], &v0, sizeof(Vec));
+      std::memcpy(dst[i] + L, &v1, sizeof(Vec));
+    }
+    return;
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(tile + i * 2 * L, &acc0[i], sizeof(Vec));
+    std::memcpy(tile + i * 2 * L + L, &acc1[i], sizeof(Vec));
+  }
+}
+
+template <typename T>
+using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, const T*, T*, bool,
+                             T* const*, const T*);
+
+// The micro-kernel for each row count 1..kMR, so that a block's last tile needs no padding.
+template <typename T, int... MR>
+constexpr std::array<MicroTileFn<T>, sizeof...(MR)> make_table(std::integer_sequence<int, MR...>) {
+  return {&micro_tile<T, MR + 1>...};
+}
+template <typename T>
+constexpr auto kMicroTiles = make_table<T>(std::make_integer_sequence<int, kMR>{});
+
+// ReLU that keeps NaN, like torch.relu: NaN < 0 is false.
+template <typename T>
+inline T relu(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// Runs `gemm` for rows whose A rows start at a_rows[i] and whose destination pixels are
+// (n, h, w)[i], over column part `part` of `parts` (a contiguous range of panels); rows
+// and columns need not be multiples of the tile. `acc` holds ceil(rows / kMR) * panels
+// tiles of kMR x kNR partial sums.
+//
+// Loop order (Goto's): K chunk, then panel, then row tile. One chunk of one B panel
+// (<= kChunkBytes) stays in L1 while every row tile of the block streams past it;
+// the block's A rows and partial sums stay in L2.
+template <typename T>
+void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
+              const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* acc, int64_t part,
+              int64_t parts) {
+  constexpr int NR = kNR<T>;
+  const int64_t panels = gemm.panels(), k_total = gemm.k_total();
+  const int64_t p_begin = panels * part / parts, p_end = panels * (part + 1) / parts;
+  if (p_begin == p_end) return;
+  const int64_t row_tiles = ceil_div(rows, kMR);
+  // A full panel inside one segment stores from registers in its last chunk; others go
+  // through the tile and the generic epilogue below.
+  auto direct_segment = [&](int64_t p) -> const Segment<T>* {
+    for (const Segment<T>& seg : gemm.segments)
+      if (seg.begin <= p * NR && (p + 1) * NR <= seg.end) return &seg;
+    return nullptr;
+  };
+  T* dst_rows[kMR];
+  auto point_rows = [&](const Segment<T>& seg, int64_t r0, int mr, int64_t col) {
+    for (int i = 0; i < mr; ++i)
+      dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) +
+                    seg.channel + col - seg.begin;
+  };
+  for (size_t c = 0; c < gemm.chunks.size(); ++c) {
+    const KChunk& chunk = gemm.chunks[c];
+    const bool last = c + 1 == gemm.chunks.size();
+    const int64_t b_row = chunk.tap_begin * gemm.k_per_tap + chunk.c_begin;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const T* b = gemm.b_packed + (p * k_total + b_row) * NR;
+      const Segment<T>* direct = last ? direct_segment(p) : nullptr;
+      for (int64_t rt = 0; rt < row_tiles; ++rt) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - rt * kMR));
+        if (direct != nullptr) point_rows(*direct, rt * kMR, mr, p * NR);
+        kMicroTiles<T>[mr - 1](a_rows + rt * kMR, gemm.tap_offset.data(), chunk, b,
+                               acc + (rt * panels + p) * kMR * NR, c > 0,
+                               direct != nullptr ? dst_rows : nullptr, gemm.bias + p * NR);
+      }
+    }
+  }
+  // Epilogue of the remaining panels: bias, ReLU, and a store into each segment's slice.
+  for (int64_t rt = 0; rt < row_tiles; ++rt) {
+    const int64_t r0 = rt * kMR;
+    const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      if (direct_segment(p) != nullptr) continue;
+      const T* tile = acc + (rt * panels + p) * kMR * NR;
+      const int64_t col0 = p * NR, col1 = std::min(col0 + NR, gemm.cols);
+      for (const Segment<T>& seg : gemm.segments) {
+        const int64_t lo = std::max(col0, seg.begin), hi = std::min(col1, seg.end);
+        if (lo >= hi) continue;
+        point_rows(seg, r0, mr, 0);
+        for (int i = 0; i < mr; ++i) {
+          const T* src = tile + i * NR - col0;
+          T* dst = dst_rows[i];
+          for (int64_t j = lo; j < hi; ++j) dst[j] = relu(src[j] + gemm.bias[j]);
+        }
+      }
+    }
+  }
+}
+
+// pooled[i][c] = max of x over the 3x3 window (-inf padding) around pixel i; NaN wins, as in
+// torch.max_pool2d.
+template <typename T>
+void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
+                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
+    T* out = pooled + i * C;
+    std::memcpy(out, x.interior_row(n, h, w), C * sizeof(T));
+    for (int64_t dy = -1; dy <= 1; ++dy) {
+      if (h + dy < 0 || h + dy >= H) continue;
+      for (int64_t dx = -1; dx <= 1; ++dx) {
+        if ((dy == 0 && dx == 0) || w + dx < 0 || w + dx >= W) continue;
+        const T* in = x.interior_row(n, h + dy, w + dx);
+        for (int64_t c = 0; c < C; ++c) {
+          const T v = in[c];
+          out[c] = (v > out[c] || v != v) ? v : out[c];
+        }
+      }
+    }
+  }
+}
+
+// pooled[i][c] = sum of x over the 3x3 window around pixel i (row-major, in-bounds
+// pixels) / 9: zero padding counts, as F.avg_pool2d(x, 3, 1, 1) with count_include_pad.
+template <typename T>
+void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
+                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
+    T* out = pooled + i * C;
+    std::fill(out, out + C, T(0));
+    for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
+      for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
+        const T* in = x.interior_row(n, hh, ww);
+        for (int64_t c = 0; c < C; ++c) out[c] += in[c];
+      }
+    for (int64_t c = 0; c < C; ++c) out[c] /= T(9);
+  }
+}
+
+// Zeros the `pad`-wide spatial border of image n of an (N, H + 2 pad, W + 2 pad, C) buffer.
+// The interior is fully written by stage 1, so zeroing all of it would waste bandwidth.
+template <typename T>
+void zero_border(const Plane<T>& buf, int64_t n, int64_t H, int64_t W, int64_t C) {
+  const int64_t pad = buf.pad, Wp = W + 2 * pad;
+  if (pad == 0) return;
+  T* img = buf.data + n * buf.stride_n;
+  for (int64_t hp = 0; hp < H + 2 * pad; ++hp) {
+    T* row = img + hp * buf.stride_h;
+    if (hp < pad || hp >= H + pad) {
+      std::fill(row, row + Wp * C, T(0));
+    } else {
+      std::fill(row, row + pad * C, T(0));
+      std::fill(row + (W + pad) * C, row + Wp * C, T(0));
+    }
+  }
+}
+
+template <typename T>
+Plane<T> padded_plane(at::Tensor& buf, int64_t H, int64_t W, int64_t C, int64_t pad) {
+  const int64_t Wp = W + 2 * pad;
+  return {buf.data_ptr<T>(), (H + 2 * pad) * Wp * C, Wp * C, C, pad};
+}
+
+}  // namespace gemm
+}  // namespace inception_fast

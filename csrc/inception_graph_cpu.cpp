@@ -1,0 +1,230 @@
+// The fused forward of a branch-graph Inception block (Inception-v3's InceptionA, C and E)
+// on the CPU, NHWC, as stages of GEMMs planned in Python (ops/branch_graph.py):
+//
+//   stage 0 reads x: every 1x1 convolution that starts a branch, as one GEMM over x
+//     (horizontal fusion), and the pool branch's 1x1 over 3x3-pooled rows made per block
+//     of rows in a small buffer (the pooled tensor never exists);
+//   each later stage reads zero-bordered intermediates of earlier stages with a kh x kw
+//     implicit GEMM (1x7, 7x1, 3x3, 1x3, ...): the zero border makes every tap an
+//     in-bounds load, as in the GoogLeNet kernel.
+//
+// Every GEMM adds its bias, applies ReLU and stores from its epilogue straight into
+// channel slices of the output or of the intermediates the next stages read: there is
+// no concat. The GEMM itself is gemm.h's, shared with csrc/inception_cpu.cpp.
+
+#include "gemm.h"
+#include "inception_cpu.h"
+
+#include <ATen/Parallel.h>
+
+namespace inception_fast {
+namespace {
+using namespace gemm;
+
+constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3;
+constexpr int64_t kDestOut = -1;
+
+struct GemmDesc {
+  int64_t stage, source, kh, kw, cols;
+  std::vector<std::array<int64_t, 4>> segments;  // (begin, end, destination, channel)
+};
+
+GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
+  TORCH_CHECK(d.size() >= 10 && (d.size() - 6) % 4 == 0 && static_cast<int64_t>(d.size()) == 6 + 4 * d[5],
+              "a GEMM must be described as (stage, source, kh, kw, cols, segments, then (begin, end, "
+              "destination, channel) per segment), got ", d.size(), " values");
+  GemmDesc g{d[0], d[1], d[2], d[3], d[4], {}};
+  TORCH_CHECK(g.source >= kSourceMaxPool && g.source < buffers, "GEMM source ", g.source, " out of range");
+  TORCH_CHECK(g.source >= 0 || (g.kh == 1 && g.kw == 1), "a GEMM over x or pooled x must be 1x1");
+  for (int64_t s = 0; s < d[5]; ++s) {
+    const int64_t* seg = d.data() + 6 + 4 * s;
+    TORCH_CHECK(0 <= seg[0] && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOut && seg[2] < buffers,
+                "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ") of a GEMM with ", g.cols, " columns");
+    g.segments.push_back({seg[0], seg[1], seg[2], seg[3]});
+  }
+  return g;
+}
+
+template <typename T>
+void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
+                        const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
+                        const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
+                        at::Tensor& out) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t c_out = out.size(1), M = N * HW;
+
+  std::vector<at::Tensor> bufs;  // (N, H + 2 border, W + 2 border, channels) each
+  std::vector<Plane<T>> planes;
+  for (size_t k = 0; k < buf_channels.size(); ++k) {
+    const int64_t p = buf_border[k];
+    bufs.push_back(at::empty({N, H + 2 * p, W + 2 * p, buf_channels[k]}, x.options().memory_format(at::MemoryFormat::Contiguous)));
+    planes.push_back(padded_plane<T>(bufs.back(), H, W, buf_channels[k], p));
+  }
+  const Plane<const T> x_plane{x.data_ptr<T>(), HW * C, W * C, C, 0};
+  const Plane<T> out_plane{out.data_ptr<T>(), HW * c_out, W * c_out, c_out, 0};
+
+  std::vector<Gemm<T>> gemms;
+  int64_t stages = 0;
+  for (size_t g = 0; g < descs.size(); ++g) {
+    const GemmDesc& d = descs[g];
+    const int64_t k_per_tap = d.source >= 0 ? buf_channels[d.source] : C;
+    Gemm<T> gm{b[g].data_ptr<T>(), bias[g].data_ptr<T>(), d.cols, k_per_tap, {}, {}, {}};
+    if (d.source >= 0) {
+      const Plane<T>& src = planes[d.source];
+      TORCH_CHECK(src.pad >= d.kh / 2 && src.pad >= d.kw / 2, "buffer ", d.source, " has a border of ", src.pad,
+                  ", too narrow for a ", d.kh, "x", d.kw, " convolution");
+      // Offsets from a row's window origin (window_row, the corner `pad` up and left).
+      for (int64_t dy = 0; dy < d.kh; ++dy)
+        for (int64_t dx = 0; dx < d.kw; ++dx)
+          gm.tap_offset.push_back((dy + src.pad - d.kh / 2) * src.stride_h + (dx + src.pad - d.kw / 2) * src.stride_w);
+    } else {
+      gm.tap_offset.push_back(0);
+    }
+    for (const auto& [begin, end, dest, channel] : d.segments)
+      gm.segments.push_back({begin, end, dest == kDestOut ? out_plane : planes[dest], channel});
+    plan_chunks(gm);
+    gemms.push_back(std::move(gm));
+    stages = std::max(stages, d.stage + 1);
+  }
+
+  int64_t max_panels = 1;
+  bool pools = false;
+  for (size_t g = 0; g < gemms.size(); ++g) {
+    max_panels = std::max(max_panels, gemms[g].panels());
+    pools = pools || descs[g].source == kSourceAvgPool || descs[g].source == kSourceMaxPool;
+  }
+  struct Scratch {
+    std::vector<int64_t> pix;
+    std::vector<const T*> a_rows;
+    std::vector<T> acc, pooled;
+  };
+  auto make_scratch = [&](int64_t block) {
+    return Scratch{std::vector<int64_t>(3 * block), std::vector<const T*>(block),
+                   std::vector<T>(ceil_div(block, kMR) * max_panels * kMR * kNR<T>),
+                   std::vector<T>(pools ? block * C : 0)};
+  };
+  // Every GEMM of `stage` over one block of pixel rows.
+  auto run_stage = [&](int64_t stage, int64_t rows, const int64_t* pn, const int64_t* ph,
+                       const int64_t* pw, Scratch& s) {
+    const T** a_rows = s.a_rows.data();
+    for (size_t g = 0; g < gemms.size(); ++g) {
+      const GemmDesc& d = descs[g];
+      if (d.stage != stage) continue;
+      if (d.source == kSourceX) {
+        for (int64_t i = 0; i < rows; ++i) a_rows[i] = x_plane.interior_row(pn[i], ph[i], pw[i]);
+      } else if (d.source < 0) {
+        if (d.source == kSourceAvgPool)
+          avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
+        else
+          max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
+        for (int64_t i = 0; i < rows; ++i) a_rows[i] = s.pooled.data() + i * C;
+      } else {
+        for (int64_t i = 0; i < rows; ++i) a_rows[i] = planes[d.source].window_row(pn[i], ph[i], pw[i]);
+      }
+      run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), 0, 1);
+    }
+  };
+  auto for_rows = [&](int64_t m0, int64_t m1, int64_t block, Scratch& s, int64_t stage) {
+    for (int64_t b0 = m0; b0 < m1; b0 += block) {
+      const int64_t rows = std::min(block, m1 - b0);
+      int64_t *pn = s.pix.data(), *ph = pn + block, *pw = ph + block;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t m = b0 + i, hw = m % HW;
+        pn[i] = m / HW;
+        ph[i] = hw / W;
+        pw[i] = hw % W;
+      }
+      run_stage(stage, rows, pn, ph, pw, s);
+    }
+  };
+  auto zero_borders = [&](int64_t n) {
+    for (size_t k = 0; k < planes.size(); ++k) zero_border(planes[k], n, H, W, buf_channels[k]);
+  };
+  auto block_rows = [](int64_t rows, int64_t parts) {
+    const int64_t blocks = parts * ceil_div(rows, parts * kMaxBlockRows);
+    return ceil_div(ceil_div(rows, blocks), kMR) * kMR;
+  };
+
+  const int64_t threads = at::get_num_threads();
+  const int64_t group = std::max<int64_t>(1, (kMaxBlockRows + HW / 2) / HW);
+  const int64_t groups = ceil_div(N, group);
+  if (groups >= 4 * threads || groups % threads == 0) {
+    // Image-major: a thread runs every stage on a group of whole images, so their
+    // intermediates pass from stage to stage through its cache.
+    const int64_t block = block_rows(std::min(group, N) * HW, 1);
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      Scratch scratch = make_scratch(block);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t n0 = g * group, n1 = std::min(n0 + group, N);
+        for (int64_t n = n0; n < n1; ++n) zero_borders(n);
+        for (int64_t stage = 0; stage < stages; ++stage) for_rows(n0 * HW, n1 * HW, block, scratch, stage);
+      }
+    });
+  } else {
+    // Too few images to share out: every stage splits all pixel rows between threads, one
+    // stage after the other (a stage reads its inputs' halo rows from other blocks).
+    const int64_t block = block_rows(M, threads), blocks = ceil_div(M, block);
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) zero_borders(n);
+    });
+    for (int64_t stage = 0; stage < stages; ++stage) {
+      at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+        Scratch scratch = make_scratch(block);
+        for (int64_t i = i0; i < i1; ++i) for_rows(i * block, std::min((i + 1) * block, M), block, scratch, stage);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor inception_graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf_channels,
+                                   const std::vector<int64_t>& buf_border,
+                                   const std::vector<std::vector<int64_t>>& gemm_descs,
+                                   const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
+                                   int64_t out_channels, const std::optional<at::Tensor>& out_opt) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
+              " on ", x_in.device());
+  TORCH_CHECK(buf_channels.size() == buf_border.size(), "buf_channels and buf_border must have one entry per buffer");
+  TORCH_CHECK(gemm_descs.size() == b.size() && b.size() == bias.size(),
+              "one packed B and one bias per GEMM description, got ", gemm_descs.size(), ", ", b.size(),
+              " and ", bias.size());
+  const int64_t buffers = static_cast<int64_t>(buf_channels.size());
+  const int64_t C = x_in.size(1), width = panel_width(x_in.scalar_type());
+  std::vector<GemmDesc> descs;
+  for (size_t g = 0; g < gemm_descs.size(); ++g) {
+    descs.push_back(parse_desc(gemm_descs[g], buffers));
+    const GemmDesc& d = descs.back();
+    const int64_t k = d.kh * d.kw * (d.source >= 0 ? buf_channels[d.source] : C);
+    TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].is_contiguous() && b[g].dim() == 3 &&
+                    b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,
+                "packed B of GEMM ", g, " must be a contiguous (", ceil_div(d.cols, width), ", ", k, ", ", width,
+                ") tensor of x's dtype, got ", b[g].sizes(), " of ", b[g].scalar_type());
+    TORCH_CHECK(bias[g].scalar_type() == x_in.scalar_type() && bias[g].is_contiguous() && bias[g].dim() == 1 &&
+                    bias[g].size(0) == d.cols,
+                "bias of GEMM ", g, " must be a contiguous (", d.cols, ",) tensor of x's dtype");
+    for (const auto& seg : d.segments) {
+      const int64_t channels = seg[2] == -1 ? out_channels : buf_channels[seg[2]];
+      TORCH_CHECK(seg[3] >= 0 && seg[3] + seg[1] - seg[0] <= channels, "GEMM ", g, " writes past the ",
+                  channels, " channels of its destination");
+    }
+  }
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const std::vector<int64_t> shape{x.size(0), out_channels, x.size(2), x.size(3)};
+  at::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type() &&
+                    out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "out must be a channels_last ", x.scalar_type(), " tensor of shape ", at::IntArrayRef(shape));
+  } else {
+    out = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_graph_forward", [&] {
+    graph_forward_impl<scalar_t>(x, buf_channels, buf_border, descs, b, bias, out);
+  });
+  return out;
+}
+
+}  // namespace inception_fast

@@ -1,0 +1,155 @@
+"""FusedBranchGraph: torchvision's Inception-v3 blocks InceptionA, C and E on the fused
+branch-graph kernel (ops/branch_graph.py). A thin module: parse, fold BN, pack, call the op.
+
+It keeps the original block's children under their own names (state_dict unchanged). In
+eval mode it folds each BN into its convolution and runs the fused kernel; in train mode
+it runs the original block (BN needs batch statistics, and running stats update exactly
+as before). The grid-reduction blocks (InceptionB, D: stride-2 branches) are not fused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._cache import TensorVersionCache
+from ._checks import check_choice, check_input
+from ._extension import cpu_extension
+from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
+from .ops.branch_graph import Branch, BranchGraphSpec, Conv, graph_forward, pack_graph_weights, plan
+
+__all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
+
+# Branches as chains of torchvision attribute names (a tuple inside a chain is a fan-out),
+# then the pooling branch's kind and its 1x1 (torchvision calls F.avg_pool2d(x, 3, 1, 1)).
+_TORCHVISION_LAYOUTS = {
+    "InceptionA": ((("branch1x1",), ("branch5x5_1", "branch5x5_2"),
+                    ("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3")), "avg", "branch_pool"),
+    "InceptionC": ((("branch1x1",), ("branch7x7_1", "branch7x7_2", "branch7x7_3"),
+                    ("branch7x7dbl_1", "branch7x7dbl_2", "branch7x7dbl_3", "branch7x7dbl_4", "branch7x7dbl_5")),
+                   "avg", "branch_pool"),
+    "InceptionE": ((("branch1x1",), ("branch3x3_1", ("branch3x3_2a", "branch3x3_2b")),
+                    ("branch3x3dbl_1", "branch3x3dbl_2", ("branch3x3dbl_3a", "branch3x3dbl_3b"))), "avg", "branch_pool"),
+}
+BACKENDS = ("auto", "cpu", "reference")
+
+
+def torchvision_graph_layout(module: nn.Module):
+    """The layout of a torchvision InceptionA/C/E whose forward is torchvision's own, else None."""
+    try:
+        from torchvision.models import inception as tv
+    except ImportError:
+        return None
+    for name, layout in _TORCHVISION_LAYOUTS.items():
+        cls = getattr(tv, name)
+        if isinstance(module, cls) and type(module).forward is cls.forward and type(module)._forward is cls._forward:
+            return layout
+    return None
+
+
+def _unit(block: nn.Module, attr: str) -> tuple[ConvUnit, Conv]:
+    """BasicConv2d (conv without bias, BN, ReLU) -> its folding unit and its Conv shape."""
+    basic = getattr(block, attr)
+    conv, bn = getattr(basic, "conv", None), getattr(basic, "bn", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        raise NotAnInceptionBlock(f"{attr} is not a conv + BN unit")
+    kh, kw = conv.kernel_size
+    problems = []
+    if kh % 2 == 0 or kw % 2 == 0:
+        problems.append(f"kernel {conv.kernel_size} is not odd")
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
+        problems.append("strided, dilated or grouped")
+    if conv.padding != (kh // 2, kw // 2) or conv.padding_mode != "zeros":
+        problems.append(f"padding {conv.padding} is not zero 'same' padding")
+    if not bn.track_running_stats:
+        problems.append("bn has no running statistics to fold")
+    if problems:
+        raise NotAnInceptionBlock(f"{attr}: " + "; ".join(problems))
+    return ConvUnit(conv, bn), Conv(conv.in_channels, conv.out_channels, kh, kw)
+
+
+def _parse(block: nn.Module) -> tuple[BranchGraphSpec, list[ConvUnit]]:
+    layout = torchvision_graph_layout(block)
+    if layout is None:
+        raise NotAnInceptionBlock(f"{type(block).__name__} is not torchvision's InceptionA, C or E")
+    chains, pool, pool_attr = layout
+    units, branches = [], []
+    for chain in chains:
+        levels = []
+        for step in chain:
+            parsed = [_unit(block, a) for a in (step if isinstance(step, tuple) else (step,))]
+            units += [u for u, _ in parsed]
+            levels.append(tuple(c for _, c in parsed))
+        branches.append(Branch(tuple(levels)))
+    pool_unit, pool_conv = _unit(block, pool_attr)
+    units.append(pool_unit)
+    try:
+        spec = BranchGraphSpec(pool_conv.in_channels, tuple(branches), pool, pool_conv)
+    except ValueError as exc:
+        raise NotAnInceptionBlock(str(exc)) from None
+    return spec, units
+
+
+class FusedBranchGraph(nn.Module):
+    """A torchvision Inception-v3 stride-1 block (A, C or E) on the fused CPU kernel."""
+
+    def __init__(self, block: nn.Module, backend: str = "auto"):
+        super().__init__()
+        check_choice("backend", backend, BACKENDS)
+        self.spec, units = _parse(block)
+        self.backend = backend
+        self.source = type(block).__name__
+        for name, child in block.named_children():
+            self.add_module(name, child)  # same objects, same names: same state_dict
+        self._original = (block,)  # a tuple: not registered twice; it shares the children
+        self._units = units
+        self._plan = plan(self.spec)
+        self._flat_plan = self._plan.flat()
+        self._pack_cache: TensorVersionCache = TensorVersionCache()
+
+    @classmethod
+    def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedBranchGraph":
+        return cls(block, backend).train(block.training)
+
+    def _packed(self):
+        def build():
+            folded = [fold_conv_bn(u) for u in self._units]
+            return pack_graph_weights(self.spec, self._plan, [w for w, _ in folded], [b for _, b in folded])
+
+        sources = [t for u in self._units for t in (u.conv.weight, u.bn.weight, u.bn.bias, u.bn.running_mean,
+                                                    u.bn.running_var) if t is not None]
+        with torch.no_grad():
+            return self._pack_cache.get(sources, build)
+
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        if self.training or self.backend == "reference":
+            return False
+        fusable = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_extension() is not None
+        if self.backend == "cpu" and not fusable:
+            raise ValueError(f"backend='cpu' needs float32/float64 CPU tensors and the compiled extension; "
+                             f"got x of {x.dtype} on {x.device}")
+        return fusable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.spec.in_channels)
+        if not self._runs_fused(x):
+            return self._original[0](x)
+        weights = next(self.parameters())
+        if weights.dtype != x.dtype or weights.device != x.device:
+            raise TypeError(f"x ({x.dtype} on {x.device}) must match the block's weights "
+                            f"({weights.dtype} on {weights.device})")
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+            # The fused kernel has no backward: gradients through an eval-mode block take
+            # the original branches.
+            return self._original[0](x)
+        b, bias = self._packed()
+        return graph_forward(x, b, bias, self._flat_plan)
+
+    def invalidate_weight_caches(self) -> None:
+        """After writing weights through `.data` (which skips the version counter)."""
+        self._pack_cache.clear()
+
+    def extra_repr(self) -> str:
+        return (f"{self.source}: {len(self.spec.branches)} branches + {self.spec.pool} pool, "
+                f"in_channels={self.spec.in_channels}, out_channels={self.spec.out_channels}, "
+                f"backend={self.backend!r}, unfused in train mode (batch norm)")

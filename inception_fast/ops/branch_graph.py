@@ -1,0 +1,224 @@
+"""The fused branch-graph op: Inception-v3's stride-1 blocks (InceptionA, C, E) as one kernel.
+
+A block is a small graph over one input x. Each branch is a chain of levels; level 0
+reads x and must be a 1x1 convolution; level i reads level i-1's single output; the last
+level may fan out into several convolutions (InceptionE's 1x3 and 3x1), whose outputs are
+concatenated. One pooling branch (3x3/1, max or average with count_include_pad) ends
+with a 1x1. Every convolution is stride 1 with 'same' padding, any odd kh x kw, followed
+by ReLU (BN folded in). Outputs are concatenated along channels: branches in order, the
+pooling branch last.
+
+The C++ kernel (csrc/inception_graph_cpu.cpp) runs it as stages of GEMMs: stage 0 is
+every branch's leading 1x1 as one GEMM over x (horizontal fusion) plus the pool branch's
+1x1 over pooled rows made on the fly; stage i runs level i of every branch over
+zero-bordered intermediates. Each GEMM stores through bias + ReLU straight into its slice
+of the output or of the next intermediate. `plan()` turns a spec into that schedule.
+
+Forward only, CPU only (float32, float64): the module around it (fused_graph.py) runs the
+original branches in train mode, where BN needs batch statistics anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .._extension import require_cpu_extension
+from ._layout import as_gemm_b
+from .inception import _pack_panels
+
+__all__ = ["Conv", "Branch", "BranchGraphSpec", "GraphPlan", "plan", "pack_graph_weights", "graph_forward"]
+
+_SOURCE_X, _SOURCE_AVG_POOL, _SOURCE_MAX_POOL = -1, -2, -3
+_DEST_OUT = -1
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One convolution (+ ReLU) of a branch: stride 1, 'same' zero padding."""
+
+    in_channels: int
+    out_channels: int
+    kh: int = 1
+    kw: int = 1
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "kh", "kw"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Conv.{name} must be a positive int, got {value!r}")
+        if self.kh % 2 == 0 or self.kw % 2 == 0:
+            raise ValueError(f"Conv kernel must be odd for 'same' padding, got {self.kh}x{self.kw}")
+
+    def macs_per_pixel(self) -> int:
+        return self.kh * self.kw * self.in_channels * self.out_channels
+
+
+@dataclass(frozen=True)
+class Branch:
+    """levels[0] reads x (one 1x1); levels[i] reads levels[i-1]'s one output; only the last
+    level may hold several convolutions (a fan-out, concatenated in order)."""
+
+    levels: tuple[tuple[Conv, ...], ...]
+
+    @property
+    def out_channels(self) -> int:
+        return sum(c.out_channels for c in self.levels[-1])
+
+
+@dataclass(frozen=True)
+class BranchGraphSpec:
+    in_channels: int
+    branches: tuple[Branch, ...]
+    pool: str  # "avg" (count_include_pad) or "max", 3x3 stride 1 padding 1
+    pool_proj: Conv
+
+    def __post_init__(self):
+        if self.pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
+        if self.pool_proj.in_channels != self.in_channels or (self.pool_proj.kh, self.pool_proj.kw) != (1, 1):
+            raise ValueError(f"pool_proj must be a 1x1 over {self.in_channels} channels, got {self.pool_proj}")
+        for i, branch in enumerate(self.branches):
+            if not branch.levels or any(not level for level in branch.levels):
+                raise ValueError(f"branch {i} has an empty level")
+            first = branch.levels[0]
+            if len(first) != 1 or (first[0].kh, first[0].kw) != (1, 1) or first[0].in_channels != self.in_channels:
+                raise ValueError(f"branch {i} must start with one 1x1 over {self.in_channels} channels, got {first}")
+            for j in range(1, len(branch.levels)):
+                if len(branch.levels[j - 1]) != 1:
+                    raise ValueError(f"branch {i}: only the last level may fan out (level {j - 1} has "
+                                     f"{len(branch.levels[j - 1])} convolutions)")
+                width = branch.levels[j - 1][0].out_channels
+                if any(c.in_channels != width for c in branch.levels[j]):
+                    raise ValueError(f"branch {i}, level {j}: convolutions must read {width} channels")
+
+    @property
+    def convs(self) -> tuple[Conv, ...]:
+        """Every convolution in weight order: branch by branch, level by level, then pool_proj."""
+        return tuple(c for b in self.branches for level in b.levels for c in level) + (self.pool_proj,)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(b.out_channels for b in self.branches) + self.pool_proj.out_channels
+
+    def macs(self, h: int, w: int, batch: int = 1) -> int:
+        return batch * h * w * sum(c.macs_per_pixel() for c in self.convs)
+
+
+class GraphPlan(NamedTuple):
+    """The C++ kernel's schedule: intermediates, and GEMMs over x, pooled x or intermediates."""
+
+    buf_channels: tuple[int, ...]
+    buf_border: tuple[int, ...]
+    # (stage, source, kh, kw, cols, n_segments, (begin, end, destination, channel) * n)
+    gemms: tuple[tuple[int, ...], ...]
+    # for each GEMM, the indices into spec.convs of its column blocks, in column order
+    gemm_convs: tuple[tuple[int, ...], ...]
+    out_channels: int
+
+    def flat(self) -> list[int]:
+        """One int list (a custom op argument): counts, then the fields in order."""
+        flat = [len(self.buf_channels), *self.buf_channels, *self.buf_border, self.out_channels, len(self.gemms)]
+        for g in self.gemms:
+            flat += [len(g), *g]
+        return flat
+
+    @staticmethod
+    def from_flat(flat: list[int]) -> tuple[list[int], list[int], int, list[list[int]]]:
+        n = flat[0]
+        buf_channels, buf_border = list(flat[1:1 + n]), list(flat[1 + n:1 + 2 * n])
+        out_channels, count = flat[1 + 2 * n], flat[2 + 2 * n]
+        gemms, i = [], 3 + 2 * n
+        for _ in range(count):
+            gemms.append(list(flat[i + 1:i + 1 + flat[i]]))
+            i += 1 + flat[i]
+        return buf_channels, buf_border, out_channels, gemms
+
+
+def plan(spec: BranchGraphSpec) -> GraphPlan:
+    """The stages of GEMMs that compute `spec`, each storing into the output or a buffer."""
+    index = 0  # into spec.convs
+    buf_channels: list[int] = []
+    buf_consumers: list[list[Conv]] = []
+    stage0_cols, stage0_convs, stage0_segments = 0, [], []
+    later: list[tuple[int, int, Conv, int, tuple]] = []  # (stage, source buffer, conv, conv index, destination)
+    out_offset = 0
+    for branch in spec.branches:
+        previous = None  # the buffer holding the previous level's output
+        for level_index, level in enumerate(branch.levels):
+            last = level_index == len(branch.levels) - 1
+            for conv in level:
+                if last:
+                    destination = (_DEST_OUT, out_offset)
+                    out_offset += conv.out_channels
+                else:
+                    buf_channels.append(conv.out_channels)
+                    buf_consumers.append([])
+                    destination = (len(buf_channels) - 1, 0)
+                if level_index == 0:
+                    stage0_segments.append((stage0_cols, stage0_cols + conv.out_channels, *destination))
+                    stage0_cols += conv.out_channels
+                    stage0_convs.append(index)
+                else:
+                    buf_consumers[previous].append(conv)
+                    later.append((level_index, previous, conv, index, destination))
+                index += 1
+            if not last:
+                previous = len(buf_channels) - 1
+    gemms = [(0, _SOURCE_X, 1, 1, stage0_cols, len(stage0_segments), *(v for s in stage0_segments for v in s))]
+    gemm_convs = [tuple(stage0_convs)]
+    pool_source = _SOURCE_AVG_POOL if spec.pool == "avg" else _SOURCE_MAX_POOL
+    cp = spec.pool_proj.out_channels
+    gemms.append((0, pool_source, 1, 1, cp, 1, 0, cp, _DEST_OUT, out_offset))
+    gemm_convs.append((index,))
+    for stage, source, conv, conv_i, (dest, channel) in later:
+        gemms.append((stage, source, conv.kh, conv.kw, conv.out_channels, 1, 0, conv.out_channels, dest, channel))
+        gemm_convs.append((conv_i,))
+    border = tuple(max((max(c.kh, c.kw) // 2 for c in consumers), default=0) for consumers in buf_consumers)
+    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(gemm_convs), spec.out_channels)
+
+
+def pack_graph_weights(spec: BranchGraphSpec, graph: GraphPlan, weights, biases) -> tuple[list, list]:
+    """Per GEMM: B = [W of its convolutions]^T in panels, and the concatenated biases.
+
+    weights/biases: one (cout, cin, kh, kw) / (cout,) tensor per conv, in spec.convs order.
+    """
+    if len(weights) != len(spec.convs) or len(biases) != len(spec.convs):
+        raise ValueError(f"need {len(spec.convs)} weights and biases (spec.convs order), got "
+                         f"{len(weights)} and {len(biases)}")
+    for i, (conv, w, b) in enumerate(zip(spec.convs, weights, biases)):
+        if tuple(w.shape) != (conv.out_channels, conv.in_channels, conv.kh, conv.kw) or tuple(b.shape) != (conv.out_channels,):
+            raise ValueError(f"convolution {i} needs weight {(conv.out_channels, conv.in_channels, conv.kh, conv.kw)}"
+                             f" and bias ({conv.out_channels},), got {tuple(w.shape)} and {tuple(b.shape)}")
+    width = 128 // weights[0].element_size()  # two 64-byte vectors of columns, as csrc/ expects
+    packed_b, packed_bias = [], []
+    for convs in graph.gemm_convs:
+        packed_b.append(_pack_panels(torch.cat([as_gemm_b(weights[i]) for i in convs], dim=1), width))
+        packed_bias.append(torch.cat([biases[i] for i in convs]).contiguous())
+    return packed_b, packed_bias
+
+
+@torch.library.custom_op("inception_fast::graph_forward", mutates_args=())
+def graph_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor], flat_plan: list[int]) -> torch.Tensor:
+    """The C++ branch-graph kernel on packed weights; flat_plan = GraphPlan.flat()."""
+    buf_channels, buf_border, out_channels, gemms = GraphPlan.from_flat(flat_plan)
+    return require_cpu_extension().inception_graph_forward(
+        x, buf_channels, buf_border, gemms, list(b), list(bias), out_channels)
+
+
+@graph_forward.register_fake
+def _(x, b, bias, flat_plan):
+    out_channels = GraphPlan.from_flat(flat_plan)[2]
+    n, _, h, w = x.shape
+    return x.new_empty((n, out_channels, h, w)).contiguous(memory_format=torch.channels_last)
+
+
+@register_flop_formula(torch.ops.inception_fast.graph_forward)
+def _graph_flops(x_shape, b_shapes, bias_shapes, flat_plan, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add of every GEMM: rows x K x columns, K = packed B's rows."""
+    n, _, h, w = x_shape
+    _, _, _, gemms = GraphPlan.from_flat(flat_plan)
+    return 2 * n * h * w * sum(shape[1] * g[4] for shape, g in zip(b_shapes, gemms))

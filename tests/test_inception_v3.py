@@ -1,0 +1,160 @@
+"""Inception-v3's stride-1 blocks (torchvision InceptionA, C, E) on the branch-graph kernel."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import inception as tv
+
+import inception_fast as ifast
+from inception_fast.fused_graph import FusedBranchGraph
+from inception_fast.ops.branch_graph import Branch, BranchGraphSpec, Conv, plan
+
+from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err
+
+# (block, its grid in inception_v3 at 299x299)
+BLOCKS = {
+    "A": (lambda: tv.InceptionA(192, pool_features=32), 35),
+    "C": (lambda: tv.InceptionC(768, channels_7x7=128), 17),
+    "E": (lambda: tv.InceptionE(1280), 8),
+}
+
+
+def _block(name, dtype=torch.float32):
+    make, size = BLOCKS[name]
+    return randomize_(make()).eval().to(dtype), size
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_matches_torchvision_at_its_grid(name, dtype):
+    block, size = _block(name, dtype)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+    x = torch.randn(2, fused.spec.in_channels, size, size, dtype=dtype)
+    with torch.no_grad():
+        got, want = fused(x), block(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, want) <= TOLERANCE[dtype]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("size", [(1, 1, 1), (3, 5, 9), (1, 2, 2)], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_awkward_grids_and_batches(name, size):
+    """Grids smaller than the 7-tap kernels, odd shapes, batch 1 and 3 (both schedules)."""
+    block, _ = _block(name)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    n, h, w = size
+    x = torch.randn(n, fused.spec.in_channels, h, w)
+    with torch.no_grad():
+        assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
+
+
+@needs_cpu_kernel
+def test_noncontiguous_input_empty_batch_and_repeat_calls():
+    block, _ = _block("A")
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    wide = torch.randn(2, 384, 6, 6)
+    with torch.no_grad():
+        assert rel_err(fused(wide[:, ::2]), block(wide[:, ::2])) <= TOLERANCE[torch.float32]
+        assert fused(torch.randn(0, 192, 6, 6)).shape == (0, 256, 6, 6)
+        x = torch.randn(2, 192, 6, 6)
+        assert torch.equal(fused(x), fused(x))
+
+
+def test_train_mode_runs_the_original_and_updates_running_stats():
+    block, _ = _block("C")
+    block.train()
+    twin = copy.deepcopy(block)
+    fused = FusedBranchGraph.from_module(twin)
+    x = torch.randn(2, 768, 5, 5)
+    torch.testing.assert_close(fused(x), block(x))
+    for a, b in zip(block.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b)
+    assert fused.state_dict().keys() == block.state_dict().keys()
+
+
+@needs_cpu_kernel
+def test_next_forward_sees_optimizer_step_and_load_state_dict():
+    block, _ = _block("E")
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    x = torch.randn(1, 1280, 4, 4)
+    with torch.no_grad():
+        fused(x)  # fill the pack cache
+    for p in fused.parameters():
+        p.grad = torch.randn_like(p) * 0.1
+    torch.optim.SGD(fused.parameters(), lr=0.5).step()
+    mirror = copy.deepcopy(block)
+    mirror.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert rel_err(fused(x), mirror(x)) <= TOLERANCE[torch.float32]
+        fused.load_state_dict(block.state_dict())
+        assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
+
+
+def test_gradients_take_the_original_branches():
+    """No fused backward exists for these blocks: with autograd on, the module runs the
+    original branches, so gradients are exact."""
+    block, _ = _block("A")
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block))
+    x = torch.randn(1, 192, 5, 5, requires_grad=True)
+    fused(x).sum().backward()
+    assert x.grad is not None and fused.branch1x1.conv.weight.grad is not None
+
+
+def test_plan_fuses_every_leading_1x1_into_one_gemm():
+    spec = FusedBranchGraph.from_module(_block("E")[0]).spec
+    graph = plan(spec)
+    stage0 = [g for g in graph.gemms if g[0] == 0]
+    assert len(stage0) == 2  # the shared-input 1x1s, and the pool projection
+    assert stage0[0][4] == 320 + 384 + 448  # columns: branch1x1, branch3x3_1, branch3x3dbl_1
+    assert graph.buf_channels == (384, 448, 384)
+    assert graph.buf_border == (1, 1, 1)
+    assert max(g[0] for g in graph.gemms) == 2
+    assert graph.out_channels == 2048
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(pool="lp"), "pool"),
+    (dict(branches=(Branch(((Conv(8, 4, 3, 3),),)),)), "start with one 1x1"),
+    (dict(branches=(Branch(((Conv(8, 4),), (Conv(5, 4, 3, 3),))),)), "must read 4 channels"),
+])
+def test_bad_specs_name_what_is_wrong(bad, words):
+    fields = dict(in_channels=8, branches=(Branch(((Conv(8, 4),),)),), pool="avg", pool_proj=Conv(8, 2))
+    with pytest.raises(ValueError, match=words):
+        BranchGraphSpec(**{**fields, **bad})
+    with pytest.raises(ValueError, match="odd"):
+        Conv(4, 4, 2, 1)
+
+
+def test_wrong_input_is_rejected_before_the_kernel():
+    fused = FusedBranchGraph.from_module(_block("A")[0], backend="cpu")
+    with pytest.raises(ValueError, match="192"), torch.no_grad():
+        fused(torch.randn(1, 191, 5, 5))
+    with pytest.raises(TypeError, match="float64"), torch.no_grad():
+        fused(torch.randn(1, 192, 5, 5, dtype=torch.float64))
+
+
+@needs_cpu_kernel
+@pytest.mark.slow
+def test_swapped_inception_v3_logits_at_299():
+    model = randomize_(torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)).eval()
+    swapped = ifast.swap_inception(copy.deepcopy(model))
+    kinds = [type(m).__name__ for m in swapped.modules() if isinstance(m, FusedBranchGraph)]
+    assert len(kinds) == 9  # 3 x A, 4 x C, 2 x E; B and D (stride 2) stay unfused
+    assert sum(isinstance(m, (tv.InceptionB, tv.InceptionD)) for m in swapped.modules()) == 2
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        assert rel_err(swapped(x), model(x)) <= 1e-4
+
+
+@needs_cpu_kernel
+def test_profiler_counts_the_fused_blocks_like_the_original():
+    block, size = _block("C")
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    want = ifast.profile(block, (1, 768, size, size)).total_macs
+    with torch.no_grad():
+        got = ifast.profile(fused, (1, 768, size, size)).total_macs
+    assert got == want == fused.spec.macs(size, size)
