@@ -25,8 +25,8 @@ from .fused import FusedInception
 from .reference import ReferenceInception
 from .spec import GOOGLENET_INCEPTION
 
-__all__ = ["CaseResult", "BenchReport", "time_alternating", "gemm_ceiling", "bench_blocks", "machine_info",
-           "device_peak_tflops"]
+__all__ = ["CaseResult", "BenchReport", "time_alternating", "gemm_ceiling", "bench_blocks", "bench_v3_blocks",
+           "bench_networks", "machine_info", "device_peak_tflops"]
 
 PEERS = ("eager_nchw", "eager_channels_last", "compile_freezing", "compile")
 
@@ -341,29 +341,75 @@ def print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def bench_networks(
-    batches: list[int], with_compile: bool = True, reps: int = 5, progress: Callable[[str], None] | None = None
-) -> list[dict]:
-    """Whole torchvision GoogLeNet (random weights, eval): swapped against eager and compile."""
+# Inception-v3's fusable blocks with distinct shapes (6c and 6d are alike), and their grids.
+V3_BLOCKS = {"Mixed_5b": 35, "Mixed_5c": 35, "Mixed_5d": 35, "Mixed_6b": 17, "Mixed_6c": 17, "Mixed_6e": 17,
+             "Mixed_7b": 8, "Mixed_7c": 8}
+
+
+def _inception_v3() -> torch.nn.Module:
     import torchvision
 
+    return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True).eval()
+
+
+def bench_v3_blocks(
+    batches: list[int], with_compile: bool = True, reps: int = 10, progress: Callable[[str], None] | None = None
+) -> BenchReport:
+    """Each fusable Inception-v3 block (torchvision InceptionA/C/E, eval, BN folded by the
+    fused module) against eager channels_last and torch.compile with freezing, on CPU."""
+    from .fused_graph import FusedBranchGraph
+
+    model = _inception_v3()
+    cases = []
+    total = len(V3_BLOCKS) * len(batches)
+    for i, (name, size) in enumerate(V3_BLOCKS.items()):
+        for j, batch in enumerate(batches):
+            if progress:
+                progress(f"[{i * len(batches) + j + 1}/{total}] inception_v3 {name}, batch {batch}")
+            block = copy.deepcopy(getattr(model, name)).to(memory_format=torch.channels_last)
+            fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+            x = torch.randn(batch, fused.spec.in_channels, size, size).contiguous(memory_format=torch.channels_last)
+            providers = {"fused": lambda: fused(x), "eager_channels_last": lambda: block(x)}
+            if with_compile:
+                compiled = _compiled(copy.deepcopy(block), x)
+                providers["compile_freezing"] = lambda: compiled(x)
+            with torch.no_grad():
+                seconds = time_alternating(providers, reps=reps)
+            cases.append(CaseResult(block=f"{name} ({fused.source[-1]})", batch=batch, dtype="float32", backend="cpu",
+                                    macs=fused.spec.macs(size, size, batch),
+                                    ms={k: v * 1e3 for k, v in seconds.items()}))
+    return BenchReport(machine=machine_info("cpu"), ceiling_gmacs=gemm_ceiling(), cases=cases)
+
+
+_NETWORKS = {  # name -> (constructor, input size)
+    "torchvision googlenet": (lambda: __import__("torchvision").models.googlenet(
+        weights=None, aux_logits=False, init_weights=True).eval(), 224),
+    "torchvision inception_v3": (_inception_v3, 299),
+}
+
+
+def bench_networks(
+    batches: list[int], with_compile: bool = True, reps: int = 5, progress: Callable[[str], None] | None = None,
+    model: str = "torchvision googlenet",
+) -> list[dict]:
+    """A whole torchvision network (random weights, eval): swapped against eager and compile."""
     from .swap import swap_inception
 
+    make, size = _NETWORKS[model]
     rows = []
     for batch in batches:
         if progress:
-            progress(f"torchvision googlenet, batch {batch}")
-        original = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).eval()
-        original = original.to(memory_format=torch.channels_last)
+            progress(f"{model}, batch {batch}")
+        original = make().to(memory_format=torch.channels_last)
         swapped = swap_inception(copy.deepcopy(original))
-        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         providers = {"fused": lambda: swapped(x), "eager_channels_last": lambda: original(x)}
         if with_compile:
             compiled = _compiled(original, x)
             providers["compile_freezing"] = lambda: compiled(x)
         with torch.no_grad():
             seconds = time_alternating(providers, reps=reps)
-        rows.append({"model": "torchvision googlenet", "batch": batch,
+        rows.append({"model": model, "batch": batch,
                      "ms": {k: v * 1e3 for k, v in seconds.items()},
                      "speedup": {k: v / seconds["fused"] for k, v in seconds.items() if k != "fused"}})
     return rows

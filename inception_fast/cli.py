@@ -119,6 +119,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.v3:
+        return _bench_v3(args)
     blocks = args.blocks or (["3a", "4a", "5b"] if args.quick else list(_block_names()))
     batches = args.batch or ([1, 8] if args.quick else [1, 32])
     report = bench_blocks(
@@ -144,6 +146,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"wrote {out}/bench.json, bench.csv, bench.md, bench_speedup.png", file=sys.stderr)
     if args.write_readme:
         _write_readme_section(Path("README.md"), "backward" if args.backward else "bench", markdown)
+    return 0
+
+
+def _bench_v3(args: argparse.Namespace) -> int:
+    """Inception-v3's fused blocks, and with --networks the whole swapped inception_v3."""
+    from .bench import bench_networks, bench_v3_blocks, networks_markdown, print_progress
+    from .plots import plot_speedups
+
+    if args.device != "cpu" or args.dtype != "float32" or args.backward:
+        raise UsageError("--v3 runs the CPU kernel forward in float32: drop --device, --dtype and --backward")
+    report = bench_v3_blocks(args.batch or [1, 32], with_compile=not args.no_compile,
+                             reps=5 if args.quick else args.reps, progress=print_progress)
+    markdown = report.to_markdown()
+    data = report.to_json_dict()
+    if args.networks:
+        data["networks"] = bench_networks(args.networks, with_compile=not args.no_compile, progress=print_progress,
+                                          model="torchvision inception_v3")
+        markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
+    print(markdown)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(data, indent=2))
+    (out / "bench.md").write_text(markdown + "\n")
+    (out / "bench.csv").write_text(report.to_csv())
+    plot_speedups(report, out / "bench_speedup.png")
+    print(f"wrote {out}/bench.json, bench.csv, bench.md, bench_speedup.png", file=sys.stderr)
+    if args.write_readme:
+        _write_readme_section(Path("README.md"), "v3", markdown)
     return 0
 
 
@@ -245,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true", help="time forward+backward (train mode)")
     p.add_argument("--networks", type=_csv(int), default=None, metavar="BATCHES",
                    help="also time a whole swapped torchvision GoogLeNet at these batch sizes")
+    p.add_argument("--v3", action="store_true",
+                   help="Inception-v3's fused blocks (InceptionA/C/E) instead of GoogLeNet's; with --networks, "
+                        "the whole swapped inception_v3")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--write-readme", action="store_true", help="also replace README.md's benchmark table")
     p.set_defaults(run=cmd_bench)

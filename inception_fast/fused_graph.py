@@ -1,5 +1,6 @@
 """FusedBranchGraph: torchvision's Inception-v3 blocks InceptionA, C and E on the fused
-branch-graph kernel (ops/branch_graph.py). A thin module: parse, fold BN, pack, call the op.
+branch-graph kernels (ops/branch_graph.py: C++ on CPUs, Triton on GPUs). A thin module:
+parse, fold BN, pack, call the op.
 
 It keeps the original block's children under their own names (state_dict unchanged). In
 eval mode it folds each BN into its convolution and runs the fused kernel; in train mode
@@ -16,7 +17,16 @@ from ._cache import TensorVersionCache
 from ._checks import check_choice, check_input
 from ._extension import cpu_extension
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
-from .ops.branch_graph import Branch, BranchGraphSpec, Conv, graph_forward, pack_graph_weights, plan
+from .ops.branch_graph import (
+    Branch,
+    BranchGraphSpec,
+    Conv,
+    graph_forward,
+    graph_triton_forward,
+    pack_graph_weights,
+    plan,
+)
+from .ops.inception import resolve_backend
 
 __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
 
@@ -31,7 +41,6 @@ _TORCHVISION_LAYOUTS = {
     "InceptionE": ((("branch1x1",), ("branch3x3_1", ("branch3x3_2a", "branch3x3_2b")),
                     ("branch3x3dbl_1", "branch3x3dbl_2", ("branch3x3dbl_3a", "branch3x3dbl_3b"))), "avg", "branch_pool"),
 }
-BACKENDS = ("auto", "cpu", "reference")
 
 
 def torchvision_graph_layout(module: nn.Module):
@@ -95,7 +104,7 @@ class FusedBranchGraph(nn.Module):
 
     def __init__(self, block: nn.Module, backend: str = "auto"):
         super().__init__()
-        check_choice("backend", backend, BACKENDS)
+        check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
         self.spec, units = _parse(block)
         self.backend = backend
         self.source = type(block).__name__
@@ -105,34 +114,39 @@ class FusedBranchGraph(nn.Module):
         self._units = units
         self._plan = plan(self.spec)
         self._flat_plan = self._plan.flat()
-        self._pack_cache: TensorVersionCache = TensorVersionCache()
+        self._pack_caches: dict[str, TensorVersionCache] = {"cpu": TensorVersionCache(), "triton": TensorVersionCache()}
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedBranchGraph":
         return cls(block, backend).train(block.training)
 
-    def _packed(self):
+    def _packed(self, backend: str):
         def build():
             folded = [fold_conv_bn(u) for u in self._units]
-            return pack_graph_weights(self.spec, self._plan, [w for w, _ in folded], [b for _, b in folded])
+            weights, biases = [w for w, _ in folded], [b for _, b in folded]
+            if backend == "triton":
+                from .ops.branch_graph_triton import pack_graph_weights_triton
+
+                return pack_graph_weights_triton(self._plan, weights, biases)
+            return pack_graph_weights(self.spec, self._plan, weights, biases)
 
         sources = [t for u in self._units for t in (u.conv.weight, u.bn.weight, u.bn.bias, u.bn.running_mean,
                                                     u.bn.running_var) if t is not None]
         with torch.no_grad():
-            return self._pack_cache.get(sources, build)
+            return self._pack_caches[backend].get(sources, build)
 
-    def _runs_fused(self, x: torch.Tensor) -> bool:
-        if self.training or self.backend == "reference":
-            return False
-        fusable = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_extension() is not None
-        if self.backend == "cpu" and not fusable:
-            raise ValueError(f"backend='cpu' needs float32/float64 CPU tensors and the compiled extension; "
-                             f"got x of {x.dtype} on {x.device}")
-        return fusable
+    def _fused_backend(self, x: torch.Tensor) -> str | None:
+        """The kernel that runs x in eval mode ("cpu" or "triton"), or None for the original
+        branches; the same rules as FusedInception's backend="auto"."""
+        if self.training:
+            return None
+        backend = resolve_backend(self.backend, x)
+        return backend if backend in ("cpu", "triton") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
-        if not self._runs_fused(x):
+        backend = self._fused_backend(x)
+        if backend is None:
             return self._original[0](x)
         weights = next(self.parameters())
         if weights.dtype != x.dtype or weights.device != x.device:
@@ -142,12 +156,14 @@ class FusedBranchGraph(nn.Module):
             # The fused kernel has no backward: gradients through an eval-mode block take
             # the original branches.
             return self._original[0](x)
-        b, bias = self._packed()
-        return graph_forward(x, b, bias, self._flat_plan)
+        b, bias = self._packed(backend)
+        op = graph_triton_forward if backend == "triton" else graph_forward
+        return op(x, b, bias, self._flat_plan)
 
     def invalidate_weight_caches(self) -> None:
         """After writing weights through `.data` (which skips the version counter)."""
-        self._pack_cache.clear()
+        for cache in self._pack_caches.values():
+            cache.clear()
 
     def extra_repr(self) -> str:
         return (f"{self.source}: {len(self.spec.branches)} branches + {self.spec.pool} pool, "

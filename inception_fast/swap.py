@@ -34,8 +34,7 @@ def _fuse(module: nn.Module, backend: str) -> nn.Module:
     """The fused twin of a block: Inception-v3's A/C/E on the branch-graph kernel, any
     GoogLeNet-style block on FusedInception."""
     if torchvision_graph_layout(module) is not None:
-        # The branch-graph kernel runs on the CPU; "triton" has no v3 kernel yet.
-        return FusedBranchGraph.from_module(module, "reference" if backend == "triton" else backend)
+        return FusedBranchGraph.from_module(module, backend)
     if type(module).__name__ in ("InceptionB", "InceptionD", "InceptionAux"):
         raise NotAnInceptionBlock("Inception-v3's grid-reduction blocks (stride-2 branches) and auxiliary "
                                   "head are not fused yet", near_miss=True)

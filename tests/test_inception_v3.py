@@ -158,3 +158,10 @@ def test_profiler_counts_the_fused_blocks_like_the_original():
     with torch.no_grad():
         got = ifast.profile(fused, (1, 768, size, size)).total_macs
     assert got == want == fused.spec.macs(size, size)
+
+
+@needs_cpu_kernel
+def test_swap_with_verify_checks_the_v3_blocks_too():
+    model = torch.nn.Sequential(randomize_(tv.InceptionA(24, pool_features=8)).eval())
+    ifast.swap_inception(model, verify=1e-5)
+    assert isinstance(model[0], FusedBranchGraph)

@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 from inception_fast.ops.inception_triton import SHARED_MEMORY_LIMIT, compile_ahead_of_time, kernel_configs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "aot_resources.md"
+from inception_fast.ops.branch_graph_triton import graph_config_kind  # noqa: E402
 from inception_fast.ops.inception_triton_backward import BACKWARD_KERNELS, backward_configs  # noqa: E402
 
 # Forward kernels, then backward kernels, each with the autotune list it launches with.
@@ -27,6 +28,13 @@ CASES = [(kind, exact, cfg) for kind in ("pointwise", "spatial") for exact in (F
          for cfg in kernel_configs(kind, exact_fp32=exact)]
 CASES += [(kind, exact, cfg) for kind in BACKWARD_KERNELS for exact in (False, True)
           for cfg in backward_configs(kind, exact_fp32=exact)]
+# The branch-graph kernel in the three shapes its plans launch: a K x K stage, the stage-0
+# 1x1 over x into three destinations, and the average-pool branch's 1x1.
+GRAPH_VARIANTS = {"graph_gemm": dict(POOL=0, SEGMENTS=1), "graph_gemm_stage0": dict(POOL=0, SEGMENTS=3),
+                  "graph_gemm_avgpool": dict(POOL=1, SEGMENTS=1)}
+GRAPH_TAPS = {"graph_gemm": (3, 3), "graph_gemm_stage0": (1, 1), "graph_gemm_avgpool": (1, 1)}
+CASES += [(kind, exact, cfg) for kind in GRAPH_VARIANTS for exact in (False, True)
+          for cfg in kernel_configs(graph_config_kind(*GRAPH_TAPS[kind]), exact_fp32=exact)]
 # (dtype, dot precision) of the tensor-core lists; the exact-fp32 lists (FMA dots, when
 # allow_tf32 is off) compile for fp32 "ieee" only.
 TENSOR_CORE_DTYPES = [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "tf32")]
@@ -47,7 +55,8 @@ def compiled():
         for dtype, precision in dtypes_of(exact):
             for capability in (80, 90):
                 results[kind, cfg, dtype, precision, capability] = compile_ahead_of_time(
-                    kind, cfg, dtype, capability, precision)
+                    "graph_gemm" if kind in GRAPH_VARIANTS else kind, cfg, dtype, capability, precision,
+                    GRAPH_VARIANTS.get(kind))._replace(kernel=kind)
     rows = [
         "| kernel | BLOCK_M×N×K | warps | stages | dtype | sm | registers | stack | local | shared (B) | MMA |",
         "|---|---|---|---|---|---|---:|---:|---:|---:|---|",

@@ -222,3 +222,29 @@ def test_triton_backward_in_half_precision_matches_the_fp64_backward_of_the_same
     want = op.inception_backward(grad_out.double(), x.double(), y.double(), as64, needs)
     for name, a, b in zip(("x", *op.InceptionWeights._fields), got, want):
         assert rel_err(a, b) <= TOLERANCE[dtype], name
+
+
+# -- Inception-v3's branch graph on the Triton kernel --------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["A", "C", "E"])
+def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
+    import copy
+
+    from torchvision.models import inception as tv
+
+    from conftest import randomize_
+    from inception_fast.fused_graph import FusedBranchGraph
+
+    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "C": lambda: tv.InceptionC(40, channels_7x7=12),
+            "E": lambda: tv.InceptionE(24)}[name]
+    block = randomize_(make()).eval().to(dtype)
+    reference = copy.deepcopy(block).double()  # the same rounded weights, exact arithmetic
+    fused = FusedBranchGraph.from_module(block, backend="triton")
+    x = torch.randn(2, fused.spec.in_channels, 5, 9).to(dtype)
+    with torch.no_grad():
+        got = fused(x)
+        want = reference(x.double())
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    assert rel_err(got, want) <= TOLERANCE[dtype]

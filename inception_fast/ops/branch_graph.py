@@ -14,8 +14,9 @@ every branch's leading 1x1 as one GEMM over x (horizontal fusion) plus the pool 
 zero-bordered intermediates. Each GEMM stores through bias + ReLU straight into its slice
 of the output or of the next intermediate. `plan()` turns a spec into that schedule.
 
-Forward only, CPU only (float32, float64): the module around it (fused_graph.py) runs the
-original branches in train mode, where BN needs batch statistics anyway.
+Forward only, on the CPU (float32, float64) and, through branch_graph_triton.py, on GPUs:
+the module around it (fused_graph.py) runs the original branches in train mode, where BN
+needs batch statistics anyway.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .._extension import require_cpu_extension
 from ._layout import as_gemm_b
 from .inception import _pack_panels
 
-__all__ = ["Conv", "Branch", "BranchGraphSpec", "GraphPlan", "plan", "pack_graph_weights", "graph_forward"]
+__all__ = ["Conv", "Branch", "BranchGraphSpec", "GraphPlan", "plan", "pack_graph_weights", "graph_forward",
+           "graph_triton_forward"]
 
 _SOURCE_X, _SOURCE_AVG_POOL, _SOURCE_MAX_POOL = -1, -2, -3
 _DEST_OUT = -1
@@ -210,7 +212,7 @@ def graph_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tenso
 
 
 @graph_forward.register_fake
-def _(x, b, bias, flat_plan):
+def _graph_fake(x, b, bias, flat_plan):
     out_channels = GraphPlan.from_flat(flat_plan)[2]
     n, _, h, w = x.shape
     return x.new_empty((n, out_channels, h, w)).contiguous(memory_format=torch.channels_last)
@@ -218,7 +220,21 @@ def _(x, b, bias, flat_plan):
 
 @register_flop_formula(torch.ops.inception_fast.graph_forward)
 def _graph_flops(x_shape, b_shapes, bias_shapes, flat_plan, out_shape=None, **kwargs) -> int:
-    """2 FLOPs per multiply-add of every GEMM: rows x K x columns, K = packed B's rows."""
+    """2 FLOPs per multiply-add of every GEMM: rows x K x columns, K = B's second-last dim
+    (packed CPU panels (panels, K, width) and Triton's (K, cols) alike)."""
     n, _, h, w = x_shape
     _, _, _, gemms = GraphPlan.from_flat(flat_plan)
-    return 2 * n * h * w * sum(shape[1] * g[4] for shape, g in zip(b_shapes, gemms))
+    return 2 * n * h * w * sum(shape[-2] * g[4] for shape, g in zip(b_shapes, gemms))
+
+
+@torch.library.custom_op("inception_fast::graph_triton_forward", mutates_args=())
+def graph_triton_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor],
+                         flat_plan: list[int]) -> torch.Tensor:
+    """The Triton branch-graph kernel (branch_graph_triton.py), one launch per GEMM of the plan."""
+    from . import branch_graph_triton  # imports triton: only when this backend runs
+
+    return branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan))
+
+
+graph_triton_forward.register_fake(_graph_fake)
+register_flop_formula(torch.ops.inception_fast.graph_triton_forward)(_graph_flops)

@@ -382,14 +382,14 @@ _POINTER_DTYPES = {"argmax_ptr": "i8"}
 def jit_kernel(kind: str):
     """The JIT function of a kernel kind: the forward's "pointwise" and "spatial", or one of
     the backward's (inception_triton_backward.BACKWARD_KERNELS)."""
-    forward = {"pointwise": _pointwise_kernel, "spatial": _spatial_kernel}
-    if kind in forward:
-        return forward[kind]
+    from .branch_graph_triton import GRAPH_KERNELS
     from .inception_triton_backward import BACKWARD_KERNELS
 
-    if kind not in BACKWARD_KERNELS:
-        raise ValueError(f"kind must be one of {sorted([*forward, *BACKWARD_KERNELS])}, got {kind!r}")
-    return BACKWARD_KERNELS[kind][0]
+    kernels = {"pointwise": _pointwise_kernel, "spatial": _spatial_kernel,
+               **{k: fn for k, (fn, _) in BACKWARD_KERNELS.items()}, **{k: fn for k, (fn, _) in GRAPH_KERNELS.items()}}
+    if kind not in kernels:
+        raise ValueError(f"kind must be one of {sorted(kernels)}, got {kind!r}")
+    return kernels[kind]
 
 
 def _cuda_tool(name: str) -> str:
@@ -400,12 +400,14 @@ def _cuda_tool(name: str) -> str:
 
 
 def compile_ahead_of_time(
-    kind: str, config: KernelConfig, dtype: torch.dtype, capability: int, precision: str | None = None
+    kind: str, config: KernelConfig, dtype: torch.dtype, capability: int, precision: str | None = None,
+    constexprs: dict[str, int] | None = None,
 ) -> CompiledKernel:
     """Compile one kernel config for an sm_<capability> GPU, and read its resource usage.
 
     `precision` is the dot's input precision; by default tf32 for fp32 (the tensor-core
-    path) and "ieee" otherwise.
+    path) and "ieee" otherwise. `constexprs` sets a kernel's other compile-time arguments
+    (the branch-graph kernel's POOL and SEGMENTS).
     """
     import re
     import subprocess
@@ -418,7 +420,8 @@ def compile_ahead_of_time(
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("ahead-of-time compilation needs real JIT kernels: unset TRITON_INTERPRET")
     meta = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-            "INPUT_PRECISION": precision or ("tf32" if dtype == torch.float32 else "ieee"), "UPCAST_DOT": False}
+            "INPUT_PRECISION": precision or ("tf32" if dtype == torch.float32 else "ieee"), "UPCAST_DOT": False,
+            **(constexprs or {})}
     pointers = [name for name in fn.arg_names if name.endswith("_ptr")]
     signature = {name: ("constexpr" if name in meta
                         else f"*{_POINTER_DTYPES.get(name, _TRITON_DTYPE[dtype])}" if name in pointers else "i32")

@@ -1,0 +1,192 @@
+"""Triton kernel of the branch-graph forward (Inception-v3's InceptionA, C, E) on GPUs.
+
+The schedule is the C++ kernel's (`branch_graph.plan`): one launch per GEMM of the plan,
+stage after stage. `_graph_gemm_kernel` is one implicit GEMM over an NHWC source with a
+kh x kw window (zero padding by masks), whose A tile may be the 3x3 average or max pool
+of the source taken while loading (the pool branch), and whose columns go, through bias +
+ReLU, to up to four destinations (channel slices of the output or of intermediates): the
+stage-0 GEMM computes every branch's leading 1x1 from one pass over x.
+
+Verified under TRITON_INTERPRET=1 and by ahead-of-time compilation, like the GoogLeNet
+kernels; never run on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._layout import as_gemm_b
+from .branch_graph import GraphPlan
+from .inception_triton import KernelConfig, _mma, input_precision, interpreting, kernel_configs, prune_configs
+
+__all__ = ["GRAPH_KERNELS", "graph_config_kind", "graph_forward_triton", "pack_graph_weights_triton"]
+
+MAX_SEGMENTS = 4  # destinations of one GEMM: the stage-0 GEMM of InceptionE has three
+POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["kh", "kw", "seg_begin1", "seg_begin2", "seg_begin3"])
+def _graph_gemm_kernel(
+    # pointers
+    src_ptr,  # (N, H, W, K_src) NHWC source: x or an intermediate
+    w_ptr,  # (kh * kw * K_src, cols) B, row (dy * kw + dx) * K_src + c
+    b_ptr,  # (cols,)
+    dst0_ptr,  # (N, H, W, dst0_channels) NHWC destination of columns [0, seg_begin1)
+    dst1_ptr,  # ... of columns [seg_begin1, seg_begin2)
+    dst2_ptr,  # ... of columns [seg_begin2, seg_begin3)
+    dst3_ptr,  # ... of columns [seg_begin3, cols)
+    # sizes
+    M, H, W, K_src, cols, kh, kw,
+    seg_begin1, seg_begin2, seg_begin3,
+    dst0_channels, dst1_channels, dst2_channels, dst3_channels,
+    dst0_channel, dst1_channel, dst2_channel, dst3_channel,
+    # meta-parameters
+    POOL: tl.constexpr, SEGMENTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    m_mask = m0 + rows < M
+    hw = (m0 + rows) % (H * W)
+    h = hw // W
+    w = hw % W
+    # 64-bit scalar base at the tile's first pixel, 32-bit offsets (a tile plus its halo).
+    src_tile = src_ptr + m0.to(tl.int64) * K_src
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < cols
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if POOL == 0:
+        for tap in range(0, kh * kw):
+            dy = tap // kw - kh // 2
+            dx = tap % kw - kw // 2
+            ok = m_mask & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)  # zero padding
+            for c0 in range(0, K_src, BLOCK_K):
+                cc = c0 + offs_k
+                c_mask = cc < K_src
+                a = tl.load(src_tile + (rows + (dy * W + dx))[:, None] * K_src + cc[None, :],
+                            mask=ok[:, None] & c_mask[None, :], other=0.0)
+                b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
+                            mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    else:
+        # A 1x1 over the 3x3/1/1 pool of the source, taken in fp32 while loading.
+        for c0 in range(0, K_src, BLOCK_K):
+            cc = c0 + offs_k
+            c_mask = cc < K_src
+            if POOL == 1:
+                a32 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            else:
+                a32 = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
+            for py in tl.static_range(-1, 2):
+                for px in tl.static_range(-1, 2):
+                    inside = m_mask & (h + py >= 0) & (h + py < H) & (w + px >= 0) & (w + px < W)
+                    ok2 = inside[:, None] & c_mask[None, :]
+                    v = tl.load(src_tile + (rows + (py * W + px))[:, None] * K_src + cc[None, :],
+                                mask=ok2, other=0.0).to(tl.float32)
+                    if POOL == 1:
+                        a32 += v  # padding adds zeros: count_include_pad
+                    else:
+                        a32 = tl.maximum(a32, tl.where(ok2, v, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+            if POOL == 1:
+                a32 = a32 / 9.0
+            # Rows past M and channels past K_src are zeroed, so -inf * 0 cannot make NaN.
+            a = tl.where(m_mask[:, None] & c_mask[None, :], a32, 0.0).to(src_ptr.dtype.element_ty)
+            b = tl.load(w_ptr + cc[:, None] * cols + offs_n[None, :], mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(dst0_ptr.dtype.element_ty)
+    col = offs_n[None, :]
+    row_ok = m_mask[:, None]
+    pix = (m0 + rows).to(tl.int64)[:, None]
+    # Each column block to its destination's channel slice.
+    tl.store(dst0_ptr + pix * dst0_channels + dst0_channel + col, y, mask=row_ok & (col < seg_begin1) & (col < cols))
+    if SEGMENTS > 1:
+        tl.store(dst1_ptr + pix * dst1_channels + dst1_channel + (col - seg_begin1), y,
+                 mask=row_ok & (col >= seg_begin1) & (col < seg_begin2) & (col < cols))
+    if SEGMENTS > 2:
+        tl.store(dst2_ptr + pix * dst2_channels + dst2_channel + (col - seg_begin2), y,
+                 mask=row_ok & (col >= seg_begin2) & (col < seg_begin3) & (col < cols))
+    if SEGMENTS > 3:
+        tl.store(dst3_ptr + pix * dst3_channels + dst3_channel + (col - seg_begin3), y,
+                 mask=row_ok & (col >= seg_begin3) & (col < cols))
+
+
+GRAPH_KERNELS = {"graph_gemm": (_graph_gemm_kernel, "spatial")}
+
+
+def graph_config_kind(kh: int, kw: int) -> str:
+    """The autotune list of one GEMM of a plan: the GoogLeNet pointwise kernel's for 1x1s
+    (thin K slices: the pooled-A loads of the pool branch spilled 8-3900 bytes with the
+    spatial list's 32-deep ones), the spatial kernel's for the K x K stages."""
+    return "pointwise" if (kh, kw) == (1, 1) else "spatial"
+_BEST: dict[tuple, KernelConfig] = {}
+
+
+def pack_graph_weights_triton(graph: GraphPlan, weights, biases) -> tuple[list, list]:
+    """Per GEMM of the plan: B = [W of its convolutions]^T, row-major, and the biases."""
+    b = [torch.cat([as_gemm_b(weights[i]) for i in convs], dim=1).contiguous() for convs in graph.gemm_convs]
+    bias = [torch.cat([biases[i] for i in convs]).contiguous() for convs in graph.gemm_convs]
+    return b, bias
+
+
+def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int]) -> torch.Tensor:
+    """The plan's GEMMs, stage by stage, one launch each; x (N, C, H, W) any layout."""
+    buf_channels, _, out_channels, gemms = GraphPlan.from_flat(flat_plan)
+    n, c, h, w = x.shape
+    m = n * h * w
+    if m >= 2**31:
+        raise ValueError(f"x has {m} pixels (N*H*W); the Triton kernels take fewer than 2**31")
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty((n, out_channels, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if m == 0:
+        return out
+    # Intermediates without a border: the kernel masks the taps that fall outside.
+    bufs = [torch.empty((n, h, w, ch), device=x.device, dtype=x.dtype) for ch in buf_channels]
+    precision = input_precision(x.dtype)
+    upcast = interpreting() and x.dtype == torch.bfloat16
+    exact = x.dtype == torch.float32 and precision == "ieee"
+    for g in sorted(range(len(gemms)), key=lambda i: gemms[i][0]):  # stage order
+        _stage, source, kh, kw, cols, n_seg, *segs = gemms[g]
+        src = x if source < 0 else bufs[source]
+        pool = {-1: POOL_NONE, -2: POOL_AVG, -3: POOL_MAX}[source] if source < 0 else POOL_NONE
+        k_src = c if source < 0 else buf_channels[source]
+        dsts, begins, channels, offsets = [], [], [], []
+        for s in range(n_seg):
+            begin, _end, dest, channel = segs[4 * s:4 * s + 4]
+            dsts.append(out if dest < 0 else bufs[dest])
+            begins.append(begin)
+            channels.append(out_channels if dest < 0 else buf_channels[dest])
+            offsets.append(channel)
+        if n_seg > MAX_SEGMENTS:
+            raise ValueError(f"a GEMM with {n_seg} destinations; the kernel takes at most {MAX_SEGMENTS}")
+        pad = MAX_SEGMENTS - n_seg  # unused destinations: never stored to (SEGMENTS masks them)
+        dsts += [dsts[0]] * pad
+        begins = (begins[1:] + [cols] * MAX_SEGMENTS)[:MAX_SEGMENTS - 1]  # where segments 1..3 start
+        channels += [channels[0]] * pad
+        offsets += [0] * pad
+
+        def launch(cfg: KernelConfig):
+            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cols, cfg.block_n))
+            _graph_gemm_kernel[grid](
+                src, b[g], bias[g], *dsts, m, h, w, k_src, cols, kh, kw, *begins, *channels, *offsets,
+                POOL=pool, SEGMENTS=n_seg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                INPUT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        key = (tuple(gemms[g]), n, h, w, x.dtype, precision, x.device)
+        if key not in _BEST:
+            configs = prune_configs(kernel_configs(graph_config_kind(kh, kw), exact), m, cols)
+            if interpreting() or not x.is_cuda:
+                _BEST[key] = configs[0]
+            else:
+                from triton.testing import do_bench
+
+                timings = {cfg: do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in configs}
+                _BEST[key] = min(timings, key=timings.get)
+        launch(_BEST[key])
+    return out
