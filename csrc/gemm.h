@@ -62,6 +62,31 @@ constexpr int64_t kChunkBytes = 24 * 1024;
 // enough that the block's A rows and partial sums stay in a 2 MB L2.
 constexpr int64_t kMaxBlockRows = 32 * kMR;
 
+// Rows of one block of a range of `rows` cut into a multiple of `parts` equal blocks: big
+// blocks reuse each L1-resident B chunk over more rows; each is a multiple of the tile.
+inline int64_t block_rows(int64_t rows, int64_t parts) {
+  const int64_t blocks = parts * ceil_div(rows, parts * kMaxBlockRows);
+  return ceil_div(ceil_div(rows, blocks), kMR) * kMR;
+}
+
+// Images per work item of the image-major schedule: small images are grouped so that a
+// block still has enough rows to amortise B.
+inline int64_t images_per_group(int64_t HW) { return std::max<int64_t>(1, (kMaxBlockRows + HW / 2) / HW); }
+
+// Whether `groups` image groups share out evenly enough between `threads` for the
+// image-major schedule (each thread runs every stage on whole images).
+inline bool image_major(int64_t groups, int64_t threads) { return groups >= 4 * threads || groups % threads == 0; }
+
+// (n, h, w) of pixel rows [m0, m0 + rows) of an N x H x W grid.
+inline void pixel_coords(int64_t m0, int64_t rows, int64_t H, int64_t W, int64_t* pn, int64_t* ph, int64_t* pw) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t m = m0 + i, hw = m % (H * W);
+    pn[i] = m / (H * W);
+    ph[i] = hw / W;
+    pw[i] = hw % W;
+  }
+}
+
 // Rows per thread under which threads split a GEMM's columns rather than its rows.
 constexpr int64_t kSplitColumnsBelowRows = 6 * kMR;
 

@@ -113,26 +113,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& reduce_b, const at::Ten
     for (int64_t b = m0; b < m1; b += block) {
       const int64_t rows = std::min(block, m1 - b);
       int64_t *pn = s.pix.data(), *ph = pn + block, *pw = ph + block;
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t m = b + i, hw = m % (H * W);
-        pn[i] = m / (H * W);
-        ph[i] = hw / W;
-        pw[i] = hw % W;
-      }
+      pixel_coords(b, rows, H, W, pn, ph, pw);
       stage(rows, pn, ph, pw, s, part, parts);
     }
   };
-  // Big blocks reuse each L1-resident B chunk over more rows; `parts` equal blocks per range.
-  auto block_rows = [](int64_t rows, int64_t parts) {
-    const int64_t blocks = parts * ceil_div(rows, parts * kMaxBlockRows);
-    return ceil_div(ceil_div(rows, blocks), kMR) * kMR;
-  };
-
   const int64_t threads = at::get_num_threads(), HW = H * W;
-  // Small images are grouped so that a block still has enough rows to amortise B.
-  const int64_t group = std::max<int64_t>(1, (kMaxBlockRows + HW / 2) / HW);
-  const int64_t groups = ceil_div(N, group);
-  if (groups >= 4 * threads || groups % threads == 0) {
+  const int64_t group = images_per_group(HW), groups = ceil_div(N, group);
+  if (image_major(groups, threads)) {
     // Image-major: a thread runs both stages on a group of whole images, so their t3 and
     // t5 go from stage 1 to stage 2 through its L2 instead of through DRAM.
     const int64_t block = block_rows(std::min(group, N) * HW, 1);

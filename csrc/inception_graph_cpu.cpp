@@ -128,27 +128,16 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     for (int64_t b0 = m0; b0 < m1; b0 += block) {
       const int64_t rows = std::min(block, m1 - b0);
       int64_t *pn = s.pix.data(), *ph = pn + block, *pw = ph + block;
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t m = b0 + i, hw = m % HW;
-        pn[i] = m / HW;
-        ph[i] = hw / W;
-        pw[i] = hw % W;
-      }
+      pixel_coords(b0, rows, H, W, pn, ph, pw);
       run_stage(stage, rows, pn, ph, pw, s);
     }
   };
   auto zero_borders = [&](int64_t n) {
     for (size_t k = 0; k < planes.size(); ++k) zero_border(planes[k], n, H, W, buf_channels[k]);
   };
-  auto block_rows = [](int64_t rows, int64_t parts) {
-    const int64_t blocks = parts * ceil_div(rows, parts * kMaxBlockRows);
-    return ceil_div(ceil_div(rows, blocks), kMR) * kMR;
-  };
-
   const int64_t threads = at::get_num_threads();
-  const int64_t group = std::max<int64_t>(1, (kMaxBlockRows + HW / 2) / HW);
-  const int64_t groups = ceil_div(N, group);
-  if (groups >= 4 * threads || groups % threads == 0) {
+  const int64_t group = images_per_group(HW), groups = ceil_div(N, group);
+  if (image_major(groups, threads)) {
     // Image-major: a thread runs every stage on a group of whole images, so their
     // intermediates pass from stage to stage through its cache.
     const int64_t block = block_rows(std::min(group, N) * HW, 1);

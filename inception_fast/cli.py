@@ -115,7 +115,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_blocks, print_progress
-    from .plots import plot_speedups
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,8 +128,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device, backward=args.backward,
     )
     print(report.to_markdown())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     data = report.to_json_dict()
     markdown = report.to_markdown()
     if args.networks:
@@ -139,20 +136,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data["networks"] = bench_networks(args.networks, with_compile=not args.no_compile, progress=print_progress)
         markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
         print(markdown.split("\n\nWhole network", 1)[1])
+    _write_results(args, report, data, markdown, "backward" if args.backward else "bench")
+    return 0
+
+
+def _write_results(args: argparse.Namespace, report, data: dict, markdown: str, readme_section: str) -> None:
+    """bench.{json,csv,md} and the chart into --out; with --write-readme, README's section too."""
+    from .plots import plot_speedups
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(data, indent=2))
     (out / "bench.md").write_text(markdown + "\n")
     (out / "bench.csv").write_text(report.to_csv())
     plot_speedups(report, out / "bench_speedup.png")
     print(f"wrote {out}/bench.json, bench.csv, bench.md, bench_speedup.png", file=sys.stderr)
     if args.write_readme:
-        _write_readme_section(Path("README.md"), "backward" if args.backward else "bench", markdown)
-    return 0
+        _write_readme_section(Path("README.md"), readme_section, markdown)
 
 
 def _bench_v3(args: argparse.Namespace) -> int:
     """Inception-v3's fused blocks, and with --networks the whole swapped inception_v3."""
     from .bench import bench_networks, bench_v3_blocks, networks_markdown, print_progress
-    from .plots import plot_speedups
 
     if args.device != "cpu" or args.dtype != "float32" or args.backward:
         raise UsageError("--v3 runs the CPU kernel forward in float32: drop --device, --dtype and --backward")
@@ -165,15 +170,7 @@ def _bench_v3(args: argparse.Namespace) -> int:
                                           model="torchvision inception_v3")
         markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
     print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(data, indent=2))
-    (out / "bench.md").write_text(markdown + "\n")
-    (out / "bench.csv").write_text(report.to_csv())
-    plot_speedups(report, out / "bench_speedup.png")
-    print(f"wrote {out}/bench.json, bench.csv, bench.md, bench_speedup.png", file=sys.stderr)
-    if args.write_readme:
-        _write_readme_section(Path("README.md"), "v3", markdown)
+    _write_results(args, report, data, markdown, "v3")
     return 0
 
 

@@ -395,16 +395,23 @@ def inception_backward(
             d_pooled, x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices
         )
     dwp = gp.t() @ rows(pooled)
+    return gradients_in_order(w, needs, dx, dw_red, db_red, (dw3, db3), (dw5, db5), (dwp, gp.sum(0)))
+
+
+def gradients_in_order(w: InceptionWeights, needs, dx, dw_red, db_red, k3, k5, pool) -> tuple:
+    """(dx, dw1, db1, dw3r, db3r, dw3, db3, dw5r, db5r, dw5, db5, dwp, dbp), None where not
+    needed, from the grouped results: dw_red/db_red split [1x1 | 3x3 reduce | 5x5 reduce],
+    and (weight, bias) pairs of the K3, K5 and pool convolutions."""
     grads = (
         dx,
         dw_red[0].reshape(w.w1.shape), db_red[0],
         dw_red[1].reshape(w.w3r.shape), db_red[1],
-        dw3, db3,
+        *k3,
         dw_red[2].reshape(w.w5r.shape), db_red[2],
-        dw5, db5,
-        dwp.reshape(w.wp.shape), gp.sum(0),
+        *k5,
+        pool[0].reshape(w.wp.shape), pool[1],
     )
-    return tuple(gr if need else None for gr, need in zip(grads, needs))
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 _WEIGHT_NAMES = InceptionWeights._fields

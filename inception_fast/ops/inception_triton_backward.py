@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._layout import as_gemm_b
+from .inception import gradients_in_order
 from .inception_triton import (
     KernelConfig,
     _mma,
@@ -344,13 +345,4 @@ def backward_triton(grad_out, x, y, w, needs) -> tuple[torch.Tensor | None, ...]
     dw3, db3 = spatial_wgrad(g3, t3, w.w3)
     dw5, db5 = spatial_wgrad(g5, t5, w.w5)
     dwp = gp.t() @ pooled
-    grads = (
-        dx,
-        dw_red[0].reshape(w.w1.shape), db_red[0],
-        dw_red[1].reshape(w.w3r.shape), db_red[1],
-        dw3, db3,
-        dw_red[2].reshape(w.w5r.shape), db_red[2],
-        dw5, db5,
-        dwp.reshape(w.wp.shape), gp.sum(0),
-    )
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    return gradients_in_order(w, needs, dx, dw_red, db_red, (dw3, db3), (dw5, db5), (dwp, gp.sum(0)))
