@@ -26,7 +26,7 @@ from .ops.branch_graph import (
     pack_graph_weights,
     plan,
 )
-from .ops.inception import resolve_backend
+from .ops.inception import _cacheable, resolve_backend
 
 __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
 
@@ -132,6 +132,8 @@ class FusedBranchGraph(nn.Module):
 
         sources = [t for u in self._units for t in (u.conv.weight, u.bn.weight, u.bn.bias, u.bn.running_mean,
                                                     u.bn.running_var) if t is not None]
+        if not _cacheable(self._pack_caches[backend], sources[0]):
+            return build()  # traced (compile, export): folding and packing go into the graph
         with torch.no_grad():
             return self._pack_caches[backend].get(sources, build)
 

@@ -165,3 +165,18 @@ def test_swap_with_verify_checks_the_v3_blocks_too():
     model = torch.nn.Sequential(randomize_(tv.InceptionA(24, pool_features=8)).eval())
     ifast.swap_inception(model, verify=1e-5)
     assert isinstance(model[0], FusedBranchGraph)
+
+
+@needs_cpu_kernel
+@pytest.mark.slow
+def test_export_and_compile_fullgraph_capture_the_branch_graph_op():
+    block = randomize_(tv.InceptionA(24, pool_features=8)).eval()
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+    x = torch.randn(2, 24, 5, 5)
+    with torch.no_grad():
+        program = torch.export.export(fused, (x,))
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert "inception_fast.graph_forward.default" in targets
+        assert rel_err(program.module()(x), block(x)) <= TOLERANCE[torch.float32]
+        compiled = torch.compile(fused, fullgraph=True)  # any graph break raises
+        assert rel_err(compiled(x), block(x)) <= TOLERANCE[torch.float32]
