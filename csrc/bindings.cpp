@@ -30,7 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inception_graph_forward", &inception_fast::inception_graph_forward,
         "Fused forward of a branch-graph (Inception-v3) block planned by ops/branch_graph.py",
         py::arg("x"), py::arg("buf_channels"), py::arg("buf_border"), py::arg("gemm_descs"),
-        py::arg("b"), py::arg("bias"), py::arg("out_channels"), py::arg("out") = py::none());
+        py::arg("b"), py::arg("bias"), py::arg("out_channels"), py::arg("stride"), py::arg("out") = py::none());
   m.def("pixel_offset", &inception_fast::pixel_offset,
         "Element offset of pixel (n, h, w) in an NHWC plane, as the kernels compute it",
         py::arg("stride_n"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad"),

@@ -37,14 +37,16 @@ std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at:
 // The forward of a branch-graph block (Inception-v3), as stages of GEMMs planned by
 // inception_fast/ops/branch_graph.py. Buffer k is an (N, H + 2 border, W + 2 border,
 // channels) NHWC intermediate with a zero border. gemm_descs[g] = (stage, source, kh, kw,
-// cols, segments, then (begin, end, destination, channel) per segment); source -1 is x,
-// -2 its 3x3 average pool (count_include_pad), -3 its 3x3 max pool, k >= 0 buffer k;
+// stride, pad_h, pad_w, cols, segments, then (begin, end, destination, channel) per
+// segment); source -1 is x, -2 its 3x3/1 average pool (count_include_pad), -3 its 3x3/1 max
+// pool, -4 its 3x3/2 max pool copied into one output slice (no weights), k >= 0 buffer k;
 // destination -1 is the output, k >= 0 buffer k. b[g] is B packed in panels as for
-// inception_forward, K index (dy * kw + dx) * source_channels + c.
+// inception_forward, K index (dy * kw + dx) * source_channels + c. stride 2: a
+// grid-reduction block, whose output grid is (H - 3) / 2 + 1.
 at::Tensor inception_graph_forward(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
                                    const std::vector<int64_t>& buf_border,
                                    const std::vector<std::vector<int64_t>>& gemm_descs,
                                    const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
-                                   int64_t out_channels, const std::optional<at::Tensor>& out);
+                                   int64_t out_channels, int64_t stride, const std::optional<at::Tensor>& out);
 
 }  // namespace inception_fast

@@ -21,28 +21,52 @@ namespace inception_fast {
 namespace {
 using namespace gemm;
 
-constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3;
+constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3, kSourceMaxPoolCopy = -4;
 constexpr int64_t kDestOut = -1;
+constexpr int64_t kDescHead = 9;  // (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)
 
 struct GemmDesc {
-  int64_t stage, source, kh, kw, cols;
+  int64_t stage, source, kh, kw, stride, pad_h, pad_w, cols;
   std::vector<std::array<int64_t, 4>> segments;  // (begin, end, destination, channel)
 };
 
 GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
-  TORCH_CHECK(d.size() >= 10 && (d.size() - 6) % 4 == 0 && static_cast<int64_t>(d.size()) == 6 + 4 * d[5],
-              "a GEMM must be described as (stage, source, kh, kw, cols, segments, then (begin, end, "
-              "destination, channel) per segment), got ", d.size(), " values");
-  GemmDesc g{d[0], d[1], d[2], d[3], d[4], {}};
-  TORCH_CHECK(g.source >= kSourceMaxPool && g.source < buffers, "GEMM source ", g.source, " out of range");
-  TORCH_CHECK(g.source >= 0 || (g.kh == 1 && g.kw == 1), "a GEMM over x or pooled x must be 1x1");
-  for (int64_t s = 0; s < d[5]; ++s) {
-    const int64_t* seg = d.data() + 6 + 4 * s;
+  TORCH_CHECK(d.size() >= kDescHead + 4 && static_cast<int64_t>(d.size()) == kDescHead + 4 * d[kDescHead - 1],
+              "a GEMM must be described as (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments, then "
+              "(begin, end, destination, channel) per segment), got ", d.size(), " values");
+  GemmDesc g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], {}};
+  TORCH_CHECK(g.source >= kSourceMaxPoolCopy && g.source < buffers, "GEMM source ", g.source, " out of range");
+  TORCH_CHECK(g.stride == 1 || g.stride == 2, "GEMM stride must be 1 or 2, got ", g.stride);
+  TORCH_CHECK(g.source != kSourceX || (g.pad_h == 0 && g.pad_w == 0), "a GEMM over x cannot pad (x has no border)");
+  TORCH_CHECK((g.source != kSourceAvgPool && g.source != kSourceMaxPool) || (g.kh == 1 && g.kw == 1 && g.stride == 1),
+              "a GEMM over pooled x must be a stride-1 1x1");
+  TORCH_CHECK(g.source != kSourceMaxPoolCopy || (g.kh == 3 && g.kw == 3 && g.stride == 2 && g.pad_h == 0),
+              "the max-pool copy is 3x3, stride 2, no padding");
+  for (int64_t s = 0; s < d[kDescHead - 1]; ++s) {
+    const int64_t* seg = d.data() + kDescHead + 4 * s;
     TORCH_CHECK(0 <= seg[0] && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOut && seg[2] < buffers,
                 "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ") of a GEMM with ", g.cols, " columns");
+    TORCH_CHECK(g.stride == 1 || seg[2] == kDestOut, "a stride-2 GEMM must write the output");
     g.segments.push_back({seg[0], seg[1], seg[2], seg[3]});
   }
   return g;
+}
+
+// dst[i][0:C] = max of x over the 3x3 window at (2h, 2w) of output pixel i (no padding: a
+// grid-reduction pool); NaN wins, as in torch.max_pool2d.
+template <typename T>
+void max_pool_stride2_rows(const Plane<const T>& x, int64_t C, const int64_t* pix_n, const int64_t* pix_h,
+                           const int64_t* pix_w, int64_t rows, const Plane<T>& dst, int64_t channel) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = pix_n[i], h0 = 2 * pix_h[i], w0 = 2 * pix_w[i];
+    T* out = dst.interior_row(n, pix_h[i], pix_w[i]) + channel;
+    std::memcpy(out, x.interior_row(n, h0, w0), C * sizeof(T));
+    for (int64_t dy = 0; dy < 3; ++dy)
+      for (int64_t dx = 0; dx < 3; ++dx) {
+        const T* in = x.interior_row(n, h0 + dy, w0 + dx);
+        for (int64_t c = 0; c < C; ++c) out[c] = (in[c] > out[c] || in[c] != in[c]) ? in[c] : out[c];
+      }
+  }
 }
 
 template <typename T>
@@ -51,7 +75,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                         const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
                         at::Tensor& out) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const int64_t c_out = out.size(1), M = N * HW;
+  const int64_t c_out = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
   std::vector<at::Tensor> bufs;  // (N, H + 2 border, W + 2 border, channels) each
   std::vector<Plane<T>> planes;
@@ -61,30 +85,35 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     planes.push_back(padded_plane<T>(bufs.back(), H, W, buf_channels[k], p));
   }
   const Plane<const T> x_plane{x.data_ptr<T>(), HW * C, W * C, C, 0};
-  const Plane<T> out_plane{out.data_ptr<T>(), HW * c_out, W * c_out, c_out, 0};
+  const Plane<T> out_plane{out.data_ptr<T>(), Ho * Wo * c_out, Wo * c_out, c_out, 0};
 
+  // A stride-1 GEMM runs over the input grid, a stride-2 one over the output grid.
   std::vector<Gemm<T>> gemms;
   int64_t stages = 0;
   for (size_t g = 0; g < descs.size(); ++g) {
     const GemmDesc& d = descs[g];
     const int64_t k_per_tap = d.source >= 0 ? buf_channels[d.source] : C;
-    Gemm<T> gm{b[g].data_ptr<T>(), bias[g].data_ptr<T>(), d.cols, k_per_tap, {}, {}, {}};
-    if (d.source >= 0) {
-      const Plane<T>& src = planes[d.source];
-      TORCH_CHECK(src.pad >= d.kh / 2 && src.pad >= d.kw / 2, "buffer ", d.source, " has a border of ", src.pad,
-                  ", too narrow for a ", d.kh, "x", d.kw, " convolution");
-      // Offsets from a row's window origin (window_row, the corner `pad` up and left).
-      for (int64_t dy = 0; dy < d.kh; ++dy)
-        for (int64_t dx = 0; dx < d.kw; ++dx)
-          gm.tap_offset.push_back((dy + src.pad - d.kh / 2) * src.stride_h + (dx + src.pad - d.kw / 2) * src.stride_w);
-    } else {
-      gm.tap_offset.push_back(0);
-    }
+    const bool has_weights = d.source != kSourceMaxPoolCopy;
+    Gemm<T> gm{has_weights ? b[g].data_ptr<T>() : nullptr, has_weights ? bias[g].data_ptr<T>() : nullptr,
+               d.cols, k_per_tap, {}, {}, {}};
+    // Tap offsets from a row's window corner, (h * stride - pad_h, w * stride - pad_w).
+    const int64_t sh = d.source >= 0 ? planes[d.source].stride_h : x_plane.stride_h;
+    const int64_t sw = d.source >= 0 ? planes[d.source].stride_w : x_plane.stride_w;
+    if (d.source >= 0)
+      TORCH_CHECK(planes[d.source].pad >= d.pad_h && planes[d.source].pad >= d.pad_w, "buffer ", d.source,
+                  " has a border of ", planes[d.source].pad, ", too narrow for padding (", d.pad_h, ", ", d.pad_w, ")");
+    const bool pooled_rows = d.source == kSourceAvgPool || d.source == kSourceMaxPool;
+    for (int64_t dy = 0; dy < (pooled_rows ? 1 : d.kh); ++dy)
+      for (int64_t dx = 0; dx < (pooled_rows ? 1 : d.kw); ++dx) gm.tap_offset.push_back(dy * sh + dx * sw);
     for (const auto& [begin, end, dest, channel] : d.segments)
       gm.segments.push_back({begin, end, dest == kDestOut ? out_plane : planes[dest], channel});
-    plan_chunks(gm);
+    if (has_weights) plan_chunks(gm);
     gemms.push_back(std::move(gm));
     stages = std::max(stages, d.stage + 1);
+    const int64_t expect_h = d.stride == 1 ? H : Ho, expect_w = d.stride == 1 ? W : Wo;
+    TORCH_CHECK((H + 2 * d.pad_h - d.kh) / d.stride + 1 == expect_h && (W + 2 * d.pad_w - d.kw) / d.stride + 1 == expect_w,
+                "GEMM ", g, " (", d.kh, "x", d.kw, ", stride ", d.stride, ") does not map the ", H, "x", W,
+                " input onto its ", expect_h, "x", expect_w, " grid");
   }
 
   int64_t max_panels = 1;
@@ -103,33 +132,37 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                    std::vector<T>(ceil_div(block, kMR) * max_panels * kMR * kNR<T>),
                    std::vector<T>(pools ? block * C : 0)};
   };
-  // Every GEMM of `stage` over one block of pixel rows.
-  auto run_stage = [&](int64_t stage, int64_t rows, const int64_t* pn, const int64_t* ph,
-                       const int64_t* pw, Scratch& s) {
+  // GEMM g over one block of pixel rows of its grid.
+  auto run_one = [&](size_t g, int64_t rows, const int64_t* pn, const int64_t* ph, const int64_t* pw, Scratch& s) {
+    const GemmDesc& d = descs[g];
     const T** a_rows = s.a_rows.data();
-    for (size_t g = 0; g < gemms.size(); ++g) {
-      const GemmDesc& d = descs[g];
-      if (d.stage != stage) continue;
-      if (d.source == kSourceX) {
-        for (int64_t i = 0; i < rows; ++i) a_rows[i] = x_plane.interior_row(pn[i], ph[i], pw[i]);
-      } else if (d.source < 0) {
-        if (d.source == kSourceAvgPool)
-          avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
-        else
-          max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
-        for (int64_t i = 0; i < rows; ++i) a_rows[i] = s.pooled.data() + i * C;
-      } else {
-        for (int64_t i = 0; i < rows; ++i) a_rows[i] = planes[d.source].window_row(pn[i], ph[i], pw[i]);
-      }
-      run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), 0, 1);
+    if (d.source == kSourceMaxPoolCopy) {
+      max_pool_stride2_rows(x_plane, C, pn, ph, pw, rows, out_plane, d.segments[0][3]);
+      return;
     }
+    if (d.source == kSourceAvgPool || d.source == kSourceMaxPool) {
+      if (d.source == kSourceAvgPool)
+        avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
+      else
+        max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
+      for (int64_t i = 0; i < rows; ++i) a_rows[i] = s.pooled.data() + i * C;
+    } else {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t h = ph[i] * d.stride - d.pad_h, w = pw[i] * d.stride - d.pad_w;
+        a_rows[i] = d.source == kSourceX ? x_plane.interior_row(pn[i], h, w) : planes[d.source].interior_row(pn[i], h, w);
+      }
+    }
+    run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), 0, 1);
   };
-  auto for_rows = [&](int64_t m0, int64_t m1, int64_t block, Scratch& s, int64_t stage) {
+  auto grid_of = [&](size_t g) { return descs[g].stride == 1 ? std::make_pair(H, W) : std::make_pair(Ho, Wo); };
+  // Rows [m0, m1) of GEMM g's grid, in blocks of at most `block`.
+  auto for_rows = [&](size_t g, int64_t m0, int64_t m1, int64_t block, Scratch& s) {
+    const auto [gh, gw] = grid_of(g);
     for (int64_t b0 = m0; b0 < m1; b0 += block) {
       const int64_t rows = std::min(block, m1 - b0);
       int64_t *pn = s.pix.data(), *ph = pn + block, *pw = ph + block;
-      pixel_coords(b0, rows, H, W, pn, ph, pw);
-      run_stage(stage, rows, pn, ph, pw, s);
+      pixel_coords(b0, rows, gh, gw, pn, ph, pw);
+      run_one(g, rows, pn, ph, pw, s);
     }
   };
   auto zero_borders = [&](int64_t n) {
@@ -143,24 +176,34 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     const int64_t block = block_rows(std::min(group, N) * HW, 1);
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       Scratch scratch = make_scratch(block);
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t n0 = g * group, n1 = std::min(n0 + group, N);
+      for (int64_t gi = g0; gi < g1; ++gi) {
+        const int64_t n0 = gi * group, n1 = std::min(n0 + group, N);
         for (int64_t n = n0; n < n1; ++n) zero_borders(n);
-        for (int64_t stage = 0; stage < stages; ++stage) for_rows(n0 * HW, n1 * HW, block, scratch, stage);
+        for (int64_t stage = 0; stage < stages; ++stage)
+          for (size_t g = 0; g < gemms.size(); ++g) {
+            if (descs[g].stage != stage) continue;
+            const auto [gh, gw] = grid_of(g);
+            for_rows(g, n0 * gh * gw, n1 * gh * gw, block, scratch);
+          }
       }
     });
   } else {
-    // Too few images to share out: every stage splits all pixel rows between threads, one
-    // stage after the other (a stage reads its inputs' halo rows from other blocks).
-    const int64_t block = block_rows(M, threads), blocks = ceil_div(M, block);
+    // Too few images to share out: every GEMM splits its pixel rows between threads, stage
+    // after stage (a stage reads its inputs' halo rows from other blocks).
+    const int64_t block = block_rows(N * HW, threads);
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) zero_borders(n);
     });
     for (int64_t stage = 0; stage < stages; ++stage) {
-      at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-        Scratch scratch = make_scratch(block);
-        for (int64_t i = i0; i < i1; ++i) for_rows(i * block, std::min((i + 1) * block, M), block, scratch, stage);
-      });
+      for (size_t g = 0; g < gemms.size(); ++g) {
+        if (descs[g].stage != stage) continue;
+        const auto [gh, gw] = grid_of(g);
+        const int64_t rows = N * gh * gw, blocks = ceil_div(rows, block);
+        at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+          Scratch scratch = make_scratch(block);
+          for (int64_t i = i0; i < i1; ++i) for_rows(g, i * block, std::min((i + 1) * block, rows), block, scratch);
+        });
+      }
     }
   }
 }
@@ -171,7 +214,7 @@ at::Tensor inception_graph_forward(const at::Tensor& x_in, const std::vector<int
                                    const std::vector<int64_t>& buf_border,
                                    const std::vector<std::vector<int64_t>>& gemm_descs,
                                    const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
-                                   int64_t out_channels, const std::optional<at::Tensor>& out_opt) {
+                                   int64_t out_channels, int64_t stride, const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
   TORCH_CHECK(buf_channels.size() == buf_border.size(), "buf_channels and buf_border must have one entry per buffer");
@@ -179,12 +222,18 @@ at::Tensor inception_graph_forward(const at::Tensor& x_in, const std::vector<int
               "one packed B and one bias per GEMM description, got ", gemm_descs.size(), ", ", b.size(),
               " and ", bias.size());
   const int64_t buffers = static_cast<int64_t>(buf_channels.size());
+  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
   const int64_t C = x_in.size(1), width = panel_width(x_in.scalar_type());
   std::vector<GemmDesc> descs;
   for (size_t g = 0; g < gemm_descs.size(); ++g) {
     descs.push_back(parse_desc(gemm_descs[g], buffers));
     const GemmDesc& d = descs.back();
-    const int64_t k = d.kh * d.kw * (d.source >= 0 ? buf_channels[d.source] : C);
+    if (d.source == kSourceMaxPoolCopy) {
+      TORCH_CHECK(d.cols == C && d.segments.size() == 1, "the max-pool copy passes x's ", C, " channels to one slice");
+      continue;  // no weights
+    }
+    const bool pooled_rows = d.source == kSourceAvgPool || d.source == kSourceMaxPool;
+    const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (d.source >= 0 ? buf_channels[d.source] : C);
     TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].is_contiguous() && b[g].dim() == 3 &&
                     b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,
                 "packed B of GEMM ", g, " must be a contiguous (", ceil_div(d.cols, width), ", ", k, ", ", width,
@@ -199,7 +248,12 @@ at::Tensor inception_graph_forward(const at::Tensor& x_in, const std::vector<int
     }
   }
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const std::vector<int64_t> shape{x.size(0), out_channels, x.size(2), x.size(3)};
+  // A grid-reduction block (stride 2) ends in 3x3 stride-2 unpadded convolutions and pool.
+  const int64_t out_h = stride == 1 ? x.size(2) : (x.size(2) - 3) / 2 + 1;
+  const int64_t out_w = stride == 1 ? x.size(3) : (x.size(3) - 3) / 2 + 1;
+  TORCH_CHECK(stride == 1 || (x.size(2) >= 3 && x.size(3) >= 3), "a stride-2 block needs at least 3x3 input, got ",
+              x.size(2), "x", x.size(3));
+  const std::vector<int64_t> shape{x.size(0), out_channels, out_h, out_w};
   at::Tensor out;
   if (out_opt.has_value()) {
     out = *out_opt;
@@ -209,7 +263,7 @@ at::Tensor inception_graph_forward(const at::Tensor& x_in, const std::vector<int
   } else {
     out = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0 || x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_graph_forward", [&] {
     graph_forward_impl<scalar_t>(x, buf_channels, buf_border, descs, b, bias, out);
   });

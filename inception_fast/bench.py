@@ -341,9 +341,9 @@ def print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# Inception-v3's fusable blocks with distinct shapes (6c and 6d are alike), and their grids.
-V3_BLOCKS = {"Mixed_5b": 35, "Mixed_5c": 35, "Mixed_5d": 35, "Mixed_6b": 17, "Mixed_6c": 17, "Mixed_6e": 17,
-             "Mixed_7b": 8, "Mixed_7c": 8}
+# Inception-v3's blocks with distinct shapes (6c and 6d are alike), and their input grids.
+V3_BLOCKS = {"Mixed_5b": 35, "Mixed_5c": 35, "Mixed_5d": 35, "Mixed_6a": 35, "Mixed_6b": 17, "Mixed_6c": 17,
+             "Mixed_6e": 17, "Mixed_7a": 17, "Mixed_7b": 8, "Mixed_7c": 8}
 
 
 def _inception_v3() -> torch.nn.Module:
@@ -355,8 +355,8 @@ def _inception_v3() -> torch.nn.Module:
 def bench_v3_blocks(
     batches: list[int], with_compile: bool = True, reps: int = 10, progress: Callable[[str], None] | None = None
 ) -> BenchReport:
-    """Each fusable Inception-v3 block (torchvision InceptionA/C/E, eval, BN folded by the
-    fused module) against eager channels_last and torch.compile with freezing, on CPU."""
+    """Each Inception-v3 block (torchvision InceptionA to E, eval, BN folded by the fused
+    module) against eager channels_last and torch.compile with freezing, on CPU."""
     from .fused_graph import FusedBranchGraph
 
     model = _inception_v3()

@@ -1,11 +1,12 @@
-"""FusedBranchGraph: torchvision's Inception-v3 blocks InceptionA, C and E on the fused
-branch-graph kernels (ops/branch_graph.py: C++ on CPUs, Triton on GPUs). A thin module:
-parse, fold BN, pack, call the op.
+"""FusedBranchGraph: torchvision's Inception-v3 blocks InceptionA to E on the fused
+branch-graph kernels (ops/branch_graph.py: C++ on CPUs; Triton on GPUs for A, C, E).
+A thin module: parse, fold BN, pack, call the op.
 
 It keeps the original block's children under their own names (state_dict unchanged). In
 eval mode it folds each BN into its convolution and runs the fused kernel; in train mode
 it runs the original block (BN needs batch statistics, and running stats update exactly
-as before). The grid-reduction blocks (InceptionB, D: stride-2 branches) are not fused.
+as before). The grid-reduction blocks (InceptionB, D: stride-2 branches) run fused on the
+CPU only; the Triton kernel covers the stride-1 blocks.
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ _TORCHVISION_LAYOUTS = {
                    "avg", "branch_pool"),
     "InceptionE": ((("branch1x1",), ("branch3x3_1", ("branch3x3_2a", "branch3x3_2b")),
                     ("branch3x3dbl_1", "branch3x3dbl_2", ("branch3x3dbl_3a", "branch3x3dbl_3b"))), "avg", "branch_pool"),
+    # Grid reductions: branches end in 3x3 stride-2 convolutions; F.max_pool2d(x, 3, stride=2).
+    "InceptionB": ((("branch3x3",), ("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3")), "max", None),
+    "InceptionD": ((("branch3x3_1", "branch3x3_2"),
+                    ("branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4")), "max", None),
 }
 
 
 def torchvision_graph_layout(module: nn.Module):
-    """The layout of a torchvision InceptionA/C/E whose forward is torchvision's own, else None."""
+    """The layout of a torchvision InceptionA-E whose forward is torchvision's own, else None."""
     try:
         from torchvision.models import inception as tv
     except ImportError:
@@ -63,24 +68,26 @@ def _unit(block: nn.Module, attr: str) -> tuple[ConvUnit, Conv]:
     if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
         raise NotAnInceptionBlock(f"{attr} is not a conv + BN unit")
     kh, kw = conv.kernel_size
+    stride = conv.stride[0]
     problems = []
     if kh % 2 == 0 or kw % 2 == 0:
         problems.append(f"kernel {conv.kernel_size} is not odd")
-    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
-        problems.append("strided, dilated or grouped")
-    if conv.padding != (kh // 2, kw // 2) or conv.padding_mode != "zeros":
-        problems.append(f"padding {conv.padding} is not zero 'same' padding")
+    if conv.stride not in ((1, 1), (2, 2)) or conv.dilation != (1, 1) or conv.groups != 1:
+        problems.append(f"stride {conv.stride}, dilated or grouped")
+    want = (kh // 2, kw // 2) if stride == 1 else (0, 0)
+    if conv.padding != want or conv.padding_mode != "zeros":
+        problems.append(f"padding {conv.padding} is not {want} (zero 'same' padding, or none at stride 2)")
     if not bn.track_running_stats:
         problems.append("bn has no running statistics to fold")
     if problems:
         raise NotAnInceptionBlock(f"{attr}: " + "; ".join(problems))
-    return ConvUnit(conv, bn), Conv(conv.in_channels, conv.out_channels, kh, kw)
+    return ConvUnit(conv, bn), Conv(conv.in_channels, conv.out_channels, kh, kw, stride)
 
 
 def _parse(block: nn.Module) -> tuple[BranchGraphSpec, list[ConvUnit]]:
     layout = torchvision_graph_layout(block)
     if layout is None:
-        raise NotAnInceptionBlock(f"{type(block).__name__} is not torchvision's InceptionA, C or E")
+        raise NotAnInceptionBlock(f"{type(block).__name__} is not torchvision's InceptionA, B, C, D or E")
     chains, pool, pool_attr = layout
     units, branches = [], []
     for chain in chains:
@@ -90,17 +97,20 @@ def _parse(block: nn.Module) -> tuple[BranchGraphSpec, list[ConvUnit]]:
             units += [u for u, _ in parsed]
             levels.append(tuple(c for _, c in parsed))
         branches.append(Branch(tuple(levels)))
-    pool_unit, pool_conv = _unit(block, pool_attr)
-    units.append(pool_unit)
+    pool_conv = None
+    if pool_attr is not None:
+        pool_unit, pool_conv = _unit(block, pool_attr)
+        units.append(pool_unit)
+    in_channels = branches[0].levels[0][0].in_channels
     try:
-        spec = BranchGraphSpec(pool_conv.in_channels, tuple(branches), pool, pool_conv)
+        spec = BranchGraphSpec(in_channels, tuple(branches), pool, pool_conv, stride=1 if pool_attr else 2)
     except ValueError as exc:
         raise NotAnInceptionBlock(str(exc)) from None
     return spec, units
 
 
 class FusedBranchGraph(nn.Module):
-    """A torchvision Inception-v3 stride-1 block (A, C or E) on the fused CPU kernel."""
+    """A torchvision Inception-v3 block (InceptionA to E) on the fused branch-graph kernel."""
 
     def __init__(self, block: nn.Module, backend: str = "auto"):
         super().__init__()
@@ -143,6 +153,8 @@ class FusedBranchGraph(nn.Module):
         if self.training:
             return None
         backend = resolve_backend(self.backend, x)
+        if backend == "triton" and self.spec.stride != 1:
+            return None  # no Triton kernel for the grid reductions yet: the original branches
         return backend if backend in ("cpu", "triton") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,8 @@ def _fuse(module: nn.Module, backend: str) -> nn.Module:
     GoogLeNet-style block on FusedInception."""
     if torchvision_graph_layout(module) is not None:
         return FusedBranchGraph.from_module(module, backend)
-    if type(module).__name__ in ("InceptionB", "InceptionD", "InceptionAux"):
-        raise NotAnInceptionBlock("Inception-v3's grid-reduction blocks (stride-2 branches) and auxiliary "
-                                  "head are not fused yet", near_miss=True)
+    if type(module).__name__ == "InceptionAux":
+        raise NotAnInceptionBlock("Inception-v3's auxiliary head is not an Inception block", near_miss=True)
     return FusedInception.from_module(module, backend)
 
 
@@ -55,8 +54,8 @@ def _numerically_equal(block: nn.Module, fused: nn.Module) -> float:
 def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None = None) -> nn.Module:
     """Replace every Inception block of `model` in place by a fused one; return `model`.
 
-    GoogLeNet-style blocks become FusedInception; torchvision's Inception-v3 InceptionA, C
-    and E become FusedBranchGraph (CPU kernel; other devices run the original branches).
+    GoogLeNet-style blocks become FusedInception; torchvision's Inception-v3 InceptionA to
+    E become FusedBranchGraph.
 
     Blocks are recognised by structure (blocks.py), whatever their class. The fused
     block shares the original's parameters and buffers, so state_dict keys and values

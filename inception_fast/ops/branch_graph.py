@@ -1,12 +1,14 @@
-"""The fused branch-graph op: Inception-v3's stride-1 blocks (InceptionA, C, E) as one kernel.
+"""The fused branch-graph op: Inception-v3's blocks (InceptionA to E) as one kernel.
 
 A block is a small graph over one input x. Each branch is a chain of levels; level 0
-reads x and must be a 1x1 convolution; level i reads level i-1's single output; the last
+reads x and is a 1x1 convolution; level i reads level i-1's single output; the last
 level may fan out into several convolutions (InceptionE's 1x3 and 3x1), whose outputs are
 concatenated. One pooling branch (3x3/1, max or average with count_include_pad) ends
 with a 1x1. Every convolution is stride 1 with 'same' padding, any odd kh x kw, followed
 by ReLU (BN folded in). Outputs are concatenated along channels: branches in order, the
-pooling branch last.
+pooling branch last. A grid reduction (stride 2: InceptionB, D) ends every branch with
+3x3 stride-2 unpadded convolutions (a branch may be just that, over x) and its pooling
+branch is a 3x3 stride-2 max pool without projection.
 
 The C++ kernel (csrc/inception_graph_cpu.cpp) runs it as stages of GEMMs: stage 0 is
 every branch's leading 1x1 as one GEMM over x (horizontal fusion) plus the pool branch's
@@ -14,9 +16,9 @@ every branch's leading 1x1 as one GEMM over x (horizontal fusion) plus the pool 
 zero-bordered intermediates. Each GEMM stores through bias + ReLU straight into its slice
 of the output or of the next intermediate. `plan()` turns a spec into that schedule.
 
-Forward only, on the CPU (float32, float64) and, through branch_graph_triton.py, on GPUs:
-the module around it (fused_graph.py) runs the original branches in train mode, where BN
-needs batch statistics anyway.
+Forward only, on the CPU (float32, float64) and, through branch_graph_triton.py, on GPUs
+(stride-1 blocks): the module around it (fused_graph.py) runs the original branches in
+train mode, where BN needs batch statistics anyway.
 """
 
 from __future__ import annotations
@@ -34,18 +36,20 @@ from .inception import _pack_panels
 __all__ = ["Conv", "Branch", "BranchGraphSpec", "GraphPlan", "plan", "pack_graph_weights", "graph_forward",
            "graph_triton_forward"]
 
-_SOURCE_X, _SOURCE_AVG_POOL, _SOURCE_MAX_POOL = -1, -2, -3
+_SOURCE_X, _SOURCE_AVG_POOL, _SOURCE_MAX_POOL, _SOURCE_MAX_POOL_COPY = -1, -2, -3, -4
 _DEST_OUT = -1
 
 
 @dataclass(frozen=True)
 class Conv:
-    """One convolution (+ ReLU) of a branch: stride 1, 'same' zero padding."""
+    """One convolution (+ ReLU) of a branch: stride 1 with 'same' zero padding, or (ending a
+    grid-reduction branch) stride 2 without padding."""
 
     in_channels: int
     out_channels: int
     kh: int = 1
     kw: int = 1
+    stride: int = 1
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "kh", "kw"):
@@ -54,6 +58,12 @@ class Conv:
                 raise ValueError(f"Conv.{name} must be a positive int, got {value!r}")
         if self.kh % 2 == 0 or self.kw % 2 == 0:
             raise ValueError(f"Conv kernel must be odd for 'same' padding, got {self.kh}x{self.kw}")
+        if self.stride not in (1, 2):
+            raise ValueError(f"Conv.stride must be 1 or 2, got {self.stride!r}")
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        return (self.kh // 2, self.kw // 2) if self.stride == 1 else (0, 0)
 
     def macs_per_pixel(self) -> int:
         return self.kh * self.kw * self.in_channels * self.out_channels
@@ -73,21 +83,41 @@ class Branch:
 
 @dataclass(frozen=True)
 class BranchGraphSpec:
+    """stride 1: same-grid branches and a pool branch with a 1x1 (InceptionA, C, E).
+    stride 2, a grid reduction (InceptionB, D): every branch ends in 3x3 stride-2 unpadded
+    convolutions (a branch may be that one convolution over x), and the pool branch is a
+    3x3 stride-2 max pool without projection; the output grid is (H - 3) // 2 + 1."""
+
     in_channels: int
     branches: tuple[Branch, ...]
-    pool: str  # "avg" (count_include_pad) or "max", 3x3 stride 1 padding 1
-    pool_proj: Conv
+    pool: str  # "avg" (count_include_pad) or "max"; 3x3, padding 1 at stride 1, none at 2
+    pool_proj: Conv | None
+    stride: int = 1
 
     def __post_init__(self):
         if self.pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
-        if self.pool_proj.in_channels != self.in_channels or (self.pool_proj.kh, self.pool_proj.kw) != (1, 1):
+        if self.stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {self.stride!r}")
+        if self.stride == 2 and (self.pool != "max" or self.pool_proj is not None):
+            raise ValueError("a stride-2 block's pool branch is a max pool without projection")
+        if self.stride == 1 and (self.pool_proj is None or self.pool_proj.in_channels != self.in_channels
+                                 or (self.pool_proj.kh, self.pool_proj.kw, self.pool_proj.stride) != (1, 1, 1)):
             raise ValueError(f"pool_proj must be a 1x1 over {self.in_channels} channels, got {self.pool_proj}")
         for i, branch in enumerate(self.branches):
             if not branch.levels or any(not level for level in branch.levels):
                 raise ValueError(f"branch {i} has an empty level")
+            for j, level in enumerate(branch.levels):
+                last = j == len(branch.levels) - 1
+                for conv in level:
+                    want = 2 if self.stride == 2 and last else 1
+                    if conv.stride != want or (want == 2 and (conv.kh, conv.kw) != (3, 3)):
+                        raise ValueError(f"branch {i}, level {j}: a stride-{self.stride} block needs "
+                                         f"{'3x3 stride-2' if want == 2 else 'stride-1'} convolutions here, got {conv}")
             first = branch.levels[0]
-            if len(first) != 1 or (first[0].kh, first[0].kw) != (1, 1) or first[0].in_channels != self.in_channels:
+            direct = self.stride == 2 and len(branch.levels) == 1  # one stride-2 conv over x
+            if len(first) != 1 or first[0].in_channels != self.in_channels or (
+                    not direct and (first[0].kh, first[0].kw) != (1, 1)):
                 raise ValueError(f"branch {i} must start with one 1x1 over {self.in_channels} channels, got {first}")
             for j in range(1, len(branch.levels)):
                 if len(branch.levels[j - 1]) != 1:
@@ -100,14 +130,20 @@ class BranchGraphSpec:
     @property
     def convs(self) -> tuple[Conv, ...]:
         """Every convolution in weight order: branch by branch, level by level, then pool_proj."""
-        return tuple(c for b in self.branches for level in b.levels for c in level) + (self.pool_proj,)
+        convs = tuple(c for b in self.branches for level in b.levels for c in level)
+        return convs + ((self.pool_proj,) if self.pool_proj is not None else ())
 
     @property
     def out_channels(self) -> int:
-        return sum(b.out_channels for b in self.branches) + self.pool_proj.out_channels
+        pool = self.pool_proj.out_channels if self.pool_proj is not None else self.in_channels
+        return sum(b.out_channels for b in self.branches) + pool
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        return (h, w) if self.stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
 
     def macs(self, h: int, w: int, batch: int = 1) -> int:
-        return batch * h * w * sum(c.macs_per_pixel() for c in self.convs)
+        ho, wo = self.out_size(h, w)
+        return batch * sum(c.macs_per_pixel() * (h * w if c.stride == 1 else ho * wo) for c in self.convs)
 
 
 class GraphPlan(NamedTuple):
@@ -115,29 +151,33 @@ class GraphPlan(NamedTuple):
 
     buf_channels: tuple[int, ...]
     buf_border: tuple[int, ...]
-    # (stage, source, kh, kw, cols, n_segments, (begin, end, destination, channel) * n)
+    # (stage, source, kh, kw, stride, pad_h, pad_w, cols, n_segments,
+    #  (begin, end, destination, channel) * n_segments)
     gemms: tuple[tuple[int, ...], ...]
     # for each GEMM, the indices into spec.convs of its column blocks, in column order
     gemm_convs: tuple[tuple[int, ...], ...]
     out_channels: int
+    stride: int
 
     def flat(self) -> list[int]:
         """One int list (a custom op argument): counts, then the fields in order."""
-        flat = [len(self.buf_channels), *self.buf_channels, *self.buf_border, self.out_channels, len(self.gemms)]
+        flat = [len(self.buf_channels), *self.buf_channels, *self.buf_border, self.out_channels, self.stride,
+                len(self.gemms)]
         for g in self.gemms:
             flat += [len(g), *g]
         return flat
 
     @staticmethod
-    def from_flat(flat: list[int]) -> tuple[list[int], list[int], int, list[list[int]]]:
+    def from_flat(flat: list[int]) -> tuple[list[int], list[int], int, int, list[list[int]]]:
+        """(buf_channels, buf_border, out_channels, stride, gemms) of GraphPlan.flat()."""
         n = flat[0]
         buf_channels, buf_border = list(flat[1:1 + n]), list(flat[1 + n:1 + 2 * n])
-        out_channels, count = flat[1 + 2 * n], flat[2 + 2 * n]
-        gemms, i = [], 3 + 2 * n
+        out_channels, stride, count = flat[1 + 2 * n], flat[2 + 2 * n], flat[3 + 2 * n]
+        gemms, i = [], 4 + 2 * n
         for _ in range(count):
             gemms.append(list(flat[i + 1:i + 1 + flat[i]]))
             i += 1 + flat[i]
-        return buf_channels, buf_border, out_channels, gemms
+        return buf_channels, buf_border, out_channels, stride, gemms
 
 
 def plan(spec: BranchGraphSpec) -> GraphPlan:
@@ -146,7 +186,8 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
     buf_channels: list[int] = []
     buf_consumers: list[list[Conv]] = []
     stage0_cols, stage0_convs, stage0_segments = 0, [], []
-    later: list[tuple[int, int, Conv, int, tuple]] = []  # (stage, source buffer, conv, conv index, destination)
+    # (stage, source, conv, conv index, destination): every GEMM but the fused stage-0 one
+    single: list[tuple[int, int, Conv, int, tuple[int, int]]] = []
     out_offset = 0
     for branch in spec.branches:
         previous = None  # the buffer holding the previous level's output
@@ -160,27 +201,38 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
                     buf_channels.append(conv.out_channels)
                     buf_consumers.append([])
                     destination = (len(buf_channels) - 1, 0)
-                if level_index == 0:
+                if level_index == 0 and (conv.kh, conv.kw, conv.stride) == (1, 1, 1):
                     stage0_segments.append((stage0_cols, stage0_cols + conv.out_channels, *destination))
                     stage0_cols += conv.out_channels
                     stage0_convs.append(index)
+                elif level_index == 0:  # a grid reduction's stride-2 conv straight over x
+                    single.append((0, _SOURCE_X, conv, index, destination))
                 else:
                     buf_consumers[previous].append(conv)
-                    later.append((level_index, previous, conv, index, destination))
+                    single.append((level_index, previous, conv, index, destination))
                 index += 1
             if not last:
                 previous = len(buf_channels) - 1
-    gemms = [(0, _SOURCE_X, 1, 1, stage0_cols, len(stage0_segments), *(v for s in stage0_segments for v in s))]
-    gemm_convs = [tuple(stage0_convs)]
-    pool_source = _SOURCE_AVG_POOL if spec.pool == "avg" else _SOURCE_MAX_POOL
-    cp = spec.pool_proj.out_channels
-    gemms.append((0, pool_source, 1, 1, cp, 1, 0, cp, _DEST_OUT, out_offset))
-    gemm_convs.append((index,))
-    for stage, source, conv, conv_i, (dest, channel) in later:
-        gemms.append((stage, source, conv.kh, conv.kw, conv.out_channels, 1, 0, conv.out_channels, dest, channel))
+    gemms, gemm_convs = [], []
+    if stage0_segments:
+        gemms.append((0, _SOURCE_X, 1, 1, 1, 0, 0, stage0_cols, len(stage0_segments),
+                      *(v for seg in stage0_segments for v in seg)))
+        gemm_convs.append(tuple(stage0_convs))
+    for stage, source, conv, conv_i, (dest, channel) in single:
+        gemms.append((stage, source, conv.kh, conv.kw, conv.stride, *conv.padding, conv.out_channels, 1,
+                      0, conv.out_channels, dest, channel))
         gemm_convs.append((conv_i,))
-    border = tuple(max((max(c.kh, c.kw) // 2 for c in consumers), default=0) for consumers in buf_consumers)
-    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(gemm_convs), spec.out_channels)
+    if spec.pool_proj is not None:
+        cp = spec.pool_proj.out_channels
+        source = _SOURCE_AVG_POOL if spec.pool == "avg" else _SOURCE_MAX_POOL
+        gemms.append((0, source, 1, 1, 1, 0, 0, cp, 1, 0, cp, _DEST_OUT, out_offset))
+        gemm_convs.append((index,))
+    else:  # the grid reduction's max pool, copied into its slice: no weights
+        c = spec.in_channels
+        gemms.append((0, _SOURCE_MAX_POOL_COPY, 3, 3, 2, 0, 0, c, 1, 0, c, _DEST_OUT, out_offset))
+        gemm_convs.append(())
+    border = tuple(max((max(c.padding) for c in consumers), default=0) for consumers in buf_consumers)
+    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(gemm_convs), spec.out_channels, spec.stride)
 
 
 def pack_graph_weights(spec: BranchGraphSpec, graph: GraphPlan, weights, biases) -> tuple[list, list]:
@@ -198,6 +250,10 @@ def pack_graph_weights(spec: BranchGraphSpec, graph: GraphPlan, weights, biases)
     width = 128 // weights[0].element_size()  # two 64-byte vectors of columns, as csrc/ expects
     packed_b, packed_bias = [], []
     for convs in graph.gemm_convs:
+        if not convs:  # the max-pool copy has no weights
+            packed_b.append(weights[0].new_empty(0))
+            packed_bias.append(biases[0].new_empty(0))
+            continue
         packed_b.append(_pack_panels(torch.cat([as_gemm_b(weights[i]) for i in convs], dim=1), width))
         packed_bias.append(torch.cat([biases[i] for i in convs]).contiguous())
     return packed_b, packed_bias
@@ -206,15 +262,17 @@ def pack_graph_weights(spec: BranchGraphSpec, graph: GraphPlan, weights, biases)
 @torch.library.custom_op("inception_fast::graph_forward", mutates_args=())
 def graph_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor], flat_plan: list[int]) -> torch.Tensor:
     """The C++ branch-graph kernel on packed weights; flat_plan = GraphPlan.flat()."""
-    buf_channels, buf_border, out_channels, gemms = GraphPlan.from_flat(flat_plan)
+    buf_channels, buf_border, out_channels, stride, gemms = GraphPlan.from_flat(flat_plan)
     return require_cpu_extension().inception_graph_forward(
-        x, buf_channels, buf_border, gemms, list(b), list(bias), out_channels)
+        x, buf_channels, buf_border, gemms, list(b), list(bias), out_channels, stride)
 
 
 @graph_forward.register_fake
 def _graph_fake(x, b, bias, flat_plan):
-    out_channels = GraphPlan.from_flat(flat_plan)[2]
+    _, _, out_channels, stride, _ = GraphPlan.from_flat(flat_plan)
     n, _, h, w = x.shape
+    if stride == 2:
+        h, w = (h - 3) // 2 + 1, (w - 3) // 2 + 1
     return x.new_empty((n, out_channels, h, w)).contiguous(memory_format=torch.channels_last)
 
 
@@ -223,8 +281,10 @@ def _graph_flops(x_shape, b_shapes, bias_shapes, flat_plan, out_shape=None, **kw
     """2 FLOPs per multiply-add of every GEMM: rows x K x columns, K = B's second-last dim
     (packed CPU panels (panels, K, width) and Triton's (K, cols) alike)."""
     n, _, h, w = x_shape
-    _, _, _, gemms = GraphPlan.from_flat(flat_plan)
-    return 2 * n * h * w * sum(shape[-2] * g[4] for shape, g in zip(b_shapes, gemms))
+    _, _, _, _, gemms = GraphPlan.from_flat(flat_plan)
+    out_pixels = n * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
+    return 2 * sum((n * h * w if g[4] == 1 else out_pixels) * shape[-2] * g[7]
+                   for shape, g in zip(b_shapes, gemms) if len(shape) >= 2)
 
 
 @torch.library.custom_op("inception_fast::graph_triton_forward", mutates_args=())

@@ -137,7 +137,9 @@ def pack_graph_weights_triton(graph: GraphPlan, weights, biases) -> tuple[list, 
 
 def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int]) -> torch.Tensor:
     """The plan's GEMMs, stage by stage, one launch each; x (N, C, H, W) any layout."""
-    buf_channels, _, out_channels, gemms = GraphPlan.from_flat(flat_plan)
+    buf_channels, _, out_channels, stride, gemms = GraphPlan.from_flat(flat_plan)
+    if stride != 1:
+        raise NotImplementedError("the Triton branch-graph kernel runs stride-1 blocks only (InceptionA, C, E)")
     n, c, h, w = x.shape
     m = n * h * w
     if m >= 2**31:
@@ -152,7 +154,7 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     upcast = interpreting() and x.dtype == torch.bfloat16
     exact = x.dtype == torch.float32 and precision == "ieee"
     for g in sorted(range(len(gemms)), key=lambda i: gemms[i][0]):  # stage order
-        _stage, source, kh, kw, cols, n_seg, *segs = gemms[g]
+        _stage, source, kh, kw, _stride, _pad_h, _pad_w, cols, n_seg, *segs = gemms[g]
         src = x if source < 0 else bufs[source]
         pool = {-1: POOL_NONE, -2: POOL_AVG, -3: POOL_MAX}[source] if source < 0 else POOL_NONE
         k_src = c if source < 0 else buf_channels[source]
