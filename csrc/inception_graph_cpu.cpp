@@ -189,8 +189,9 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     });
   } else {
     // Too few images to share out: every GEMM splits its pixel rows between threads, stage
-    // after stage (a stage reads its inputs' halo rows from other blocks).
-    const int64_t block = block_rows(N * HW, threads);
+    // after stage (a stage reads its inputs' halo rows from other blocks). Blocks are cut
+    // per GEMM: a grid reduction's output grid has a quarter of the input's rows.
+    const int64_t max_block = block_rows(N * HW, threads);
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) zero_borders(n);
     });
@@ -198,9 +199,9 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
       for (size_t g = 0; g < gemms.size(); ++g) {
         if (descs[g].stage != stage) continue;
         const auto [gh, gw] = grid_of(g);
-        const int64_t rows = N * gh * gw, blocks = ceil_div(rows, block);
+        const int64_t rows = N * gh * gw, block = block_rows(rows, threads), blocks = ceil_div(rows, block);
         at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-          Scratch scratch = make_scratch(block);
+          Scratch scratch = make_scratch(max_block);
           for (int64_t i = i0; i < i1; ++i) for_rows(g, i * block, std::min((i + 1) * block, rows), block, scratch);
         });
       }
