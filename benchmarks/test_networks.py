@@ -1,4 +1,4 @@
-"""Whole networks, forward (eval): torchvision GoogLeNet and the paper's, swapped or not."""
+"""Whole networks, forward (eval): torchvision GoogLeNet, the paper's and Inception-v3, swapped or not."""
 
 import copy
 
@@ -15,7 +15,10 @@ PROVIDERS = ["eager_nchw", "eager_channels_last", "fused"] + ([] if SMOKE else [
 MODELS = {
     "torchvision_googlenet": lambda: torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True),
     "googlenet_paper": lambda: googlenet_paper(aux_logits=False),
+    "torchvision_inception_v3": lambda: torchvision.models.inception_v3(weights=None, aux_logits=False,
+                                                                         init_weights=True),
 }
+INPUT_SIZE = {"torchvision_inception_v3": 299}  # the others take 224
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -24,7 +27,7 @@ MODELS = {
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_network(benchmark, model_name, dtype, batch, provider):
     model = MODELS[model_name]().eval().to(device=DEVICE, dtype=dtype)
-    size = 64 if SMOKE else 224
+    size = 75 if SMOKE else INPUT_SIZE.get(model_name, 224)  # 75: inception_v3's smallest input
     x = torch.randn(batch, 3, size, size, device=DEVICE, dtype=dtype)
     if provider != "eager_nchw":
         model = model.to(memory_format=torch.channels_last)

@@ -1,12 +1,11 @@
 """FusedBranchGraph: torchvision's Inception-v3 blocks InceptionA to E on the fused
-branch-graph kernels (ops/branch_graph.py: C++ on CPUs; Triton on GPUs for A, C, E).
+branch-graph kernels (ops/branch_graph.py: C++ on CPUs, Triton on GPUs).
 A thin module: parse, fold BN, pack, call the op.
 
 It keeps the original block's children under their own names (state_dict unchanged). In
 eval mode it folds each BN into its convolution and runs the fused kernel; in train mode
 it runs the original block (BN needs batch statistics, and running stats update exactly
-as before). The grid-reduction blocks (InceptionB, D: stride-2 branches) run fused on the
-CPU only; the Triton kernel covers the stride-1 blocks.
+as before).
 """
 
 from __future__ import annotations
@@ -153,8 +152,6 @@ class FusedBranchGraph(nn.Module):
         if self.training:
             return None
         backend = resolve_backend(self.backend, x)
-        if backend == "triton" and self.spec.stride != 1:
-            return None  # no Triton kernel for the grid reductions yet: the original branches
         return backend if backend in ("cpu", "triton") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 from inception_fast.ops.inception_triton import SHARED_MEMORY_LIMIT, compile_ahead_of_time, kernel_configs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "aot_resources.md"
-from inception_fast.ops.branch_graph_triton import graph_config_kind  # noqa: E402
+from inception_fast.ops.branch_graph_triton import graph_configs  # noqa: E402
 from inception_fast.ops.inception_triton_backward import BACKWARD_KERNELS, backward_configs  # noqa: E402
 
 # Forward kernels, then backward kernels, each with the autotune list it launches with.
@@ -30,11 +30,14 @@ CASES += [(kind, exact, cfg) for kind in BACKWARD_KERNELS for exact in (False, T
           for cfg in backward_configs(kind, exact_fp32=exact)]
 # The branch-graph kernel in the three shapes its plans launch: a K x K stage, the stage-0
 # 1x1 over x into three destinations, and the average-pool branch's 1x1.
-GRAPH_VARIANTS = {"graph_gemm": dict(POOL=0, SEGMENTS=1), "graph_gemm_stage0": dict(POOL=0, SEGMENTS=3),
-                  "graph_gemm_avgpool": dict(POOL=1, SEGMENTS=1)}
-GRAPH_TAPS = {"graph_gemm": (3, 3), "graph_gemm_stage0": (1, 1), "graph_gemm_avgpool": (1, 1)}
+GRAPH_VARIANTS = {"graph_gemm": dict(POOL=0, SEGMENTS=1, STRIDE2=False),
+                  "graph_gemm_stage0": dict(POOL=0, SEGMENTS=3, STRIDE2=False),
+                  "graph_gemm_avgpool": dict(POOL=1, SEGMENTS=1, STRIDE2=False),
+                  "graph_gemm_stride2": dict(POOL=0, SEGMENTS=1, STRIDE2=True)}
+GRAPH_TAPS = {"graph_gemm": (3, 3), "graph_gemm_stage0": (1, 1), "graph_gemm_avgpool": (1, 1),
+              "graph_gemm_stride2": (3, 3)}
 CASES += [(kind, exact, cfg) for kind in GRAPH_VARIANTS for exact in (False, True)
-          for cfg in kernel_configs(graph_config_kind(*GRAPH_TAPS[kind]), exact_fp32=exact)]
+          for cfg in graph_configs(*GRAPH_TAPS[kind], GRAPH_VARIANTS[kind]["STRIDE2"], exact_fp32=exact)]
 # (dtype, dot precision) of the tensor-core lists; the exact-fp32 lists (FMA dots, when
 # allow_tf32 is off) compile for fp32 "ieee" only.
 TENSOR_CORE_DTYPES = [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "tf32")]
@@ -92,3 +95,12 @@ def test_more_than_2_31_pixels_is_refused_before_any_allocation():
     x = torch.empty(1, 4, 1, 1).expand(2**31, 4, 1, 1)  # no memory behind the batch
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
         forward_triton(x, None, spec)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_grid_reduction_max_pool_kernel_compiles_without_spills(dtype, capability):
+    from inception_fast.ops.inception_triton import KernelConfig
+
+    r = compile_ahead_of_time("max_pool_stride2", KernelConfig(64, 64, 16, 4, 1), dtype, capability)
+    assert r.stack == 0 and r.local == 0, f"spills: STACK {r.stack} LOCAL {r.local}"

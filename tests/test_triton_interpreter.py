@@ -228,7 +228,7 @@ def test_triton_backward_in_half_precision_matches_the_fp64_backward_of_the_same
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["A", "C", "E"])
+@pytest.mark.parametrize("name", ["A", "B", "C", "D", "E"])
 def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
     import copy
 
@@ -237,7 +237,8 @@ def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
     from conftest import randomize_
     from inception_fast.fused_graph import FusedBranchGraph
 
-    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "C": lambda: tv.InceptionC(40, channels_7x7=12),
+    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "B": lambda: tv.InceptionB(24),
+            "C": lambda: tv.InceptionC(40, channels_7x7=12), "D": lambda: tv.InceptionD(24),
             "E": lambda: tv.InceptionE(24)}[name]
     block = randomize_(make()).eval().to(dtype)
     reference = copy.deepcopy(block).double()  # the same rounded weights, exact arithmetic

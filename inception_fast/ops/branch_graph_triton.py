@@ -1,11 +1,13 @@
-"""Triton kernel of the branch-graph forward (Inception-v3's InceptionA, C, E) on GPUs.
+"""Triton kernels of the branch-graph forward (Inception-v3's InceptionA to E) on GPUs.
 
 The schedule is the C++ kernel's (`branch_graph.plan`): one launch per GEMM of the plan,
 stage after stage. `_graph_gemm_kernel` is one implicit GEMM over an NHWC source with a
 kh x kw window (zero padding by masks), whose A tile may be the 3x3 average or max pool
 of the source taken while loading (the pool branch), and whose columns go, through bias +
 ReLU, to up to four destinations (channel slices of the output or of intermediates): the
-stage-0 GEMM computes every branch's leading 1x1 from one pass over x.
+stage-0 GEMM computes every branch's leading 1x1 from one pass over x. With STRIDE2 it
+runs a grid reduction's 3x3 stride-2 convolution over the output grid; the reduction's max
+pool is `_max_pool_stride2_kernel`, copied straight into its output slice.
 
 Verified under TRITON_INTERPRET=1 and by ahead-of-time compilation, like the GoogLeNet
 kernels; never run on a GPU.
@@ -21,7 +23,8 @@ from ._layout import as_gemm_b
 from .branch_graph import GraphPlan
 from .inception_triton import KernelConfig, _mma, input_precision, interpreting, kernel_configs, prune_configs
 
-__all__ = ["GRAPH_KERNELS", "graph_config_kind", "graph_forward_triton", "pack_graph_weights_triton"]
+__all__ = ["GRAPH_KERNELS", "graph_configs", "graph_forward_triton", "pack_graph_weights_triton"]
+
 
 MAX_SEGMENTS = 4  # destinations of one GEMM: the stage-0 GEMM of InceptionE has three
 POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
@@ -38,12 +41,12 @@ def _graph_gemm_kernel(
     dst2_ptr,  # ... of columns [seg_begin2, seg_begin3)
     dst3_ptr,  # ... of columns [seg_begin3, cols)
     # sizes
-    M, H, W, K_src, cols, kh, kw,
+    M, H, W, K_src, cols, kh, kw, OH, OW,
     seg_begin1, seg_begin2, seg_begin3,
     dst0_channels, dst1_channels, dst2_channels, dst3_channels,
     dst0_channel, dst1_channel, dst2_channel, dst3_channel,
     # meta-parameters
-    POOL: tl.constexpr, SEGMENTS: tl.constexpr,
+    POOL: tl.constexpr, SEGMENTS: tl.constexpr, STRIDE2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -61,7 +64,26 @@ def _graph_gemm_kernel(
     n_mask = offs_n < cols
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if POOL == 0:
+    if STRIDE2:
+        # A grid reduction's kh x kw stride-2 unpadded convolution: rows are pixels of the
+        # (OH, OW) output grid; offsets are relative to the first image the tile touches.
+        img = (m0 + rows) // (OH * OW)
+        r = (m0 + rows) % (OH * OW)
+        img0 = m0 // (OH * OW)
+        base = src_ptr + (img0 * H * W).to(tl.int64) * K_src
+        for tap in range(0, kh * kw):
+            hi = (r // OW) * 2 + tap // kw
+            wi = (r % OW) * 2 + tap % kw
+            pix = ((img - img0) * H + hi) * W + wi
+            for c0 in range(0, K_src, BLOCK_K):
+                cc = c0 + offs_k
+                c_mask = cc < K_src
+                a = tl.load(base + pix[:, None] * K_src + cc[None, :], mask=m_mask[:, None] & c_mask[None, :],
+                            other=0.0)
+                b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
+                            mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    elif POOL == 0:
         for tap in range(0, kh * kw):
             dy = tap // kw - kh // 2
             dx = tap % kw - kw // 2
@@ -117,35 +139,76 @@ def _graph_gemm_kernel(
                  mask=row_ok & (col >= seg_begin3) & (col < cols))
 
 
-GRAPH_KERNELS = {"graph_gemm": (_graph_gemm_kernel, "spatial")}
+@triton.jit
+def _max_pool_stride2_kernel(
+    x_ptr,  # (N, H, W, C) NHWC input
+    out_ptr,  # (N, OH, OW, out_channels) NHWC output: this launch writes [channel, channel + C)
+    M, H, W, C, OH, OW, out_channels, channel,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """A grid reduction's pool branch: the 3x3 stride-2 unpadded max pool of x, copied
+    into its output slice (fp32 max, NaN wins as in torch.max_pool2d)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    m_mask = m0 + rows < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C
+    img = (m0 + rows) // (OH * OW)
+    r = (m0 + rows) % (OH * OW)
+    img0 = m0 // (OH * OW)
+    base = x_ptr + (img0 * H * W).to(tl.int64) * C
+    mask = m_mask[:, None] & n_mask[None, :]
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    for dy in tl.static_range(0, 3):
+        for dx in tl.static_range(0, 3):
+            pix = ((img - img0) * H + (r // OW) * 2 + dy) * W + (r % OW) * 2 + dx
+            v = tl.load(base + pix[:, None] * C + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+    out = out_ptr + m0.to(tl.int64) * out_channels + channel
+    tl.store(out + rows[:, None] * out_channels + offs_n[None, :], best.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def graph_config_kind(kh: int, kw: int) -> str:
+GRAPH_KERNELS = {"graph_gemm": (_graph_gemm_kernel, "spatial"), "max_pool_stride2": (_max_pool_stride2_kernel, None)}
+
+
+def graph_configs(kh: int, kw: int, stride2: bool, exact_fp32: bool) -> list[KernelConfig]:
     """The autotune list of one GEMM of a plan: the GoogLeNet pointwise kernel's for 1x1s
     (thin K slices: the pooled-A loads of the pool branch spilled 8-3900 bytes with the
-    spatial list's 32-deep ones), the spatial kernel's for the K x K stages."""
-    return "pointwise" if (kh, kw) == (1, 1) else "spatial"
+    spatial list's 32-deep ones), the spatial kernel's for the K x K stages, without its
+    128-row tile for stride 2 (16 bytes of spill in fp32 on sm_80)."""
+    if (kh, kw) == (1, 1) and not stride2:
+        return kernel_configs("pointwise", exact_fp32)
+    configs = kernel_configs("spatial", exact_fp32)
+    return [c for c in configs if c.block_m <= 64] if stride2 else configs
+
+
 _BEST: dict[tuple, KernelConfig] = {}
 
 
 def pack_graph_weights_triton(graph: GraphPlan, weights, biases) -> tuple[list, list]:
     """Per GEMM of the plan: B = [W of its convolutions]^T, row-major, and the biases."""
-    b = [torch.cat([as_gemm_b(weights[i]) for i in convs], dim=1).contiguous() for convs in graph.gemm_convs]
-    bias = [torch.cat([biases[i] for i in convs]).contiguous() for convs in graph.gemm_convs]
+    # The max-pool copy (no convolutions) gets empty placeholders.
+    b = [torch.cat([as_gemm_b(weights[i]) for i in convs], dim=1).contiguous() if convs else weights[0].new_empty(0)
+         for convs in graph.gemm_convs]
+    bias = [torch.cat([biases[i] for i in convs]).contiguous() if convs else biases[0].new_empty(0)
+            for convs in graph.gemm_convs]
     return b, bias
 
 
 def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int]) -> torch.Tensor:
     """The plan's GEMMs, stage by stage, one launch each; x (N, C, H, W) any layout."""
     buf_channels, _, out_channels, stride, gemms = GraphPlan.from_flat(flat_plan)
-    if stride != 1:
-        raise NotImplementedError("the Triton branch-graph kernel runs stride-1 blocks only (InceptionA, C, E)")
     n, c, h, w = x.shape
     m = n * h * w
     if m >= 2**31:
         raise ValueError(f"x has {m} pixels (N*H*W); the Triton kernels take fewer than 2**31")
+    oh, ow = (h, w) if stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"a stride-2 block needs at least 3x3 input, got {h}x{w}")
     x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, out_channels, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    out = torch.empty((n, out_channels, oh, ow), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if m == 0:
         return out
     # Intermediates without a border: the kernel masks the taps that fall outside.
@@ -154,7 +217,13 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     upcast = interpreting() and x.dtype == torch.bfloat16
     exact = x.dtype == torch.float32 and precision == "ieee"
     for g in sorted(range(len(gemms)), key=lambda i: gemms[i][0]):  # stage order
-        _stage, source, kh, kw, _stride, _pad_h, _pad_w, cols, n_seg, *segs = gemms[g]
+        _stage, source, kh, kw, gemm_stride, _pad_h, _pad_w, cols, n_seg, *segs = gemms[g]
+        rows = m if gemm_stride == 1 else n * oh * ow  # a stride-2 GEMM runs over the output grid
+        if source == -4:  # the grid reduction's max pool, copied into its slice
+            grid = (triton.cdiv(rows, 64), triton.cdiv(c, 64))
+            _max_pool_stride2_kernel[grid](x, out, rows, h, w, c, oh, ow, out_channels, segs[3],
+                                           BLOCK_M=64, BLOCK_N=64, num_warps=4)
+            continue
         src = x if source < 0 else bufs[source]
         pool = {-1: POOL_NONE, -2: POOL_AVG, -3: POOL_MAX}[source] if source < 0 else POOL_NONE
         k_src = c if source < 0 else buf_channels[source]
@@ -174,15 +243,16 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
         offsets += [0] * pad
 
         def launch(cfg: KernelConfig):
-            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(cols, cfg.block_n))
+            grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
             _graph_gemm_kernel[grid](
-                src, b[g], bias[g], *dsts, m, h, w, k_src, cols, kh, kw, *begins, *channels, *offsets,
-                POOL=pool, SEGMENTS=n_seg, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                src, b[g], bias[g], *dsts, rows, h, w, k_src, cols, kh, kw, oh, ow, *begins, *channels, *offsets,
+                POOL=pool, SEGMENTS=n_seg, STRIDE2=gemm_stride == 2,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 INPUT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         key = (tuple(gemms[g]), n, h, w, x.dtype, precision, x.device)
         if key not in _BEST:
-            configs = prune_configs(kernel_configs(graph_config_kind(kh, kw), exact), m, cols)
+            configs = prune_configs(graph_configs(kh, kw, gemm_stride == 2, exact), rows, cols)
             if interpreting() or not x.is_cuda:
                 _BEST[key] = configs[0]
             else:

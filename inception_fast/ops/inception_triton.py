@@ -422,6 +422,7 @@ def compile_ahead_of_time(
     meta = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
             "INPUT_PRECISION": precision or ("tf32" if dtype == torch.float32 else "ieee"), "UPCAST_DOT": False,
             **(constexprs or {})}
+    meta = {k: v for k, v in meta.items() if k in fn.arg_names}  # kernels without a dot take fewer
     pointers = [name for name in fn.arg_names if name.endswith("_ptr")]
     signature = {name: ("constexpr" if name in meta
                         else f"*{_POINTER_DTYPES.get(name, _TRITON_DTYPE[dtype])}" if name in pointers else "i32")
@@ -445,7 +446,7 @@ def compile_ahead_of_time(
 
     return CompiledKernel(
         kernel=kind, config=config, capability=capability,
-        dtype=_TRITON_DTYPE[dtype] + ("-ieee" if dtype == torch.float32 and meta["INPUT_PRECISION"] == "ieee" else ""),
+        dtype=_TRITON_DTYPE[dtype] + ("-ieee" if dtype == torch.float32 and meta.get("INPUT_PRECISION") == "ieee" else ""),
         registers=field("REG"), stack=field("STACK"), local=field("LOCAL"),
         shared=max(field("SHARED"), compiled.metadata.shared), ptx=compiled.asm["ptx"],
     )
