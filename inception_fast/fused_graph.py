@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from ._cache import TensorVersionCache
-from ._checks import check_choice, check_input
-from ._extension import cpu_extension
+from ._checks import check_choice, check_input, check_same_dtype_device
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .ops.branch_graph import (
     Branch,
@@ -159,11 +158,9 @@ class FusedBranchGraph(nn.Module):
         backend = self._fused_backend(x)
         if backend is None:
             return self._original[0](x)
-        weights = next(self.parameters())
-        if weights.dtype != x.dtype or weights.device != x.device:
-            raise TypeError(f"x ({x.dtype} on {x.device}) must match the block's weights "
-                            f"({weights.dtype} on {weights.device})")
-        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+        params = dict(self.named_parameters())
+        check_same_dtype_device(x, params)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values())):
             # The fused kernel has no backward: gradients through an eval-mode block take
             # the original branches.
             return self._original[0](x)

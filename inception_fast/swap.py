@@ -31,12 +31,10 @@ def _is_candidate(module: nn.Module) -> bool:
 
 
 def _fuse(module: nn.Module, backend: str) -> nn.Module:
-    """The fused twin of a block: Inception-v3's A/C/E on the branch-graph kernel, any
-    GoogLeNet-style block on FusedInception."""
+    """The fused twin of a block: Inception-v3's InceptionA to E on the branch-graph kernel,
+    any GoogLeNet-style block on FusedInception."""
     if torchvision_graph_layout(module) is not None:
         return FusedBranchGraph.from_module(module, backend)
-    if type(module).__name__ == "InceptionAux":
-        raise NotAnInceptionBlock("Inception-v3's auxiliary head is not an Inception block", near_miss=True)
     return FusedInception.from_module(module, backend)
 
 

@@ -1,7 +1,5 @@
 """Edge cases of use: threads, inference mode, dtypes, and distributed training."""
 
-import copy
-import os
 import socket
 import threading
 
