@@ -94,6 +94,27 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _tile_gemm(
+    a_tile,  # (rows, K) row-major, from the tile's first row
+    b_ptr,  # (K, N) row-major
+    K, N, rows, m_mask, offs_n, n_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """A[rows, :K] @ B[:K, offs_n] in fp32: the plain GEMM main loop of every kernel whose A
+    is rows of one contiguous matrix (x, or a gradient)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        a = tl.load(a_tile + rows[:, None] * K + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * N + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
 def _pointwise_kernel(
     # pointers
     x_ptr,  # (N, H, W, C_in) NHWC input
@@ -127,13 +148,8 @@ def _pointwise_kernel(
         n_red = c1 + r3 + r5
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_red
-        for k0 in range(0, C_in, BLOCK_K):
-            kk = k0 + offs_k
-            k_mask = kk < C_in
-            a = tl.load(x_tile + rows[:, None] * C_in + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_red_ptr + kk[:, None] * n_red + offs_n[None, :],
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+        acc = _tile_gemm(x_tile, w_red_ptr, C_in, n_red, rows, m_mask, offs_n, n_mask,
+                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         bias = tl.load(b_red_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
         y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(out_ptr.dtype.element_ty)

@@ -32,6 +32,7 @@ from .inception import gradients_in_order
 from .inception_triton import (
     KernelConfig,
     _mma,
+    _tile_gemm,
     input_precision,
     interpreting,
     kernel_configs,
@@ -125,15 +126,8 @@ def _pool_grad_kernel(
     m_mask = m0 + rows < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_in
-    offs_k = tl.arange(0, BLOCK_K)
-    gp_tile = gp_ptr + m0.to(tl.int64) * cp
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, cp, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < cp
-        a = tl.load(gp_tile + rows[:, None] * cp + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(wp_ptr + kk[:, None] * C_in + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    acc = _tile_gemm(gp_ptr + m0.to(tl.int64) * cp, wp_ptr, cp, C_in, rows, m_mask, offs_n, n_mask,
+                     BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rows[:, None] * C_in + offs_n[None, :]
     base = m0.to(tl.int64) * C_in
@@ -183,15 +177,8 @@ def _input_grad_kernel(
     m_mask = m0 + rows < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_in
-    offs_k = tl.arange(0, BLOCK_K)
-    d_tile = d_red_ptr + m0.to(tl.int64) * n_red
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_red, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < n_red
-        a = tl.load(d_tile + rows[:, None] * n_red + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_ptr + kk[:, None] * C_in + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    acc = _tile_gemm(d_red_ptr + m0.to(tl.int64) * n_red, w_ptr, n_red, C_in, rows, m_mask, offs_n, n_mask,
+                     BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
 
     # The max pool's gradient, gathered: neighbour q = p + (dy - 1, dx - 1) sends its
     # d_pooled to p when its argmax is p's position in q's window, (2 - dy) * 3 + (2 - dx).
