@@ -155,6 +155,9 @@ class FusedBranchGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
+        if self.spec.stride == 2 and min(x.shape[2], x.shape[3]) < 3:
+            raise ValueError(f"x must be at least 3x3 for {self.source}'s 3x3 stride-2 grid reduction, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
         backend = self._fused_backend(x)
         if backend is None:
             return self._original[0](x)

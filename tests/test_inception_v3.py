@@ -147,6 +147,9 @@ def test_wrong_input_is_rejected_before_the_kernel():
     fused = FusedBranchGraph.from_module(_block("A")[0], backend="cpu")
     with pytest.raises(ValueError, match="192"), torch.no_grad():
         fused(torch.randn(1, 191, 5, 5))
+    reduction = FusedBranchGraph.from_module(_block("B")[0], backend="cpu")
+    with pytest.raises(ValueError, match="x must be at least 3x3"), torch.no_grad():
+        reduction(torch.randn(1, 288, 2, 5))
     with pytest.raises(TypeError, match="float64"), torch.no_grad():
         fused(torch.randn(1, 192, 5, 5, dtype=torch.float64))
 
