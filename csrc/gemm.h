@@ -307,7 +307,7 @@ void zero_border(const Plane<T>& buf, int64_t n, int64_t H, int64_t W, int64_t C
 }
 
 template <typename T>
-Plane<T> padded_plane(at::Tensor& buf, int64_t H, int64_t W, int64_t C, int64_t pad) {
+Plane<T> padded_plane(const at::Tensor& buf, int64_t H, int64_t W, int64_t C, int64_t pad) {
   const int64_t Wp = W + 2 * pad;
   return {buf.data_ptr<T>(), (H + 2 * pad) * Wp * C, Wp * C, C, pad};
 }

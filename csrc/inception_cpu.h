@@ -49,4 +49,22 @@ at::Tensor inception_graph_forward(const at::Tensor& x, const std::vector<int64_
                                    const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
                                    int64_t out_channels, int64_t stride, const std::optional<at::Tensor>& out);
 
+// inception_graph_forward into a new tensor, also returning its buffers (the intermediates
+// the backward needs), with their borders.
+std::tuple<at::Tensor, std::vector<at::Tensor>> inception_graph_forward_saving(
+    const at::Tensor& x, const std::vector<int64_t>& buf_channels, const std::vector<int64_t>& buf_border,
+    const std::vector<std::vector<int64_t>>& gemm_descs, const std::vector<at::Tensor>& b,
+    const std::vector<at::Tensor>& bias, int64_t out_channels, int64_t stride);
+
+// Gradients [dx, dW_0, db_0, dW_1, db_1, ...] of a branch-graph block (weights in Conv2d
+// layout, spec order), undefined where not needed (needs = (x, weights)), from the saved x,
+// output y and intermediates ((N, H, W, channels) NHWC, any strides). plan =
+// GraphPlan.backward_flat(): (out_channels, stride, pool_copy_channel, buffers,
+// buf_channels..., convs, then per convolution (source, destination, channel, kh, kw,
+// stride, pad_h, pad_w)).
+std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& y,
+                                                 const std::vector<at::Tensor>& intermediates,
+                                                 const std::vector<at::Tensor>& weights, const std::vector<bool>& needs,
+                                                 const std::vector<int64_t>& plan);
+
 }  // namespace inception_fast

@@ -73,17 +73,13 @@ template <typename T>
 void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
                         const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
                         const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
-                        at::Tensor& out) {
+                        const std::vector<at::Tensor>& bufs, at::Tensor& out) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int64_t c_out = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
-  std::vector<at::Tensor> bufs;  // (N, H + 2 border, W + 2 border, channels) each
-  std::vector<Plane<T>> planes;
-  for (size_t k = 0; k < buf_channels.size(); ++k) {
-    const int64_t p = buf_border[k];
-    bufs.push_back(at::empty({N, H + 2 * p, W + 2 * p, buf_channels[k]}, x.options().memory_format(at::MemoryFormat::Contiguous)));
-    planes.push_back(padded_plane<T>(bufs.back(), H, W, buf_channels[k], p));
-  }
+  std::vector<Plane<T>> planes;  // over bufs: (N, H + 2 border, W + 2 border, channels) each
+  for (size_t k = 0; k < buf_channels.size(); ++k)
+    planes.push_back(padded_plane<T>(bufs[k], H, W, buf_channels[k], buf_border[k]));
   const Plane<const T> x_plane{x.data_ptr<T>(), HW * C, W * C, C, 0};
   const Plane<T> out_plane{out.data_ptr<T>(), Ho * Wo * c_out, Wo * c_out, c_out, 0};
 
@@ -209,13 +205,11 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   }
 }
 
-}  // namespace
-
-at::Tensor inception_graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf_channels,
-                                   const std::vector<int64_t>& buf_border,
-                                   const std::vector<std::vector<int64_t>>& gemm_descs,
-                                   const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
-                                   int64_t out_channels, int64_t stride, const std::optional<at::Tensor>& out_opt) {
+// The forward into `out` (or a new tensor); the intermediates are left in `bufs`.
+at::Tensor graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf_channels,
+                         const std::vector<int64_t>& buf_border, const std::vector<std::vector<int64_t>>& gemm_descs,
+                         const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias, int64_t out_channels,
+                         int64_t stride, const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
   TORCH_CHECK(buf_channels.size() == buf_border.size(), "buf_channels and buf_border must have one entry per buffer");
@@ -264,11 +258,37 @@ at::Tensor inception_graph_forward(const at::Tensor& x_in, const std::vector<int
   } else {
     out = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  for (size_t k = 0; k < buf_channels.size(); ++k) {
+    const int64_t p = buf_border[k];
+    bufs.push_back(at::empty({N, H + 2 * p, W + 2 * p, buf_channels[k]}, x.options()));
+  }
   if (out.numel() == 0 || x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_graph_forward", [&] {
-    graph_forward_impl<scalar_t>(x, buf_channels, buf_border, descs, b, bias, out);
+    graph_forward_impl<scalar_t>(x, buf_channels, buf_border, descs, b, bias, bufs, out);
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor inception_graph_forward(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
+                                   const std::vector<int64_t>& buf_border,
+                                   const std::vector<std::vector<int64_t>>& gemm_descs,
+                                   const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
+                                   int64_t out_channels, int64_t stride, const std::optional<at::Tensor>& out) {
+  std::vector<at::Tensor> bufs;
+  return graph_forward(x, buf_channels, buf_border, gemm_descs, b, bias, out_channels, stride, out, bufs);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> inception_graph_forward_saving(
+    const at::Tensor& x, const std::vector<int64_t>& buf_channels, const std::vector<int64_t>& buf_border,
+    const std::vector<std::vector<int64_t>>& gemm_descs, const std::vector<at::Tensor>& b,
+    const std::vector<at::Tensor>& bias, int64_t out_channels, int64_t stride) {
+  std::vector<at::Tensor> bufs;
+  at::Tensor out = graph_forward(x, buf_channels, buf_border, gemm_descs, b, bias, out_channels, stride,
+                                 std::nullopt, bufs);
+  return {out, bufs};
 }
 
 }  // namespace inception_fast

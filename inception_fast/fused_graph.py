@@ -18,6 +18,7 @@ from ._checks import check_choice, check_input, check_same_dtype_device
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .ops.branch_graph import (
     Branch,
+    BranchGraphFunction,
     BranchGraphSpec,
     Conv,
     graph_forward,
@@ -163,11 +164,13 @@ class FusedBranchGraph(nn.Module):
             return self._original[0](x)
         params = dict(self.named_parameters())
         check_same_dtype_device(x, params)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values())):
-            # The fused kernel has no backward: gradients through an eval-mode block take
-            # the original branches.
-            return self._original[0](x)
         b, bias = self._packed(backend)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values())):
+            # Autograd through the folding (differentiable, elementwise) gives the gradients
+            # of the convolutions' and BNs' parameters from those of the folded weights.
+            folded = [fold_conv_bn(u) for u in self._units]
+            weights, biases = [w for w, _ in folded], [bi for _, bi in folded]
+            return BranchGraphFunction.apply(x, backend, self._plan, b, bias, *weights, *biases)
         op = graph_triton_forward if backend == "triton" else graph_forward
         return op(x, b, bias, self._flat_plan)
 

@@ -27,14 +27,16 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .._extension import require_cpu_extension
+from .._extension import cpu_extension, require_cpu_extension
 from ._layout import as_gemm_b
 from .inception import _pack_panels
 
 __all__ = ["Conv", "Branch", "BranchGraphSpec", "GraphPlan", "plan", "pack_graph_weights", "graph_forward",
-           "graph_triton_forward"]
+           "graph_triton_forward", "graph_forward_saving", "graph_triton_forward_saving", "graph_backward",
+           "graph_backward_reference", "BranchGraphFunction"]
 
 _SOURCE_X, _SOURCE_AVG_POOL, _SOURCE_MAX_POOL, _SOURCE_MAX_POOL_COPY = -1, -2, -3, -4
 _DEST_OUT = -1
@@ -158,6 +160,11 @@ class GraphPlan(NamedTuple):
     gemm_convs: tuple[tuple[int, ...], ...]
     out_channels: int
     stride: int
+    # for each conv of spec.convs: (source, destination, channel, kh, kw, stride, pad_h,
+    # pad_w), sources and destinations numbered as in the GEMMs
+    conv_table: tuple[tuple[int, ...], ...]
+    # the output channel where a grid reduction's max pool is copied, -1 if none
+    pool_copy_channel: int
 
     def flat(self) -> list[int]:
         """One int list (a custom op argument): counts, then the fields in order."""
@@ -179,6 +186,27 @@ class GraphPlan(NamedTuple):
             i += 1 + flat[i]
         return buf_channels, buf_border, out_channels, stride, gemms
 
+    def backward_flat(self) -> list[int]:
+        """The backward's view of the graph as one int list: per convolution, where it reads
+        and writes (see graph_backward)."""
+        return [self.out_channels, self.stride, self.pool_copy_channel, len(self.buf_channels), *self.buf_channels,
+                len(self.conv_table), *(v for row in self.conv_table for v in row)]
+
+    @staticmethod
+    def from_backward_flat(flat: list[int]) -> tuple[int, int, int, list[int], list[list[int]]]:
+        """(out_channels, stride, pool_copy_channel, buf_channels, conv_table) of backward_flat()."""
+        out_channels, stride, copy_channel, n = flat[:4]
+        buf_channels = list(flat[4:4 + n])
+        count, table = flat[4 + n], flat[5 + n:]
+        if len(table) != count * _CONV_RECORD:
+            raise ValueError(f"a backward plan of {count} convolutions needs {count * _CONV_RECORD} values, "
+                             f"got {len(table)}")
+        return out_channels, stride, copy_channel, buf_channels, [
+            list(table[i:i + _CONV_RECORD]) for i in range(0, len(table), _CONV_RECORD)]
+
+
+_CONV_RECORD = 8  # (source, destination, channel, kh, kw, stride, pad_h, pad_w)
+
 
 def plan(spec: BranchGraphSpec) -> GraphPlan:
     """The stages of GEMMs that compute `spec`, each storing into the output or a buffer."""
@@ -189,6 +217,7 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
     # (stage, source, conv, conv index, destination): every GEMM but the fused stage-0 one
     single: list[tuple[int, int, Conv, int, tuple[int, int]]] = []
     out_offset = 0
+    conv_table: list[tuple[int, ...]] = []
     for branch in spec.branches:
         previous = None  # the buffer holding the previous level's output
         for level_index, level in enumerate(branch.levels):
@@ -201,6 +230,8 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
                     buf_channels.append(conv.out_channels)
                     buf_consumers.append([])
                     destination = (len(buf_channels) - 1, 0)
+                source = _SOURCE_X if level_index == 0 else previous
+                conv_table.append((source, *destination, conv.kh, conv.kw, conv.stride, *conv.padding))
                 if level_index == 0 and (conv.kh, conv.kw, conv.stride) == (1, 1, 1):
                     stage0_segments.append((stage0_cols, stage0_cols + conv.out_channels, *destination))
                     stage0_cols += conv.out_channels
@@ -227,12 +258,16 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
         source = _SOURCE_AVG_POOL if spec.pool == "avg" else _SOURCE_MAX_POOL
         gemms.append((0, source, 1, 1, 1, 0, 0, cp, 1, 0, cp, _DEST_OUT, out_offset))
         gemm_convs.append((index,))
+        conv_table.append((source, _DEST_OUT, out_offset, 1, 1, 1, 0, 0))
+        copy_channel = -1
     else:  # the grid reduction's max pool, copied into its slice: no weights
         c = spec.in_channels
         gemms.append((0, _SOURCE_MAX_POOL_COPY, 3, 3, 2, 0, 0, c, 1, 0, c, _DEST_OUT, out_offset))
         gemm_convs.append(())
+        copy_channel = out_offset
     border = tuple(max((max(c.padding) for c in consumers), default=0) for consumers in buf_consumers)
-    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(gemm_convs), spec.out_channels, spec.stride)
+    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(gemm_convs), spec.out_channels, spec.stride,
+                     tuple(conv_table), copy_channel)
 
 
 def pack_graph_weights(spec: BranchGraphSpec, graph: GraphPlan, weights, biases) -> tuple[list, list]:
@@ -298,3 +333,209 @@ def graph_triton_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torc
 
 graph_triton_forward.register_fake(_graph_fake)
 register_flop_formula(torch.ops.inception_fast.graph_triton_forward)(_graph_flops)
+
+
+# -- backward -------------------------------------------------------------------------
+#
+# The forward saves x, its output y and the intermediates (every non-final level's
+# output, which the forward computes anyway); the backward walks the convolutions in
+# reverse spec order, so every consumer of an intermediate is done before its producer:
+#   1. each convolution's ReLU gradient: masked by y > 0 for those that write the output,
+#      by intermediate > 0 for the others (after all its consumers have added to it);
+#   2. a K x K or stride-2 convolution's data and weight gradients: convolution backward;
+#   3. every 1x1 that reads x joins one GEMM for dx and one for their weight gradients,
+#      and so does the average-pool branch: the 3x3/1 average pool with count_include_pad
+#      is self-adjoint, so its contribution to dx is avgpool(gp) @ Wp and its weight
+#      gradient avgpool(gp)^T @ x, with the pooled x never recomputed;
+#   4. a max pool's gradient (the stride-1 pool branch, or the grid reduction's copied
+#      pool) goes to its argmax, torch's rule: the first maximum in a row-major scan.
+# Subgradient at 0: none flows where a ReLU output is exactly 0, as in torch.relu.
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C) NHWC pixel rows (a view when t is channels_last)."""
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _image(rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(N*H*W, C) rows -> logical (N, C, H, W), channels_last memory: a view."""
+    return rows.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                             intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
+                             backward_plan: list[int]) -> list[torch.Tensor | None]:
+    """[dx, dW_0, db_0, dW_1, db_1, ...] (spec.convs order; None where not needed) as ATen
+    calls, on any device: the algorithm the C++ backward (csrc/inception_graph_cpu_backward.cpp)
+    and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides."""
+    _, stride, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
+    n, c, h, w = x.shape
+    ho, wo = (h, w) if stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
+    relu_backward = torch.ops.aten.threshold_backward
+    grad_rows, y_rows, x_rows = _rows(grad_out), _rows(y), _rows(x)
+    inter_rows = [t.reshape(-1, t.shape[-1]) for t in intermediates]
+    d_inter: list[torch.Tensor | None] = [None] * len(intermediates)
+    d_weights: list[torch.Tensor | None] = [None] * len(table)
+    d_biases: list[torch.Tensor | None] = [None] * len(table)
+    shared: dict[int, torch.Tensor] = {}  # conv index -> its columns of the shared-x GEMM
+    dx_terms: list[torch.Tensor] = []  # logical (N, C, H, W)
+    for i in reversed(range(len(table))):
+        source, dest, channel, kh, kw, conv_stride, pad_h, pad_w = table[i]
+        weight = weights[i]
+        co = weight.shape[0]
+        if dest < 0:
+            g = relu_backward(grad_rows[:, channel:channel + co], y_rows[:, channel:channel + co], 0)
+        else:
+            g = relu_backward(d_inter[dest], inter_rows[dest], 0)
+        d_biases[i] = g.sum(0)
+        if source == _SOURCE_X and (kh, kw, conv_stride) == (1, 1, 1):
+            shared[i] = g
+        elif source == _SOURCE_AVG_POOL:
+            shared[i] = _rows(F.avg_pool2d(_image(g, n, h, w), 3, 1, 1))  # self-adjoint
+        elif source == _SOURCE_MAX_POOL:
+            pooled, indices = F.max_pool2d(x, 3, 1, 1, return_indices=True)
+            d_weights[i] = (g.t() @ _rows(pooled)).reshape(weight.shape)
+            if needs[0]:
+                dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
+                    _image(g @ weight.flatten(1), n, h, w), x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
+        else:
+            gh, gw = (h, w) if conv_stride == 1 else (ho, wo)
+            src = x if source == _SOURCE_X else intermediates[source].permute(0, 3, 1, 2)
+            need_input = source >= 0 or needs[0]
+            d_src, d_weights[i], _ = torch.ops.aten.convolution_backward(
+                _image(g, n, gh, gw), src, weight, None, [conv_stride] * 2, [pad_h, pad_w], [1, 1], False, [0, 0], 1,
+                [need_input, True, False])
+            if source >= 0:
+                d_src = _rows(d_src)
+                d_inter[source] = d_src if d_inter[source] is None else d_inter[source] + d_src
+            elif need_input:
+                dx_terms.append(d_src)
+    if copy_channel >= 0 and needs[0]:
+        _, indices = F.max_pool2d(x, 3, 2, return_indices=True)
+        dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_out[:, copy_channel:copy_channel + c], x, [3, 3], [2, 2], [0, 0], [1, 1], False, indices))
+    order = sorted(shared)
+    if order:
+        a = torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
+        d_shared = (a.t() @ x_rows).split([weights[i].shape[0] for i in order])
+        for i, d in zip(order, d_shared):
+            d_weights[i] = d.reshape(weights[i].shape).clone()
+        if needs[0]:
+            dx_terms.append(_image(a @ torch.cat([weights[i].flatten(1) for i in order]), n, h, w))
+    dx = None
+    if needs[0]:
+        dx = sum(dx_terms[1:], dx_terms[0]) if dx_terms else torch.zeros_like(x)
+    return [dx] + [g if needs[1] else None for pair in zip(d_weights, d_biases) for g in pair]
+
+
+@torch.library.custom_op("inception_fast::graph_forward_saving", mutates_args=())
+def graph_forward_saving(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor],
+                         flat_plan: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """graph_forward that also returns its intermediates for the backward: buffer k as the
+    kernel keeps it, (N, H + 2 border_k, W + 2 border_k, channels_k) NHWC with a zero border."""
+    buf_channels, buf_border, out_channels, stride, gemms = GraphPlan.from_flat(flat_plan)
+    out, buffers = require_cpu_extension().inception_graph_forward_saving(
+        x, buf_channels, buf_border, gemms, list(b), list(bias), out_channels, stride)
+    return out, list(buffers)
+
+
+@graph_forward_saving.register_fake
+def _graph_saving_fake(x, b, bias, flat_plan):
+    buf_channels, buf_border, _, _, _ = GraphPlan.from_flat(flat_plan)
+    n, _, h, w = x.shape
+    return _graph_fake(x, b, bias, flat_plan), [x.new_empty((n, h + 2 * p, w + 2 * p, ch))
+                                                 for ch, p in zip(buf_channels, buf_border)]
+
+
+@torch.library.custom_op("inception_fast::graph_triton_forward_saving", mutates_args=())
+def graph_triton_forward_saving(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor],
+                                flat_plan: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """graph_triton_forward that also returns its intermediates, (N, H, W, channels_k) NHWC
+    (the Triton kernels mask the padding taps: no border)."""
+    from . import branch_graph_triton
+
+    buffers: list[torch.Tensor] = []
+    out = branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan), buffers)
+    return out, buffers
+
+
+@graph_triton_forward_saving.register_fake
+def _graph_triton_saving_fake(x, b, bias, flat_plan):
+    buf_channels, _, _, _, _ = GraphPlan.from_flat(flat_plan)
+    n, _, h, w = x.shape
+    return _graph_fake(x, b, bias, flat_plan), [x.new_empty((n, h, w, ch)) for ch in buf_channels]
+
+
+register_flop_formula(torch.ops.inception_fast.graph_forward_saving)(_graph_flops)
+register_flop_formula(torch.ops.inception_fast.graph_triton_forward_saving)(_graph_flops)
+
+
+@torch.library.custom_op("inception_fast::graph_backward", mutates_args=())
+def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, intermediates: list[torch.Tensor],
+                   weights: list[torch.Tensor], needs: list[bool], backward_plan: list[int],
+                   backend: str) -> list[torch.Tensor]:
+    """[dx, dW_0, db_0, dW_1, db_1, ...] in spec.convs order, an empty tensor where not
+    needed; needs = (x, weights); backward_plan = GraphPlan.backward_flat();
+    intermediates (N, H, W, channels) NHWC in plan order.
+
+    backend "cpu" runs the C++ backward, "triton" the Triton one (branch_graph_triton.py);
+    anything else, or a CPU without the extension, the ATen twin graph_backward_reference.
+    """
+    extension = cpu_extension()
+    if x.numel() == 0 or grad_out.numel() == 0:
+        grads = [torch.zeros_like(x)] + [torch.zeros(s, dtype=x.dtype, device=x.device)
+                                         for wt in weights for s in (wt.shape, wt.shape[:1])]
+    elif backend == "triton":
+        from . import branch_graph_triton
+
+        grads = branch_graph_triton.graph_backward_triton(grad_out, x, y, list(intermediates), list(weights),
+                                                          list(needs), list(backward_plan))
+    elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and extension is not None:
+        grads = extension.inception_graph_backward(grad_out, x, y, list(intermediates), list(weights),
+                                                   list(needs), list(backward_plan))
+    else:
+        grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
+                                         list(backward_plan))
+    wanted = [needs[0]] + [needs[1]] * (2 * len(weights))
+    formats = [torch.channels_last] + [torch.contiguous_format] * (2 * len(weights))
+    return [g.contiguous(memory_format=f) if want else x.new_empty(0) for g, want, f in zip(grads, wanted, formats)]
+
+
+@graph_backward.register_fake
+def _graph_backward_fake(grad_out, x, y, intermediates, weights, needs, backward_plan, backend):
+    grads = [x.new_empty(x.shape).contiguous(memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
+    for wt in weights:
+        grads += [wt.new_empty(wt.shape), wt.new_empty(wt.shape[:1])] if needs[1] else [x.new_empty(0)] * 2
+    return grads
+
+
+class BranchGraphFunction(torch.autograd.Function):
+    """The fused branch-graph forward of a backend with the fused backward, over Conv2d-
+    layout weights and biases (spec.convs order; folded BN, when the module has one).
+
+    apply(x, backend, graph, packed_b, packed_bias, *weights, *biases): backend "cpu" or
+    "triton"; packed_b/packed_bias the forward's layout of the same weights (cached by the
+    caller). Saves x, the output, the intermediates and the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x, backend: str, graph: GraphPlan, packed_b, packed_bias, *params):
+        saving = graph_triton_forward_saving if backend == "triton" else graph_forward_saving
+        y, buffers = saving(x, list(packed_b), list(packed_bias), graph.flat())
+        h, w = x.shape[2], x.shape[3]
+        borders = graph.buf_border if backend == "cpu" else (0,) * len(buffers)
+        intermediates = [buf[:, p:p + h, p:p + w] for buf, p in zip(buffers, borders)]
+        half = len(params) // 2
+        ctx.save_for_backward(x, y, *intermediates, *params[:half])
+        ctx.backend, ctx.backward_plan, ctx.buffers = backend, graph.backward_flat(), len(buffers)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, y, *rest = ctx.saved_tensors
+        intermediates, weights = rest[:ctx.buffers], rest[ctx.buffers:]
+        needs = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])]
+        grads = graph_backward(grad_out, x, y, intermediates, list(weights), needs, ctx.backward_plan, ctx.backend)
+        dx = grads[0] if needs[0] else None
+        d_params = (grads[1::2] + grads[2::2]) if needs[1] else [None] * (2 * len(weights))
+        return (dx, None, None, None, None, *d_params)

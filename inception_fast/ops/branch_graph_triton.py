@@ -197,8 +197,10 @@ def pack_graph_weights_triton(graph: GraphPlan, weights, biases) -> tuple[list, 
     return b, bias
 
 
-def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int]) -> torch.Tensor:
-    """The plan's GEMMs, stage by stage, one launch each; x (N, C, H, W) any layout."""
+def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
+                         keep: list | None = None) -> torch.Tensor:
+    """The plan's GEMMs, stage by stage, one launch each; x (N, C, H, W) any layout. With
+    `keep`, the intermediates ((N, H, W, channels) NHWC each) are appended to it."""
     buf_channels, _, out_channels, stride, gemms = GraphPlan.from_flat(flat_plan)
     n, c, h, w = x.shape
     m = n * h * w
@@ -209,10 +211,12 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
         raise ValueError(f"a stride-2 block needs at least 3x3 input, got {h}x{w}")
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, out_channels, oh, ow), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    if m == 0:
-        return out
     # Intermediates without a border: the kernel masks the taps that fall outside.
     bufs = [torch.empty((n, h, w, ch), device=x.device, dtype=x.dtype) for ch in buf_channels]
+    if keep is not None:
+        keep += bufs
+    if m == 0:
+        return out
     precision = input_precision(x.dtype)
     upcast = interpreting() and x.dtype == torch.bfloat16
     exact = x.dtype == torch.float32 and precision == "ieee"

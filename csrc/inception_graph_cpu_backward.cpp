@@ -1,0 +1,196 @@
+// The fused backward of a branch-graph Inception block (Inception-v3's InceptionA to E) on
+// the CPU: ATen GEMMs and convolution backward calls, grouped, plus one NHWC kernel of our
+// own for the average-pool branch. The algorithm is graph_backward_reference's
+// (inception_fast/ops/branch_graph.py), which documents it; what this one adds:
+//
+//   - every gradient column of the shared-x GEMM is written in place into one (M, K0)
+//     matrix A: the ReLU masks of the 1x1s over x go straight into their column blocks
+//     (threshold_backward_out), and the average-pool branch's avgpool(gp) is pooled by
+//     our kernel straight into its block, so the one GEMM for dx (A @ W) and the one for
+//     the weights (A^T @ x) read it without a concat;
+//   - the gradients of an intermediate's consumers accumulate in place into one buffer,
+//     masked once by its ReLU when its producer's turn comes;
+//   - the other contributions to dx (a grid reduction's stride-2 convolution over x, the
+//     max-pool scatters) are added in place into the GEMM's result.
+
+#include "inception_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+
+namespace inception_fast {
+namespace {
+
+constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3;
+constexpr int64_t kRecord = 8;  // (source, destination, channel, kh, kw, stride, pad_h, pad_w)
+
+struct ConvRecord {
+  int64_t source, dest, channel, kh, kw, stride, pad_h, pad_w;
+  bool shared() const { return (source == kSourceX && kh == 1 && kw == 1 && stride == 1) || source == kSourceAvgPool; }
+};
+
+at::Tensor as_image(const at::Tensor& rows, int64_t N, int64_t H, int64_t W) {
+  return rows.view({N, H, W, rows.size(1)}).permute({0, 3, 1, 2});
+}
+
+at::Tensor as_rows(const at::Tensor& image) {
+  return image.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, image.size(1)});
+}
+
+// dst rows (row stride ld) = the 3x3/1 average pool (zero padding counted, as in
+// F.avg_pool2d's count_include_pad) of g's NHWC rows: (N*H*W, C) contiguous.
+template <typename T>
+void avg_pool3x3_into(const T* g, T* dst, int64_t ld, int64_t N, int64_t H, int64_t W, int64_t C) {
+  at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / H, h = r % H;
+      for (int64_t w = 0; w < W; ++w) {
+        T* out = dst + ((n * H + h) * W + w) * ld;
+        std::fill(out, out + C, T(0));
+        for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
+          for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
+            const T* in = g + ((n * H + hh) * W + ww) * C;
+            for (int64_t c = 0; c < C; ++c) out[c] += in[c];
+          }
+        for (int64_t c = 0; c < C; ++c) out[c] /= T(9);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                 const at::Tensor& y_in, const std::vector<at::Tensor>& intermediates,
+                                                 const std::vector<at::Tensor>& weights, const std::vector<bool>& needs,
+                                                 const std::vector<int64_t>& plan) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes());
+  TORCH_CHECK(needs.size() == 2, "needs must be (x, weights), got ", needs.size(), " flags");
+  TORCH_CHECK(plan.size() >= 5, "backward plan too short");
+  const int64_t stride = plan[1], copy_channel = plan[2], buffers = plan[3];
+  TORCH_CHECK(static_cast<int64_t>(plan.size()) >= 5 + buffers &&
+                  static_cast<int64_t>(plan.size()) == 5 + buffers + kRecord * plan[4 + buffers],
+              "backward plan: ", plan.size(), " values do not match its counts");
+  const int64_t convs = plan[4 + buffers];
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == convs, "one weight per convolution: need ", convs, ", got ",
+              weights.size());
+  TORCH_CHECK(static_cast<int64_t>(intermediates.size()) == buffers, "one intermediate per buffer: need ", buffers,
+              ", got ", intermediates.size());
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), M = N * H * W;
+  const int64_t Ho = stride == 1 ? H : (H - 3) / 2 + 1, Wo = stride == 1 ? W : (W - 3) / 2 + 1;
+  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && y_in.dim() == 4 && y_in.size(0) == N && y_in.size(1) == plan[0] &&
+                  y_in.size(2) == Ho && y_in.size(3) == Wo,
+              "grad_out and y must have shape (", N, ", ", plan[0], ", ", Ho, ", ", Wo, "), got ", grad_out_in.sizes(),
+              " and ", y_in.sizes());
+  for (int64_t k = 0; k < buffers; ++k)
+    TORCH_CHECK(intermediates[k].dim() == 4 && intermediates[k].size(0) == N && intermediates[k].size(1) == H &&
+                    intermediates[k].size(2) == W && intermediates[k].size(3) == plan[4 + k],
+                "intermediate ", k, " must be (", N, ", ", H, ", ", W, ", ", plan[4 + k], ") NHWC, got ",
+                intermediates[k].sizes());
+  std::vector<ConvRecord> table;
+  for (int64_t i = 0; i < convs; ++i) {
+    const int64_t* r = plan.data() + 5 + buffers + kRecord * i;
+    table.push_back({r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
+    const ConvRecord& t = table.back();
+    TORCH_CHECK(t.source >= kSourceMaxPool && t.source < buffers && t.dest >= -1 && t.dest < buffers,
+                "convolution ", i, ": source ", t.source, " or destination ", t.dest, " out of range");
+    TORCH_CHECK(weights[i].dim() == 4 && weights[i].size(2) == t.kh && weights[i].size(3) == t.kw &&
+                    weights[i].scalar_type() == x_in.scalar_type(),
+                "weight ", i, " must be a (cout, cin, ", t.kh, ", ", t.kw, ") tensor of x's dtype, got ",
+                weights[i].sizes());
+  }
+
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(cl), x_rows = as_rows(x);
+  const at::Tensor grad_rows = as_rows(grad_out_in), y_rows = as_rows(y_in);
+  std::vector<at::Tensor> inter_rows, d_inter(buffers);
+  for (const at::Tensor& t : intermediates) inter_rows.push_back(t.reshape({-1, t.size(3)}));
+
+  // Column blocks of A, the shared-x GEMM's gradient matrix, in spec order.
+  std::vector<int64_t> column(convs, -1);
+  int64_t k0 = 0;
+  std::vector<at::Tensor> shared_weights;
+  for (int64_t i = 0; i < convs; ++i)
+    if (table[i].shared()) {
+      column[i] = k0;
+      k0 += weights[i].size(0);
+      shared_weights.push_back(weights[i].flatten(1));
+    }
+  const at::Tensor a = at::empty({M, k0}, x.options());
+
+  std::vector<at::Tensor> d_weights(convs), d_biases(convs), dx_terms;
+  for (int64_t i = convs - 1; i >= 0; --i) {
+    const ConvRecord& t = table[i];
+    const at::Tensor& weight = weights[i];
+    const int64_t co = weight.size(0);
+    // The ReLU gradient, straight into A for the 1x1s over x.
+    const at::Tensor& g_in = t.dest < 0 ? grad_rows.narrow(1, t.channel, co) : d_inter[t.dest];
+    const at::Tensor& relu_out = t.dest < 0 ? y_rows.narrow(1, t.channel, co) : inter_rows[t.dest];
+    TORCH_CHECK(g_in.defined(), "intermediate ", t.dest, " has no consumer in the plan");
+    at::Tensor g;
+    if (t.source == kSourceX && t.shared()) {
+      g = a.narrow(1, column[i], co);
+      at::threshold_backward_out(g, g_in, relu_out, 0);
+    } else {
+      g = at::threshold_backward(g_in, relu_out, 0).contiguous();
+    }
+    d_biases[i] = g.sum(0);
+    if (t.source == kSourceAvgPool) {  // self-adjoint: its A block is avgpool(gp)
+      RECORD_FUNCTION("inception_fast::avg_pool3x3_into", std::vector<c10::IValue>());
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avg_pool3x3_into", [&] {
+        avg_pool3x3_into<scalar_t>(g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>() + column[i], k0, N, H, W, co);
+      });
+    } else if (t.source == kSourceMaxPool) {
+      auto [pooled, indices] = at::max_pool2d_with_indices(x, {3, 3}, {1, 1}, {1, 1});
+      d_weights[i] = at::mm(g.t(), as_rows(pooled)).view(weight.sizes());
+      if (needs[0])
+        dx_terms.push_back(at::max_pool2d_with_indices_backward(as_image(at::mm(g, weight.flatten(1)), N, H, W), x,
+                                                                {3, 3}, {1, 1}, {1, 1}, {1, 1}, false, indices));
+    } else if (!t.shared()) {
+      const int64_t gh = t.stride == 1 ? H : Ho, gw = t.stride == 1 ? W : Wo;
+      const at::Tensor src = t.source == kSourceX ? x : intermediates[t.source].permute({0, 3, 1, 2});
+      const bool need_input = t.source >= 0 || needs[0];
+      auto [d_src, d_w, d_b] = at::convolution_backward(
+          as_image(g, N, gh, gw), src, weight, std::nullopt, {t.stride, t.stride}, {t.pad_h, t.pad_w}, {1, 1}, false,
+          {0, 0}, 1, {need_input, needs[1], false});
+      d_weights[i] = d_w;
+      if (t.source >= 0) {
+        const at::Tensor d_rows = as_rows(d_src);
+        if (d_inter[t.source].defined())
+          d_inter[t.source].add_(d_rows);
+        else
+          d_inter[t.source] = d_rows.is_contiguous() ? d_rows : d_rows.contiguous();
+      } else if (need_input) {
+        dx_terms.push_back(d_src);
+      }
+    }
+  }
+
+  // The shared-x GEMMs: weight gradients of every 1x1 over x (and the pool projection's),
+  // then dx, to which every other contribution is added in place.
+  if (k0 > 0 && needs[1]) {
+    const at::Tensor d_shared = at::mm(a.t(), x_rows);
+    for (int64_t i = 0; i < convs; ++i)
+      if (column[i] >= 0) d_weights[i] = d_shared.narrow(0, column[i], weights[i].size(0)).view(weights[i].sizes()).clone();
+  }
+  at::Tensor dx;
+  if (needs[0]) {
+    dx = k0 > 0 ? as_image(at::mm(a, at::cat(shared_weights)), N, H, W) : at::zeros_like(x);
+    for (const at::Tensor& term : dx_terms) dx.add_(term);
+    if (copy_channel >= 0) {
+      auto [pooled, indices] = at::max_pool2d_with_indices(x, {3, 3}, {2, 2}, {0, 0});
+      dx.add_(at::max_pool2d_with_indices_backward(grad_out_in.narrow(1, copy_channel, C), x, {3, 3}, {2, 2}, {0, 0},
+                                                   {1, 1}, false, indices));
+    }
+  }
+  std::vector<at::Tensor> grads{dx};
+  for (int64_t i = 0; i < convs; ++i) {
+    grads.push_back(needs[1] ? d_weights[i] : at::Tensor());
+    grads.push_back(needs[1] ? d_biases[i] : at::Tensor());
+  }
+  return grads;
+}
+
+}  // namespace inception_fast
