@@ -99,14 +99,18 @@ def test_next_forward_sees_optimizer_step_and_load_state_dict():
         assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
 
 
-def test_gradients_take_the_original_branches():
-    """No fused backward exists for these blocks: with autograd on, the module runs the
-    original branches, so gradients are exact."""
+def test_gradients_in_eval_mode_take_the_fused_backward():
+    """With autograd on in eval mode the fused forward and backward run (the original
+    branches are never called); train mode still runs the original (see the test above)."""
     block, _ = _block("A")
     fused = FusedBranchGraph.from_module(copy.deepcopy(block))
+    calls = []
+    fused._original[0].register_forward_hook(lambda *args: calls.append(1))
     x = torch.randn(1, 192, 5, 5, requires_grad=True)
     fused(x).sum().backward()
-    assert x.grad is not None and fused.branch1x1.conv.weight.grad is not None
+    assert not calls and x.grad is not None and fused.branch1x1.conv.weight.grad is not None
+    fused.train()(x)
+    assert calls
 
 
 def test_grid_reduction_plan_ends_branches_on_the_output_grid():

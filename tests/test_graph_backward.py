@@ -1,0 +1,189 @@
+"""The fused branch-graph backward (Inception-v3 blocks): the C++ kernel, its ATen twin,
+gradcheck, and gradients through FusedBranchGraph against torchvision's autograd."""
+
+import copy
+
+import pytest
+import torch
+from torchvision.models import inception as tv
+
+from inception_fast.fused_graph import FusedBranchGraph
+from inception_fast.ops.branch_graph import (
+    Branch,
+    BranchGraphFunction,
+    BranchGraphSpec,
+    Conv,
+    graph_backward,
+    graph_backward_reference,
+    pack_graph_weights,
+    plan,
+)
+
+from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err
+
+pytestmark = needs_cpu_kernel
+
+# Small specs covering every kind of step: a chain with an asymmetric 1x3 -> 3x1, a 5x5, an
+# end fan-out (InceptionE), average and max pool branches, and a grid reduction with a
+# stride-2 convolution straight over x and one after a chain, plus its copied max pool.
+SPECS = {
+    "avg-chain": BranchGraphSpec(5, (
+        Branch(((Conv(5, 3),),)),
+        Branch(((Conv(5, 4),), (Conv(4, 3, 1, 3),), (Conv(3, 2, 3, 1),))),
+        Branch(((Conv(5, 2),), (Conv(2, 3, 5, 5),))),
+    ), "avg", Conv(5, 2)),
+    "fan-out": BranchGraphSpec(4, (
+        Branch(((Conv(4, 2),),)),
+        Branch(((Conv(4, 3),), (Conv(3, 2, 1, 3), Conv(3, 3, 3, 1)))),
+    ), "avg", Conv(4, 3)),
+    "max-pool": BranchGraphSpec(4, (
+        Branch(((Conv(4, 3),), (Conv(3, 2, 3, 3),))),
+    ), "max", Conv(4, 2)),
+    "grid-reduction": BranchGraphSpec(3, (
+        Branch(((Conv(3, 4, 3, 3, stride=2),),)),
+        Branch(((Conv(3, 2),), (Conv(2, 3, 3, 3),), (Conv(3, 2, 3, 3, stride=2),))),
+    ), "max", None, stride=2),
+}
+
+
+def _params(spec, dtype):
+    weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw, dtype=dtype) / (c.kh * c.kw * c.in_channels) ** 0.5
+               for c in spec.convs]
+    biases = [torch.rand(c.out_channels, dtype=dtype) * 0.4 - 0.1 for c in spec.convs]
+    return weights, biases
+
+
+def _fused(spec):
+    """f(x, *weights, *biases) on the C++ kernels, packing what it is given on every call
+    (gradcheck perturbs the weights in place between calls)."""
+    graph = plan(spec)
+
+    def f(x, *params):
+        half = len(params) // 2
+        with torch.no_grad():
+            b, bias = pack_graph_weights(spec, graph, [p.detach() for p in params[:half]],
+                                         [p.detach() for p in params[half:]])
+        return BranchGraphFunction.apply(x, "cpu", graph, b, bias, *params)
+
+    return f
+
+
+def _saved(spec, x, weights, biases):
+    """(y, intermediates) of the C++ forward."""
+    graph = plan(spec)
+    b, bias = pack_graph_weights(spec, graph, weights, biases)
+    y, buffers = torch.ops.inception_fast.graph_forward_saving(x, b, bias, graph.flat())
+    h, w = x.shape[2:]
+    return y, [buf[:, p:p + h, p:p + w] for buf, p in zip(buffers, graph.buf_border)], graph
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_gradcheck_fp64(name):
+    spec = SPECS[name]
+    weights, biases = _params(spec, torch.float64)
+    x = torch.randn(2, spec.in_channels, 7, 6, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, *weights, *biases)]
+    assert torch.autograd.gradcheck(_fused(spec), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("size", [(1, 1, 1), (3, 3, 5), (2, 8, 7)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(SPECS))
+def test_cpp_backward_matches_the_aten_twin(name, size, dtype):
+    spec = SPECS[name]
+    n, h, w = size
+    if spec.stride == 2 and min(h, w) < 3:
+        pytest.skip("a grid reduction needs 3x3 input")
+    weights, biases = _params(spec, dtype)
+    x = torch.randn(n, spec.in_channels, h, w, dtype=dtype).mul(1.5).round()  # ties in every pool window
+    y, intermediates, graph = _saved(spec, x, weights, biases)
+    g = torch.randn_like(y)
+    for needs in ([True, True], [True, False], [False, True]):
+        cpp = graph_backward(g, x, y, intermediates, weights, needs, graph.backward_flat(), "cpu")
+        aten = graph_backward_reference(g, x, y, intermediates, weights, needs, graph.backward_flat())
+        assert len(cpp) == len(aten) == 1 + 2 * len(weights)
+        for i, (a, b) in enumerate(zip(cpp, aten)):
+            wanted = needs[0] if i == 0 else needs[1]
+            assert (b is not None) == wanted
+            if wanted:
+                assert rel_err(a, b) <= TOLERANCE[dtype], (needs, i)
+            else:
+                assert a.numel() == 0
+
+
+def _tv_block(name, dtype=torch.float32):
+    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "B": lambda: tv.InceptionB(24),
+            "C": lambda: tv.InceptionC(24, channels_7x7=12), "D": lambda: tv.InceptionD(24),
+            "E": lambda: tv.InceptionE(24)}[name]
+    return randomize_(make()).eval().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list("ABCDE"))
+def test_gradients_match_torchvision_in_eval_mode(name, dtype):
+    """dx and the gradients of every conv weight and BN affine parameter: the folding's own
+    autograd carries the folded weights' gradients back to them."""
+    block = _tv_block(name, dtype)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    fused._original = (None,)  # the original branches must not run: this is the fused path
+    x = torch.randn(2, 24, 9, 8, dtype=dtype)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = block(x_ref)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    fused(x_fused).backward(g)
+    assert rel_err(x_fused.grad, x_ref.grad) <= TOLERANCE[dtype]
+    named = dict(fused.named_parameters())
+    for pname, p in block.named_parameters():
+        assert rel_err(named[pname].grad, p.grad) <= TOLERANCE[dtype], pname
+
+
+def test_input_only_and_weights_only_gradients():
+    block = _tv_block("E")
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    fused.requires_grad_(False)
+    x = torch.randn(1, 24, 5, 5, requires_grad=True)
+    fused(x).sum().backward()
+    block.requires_grad_(False)
+    x_ref = x.detach().clone().requires_grad_()
+    block(x_ref).sum().backward()
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    fused.requires_grad_(True)
+    fused(torch.randn(1, 24, 5, 5)).sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_empty_batch_gives_zero_gradients():
+    fused = FusedBranchGraph.from_module(_tv_block("A"), backend="cpu")
+    x = torch.randn(0, 24, 5, 5, requires_grad=True)
+    fused(x).sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in fused.parameters())
+
+
+def test_a_nan_in_x_reaches_the_same_gradients_as_torchvision():
+    """NaN poisons the gradients where it does in eager autograd: no mask hides it."""
+    block = _tv_block("A")
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    x = torch.randn(1, 24, 6, 6)
+    x[0, 3, 2, 2] = float("nan")
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    block(x_ref).sum().backward()
+    fused(x_fused).sum().backward()
+    assert torch.equal(torch.isnan(x_fused.grad), torch.isnan(x_ref.grad))
+    named = dict(fused.named_parameters())
+    for pname, p in block.named_parameters():
+        assert torch.equal(torch.isnan(named[pname].grad), torch.isnan(p.grad)), pname
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_trains_through_the_fused_backward():
+    block = _tv_block("A")
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu")
+    compiled = torch.compile(fused, fullgraph=True)  # any graph break raises
+    x = torch.randn(2, 24, 5, 5, requires_grad=True)
+    compiled(x).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    block(x_ref).sum().backward()
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    assert rel_err(fused.branch_pool.bn.weight.grad, block.branch_pool.bn.weight.grad) <= TOLERANCE[torch.float32]
