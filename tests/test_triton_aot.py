@@ -28,16 +28,20 @@ CASES = [(kind, exact, cfg) for kind in ("pointwise", "spatial") for exact in (F
          for cfg in kernel_configs(kind, exact_fp32=exact)]
 CASES += [(kind, exact, cfg) for kind in BACKWARD_KERNELS for exact in (False, True)
           for cfg in backward_configs(kind, exact_fp32=exact)]
-# The branch-graph kernel in the three shapes its plans launch: a K x K stage, the stage-0
-# 1x1 over x into three destinations, and the average-pool branch's 1x1.
-GRAPH_VARIANTS = {"graph_gemm": dict(POOL=0, SEGMENTS=1, STRIDE2=False),
-                  "graph_gemm_stage0": dict(POOL=0, SEGMENTS=3, STRIDE2=False),
-                  "graph_gemm_avgpool": dict(POOL=1, SEGMENTS=1, STRIDE2=False),
-                  "graph_gemm_stride2": dict(POOL=0, SEGMENTS=1, STRIDE2=True)}
-GRAPH_TAPS = {"graph_gemm": (3, 3), "graph_gemm_stage0": (1, 1), "graph_gemm_avgpool": (1, 1),
-              "graph_gemm_stride2": (3, 3)}
-CASES += [(kind, exact, cfg) for kind in GRAPH_VARIANTS for exact in (False, True)
-          for cfg in graph_configs(*GRAPH_TAPS[kind], GRAPH_VARIANTS[kind]["STRIDE2"], exact_fp32=exact)]
+# The branch-graph kernels in the shapes their plans launch: (kernel, constexprs, taps,
+# stride 2). Forward: a K x K stage, the stage-0 1x1 over x into three destinations, the
+# average-pool branch's 1x1, a grid reduction's stride-2 3x3. Backward: the data gradient
+# of a convolution over an intermediate, as a fan-out's last consumer (accumulate + mask,
+# the most registers).
+GRAPH_VARIANTS = {
+    "graph_gemm": ("graph_gemm", dict(POOL=0, SEGMENTS=1, STRIDE2=False), (3, 3), False),
+    "graph_gemm_stage0": ("graph_gemm", dict(POOL=0, SEGMENTS=3, STRIDE2=False), (1, 1), False),
+    "graph_gemm_avgpool": ("graph_gemm", dict(POOL=1, SEGMENTS=1, STRIDE2=False), (1, 1), False),
+    "graph_gemm_stride2": ("graph_gemm", dict(POOL=0, SEGMENTS=1, STRIDE2=True), (3, 3), True),
+    "graph_dgrad": ("graph_dgrad", dict(ACCUMULATE=True, MASK=True), (3, 3), False),
+}
+CASES += [(kind, exact, cfg) for kind, (_, _, taps, stride2) in GRAPH_VARIANTS.items() for exact in (False, True)
+          for cfg in graph_configs(*taps, stride2, exact_fp32=exact)]
 # (dtype, dot precision) of the tensor-core lists; the exact-fp32 lists (FMA dots, when
 # allow_tf32 is off) compile for fp32 "ieee" only.
 TENSOR_CORE_DTYPES = [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "tf32")]
@@ -57,9 +61,9 @@ def compiled():
     for kind, exact, cfg in CASES:
         for dtype, precision in dtypes_of(exact):
             for capability in (80, 90):
+                jit_kind, constexprs = GRAPH_VARIANTS[kind][:2] if kind in GRAPH_VARIANTS else (kind, None)
                 results[kind, cfg, dtype, precision, capability] = compile_ahead_of_time(
-                    "graph_gemm" if kind in GRAPH_VARIANTS else kind, cfg, dtype, capability, precision,
-                    GRAPH_VARIANTS.get(kind))._replace(kernel=kind)
+                    jit_kind, cfg, dtype, capability, precision, constexprs)._replace(kernel=kind)
     rows = [
         "| kernel | BLOCK_M×N×K | warps | stages | dtype | sm | registers | stack | local | shared (B) | MMA |",
         "|---|---|---|---|---|---|---:|---:|---:|---:|---|",

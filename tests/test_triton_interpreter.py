@@ -249,3 +249,64 @@ def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
         want = reference(x.double())
     assert got.dtype == dtype and not torch.isnan(got).any()
     assert rel_err(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("name", ["A", "B", "C", "D", "E"])
+def test_inception_v3_block_gradients_on_the_triton_kernels(name):
+    """Eval mode with autograd: the Triton forward and backward (its data-gradient kernel,
+    masks fused, fan-out accumulated) against fp64 eager autograd of torchvision's block,
+    for x and every conv weight and BN affine parameter."""
+    import copy
+
+    from torchvision.models import inception as tv
+
+    from conftest import randomize_
+    from inception_fast.fused_graph import FusedBranchGraph
+
+    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "B": lambda: tv.InceptionB(24),
+            "C": lambda: tv.InceptionC(24, channels_7x7=12), "D": lambda: tv.InceptionD(24),
+            "E": lambda: tv.InceptionE(24)}[name]
+    block = randomize_(make()).eval()
+    reference = copy.deepcopy(block).double()
+    fused = FusedBranchGraph.from_module(block, backend="triton")
+    fused._original = (None,)  # the fused path, never the original branches
+    x = torch.randn(1, 24, 5, 7)
+    x_fused, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    y_ref = reference(x_ref)
+    grad_out = torch.randn_like(y_ref)
+    y_ref.backward(grad_out)
+    fused(x_fused).backward(grad_out.float())
+    assert rel_err(x_fused.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    named = dict(reference.named_parameters())
+    for pname, p in fused.named_parameters():
+        assert rel_err(p.grad, named[pname].grad) <= TOLERANCE[torch.float32], pname
+
+
+def test_branch_graph_triton_backward_in_bf16_matches_the_fp64_backward_of_the_same_output():
+    """bf16 on its own (as for the GoogLeNet backward): the same saved x, y, intermediates
+    and grad_output, against the fp64 ATen twin."""
+    import copy
+
+    from torchvision.models import inception as tv
+
+    from conftest import randomize_
+    from inception_fast.fused_graph import FusedBranchGraph
+    from inception_fast.ops.branch_graph import graph_backward_reference, graph_triton_forward_saving
+    from inception_fast.ops.branch_graph_triton import graph_backward_triton
+
+    block = randomize_(tv.InceptionE(24)).eval().to(torch.bfloat16)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton")
+    x = torch.randn(1, 24, 5, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        b, bias = fused._packed("triton")
+        y, intermediates = graph_triton_forward_saving(x, b, bias, fused._plan.flat())
+        from inception_fast.blocks import fold_conv_bn
+
+        weights = [fold_conv_bn(u)[0] for u in fused._units]
+    grad_out = torch.randn_like(y)
+    flat = fused._plan.backward_flat()
+    got = graph_backward_triton(grad_out, x, y, intermediates, weights, [True, True], flat)
+    want = graph_backward_reference(grad_out.double(), x.double(), y.double(), [t.double() for t in intermediates],
+                                    [w.double() for w in weights], [True, True], flat)
+    for i, (a, b_) in enumerate(zip(got, want)):
+        assert a.dtype == torch.bfloat16 and rel_err(a, b_) <= TOLERANCE[torch.bfloat16], i

@@ -364,10 +364,18 @@ def _image(rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 
 def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                              intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
-                             backward_plan: list[int]) -> list[torch.Tensor | None]:
+                             backward_plan: list[int], data_grad=None) -> list[torch.Tensor | None]:
     """[dx, dW_0, db_0, dW_1, db_1, ...] (spec.convs order; None where not needed) as ATen
     calls, on any device: the algorithm the C++ backward (csrc/inception_graph_cpu_backward.cpp)
-    and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides."""
+    and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides.
+
+    data_grad, if given, computes the data gradient of each stride-1 convolution over an
+    intermediate instead of ATen: data_grad(g, weight, record, d_so_far, intermediate, last)
+    -> (d, masked), g the (M, cout) masked gradient of its output, d_so_far the sum over
+    the intermediate's other consumers (None for the first), last whether no consumer is
+    left, masked whether d already carries the intermediate's ReLU mask (the Triton kernel
+    applies it in its epilogue).
+    """
     _, stride, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
     n, c, h, w = x.shape
     ho, wo = (h, w) if stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
@@ -375,6 +383,8 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     grad_rows, y_rows, x_rows = _rows(grad_out), _rows(y), _rows(x)
     inter_rows = [t.reshape(-1, t.shape[-1]) for t in intermediates]
     d_inter: list[torch.Tensor | None] = [None] * len(intermediates)
+    masked = [False] * len(intermediates)
+    consumers_left = [sum(row[0] == k for row in table) for k in range(len(intermediates))]
     d_weights: list[torch.Tensor | None] = [None] * len(table)
     d_biases: list[torch.Tensor | None] = [None] * len(table)
     shared: dict[int, torch.Tensor] = {}  # conv index -> its columns of the shared-x GEMM
@@ -386,7 +396,7 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
         if dest < 0:
             g = relu_backward(grad_rows[:, channel:channel + co], y_rows[:, channel:channel + co], 0)
         else:
-            g = relu_backward(d_inter[dest], inter_rows[dest], 0)
+            g = d_inter[dest] if masked[dest] else relu_backward(d_inter[dest], inter_rows[dest], 0)
         d_biases[i] = g.sum(0)
         if source == _SOURCE_X and (kh, kw, conv_stride) == (1, 1, 1):
             shared[i] = g
@@ -398,6 +408,13 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             if needs[0]:
                 dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
                     _image(g @ weight.flatten(1), n, h, w), x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
+        elif data_grad is not None and source >= 0 and conv_stride == 1:
+            consumers_left[source] -= 1
+            d_inter[source], masked[source] = data_grad(g, weight, table[i], d_inter[source], intermediates[source],
+                                                        consumers_left[source] == 0)
+            _, d_weights[i], _ = torch.ops.aten.convolution_backward(
+                _image(g, n, h, w), intermediates[source].permute(0, 3, 1, 2), weight, None, [1, 1], [pad_h, pad_w],
+                [1, 1], False, [0, 0], 1, [False, needs[1], False])
         else:
             gh, gw = (h, w) if conv_stride == 1 else (ho, wo)
             src = x if source == _SOURCE_X else intermediates[source].permute(0, 3, 1, 2)

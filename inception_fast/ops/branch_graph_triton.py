@@ -20,14 +20,43 @@ import triton
 import triton.language as tl
 
 from ._layout import as_gemm_b
-from .branch_graph import GraphPlan
+from .branch_graph import GraphPlan, graph_backward_reference
 from .inception_triton import KernelConfig, _mma, input_precision, interpreting, kernel_configs, prune_configs
+from .inception_triton_backward import flipped_gemm_b
 
-__all__ = ["GRAPH_KERNELS", "graph_configs", "graph_forward_triton", "pack_graph_weights_triton"]
+__all__ = ["GRAPH_KERNELS", "graph_backward_triton", "graph_configs", "graph_forward_triton",
+           "pack_graph_weights_triton"]
 
 
 MAX_SEGMENTS = 4  # destinations of one GEMM: the stage-0 GEMM of InceptionE has three
 POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
+
+
+@triton.jit
+def _window_gemm(
+    src_tile,  # (rows, K_src) NHWC pixel rows from the tile's first pixel, with their halo
+    w_ptr,  # (kh * kw * K_src, cols) B, row (dy * kw + dx) * K_src + c
+    K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The stride-1 kh x kw implicit GEMM of a tile in fp32, 'same' zero padding by masks:
+    the main loop of the forward's convolutions and of the backward's data gradients."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, kh * kw):
+        dy = tap // kw - kh // 2
+        dx = tap % kw - kw // 2
+        ok = m_mask & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)  # zero padding
+        for c0 in range(0, K_src, BLOCK_K):
+            cc = c0 + offs_k
+            c_mask = cc < K_src
+            a = tl.load(src_tile + (rows + (dy * W + dx))[:, None] * K_src + cc[None, :],
+                        mask=ok[:, None] & c_mask[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
+                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    return acc
 
 
 @triton.jit(do_not_specialize=["kh", "kw", "seg_begin1", "seg_begin2", "seg_begin3"])
@@ -84,18 +113,8 @@ def _graph_gemm_kernel(
                             mask=c_mask[:, None] & n_mask[None, :], other=0.0)
                 acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
     elif POOL == 0:
-        for tap in range(0, kh * kw):
-            dy = tap // kw - kh // 2
-            dx = tap % kw - kw // 2
-            ok = m_mask & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)  # zero padding
-            for c0 in range(0, K_src, BLOCK_K):
-                cc = c0 + offs_k
-                c_mask = cc < K_src
-                a = tl.load(src_tile + (rows + (dy * W + dx))[:, None] * K_src + cc[None, :],
-                            mask=ok[:, None] & c_mask[None, :], other=0.0)
-                b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
-                            mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+        acc = _window_gemm(src_tile, w_ptr, K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     else:
         # A 1x1 over the 3x3/1/1 pool of the source, taken in fp32 while loading.
         for c0 in range(0, K_src, BLOCK_K):
@@ -170,7 +189,49 @@ def _max_pool_stride2_kernel(
     tl.store(out + rows[:, None] * out_channels + offs_n[None, :], best.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-GRAPH_KERNELS = {"graph_gemm": (_graph_gemm_kernel, "spatial"), "max_pool_stride2": (_max_pool_stride2_kernel, None)}
+@triton.jit(do_not_specialize=["kh", "kw"])
+def _graph_dgrad_kernel(
+    # pointers
+    g_ptr,  # (N, H, W, K_g) NHWC ReLU-masked gradient of a stride-1 kh x kw convolution's output
+    w_ptr,  # (kh * kw * K_g, cols) its weight flipped and transposed (flipped_gemm_b)
+    t_ptr,  # (N, H, W, cols) NHWC its input, an intermediate: the ReLU mask of the result
+    d_ptr,  # (N, H, W, cols) NHWC the intermediate's gradient: written, or accumulated into
+    # sizes
+    M, H, W, K_g, cols, kh, kw,
+    # meta-parameters
+    ACCUMULATE: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The data gradient of one convolution over an intermediate: an implicit GEMM of its
+    output gradient with the flipped weight ('same' padding makes it a stride-1 convolution
+    again). A fan-out's second consumer ACCUMULATEs onto the first's result; the last one
+    applies the intermediate's ReLU mask (none where t <= 0, as torch.relu) in the epilogue."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    m_mask = m0 + rows < M
+    hw = (m0 + rows) % (H * W)
+    h = hw // W
+    w = hw % W
+    g_tile = g_ptr + m0.to(tl.int64) * K_g  # 64-bit base, 32-bit offsets (a tile plus its halo)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < cols
+    acc = _window_gemm(g_tile, w_ptr, K_g, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+    offsets = (m0 + rows).to(tl.int64)[:, None] * cols + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(d_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if MASK:
+        t = tl.load(t_ptr + offsets, mask=mask, other=0.0)
+        acc = tl.where(t <= 0, 0.0, acc)
+    tl.store(d_ptr + offsets, acc.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+GRAPH_KERNELS = {"graph_gemm": (_graph_gemm_kernel, "spatial"), "max_pool_stride2": (_max_pool_stride2_kernel, None),
+                 "graph_dgrad": (_graph_dgrad_kernel, "spatial")}
 
 
 def graph_configs(kh: int, kw: int, stride2: bool, exact_fp32: bool) -> list[KernelConfig]:
@@ -266,3 +327,54 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
                 _BEST[key] = min(timings, key=timings.get)
         launch(_BEST[key])
     return out
+
+
+def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, needs: list[bool],
+                          backward_plan: list[int]) -> list:
+    """graph_backward on GPUs: graph_backward_reference's walk, with the data gradients of
+    the stride-1 convolutions over intermediates (every K x K, 1 x n and n x 1 of a chain)
+    in `_graph_dgrad_kernel`, masks fused; the shared-x GEMMs are cuBLAS, the weight
+    gradients and a grid reduction's stride-2 data gradients cuDNN's."""
+    n, _, h, w = x.shape
+    if n * h * w >= 2**31:
+        raise ValueError(f"x has {n * h * w} pixels (N*H*W); the Triton kernels take fewer than 2**31")
+    precision = input_precision(x.dtype)
+    upcast = interpreting() and x.dtype == torch.bfloat16
+    exact = x.dtype == torch.float32 and precision == "ieee"
+
+    def data_grad(g, weight, record, d_so_far, intermediate, last):
+        _source, _dest, _channel, kh, kw, *_ = record
+        t = intermediate.contiguous()
+        cols, k_g = weight.shape[1], weight.shape[0]
+        d = torch.empty_like(t) if d_so_far is None else d_so_far.reshape(t.shape)
+        b = flipped_gemm_b(weight)
+        g = g.contiguous()
+        rows = n * h * w
+
+        def launch(cfg: KernelConfig):
+            grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
+            _graph_dgrad_kernel[grid](
+                g, b, t, d, rows, h, w, k_g, cols, kh, kw, ACCUMULATE=d_so_far is not None, MASK=last,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INPUT_PRECISION=precision,
+                UPCAST_DOT=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        key = ("dgrad", kh, kw, k_g, cols, n, h, w, x.dtype, precision, x.device, d_so_far is not None, last)
+        if key not in _BEST:
+            configs = prune_configs(graph_configs(kh, kw, False, exact), rows, cols)
+            if interpreting() or not x.is_cuda:
+                _BEST[key] = configs[0]
+            else:
+                from triton.testing import do_bench
+
+                # Accumulating launches read d: time on a copy, so tuning never changes it.
+                scratch = d.clone()
+                timings = {}
+                for cfg in configs:
+                    timings[cfg] = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
+                    d.copy_(scratch)
+                _BEST[key] = min(timings, key=timings.get)
+        launch(_BEST[key])
+        return d.reshape(rows, cols), last
+
+    return graph_backward_reference(grad_out, x.contiguous(memory_format=torch.channels_last), y, intermediates,
+                                    weights, needs, backward_plan, data_grad=data_grad)
