@@ -17,6 +17,7 @@ bench: $(STAMP)
 	$(PY) -m inception_fast bench --networks 1,16 --write-readme
 	$(PY) -m inception_fast bench --blocks 3a,4a,5b --batch 32 --backward --reps 10 --out benchmarks/results/backward --write-readme
 	$(PY) -m inception_fast bench --v3 --networks 1,8 --reps 10 --out benchmarks/results/inception_v3 --write-readme
+	$(PY) -m inception_fast bench --v3 --backward --batch 8 --reps 5 --out benchmarks/results/inception_v3_backward --write-readme
 
 install: $(STAMP)
 

@@ -361,10 +361,17 @@ def _inception_v3() -> torch.nn.Module:
 
 
 def bench_v3_blocks(
-    batches: list[int], with_compile: bool = True, reps: int = 10, progress: Callable[[str], None] | None = None
+    batches: list[int], with_compile: bool = True, reps: int = 10, progress: Callable[[str], None] | None = None,
+    backward: bool = False,
 ) -> BenchReport:
     """Each Inception-v3 block (torchvision InceptionA to E, eval, BN folded by the fused
-    module) against eager channels_last and torch.compile with freezing, on CPU."""
+    module) against eager channels_last and torch.compile (with freezing), on CPU.
+
+    With `backward`, every provider runs forward and backward in eval mode (frozen BN, as
+    when fine-tuning with frozen statistics or taking input gradients): the fused module
+    on its fused backward, against eager autograd and torch.compile without freezing,
+    each given grad_output in its own output's layout.
+    """
     from .fused_graph import FusedBranchGraph
 
     model = _inception_v3()
@@ -378,14 +385,19 @@ def bench_v3_blocks(
             block = copy.deepcopy(getattr(model, name)).to(memory_format=torch.channels_last)
             fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
             x = torch.randn(batch, fused.spec.in_channels, size, size).contiguous(memory_format=torch.channels_last)
-            providers = {"fused": lambda: fused(x), "eager_channels_last": lambda: block(x)}
+            grad = None
+            if backward:
+                with torch.no_grad():
+                    grad = torch.randn_like(block(x))  # channels_last, as both outputs are
+            modules = {"fused": fused, "eager_channels_last": block}
             if with_compile:
-                compiled = _compiled(copy.deepcopy(block), x)
-                providers["compile_freezing"] = lambda: compiled(x)
-            with torch.no_grad():
+                peer = "compile" if backward else "compile_freezing"
+                modules[peer] = _compiled(copy.deepcopy(block), x, freezing=not backward)
+            providers = {k: _step(m, x, grad) for k, m in modules.items()}
+            with torch.set_grad_enabled(backward):
                 seconds = time_alternating(providers, reps=reps)
             cases.append(CaseResult(block=f"{name} ({fused.source[-1]})", batch=batch, dtype="float32", backend="cpu",
-                                    macs=fused.spec.macs(size, size, batch),
+                                    macs=(3 if backward else 1) * fused.spec.macs(size, size, batch),
                                     ms={k: v * 1e3 for k, v in seconds.items()}))
     return BenchReport(machine=machine_info("cpu"), ceiling_gmacs=_better_ceiling(ceiling, torch.float32, "cpu"),
                        cases=cases)

@@ -159,10 +159,12 @@ def _bench_v3(args: argparse.Namespace) -> int:
     """Inception-v3's fused blocks, and with --networks the whole swapped inception_v3."""
     from .bench import bench_networks, bench_v3_blocks, networks_markdown, print_progress
 
-    if args.device != "cpu" or args.dtype != "float32" or args.backward:
-        raise UsageError("--v3 runs the CPU kernel forward in float32: drop --device, --dtype and --backward")
+    if args.device != "cpu" or args.dtype != "float32":
+        raise UsageError("--v3 runs the CPU kernels in float32: drop --device and --dtype")
+    if args.backward and args.networks:
+        raise UsageError("--v3 --backward times the blocks only: drop --networks")
     report = bench_v3_blocks(args.batch or [1, 32], with_compile=not args.no_compile,
-                             reps=5 if args.quick else args.reps, progress=print_progress)
+                             reps=5 if args.quick else args.reps, progress=print_progress, backward=args.backward)
     markdown = report.to_markdown()
     data = report.to_json_dict()
     if args.networks:
@@ -170,7 +172,7 @@ def _bench_v3(args: argparse.Namespace) -> int:
                                           model="torchvision inception_v3")
         markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
     print(markdown)
-    _write_results(args, report, data, markdown, "v3")
+    _write_results(args, report, data, markdown, "v3_backward" if args.backward else "v3")
     return 0
 
 

@@ -3,9 +3,10 @@ branch-graph kernels (ops/branch_graph.py: C++ on CPUs, Triton on GPUs).
 A thin module: parse, fold BN, pack, call the op.
 
 It keeps the original block's children under their own names (state_dict unchanged). In
-eval mode it folds each BN into its convolution and runs the fused kernel; in train mode
-it runs the original block (BN needs batch statistics, and running stats update exactly
-as before).
+eval mode it folds each BN into its convolution and runs the fused kernel, and with
+autograd on the fused backward too (gradients reach the convs and BNs through the
+folding); in train mode it runs the original block (BN needs batch statistics, and
+running stats update exactly as before).
 """
 
 from __future__ import annotations

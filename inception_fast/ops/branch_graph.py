@@ -16,9 +16,10 @@ every branch's leading 1x1 as one GEMM over x (horizontal fusion) plus the pool 
 zero-bordered intermediates. Each GEMM stores through bias + ReLU straight into its slice
 of the output or of the next intermediate. `plan()` turns a spec into that schedule.
 
-Forward only, on the CPU (float32, float64) and, through branch_graph_triton.py, on GPUs:
-the module around it (fused_graph.py) runs the original branches in
-train mode, where BN needs batch statistics anyway.
+On the CPU (float32, float64) and, through branch_graph_triton.py, on GPUs. The backward
+(graph_backward, below) is fused too; BranchGraphFunction ties the two together. The
+module around it (fused_graph.py) runs the original branches in train mode, where BN
+needs batch statistics anyway.
 """
 
 from __future__ import annotations
