@@ -187,3 +187,19 @@ def test_compile_fullgraph_trains_through_the_fused_backward():
     block(x_ref).sum().backward()
     assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
     assert rel_err(fused.branch_pool.bn.weight.grad, block.branch_pool.bn.weight.grad) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("which", ["graph_backward", "graph_forward_saving"])
+def test_custom_op_registrations_pass_opcheck(which):
+    """Schema and register_fake agree with the real kernels (shapes, strides, aliasing)."""
+    spec = SPECS["fan-out"]
+    weights, biases = _params(spec, torch.float64)
+    x = torch.randn(2, spec.in_channels, 5, 4, dtype=torch.float64)
+    y, intermediates, graph = _saved(spec, x, weights, biases)
+    if which == "graph_backward":
+        args = (torch.randn_like(y), x, y, [t.contiguous() for t in intermediates], weights, [True, True],
+                graph.backward_flat(), "cpu")
+    else:
+        b, bias = pack_graph_weights(spec, graph, weights, biases)
+        args = (x, b, bias, graph.flat())
+    torch.library.opcheck(getattr(torch.ops.inception_fast, which).default, args)
