@@ -21,7 +21,15 @@ import triton.language as tl
 
 from ._layout import as_gemm_b
 from .branch_graph import GraphPlan, graph_backward_reference
-from .inception_triton import KernelConfig, _mma, input_precision, interpreting, kernel_configs, prune_configs
+from .inception_triton import (
+    KernelConfig,
+    _mma,
+    _pixel_rows,
+    input_precision,
+    interpreting,
+    kernel_configs,
+    prune_configs,
+)
 from .inception_triton_backward import flipped_gemm_b
 
 __all__ = ["GRAPH_KERNELS", "graph_backward_triton", "graph_configs", "graph_forward_triton",
@@ -81,12 +89,7 @@ def _graph_gemm_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m0 = pid_m * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    m_mask = m0 + rows < M
-    hw = (m0 + rows) % (H * W)
-    h = hw // W
-    w = hw % W
+    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
     # 64-bit scalar base at the tile's first pixel, 32-bit offsets (a tile plus its halo).
     src_tile = src_ptr + m0.to(tl.int64) * K_src
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,12 +212,7 @@ def _graph_dgrad_kernel(
     applies the intermediate's ReLU mask (none where t <= 0, as torch.relu) in the epilogue."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m0 = pid_m * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    m_mask = m0 + rows < M
-    hw = (m0 + rows) % (H * W)
-    h = hw // W
-    w = hw % W
+    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
     g_tile = g_ptr + m0.to(tl.int64) * K_g  # 64-bit base, 32-bit offsets (a tile plus its halo)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < cols

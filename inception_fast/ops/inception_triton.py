@@ -94,6 +94,16 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _pixel_rows(pid_m, M, H, W, BLOCK_M: tl.constexpr):
+    """A tile's BLOCK_M pixel rows of an NHWC grid (M = N*H*W rows): its first row m0, the
+    row offsets from it, which are in range, and each row's (h, w)."""
+    m0 = pid_m * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    hw = (m0 + rows) % (H * W)
+    return m0, rows, m0 + rows < M, hw // W, hw % W
+
+
+@triton.jit
 def _tile_gemm(
     a_tile,  # (rows, K) row-major, from the tile's first row
     b_ptr,  # (K, N) row-major
@@ -221,12 +231,7 @@ def _spatial_kernel(
         r, cout, K, channel, tiles_n, local = r5, c5, K5, c1 + c3, tiles5_n, pid - tiles3
     pid_m = local // tiles_n
     pid_n = local % tiles_n
-    m0 = pid_m * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    m_mask = m0 + rows < M
-    hw = (m0 + rows) % (H * W)
-    h = hw // W
-    w = hw % W
+    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
     t_tile = t_ptr + m0.to(tl.int64) * r  # 64-bit scalar base, 32-bit offsets (see above)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < cout

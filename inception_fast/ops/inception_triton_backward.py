@@ -32,6 +32,7 @@ from .inception import gradients_in_order
 from .inception_triton import (
     KernelConfig,
     _mma,
+    _pixel_rows,
     _tile_gemm,
     input_precision,
     interpreting,
@@ -68,12 +69,7 @@ def _spatial_dgrad_kernel(
         cg, r, K, col, tiles_n, local = c5, r5, K5, c1 + r3, tiles5_n, pid - tiles3
     pid_m = local // tiles_n
     pid_n = local % tiles_n
-    m0 = pid_m * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    m_mask = m0 + rows < M
-    hw = (m0 + rows) % (H * W)
-    h = hw // W
-    w = hw % W
+    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
     # 64-bit scalar base at the tile's first pixel, 32-bit offsets (tile plus halo).
     g_tile = g_ptr + m0.to(tl.int64) * cg
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
