@@ -399,18 +399,19 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
         else:
             g = d_inter[dest] if masked[dest] else relu_backward(d_inter[dest], inter_rows[dest], 0)
         d_biases[i] = g.sum(0)
+        if source >= 0:
+            consumers_left[source] -= 1
         if source == _SOURCE_X and (kh, kw, conv_stride) == (1, 1, 1):
             shared[i] = g
         elif source == _SOURCE_AVG_POOL:
             shared[i] = _rows(F.avg_pool2d(_image(g, n, h, w), 3, 1, 1))  # self-adjoint
         elif source == _SOURCE_MAX_POOL:
             pooled, indices = F.max_pool2d(x, 3, 1, 1, return_indices=True)
-            d_weights[i] = (g.t() @ _rows(pooled)).reshape(weight.shape)
+            d_weights[i] = (g.t() @ _rows(pooled)).reshape(weight.shape) if needs[1] else None
             if needs[0]:
                 dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
                     _image(g @ weight.flatten(1), n, h, w), x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
         elif data_grad is not None and source >= 0 and conv_stride == 1:
-            consumers_left[source] -= 1
             d_inter[source], masked[source] = data_grad(g, weight, table[i], d_inter[source], intermediates[source],
                                                         consumers_left[source] == 0)
             _, d_weights[i], _ = torch.ops.aten.convolution_backward(
@@ -422,7 +423,7 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             need_input = source >= 0 or needs[0]
             d_src, d_weights[i], _ = torch.ops.aten.convolution_backward(
                 _image(g, n, gh, gw), src, weight, None, [conv_stride] * 2, [pad_h, pad_w], [1, 1], False, [0, 0], 1,
-                [need_input, True, False])
+                [need_input, needs[1], False])
             if source >= 0:
                 d_src = _rows(d_src)
                 d_inter[source] = d_src if d_inter[source] is None else d_inter[source] + d_src
@@ -435,9 +436,10 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     order = sorted(shared)
     if order:
         a = torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
-        d_shared = (a.t() @ x_rows).split([weights[i].shape[0] for i in order])
-        for i, d in zip(order, d_shared):
-            d_weights[i] = d.reshape(weights[i].shape).clone()
+        if needs[1]:
+            d_shared = (a.t() @ x_rows).split([weights[i].shape[0] for i in order])
+            for i, d in zip(order, d_shared):
+                d_weights[i] = d.reshape(weights[i].shape).clone()
         if needs[0]:
             dx_terms.append(_image(a @ torch.cat([weights[i].flatten(1) for i in order]), n, h, w))
     dx = None
