@@ -25,6 +25,7 @@ from .inception_triton import (
     KernelConfig,
     _mma,
     _pixel_rows,
+    _window_gemm,
     input_precision,
     interpreting,
     kernel_configs,
@@ -38,33 +39,6 @@ __all__ = ["GRAPH_KERNELS", "graph_backward_triton", "graph_configs", "graph_for
 
 MAX_SEGMENTS = 4  # destinations of one GEMM: the stage-0 GEMM of InceptionE has three
 POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
-
-
-@triton.jit
-def _window_gemm(
-    src_tile,  # (rows, K_src) NHWC pixel rows from the tile's first pixel, with their halo
-    w_ptr,  # (kh * kw * K_src, cols) B, row (dy * kw + dx) * K_src + c
-    K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """The stride-1 kh x kw implicit GEMM of a tile in fp32, 'same' zero padding by masks:
-    the main loop of the forward's convolutions and of the backward's data gradients."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, kh * kw):
-        dy = tap // kw - kh // 2
-        dx = tap % kw - kw // 2
-        ok = m_mask & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)  # zero padding
-        for c0 in range(0, K_src, BLOCK_K):
-            cc = c0 + offs_k
-            c_mask = cc < K_src
-            a = tl.load(src_tile + (rows + (dy * W + dx))[:, None] * K_src + cc[None, :],
-                        mask=ok[:, None] & c_mask[None, :], other=0.0)
-            b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
-                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
-    return acc
 
 
 @triton.jit(do_not_specialize=["kh", "kw", "seg_begin1", "seg_begin2", "seg_begin3"])

@@ -125,6 +125,34 @@ def _tile_gemm(
 
 
 @triton.jit
+def _window_gemm(
+    src_tile,  # (rows, K_src) NHWC pixel rows from the tile's first pixel, with their halo
+    w_ptr,  # (kh * kw * K_src, cols) B, row (dy * kw + dx) * K_src + c
+    K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The stride-1 kh x kw implicit GEMM of a tile in fp32, 'same' zero padding by masks:
+    the main loop of every K x K convolution (GoogLeNet's and the branch graph's) and of
+    their data gradients (the flipped weights make those stride-1 convolutions too)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, kh * kw):
+        dy = tap // kw - kh // 2
+        dx = tap % kw - kw // 2
+        ok = m_mask & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)  # zero padding
+        for c0 in range(0, K_src, BLOCK_K):
+            cc = c0 + offs_k
+            c_mask = cc < K_src
+            a = tl.load(src_tile + (rows + (dy * W + dx))[:, None] * K_src + cc[None, :],
+                        mask=ok[:, None] & c_mask[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
+                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
 def _pointwise_kernel(
     # pointers
     x_ptr,  # (N, H, W, C_in) NHWC input
@@ -235,21 +263,8 @@ def _spatial_kernel(
     t_tile = t_ptr + m0.to(tl.int64) * r  # 64-bit scalar base, 32-bit offsets (see above)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < cout
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    pad = K // 2
-    for tap in range(0, K * K):
-        dy = tap // K - pad
-        dx = tap % K - pad
-        ok = m_mask & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)  # zero padding
-        a_rows = t_tile + (rows + (dy * W + dx)) * r
-        for c0 in range(0, r, BLOCK_K):
-            cc = c0 + offs_k
-            c_mask = cc < r
-            a = tl.load(a_rows[:, None] + cc[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
-            b = tl.load(w_ptr + (tap * r + cc)[:, None] * cout + offs_n[None, :],
-                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    acc = _window_gemm(t_tile, w_ptr, r, cout, K, K, H, W, h, w, rows, m_mask, offs_n, n_mask,
+                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(out_ptr.dtype.element_ty)
     out_tile = out_ptr + m0.to(tl.int64) * c_out + channel

@@ -31,9 +31,9 @@ from ._layout import as_gemm_b
 from .inception import gradients_in_order
 from .inception_triton import (
     KernelConfig,
-    _mma,
     _pixel_rows,
     _tile_gemm,
+    _window_gemm,
     input_precision,
     interpreting,
     kernel_configs,
@@ -74,23 +74,10 @@ def _spatial_dgrad_kernel(
     g_tile = g_ptr + m0.to(tl.int64) * cg
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < r
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    pad = K // 2
     # dt[p] = sum over taps of g[p + tap - pad] @ W^T[tap]: the forward's implicit GEMM
     # on the gradient, with the flipped kernel.
-    for tap in range(0, K * K):
-        dy = tap // K - pad
-        dx = tap % K - pad
-        ok = m_mask & (h + dy >= 0) & (h + dy < H) & (w + dx >= 0) & (w + dx < W)  # zero padding
-        a_rows = g_tile + (rows + (dy * W + dx)) * cg
-        for c0 in range(0, cg, BLOCK_K):
-            cc = c0 + offs_k
-            c_mask = cc < cg
-            a = tl.load(a_rows[:, None] + cc[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
-            b = tl.load(w_ptr + (tap * cg + cc)[:, None] * r + offs_n[None, :],
-                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    acc = _window_gemm(g_tile, w_ptr, cg, r, K, K, H, W, h, w, rows, m_mask, offs_n, n_mask,
+                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     out_mask = m_mask[:, None] & n_mask[None, :]
     t_tile = t_ptr + m0.to(tl.int64) * r
     t = tl.load(t_tile + rows[:, None] * r + offs_n[None, :], mask=out_mask, other=0.0)
