@@ -272,12 +272,13 @@ void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
 
 // pooled[i][c] = sum of x over the 3x3 window around pixel i (row-major, in-bounds
 // pixels) / 9: zero padding counts, as F.avg_pool2d(x, 3, 1, 1) with count_include_pad.
+// Row i of pooled starts at pooled + i * ld (ld >= C: rows may sit inside a wider matrix).
 template <typename T>
 void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
-                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled) {
+                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
-    T* out = pooled + i * C;
+    T* out = pooled + i * ld;
     std::fill(out, out + C, T(0));
     for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
       for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {

@@ -5,6 +5,16 @@
 
 namespace inception_fast {
 
+// Logical (N, C, H, W) over NHWC pixel rows (N*H*W, C): a view (the backward kernels').
+inline at::Tensor as_image(const at::Tensor& rows, int64_t N, int64_t H, int64_t W) {
+  return rows.view({N, H, W, rows.size(1)}).permute({0, 3, 1, 2});
+}
+
+// NHWC pixel rows (N*H*W, C) of an image: a view when it is channels_last already.
+inline at::Tensor as_rows(const at::Tensor& image) {
+  return image.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, image.size(1)});
+}
+
 // Columns of one packed weight panel for `dtype`: two SIMD vectors of 64 bytes.
 // Python packs B as (ceil(cols / width), K, width), zero-padded past the last column.
 int64_t panel_width(at::ScalarType dtype);

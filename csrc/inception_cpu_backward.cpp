@@ -24,16 +24,6 @@
 namespace inception_fast {
 namespace {
 
-// Logical (N, C, H, W) over NHWC rows (M, C): a view.
-at::Tensor as_image(const at::Tensor& rows, int64_t N, int64_t H, int64_t W) {
-  return rows.view({N, H, W, rows.size(1)}).permute({0, 3, 1, 2});
-}
-
-// NHWC rows of a channels_last tensor: a view.
-at::Tensor as_rows(const at::Tensor& image) {
-  return image.permute({0, 2, 3, 1}).reshape({-1, image.size(1)});
-}
-
 // One pixel of one channel block (cb channels) of the pool branch: pooled = max over the
 // window's `taps` pixels (x rows, row-major), and dx[argmax] += dp. kTaps > 0 fixes the tap
 // count at compile time (an interior pixel's full 3x3 window), so the tap loops unroll.
@@ -132,8 +122,9 @@ std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at:
               w.size(), " tensors");
   TORCH_CHECK(needs.size() == 13, "needs must have 13 flags (x and the 12 weights), got ", needs.size());
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes());
-  const at::Tensor &w1 = w[0], &b1 = w[1], &w3r = w[2], &b3r = w[3], &w3 = w[4], &b3 = w[5];
-  const at::Tensor &w5r = w[6], &b5r = w[7], &w5 = w[8], &b5 = w[9], &wp = w[10], &bp = w[11];
+  // The branches' own biases (w[1], w[5], w[9], w[11]) do not enter the gradients.
+  const at::Tensor &w1 = w[0], &w3r = w[2], &b3r = w[3], &w3 = w[4];
+  const at::Tensor &w5r = w[6], &b5r = w[7], &w5 = w[8], &wp = w[10];
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t c1 = w1.size(0), r3 = w3r.size(0), c3 = w3.size(0), r5 = w5r.size(0);
   const int64_t c5 = w5.size(0), cp = wp.size(0), c_out = c1 + c3 + c5 + cp;
@@ -155,7 +146,7 @@ std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at:
 
   // 1. Each branch's ReLU gradient (none flows where y == 0, as torch.relu), into its own
   //    contiguous rows; the 1x1 branch's straight into its column block of d_red.
-  const at::Tensor grad_rows = as_rows(grad_out.contiguous(cl)), y_rows = as_rows(y.contiguous(cl));
+  const at::Tensor grad_rows = as_rows(grad_out), y_rows = as_rows(y);
   auto branch_grad = [&](int64_t begin, int64_t width) {
     return at::threshold_backward(grad_rows.narrow(1, begin, width), y_rows.narrow(1, begin, width), 0);
   };
@@ -180,7 +171,7 @@ std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at:
         at::OptionalIntArrayRef(std::vector<int64_t>{weight.size(0)}), {1, 1}, {k / 2, k / 2}, {1, 1},
         false, {0, 0}, 1, {true, need_weight, true});
     at::Tensor d_t_out = d_red.narrow(1, d_red_col, t.size(1));
-    at::threshold_backward_out(d_t_out, as_rows(d_t.contiguous(cl)), t, 0);
+    at::threshold_backward_out(d_t_out, as_rows(d_t), t, 0);
     return std::make_pair(d_w, d_b);
   };
   auto [dw3, db3] = spatial(g3, t3, w3, c1, needs[5]);

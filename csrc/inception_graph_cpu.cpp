@@ -138,7 +138,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     }
     if (d.source == kSourceAvgPool || d.source == kSourceMaxPool) {
       if (d.source == kSourceAvgPool)
-        avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
+        avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), C);
       else
         max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
       for (int64_t i = 0; i < rows; ++i) a_rows[i] = s.pooled.data() + i * C;

@@ -13,12 +13,13 @@
 //   - the other contributions to dx (a grid reduction's stride-2 convolution over x, the
 //     max-pool scatters) are added in place into the GEMM's result.
 
+#include "gemm.h"
 #include "inception_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
-#include <algorithm>
+#include <vector>
 
 namespace inception_fast {
 namespace {
@@ -31,31 +32,17 @@ struct ConvRecord {
   bool shared() const { return (source == kSourceX && kh == 1 && kw == 1 && stride == 1) || source == kSourceAvgPool; }
 };
 
-at::Tensor as_image(const at::Tensor& rows, int64_t N, int64_t H, int64_t W) {
-  return rows.view({N, H, W, rows.size(1)}).permute({0, 3, 1, 2});
-}
-
-at::Tensor as_rows(const at::Tensor& image) {
-  return image.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, image.size(1)});
-}
-
-// dst rows (row stride ld) = the 3x3/1 average pool (zero padding counted, as in
-// F.avg_pool2d's count_include_pad) of g's NHWC rows: (N*H*W, C) contiguous.
+// dst rows (row stride ld) = the 3x3/1 average pool of g's NHWC rows ((N*H*W, C),
+// contiguous): gemm.h's pooled-row loop, the forward's, one image row per work item.
 template <typename T>
 void avg_pool3x3_into(const T* g, T* dst, int64_t ld, int64_t N, int64_t H, int64_t W, int64_t C) {
+  const Plane<const T> plane{g, H * W * C, W * C, C, 0};
   at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> pix(3 * W);  // (n, h, w) of one image row's pixels
+    int64_t *pn = pix.data(), *ph = pn + W, *pw = ph + W;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / H, h = r % H;
-      for (int64_t w = 0; w < W; ++w) {
-        T* out = dst + ((n * H + h) * W + w) * ld;
-        std::fill(out, out + C, T(0));
-        for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
-          for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
-            const T* in = g + ((n * H + hh) * W + ww) * C;
-            for (int64_t c = 0; c < C; ++c) out[c] += in[c];
-          }
-        for (int64_t c = 0; c < C; ++c) out[c] /= T(9);
-      }
+      gemm::pixel_coords(r * W, W, H, W, pn, ph, pw);
+      gemm::avg_pool_rows(plane, H, W, C, pn, ph, pw, W, dst + r * W * ld, ld);
     }
   });
 }
