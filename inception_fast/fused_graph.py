@@ -124,6 +124,7 @@ class FusedBranchGraph(nn.Module):
         self._units = units
         self._plan = plan(self.spec)
         self._flat_plan = self._plan.flat()
+        self._backward_plan = self._plan.backward_flat()
         self._pack_caches: dict[str, TensorVersionCache] = {"cpu": TensorVersionCache(), "triton": TensorVersionCache()}
 
     @classmethod
@@ -171,7 +172,8 @@ class FusedBranchGraph(nn.Module):
             # of the convolutions' and BNs' parameters from those of the folded weights.
             folded = [fold_conv_bn(u) for u in self._units]
             weights, biases = [w for w, _ in folded], [bi for _, bi in folded]
-            return BranchGraphFunction.apply(x, backend, self._plan, b, bias, *weights, *biases)
+            return BranchGraphFunction.apply(x, backend, self._flat_plan, self._backward_plan, b, bias, *weights,
+                                             *biases)
         op = graph_triton_forward if backend == "triton" else graph_forward
         return op(x, b, bias, self._flat_plan)
 

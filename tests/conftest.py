@@ -62,6 +62,16 @@ def randomize_(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def small_v3_block(name: str, in_channels: int = 24) -> torch.nn.Module:
+    """torchvision's Inception{name} (A to E) with few input channels, randomized, in eval mode."""
+    from torchvision.models import inception as tv
+
+    make = {"A": lambda: tv.InceptionA(in_channels, pool_features=8), "B": lambda: tv.InceptionB(in_channels),
+            "C": lambda: tv.InceptionC(in_channels, channels_7x7=12), "D": lambda: tv.InceptionD(in_channels),
+            "E": lambda: tv.InceptionE(in_channels)}[name]
+    return randomize_(make()).eval()
+
+
 def reference_module(spec, batch_norm=False) -> ifast.ReferenceInception:
     return randomize_(ifast.ReferenceInception(spec, batch_norm=batch_norm)).eval()
 

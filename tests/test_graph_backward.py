@@ -5,8 +5,6 @@ import copy
 
 import pytest
 import torch
-from torchvision.models import inception as tv
-
 from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.ops.branch_graph import (
     Branch,
@@ -19,7 +17,7 @@ from inception_fast.ops.branch_graph import (
     plan,
 )
 
-from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err
+from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err, small_v3_block
 
 pytestmark = needs_cpu_kernel
 
@@ -63,7 +61,7 @@ def _fused(spec):
         with torch.no_grad():
             b, bias = pack_graph_weights(spec, graph, [p.detach() for p in params[:half]],
                                          [p.detach() for p in params[half:]])
-        return BranchGraphFunction.apply(x, "cpu", graph, b, bias, *params)
+        return BranchGraphFunction.apply(x, "cpu", graph.flat(), graph.backward_flat(), b, bias, *params)
 
     return f
 
@@ -112,10 +110,7 @@ def test_cpp_backward_matches_the_aten_twin(name, size, dtype):
 
 
 def _tv_block(name, dtype=torch.float32):
-    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "B": lambda: tv.InceptionB(24),
-            "C": lambda: tv.InceptionC(24, channels_7x7=12), "D": lambda: tv.InceptionD(24),
-            "E": lambda: tv.InceptionE(24)}[name]
-    return randomize_(make()).eval().to(dtype)
+    return small_v3_block(name).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

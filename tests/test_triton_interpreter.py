@@ -232,15 +232,10 @@ def test_triton_backward_in_half_precision_matches_the_fp64_backward_of_the_same
 def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
     import copy
 
-    from torchvision.models import inception as tv
-
-    from conftest import randomize_
+    from conftest import small_v3_block
     from inception_fast.fused_graph import FusedBranchGraph
 
-    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "B": lambda: tv.InceptionB(24),
-            "C": lambda: tv.InceptionC(40, channels_7x7=12), "D": lambda: tv.InceptionD(24),
-            "E": lambda: tv.InceptionE(24)}[name]
-    block = randomize_(make()).eval().to(dtype)
+    block = small_v3_block(name, in_channels=40 if name == "C" else 24).to(dtype)
     reference = copy.deepcopy(block).double()  # the same rounded weights, exact arithmetic
     fused = FusedBranchGraph.from_module(block, backend="triton")
     x = torch.randn(2, fused.spec.in_channels, 5, 9).to(dtype)
@@ -258,15 +253,10 @@ def test_inception_v3_block_gradients_on_the_triton_kernels(name):
     for x and every conv weight and BN affine parameter."""
     import copy
 
-    from torchvision.models import inception as tv
-
-    from conftest import randomize_
+    from conftest import small_v3_block
     from inception_fast.fused_graph import FusedBranchGraph
 
-    make = {"A": lambda: tv.InceptionA(24, pool_features=8), "B": lambda: tv.InceptionB(24),
-            "C": lambda: tv.InceptionC(24, channels_7x7=12), "D": lambda: tv.InceptionD(24),
-            "E": lambda: tv.InceptionE(24)}[name]
-    block = randomize_(make()).eval()
+    block = small_v3_block(name)
     reference = copy.deepcopy(block).double()
     fused = FusedBranchGraph.from_module(block, backend="triton")
     fused._original = (None,)  # the fused path, never the original branches
@@ -287,14 +277,12 @@ def test_branch_graph_triton_backward_in_bf16_matches_the_fp64_backward_of_the_s
     and grad_output, against the fp64 ATen twin."""
     import copy
 
-    from torchvision.models import inception as tv
-
-    from conftest import randomize_
+    from conftest import small_v3_block
     from inception_fast.fused_graph import FusedBranchGraph
     from inception_fast.ops.branch_graph import graph_backward_reference, graph_triton_forward_saving
     from inception_fast.ops.branch_graph_triton import graph_backward_triton
 
-    block = randomize_(tv.InceptionE(24)).eval().to(torch.bfloat16)
+    block = small_v3_block("E").to(torch.bfloat16)
     fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton")
     x = torch.randn(1, 24, 5, 6, dtype=torch.bfloat16)
     with torch.no_grad():

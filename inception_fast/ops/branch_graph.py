@@ -533,29 +533,31 @@ class BranchGraphFunction(torch.autograd.Function):
     """The fused branch-graph forward of a backend with the fused backward, over Conv2d-
     layout weights and biases (spec.convs order; folded BN, when the module has one).
 
-    apply(x, backend, graph, packed_b, packed_bias, *weights, *biases): backend "cpu" or
-    "triton"; packed_b/packed_bias the forward's layout of the same weights (cached by the
-    caller). Saves x, the output, the intermediates and the weights.
+    apply(x, backend, flat_plan, backward_plan, packed_b, packed_bias, *weights, *biases):
+    backend "cpu" or "triton"; the plan as GraphPlan.flat() and .backward_flat();
+    packed_b/packed_bias the forward's layout of the same weights (cached by the caller).
+    Saves x, the output, the intermediates and the weights.
     """
 
     @staticmethod
-    def forward(ctx, x, backend: str, graph: GraphPlan, packed_b, packed_bias, *params):
+    def forward(ctx, x, backend: str, flat_plan, backward_plan, packed_b, packed_bias, *params):
         saving = graph_triton_forward_saving if backend == "triton" else graph_forward_saving
-        y, buffers = saving(x, list(packed_b), list(packed_bias), graph.flat())
+        y, buffers = saving(x, list(packed_b), list(packed_bias), flat_plan)
         h, w = x.shape[2], x.shape[3]
-        borders = graph.buf_border if backend == "cpu" else (0,) * len(buffers)
-        intermediates = [buf[:, p:p + h, p:p + w] for buf, p in zip(buffers, borders)]
+        # Each buffer's interior: the C++ kernel's buffers carry a zero border, Triton's none.
+        intermediates = [buf[:, (buf.shape[1] - h) // 2:(buf.shape[1] + h) // 2,
+                             (buf.shape[2] - w) // 2:(buf.shape[2] + w) // 2] for buf in buffers]
         half = len(params) // 2
         ctx.save_for_backward(x, y, *intermediates, *params[:half])
-        ctx.backend, ctx.backward_plan, ctx.buffers = backend, graph.backward_flat(), len(buffers)
+        ctx.backend, ctx.backward_plan, ctx.buffers = backend, backward_plan, len(buffers)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, y, *rest = ctx.saved_tensors
         intermediates, weights = rest[:ctx.buffers], rest[ctx.buffers:]
-        needs = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])]
+        needs = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])]
         grads = graph_backward(grad_out, x, y, intermediates, list(weights), needs, ctx.backward_plan, ctx.backend)
         dx = grads[0] if needs[0] else None
         d_params = (grads[1::2] + grads[2::2]) if needs[1] else [None] * (2 * len(weights))
-        return (dx, None, None, None, None, *d_params)
+        return (dx, None, None, None, None, None, *d_params)
