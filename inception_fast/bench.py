@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import platform
 import statistics
 import sys
@@ -133,6 +134,21 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
     }
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto writes "profiler_start/stop" and, on machines without a GPU, a CUDA device
+    count error straight to file descriptor 2 at every profiler session: noise, not news."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_forward_bytes(fn: Callable[[], object]) -> int | None:
     """Peak bytes allocated while fn() runs (CPU), replayed from torch.profiler's memory
     timeline; the kernels' own scratch (t3, t5) counts, as it goes through torch's
@@ -145,8 +161,8 @@ def peak_forward_bytes(fn: Callable[[], object]) -> int | None:
         return None
     with torch.no_grad():
         fn()  # warm caches outside the measurement
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                                record_shapes=True, with_stack=True) as prof:
             fn()
     current = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:

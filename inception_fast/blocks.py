@@ -1,11 +1,14 @@
 """Recognising Inception blocks and folding their weights for the fused op.
 
-A block is accepted when its structure proves it computes the module of
-DESIGN.md. ReferenceInception and torchvision's Inception are read by their
-branch1..branch4 children; any other block by tracing its forward with torch.fx
-and matching cat([1x1, 1x1->KxK, 1x1->KxK, maxpool->1x1], dim=1), each conv
-followed by an optional BN and a ReLU. Every convolution must be stride 1 with
-zero 'same' padding and an odd square kernel. Anything else is rejected with
+A block is accepted when its traced forward proves that it computes GoogLeNet's
+Inception module: y = cat([relu(1x1(x)), relu(KxK(relu(1x1(x)))),
+relu(KxK(relu(1x1(x)))), relu(1x1(maxpool3x3/1/1(x)))], dim=1), each conv
+optionally followed by an eval-foldable BatchNorm2d. The block is recognised by
+what it computes, never by its class or attribute names: it is traced with
+torch.fx (through any user or torchvision wrapper such as BasicConv2d), and every
+node of the graph must be one of these ops with these arguments. Every
+convolution must be stride 1 with zero 'same' padding and an odd square kernel.
+Anything else (a leaky ReLU, an extra op, a subclassed Conv2d) is rejected with
 the reason, never half-accepted.
 """
 
@@ -17,10 +20,10 @@ import torch
 from torch import nn
 
 from .ops.inception import InceptionWeights
-from .reference import ConvReLU, ReferenceInception
 from .spec import InceptionSpec
 
-__all__ = ["ConvUnit", "NotAnInceptionBlock", "parse_inception_block", "parse_traced_block", "fold_conv_bn"]
+__all__ = ["ConvUnit", "NotAnInceptionBlock", "parse_inception_block", "parse_traced_block", "fold_conv_bn",
+           "graph_signature"]
 
 
 class NotAnInceptionBlock(ValueError):
@@ -38,35 +41,6 @@ class NotAnInceptionBlock(ValueError):
 class ConvUnit(NamedTuple):
     conv: nn.Conv2d
     bn: nn.BatchNorm2d | None
-
-
-def _relu_units() -> tuple[type, ...]:
-    """Unit classes known to apply ReLU after conv(+bn) inside their forward."""
-    units: list[type] = [ConvReLU]
-    try:
-        from torchvision.models.googlenet import BasicConv2d
-    except ImportError:  # torchvision is optional for the library itself
-        return tuple(units)
-    return (*units, BasicConv2d)
-
-
-def inception_classes() -> tuple[type, ...]:
-    """Block classes whose forward is known to be torch.cat([branch1..branch4], dim=1)."""
-    classes: list[type] = [ReferenceInception]
-    try:
-        from torchvision.models.googlenet import Inception
-    except ImportError:
-        return tuple(classes)
-    return (*classes, Inception)
-
-
-def _parse_unit(unit: nn.Module, where: str, kernel: int | None) -> ConvUnit:
-    if not isinstance(unit, _relu_units()):
-        raise NotAnInceptionBlock(
-            f"{where} is a {type(unit).__name__}, not a conv(+bn)+ReLU unit "
-            f"({', '.join(c.__name__ for c in _relu_units())})"
-        )
-    return _check_conv(unit.conv, getattr(unit, "bn", None), f"{where}.conv", kernel)
 
 
 def _check_conv(conv: nn.Module, bn: nn.Module | None, where: str, kernel: int | None) -> ConvUnit:
@@ -97,7 +71,8 @@ def _check_conv(conv: nn.Module, bn: nn.Module | None, where: str, kernel: int |
 
 def _is_max_pool_3x3_s1_p1(pool: nn.Module) -> bool:
     return (
-        isinstance(pool, nn.MaxPool2d)
+        type(pool) is nn.MaxPool2d
+        and not pool.return_indices
         and _pair(pool.kernel_size) == (3, 3)
         and _pair(pool.stride) == (1, 1)
         and _pair(pool.padding) == (1, 1)
@@ -106,34 +81,10 @@ def _is_max_pool_3x3_s1_p1(pool: nn.Module) -> bool:
 
 
 def parse_inception_block(block: nn.Module) -> tuple[InceptionSpec, tuple[ConvUnit, ...]]:
-    """The spec and the six conv units [1x1, 3x3red, 3x3, 5x5red, 5x5, pool proj] of a block.
-
-    Known classes (ReferenceInception, torchvision's Inception) are read by their
-    branch1..4 structure; any other module by tracing its forward (parse_traced_block).
-    """
-    if not isinstance(block, inception_classes()):
-        spec, units, _ = parse_traced_block(block)
-        return spec, units
-    return _units_spec(_parse_known_block(block))
-
-
-def _parse_known_block(block: nn.Module) -> tuple[ConvUnit, ...]:
-    b2, b3, b4 = block.branch2, block.branch3, block.branch4
-    for name, seq in (("branch2", b2), ("branch3", b3), ("branch4", b4)):
-        if not isinstance(seq, nn.Sequential) or len(seq) != 2:
-            raise NotAnInceptionBlock(f"{name} is not a 2-stage nn.Sequential")
-    pool = b4[0]
-    if not _is_max_pool_3x3_s1_p1(pool):
-        raise NotAnInceptionBlock(f"branch4[0] is {pool}, not a 3x3 max pool, stride 1, padding 1")
-    units = (
-        _parse_unit(block.branch1, "branch1", kernel=1),
-        _parse_unit(b2[0], "branch2[0]", kernel=1),
-        _parse_unit(b2[1], "branch2[1]", kernel=None),
-        _parse_unit(b3[0], "branch3[0]", kernel=1),
-        _parse_unit(b3[1], "branch3[1]", kernel=None),
-        _parse_unit(b4[1], "branch4[1]", kernel=1),
-    )
-    return units
+    """The spec and the six conv units [1x1, 3x3red, 3x3, 5x5red, 5x5, pool proj] of a block
+    (parse_traced_block without the graph)."""
+    spec, units, _ = parse_traced_block(block)
+    return spec, units
 
 
 def _units_spec(units: tuple[ConvUnit, ...]) -> tuple[InceptionSpec, tuple[ConvUnit, ...]]:
@@ -171,14 +122,43 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
-def _relu_node(node) -> bool:
+def _relu_node(node, modules: dict[str, nn.Module]) -> bool:
+    """A plain ReLU of one tensor: torch.relu, F.relu (inplace or not), .relu(), nn.ReLU."""
     import torch.nn.functional as F
 
+    if node.op == "call_function" and node.target is F.relu:
+        return len(node.args) <= 2 and set(node.kwargs) <= {"inplace"}
+    if len(node.args) != 1 or node.kwargs:
+        return False
     if node.op == "call_function":
-        return node.target in (torch.relu, F.relu, torch.relu_)
+        return node.target in (torch.relu, torch.relu_)
     if node.op == "call_method":
         return node.target in ("relu", "relu_")
-    return False
+    return node.op == "call_module" and type(modules[node.target]) is nn.ReLU
+
+
+def graph_signature(graph_module) -> list[tuple]:
+    """Every node of a traced graph as (op, target, args, kwargs), with nodes named by position
+    and leaf modules by (qualified name, exact type, their hyperparameters): two blocks with
+    equal signatures compute the same function of their parameters."""
+    import torch.fx as fx
+
+    index = {node: i for i, node in enumerate(graph_module.graph.nodes)}
+    modules = dict(graph_module.named_modules())
+
+    def norm(a):
+        return fx.node.map_arg(a, lambda n: ("node", index[n]))
+
+    sig = []
+    for node in graph_module.graph.nodes:
+        target = node.target
+        if node.op == "call_module":
+            m = modules[target]
+            target = (target, type(m), m.extra_repr())
+        elif node.op == "placeholder":
+            target = "input"
+        sig.append((node.op, target, norm(node.args), norm(dict(node.kwargs))))
+    return sig
 
 
 def parse_traced_block(block: nn.Module):
@@ -213,20 +193,30 @@ def parse_traced_block(block: nn.Module):
         raise NotAnInceptionBlock(f"{name} concatenates {len(parts)} tensors along dim {dim}, not 4 along 1")
     modules = dict(graph_module.named_modules())
 
+    seen = {x, cat, output}
+
     def module_of(node, kind):
-        return modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], kind) else None
+        """The module a call_module node runs, when it is exactly `kind` called on one tensor."""
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return None
+        return modules[node.target] if type(modules[node.target]) is kind else None
 
     def conv_unit(node, where):
         """relu(bn?(conv(input))) ending at node -> (unit, input node)."""
-        if not (_relu_node(node) or module_of(node, nn.ReLU) is not None):
-            raise NotAnInceptionBlock(f"{name}: {where} does not end in ReLU ({node.format_node()})", near_miss=True)
+        if not isinstance(node, fx.Node) or not _relu_node(node, modules):
+            what = node.format_node() if isinstance(node, fx.Node) else repr(node)
+            raise NotAnInceptionBlock(f"{name}: {where} does not end in a plain ReLU ({what})", near_miss=True)
         prev = node.args[0]
         bn = module_of(prev, nn.BatchNorm2d)
         if bn is not None:
+            seen.add(prev)
+            if len(prev.users) != 1:
+                raise NotAnInceptionBlock(f"{name}: {where}'s batch norm output is used twice", near_miss=True)
             prev = prev.args[0]
         conv = module_of(prev, nn.Conv2d)
         if conv is None or len(prev.users) != 1:
             raise NotAnInceptionBlock(f"{name}: {where} is not conv(+bn)+ReLU ({prev.format_node()})", near_miss=True)
+        seen.update((node, prev))
         return (conv, bn), prev.args[0]
 
     branches = []
@@ -238,6 +228,9 @@ def parse_traced_block(block: nn.Module):
         elif module_of(src, nn.MaxPool2d) is not None and src.args[0] is x:
             if not _is_max_pool_3x3_s1_p1(modules[src.target]):
                 raise NotAnInceptionBlock(f"{name}: {where} pools with {modules[src.target]}, not 3x3/1/1", near_miss=True)
+            if len(src.users) != 1:
+                raise NotAnInceptionBlock(f"{name}: {where}'s pooled input is used twice", near_miss=True)
+            seen.add(src)
             branches.append(("pool", [(conv, bn)]))
         elif src.op == "call_function" and src.target is F.max_pool2d:
             raise NotAnInceptionBlock(f"{name}: {where} uses functional max_pool2d; use nn.MaxPool2d", near_miss=True)
@@ -246,6 +239,10 @@ def parse_traced_block(block: nn.Module):
             if src2 is not x or len(src.users) != 1:
                 raise NotAnInceptionBlock(f"{name}: {where} is deeper than 1x1 -> KxK", near_miss=True)
             branches.append(("spatial", [(rconv, rbn), (conv, bn)]))
+    extra = [n for n in nodes if n not in seen]
+    if extra:
+        raise NotAnInceptionBlock(f"{name}'s forward computes more than the Inception module: "
+                                  f"{extra[0].format_node()}", near_miss=True)
     kinds = [k for k, _ in branches]
     if kinds != ["1x1", "spatial", "spatial", "pool"]:
         raise NotAnInceptionBlock(f"{name} concatenates branches {kinds}, not [1x1, spatial, spatial, pool]", near_miss=True)

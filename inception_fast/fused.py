@@ -14,23 +14,29 @@ from torch import nn
 
 from ._cache import TensorVersionCache
 from ._checks import check_choice, check_input
-from .blocks import fold_units, inception_classes, parse_inception_block, parse_traced_block
-from .ops.inception import BACKENDS, InceptionWeights, fused_forward
+from ._dropin import DropInBlock, autocast_dtype, match_memory_format
+from .blocks import fold_units, parse_traced_block
+from .ops.inception import BACKENDS, InceptionWeights, fused_forward, resolve_backend
 from .reference import ReferenceInception
 from .spec import InceptionSpec
 
 __all__ = ["FusedInception"]
 
 
-class FusedInception(nn.Module):
+class FusedInception(DropInBlock):
     """Drop-in Inception module that runs as one fused op.
 
     Modes:
       * no batch norm, train or eval: fully fused, forward and backward;
       * batch norm, eval: BN folded into the convolutions, fully fused;
       * batch norm, train: BN needs the batch statistics of each convolution's
-        output, which a folded kernel cannot produce. The branches run unfused,
-        exactly as the original block (running stats update the same way).
+        output, which a folded kernel cannot produce. The original block runs
+        (running stats update the same way).
+    Calls that the fused kernel cannot honour (FX tracing, ONNX export, torch.func,
+    inner hooks, autocast on the C++ kernel) run the original block too; see _dropin.py.
+
+    The output has the memory format eager convolution would give: channels_last for a
+    channels_last input (the fast path: no transposes), contiguous NCHW otherwise.
     """
 
     def __init__(self, spec: InceptionSpec, batch_norm: bool = False, backend: str = "auto"):
@@ -42,9 +48,10 @@ class FusedInception(nn.Module):
     def from_module(cls, module: nn.Module, backend: str = "auto") -> "FusedInception":
         """A fused module sharing (not copying) the parameters and buffers of `module`.
 
-        Accepts ReferenceInception, torchvision's googlenet Inception block, and any
-        block whose traced forward has the Inception structure (blocks.py). Raises
-        NotAnInceptionBlock (a ValueError) saying why for anything else.
+        Accepts any block whose torch.fx-traced forward computes the Inception module
+        (ReferenceInception, torchvision's googlenet Inception, a user's block; blocks.py
+        checks every op and argument). Raises NotAnInceptionBlock (a ValueError) saying
+        why for anything else.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -55,52 +62,65 @@ class FusedInception(nn.Module):
         return fused
 
     def _adopt(self, block: nn.Module, backend: str) -> None:
-        if isinstance(block, inception_classes()):
-            (spec, units), traced = parse_inception_block(block), None
-        else:
-            spec, units, traced = parse_traced_block(block)
+        spec, units, traced = parse_traced_block(block)
         self.spec = spec
         self.backend = check_choice("backend", backend, BACKENDS)
         self.batch_norm = units[0].bn is not None
         self.source = type(block).__name__
-        # The block's own children under their own names: state_dict keys do not change.
-        for name, child in block.named_children():
-            setattr(self, name, child)
+        self._adopt_original(block, traced)
         self._units = units  # a plain tuple: not registered twice as submodules
-        # A traced block's forward (sharing its submodules), for train mode with BN; set
-        # around nn.Module.__setattr__ so that it is not registered as a submodule.
-        object.__setattr__(self, "_traced", traced)
         self._fold_cache: TensorVersionCache[InceptionWeights] = TensorVersionCache()
         self._pack_cache: TensorVersionCache = TensorVersionCache()
+        self._cast_caches: dict[torch.dtype, TensorVersionCache[InceptionWeights]] = {}
 
     def _weights(self) -> InceptionWeights:
         if not self.batch_norm:
             return fold_units(self._units)  # no fold: the parameters themselves
         sources = [t for unit in self._units for m in unit for t in m.parameters()]
-        sources += [s for unit in self._units for s in (unit.bn.running_mean, unit.bn.running_var)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return fold_units(self._units)  # keep the fold in the autograd graph
+        # BN's kernel updates running stats in place without bumping their version counter;
+        # num_batches_tracked is bumped (add_) on every train-mode forward, so it keys them.
+        sources += [s for unit in self._units
+                    for s in (unit.bn.running_mean, unit.bn.running_var, unit.bn.num_batches_tracked)]
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            # Keep the fold in the autograd graph, or in the trace (a cached fold would be
+            # frozen into it as a constant).
+            return fold_units(self._units)
         with torch.no_grad():
             return self._fold_cache.get(sources, lambda: fold_units(self._units))
+
+    def _cast(self, weights: InceptionWeights, dtype: torch.dtype) -> InceptionWeights:
+        """weights in autocast's dtype: differentiable under autograd, cached (per dtype) otherwise."""
+        cast = lambda: InceptionWeights(*(t.to(dtype) for t in weights))  # noqa: E731
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in weights)):
+            return cast()
+        with torch.no_grad():
+            return self._cast_caches.setdefault(dtype, TensorVersionCache()).get(list(weights), cast)
 
     def invalidate_weight_caches(self) -> None:
         """Forget folded and packed weights. Only needed after writes through `param.data`,
         which bypass the version counter that the caches watch."""
         self._fold_cache.clear()
         self._pack_cache.clear()
+        self._cast_caches.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
-        if self.batch_norm and self.training:
-            if self._traced is not None:
-                out = self._traced(x)
-            else:
-                branches = (self.branch1, self.branch2, self.branch3, self.branch4)
-                out = torch.cat([branch(x) for branch in branches], dim=1)
-            return out.contiguous(memory_format=torch.channels_last)
-        return fused_forward(x, self._weights(), self.backend, self._pack_cache, spec=self.spec)
+        if (self.batch_norm and self.training) or self._unfused_reason(x) is not None:
+            return self._run_original(x)
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            y = fused_forward(x, self._weights(), self.backend, self._pack_cache, spec=self.spec)
+            return match_memory_format(x, y)
+        # Autocast: the Triton kernels take fp16/bf16 (fp32 accumulation); elsewhere the
+        # original runs, exactly as autocast runs it.
+        x_cast = x.to(dtype)
+        if resolve_backend(self.backend, x_cast) != "triton":
+            return self._run_original(x)
+        weights = self._cast(self._weights(), dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = fused_forward(x_cast, weights, self.backend, self._pack_cache, spec=self.spec)
+        return match_memory_format(x, y)
 
     def extra_repr(self) -> str:
-        mode = "unfused in train mode (batch norm), " if self.batch_norm else ""
+        mode = "original block in train mode (batch norm), " if self.batch_norm else ""
         return f"spec={self.spec}, backend={self.backend!r}, {mode}from={self.source}"
-

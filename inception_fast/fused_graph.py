@@ -16,6 +16,7 @@ from torch import nn
 
 from ._cache import TensorVersionCache
 from ._checks import check_choice, check_input, check_same_dtype_device
+from ._dropin import DropInBlock, autocast_dtype, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .ops.branch_graph import (
     Branch,
@@ -48,16 +49,58 @@ _TORCHVISION_LAYOUTS = {
 }
 
 
+# torchvision's constructor arguments of each block, read off a module of that layout.
+_CONSTRUCTOR_ARGS = {
+    "InceptionA": lambda m: (m.branch1x1.conv.in_channels, m.branch_pool.conv.out_channels),
+    "InceptionB": lambda m: (m.branch3x3.conv.in_channels,),
+    "InceptionC": lambda m: (m.branch1x1.conv.in_channels, m.branch7x7_1.conv.out_channels),
+    "InceptionD": lambda m: (m.branch3x3_1.conv.in_channels,),
+    "InceptionE": lambda m: (m.branch1x1.conv.in_channels,),
+}
+
+
+def _layout_names(chains, pool_attr) -> list[str]:
+    names = [a for chain in chains for step in chain for a in (step if isinstance(step, tuple) else (step,))]
+    return names + ([pool_attr] if pool_attr else [])
+
+
 def torchvision_graph_layout(module: nn.Module):
-    """The layout of a torchvision InceptionA-E whose forward is torchvision's own, else None."""
+    """(layout, traced graph) of a block that computes exactly what torchvision's InceptionA-E
+    of its shape computes; None when its children are not such a block's; NotAnInceptionBlock
+    (near miss) when they are but its forward computes something else.
+
+    Recognition is by computation, not class: the block's torch.fx graph (traced through
+    BasicConv2d or any wrapper) must equal, node for node with every argument, the graph
+    of a pristine torchvision block built with the same constructor arguments (on the meta
+    device). A subclass with another activation, an extra op or other pool arguments fails.
+    """
     try:
+        import torch.fx as fx
         from torchvision.models import inception as tv
+
+        from .blocks import graph_signature
     except ImportError:
         return None
+    children = dict(module.named_children())
     for name, layout in _TORCHVISION_LAYOUTS.items():
-        cls = getattr(tv, name)
-        if isinstance(module, cls) and type(module).forward is cls.forward and type(module)._forward is cls._forward:
-            return layout
+        chains, _, pool_attr = layout
+        if set(children) != set(_layout_names(chains, pool_attr)):
+            continue
+        try:
+            args = _CONSTRUCTOR_ARGS[name](module)
+            with torch.device("meta"):
+                pristine = getattr(tv, name)(*args)
+            traced = fx.symbolic_trace(module)
+        except Exception:  # other children, untraceable forward: not this layout
+            return None
+        got, want = graph_signature(traced), graph_signature(fx.symbolic_trace(pristine))
+        if got == want:
+            return layout, traced
+        nodes = list(traced.graph.nodes)
+        at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        what = nodes[at].format_node() if at < len(nodes) else "the end of the graph"
+        raise NotAnInceptionBlock(f"{type(module).__name__} has torchvision {name}'s children but computes "
+                                  f"something else: its traced graph differs at {what}", near_miss=True)
     return None
 
 
@@ -84,11 +127,12 @@ def _unit(block: nn.Module, attr: str) -> tuple[ConvUnit, Conv]:
     return ConvUnit(conv, bn), Conv(conv.in_channels, conv.out_channels, kh, kw, stride)
 
 
-def _parse(block: nn.Module) -> tuple[BranchGraphSpec, list[ConvUnit]]:
-    layout = torchvision_graph_layout(block)
-    if layout is None:
-        raise NotAnInceptionBlock(f"{type(block).__name__} is not torchvision's InceptionA, B, C, D or E")
-    chains, pool, pool_attr = layout
+def _parse(block: nn.Module):
+    """(spec, units, traced graph) of a block that computes torchvision's InceptionA-E."""
+    found = torchvision_graph_layout(block)
+    if found is None:
+        raise NotAnInceptionBlock(f"{type(block).__name__} does not compute torchvision's InceptionA, B, C, D or E")
+    (chains, pool, pool_attr), traced = found
     units, branches = [], []
     for chain in chains:
         levels = []
@@ -106,72 +150,91 @@ def _parse(block: nn.Module) -> tuple[BranchGraphSpec, list[ConvUnit]]:
         spec = BranchGraphSpec(in_channels, tuple(branches), pool, pool_conv, stride=1 if pool_attr else 2)
     except ValueError as exc:
         raise NotAnInceptionBlock(str(exc)) from None
-    return spec, units
+    return spec, units, traced
 
 
-class FusedBranchGraph(nn.Module):
-    """A torchvision Inception-v3 block (InceptionA to E) on the fused branch-graph kernel."""
+class FusedBranchGraph(DropInBlock):
+    """A block that computes torchvision's Inception-v3 InceptionA to E, on the fused
+    branch-graph kernel (eval mode; train mode runs the original block for BN's batch
+    statistics). Calls the fused kernel cannot honour run the original too (_dropin.py).
+    The output has the memory format eager convolution would give for x."""
 
     def __init__(self, block: nn.Module, backend: str = "auto"):
         super().__init__()
         check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
-        self.spec, units = _parse(block)
+        self.spec, units, traced = _parse(block)
         self.backend = backend
         self.source = type(block).__name__
-        for name, child in block.named_children():
-            self.add_module(name, child)  # same objects, same names: same state_dict
-        self._original = (block,)  # a tuple: not registered twice; it shares the children
+        self._adopt_original(block, traced)
         self._units = units
         self._plan = plan(self.spec)
         self._flat_plan = self._plan.flat()
         self._backward_plan = self._plan.backward_flat()
-        self._pack_caches: dict[str, TensorVersionCache] = {"cpu": TensorVersionCache(), "triton": TensorVersionCache()}
+        self._pack_caches: dict[tuple[str, torch.dtype | None], TensorVersionCache] = {}
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedBranchGraph":
         return cls(block, backend).train(block.training)
 
-    def _packed(self, backend: str):
+    def _folded(self, dtype: torch.dtype | None):
+        """Folded (weights, biases), cast to autocast's dtype when one is given."""
+        folded = [fold_conv_bn(u) for u in self._units]
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+        return [cast(w) for w, _ in folded], [cast(b) for _, b in folded]
+
+    def _packed(self, backend: str, dtype: torch.dtype | None):
         def build():
-            folded = [fold_conv_bn(u) for u in self._units]
-            weights, biases = [w for w, _ in folded], [b for _, b in folded]
+            weights, biases = self._folded(dtype)
             if backend == "triton":
                 from .ops.branch_graph_triton import pack_graph_weights_triton
 
                 return pack_graph_weights_triton(self._plan, weights, biases)
             return pack_graph_weights(self.spec, self._plan, weights, biases)
 
+        # num_batches_tracked: BN's kernel updates the running stats in place without bumping
+        # their version counter, but bumps this one on every train-mode forward.
         sources = [t for u in self._units for t in (u.conv.weight, u.bn.weight, u.bn.bias, u.bn.running_mean,
-                                                    u.bn.running_var) if t is not None]
-        if not _cacheable(self._pack_caches[backend], sources[0]):
+                                                    u.bn.running_var, u.bn.num_batches_tracked) if t is not None]
+        cache = self._pack_caches.setdefault((backend, dtype), TensorVersionCache())
+        if not _cacheable(cache, sources[0]):
             return build()  # traced (compile, export): folding and packing go into the graph
         with torch.no_grad():
-            return self._pack_caches[backend].get(sources, build)
-
-    def _fused_backend(self, x: torch.Tensor) -> str | None:
-        """The kernel that runs x in eval mode ("cpu" or "triton"), or None for the original
-        branches; the same rules as FusedInception's backend="auto"."""
-        if self.training:
-            return None
-        backend = resolve_backend(self.backend, x)
-        return backend if backend in ("cpu", "triton") else None
+            return cache.get(sources, build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
+        if self.training or self._unfused_reason(x) is not None:
+            return self._run_original(x)
         if self.spec.stride == 2 and min(x.shape[2], x.shape[3]) < 3:
             raise ValueError(f"x must be at least 3x3 for {self.source}'s 3x3 stride-2 grid reduction, "
                              f"got {x.shape[2]}x{x.shape[3]}")
-        backend = self._fused_backend(x)
-        if backend is None:
-            return self._original[0](x)
+        dtype = autocast_dtype(x)
+        x_run = x if dtype is None else x.to(dtype)
+        backend = resolve_backend(self.backend, x_run)
+        # The C++ kernel is fp32/fp64: under autocast only the Triton kernels run fused.
+        if backend not in ("cpu", "triton") or (dtype is not None and backend != "triton"):
+            return self._run_original(x)
         params = dict(self.named_parameters())
-        check_same_dtype_device(x, params)
-        b, bias = self._packed(backend)
+        if torch.jit.is_tracing() and torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in params.values())):
+            # The fused backward is a Python autograd.Function, which jit.trace cannot record;
+            # the trace then holds the original's differentiable ops (no_grad traces the kernel).
+            return self._run_original(x)
+        if dtype is None:
+            check_same_dtype_device(x, params)
+        if dtype is None:
+            y = self._fused(x, backend, None, params)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._fused(x_run, backend, dtype, params)
+        return match_memory_format(x, y)
+
+    def _fused(self, x, backend: str, dtype: torch.dtype | None, params: dict) -> torch.Tensor:
+        b, bias = self._packed(backend, dtype)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values())):
             # Autograd through the folding (differentiable, elementwise) gives the gradients
             # of the convolutions' and BNs' parameters from those of the folded weights.
-            folded = [fold_conv_bn(u) for u in self._units]
-            weights, biases = [w for w, _ in folded], [bi for _, bi in folded]
+            weights, biases = self._folded(dtype)
             return BranchGraphFunction.apply(x, backend, self._flat_plan, self._backward_plan, b, bias, *weights,
                                              *biases)
         op = graph_triton_forward if backend == "triton" else graph_forward
@@ -179,10 +242,9 @@ class FusedBranchGraph(nn.Module):
 
     def invalidate_weight_caches(self) -> None:
         """After writing weights through `.data` (which skips the version counter)."""
-        for cache in self._pack_caches.values():
-            cache.clear()
+        self._pack_caches.clear()
 
     def extra_repr(self) -> str:
         return (f"{self.source}: {len(self.spec.branches)} branches + {self.spec.pool} pool, "
                 f"in_channels={self.spec.in_channels}, out_channels={self.spec.out_channels}, "
-                f"backend={self.backend!r}, unfused in train mode (batch norm)")
+                f"backend={self.backend!r}, original block in train mode (batch norm)")

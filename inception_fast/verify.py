@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fused import FusedInception
+from ._dropin import DropInBlock
 
 __all__ = ["BlockError", "VerifyReport", "verify"]
 
@@ -30,7 +30,9 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return self.logits.ok(self.rtol) and all(b.ok(self.rtol) for b in self.blocks)
+        """Every fused block and the logits within rtol; False when no fused block was checked
+        (a verification that compared nothing proves nothing)."""
+        return bool(self.blocks) and self.logits.ok(self.rtol) and all(b.ok(self.rtol) for b in self.blocks)
 
     def to_markdown(self) -> str:
         lines = ["| output | max abs error | relative error | ok |", "|---|---:|---:|:-:|"]
@@ -55,13 +57,19 @@ def _logits(out: object) -> torch.Tensor:
 
 
 def verify(original: nn.Module, swapped: nn.Module, inputs: torch.Tensor, rtol: float = 1e-4) -> VerifyReport:
-    """Compare every fused block of `swapped` with the same-named module of `original`."""
+    """Compare every fused block of `swapped` (FusedInception, FusedBranchGraph) with the
+    same-named module of `original`, and the two models' outputs, on `inputs`.
+
+    The report's `ok` is False when a block or the logits differ by more than `rtol`
+    (relative L2), and when `swapped` holds no fused block at all. Raises TypeError for
+    arguments of the wrong type, ValueError when the two models do not share module names.
+    """
     for name, value in (("original", original), ("swapped", swapped)):
         if not isinstance(value, nn.Module):
             raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    names = [n for n, m in swapped.named_modules() if isinstance(m, FusedInception)]
+    names = [n for n, m in swapped.named_modules() if isinstance(m, DropInBlock)]
     originals = dict(original.named_modules())
     missing = [n for n in names if n not in originals]
     if missing:

@@ -37,7 +37,7 @@ def test_block_matches_torchvision_at_its_grid(name, dtype):
     x = torch.randn(2, fused.spec.in_channels, size, size, dtype=dtype)
     with torch.no_grad():
         got, want = fused(x), block(x)
-    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert got.is_contiguous()  # NCHW in, NCHW out, as the original block
     assert rel_err(got, want) <= TOLERANCE[dtype]
 
 

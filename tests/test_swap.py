@@ -152,11 +152,11 @@ def test_a_near_miss_user_block_is_left_alone_with_the_reason(caplog):
 def test_verify_rejects_a_block_whose_numbers_differ(monkeypatch, caplog):
     from inception_fast import swap
 
-    monkeypatch.setattr(swap, "_numerically_equal", lambda block, fused: 1.0)
+    monkeypatch.setattr(swap, "_self_check_error", lambda block, fused: 1.0)
     model = torch.nn.Sequential(UserBlock())
     with caplog.at_level(logging.WARNING, logger="inception_fast"):
         ifast.swap_inception(model, verify=1e-4)
-    assert isinstance(model[0], UserBlock) and "differs by 1.00e+00" in caplog.text
+    assert isinstance(model[0], UserBlock) and "differs from the original by 1.00e+00" in caplog.text
 
 
 def test_to_dtype_and_memory_format_keep_working_after_a_swap():

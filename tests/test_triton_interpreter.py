@@ -298,3 +298,30 @@ def test_branch_graph_triton_backward_in_bf16_matches_the_fp64_backward_of_the_s
                                     [w.double() for w in weights], [True, True], flat)
     for i, (a, b_) in enumerate(zip(got, want)):
         assert a.dtype == torch.bfloat16 and rel_err(a, b_) <= TOLERANCE[torch.bfloat16], i
+
+
+@pytest.mark.parametrize("kind", ["googlenet", "v3"])
+def test_autocast_runs_the_triton_kernel_in_the_autocast_dtype(kind, monkeypatch):
+    """Under autocast the Triton kernels take the autocast dtype (bf16 here, on CPU tensors
+    through the interpreter); the output has the dtype the original gives, within bf16's
+    tolerance of the fp64 reference, and the fused kernel (not the original) ran."""
+    from conftest import small_v3_block
+
+    from inception_fast._dropin import DropInBlock
+    from inception_fast.fused_graph import FusedBranchGraph
+
+    if kind == "googlenet":
+        block = reference_module(ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6))
+        fused = ifast.FusedInception.from_module(block, backend="triton")
+    else:
+        block = small_v3_block("A", 13)
+        fused = FusedBranchGraph.from_module(block, backend="triton")
+    monkeypatch.setattr(DropInBlock, "_run_original", lambda self, x: pytest.fail("the original ran"))
+    x = torch.randn(2, 13, 5, 5)
+    with torch.no_grad():
+        want = block.double()(x.double())
+        block.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused(x)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous()
+    assert rel_err(got, want) <= TOLERANCE[torch.bfloat16]

@@ -190,9 +190,10 @@ def _unpack_panels(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)[:, :cols]
 
 
-def pack_cpu_weights(w: InceptionWeights) -> CpuPackedWeights:
-    """w in the C++ kernel's layout; differentiable (packing is linear) when grad mode is on."""
-    return CpuPackedWeights(*_cpu_panels(w), dims=tuple(_dims(w.spec())))
+def pack_cpu_weights(w: InceptionWeights, spec: InceptionSpec | None = None) -> CpuPackedWeights:
+    """w in the C++ kernel's layout; differentiable (packing is linear) when grad mode is on.
+    A caller that knows the spec passes it (under jit.trace, w's shapes are traced values)."""
+    return CpuPackedWeights(*_cpu_panels(w), dims=tuple(_dims(spec if spec is not None else w.spec())))
 
 
 def _cpu_panels(w: InceptionWeights) -> tuple[torch.Tensor, ...]:
@@ -210,8 +211,10 @@ def _cpu_panels(w: InceptionWeights) -> tuple[torch.Tensor, ...]:
 
 def _cacheable(cache: TensorVersionCache | None, x: torch.Tensor) -> bool:
     """Under torch.compile or torch.export, packing is traced into the graph (where
-    freezing can fold it) instead of cached: traced tensors have no storage to key on."""
-    if cache is None or torch.compiler.is_compiling():
+    freezing can fold it) instead of cached: traced tensors have no storage to key on.
+    Under torch.jit.trace too: a cached tensor would be frozen into the trace as a
+    constant, and the traced module would ignore later weight updates."""
+    if cache is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     try:
         x.data_ptr()
@@ -256,7 +259,7 @@ def _forward_cpu(
     out: torch.Tensor | None = None,
     spec: InceptionSpec | None = None,
 ) -> torch.Tensor:
-    packed = _packed(cache, x, w, pack_cpu_weights)
+    packed = _packed(cache, x, w, lambda w: pack_cpu_weights(w, spec))
     if out is not None:  # no autograd, no tracing: straight into the caller's buffer
         return require_cpu_extension().inception_forward(x, *packed, out=out)
     return cpu_forward(x, *packed[:-1], list(packed.dims))
@@ -595,4 +598,9 @@ def fused_forward(
         return _FORWARDS[backend](x, weights, cache, out)
     if backend == "reference":
         return _forward_reference(x, weights)
+    if torch.jit.is_tracing():
+        # jit.trace records dispatcher ops but not a Python autograd.Function (it would be a
+        # PythonOp that cannot be saved): call the custom op, differentiable through its
+        # registered autograd, with the packing traced from the parameters.
+        return _FORWARDS[backend](x, weights, None, spec=spec)
     return InceptionFunction.apply(x, backend, cache, *weights)

@@ -1,0 +1,450 @@
+"""The drop-in contract, as a conformance table: fused module kinds x user actions.
+
+Each case builds the original (a one-block model), swaps a deep copy with
+swap_inception, does the same thing to both, and asserts equal results; where the
+fused kernel cannot honour an action, it asserts that the swap refused the block (with
+a log line) or that the fused module ran the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import inception_fast as ifast
+from inception_fast._dropin import DropInBlock
+
+from conftest import needs_cpu_kernel, randomize_, reference_module, rel_err, small_v3_block
+
+pytestmark = needs_cpu_kernel
+
+SPEC = ifast.InceptionSpec(8, 4, 4, 6, 2, 4, 4)
+
+
+def googlenet_bn() -> nn.Module:
+    from torchvision.models.googlenet import Inception
+
+    return randomize_(Inception(8, 4, 4, 6, 2, 4, 4)).eval()
+
+
+KINDS = {
+    "googlenet-bn": googlenet_bn,  # torchvision's block: BasicConv2d = conv + BN + ReLU
+    "googlenet-plain": lambda: reference_module(SPEC),  # the paper's conv + bias + ReLU
+    "v3": lambda: small_v3_block("A", 8),  # torchvision's InceptionA
+}
+
+
+@pytest.fixture(params=list(KINDS))
+def pair(request):
+    """(original one-block model, swapped deep copy), fp64, eval mode."""
+    original = nn.Sequential(KINDS[request.param]()).double().eval()
+    swapped = ifast.swap_inception(copy.deepcopy(original))
+    assert isinstance(swapped[0], DropInBlock)
+    return original, swapped
+
+
+def _x(*, dtype=torch.float64, batch=3):
+    return torch.randn(batch, 8, 5, 5, dtype=dtype)
+
+
+def _same(a, b, tol=1e-10):
+    assert rel_err(a, b) <= tol
+
+
+# -- values and memory formats ------------------------------------------------------
+
+
+def test_nchw_in_gives_contiguous_nchw_out_and_view_works(pair):
+    original, swapped = pair
+    x = _x()
+    with torch.no_grad():
+        y = swapped(x)
+    assert y.is_contiguous()
+    _same(y.view(y.size(0), -1), original(x).view(y.size(0), -1))
+
+
+def test_channels_last_in_gives_channels_last_out(pair):
+    original, swapped = pair
+    x = _x().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = swapped(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    _same(y, original(x))
+
+
+def test_non_contiguous_input(pair):
+    original, swapped = pair
+    x = torch.randn(3, 16, 5, 9, dtype=torch.float64)[:, ::2, :, ::2]
+    with torch.no_grad():
+        _same(swapped(x), original(x))
+
+
+# -- autograd ----------------------------------------------------------------------
+
+
+def _grads(model, x, grad_out):
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    model(x).backward(grad_out)
+    return x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_backward_for_x_and_every_parameter(pair):
+    original, swapped = pair
+    x = _x()
+    grad_out = torch.randn_like(original(x))
+    (dx0, g0), (dx1, g1) = _grads(original, x, grad_out), _grads(swapped, x, grad_out)
+    _same(dx1, dx0)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        if g0[name] is None:
+            assert g1[name] is None, name
+        else:
+            _same(g1[name], g0[name])
+
+
+def test_requires_grad_on_a_subset_of_parameters(pair):
+    original, swapped = pair
+    for model in (original, swapped):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("weight") and "conv" in name and "branch" in name and "1" in name)
+    x = _x()
+    grad_out = torch.randn_like(original(x))
+    (_, g0), (_, g1) = _grads(original, x, grad_out), _grads(swapped, x, grad_out)
+    for name in g0:
+        assert (g0[name] is None) == (g1[name] is None), name
+        if g0[name] is not None:
+            _same(g1[name], g0[name])
+
+
+def test_train_eval_switches_update_running_stats_the_same(pair):
+    original, swapped = pair
+    x = _x()
+    for mode in (True, False, True, False):
+        original.train(mode), swapped.train(mode)
+        with torch.no_grad():
+            _same(swapped(x), original(x))
+    for (n, b0), (_, b1) in zip(original.named_buffers(), swapped.named_buffers()):
+        assert torch.equal(b0, b1), n
+
+
+# -- copies and state --------------------------------------------------------------
+
+
+def test_deepcopy_pickle_and_state_dict_round_trip(pair):
+    original, swapped = pair
+    x = _x()
+    with torch.no_grad():
+        want = original(x)
+        _same(copy.deepcopy(swapped)(x), want)
+        buffer = io.BytesIO()
+        torch.save(swapped, buffer)
+        buffer.seek(0)
+        _same(torch.load(buffer, weights_only=False)(x), want)
+        fresh = nn.Sequential(copy.deepcopy(original[0]))
+        randomize_(fresh)
+        swapped.load_state_dict(fresh.state_dict())
+        _same(swapped(x), fresh(x))
+
+
+# -- hooks and reparametrisations --------------------------------------------------
+
+
+def _first_conv_path(model):
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def test_hook_added_after_the_swap_fires_and_is_honoured(pair):
+    original, swapped = pair
+    x = _x()
+    name = _first_conv_path(original)
+    fired = []
+
+    def double(module, args, out):
+        fired.append(module)
+        return out * 2
+
+    for model in (original, swapped):
+        model.get_submodule(name).register_forward_hook(double)
+    with torch.no_grad():
+        _same(swapped(x), original(x))
+    assert len(fired) == 2
+
+
+def test_global_module_hook_is_honoured(pair):
+    original, swapped = pair
+    x = _x()
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m)))
+    try:
+        with torch.no_grad():
+            _same(swapped(x), original(x))
+    finally:
+        handle.remove()
+    assert calls.count(nn.Conv2d) == 2 * sum(isinstance(m, nn.Conv2d) for m in original.modules())
+
+
+@pytest.mark.parametrize("where", ["block", "inner conv"])
+def test_swap_refuses_a_block_with_hooks(where, caplog):
+    model = nn.Sequential(googlenet_bn())
+    target = model[0] if where == "block" else model[0].branch2[1].conv
+    target.register_forward_pre_hook(lambda m, a: None)
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], DropInBlock)
+    assert "forward hook" in caplog.text
+
+
+def test_pruned_net_trains_the_same_as_the_original(caplog):
+    """prune.l1_unstructured works through a forward pre-hook: the swap must refuse the block
+    (a fused kernel would read weight_orig, not weight_orig * mask)."""
+    from torch.nn.utils import prune
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(ifast.ReferenceInception(SPEC), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(18, 3))
+
+    original, candidate = net(), net()
+    for model in (original, candidate):
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                prune.l1_unstructured(m, "weight", 0.3)
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        swapped = ifast.swap_inception(candidate)
+    assert "left 0" in caplog.text and "forward hook" in caplog.text
+    x, target = torch.randn(3, 8, 5, 5), torch.tensor([0, 2, 1])
+    losses = []
+    for model in (original, swapped):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trace = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            trace.append(loss.item())
+        losses.append(trace)
+    assert losses[0] == losses[1]
+
+
+def test_parametrization_added_after_the_swap_is_honoured(pair):
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    original, swapped = pair
+    name = _first_conv_path(original)
+    for model in (original, swapped):
+        parametrize.register_parametrization(model.get_submodule(name), "weight", Scale())
+    x = _x()
+    with torch.no_grad():
+        _same(swapped(x), original(x))
+
+
+def test_swap_refuses_weight_norm(caplog):
+    model = nn.Sequential(reference_module(SPEC))
+    torch.nn.utils.parametrizations.weight_norm(model[0].branch1.conv)
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], DropInBlock) and "parametrization" in caplog.text
+
+
+def test_a_child_replaced_after_the_swap_raises(pair):
+    _, swapped = pair
+    name, child = next(iter(swapped[0].named_children()))
+    setattr(swapped[0], name, copy.deepcopy(child))
+    with pytest.raises(RuntimeError, match=f"submodule '{name}' .* was replaced after the swap"):
+        swapped(_x())
+
+
+# -- recognition by computation ----------------------------------------------------
+
+
+def _leaky_basic_conv():
+    from torchvision.models.googlenet import BasicConv2d
+
+    class LeakyConv(BasicConv2d):
+        def forward(self, x):
+            return F.leaky_relu(self.bn(self.conv(x)), 0.1)
+
+    return LeakyConv
+
+
+@pytest.mark.parametrize("kind", ["googlenet", "v3"])
+def test_a_subclassed_unit_with_another_activation_is_not_fused(kind, caplog):
+    from torchvision.models.googlenet import Inception
+    from torchvision.models.inception import InceptionA
+
+    conv = _leaky_basic_conv()
+    block = Inception(8, 4, 4, 6, 2, 4, 4, conv_block=conv) if kind == "googlenet" else InceptionA(8, 8, conv_block=conv)
+    model = nn.Sequential(randomize_(block).eval())
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], DropInBlock)
+    assert "leaky_relu" in caplog.text
+
+
+def test_a_subclassed_block_that_overrides_forward_is_not_fused(caplog):
+    from torchvision.models.googlenet import Inception
+
+    class Doubled(Inception):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(randomize_(Doubled(8, 4, 4, 6, 2, 4, 4)).eval())
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], DropInBlock) and "unfused" in caplog.text
+
+
+def test_self_check_catches_what_structure_cannot_see(monkeypatch, caplog):
+    """A fused kernel that computed something else would be caught at swap time by the
+    always-on numeric check: here the folding is sabotaged."""
+    from inception_fast import fused
+
+    monkeypatch.setattr(fused, "fold_units", lambda units: ifast.InceptionWeights(
+        *(t * 1.1 if i == 0 else t for i, t in enumerate(_fold(units)))))
+    model = nn.Sequential(googlenet_bn())
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], DropInBlock) and "differs from the original" in caplog.text
+
+
+def _fold(units):
+    from inception_fast.blocks import fold_units
+
+    return fold_units(units)
+
+
+def test_swap_does_not_move_the_global_random_stream():
+    model = nn.Sequential(googlenet_bn())
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    ifast.swap_inception(model)
+    assert isinstance(model[0], DropInBlock) and torch.equal(torch.rand(3), want)
+
+
+# -- autocast ----------------------------------------------------------------------
+
+
+def test_cpu_autocast_bf16(pair):
+    original, swapped = pair
+    original.float(), swapped.float()
+    x = _x(dtype=torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = original(x), swapped(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert rel_err(got, want) <= 2e-2
+
+
+# -- torch.func --------------------------------------------------------------------
+
+
+def test_per_sample_gradients_with_vmap_of_grad(pair):
+    from torch.func import functional_call, grad, vmap
+
+    original, swapped = pair
+    x = _x()
+    results = []
+    for model in (original, swapped):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def loss(p, xi, model=model):
+            return functional_call(model, (p, buffers), (xi[None],)).square().sum()
+
+        results.append(vmap(grad(loss), in_dims=(None, 0))(params, x))
+    for name in results[0]:
+        _same(results[1][name], results[0][name])
+
+
+def test_vmap_and_jvp_of_the_forward(pair):
+    from torch.func import jvp, vmap
+
+    original, swapped = pair
+    x = _x()
+    tangent = torch.randn_like(x)
+    _same(vmap(swapped)(x[:, None]), vmap(original)(x[:, None]))
+    _same(jvp(swapped, (x,), (tangent,))[1], jvp(original, (x,), (tangent,))[1])
+
+
+# -- FX, TorchScript, export, ONNX ---------------------------------------------------
+
+
+def test_fx_symbolic_trace_and_feature_extraction(pair):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    original, swapped = pair
+    x = _x()
+    with torch.no_grad():
+        _same(torch.fx.symbolic_trace(swapped)(x), original(x))
+        features = create_feature_extractor(swapped, {"0": "f"})(x)["f"]
+        _same(features, original(x))
+    assert not swapped.training  # the extractor's train/eval tracing leaves the mode alone
+
+
+def test_jit_trace_keeps_the_fused_op_and_round_trips(pair):
+    original, swapped = pair
+    x = _x()
+    with torch.no_grad():
+        traced = torch.jit.trace(swapped, x)
+        assert "inception_fast::" in str(traced.inlined_graph)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        y = _x()  # another input: the trace is not a constant
+        _same(loaded(y), original(y))
+
+
+def test_jit_trace_with_autograd_is_differentiable(pair):
+    original, swapped = pair
+    x = _x()
+    traced = torch.jit.trace(swapped, x, check_trace=False)
+    grad_out = torch.randn_like(original(x))
+    (dx0, g0), (dx1, _) = _grads(original, x, grad_out), _grads(traced, x, grad_out)
+    _same(dx1, dx0)
+
+
+def test_jit_script_runs_the_original(pair, caplog):
+    original, swapped = pair
+    if isinstance(original[0], ifast.ReferenceInception):
+        pytest.skip("ReferenceInception itself is not scriptable (its spec is a dataclass)")
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        scripted = torch.jit.script(swapped)
+    assert "torch.jit.script runs the original" in caplog.text
+    x = _x()
+    with torch.no_grad():
+        _same(scripted(x), original(x))
+
+
+def test_torch_export(pair):
+    original, swapped = pair
+    x = _x()
+    program = torch.export.export(swapped, (x,))
+    y = _x()
+    with torch.no_grad():
+        _same(program.module()(y), original(y))
+
+
+def test_onnx_export_runs_in_onnxruntime(pair, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    original, swapped = pair
+    original.float(), swapped.float()
+    x = _x(dtype=torch.float32)
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(swapped, (x,), str(path), dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(got), original(x)) <= 1e-5
