@@ -48,7 +48,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        # Peers the drop-in tests export to and run (tests/test_dropin.py); pinned: ONNX
+        # exporter output depends on the onnxscript version.
+        "test": ["pytest", "pytest-benchmark", "onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     ext_modules=[

@@ -47,3 +47,13 @@ def test_verify_passes_on_torchvision_googlenet(capsys):
 def test_verify_exits_1_past_tolerance(capsys):
     assert main(["verify", "googlenet", "--input", "1,3,64,64", "--rtol", "1e-15"]) == 1
     assert "FAIL at rtol 1e-15" in capsys.readouterr().out
+
+
+def test_verify_checks_inception_v3_blocks(capsys):
+    assert main(["verify", "inception_v3", "--input", "1,3,107,107"]) == 0
+    assert "11 fused block(s); PASS" in capsys.readouterr().out
+
+
+def test_verify_that_checked_no_block_fails(capsys):
+    assert main(["verify", "alexnet", "--input", "1,3,64,64"]) == 1
+    assert "0 fused block(s); FAIL" in capsys.readouterr().out
