@@ -4,12 +4,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-all bench aot-table install clean
 
 demo: $(STAMP)
 	$(PY) -m inception_fast demo
 
+# `make test` (CI, README) skips the tests marked slow: every path stays covered on its
+# cheapest shapes. `make test-all` runs the whole matrix (about twice as long).
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests/test_triton_interpreter.py
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_interpreter.py
 
@@ -18,6 +24,9 @@ bench: $(STAMP)
 	$(PY) -m inception_fast bench --blocks 3a,4a,5b --batch 32 --backward --reps 10 --out benchmarks/results/backward --write-readme
 	$(PY) -m inception_fast bench --v3 --networks 1,8 --reps 10 --out benchmarks/results/inception_v3 --write-readme
 	$(PY) -m inception_fast bench --v3 --backward --batch 8 --reps 5 --out benchmarks/results/inception_v3_backward --write-readme
+
+aot-table: $(STAMP)
+	INCEPTION_FAST_AOT_TABLE=benchmarks/results/aot_resources.md $(PY) -m pytest -q tests/test_triton_aot.py
 
 install: $(STAMP)
 

@@ -1,5 +1,5 @@
 // The fused Inception backward on the CPU: ATen GEMMs and convolution backward calls,
-// grouped as DESIGN.md plans it, plus one NHWC kernel of our own for the max-pool branch.
+// grouped by shared operand (one GEMM for every 1x1 over x), plus one NHWC kernel of our own for the max-pool branch.
 //
 // On NHWC pixel rows (M = N*H*W rows):
 //   1. grad_out masked by y > 0 gives the four branches' ReLU gradients;

@@ -9,6 +9,14 @@ import torch
 V = TypeVar("V")
 
 
+def tracing() -> bool:
+    """True under torch.compile/torch.export and torch.jit.trace. There a cache must not be
+    used: traced tensors have no storage to key on, and a cached tensor would be frozen
+    into the trace as a constant that ignores later weight updates. The folding and
+    packing are traced into the graph instead (where inductor's freezing can fold them)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class TensorVersionCache(Generic[V]):
     """Rebuilds its value when any source tensor is written in place or replaced.
 

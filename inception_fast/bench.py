@@ -1,6 +1,6 @@
 """Microbenchmarks: the fused module against its peers, as ratios measured in one process.
 
-Method (DESIGN.md, "Performance method"): every provider of a case runs in the
+Method: every provider of a case runs in the
 same process, in alternating order, and each reports the median of its timed
 runs after warm-up. Only ratios within one run are compared. GMAC/s use the
 spec's analytic MAC count, which the profiler checks against FlopCounterMode.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._cache import TensorVersionCache
+from ._cache import TensorVersionCache, tracing
 from ._checks import check_choice, check_input
 from ._dropin import DropInBlock, autocast_dtype, match_memory_format
 from .blocks import fold_units, parse_traced_block
@@ -81,17 +81,15 @@ class FusedInception(DropInBlock):
         # num_batches_tracked is bumped (add_) on every train-mode forward, so it keys them.
         sources += [s for unit in self._units
                     for s in (unit.bn.running_mean, unit.bn.running_var, unit.bn.num_batches_tracked)]
-        if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
-            # Keep the fold in the autograd graph, or in the trace (a cached fold would be
-            # frozen into it as a constant).
-            return fold_units(self._units)
+        if tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return fold_units(self._units)  # in the autograd graph, or in the traced graph
         with torch.no_grad():
             return self._fold_cache.get(sources, lambda: fold_units(self._units))
 
     def _cast(self, weights: InceptionWeights, dtype: torch.dtype) -> InceptionWeights:
         """weights in autocast's dtype: differentiable under autograd, cached (per dtype) otherwise."""
         cast = lambda: InceptionWeights(*(t.to(dtype) for t in weights))  # noqa: E731
-        if torch.jit.is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in weights)):
+        if tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in weights)):
             return cast()
         with torch.no_grad():
             return self._cast_caches.setdefault(dtype, TensorVersionCache()).get(list(weights), cast)

@@ -182,7 +182,7 @@ class FusedBranchGraph(DropInBlock):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
         return [cast(w) for w, _ in folded], [cast(b) for _, b in folded]
 
-    def _packed(self, backend: str, dtype: torch.dtype | None):
+    def _packed(self, backend: str, dtype: torch.dtype | None = None):
         def build():
             weights, biases = self._folded(dtype)
             if backend == "triton":

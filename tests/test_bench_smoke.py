@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from inception_fast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~2 min: every provider, compile included; `make test-all` runs it
 def test_pytest_benchmark_suite_runs_once(tmp_path):
     env = dict(os.environ, INCEPTION_FAST_BENCH_SMOKE="1")
     out = subprocess.run(

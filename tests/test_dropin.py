@@ -436,14 +436,25 @@ def test_torch_export(pair):
         _same(program.module()(y), original(y))
 
 
-def test_onnx_export_runs_in_onnxruntime(pair, tmp_path):
-    pytest.importorskip("onnxscript")
+def test_compile_fullgraph(pair):
+    original, swapped = pair
+    compiled = torch.compile(swapped, fullgraph=True)
+    x = _x()
+    with torch.no_grad():
+        _same(compiled(x), original(x))
+        _same(compiled(x), original(x))  # a second call: no recompile needed to be right
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_runs_in_onnxruntime(pair, dynamo, tmp_path):
+    if dynamo:
+        pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     original, swapped = pair
     original.float(), swapped.float()
     x = _x(dtype=torch.float32)
     path = tmp_path / "block.onnx"
-    torch.onnx.export(swapped, (x,), str(path), dynamo=True, verbose=False)
+    torch.onnx.export(swapped, (x,), str(path), dynamo=dynamo, verbose=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

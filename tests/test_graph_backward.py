@@ -81,7 +81,7 @@ def test_gradcheck_fp64(name):
     weights, biases = _params(spec, torch.float64)
     x = torch.randn(2, spec.in_channels, 7, 6, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in (x, *weights, *biases)]
-    assert torch.autograd.gradcheck(_fused(spec), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(_fused(spec), inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

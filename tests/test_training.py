@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 import inception_fast as ifast
@@ -11,6 +12,7 @@ from conftest import needs_cpu_kernel
 
 
 @needs_cpu_kernel
+@pytest.mark.slow
 def test_twenty_sgd_steps_follow_the_reference_loss_curve():
     ref = googlenet_paper(num_classes=10, aux_logits=False).train()
     fused = ifast.swap_inception(copy.deepcopy(ref), backend="cpu")

@@ -17,7 +17,9 @@ from conftest import (
     assert_special_values_propagate,
     reference_module,
     rel_err,
+    dtype_params,
     run_poisoned,
+    tiered,
     weights_of,
 )
 
@@ -28,11 +30,13 @@ pytestmark = pytest.mark.skipif(
 triton = pytest.importorskip("triton")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The fast tier runs half precision and the backward on the two cheapest grids only.
+_BIG_GRIDS = ("n3-7x7", "n1-13x13")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("size", AWKWARD_SIZES)
-@pytest.mark.parametrize("spec", AWKWARD_SPECS)
+@pytest.mark.parametrize("spec, size, dtype", tiered(
+    AWKWARD_SPECS, AWKWARD_SIZES, dtype_params(*DTYPES),
+    slow=lambda spec, size, dtype: size in _BIG_GRIDS and dtype != "float32"))
 def test_awkward_shapes_match_fp64_reference(spec, size, dtype):
     n, h, w = size
     ref = reference_module(spec).double()
@@ -42,7 +46,7 @@ def test_awkward_shapes_match_fp64_reference(spec, size, dtype):
     assert rel_err(got, ref(x)) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 def test_googlenet_3a_block_at_28x28(dtype):
     block = ifast.GOOGLENET_INCEPTION["3a"]
     ref = reference_module(block.spec).double()
@@ -181,8 +185,7 @@ def test_bad_input_is_rejected_before_any_launch(bad, error, words, monkeypatch)
         fused(bad)
 
 
-@pytest.mark.parametrize("size", AWKWARD_SIZES)
-@pytest.mark.parametrize("spec", AWKWARD_SPECS)
+@pytest.mark.parametrize("spec, size", tiered(AWKWARD_SPECS, AWKWARD_SIZES, slow=lambda spec, size: size in _BIG_GRIDS))
 def test_triton_backward_on_awkward_shapes_matches_fp64_autograd(spec, size):
     """End to end in fp32: the three backward kernels (and the ATen calls around them)
     against fp64 eager autograd, inputs with max-pool ties included."""
@@ -227,8 +230,9 @@ def test_triton_backward_in_half_precision_matches_the_fp64_backward_of_the_same
 # -- Inception-v3's branch graph on the Triton kernel --------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["A", "B", "C", "D", "E"])
+@pytest.mark.parametrize("name, dtype", tiered(
+    [pytest.param(n, id=n) for n in "ABCDE"], dtype_params(torch.float32, torch.bfloat16),
+    slow=lambda name, dtype: name in "DE" and dtype == "float32"))
 def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
     import copy
 
@@ -246,7 +250,8 @@ def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
     assert rel_err(got, want) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("name", ["A", "B", "C", "D", "E"])
+@pytest.mark.parametrize("name", ["A", "B", "C", pytest.param("D", marks=pytest.mark.slow),
+                                  pytest.param("E", marks=pytest.mark.slow)])
 def test_inception_v3_block_gradients_on_the_triton_kernels(name):
     """Eval mode with autograd: the Triton forward and backward (its data-gradient kernel,
     masks fused, fan-out accumulated) against fp64 eager autograd of torchvision's block,

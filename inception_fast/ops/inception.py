@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .._cache import TensorVersionCache
+from .._cache import TensorVersionCache, tracing
 from .._checks import check_choice, check_input, check_out, check_same_dtype_device
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 from ._layout import as_gemm_b, from_gemm_b
@@ -210,11 +210,8 @@ def _cpu_panels(w: InceptionWeights) -> tuple[torch.Tensor, ...]:
 
 
 def _cacheable(cache: TensorVersionCache | None, x: torch.Tensor) -> bool:
-    """Under torch.compile or torch.export, packing is traced into the graph (where
-    freezing can fold it) instead of cached: traced tensors have no storage to key on.
-    Under torch.jit.trace too: a cached tensor would be frozen into the trace as a
-    constant, and the traced module would ignore later weight updates."""
-    if cache is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """False while tracing (_cache.tracing) and for tensors without storage (FakeTensor)."""
+    if cache is None or tracing():
         return False
     try:
         x.data_ptr()
@@ -350,7 +347,7 @@ def inception_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of (x, w1, b1, ..., wp, bp) from the saved input x and output y.
 
-    Fused as DESIGN.md plans it, on NHWC pixel rows:
+    Fused on NHWC pixel rows:
       1. the ReLU masks of all four branches come from y (the saved output);
       2. the K3/K5 stages give dt3, dt5 (masked by t3 > 0, t5 > 0) and their weight grads;
       3. one GEMM gives dx of the three 1x1 convolutions that share x,
