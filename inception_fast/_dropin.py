@@ -118,6 +118,12 @@ class DropInBlock(nn.Module):
             return torch.fx.Interpreter(self._traced).run(x)
         return self._original[0](x)
 
+    def train(self, mode: bool = True) -> "DropInBlock":
+        # The original block is not a registered submodule (its children are ours): keep
+        # its own flag in step too, for forwards that read self.training.
+        self._original[0].training = mode
+        return super().train(mode)
+
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script calls this before compiling: TorchScript cannot compile the Python
         # dispatch of the fused op, so the scripted model runs the original block.
