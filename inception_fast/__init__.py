@@ -5,7 +5,7 @@
     report = ifast.profile(model, input_size=(1, 3, 224, 224))
 """
 
-from . import models
+from . import counting_rules, models
 from .blocks import NotAnInceptionBlock
 from .fused import FusedInception
 from .ops.inception import BACKENDS, InceptionFunction, InceptionWeights, inception
@@ -31,6 +31,7 @@ __all__ = [
     "ProfileRow",
     "ReferenceInception",
     "VerifyReport",
+    "counting_rules",
     "inception",
     "models",
     "profile",
