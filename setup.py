@@ -48,7 +48,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        # The peers that tests/test_counting_rules.py checks our counting rules with (exact pins).
+        "test": ["pytest", "pytest-benchmark", "thop==0.1.1.post2209072238", "ptflops==0.7.5",
+                 "fvcore==0.1.5.post20221221"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     ext_modules=[

@@ -9,7 +9,7 @@ from . import counting_rules, models
 from .blocks import NotAnInceptionBlock
 from .fused import FusedInception
 from .ops.inception import BACKENDS, InceptionFunction, InceptionWeights, inception
-from .profile import ProfileReport, ProfileRow, profile
+from .profile import ModelDoesNotRun, ProfileReport, ProfileRow, profile
 from .reference import ReferenceInception
 from .spec import GOOGLENET_INCEPTION, BranchCounts, InceptionSpec, PaperBlock
 from .swap import swap_inception
@@ -25,6 +25,7 @@ __all__ = [
     "InceptionFunction",
     "InceptionSpec",
     "InceptionWeights",
+    "ModelDoesNotRun",
     "NotAnInceptionBlock",
     "PaperBlock",
     "ProfileReport",

@@ -37,6 +37,7 @@ counts aten ops and sees the fused op as 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -47,7 +48,9 @@ from .fused_graph import FusedBranchGraph
 
 __all__ = ["thop", "ptflops", "fvcore", "FUSED_OPS"]
 
-#: The traced op names of the fused forwards that fvcore() gives handles for.
+#: The traced op names of the fused forwards that fvcore() gives handles for: the custom
+#: ops, and the autograd Functions that a trace with gradients on records whole (fvcore
+#: traces with the parameters requiring grad; it names those nodes prim::PythonOp.<class>).
 FUSED_OPS = (
     "inception_fast::cpu_forward",
     "inception_fast::triton_forward",
@@ -55,6 +58,8 @@ FUSED_OPS = (
     "inception_fast::graph_triton_forward",
     "inception_fast::graph_forward_saving",
     "inception_fast::graph_triton_forward_saving",
+    "prim::PythonOp.InceptionFunction",
+    "prim::PythonOp.BranchGraphFunction",
 )
 
 _PEER_COUNTERS = ("total_ops", "total_params")  # thop's per-module buffers: never swapped for meta tensors
@@ -200,29 +205,42 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
     from .ops.inception import _spec_of
 
     def inception(inputs: list, outputs: list) -> int:
-        x_shape, dims = _shape(inputs[0]), _constant(inputs[-1])
+        x_shape = _shape(inputs[0])
         n, _, h, w = x_shape
-        spec = _spec_of(x_shape, dims)
-        macs = spec.macs(h, w, n).total
+        if outputs[0].node().kind() == "prim::PythonOp":  # InceptionFunction: x, then the 12 weights
+            shapes = [_shape(v) for v in inputs[1:13]]
+            macs = n * h * w * sum(math.prod(s) for s in shapes[0::2])  # every conv 'same', stride 1
+        else:
+            macs = _spec_of(x_shape, _constant(inputs[-1])).macs(h, w, n).total
         block = _scope_module(model, outputs[0])
         if isinstance(block, FusedInception) and block.batch_norm:
-            couts = (spec.ch1x1, spec.ch3x3red, spec.ch3x3, spec.ch5x5red, spec.ch5x5, spec.pool_proj)
+            s = block.spec
+            couts = (s.ch1x1, s.ch3x3red, s.ch3x3, s.ch5x5red, s.ch5x5, s.pool_proj)
             macs += _bn_count(block._units, [n * h * w * c for c in couts])
         return macs
 
     def graph(inputs: list, outputs: list) -> int:
-        x_shape, b_shapes, flat_plan = _shape(inputs[0]), _constant(inputs[1]), _constant(inputs[3])
+        x_shape = _shape(inputs[0])
         n, _, h, w = x_shape
-        _, _, _, _, gemms = GraphPlan.from_flat(flat_plan)
         out_pixels = n * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
-        # Rows x K x columns per GEMM, as the FlopCounterMode formula (ops/branch_graph.py).
-        macs = sum((n * h * w if g[4] == 1 else out_pixels) * shape[-2] * g[7]
-                   for shape, g in zip(b_shapes, gemms) if len(shape) >= 2)
         block = _scope_module(model, outputs[0])
+        if outputs[0].node().kind() == "prim::PythonOp":
+            # BranchGraphFunction records its tensors only (x, weights, biases), not the plan
+            # that says which convolutions are stride 2: the block's spec does.
+            if not isinstance(block, FusedBranchGraph):
+                raise ValueError("counting_rules.fvcore(model): give the model to count a traced "
+                                 "BranchGraphFunction (its stride-2 convolutions are in the block's spec)")
+            macs = block.spec.macs(h, w, n)
+        else:
+            b_shapes, flat_plan = _constant(inputs[1]), _constant(inputs[3])
+            _, _, _, _, gemms = GraphPlan.from_flat(flat_plan)
+            # Rows x K x columns per GEMM, as the FlopCounterMode formula (ops/branch_graph.py).
+            macs = sum((n * h * w if g[4] == 1 else out_pixels) * shape[-2] * g[7]
+                       for shape, g in zip(b_shapes, gemms) if len(shape) >= 2)
         if isinstance(block, FusedBranchGraph):
             numels = [(n * h * w if conv.stride == 1 else out_pixels) * conv.out_channels
                       for conv in block.spec.convs]
             macs += _bn_count(block._units, numels)
         return macs
 
-    return {name: graph if "graph" in name else inception for name in FUSED_OPS}
+    return {name: graph if "Graph" in name or "graph" in name else inception for name in FUSED_OPS}

@@ -47,9 +47,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._aten_flops import ATEN_FORMULAS
 from .spec import InceptionSpec
 
-__all__ = ["ProfileRow", "ProfileReport", "profile", "format_count"]
+__all__ = ["ProfileRow", "ProfileReport", "ModelDoesNotRun", "profile", "format_count"]
 
 FUNCTIONAL = "functional"  # ProfileRow.type of the rows holding ops called straight from a forward
+
+
+class ModelDoesNotRun(ValueError):
+    """The model raised on the inputs profile gave it (the model's error is its __cause__)."""
 
 
 @dataclass(frozen=True)
@@ -553,9 +557,10 @@ def profile(
 
     The model is left exactly as it was (modes, state_dict, hooks, RNG).
 
-    Raises TypeError/ValueError for bad arguments, and ValueError, chained to the
-    model's own error, when the model does not run on the inputs in eval mode (or,
-    with backward=True, in train mode).
+    Raises TypeError/ValueError for bad arguments, and ModelDoesNotRun (a ValueError),
+    chained to the model's own error, when the model does not run on the inputs in eval
+    mode (or, with backward=True, in train mode). Auxiliary heads that fail in train mode
+    are left uncounted, with a note saying why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -572,13 +577,13 @@ def profile(
         described = _describe(args, kw)
         main = _run(net, args, kw, train=False, backward=False)
         if main.error is not None:
-            raise ValueError(f"{type(model).__name__} does not run on {described} in eval mode: "
+            raise ModelDoesNotRun(f"{type(model).__name__} does not run on {described} in eval mode: "
                              f"{_first_line(main.error)}") from main.error
         side = None
         if backward or any(m not in main.entered for m in net.modules()):
             side = _run(net, args, kw, train=True, backward=backward)
             if side.error is not None and backward:
-                raise ValueError(f"{type(model).__name__} does not run a training step on {described}: "
+                raise ModelDoesNotRun(f"{type(model).__name__} does not run a training step on {described}: "
                                  f"{_first_line(side.error)}") from side.error
         report = _build(net, model, args, kw, described, main, side, depth, nested, include_aux, backward)
     report.budget = budget
@@ -588,8 +593,8 @@ def profile(
 def _build(net, model, args, kw, described, main: _Pass, side: _Pass | None, depth, nested, include_aux,
            backward) -> ProfileReport:
     names = {m: n for n, m in net.named_modules()}
-    aux = {m for m in (side.entered if side else ()) if m not in main.entered}
-    aux_tops = [m for m in aux if _parent(names[m], names, net) not in aux]
+    aux_tops = _auxiliary_heads(net, names, main, side)
+    aux = {m for top in aux_tops for m in top.modules() if m not in main.entered}
     side_ok = side is not None and side.error is None
 
     def fwd(m: nn.Module) -> int:
@@ -647,6 +652,10 @@ def _build(net, model, args, kw, described, main: _Pass, side: _Pass | None, dep
     for e in children.get("", []):
         add(e)
     root_extra = functional_row("", net, 1)
+    if root_extra is not None and not entries:  # a model without children is its own one row
+        root_extra = ProfileRow(type(net).__name__, type(net).__name__, _detail(net), main.shapes.get(net),
+                                sum(p.numel() for p in net.parameters()), root_extra.macs,
+                                backward_macs=root_extra.backward_macs)
     if root_extra is not None:
         rows.append(root_extra)
 
@@ -656,11 +665,16 @@ def _build(net, model, args, kw, described, main: _Pass, side: _Pass | None, dep
         heads = ", ".join(sorted(names[m] for m in aux_tops))
         notes.append(f"Auxiliary {heads}: not counted; the train-mode forward fails on {described} "
                      f"({_first_line(side.error)}).")
+    if side is not None and side.error is not None:
+        unreached = [r.name for r in rows if r.output_shape is None and r.type != FUNCTIONAL and not r.auxiliary]
+        if unreached:
+            notes.append(f"Not run in eval mode, and not reached in train mode before that failure: "
+                         f"{', '.join(unreached)}.")
     total = main.total_forward + (aux_macs if include_aux else 0)
     backward_total = None
     if backward:
         backward_total = side.total_backward - (0 if include_aux else sum(side.backward.get(m, 0) for m in aux_tops))
-    unattributed = sum(r.macs for r in rows if r.type == FUNCTIONAL)
+    unattributed = sum(r.macs for r in rows if r.type == FUNCTIONAL)  # 0 for a model without children
     first = next((a for a in tree_leaves((args, kw)) if isinstance(a, torch.Tensor)), None)
     return ProfileReport(
         input_size=tuple(first.shape) if first is not None else (),
@@ -676,8 +690,25 @@ def _build(net, model, args, kw, described, main: _Pass, side: _Pass | None, dep
     )
 
 
-def _parent(name: str, names: dict, net: nn.Module) -> nn.Module | None:
-    if not name:
-        return None
-    parent = name.rpartition(".")[0]
-    return net.get_submodule(parent) if parent else net
+def _auxiliary_heads(net: nn.Module, names: dict, main: _Pass, side: _Pass | None) -> list[nn.Module]:
+    """The outermost modules that run in train mode only and add work there: their
+    parent's train-mode count grows by theirs. That tells an auxiliary head (GoogLeNet's
+    aux1: the model does more in train mode) from the children of a fused block, which run
+    in train mode in place of the fused kernel (the block counts the same either way)."""
+    if side is None:
+        return []
+    only_train = [m for m in side.entered if m not in main.entered and m in names]
+    tops: dict = {}
+    for m in only_train:
+        name = names[m]
+        parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+        if parent not in only_train:
+            tops.setdefault(parent, []).append(m)
+    heads = []
+    for parent, children in tops.items():
+        if side.error is not None:
+            # No counts to compare: modules of a fused or Inception block (.spec) are its own.
+            heads += [] if hasattr(parent, "spec") else children
+        elif sum(side.forward.get(m, 0) for m in children) <= side.forward.get(parent, 0) - main.forward.get(parent, 0):
+            heads += children
+    return sorted(heads, key=lambda m: names[m])

@@ -121,14 +121,15 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "triton":
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not x.is_cuda and not _interpreting():
+        # A meta tensor (profile's meta mode) stands for any device: its op runs the fake kernel.
+        if not x.is_cuda and not x.is_meta and not _interpreting():
             raise ValueError(
                 f"backend='triton' needs a CUDA tensor, got x on {x.device}; to run the Triton "
                 "kernels on the CPU, set TRITON_INTERPRET=1 before importing inception_fast, "
                 "or use backend='cpu'"
             )
     if backend == "cpu":
-        if x.device.type != "cpu":
+        if x.device.type not in ("cpu", "meta"):
             raise ValueError(f"backend='cpu' needs x on the CPU, got x on {x.device}")
         if x.dtype not in _CPU_DTYPES:
             raise TypeError(f"backend='cpu' supports x of dtype float32 or float64, got {x.dtype}")
