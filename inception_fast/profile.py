@@ -350,13 +350,14 @@ def _run(model: nn.Module, args: tuple, kwargs: dict, train: bool, backward: boo
         handles.append(m.register_forward_hook(post))
     counter = _BackwardCounter() if backward else FlopCounterMode(display=False, depth=None,
                                                                    custom_mapping=ATEN_FORMULAS)
+    # With backward, every autograd node made in the forward remembers the innermost module running.
+    tag_nodes = torch.autograd.graph.node_creation_hook(lambda node: node.metadata.__setitem__(_OWNER, stack[-1]))
     forward_counts: dict = {}
     error = None
     try:
         with _mha_fastpath_off(), torch.set_grad_enabled(backward), counter:
             try:
-                with torch.autograd.graph.node_creation_hook(lambda node: node.metadata.__setitem__(_OWNER, stack[-1])) \
-                        if backward else contextlib.nullcontext():
+                with tag_nodes if backward else contextlib.nullcontext():
                     out = model(*args, **kwargs)
                 forward_counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
                 if backward:
