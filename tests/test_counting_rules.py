@@ -162,3 +162,24 @@ def test_fvcore_counts_a_swapped_model_as_the_original(name):
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"tracing a swapped {name} as fvcore does fails ({type(exc).__name__}: {str(exc)[:60]})")
     assert fvcore_total(swapped, x, **ifast.counting_rules.fvcore(swapped)) == fvcore_total(original, x)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_thop_and_ptflops_count_a_users_traced_block(bn):
+    # A block recognised by its traced structure (functional ReLUs): the rules replay its
+    # torch.fx graph, so ptflops' patched F.relu counts there as in the original.
+    thop = pytest.importorskip("thop")
+    ptflops = pytest.importorskip("ptflops")
+    from test_swap import UserBlock
+
+    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), UserBlock(bn=bn), nn.ReLU()).eval()
+    swapped = ifast.swap_inception(copy.deepcopy(model)).eval()
+    assert swapped[1]._traced is not None
+    x = torch.randn(2, 3, 9, 9)
+    assert thop.profile(swapped, inputs=(x,), custom_ops=ifast.counting_rules.thop(), verbose=False)[0] == \
+        thop.profile(model, inputs=(x,), verbose=False)[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        counts = [ptflops.get_model_complexity_info(m, (3, 9, 9), backend="pytorch", as_strings=False,
+                                                    print_per_layer_stat=False, **kw)[0]
+                  for m, kw in ((model, {}), (swapped, {"custom_modules_hooks": ifast.counting_rules.ptflops()}))]
+    assert counts[0] == counts[1]
