@@ -48,9 +48,11 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy"],
     extras_require={
-        # Peers the drop-in tests export to and run (tests/test_dropin.py); pinned: ONNX
-        # exporter output depends on the onnxscript version.
-        "test": ["pytest", "pytest-benchmark", "onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],
+        # Peers the tests run against, pinned: the ONNX exporter and runtime the drop-in tests
+        # export to (tests/test_dropin.py), and the MAC counters our counting rules serve
+        # (tests/test_counting_rules.py).
+        "test": ["pytest", "pytest-benchmark", "onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2",
+                 "thop==0.1.1.post2209072238", "ptflops==0.7.5", "fvcore==0.1.5.post20221221"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     ext_modules=[

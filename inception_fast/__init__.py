@@ -5,11 +5,11 @@
     report = ifast.profile(model, input_size=(1, 3, 224, 224))
 """
 
-from . import models
+from . import counting_rules, models
 from .blocks import NotAnInceptionBlock
 from .fused import FusedInception
 from .ops.inception import BACKENDS, InceptionFunction, InceptionWeights, inception
-from .profile import ProfileReport, ProfileRow, profile
+from .profile import ModelDoesNotRun, ProfileReport, ProfileRow, profile
 from .reference import ReferenceInception
 from .spec import GOOGLENET_INCEPTION, BranchCounts, InceptionSpec, PaperBlock
 from .swap import swap_inception
@@ -25,12 +25,14 @@ __all__ = [
     "InceptionFunction",
     "InceptionSpec",
     "InceptionWeights",
+    "ModelDoesNotRun",
     "NotAnInceptionBlock",
     "PaperBlock",
     "ProfileReport",
     "ProfileRow",
     "ReferenceInception",
     "VerifyReport",
+    "counting_rules",
     "inception",
     "models",
     "profile",

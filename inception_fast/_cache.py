@@ -40,5 +40,10 @@ class TensorVersionCache(Generic[V]):
             self._key = [(t.detach(), t.data_ptr(), t._version) for t in sources]
         return self._value  # type: ignore[return-value]
 
+    def __deepcopy__(self, memo: dict) -> "TensorVersionCache[V]":
+        # A copied module has tensors of its own: the copy starts empty (a copied key would
+        # only point at the original's storage), and copying never duplicates packed weights.
+        return type(self)()
+
     def clear(self) -> None:
         self._key, self._value = None, None

@@ -64,13 +64,15 @@ def build_model(name: str) -> nn.Module:
     return model
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
+def parse_shape(text: str, dims: int | None = 4) -> tuple[int, ...]:
+    """--input as a shape: `dims` positive ints (any number of them when dims is None)."""
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise UsageError(f"--input must be comma-separated positive ints like 1,3,224,224, got {text!r}") from None
-    if len(shape) != 4 or min(shape) < 1:
-        raise UsageError(f"--input must be 4 positive ints N,C,H,W, got {text!r}")
+    if min(shape) < 1 or (dims is not None and len(shape) != dims):
+        raise UsageError(f"--input must be {dims or 'comma-separated'} positive ints"
+                         f"{' N,C,H,W' if dims == 4 else ''}, got {text!r}")
     return shape
 
 
@@ -89,11 +91,15 @@ def _csv(kind: Callable[[str], object], choices: tuple | None = None):
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .profile import profile
+    from .profile import ModelDoesNotRun, profile
 
     model = build_model(args.model).eval()
-    report = profile(model, parse_shape(args.input), budget=args.budget, depth=args.depth,
-                     include_aux=args.include_aux)
+    try:
+        report = profile(model, parse_shape(args.input, dims=None), budget=args.budget, depth=args.depth,
+                         include_aux=args.include_aux, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                         meta=args.meta, nested=args.nested, backward=args.backward)
+    except ModelDoesNotRun as exc:  # an input size the model cannot take: a bad argument, one line
+        raise UsageError(f"--input {args.input}: {exc}") from None
     print({"md": report.to_markdown, "json": report.to_json, "csv": report.to_csv}[args.format]())
     if args.plot:
         report.plot(args.plot)
@@ -240,12 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="params and multiply-adds per layer, against a budget")
     p.add_argument("model", help=f"{'|'.join(MODELS)} or package.module:factory")
-    p.add_argument("--input", default="1,3,224,224", help="input shape N,C,H,W")
+    p.add_argument("--input", default="1,3,224,224", help="input shape, e.g. N,C,H,W (1,3,224,224) or N,T (1,128)")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16", "int64", "int32"), default=None,
+                   help="dtype of the random input (default: the model's); int64/int32: token ids")
     p.add_argument("--budget", type=float, default=None, help="MACs; exit 1 when the total exceeds it")
     p.add_argument("--format", choices=("md", "json", "csv"), default="md")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of MACs per layer")
     p.add_argument("--depth", type=int, default=1, help="rows this many levels below the model")
+    p.add_argument("--nested", action="store_true", help="also show the parents down to --depth, with subtotals")
     p.add_argument("--include-aux", action="store_true", help="count auxiliary heads in the total")
+    p.add_argument("--backward", action="store_true", help="also count the backward of one training step")
+    p.add_argument("--meta", action="store_true", help="count on the meta device: shapes only, nothing computed")
     p.set_defaults(run=cmd_profile)
 
     p = sub.add_parser("verify", help="swap fused blocks into a model and compare block by block")

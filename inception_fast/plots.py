@@ -22,7 +22,8 @@ def _pyplot():
 def plot_profile(report: "ProfileReport", path: str | Path) -> Path:
     """Bars of MACs per layer, the cumulative curve, and the budget as a horizontal line."""
     plt = _pyplot()
-    rows = [r for r in report.rows if not r.auxiliary and r.output_shape is not None]
+    # The rows that add up to the total: no nested subtotals, no auxiliary heads outside it.
+    rows = [r for r in report.leaf_rows() if r.output_shape is not None or r.macs]
     names = [r.name for r in rows]
     macs = [r.macs / 1e6 for r in rows]
     cumulative = [sum(macs[: i + 1]) for i in range(len(macs))]
@@ -38,7 +39,7 @@ def plot_profile(report: "ProfileReport", path: str | Path) -> Path:
     ax2.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper left")
-    ax.set_title(f"Multiply-adds per layer, input {'×'.join(map(str, report.input_size))}: "
+    ax.set_title(f"Multiply-adds per layer, input {report.inputs or '×'.join(map(str, report.input_size))}: "
                  f"{report.total_macs / 1e9:.3f} G total")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

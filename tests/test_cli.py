@@ -34,7 +34,7 @@ def test_bad_input_is_one_line_and_exit_2(args, words):
 
 
 def test_profile_exits_1_over_budget(capsys, tmp_path):
-    assert main(["profile", "googlenet_paper", "--budget", "1e9", "--plot", str(tmp_path / "p.png")]) == 1
+    assert main(["profile", "googlenet_paper", "--budget", "1e9", "--plot", str(tmp_path / "p.png"), "--meta"]) == 1
     assert "OVER" in capsys.readouterr().out
     assert main(["profile", "googlenet_paper", "--budget", "2e9", "--format", "csv"]) == 0
 

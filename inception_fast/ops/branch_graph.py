@@ -312,7 +312,6 @@ def _graph_fake(x, b, bias, flat_plan):
     return x.new_empty((n, out_channels, h, w)).contiguous(memory_format=torch.channels_last)
 
 
-@register_flop_formula(torch.ops.inception_fast.graph_forward)
 def _graph_flops(x_shape, b_shapes, bias_shapes, flat_plan, out_shape=None, **kwargs) -> int:
     """2 FLOPs per multiply-add of every GEMM: rows x K x columns, K = B's second-last dim
     (packed CPU panels (panels, K, width) and Triton's (K, cols) alike)."""
@@ -333,7 +332,6 @@ def graph_triton_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torc
 
 
 graph_triton_forward.register_fake(_graph_fake)
-register_flop_formula(torch.ops.inception_fast.graph_triton_forward)(_graph_flops)
 
 
 # -- backward -------------------------------------------------------------------------
@@ -486,8 +484,12 @@ def _graph_triton_saving_fake(x, b, bias, flat_plan):
     return _graph_fake(x, b, bias, flat_plan), [x.new_empty((n, h, w, ch)) for ch in buf_channels]
 
 
-register_flop_formula(torch.ops.inception_fast.graph_forward_saving)(_graph_flops)
-register_flop_formula(torch.ops.inception_fast.graph_triton_forward_saving)(_graph_flops)
+# One registration for the four forwards: register_flop_formula returns the formula wrapped
+# for shapes, and registering that wrapped function again wraps it twice ("multiple values
+# for keyword argument 'out_shape'" as soon as any op but the first one is counted).
+register_flop_formula([torch.ops.inception_fast.graph_forward, torch.ops.inception_fast.graph_triton_forward,
+                       torch.ops.inception_fast.graph_forward_saving,
+                       torch.ops.inception_fast.graph_triton_forward_saving])(_graph_flops)
 
 
 @torch.library.custom_op("inception_fast::graph_backward", mutates_args=())
@@ -527,6 +529,26 @@ def _graph_backward_fake(grad_out, x, y, intermediates, weights, needs, backward
     for wt in weights:
         grads += [wt.new_empty(wt.shape), wt.new_empty(wt.shape[:1])] if needs[1] else [x.new_empty(0)] * 2
     return grads
+
+
+def _graph_backward_flops(grad_out_shape, x_shape, y_shape, intermediate_shapes, weight_shapes, needs,
+                          backward_plan, backend, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add, counted as FlopCounterMode counts aten.convolution_backward
+    on the unfused block: each convolution's weight gradient when needs[1], and its data
+    gradient when its input needs one: always for an intermediate (it depends on weights or
+    x that need gradients, or the backward would not run), for x and the pooled x only when
+    needs[0]. Each is one forward's worth of multiply-adds of that convolution."""
+    _, stride, _, _, table = GraphPlan.from_backward_flat(backward_plan)
+    n, _, h, w = x_shape
+    out_pixels = n * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
+    total = 0
+    for (source, *_, conv_stride, _, _), shape in zip(table, weight_shapes):
+        macs = (n * h * w if conv_stride == 1 else out_pixels) * shape[0] * shape[1] * shape[2] * shape[3]
+        total += macs * (int(bool(needs[1])) + int(source >= 0 or bool(needs[0])))
+    return 2 * total
+
+
+register_flop_formula(torch.ops.inception_fast.graph_backward)(_graph_backward_flops)
 
 
 class BranchGraphFunction(torch.autograd.Function):

@@ -121,14 +121,15 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "triton":
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not x.is_cuda and not _interpreting():
+        # A meta tensor (profile's meta mode) stands for any device: its op runs the fake kernel.
+        if not x.is_cuda and not x.is_meta and not _interpreting():
             raise ValueError(
                 f"backend='triton' needs a CUDA tensor, got x on {x.device}; to run the Triton "
                 "kernels on the CPU, set TRITON_INTERPRET=1 before importing inception_fast, "
                 "or use backend='cpu'"
             )
     if backend == "cpu":
-        if x.device.type != "cpu":
+        if x.device.type not in ("cpu", "meta"):
             raise ValueError(f"backend='cpu' needs x on the CPU, got x on {x.device}")
         if x.dtype not in _CPU_DTYPES:
             raise TypeError(f"backend='cpu' supports x of dtype float32 or float64, got {x.dtype}")
@@ -448,6 +449,24 @@ def _(grad_out, x, y, weights, needs, backend):
     formats = (torch.channels_last,) + (torch.contiguous_format,) * len(weights)
     return [t.new_empty(t.shape).contiguous(memory_format=f) if need else x.new_empty(0)
             for t, need, f in zip(like, needs, formats)]
+
+
+@register_flop_formula(torch.ops.inception_fast.backward)
+def _inception_backward_flops(grad_out_shape, x_shape, y_shape, weight_shapes, needs, backend, out_shape=None,
+                              **kwargs) -> int:
+    """2 FLOPs per multiply-add, counted as FlopCounterMode counts aten.convolution_backward
+    on the reference module: a convolution's weight gradient when its weight needs one, and
+    its data gradient when its input does (x for the four convolutions that read x or the
+    pooled x; t3 and t5 when x or their reduction's weight or bias does). Each is one
+    forward's worth of multiply-adds of that convolution."""
+    n, _, h, w = x_shape
+    pixels = n * h * w
+    macs = [pixels * s[0] * s[1] * s[2] * s[3] for s in weight_shapes[0::2]]  # w1, w3r, w3, w5r, w5, wp
+    need_x, need_w = bool(needs[0]), [bool(v) for v in needs[1::2]]  # weight needs, conv order
+    need_t3 = need_x or any(needs[3:5])  # t3 = relu(conv(x, w3r) + b3r)
+    need_t5 = need_x or any(needs[7:9])
+    data = (need_x, need_x, need_t3, need_x, need_t5, need_x)
+    return 2 * sum(m * (int(dw) + int(dx)) for m, dw, dx in zip(macs, need_w, data))
 
 
 def _backward_grads(grad_out, x, y, weights, needs, backend) -> tuple[torch.Tensor | None, ...]:
