@@ -16,20 +16,21 @@ peer what it needs:
         custom_modules_hooks=ifast.counting_rules.ptflops())
     flops = FlopCountAnalysis(model, x).set_op_handle(**ifast.counting_rules.fvcore(model)).total()
 
-Each peer keeps its own conventions (all three count a convolution as its
-multiply-adds; thop and ptflops add batch norm, pooling and more, each its own way), and
-a swapped model counts exactly what the same peer counts for the original:
+thop and ptflops need no rule of ours. They count through forward hooks on every leaf
+module (conv, BN, ReLU, pooling), and a fused block whose children carry hooks runs its
+original forward (the drop-in contract: hooks are honoured, see _dropin.py), so those
+hooks fire and the peer counts the block exactly as it counts the original, with its own
+conventions. thop() and ptflops() therefore return empty rule sets; they exist so that
+code can pass them unconditionally, and the tests check both peers with and without.
 
-  * thop, ptflops: the rule runs the block's original, unfused forward (the children
-    the fused block keeps) once more, on the meta device (shapes only, nothing
-    computed), and adds up what the peer's own hooks on those children (and, for
-    ptflops, its patched torch.nn.functional calls) count. Whatever the peer's version
-    counts for a conv, BN, ReLU or pooling layer, the fused block counts the same.
-  * fvcore: handles for the fused ops in a traced graph (inception_fast::cpu_forward,
-    ::triton_forward, ::graph_forward, ::graph_triton_forward and their *_saving
-    variants): the convolutions' multiply-adds from the op's input shape and its
-    plan, plus, given the model, fvcore's eval-mode batch-norm count (1 per output
-    element, 2 with an affine BN) for each BN folded into the block.
+fvcore's FlopCountAnalysis scopes its jit trace with hooks on every module, so it too
+sees the original ops of a fused block and counts a swapped model as the original with
+no handle. A trace made without such hooks (torch.jit.trace of a swapped model, then
+counted op by op) holds the fused custom ops (inception_fast::cpu_forward,
+::graph_forward, ...); fvcore() gives handles for those ops: the convolutions' multiply-adds from the op's input shape and its plan, plus, given
+the model, fvcore's eval-mode batch-norm count (1 per output element, 2 with an affine
+BN) for each BN folded into the block. (A fused Inception-v3 block traced with autograd
+on records the original's ops, which fvcore counts natively.)
 
 ptflops: only its "pytorch" backend takes custom_modules_hooks; its "aten" backend
 counts aten ops and sees the fused op as 0.
@@ -62,95 +63,16 @@ FUSED_OPS = (
     "prim::PythonOp.BranchGraphFunction",
 )
 
-_PEER_COUNTERS = ("total_ops", "total_params")  # thop's per-module buffers: never swapped for meta tensors
-
-
-# -- the unfused forward of a fused block, on the meta device --------------------------------
-
-
-class _Branches(nn.Module):
-    """The four branches of a GoogLeNet-style block, concatenated: the forward of
-    ReferenceInception and torchvision's Inception, over the fused block's own children."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        for name, child in block.named_children():
-            self.add_module(name, child)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], dim=1)
-
-
-def _unfused(block: nn.Module) -> nn.Module:
-    if isinstance(block, FusedBranchGraph):
-        return block._original[0]
-    if getattr(block, "_traced", None) is not None:
-        return block._traced  # a user's block, as torch.fx traced it (sharing its children)
-    return _Branches(block)
-
-
-def _replay_unfused(block: nn.Module, x: torch.Tensor, read: Callable[[nn.Module], float | None]) -> float:
-    """Run `block`'s original forward on a meta twin of x, with meta stand-ins for its
-    parameters and buffers; return how much read(m) grew over its submodules (the peer's
-    own per-module counters, which its hooks on those submodules increase)."""
-    original = _unfused(block)
-    subs = list(original.modules())
-    before = [read(m) for m in subs]
-    state = {name: torch.empty_like(t, device="meta")
-             for name, t in [*original.named_parameters(), *original.named_buffers()]
-             if name.rpartition(".")[2] not in _PEER_COUNTERS}
-    with torch.no_grad():
-        torch.func.functional_call(original, state, (torch.empty_like(x, device="meta"),))
-    return sum(read(m) - b for m, b in zip(subs, before) if b is not None)
-
-
-def _first_tensor(inputs: Any) -> torch.Tensor:
-    return inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-
-
-# -- thop -------------------------------------------------------------------------------------
-
-
 def thop() -> dict[type, Callable]:
-    """thop.profile's custom_ops: {FusedInception: rule, FusedBranchGraph: rule}.
-
-    Each rule adds to the fused block's total_ops what thop's own rules count for the
-    block's children (conv, BN, ...) when the original block runs. thop.profile reads a
-    module with a rule and skips its children, so nothing counts twice.
-    """
-
-    def read(m: nn.Module) -> float | None:
-        ops = m._buffers.get("total_ops")
-        return None if ops is None else float(ops.sum())
-
-    def rule(module: nn.Module, inputs: Any, output: Any) -> None:
-        count = _replay_unfused(module, _first_tensor(inputs), read)
-        module.total_ops += torch.tensor([count], dtype=torch.float64, device=module.total_ops.device)
-
-    return {FusedInception: rule, FusedBranchGraph: rule}
-
-
-# -- ptflops ----------------------------------------------------------------------------------
+    """thop.profile's custom_ops for fused blocks: none are needed (see the module
+    docstring: thop's hooks on a fused block's children make it run the original)."""
+    return {}
 
 
 def ptflops() -> dict[type, Callable]:
-    """ptflops.get_model_complexity_info's custom_modules_hooks (backend="pytorch"):
-    {FusedInception: hook, FusedBranchGraph: hook}.
-
-    Each hook adds to the fused block's __flops__ what ptflops' module hooks count for the
-    block's children when the original block runs; the original's torch.nn.functional
-    calls (torchvision's F.relu, F.avg_pool2d, F.max_pool2d) go through ptflops' patched
-    functions during that run and count as they do for the original. ptflops sums a
-    module with a hook and skips its children, so nothing counts twice.
-    """
-
-    def read(m: nn.Module) -> float | None:
-        return getattr(m, "__flops__", None)
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        module.__flops__ += int(_replay_unfused(module, _first_tensor(inputs), read))
-
-    return {FusedInception: hook, FusedBranchGraph: hook}
+    """ptflops' custom_modules_hooks for fused blocks: none are needed (see the module
+    docstring); its "aten" backend, which counts aten ops, sees a fused op as 0."""
+    return {}
 
 
 # -- fvcore -----------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def test_thop_counts_a_swapped_model_as_the_original(name):
     original, swapped, size = original_and_swapped(name)
     x = torch.randn(1, 3, size, size)
     want = thop.profile(original, inputs=(x,), verbose=False)[0]
-    assert thop.profile(swapped, inputs=(x,), verbose=False)[0] < 0.4 * want  # without the rules
+    # thop's hooks on the fused blocks' children make them run the original: no rule needed.
+    assert thop.profile(swapped, inputs=(x,), verbose=False)[0] == want
     assert thop.profile(swapped, inputs=(x,), custom_ops=ifast.counting_rules.thop(), verbose=False)[0] == want
 
 
@@ -54,7 +55,7 @@ def test_ptflops_counts_a_swapped_model_as_the_original(name):
                                                      print_per_layer_stat=False, **kwargs)[0]
 
     want = count(original)
-    assert count(swapped) < 0.4 * want
+    assert count(swapped) == want  # hooks on the children make the fused blocks run the original
     assert count(swapped, custom_modules_hooks=ifast.counting_rules.ptflops()) == want
 
 
@@ -157,17 +158,17 @@ def test_fvcore_counts_a_swapped_model_as_the_original(name):
     pytest.importorskip("fvcore")
     original, swapped, size = original_and_swapped(name)
     x = torch.randn(1, 3, size, size)
-    try:  # fvcore's own trace: gradients on, so the fused blocks take their autograd path
-        torch.jit._get_trace_graph(swapped, (x,))
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"tracing a swapped {name} as fvcore does fails ({type(exc).__name__}: {str(exc)[:60]})")
-    assert fvcore_total(swapped, x, **ifast.counting_rules.fvcore(swapped)) == fvcore_total(original, x)
+    want = fvcore_total(original, x)
+    # fvcore scopes its trace with hooks on every module, so the fused blocks run the
+    # original there: equal with or without the handles.
+    assert fvcore_total(swapped, x) == want
+    assert fvcore_total(swapped, x, **ifast.counting_rules.fvcore(swapped)) == want
 
 
 @pytest.mark.parametrize("bn", [False, True])
 def test_thop_and_ptflops_count_a_users_traced_block(bn):
-    # A block recognised by its traced structure (functional ReLUs): the rules replay its
-    # torch.fx graph, so ptflops' patched F.relu counts there as in the original.
+    # A block recognised by its traced structure (functional ReLUs): it runs its original
+    # forward under the peers' hooks, so ptflops' patched F.relu counts as in the original.
     thop = pytest.importorskip("thop")
     ptflops = pytest.importorskip("ptflops")
     from test_swap import UserBlock
