@@ -17,11 +17,15 @@ construction:
   the swap: the swap refuses blocks that already have them), and any global
   module hook: the original, so that every hook fires as it would;
 * autocast where the fused kernel lacks the autocast dtype (the C++ kernel is
-  fp32/fp64): the original, which autocast runs as usual.
+  fp32/fp64): the original, which autocast runs as usual;
+* forward-mode AD (inside torch.autograd.forward_ad.dual_level): the original;
+* any BN in train mode, or without running statistics (a BN cannot be folded then):
+  the original, which also updates the running statistics.
 
-A child replaced after the swap (``fused.branch1 = other``) makes the fused
-weights stale and the original block disagree with the fused module's own
-children, so the forward raises instead of computing from either.
+A child replaced, a convolution's geometry changed, or the module shallow-copied
+(nn.DataParallel's replicate) after the swap makes the fused weights describe another
+block, so the forward raises instead of computing from either.
+
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module_globals  # where register_module_forward_hook keeps hooks
 
 __all__ = ["DropInBlock", "autocast_dtype", "hooks_or_parametrizations", "match_memory_format"]
@@ -46,6 +51,10 @@ def hooks_or_parametrizations(module: nn.Module) -> str | None:
     if "parametrizations" in module._modules:  # where torch.nn.utils.parametrize keeps them
         return "a parametrization (torch.nn.utils.parametrize, weight/spectral norm)"
     return None
+
+
+def _conv_geometry(conv: nn.Conv2d) -> tuple:
+    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
 
 
 def _global_module_hooks() -> bool:
@@ -66,9 +75,13 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 def match_memory_format(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y (channels_last from the kernels) in the memory format eager convolution gives for x:
     channels_last for a channels_last input, contiguous NCHW otherwise (so `y.view(n, -1)`
-    works wherever it worked on the original)."""
+    works wherever it worked on the original).
+
+    Under autograd the fused backward saves y for its ReLU masks, so the caller gets its own
+    copy: an in-place op on the output (ReLU(inplace=True), a residual add_) works as it
+    does on the original's concat, instead of failing the backward's version check."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return y
+        return y.clone() if y.requires_grad else y
     return y.contiguous()
 
 
@@ -84,21 +97,46 @@ class DropInBlock(nn.Module):
         object.__setattr__(self, "_traced", traced)
         # (parent, name, child) of every module below this one: a replaced child is seen per
         # call with one identity test each.
-        self._tree = tuple((parent, parent._modules, name, child) for parent in self.modules()
+        self._tree = tuple((parent, name, child) for parent in self.modules()
                            for name, child in parent._modules.items())
         self._inner = tuple(child for *_, child in self._tree if child is not None)
+
+    def _adopt_units(self, units) -> None:
+        """The conv(+BN) units the fused kernel folds, and a snapshot of what the fold and the
+        plan assume of them (conv geometry), to be compared on every call."""
+        self._units = units  # a plain tuple: not registered twice as submodules
+        self._bns = tuple(u.bn for u in units if u.bn is not None)
+        self._geometry = tuple(_conv_geometry(u.conv) for u in units)
 
     def _unfused_reason(self, x: object) -> str | None:
         """Why this call must run the original forward, or None when the fused kernel may."""
         if isinstance(x, torch.fx.Proxy):
             return "fx"
+        if self._tree and self._tree[0][0] is not self:
+            raise RuntimeError(
+                f"{type(self).__name__} was copied without its submodules being re-bound (nn.DataParallel's "
+                "replicate, copy.copy): it would compute with the source module's weights. Use "
+                "DistributedDataParallel, copy.deepcopy, or swap_inception inside each copy")
         if torch.onnx.is_in_onnx_export():
             return "onnx"
-        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-            return "torch.func"
+        if not torch.compiler.is_compiling():
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                return "torch.func"
+            if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): dual tensors may flow
+                return "forward AD"
+        # A BN folds only in eval mode with running statistics (a BN switched to train mode
+        # or to batch statistics inside an eval model: the original, with its stat updates).
+        for bn in self._bns:
+            if bn.training or bn.running_mean is None or bn.running_var is None:
+                return "batch statistics"
+        for unit, geometry in zip(self._units, self._geometry):
+            if _conv_geometry(unit.conv) != geometry:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a convolution's stride, padding, dilation or groups changed after the "
+                    "swap, so the fused plan no longer describes the block; swap the block again")
         # Runs on every call: plain attribute and identity tests, well under a microsecond a module.
-        for parent, children, name, child in self._tree:
-            if children.get(name) is not child or parent._modules is not children:
+        for parent, name, child in self._tree:
+            if parent._modules.get(name) is not child:
                 raise RuntimeError(
                     f"{type(self).__name__}: submodule {name!r} of {type(parent).__name__} was replaced after "
                     "the swap, so the fused weights no longer describe the block; swap the new block again "

@@ -137,6 +137,31 @@ def _relu_node(node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and type(modules[node.target]) is nn.ReLU
 
 
+def trace_block(block: nn.Module):
+    """fx.symbolic_trace(block), traced in eval and in train mode (every module's flag is
+    restored after): a forward whose Python control flow reads self.training would
+    otherwise have one branch frozen into the graph that recognition reads. Raises
+    NotAnInceptionBlock when the block does not trace, or traces differently by mode."""
+    import torch.fx as fx
+
+    name = type(block).__name__
+    flags = [(m, m.training) for m in block.modules()]
+    graphs = []
+    try:
+        for mode in (False, True):
+            block.train(mode)
+            graphs.append(fx.symbolic_trace(block))
+    except Exception as exc:  # data-dependent control flow, unsupported ops...
+        raise NotAnInceptionBlock(f"{name}'s forward does not trace with torch.fx ({exc})") from None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if graph_signature(graphs[0]) != graph_signature(graphs[1]):
+        raise NotAnInceptionBlock(f"{name}'s forward computes something else in train mode than in eval mode",
+                                  near_miss=True)
+    return graphs[0]
+
+
 def graph_signature(graph_module) -> list[tuple]:
     """Every node of a traced graph as (op, target, args, kwargs), with nodes named by position
     and leaf modules by (qualified name, exact type, their hyperparameters): two blocks with
@@ -174,10 +199,7 @@ def parse_traced_block(block: nn.Module):
     import torch.nn.functional as F
 
     name = type(block).__name__
-    try:
-        graph_module = fx.symbolic_trace(block)
-    except Exception as exc:  # data-dependent control flow, unsupported ops...
-        raise NotAnInceptionBlock(f"{name}'s forward does not trace with torch.fx ({exc})") from None
+    graph_module = trace_block(block)
     nodes = list(graph_module.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     output = next(n for n in nodes if n.op == "output")
@@ -274,7 +296,9 @@ def fold_conv_bn(unit: ConvUnit) -> tuple[torch.Tensor, torch.Tensor]:
     shift = (bias - bn.running_mean) * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    return conv.weight * scale.reshape(-1, 1, 1, 1), shift
+    # A BN kept in fp32 inside a half-precision model folds in fp32, then to the conv's dtype.
+    dtype = conv.weight.dtype
+    return (conv.weight * scale.reshape(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
 def fold_units(units: tuple[ConvUnit, ...]) -> InceptionWeights:

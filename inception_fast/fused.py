@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._cache import TensorVersionCache, tracing
-from ._checks import check_choice, check_input
+from ._checks import check_choice, check_input, check_same_dtype_device
 from ._dropin import DropInBlock, autocast_dtype, match_memory_format
 from .blocks import fold_units, parse_traced_block
 from .ops.inception import BACKENDS, InceptionWeights, fused_forward, resolve_backend
@@ -68,7 +68,7 @@ class FusedInception(DropInBlock):
         self.batch_norm = units[0].bn is not None
         self.source = type(block).__name__
         self._adopt_original(block, traced)
-        self._units = units  # a plain tuple: not registered twice as submodules
+        self._adopt_units(units)
         self._fold_cache: TensorVersionCache[InceptionWeights] = TensorVersionCache()
         self._pack_cache: TensorVersionCache = TensorVersionCache()
         self._cast_caches: dict[torch.dtype, TensorVersionCache[InceptionWeights]] = {}
@@ -84,7 +84,8 @@ class FusedInception(DropInBlock):
         if tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             return fold_units(self._units)  # in the autograd graph, or in the traced graph
         with torch.no_grad():
-            return self._fold_cache.get(sources, lambda: fold_units(self._units))
+            eps = tuple(bn.eps for bn in self._bns)  # a float attribute: no version counter
+            return self._fold_cache.get(sources, lambda: fold_units(self._units), extra=eps)
 
     def _cast(self, weights: InceptionWeights, dtype: torch.dtype) -> InceptionWeights:
         """weights in autocast's dtype: differentiable under autograd, cached (per dtype) otherwise."""
@@ -103,16 +104,17 @@ class FusedInception(DropInBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
-        if (self.batch_norm and self.training) or self._unfused_reason(x) is not None:
+        if self._unfused_reason(x) is not None:
             return self._run_original(x)
         dtype = autocast_dtype(x)
         if dtype is None:
+            check_same_dtype_device(x, {"the block's parameters": self._units[0].conv.weight})
             y = fused_forward(x, self._weights(), self.backend, self._pack_cache, spec=self.spec)
             return match_memory_format(x, y)
         # Autocast: the Triton kernels take fp16/bf16 (fp32 accumulation); elsewhere the
         # original runs, exactly as autocast runs it.
         x_cast = x.to(dtype)
-        if resolve_backend(self.backend, x_cast) != "triton":
+        if self.backend not in ("auto", "triton") or resolve_backend(self.backend, x_cast) != "triton":
             return self._run_original(x)
         weights = self._cast(self._weights(), dtype)
         with torch.autocast(x.device.type, enabled=False):

@@ -78,7 +78,7 @@ def torchvision_graph_layout(module: nn.Module):
         import torch.fx as fx
         from torchvision.models import inception as tv
 
-        from .blocks import graph_signature
+        from .blocks import graph_signature, trace_block
     except ImportError:
         return None
     children = dict(module.named_children())
@@ -90,9 +90,9 @@ def torchvision_graph_layout(module: nn.Module):
             args = _CONSTRUCTOR_ARGS[name](module)
             with torch.device("meta"):
                 pristine = getattr(tv, name)(*args)
-            traced = fx.symbolic_trace(module)
-        except Exception:  # other children, untraceable forward: not this layout
+        except Exception:  # children without torchvision's attributes: not this layout
             return None
+        traced = trace_block(module)
         got, want = graph_signature(traced), graph_signature(fx.symbolic_trace(pristine))
         if got == want:
             return layout, traced
@@ -166,7 +166,7 @@ class FusedBranchGraph(DropInBlock):
         self.backend = backend
         self.source = type(block).__name__
         self._adopt_original(block, traced)
-        self._units = units
+        self._adopt_units(units)
         self._plan = plan(self.spec)
         self._flat_plan = self._plan.flat()
         self._backward_plan = self._plan.backward_flat()
@@ -199,17 +199,19 @@ class FusedBranchGraph(DropInBlock):
         if not _cacheable(cache, sources[0]):
             return build()  # traced (compile, export): folding and packing go into the graph
         with torch.no_grad():
-            return cache.get(sources, build)
+            return cache.get(sources, build, extra=tuple(u.bn.eps for u in self._units))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
-        if self.training or self._unfused_reason(x) is not None:
+        if self._unfused_reason(x) is not None:
             return self._run_original(x)
         if self.spec.stride == 2 and min(x.shape[2], x.shape[3]) < 3:
             raise ValueError(f"x must be at least 3x3 for {self.source}'s 3x3 stride-2 grid reduction, "
                              f"got {x.shape[2]}x{x.shape[3]}")
         dtype = autocast_dtype(x)
         x_run = x if dtype is None else x.to(dtype)
+        if dtype is not None and self.backend not in ("auto", "triton"):
+            return self._run_original(x)  # autocast on the C++ kernel (fp32/fp64 only)
         backend = resolve_backend(self.backend, x_run)
         # The C++ kernel is fp32/fp64: under autocast only the Triton kernels run fused.
         if backend not in ("cpu", "triton") or (dtype is not None and backend != "triton"):

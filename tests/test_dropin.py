@@ -459,3 +459,164 @@ def test_onnx_export_runs_in_onnxruntime(pair, dynamo, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert rel_err(torch.from_numpy(got), original(x)) <= 1e-5
+
+
+# -- what a review broke, kept broken-proof ------------------------------------------
+
+
+def test_bn_in_train_mode_inside_an_eval_block_runs_the_original(pair):
+    """BN adaptation: the model in eval, its BNs in train mode (batch statistics, running
+    stats updated). A folded kernel cannot do that: the original must run."""
+    original, swapped = pair
+    for model in (original, swapped):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.train()
+    x = _x()
+    with torch.no_grad():
+        _same(swapped(x), original(x))
+    for (n, b0), (_, b1) in zip(original.named_buffers(), swapped.named_buffers()):
+        assert torch.equal(b0, b1), n
+
+
+def test_train_mode_with_frozen_bns_runs_fused(monkeypatch):
+    """The converse, as in detection fine-tuning: a train-mode block whose BNs are all in eval
+    mode folds exactly, so it runs the fused kernel."""
+    block = small_v3_block("A", 8)
+    fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(block)))[0]
+    fused.train()
+    for m in fused.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    monkeypatch.setattr(DropInBlock, "_run_original", lambda self, x: pytest.fail("the original ran"))
+    x = torch.randn(2, 8, 5, 5)
+    _same(fused(x), block(x), tol=1e-5)
+
+
+def test_bns_switched_to_batch_statistics_after_the_swap(pair):
+    original, swapped = pair
+    for model in (original, swapped):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    x = _x()
+    with torch.no_grad():
+        _same(swapped(x), original(x))
+
+
+def test_bn_eps_changed_after_the_first_call(pair):
+    original, swapped = pair
+    x = _x()
+    with torch.no_grad():
+        swapped(x)
+        for model in (original, swapped):
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eps = 0.25
+        _same(swapped(x), original(x))
+
+
+def test_conv_geometry_changed_after_the_swap_raises(pair):
+    _, swapped = pair
+    conv = next(m for m in swapped.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+    conv.padding = (0, 0)
+    with pytest.raises(RuntimeError, match="stride, padding, dilation or groups changed after the swap"):
+        swapped(_x())
+
+
+def test_a_train_mode_branch_in_python_is_not_frozen_by_tracing(caplog):
+    class Halves(ifast.ReferenceInception):
+        def forward(self, x):
+            out = super().forward(x)
+            if self.training:
+                out = out * 0.5
+            return out
+
+    model = nn.Sequential(randomize_(Halves(SPEC)).eval())
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], DropInBlock) and "train mode than in eval mode" in caplog.text
+
+
+def test_forward_mode_ad_outside_torch_func(pair):
+    import torch.autograd.forward_ad as fwAD
+
+    original, swapped = pair
+    x, tangent = _x(), torch.randn(3, 8, 5, 5, dtype=torch.float64)
+    results = []
+    for model in (original, swapped):
+        model.requires_grad_(False)
+        with fwAD.dual_level():
+            results.append(fwAD.unpack_dual(model(fwAD.make_dual(x, tangent))).tangent)
+    _same(results[1], results[0])
+
+
+def test_a_shallow_copy_raises_instead_of_reading_the_source_weights(pair):
+    _, swapped = pair
+    replica = swapped[0]._replicate_for_data_parallel()  # what nn.DataParallel does per device
+    with pytest.raises(RuntimeError, match="copied without its submodules being re-bound"):
+        replica(_x())
+
+
+def test_inference_mode(pair):
+    original, swapped = pair
+    x = _x()
+    with torch.inference_mode():
+        _same(swapped(x), original(x))
+    y = _x().requires_grad_()  # and autograd still works after
+    swapped(y).sum().backward()
+    assert y.grad is not None
+
+
+def test_inplace_op_on_the_output_under_autograd(pair):
+    original, swapped = pair
+    x = _x().contiguous(memory_format=torch.channels_last)
+    outs = []
+    for model in (original, swapped):
+        x_ = x.clone().requires_grad_()
+        y = model(x_)
+        y.mul_(2).relu_()
+        y.sum().backward()
+        outs.append(x_.grad)
+    _same(outs[1], outs[0])
+
+
+def test_fake_tensor_mode_does_not_poison_the_cache(pair):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    original, swapped = pair
+    x = _x()
+    with torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            swapped(x)
+        y = swapped(x)
+    assert not isinstance(y, FakeTensor)
+    with torch.no_grad():
+        _same(y, original(x))
+
+
+def test_bn_kept_in_fp32_inside_a_bf16_model():
+    model = nn.Sequential(googlenet_bn()).to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.float()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        swapped = ifast.swap_inception(copy.deepcopy(model))
+        assert rel_err(swapped(x), want) <= 2e-2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cpu_autocast_with_an_explicit_backend(backend):
+    original = nn.Sequential(googlenet_bn())
+    swapped = ifast.swap_inception(copy.deepcopy(original), backend=backend)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rel_err(swapped(x), original(x)) <= 2e-2
+
+
+def test_wrong_input_dtype_names_the_argument(pair):
+    _, swapped = pair
+    with pytest.raises(TypeError, match="x's dtype"):
+        swapped(_x(dtype=torch.float32))
