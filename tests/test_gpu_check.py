@@ -80,6 +80,23 @@ def test_do_bench_is_asked_for_the_median_in_each_signature_it_had(params, expec
         assert seen[key] == value
 
 
+@once
+def test_exact_fp32_k_slice_is_one_the_installed_triton_compiles(monkeypatch):
+    """triton 3.6 (the GPU machine's) asserts K >= 16 for an fp32 tl.dot, 3.8 allows 8: the
+    exact-fp32 configs follow the installed backend's bound, and 16 where it cannot be read."""
+    import triton.backends.nvidia.compiler as nvidia
+
+    from inception_fast.ops import inception_triton
+
+    assert inception_triton.EXACT_FP32_BLOCK_K == max(8, inception_triton.min_fp32_dot_k())
+    exact = inception_triton.kernel_configs("spatial", True)
+    assert all(c.block_k == inception_triton.EXACT_FP32_BLOCK_K for c in exact)
+    monkeypatch.setattr(nvidia, "min_dot_size", lambda target: lambda lhs, rhs: (1, 1, 16))  # triton 3.6's rule
+    assert inception_triton.min_fp32_dot_k() == 16
+    monkeypatch.delattr(nvidia, "min_dot_size")
+    assert inception_triton.min_fp32_dot_k() == 16
+
+
 @needs_interpreter
 def test_tiny_mode_checks_every_section_and_writes_json_and_markdown(tmp_path, capsys):
     assert main(["gpu-check", "--tiny", "--out", str(tmp_path)]) == 0
