@@ -39,7 +39,8 @@ tensors against `graph_backward_reference`; its module path is checked end to en
 finite gradients of every parameter.
 
 Output: DIR/gpu_check.json (everything) and DIR/gpu_check.md (summary tables), rewritten
-after every section so that a run stopped early leaves what it had. Exit status: 0 all
+after every section (and case, 15 s after the last write) so that a run stopped early
+leaves what it had. Exit status: 0 all
 checks passed, 1 any check failed, 2 no GPU (or bad arguments).
 
 Modes: full (timing stops before `time_limit`, 510 s by default, to end under 9 min),
@@ -367,6 +368,7 @@ class GpuCheck:
         self.errors: list[dict] = []  # exceptions with tracebacks (each also a failed Check, or a skip)
         self.section_s: dict[str, float] = {}
         self._spent: dict[str, list[float]] = {}
+        self._written = time.perf_counter()
         self.info = versions(device)
 
     # -- bookkeeping ------------------------------------------------------------------
@@ -454,6 +456,8 @@ class GpuCheck:
         failed = sum(not c.ok for c in self.checks) - before
         if failed:
             self.log(f"FAIL {section} {case} {prec}: {failed} check(s)")
+        if time.perf_counter() - self._written > 15:  # a run killed mid-section keeps what it had
+            self.write()
 
     @property
     def ok(self) -> bool:
@@ -907,6 +911,7 @@ class GpuCheck:
                 "checks": [asdict(c) for c in self.checks]}
 
     def write(self) -> None:
+        self._written = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "gpu_check.json").write_text(json.dumps(_finite(self.to_json_dict()), indent=1) + "\n")
         (self.out / "gpu_check.md").write_text(self.to_markdown() + "\n")
