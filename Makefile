@@ -17,7 +17,7 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_interpreter.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton_interpreter.py tests/test_gpu_check.py
 
 bench: $(STAMP)
 	$(PY) -m inception_fast bench --networks 1,16 --write-readme

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 import platform
@@ -26,8 +27,8 @@ from .fused import FusedInception
 from .reference import ReferenceInception
 from .spec import GOOGLENET_INCEPTION
 
-__all__ = ["CaseResult", "BenchReport", "time_alternating", "gemm_ceiling", "bench_blocks", "bench_v3_blocks",
-           "bench_networks", "machine_info", "device_peak_tflops"]
+__all__ = ["CaseResult", "BenchReport", "time_alternating", "do_bench_median", "gemm_ceiling", "bench_blocks",
+           "bench_v3_blocks", "bench_networks", "machine_info", "device_peak_tflops"]
 
 PEERS = ("eager_nchw", "eager_channels_last", "compile_freezing", "compile")
 
@@ -37,19 +38,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def do_bench_median(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn by triton.testing.do_bench (CUDA events, L2 flushed between
+    runs), whatever the installed triton's signature: `return_mode` came after `quantiles`,
+    and a triton that has neither returns its only statistic."""
+    from triton.testing import do_bench
+
+    params = inspect.signature(do_bench).parameters
+    if "return_mode" in params:
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    if "quantiles" in params:
+        return float(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5]))
+    return float(do_bench(fn, warmup=warmup, rep=rep))
+
+
 def time_alternating(
     providers: dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2, device: torch.device | str = "cpu"
 ) -> dict[str, float]:
     """Median seconds per call of each provider, the providers interleaved in rotating order."""
     device = torch.device(device)
     if device.type == "cuda":
-        from triton.testing import do_bench
-
         # do_bench flushes L2 and times with CUDA events; interleave by alternating calls.
         samples = {name: [] for name in providers}
         for _ in range(max(1, reps // 5)):
             for name, fn in providers.items():
-                samples[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3)
+                samples[name].append(do_bench_median(fn) / 1e3)
         return {name: statistics.median(s) for name, s in samples.items()}
     names = list(providers)
     for _ in range(warmup):
@@ -74,12 +87,14 @@ def _better_ceiling(first: dict[str, float], dtype: torch.dtype, device: str) ->
     return {k: max(first[k], again[k]) for k in first}
 
 
-def gemm_ceiling(dtype: torch.dtype = torch.float32, reps: int = 10, device: str = "cpu") -> dict[str, float]:
-    """GMAC/s of torch.mm (MKL/cuBLAS) and of a large channels_last 1x1 conv (oneDNN/cuDNN), same shape."""
-    n = 2048
+def gemm_ceiling(dtype: torch.dtype = torch.float32, reps: int = 10, device: str = "cpu",
+                 size: int = 2048) -> dict[str, float]:
+    """GMAC/s of torch.mm (MKL/cuBLAS) and of a large channels_last 1x1 conv (oneDNN/cuDNN), same
+    shape: size^3 multiply-adds (size a multiple of 64; 2048 on CPUs, larger to fill a GPU)."""
+    n = size
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    # The same GEMM as a 1x1 convolution: 2048 pixels, 2048 -> 2048 channels.
-    x = torch.randn(1, n, 32, 64, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    # The same GEMM as a 1x1 convolution: n pixels (a 64-wide grid), n -> n channels.
+    x = torch.randn(1, n, n // 64, 64, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     w = torch.randn(n, n, 1, 1, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         t = time_alternating(
@@ -428,7 +443,7 @@ _NETWORKS = {  # name -> (constructor, input size)
 
 def bench_networks(
     batches: list[int], with_compile: bool = True, reps: int = 5, progress: Callable[[str], None] | None = None,
-    model: str = "torchvision googlenet",
+    model: str = "torchvision googlenet", device: str = "cpu", dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
     """A whole torchvision network (random weights, eval): swapped against eager and compile."""
     from .swap import swap_inception
@@ -438,16 +453,16 @@ def bench_networks(
     for batch in batches:
         if progress:
             progress(f"{model}, batch {batch}")
-        original = make().to(memory_format=torch.channels_last)
+        original = make().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         swapped = swap_inception(copy.deepcopy(original))
-        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         providers = {"fused": lambda: swapped(x), "eager_channels_last": lambda: original(x)}
         if with_compile:
             compiled = _compiled(original, x)
             providers["compile_freezing"] = lambda: compiled(x)
         with torch.no_grad():
-            seconds = time_alternating(providers, reps=reps)
-        rows.append({"model": model, "batch": batch,
+            seconds = time_alternating(providers, reps=reps, device=device)
+        rows.append({"model": model, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                      "ms": {k: v * 1e3 for k, v in seconds.items()},
                      "speedup": {k: v / seconds["fused"] for k, v in seconds.items() if k != "fused"}})
     return rows

@@ -1,7 +1,7 @@
-"""Command line: python -m inception_fast demo|profile|verify|bench|traffic.
+"""Command line: python -m inception_fast demo|profile|verify|bench|traffic|gpu-check.
 
-Bad arguments print one line and exit 2; a failed check (budget exceeded,
-verification past tolerance) exits 1.
+Bad arguments (and gpu-check without a GPU) print one line and exit 2; a failed
+check (budget exceeded, verification past tolerance, a gpu-check failure) exits 1.
 """
 
 from __future__ import annotations
@@ -231,6 +231,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from .gpu_check import SECTIONS, GpuCheck, check_device
+
+    if args.quick and args.tiny:
+        raise UsageError("--quick and --tiny exclude each other")
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    try:
+        device = check_device(mode)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    check = GpuCheck(mode, Path(args.out), device, args.sections or SECTIONS, args.time_limit)
+    return 0 if check.run() else 1
+
+
 def _block_names():
     from .spec import GOOGLENET_INCEPTION
 
@@ -239,7 +253,8 @@ def _block_names():
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inception_fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,verify,bench,traffic}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{demo,profile,verify,bench,traffic,gpu-check}")
 
     p = sub.add_parser("demo", help="swap fused blocks into GoogLeNet, verify, profile, benchmark")
     p.set_defaults(run=cmd_demo)
@@ -291,6 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--write-readme", action="store_true", help="also replace README.md's benchmark table")
     p.set_defaults(run=cmd_bench)
+
+    from .gpu_check import SECTIONS
+
+    p = sub.add_parser("gpu-check", help="every Triton path against fp64, then timed, on one GPU: JSON + markdown")
+    p.add_argument("--out", default=str(RESULTS_DIR / "gpu_check"), help="folder for gpu_check.json and gpu_check.md")
+    p.add_argument("--quick", action="store_true", help="fewer cases and no torch.compile (under 4 min)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the CPU self-test of `make test`, under TRITON_INTERPRET=1: tiny specs, fp32, 1-rep timing")
+    p.add_argument("--sections", type=_csv(str, SECTIONS), default=None, help="run only these, in the usual order")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no timing work that would end later than this after the start "
+                        "(default 510, --quick 210; correctness always runs in full)")
+    p.set_defaults(run=cmd_gpu_check)
     return parser
 
 

@@ -72,9 +72,23 @@ SPATIAL_CONFIGS = [
 ]
 
 
+def min_fp32_dot_k() -> int:
+    """The smallest K of an fp32 tl.dot that the installed triton compiles for NVIDIA GPUs:
+    8 in triton 3.8, 16 in 3.6 (which asserts K >= 16 for every operand wider than 8 bits).
+    Asked of triton's own backend (a private function); 16, the bound of every version,
+    where it cannot be asked."""
+    try:
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        return int(min_dot_size(None)(tl.float32, tl.float32)[2])
+    except Exception:  # noqa: BLE001  (moved or changed in another triton: take the safe bound)
+        return 16
+
+
 # Exact fp32 dots run on FMA units with both operands in registers: a thinner K slice,
-# and no 128-row tile (16 bytes of spill on sm_80), keep them from spilling.
-EXACT_FP32_BLOCK_K = 8
+# and no 128-row tile (16 bytes of spill on sm_80), keep them from spilling. The slice is
+# as thin as the installed triton allows (min_fp32_dot_k), the same under the interpreter.
+EXACT_FP32_BLOCK_K = max(8, min_fp32_dot_k())
 
 
 def kernel_configs(kind: str, exact_fp32: bool) -> list[KernelConfig]:
