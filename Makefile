@@ -13,7 +13,7 @@ demo: $(STAMP)
 # cheapest shapes. `make test-all` runs the whole matrix (about twice as long).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests/test_triton_interpreter.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests/test_triton_interpreter.py tests/test_gpu_check.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
