@@ -164,8 +164,9 @@ def trace_block(block: nn.Module):
 
 def graph_signature(graph_module) -> list[tuple]:
     """Every node of a traced graph as (op, target, args, kwargs), with nodes named by position
-    and leaf modules by (qualified name, exact type, their hyperparameters): two blocks with
-    equal signatures compute the same function of their parameters."""
+    and leaf modules by (qualified name, exact type, their hyperparameters but for convs and
+    BNs): two blocks with equal signatures run the same ops on the same operands, and differ
+    at most in their convolutions' and BNs' own attributes, which the parsers check."""
     import torch.fx as fx
 
     index = {node: i for i, node in enumerate(graph_module.graph.nodes)}
@@ -179,7 +180,9 @@ def graph_signature(graph_module) -> list[tuple]:
         target = node.target
         if node.op == "call_module":
             m = modules[target]
-            target = (target, type(m), m.extra_repr())
+            # Conv2d and BatchNorm2d by type alone: their shapes and geometry are the
+            # parsers' to read and check (any channel counts, any odd 'same' kernel).
+            target = (target, type(m), None if type(m) in (nn.Conv2d, nn.BatchNorm2d) else m.extra_repr())
         elif node.op == "placeholder":
             target = "input"
         sig.append((node.op, target, norm(node.args), norm(dict(node.kwargs))))
