@@ -57,6 +57,14 @@ def _same(a, b, tol=1e-10):
     assert rel_err(a, b) <= tol
 
 
+def _each_bn(models, change):
+    """Apply change(bn) to every BatchNorm2d of every model: the same edit to both sides."""
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                change(m)
+
+
 # -- values and memory formats ------------------------------------------------------
 
 
@@ -468,10 +476,7 @@ def test_bn_in_train_mode_inside_an_eval_block_runs_the_original(pair):
     """BN adaptation: the model in eval, its BNs in train mode (batch statistics, running
     stats updated). A folded kernel cannot do that: the original must run."""
     original, swapped = pair
-    for model in (original, swapped):
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.train()
+    _each_bn((original, swapped), lambda bn: bn.train())
     x = _x()
     with torch.no_grad():
         _same(swapped(x), original(x))
@@ -485,20 +490,18 @@ def test_train_mode_with_frozen_bns_runs_fused(monkeypatch):
     block = small_v3_block("A", 8)
     fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(block)))[0]
     fused.train()
-    for m in fused.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
+    _each_bn((fused,), lambda bn: bn.eval())
     monkeypatch.setattr(DropInBlock, "_run_original", lambda self, x: pytest.fail("the original ran"))
     x = torch.randn(2, 8, 5, 5)
     _same(fused(x), block(x), tol=1e-5)
 
 
 def test_bns_switched_to_batch_statistics_after_the_swap(pair):
+    def batch_statistics(bn):
+        bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
+
     original, swapped = pair
-    for model in (original, swapped):
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    _each_bn((original, swapped), batch_statistics)
     x = _x()
     with torch.no_grad():
         _same(swapped(x), original(x))
@@ -509,10 +512,7 @@ def test_bn_eps_changed_after_the_first_call(pair):
     x = _x()
     with torch.no_grad():
         swapped(x)
-        for model in (original, swapped):
-            for m in model.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eps = 0.25
+        _each_bn((original, swapped), lambda bn: setattr(bn, "eps", 0.25))
         _same(swapped(x), original(x))
 
 
@@ -597,9 +597,7 @@ def test_fake_tensor_mode_does_not_poison_the_cache(pair):
 
 def test_bn_kept_in_fp32_inside_a_bf16_model():
     model = nn.Sequential(googlenet_bn()).to(torch.bfloat16)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.float()
+    _each_bn((model,), lambda bn: bn.float())
     x = torch.randn(2, 8, 5, 5, dtype=torch.bfloat16)
     with torch.no_grad():
         want = model(x)
