@@ -126,6 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.v3:
         return _bench_v3(args)
+    if args.whole_networks:
+        return _bench_whole_networks(args)
     blocks = args.blocks or (["3a", "4a", "5b"] if args.quick else list(_block_names()))
     batches = args.batch or ([1, 8] if args.quick else [1, 32])
     report = bench_blocks(
@@ -143,6 +145,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
         print(markdown.split("\n\nWhole network", 1)[1])
     _write_results(args, report, data, markdown, "backward" if args.backward else "bench")
+    return 0
+
+
+def _bench_whole_networks(args: argparse.Namespace) -> int:
+    """Whole torchvision googlenet (batches 1, 16) and inception_v3 (1, 8), channels_last:
+    eager, fused eager, compile(model) and compile(swap(model)), with compile times."""
+    from .bench import bench_networks, networks_markdown, print_progress
+
+    if args.device != "cpu" or args.dtype != "float32":
+        raise UsageError("--whole-networks runs on the CPU in float32: drop --device and --dtype")
+    rows = []
+    for model, batches in (("torchvision googlenet", [1, 16]), ("torchvision inception_v3", [1, 8])):
+        rows += bench_networks(batches, reps=args.reps, progress=print_progress, model=model)
+    markdown = networks_markdown(rows)
+    print(markdown)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "networks.json").write_text(json.dumps(rows, indent=2))
+    (out / "networks.md").write_text(markdown + "\n")
+    print(f"wrote {out}/networks.json, networks.md", file=sys.stderr)
+    if args.write_readme:
+        _write_readme_section(Path("README.md"), "networks", markdown)
     return 0
 
 
@@ -300,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true", help="time forward+backward (train mode)")
     p.add_argument("--networks", type=_csv(int), default=None, metavar="BATCHES",
                    help="also time a whole swapped torchvision GoogLeNet at these batch sizes")
+    p.add_argument("--whole-networks", action="store_true",
+                   help="only whole networks: googlenet (batch 1, 16) and inception_v3 (1, 8), eager, fused, "
+                        "compile(model) and compile(swap(model))")
     p.add_argument("--v3", action="store_true",
                    help="Inception-v3's fused blocks (InceptionA/C/E) instead of GoogLeNet's; with --networks, "
                         "the whole swapped inception_v3")
