@@ -55,3 +55,18 @@ def test_cuda_report_adds_tflops_and_percent_of_device_peak(monkeypatch):
     text = report.to_markdown()
     assert "TFLOP/s | % of device peak" in text
     assert "| 3a | 256 | 4.00 | 250000.0 | 62% | 500.0 | 51% | 2.00× |" in text
+
+
+def test_networks_table_has_every_contender_and_the_compile_times():
+    from inception_fast.bench import networks_markdown
+
+    row = {"model": "m", "batch": 1, "ms": {"fused": 10.0, "eager_channels_last": 20.0, "compile_freezing": 12.0,
+                                            "compile_swapped": 8.0}, "compile_s": {"compile_freezing": 30.0,
+                                                                                  "compile_swapped": 20.0}}
+    line = networks_markdown([row]).splitlines()[-1]
+    assert line == "| m | 1 | 20.0 | 10.0 | 12.0 | 8.0 | 2.00× | 1.20× | 1.50× | 30 / 20 |"
+
+
+def test_whole_networks_refuses_other_devices_and_dtypes(capsys):
+    assert main(["bench", "--whole-networks", "--dtype", "float64"]) == 2
+    assert "--whole-networks runs on the CPU in float32" in capsys.readouterr().err
