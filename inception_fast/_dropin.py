@@ -25,7 +25,6 @@ construction:
 A child replaced, a convolution's geometry changed, or the module shallow-copied
 (nn.DataParallel's replicate) after the swap makes the fused weights describe another
 block, so the forward raises instead of computing from either.
-
 """
 
 from __future__ import annotations
@@ -141,7 +140,7 @@ class DropInBlock(nn.Module):
                     f"{type(self).__name__}: submodule {name!r} of {type(parent).__name__} was replaced after "
                     "the swap, so the fused weights no longer describe the block; swap the new block again "
                     "(swap_inception / from_module)")
-        for m in self._inner:
+        for m in self._inner:  # hooks_or_parametrizations, inlined: this runs on every call
             if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                     or "parametrizations" in m._modules):
                 return "hooks"
