@@ -115,6 +115,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     swapped = swap_inception(copy.deepcopy(original), backend=args.backend)
     report = verify(original, swapped, torch.randn(parse_shape(args.input)), rtol=args.rtol)
     print(report.to_markdown())
+    if not report.blocks:
+        print(f"\nno block of {args.model} was fused, so nothing was checked (see the log for blocks left unfused)")
     print(f"\n{len(report.blocks)} fused block(s); {'PASS' if report.ok else 'FAIL'} at rtol {args.rtol:g}")
     return 0 if report.ok else 1
 

@@ -217,10 +217,11 @@ class FusedBranchGraph(DropInBlock):
         if backend not in ("cpu", "triton") or (dtype is not None and backend != "triton"):
             return self._run_original(x)
         params = dict(self.named_parameters())
-        if torch.jit.is_tracing() and torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in params.values())):
-            # The fused backward is a Python autograd.Function, which jit.trace cannot record;
-            # the trace then holds the original's differentiable ops (no_grad traces the kernel).
+        if torch.jit.is_tracing():
+            # The fused backward is a Python autograd.Function, which jit.trace cannot record,
+            # and the bare graph op has no autograd: the trace holds the original's
+            # differentiable ops, whatever the grad mode (trace_module's check re-traces
+            # in another mode, and the two graphs must agree).
             return self._run_original(x)
         if dtype is None:
             check_same_dtype_device(x, params)

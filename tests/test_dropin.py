@@ -404,8 +404,10 @@ def test_jit_trace_keeps_the_fused_op_and_round_trips(pair):
     original, swapped = pair
     x = _x()
     with torch.no_grad():
-        traced = torch.jit.trace(swapped, x)
-        assert "inception_fast::" in str(traced.inlined_graph)
+        traced = torch.jit.trace(swapped, x)  # check_trace on: the re-trace must agree
+        # GoogLeNet blocks record their differentiable custom op; v3 blocks the original's ops.
+        fused_op = not isinstance(swapped[0], ifast.fused_graph.FusedBranchGraph)
+        assert ("inception_fast::" in str(traced.inlined_graph)) == fused_op
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer)
         buffer.seek(0)
@@ -417,7 +419,7 @@ def test_jit_trace_keeps_the_fused_op_and_round_trips(pair):
 def test_jit_trace_with_autograd_is_differentiable(pair):
     original, swapped = pair
     x = _x()
-    traced = torch.jit.trace(swapped, x, check_trace=False)
+    traced = torch.jit.trace(swapped, x)
     grad_out = torch.randn_like(original(x))
     (dx0, g0), (dx1, _) = _grads(original, x, grad_out), _grads(traced, x, grad_out)
     _same(dx1, dx0)
@@ -425,8 +427,6 @@ def test_jit_trace_with_autograd_is_differentiable(pair):
 
 def test_jit_script_runs_the_original(pair, caplog):
     original, swapped = pair
-    if isinstance(original[0], ifast.ReferenceInception):
-        pytest.skip("ReferenceInception itself is not scriptable (its spec is a dataclass)")
     with caplog.at_level(logging.WARNING, logger="inception_fast"):
         scripted = torch.jit.script(swapped)
     assert "torch.jit.script runs the original" in caplog.text
