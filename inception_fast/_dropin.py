@@ -56,6 +56,16 @@ def _conv_geometry(conv: nn.Conv2d) -> tuple:
     return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
 
 
+try:  # the two flags torch.onnx.is_in_onnx_export() reads, without its per-call imports
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
+
+    def _onnx_exporting() -> bool:
+        return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
+except ImportError:  # another torch layout: the public function
+    _onnx_exporting = torch.onnx.is_in_onnx_export
+
+
 def _global_module_hooks() -> bool:
     m = _module_globals
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
@@ -98,7 +108,6 @@ class DropInBlock(nn.Module):
         # call with one identity test each.
         self._tree = tuple((parent, name, child) for parent in self.modules()
                            for name, child in parent._modules.items())
-        self._inner = tuple(child for *_, child in self._tree if child is not None)
 
     def _adopt_units(self, units) -> None:
         """The conv(+BN) units the fused kernel folds, and a snapshot of what the fold and the
@@ -116,7 +125,7 @@ class DropInBlock(nn.Module):
                 f"{type(self).__name__} was copied without its submodules being re-bound (nn.DataParallel's "
                 "replicate, copy.copy): it would compute with the source module's weights. Use "
                 "DistributedDataParallel, copy.deepcopy, or swap_inception inside each copy")
-        if torch.onnx.is_in_onnx_export():
+        if _onnx_exporting():
             return "onnx"
         if not torch.compiler.is_compiling():
             if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -128,22 +137,23 @@ class DropInBlock(nn.Module):
         for bn in self._bns:
             if bn.training or bn.running_mean is None or bn.running_var is None:
                 return "batch statistics"
-        for unit, geometry in zip(self._units, self._geometry):
-            if _conv_geometry(unit.conv) != geometry:
+        for unit, (kernel, stride, padding, dilation, groups, mode) in zip(self._units, self._geometry):
+            conv = unit.conv
+            if (conv.stride != stride or conv.padding != padding or conv.dilation != dilation
+                    or conv.groups != groups or conv.kernel_size != kernel or conv.padding_mode != mode):
                 raise RuntimeError(
                     f"{type(self).__name__}: a convolution's stride, padding, dilation or groups changed after the "
                     "swap, so the fused plan no longer describes the block; swap the block again")
-        # Runs on every call: plain attribute and identity tests, well under a microsecond a module.
+        # One pass over the tree on every call: identity and dict-truthiness tests only.
         for parent, name, child in self._tree:
             if parent._modules.get(name) is not child:
                 raise RuntimeError(
                     f"{type(self).__name__}: submodule {name!r} of {type(parent).__name__} was replaced after "
                     "the swap, so the fused weights no longer describe the block; swap the new block again "
                     "(swap_inception / from_module)")
-        for m in self._inner:  # hooks_or_parametrizations, inlined: this runs on every call
-            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                    or "parametrizations" in m._modules):
-                return "hooks"
+            if child is not None and (child._forward_hooks or child._forward_pre_hooks or child._backward_hooks
+                                      or child._backward_pre_hooks or "parametrizations" in child._modules):
+                return "hooks"  # hooks_or_parametrizations, inlined
         if _global_module_hooks():
             return "hooks"
         return None
