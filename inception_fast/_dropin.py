@@ -125,9 +125,11 @@ class DropInBlock(nn.Module):
                 f"{type(self).__name__} was copied without its submodules being re-bound (nn.DataParallel's "
                 "replicate, copy.copy): it would compute with the source module's weights. Use "
                 "DistributedDataParallel, copy.deepcopy, or swap_inception inside each copy")
-        if _onnx_exporting():
+        compiling = torch.compiler.is_compiling()
+        # dynamo traces the public function, not the flags behind it.
+        if torch.onnx.is_in_onnx_export() if compiling else _onnx_exporting():
             return "onnx"
-        if not torch.compiler.is_compiling():
+        if not compiling:
             if torch._C._functorch.peek_interpreter_stack() is not None:
                 return "torch.func"
             if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): dual tensors may flow
