@@ -29,6 +29,7 @@ block, so the forward raises instead of computing from either.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -36,7 +37,9 @@ from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module_globals  # where register_module_forward_hook keeps hooks
 
-__all__ = ["DropInBlock", "autocast_dtype", "hooks_or_parametrizations", "match_memory_format"]
+from .ops.inception import resolve_backend
+
+__all__ = ["DropInBlock", "autocast_dtype", "autocast_off", "hooks_or_parametrizations", "match_memory_format"]
 
 log = logging.getLogger("inception_fast")
 
@@ -79,6 +82,12 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(x: torch.Tensor, dtype: torch.dtype | None):
+    """Around a fused kernel that already runs in autocast's dtype: autocast off on x's
+    device (its packing ops must not be cast again); nothing to do without autocast."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, enabled=False)
 
 
 def match_memory_format(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -139,10 +148,8 @@ class DropInBlock(nn.Module):
         for bn in self._bns:
             if bn.training or bn.running_mean is None or bn.running_var is None:
                 return "batch statistics"
-        for unit, (kernel, stride, padding, dilation, groups, mode) in zip(self._units, self._geometry):
-            conv = unit.conv
-            if (conv.stride != stride or conv.padding != padding or conv.dilation != dilation
-                    or conv.groups != groups or conv.kernel_size != kernel or conv.padding_mode != mode):
+        for unit, geometry in zip(self._units, self._geometry):
+            if _conv_geometry(unit.conv) != geometry:
                 raise RuntimeError(
                     f"{type(self).__name__}: a convolution's stride, padding, dilation or groups changed after the "
                     "swap, so the fused plan no longer describes the block; swap the block again")
@@ -159,6 +166,18 @@ class DropInBlock(nn.Module):
         if _global_module_hooks():
             return "hooks"
         return None
+
+    def _kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None] | None:
+        """(x as the fused kernel takes it, autocast's dtype or None), or None when only the
+        original can run this call as autocast would: under autocast the fused kernels run in
+        the autocast dtype on Triton alone (the C++ kernel is fp32/fp64)."""
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            return x, None
+        if self.backend not in ("auto", "triton"):
+            return None
+        x_cast = x.to(dtype)
+        return (x_cast, dtype) if resolve_backend(self.backend, x_cast) == "triton" else None
 
     def _run_original(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy) and self._traced is not None:

@@ -22,8 +22,8 @@ from torch import nn
 from .ops.inception import InceptionWeights
 from .spec import InceptionSpec
 
-__all__ = ["ConvUnit", "NotAnInceptionBlock", "parse_inception_block", "parse_traced_block", "fold_conv_bn",
-           "graph_signature"]
+__all__ = ["ConvUnit", "NotAnInceptionBlock", "parse_traced_block", "fold_conv_bn", "graph_signature",
+           "trace_block"]
 
 
 class NotAnInceptionBlock(ValueError):
@@ -78,13 +78,6 @@ def _is_max_pool_3x3_s1_p1(pool: nn.Module) -> bool:
         and _pair(pool.padding) == (1, 1)
         and _pair(pool.dilation) == (1, 1)
     )
-
-
-def parse_inception_block(block: nn.Module) -> tuple[InceptionSpec, tuple[ConvUnit, ...]]:
-    """The spec and the six conv units [1x1, 3x3red, 3x3, 5x5red, 5x5, pool proj] of a block
-    (parse_traced_block without the graph)."""
-    spec, units, _ = parse_traced_block(block)
-    return spec, units
 
 
 def _units_spec(units: tuple[ConvUnit, ...]) -> tuple[InceptionSpec, tuple[ConvUnit, ...]]:

@@ -14,9 +14,9 @@ from torch import nn
 
 from ._cache import TensorVersionCache, tracing
 from ._checks import check_choice, check_input, check_same_dtype_device
-from ._dropin import DropInBlock, autocast_dtype, match_memory_format
+from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import fold_units, parse_traced_block
-from .ops.inception import BACKENDS, InceptionWeights, fused_forward, resolve_backend
+from .ops.inception import BACKENDS, InceptionWeights, fused_forward
 from .reference import ReferenceInception
 from .spec import InceptionSpec
 
@@ -104,21 +104,17 @@ class FusedInception(DropInBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.spec.in_channels)
-        if self._unfused_reason(x) is not None:
+        run = self._kernel_input(x) if self._unfused_reason(x) is None else None
+        if run is None:
             return self._run_original(x)
-        dtype = autocast_dtype(x)
+        x_run, dtype = run
         if dtype is None:
             check_same_dtype_device(x, {"the block's parameters": self._units[0].conv.weight})
-            y = fused_forward(x, self._weights(), self.backend, self._pack_cache, spec=self.spec)
-            return match_memory_format(x, y)
-        # Autocast: the Triton kernels take fp16/bf16 (fp32 accumulation); elsewhere the
-        # original runs, exactly as autocast runs it.
-        x_cast = x.to(dtype)
-        if self.backend not in ("auto", "triton") or resolve_backend(self.backend, x_cast) != "triton":
-            return self._run_original(x)
-        weights = self._cast(self._weights(), dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = fused_forward(x_cast, weights, self.backend, self._pack_cache, spec=self.spec)
+            weights = self._weights()
+        else:  # autocast on the Triton kernels: fp16/bf16 in, fp32 accumulation
+            weights = self._cast(self._weights(), dtype)
+        with autocast_off(x, dtype):
+            y = fused_forward(x_run, weights, self.backend, self._pack_cache, spec=self.spec)
         return match_memory_format(x, y)
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._cache import TensorVersionCache
 from ._checks import check_choice, check_input, check_same_dtype_device
-from ._dropin import DropInBlock, autocast_dtype, match_memory_format
+from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .ops.branch_graph import (
     Branch,
@@ -127,9 +127,10 @@ def _unit(block: nn.Module, attr: str) -> tuple[ConvUnit, Conv]:
     return ConvUnit(conv, bn), Conv(conv.in_channels, conv.out_channels, kh, kw, stride)
 
 
-def _parse(block: nn.Module):
-    """(spec, units, traced graph) of a block that computes torchvision's InceptionA-E."""
-    found = torchvision_graph_layout(block)
+def _parse(block: nn.Module, found=None):
+    """(spec, units, traced graph) of a block that computes torchvision's InceptionA-E;
+    `found` is torchvision_graph_layout(block), when the caller already has it."""
+    found = found if found is not None else torchvision_graph_layout(block)
     if found is None:
         raise NotAnInceptionBlock(f"{type(block).__name__} does not compute torchvision's InceptionA, B, C, D or E")
     (chains, pool, pool_attr), traced = found
@@ -159,10 +160,10 @@ class FusedBranchGraph(DropInBlock):
     statistics). Calls the fused kernel cannot honour run the original too (_dropin.py).
     The output has the memory format eager convolution would give for x."""
 
-    def __init__(self, block: nn.Module, backend: str = "auto"):
+    def __init__(self, block: nn.Module, backend: str = "auto", *, _layout=None):
         super().__init__()
         check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
-        self.spec, units, traced = _parse(block)
+        self.spec, units, traced = _parse(block, _layout)
         self.backend = backend
         self.source = type(block).__name__
         self._adopt_original(block, traced)
@@ -208,28 +209,22 @@ class FusedBranchGraph(DropInBlock):
         if self.spec.stride == 2 and min(x.shape[2], x.shape[3]) < 3:
             raise ValueError(f"x must be at least 3x3 for {self.source}'s 3x3 stride-2 grid reduction, "
                              f"got {x.shape[2]}x{x.shape[3]}")
-        dtype = autocast_dtype(x)
-        x_run = x if dtype is None else x.to(dtype)
-        if dtype is not None and self.backend not in ("auto", "triton"):
-            return self._run_original(x)  # autocast on the C++ kernel (fp32/fp64 only)
-        backend = resolve_backend(self.backend, x_run)
-        # The C++ kernel is fp32/fp64: under autocast only the Triton kernels run fused.
-        if backend not in ("cpu", "triton") or (dtype is not None and backend != "triton"):
-            return self._run_original(x)
-        params = dict(self.named_parameters())
         if torch.jit.is_tracing():
             # The fused backward is a Python autograd.Function, which jit.trace cannot record,
             # and the bare graph op has no autograd: the trace holds the original's
             # differentiable ops, whatever the grad mode (trace_module's check re-traces
             # in another mode, and the two graphs must agree).
             return self._run_original(x)
+        run = self._kernel_input(x)
+        backend = None if run is None else resolve_backend(self.backend, run[0])
+        if backend not in ("cpu", "triton"):
+            return self._run_original(x)
+        x_run, dtype = run
+        params = dict(self.named_parameters())
         if dtype is None:
             check_same_dtype_device(x, params)
-        if dtype is None:
-            y = self._fused(x, backend, None, params)
-        else:
-            with torch.autocast(x.device.type, enabled=False):
-                y = self._fused(x_run, backend, dtype, params)
+        with autocast_off(x, dtype):
+            y = self._fused(x_run, backend, dtype, params)
         return match_memory_format(x, y)
 
     def _fused(self, x, backend: str, dtype: torch.dtype | None, params: dict) -> torch.Tensor:

@@ -39,8 +39,9 @@ def _is_candidate(module: nn.Module) -> bool:
 def _fuse(module: nn.Module, backend: str) -> nn.Module:
     """The fused twin of a block: a block computing torchvision's Inception-v3 InceptionA
     to E on the branch-graph kernel, one computing GoogLeNet's Inception on FusedInception."""
-    if torchvision_graph_layout(module) is not None:
-        return FusedBranchGraph.from_module(module, backend)
+    found = torchvision_graph_layout(module)
+    if found is not None:  # handed on: the block is traced and compared once
+        return FusedBranchGraph(module, backend, _layout=found).train(module.training)
     return FusedInception.from_module(module, backend)
 
 
