@@ -8,10 +8,13 @@
 from . import counting_rules, models
 from .blocks import NotAnInceptionBlock
 from .fused import FusedInception
-from .ops.inception import BACKENDS, InceptionFunction, InceptionWeights, inception
+from .fused_graph import FusedBranchGraph
+from .ops.backend import BACKENDS
+from .ops.branch_graph import BranchGraphFunction
+from .ops.inception import InceptionFunction, InceptionWeights, inception
 from .profile import ModelDoesNotRun, ProfileReport, ProfileRow, profile
 from .reference import ReferenceInception
-from .spec import GOOGLENET_INCEPTION, BranchCounts, InceptionSpec, PaperBlock
+from .spec import GOOGLENET_INCEPTION, Branch, BranchCounts, BranchGraphSpec, Conv, InceptionSpec, PaperBlock
 from .swap import swap_inception
 from .verify import VerifyReport, verify
 
@@ -20,7 +23,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "GOOGLENET_INCEPTION",
+    "Branch",
     "BranchCounts",
+    "BranchGraphFunction",
+    "BranchGraphSpec",
+    "Conv",
+    "FusedBranchGraph",
     "FusedInception",
     "InceptionFunction",
     "InceptionSpec",

@@ -37,7 +37,7 @@ from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module_globals  # where register_module_forward_hook keeps hooks
 
-from .ops.inception import resolve_backend
+from .ops.backend import resolve_backend
 
 __all__ = ["DropInBlock", "autocast_dtype", "autocast_off", "hooks_or_parametrizations", "match_memory_format"]
 

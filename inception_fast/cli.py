@@ -220,13 +220,22 @@ def _write_readme_section(readme: Path, name: str, body: str) -> None:
 
 
 def cmd_traffic(args: argparse.Namespace) -> int:
+    import torchvision
+
+    from .bench import V3_BLOCKS
+    from .fused_graph import FusedBranchGraph
     from .spec import GOOGLENET_INCEPTION
     from .traffic import traffic
 
+    blocks = [(f"googlenet {name}", b.spec, b.size) for name, b in GOOGLENET_INCEPTION.items()]
+    with torch.device("meta"):  # shapes only: no weights are made
+        v3 = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    blocks += [(f"inception_v3 {name}", FusedBranchGraph(getattr(v3, name)).spec, size)
+               for name, size in V3_BLOCKS.items()]
     print("| block | batch | minimum (MB) | fused / minimum | eager / minimum |\n|---|---|---:|---:|---:|")
-    for name, block in GOOGLENET_INCEPTION.items():
+    for name, spec, size in blocks:
         for batch in args.batch:
-            t = traffic(block.spec, block.size, block.size, batch, bytes_per_element=args.bytes)
+            t = traffic(spec, size, size, batch, bytes_per_element=args.bytes)
             print(f"| {name} | {batch} | {t.minimum / 1e6:.2f} | {t.fused_ratio:.2f}× | {t.eager_ratio:.2f}× |")
     return 0
 

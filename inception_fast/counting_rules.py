@@ -26,11 +26,11 @@ code can pass them unconditionally, and the tests check both peers with and with
 fvcore's FlopCountAnalysis scopes its jit trace with hooks on every module, so it too
 sees the original ops of a fused block and counts a swapped model as the original with
 no handle. A trace made without such hooks (torch.jit.trace of a swapped model, then
-counted op by op) holds the fused custom ops (inception_fast::cpu_forward,
-::graph_forward, ...); fvcore() gives handles for those ops: the convolutions' multiply-adds from the op's input shape and its plan, plus, given
+counted op by op) holds the fused custom ops (inception_fast::graph_forward,
+::graph_triton_forward, ...); fvcore() gives handles for those ops: the convolutions' multiply-adds from the op's input shape and its plan, plus, given
 the model, fvcore's eval-mode batch-norm count (1 per output element, 2 with an affine
 BN) for each BN folded into the block. (A fused Inception-v3 block traced with autograd
-on records the original's ops, which fvcore counts natively.)
+on records the same custom op, with its registered autograd.)
 
 ptflops: only its "pytorch" backend takes custom_modules_hooks; its "aten" backend
 counts aten ops and sees the fused op as 0.
@@ -38,13 +38,11 @@ counts aten ops and sees the fused op as 0.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .fused import FusedInception
 from .fused_graph import FusedBranchGraph
 
 __all__ = ["thop", "ptflops", "fvcore", "FUSED_OPS"]
@@ -53,13 +51,10 @@ __all__ = ["thop", "ptflops", "fvcore", "FUSED_OPS"]
 #: ops, and the autograd Functions that a trace with gradients on records whole (fvcore
 #: traces with the parameters requiring grad; it names those nodes prim::PythonOp.<class>).
 FUSED_OPS = (
-    "inception_fast::cpu_forward",
-    "inception_fast::triton_forward",
     "inception_fast::graph_forward",
     "inception_fast::graph_triton_forward",
     "inception_fast::graph_forward_saving",
     "inception_fast::graph_triton_forward_saving",
-    "prim::PythonOp.InceptionFunction",
     "prim::PythonOp.BranchGraphFunction",
 )
 
@@ -103,7 +98,7 @@ def _scope_module(model: nn.Module | None, value: Any) -> nn.Module | None:
             module = model.get_submodule(name) if name else model
         except AttributeError:
             continue
-        if isinstance(module, (FusedInception, FusedBranchGraph)):
+        if isinstance(module, FusedBranchGraph):  # FusedInception too
             return module
     return None
 
@@ -123,23 +118,7 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
     belongs to (by its scope) and add the batch norms folded into it, as fvcore counts
     them for the original; without it only the convolutions count.
     """
-    from .ops.branch_graph import GraphPlan
-    from .ops.inception import _spec_of
-
-    def inception(inputs: list, outputs: list) -> int:
-        x_shape = _shape(inputs[0])
-        n, _, h, w = x_shape
-        if outputs[0].node().kind() == "prim::PythonOp":  # InceptionFunction: x, then the 12 weights
-            shapes = [_shape(v) for v in inputs[1:13]]
-            macs = n * h * w * sum(math.prod(s) for s in shapes[0::2])  # every conv 'same', stride 1
-        else:
-            macs = _spec_of(x_shape, _constant(inputs[-1])).macs(h, w, n).total
-        block = _scope_module(model, outputs[0])
-        if isinstance(block, FusedInception) and block.batch_norm:
-            s = block.spec
-            couts = (s.ch1x1, s.ch3x3red, s.ch3x3, s.ch5x5red, s.ch5x5, s.pool_proj)
-            macs += _bn_count(block._units, [n * h * w * c for c in couts])
-        return macs
+    from .ops.plan import GraphPlan
 
     def graph(inputs: list, outputs: list) -> int:
         x_shape = _shape(inputs[0])
@@ -152,17 +131,16 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
             if not isinstance(block, FusedBranchGraph):
                 raise ValueError("counting_rules.fvcore(model): give the model to count a traced "
                                  "BranchGraphFunction (its stride-2 convolutions are in the block's spec)")
-            macs = block.spec.macs(h, w, n)
+            macs = block.graph.macs(h, w, n)
         else:
             b_shapes, flat_plan = _constant(inputs[1]), _constant(inputs[3])
-            _, _, _, _, gemms = GraphPlan.from_flat(flat_plan)
             # Rows x K x columns per GEMM, as the FlopCounterMode formula (ops/branch_graph.py).
-            macs = sum((n * h * w if g[4] == 1 else out_pixels) * shape[-2] * g[7]
-                       for shape, g in zip(b_shapes, gemms) if len(shape) >= 2)
+            macs = sum((n * h * w if g.stride == 1 else out_pixels) * shape[-2] * g.cols
+                       for shape, g in zip(b_shapes, GraphPlan.from_flat(flat_plan).gemms) if len(shape) >= 2)
         if isinstance(block, FusedBranchGraph):
             numels = [(n * h * w if conv.stride == 1 else out_pixels) * conv.out_channels
-                      for conv in block.spec.convs]
+                      for conv in block.graph.convs]
             macs += _bn_count(block._units, numels)
         return macs
 
-    return {name: graph if "Graph" in name or "graph" in name else inception for name in FUSED_OPS}
+    return {name: graph for name in FUSED_OPS}

@@ -1,12 +1,12 @@
-"""FusedBranchGraph: torchvision's Inception-v3 blocks InceptionA to E on the fused
-branch-graph kernels (ops/branch_graph.py: C++ on CPUs, Triton on GPUs).
-A thin module: parse, fold BN, pack, call the op.
+"""FusedBranchGraph: the nn.Module face of the fused op (ops/branch_graph.py), and the
+recognition of torchvision's Inception-v3 blocks InceptionA to E. A thin module: parse,
+fold BN, pack (cached), call the op. FusedInception (fused.py) is its GoogLeNet preset.
 
 It keeps the original block's children under their own names (state_dict unchanged). In
 eval mode it folds each BN into its convolution and runs the fused kernel, and with
 autograd on the fused backward too (gradients reach the convs and BNs through the
-folding); in train mode it runs the original block (BN needs batch statistics, and
-running stats update exactly as before).
+folding); in train mode with BN it runs the original block (BN needs batch statistics,
+and running stats update exactly as before).
 """
 
 from __future__ import annotations
@@ -14,21 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._cache import TensorVersionCache
+from ._cache import TensorVersionCache, tracing
 from ._checks import check_choice, check_input, check_same_dtype_device
 from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
-from .ops.branch_graph import (
-    Branch,
-    BranchGraphFunction,
-    BranchGraphSpec,
-    Conv,
-    graph_forward,
-    graph_triton_forward,
-    pack_graph_weights,
-    plan,
-)
-from .ops.inception import _cacheable, resolve_backend
+from .ops.backend import BACKENDS, cacheable, resolve_backend
+from .ops.branch_graph import apply_graph, graph_forward, graph_triton_forward, pack_weights
+from .ops.plan import plan
+from .spec import Branch, BranchGraphSpec, Conv
 
 __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
 
@@ -155,94 +148,96 @@ def _parse(block: nn.Module, found=None):
 
 
 class FusedBranchGraph(DropInBlock):
-    """A block that computes torchvision's Inception-v3 InceptionA to E, on the fused
-    branch-graph kernel (eval mode; train mode runs the original block for BN's batch
-    statistics). Calls the fused kernel cannot honour run the original too (_dropin.py).
-    The output has the memory format eager convolution would give for x."""
+    """A block on the fused branch-graph op (ops/branch_graph.py: C++ on CPUs, Triton on GPUs),
+    forward and backward: Inception-v3's InceptionA to E as built here, and (FusedInception)
+    GoogLeNet's module. Calls the fused kernel cannot honour run the original block
+    (_dropin.py): train-mode BN, FX tracing, ONNX export, torch.func, hooks, autocast on
+    the C++ kernel, backend "reference" (the original is the reference).
+
+    x (N, C, H, W) float; the output has the memory format eager convolution gives x.
+    `recompute_reductions`: the backward recomputes the intermediates made by 1x1s over x
+    (one GEMM) instead of saving them; False saves them (faster backward, more memory).
+    """
+
+    recompute_reductions = False
 
     def __init__(self, block: nn.Module, backend: str = "auto", *, _layout=None):
         super().__init__()
-        check_choice("backend", backend, ("auto", "triton", "cpu", "reference"))
-        self.spec, units, traced = _parse(block, _layout)
-        self.backend = backend
-        self.source = type(block).__name__
-        self._adopt_original(block, traced)
-        self._adopt_units(units)
-        self._plan = plan(self.spec)
-        self._flat_plan = self._plan.flat()
-        self._backward_plan = self._plan.backward_flat()
-        self._pack_caches: dict[tuple[str, torch.dtype | None], TensorVersionCache] = {}
+        spec, units, traced = _parse(block, _layout)
+        self._adopt_graph(block, spec, units, traced, backend)
+        self.spec = spec
 
     @classmethod
     def from_module(cls, block: nn.Module, backend: str = "auto") -> "FusedBranchGraph":
         return cls(block, backend).train(block.training)
 
-    def _folded(self, dtype: torch.dtype | None):
-        """Folded (weights, biases), cast to autocast's dtype when one is given."""
+    def _adopt_graph(self, block: nn.Module, graph: BranchGraphSpec, units, traced, backend: str) -> None:
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.graph = graph
+        self.source = type(block).__name__
+        self._adopt_original(block, traced)
+        self._adopt_units(units)
+        self._plan = plan(graph)
+        self._flat_plan = self._plan.flat()
+        self._backward_plan = self._plan.backward_flat()
+        reductions = self._plan.reductions() if self.recompute_reductions else {}
+        self._recompute = tuple(reductions.get(k, -1) for k in range(len(self._plan.buf_channels)))
+        self._pack_caches: dict[tuple[str, torch.dtype | None], TensorVersionCache] = {}
+
+    def _folded(self, dtype: torch.dtype | None) -> tuple[list, list]:
+        """Folded (weights, biases) in plan order, cast to autocast's dtype when one is given;
+        differentiable (autograd reaches the convolutions' and BNs' parameters)."""
         folded = [fold_conv_bn(u) for u in self._units]
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
         return [cast(w) for w, _ in folded], [cast(b) for _, b in folded]
 
-    def _packed(self, backend: str, dtype: torch.dtype | None = None):
+    def _packed(self, backend: str, dtype: torch.dtype | None) -> tuple[list, list]:
+        """The kernel layout of the folded weights: cached per (backend, dtype) while no
+        parameter or BN statistic changes, packed in the graph when traced."""
         def build():
-            weights, biases = self._folded(dtype)
-            if backend == "triton":
-                from .ops.branch_graph_triton import pack_graph_weights_triton
-
-                return pack_graph_weights_triton(self._plan, weights, biases)
-            return pack_graph_weights(self.spec, self._plan, weights, biases)
+            return pack_weights(self._plan, *self._folded(dtype), backend)
 
         # num_batches_tracked: BN's kernel updates the running stats in place without bumping
         # their version counter, but bumps this one on every train-mode forward.
-        sources = [t for u in self._units for t in (u.conv.weight, u.bn.weight, u.bn.bias, u.bn.running_mean,
-                                                    u.bn.running_var, u.bn.num_batches_tracked) if t is not None]
+        sources = [t for u in self._units for m in u if m is not None
+                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+        if not cacheable(sources[0]):
+            return build()
         cache = self._pack_caches.setdefault((backend, dtype), TensorVersionCache())
-        if not _cacheable(cache, sources[0]):
-            return build()  # traced (compile, export): folding and packing go into the graph
-        with torch.no_grad():
-            return cache.get(sources, build, extra=tuple(u.bn.eps for u in self._units))
+        with torch.no_grad():  # a cached value must never hold on to an autograd graph
+            return cache.get(sources, build, extra=tuple(bn.eps for bn in self._bns))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.spec.in_channels)
-        if self._unfused_reason(x) is not None:
-            return self._run_original(x)
-        if self.spec.stride == 2 and min(x.shape[2], x.shape[3]) < 3:
-            raise ValueError(f"x must be at least 3x3 for {self.source}'s 3x3 stride-2 grid reduction, "
-                             f"got {x.shape[2]}x{x.shape[3]}")
-        if torch.jit.is_tracing():
-            # The fused backward is a Python autograd.Function, which jit.trace cannot record,
-            # and the bare graph op has no autograd: the trace holds the original's
-            # differentiable ops, whatever the grad mode (trace_module's check re-traces
-            # in another mode, and the two graphs must agree).
-            return self._run_original(x)
-        run = self._kernel_input(x)
+        check_input(x, self.graph.in_channels)
+        run = self._kernel_input(x) if self._unfused_reason(x) is None else None
         backend = None if run is None else resolve_backend(self.backend, run[0])
         if backend not in ("cpu", "triton"):
             return self._run_original(x)
+        if self.graph.stride == 2 and not torch.jit.is_tracing() and min(x.shape[2], x.shape[3]) < 3:
+            raise ValueError(f"x must be at least 3x3 for {self.source}'s 3x3 stride-2 grid reduction, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
         x_run, dtype = run
-        params = dict(self.named_parameters())
         if dtype is None:
-            check_same_dtype_device(x, params)
+            check_same_dtype_device(x, {"the block's convolution weights": self._units[0].conv.weight})
         with autocast_off(x, dtype):
-            y = self._fused(x_run, backend, dtype, params)
+            if tracing() or (torch.is_grad_enabled() and (x_run.requires_grad or any(
+                    p.requires_grad for p in self.parameters()))):
+                weights, biases = self._folded(dtype)
+                packed = (pack_weights(self._plan, weights, biases, backend) if tracing()
+                          else self._packed(backend, dtype))
+                y = apply_graph(x_run, backend, self._flat_plan, self._backward_plan, self._recompute, weights,
+                                biases, packed)
+            else:  # inference on cached packed weights: no fold, no autograd
+                op = graph_triton_forward if backend == "triton" else graph_forward
+                y = op(x_run, *self._packed(backend, dtype), self._flat_plan)
         return match_memory_format(x, y)
 
-    def _fused(self, x, backend: str, dtype: torch.dtype | None, params: dict) -> torch.Tensor:
-        b, bias = self._packed(backend, dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values())):
-            # Autograd through the folding (differentiable, elementwise) gives the gradients
-            # of the convolutions' and BNs' parameters from those of the folded weights.
-            weights, biases = self._folded(dtype)
-            return BranchGraphFunction.apply(x, backend, self._flat_plan, self._backward_plan, b, bias, *weights,
-                                             *biases)
-        op = graph_triton_forward if backend == "triton" else graph_forward
-        return op(x, b, bias, self._flat_plan)
-
     def invalidate_weight_caches(self) -> None:
-        """After writing weights through `.data` (which skips the version counter)."""
+        """Forget the packed weights. Only needed after writes through `param.data`, which
+        bypass the version counter that the cache watches."""
         self._pack_caches.clear()
 
     def extra_repr(self) -> str:
-        return (f"{self.source}: {len(self.spec.branches)} branches + {self.spec.pool} pool, "
-                f"in_channels={self.spec.in_channels}, out_channels={self.spec.out_channels}, "
+        return (f"{self.source}: {len(self.graph.branches)} branches + {self.graph.pool} pool, "
+                f"in_channels={self.graph.in_channels}, out_channels={self.graph.out_channels}, "
                 f"backend={self.backend!r}, original block in train mode (batch norm)")

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._aten_flops import ATEN_FORMULAS
-from .spec import InceptionSpec
+from .spec import BranchGraphSpec, InceptionSpec
 
 __all__ = ["ProfileRow", "ProfileReport", "ModelDoesNotRun", "profile", "format_count"]
 
@@ -221,12 +221,18 @@ def _detail(module: nn.Module) -> str:
 
 
 def _breakdown(module: nn.Module, shape: tuple[int, ...] | None) -> dict[str, int] | None:
+    """MACs per convolution of an Inception block (a module with a .spec): in the paper's
+    Table 1 terms for GoogLeNet's module, per branch and level for any branch graph."""
     spec = getattr(module, "spec", None)
-    if not isinstance(spec, InceptionSpec) or shape is None or len(shape) != 4:
+    if shape is None or len(shape) != 4:
         return None
-    macs = spec.macs(shape[2], shape[3], shape[0])
-    labels = ("#1×1", "#3×3 reduce", "#3×3", "#5×5 reduce", "#5×5", "pool proj")
-    return dict(zip(labels, macs))
+    if isinstance(spec, InceptionSpec):
+        macs = spec.macs(shape[2], shape[3], shape[0])
+        labels = ("#1×1", "#3×3 reduce", "#3×3", "#5×5 reduce", "#5×5", "pool proj")
+        return dict(zip(labels, macs))
+    if isinstance(spec, BranchGraphSpec):
+        return spec.macs_by_conv(shape[2], shape[3], shape[0])
+    return None
 
 
 @dataclass

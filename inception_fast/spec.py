@@ -1,9 +1,12 @@
-"""The shape of one Inception module, and what it costs.
+"""The shape of one Inception block, and what it costs.
 
-`InceptionSpec` is the single source of truth for channel counts, kernel sizes,
-output slice offsets and the analytic multiply-add and parameter counts. The
-kernels, the profiler and the benchmarks all read it, so that a MAC reported in
-one place is the same MAC everywhere.
+`BranchGraphSpec` is the one shape the fused op runs: branches of convolution chains over
+one input, a pooling branch, concatenated along channels (Inception-v3's InceptionA to E,
+and GoogLeNet's module). `InceptionSpec` is GoogLeNet's module in the paper's terms (Table
+1 of "Going Deeper with Convolutions": #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool
+proj); `InceptionSpec.to_graph()` is its branch graph, the preset the kernels run. The
+kernels, the profiler and the benchmarks all read these, so that a MAC reported in one
+place is the same MAC everywhere.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
-__all__ = ["InceptionSpec", "BranchCounts", "PaperBlock", "GOOGLENET_INCEPTION"]
+__all__ = ["Branch", "BranchCounts", "BranchGraphSpec", "Conv", "GOOGLENET_INCEPTION", "InceptionSpec", "PaperBlock"]
 
 
 class BranchCounts(NamedTuple):
@@ -122,6 +125,17 @@ class InceptionSpec:
             pool_proj=pixels * cin * self.pool_proj,
         )
 
+    def to_graph(self) -> BranchGraphSpec:
+        """This module as a branch graph: [1x1], [1x1, K3xK3], [1x1, K5xK5] and a 3x3/1 max pool
+        with a 1x1. Its `convs` are in InceptionWeights' order (w1, w3r, w3, w5r, w5, wp) and
+        its output slices in the module's concat order."""
+        cin = self.in_channels
+        return BranchGraphSpec(cin, (
+            Branch(((Conv(cin, self.ch1x1),),)),
+            Branch(((Conv(cin, self.ch3x3red),), (Conv(self.ch3x3red, self.ch3x3, self.k3, self.k3),))),
+            Branch(((Conv(cin, self.ch5x5red),), (Conv(self.ch5x5red, self.ch5x5, self.k5, self.k5),))),
+        ), "max", Conv(cin, self.pool_proj))
+
     def params(self) -> BranchCounts:
         """Weights plus biases of each convolution (the paper's form, without BN)."""
         cin = self.in_channels
@@ -133,6 +147,131 @@ class InceptionSpec:
             conv5x5=(self.k5 * self.k5 * self.ch5x5red + 1) * self.ch5x5,
             pool_proj=(cin + 1) * self.pool_proj,
         )
+
+
+# -- the general block: a graph of branches ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One convolution (+ ReLU) of a branch: stride 1 with 'same' zero padding, or (ending a
+    grid-reduction branch) stride 2 without padding."""
+
+    in_channels: int
+    out_channels: int
+    kh: int = 1
+    kw: int = 1
+    stride: int = 1
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "kh", "kw"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Conv.{name} must be a positive int, got {value!r}")
+        if self.kh % 2 == 0 or self.kw % 2 == 0:
+            raise ValueError(f"Conv kernel must be odd for 'same' padding, got {self.kh}x{self.kw}")
+        if self.stride not in (1, 2):
+            raise ValueError(f"Conv.stride must be 1 or 2, got {self.stride!r}")
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        return (self.kh // 2, self.kw // 2) if self.stride == 1 else (0, 0)
+
+    def macs_per_pixel(self) -> int:
+        return self.kh * self.kw * self.in_channels * self.out_channels
+
+
+@dataclass(frozen=True)
+class Branch:
+    """levels[0] reads x (one 1x1); levels[i] reads levels[i-1]'s one output; only the last
+    level may hold several convolutions (a fan-out, concatenated in order)."""
+
+    levels: tuple[tuple[Conv, ...], ...]
+
+    @property
+    def out_channels(self) -> int:
+        return sum(c.out_channels for c in self.levels[-1])
+
+
+@dataclass(frozen=True)
+class BranchGraphSpec:
+    """stride 1: same-grid branches and a pool branch with a 1x1 (InceptionA, C, E).
+    stride 2, a grid reduction (InceptionB, D): every branch ends in 3x3 stride-2 unpadded
+    convolutions (a branch may be that one convolution over x), and the pool branch is a
+    3x3 stride-2 max pool without projection; the output grid is (H - 3) // 2 + 1."""
+
+    in_channels: int
+    branches: tuple[Branch, ...]
+    pool: str  # "avg" (count_include_pad) or "max"; 3x3, padding 1 at stride 1, none at 2
+    pool_proj: Conv | None
+    stride: int = 1
+
+    def __post_init__(self):
+        if self.pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
+        if self.stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {self.stride!r}")
+        if self.stride == 2 and (self.pool != "max" or self.pool_proj is not None):
+            raise ValueError("a stride-2 block's pool branch is a max pool without projection")
+        if self.stride == 1 and (self.pool_proj is None or self.pool_proj.in_channels != self.in_channels
+                                 or (self.pool_proj.kh, self.pool_proj.kw, self.pool_proj.stride) != (1, 1, 1)):
+            raise ValueError(f"pool_proj must be a 1x1 over {self.in_channels} channels, got {self.pool_proj}")
+        for i, branch in enumerate(self.branches):
+            if not branch.levels or any(not level for level in branch.levels):
+                raise ValueError(f"branch {i} has an empty level")
+            for j, level in enumerate(branch.levels):
+                last = j == len(branch.levels) - 1
+                for conv in level:
+                    want = 2 if self.stride == 2 and last else 1
+                    if conv.stride != want or (want == 2 and (conv.kh, conv.kw) != (3, 3)):
+                        raise ValueError(f"branch {i}, level {j}: a stride-{self.stride} block needs "
+                                         f"{'3x3 stride-2' if want == 2 else 'stride-1'} convolutions here, got {conv}")
+            first = branch.levels[0]
+            direct = self.stride == 2 and len(branch.levels) == 1  # one stride-2 conv over x
+            if len(first) != 1 or first[0].in_channels != self.in_channels or (
+                    not direct and (first[0].kh, first[0].kw) != (1, 1)):
+                raise ValueError(f"branch {i} must start with one 1x1 over {self.in_channels} channels, got {first}")
+            for j in range(1, len(branch.levels)):
+                if len(branch.levels[j - 1]) != 1:
+                    raise ValueError(f"branch {i}: only the last level may fan out (level {j - 1} has "
+                                     f"{len(branch.levels[j - 1])} convolutions)")
+                width = branch.levels[j - 1][0].out_channels
+                if any(c.in_channels != width for c in branch.levels[j]):
+                    raise ValueError(f"branch {i}, level {j}: convolutions must read {width} channels")
+
+    @property
+    def convs(self) -> tuple[Conv, ...]:
+        """Every convolution in weight order: branch by branch, level by level, then pool_proj."""
+        convs = tuple(c for b in self.branches for level in b.levels for c in level)
+        return convs + ((self.pool_proj,) if self.pool_proj is not None else ())
+
+    @property
+    def out_channels(self) -> int:
+        pool = self.pool_proj.out_channels if self.pool_proj is not None else self.in_channels
+        return sum(b.out_channels for b in self.branches) + pool
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        return (h, w) if self.stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
+
+    def macs(self, h: int, w: int, batch: int = 1) -> int:
+        """Multiply-accumulates of every convolution for a batch x H x W input."""
+        return sum(self.macs_by_conv(h, w, batch).values())
+
+    def macs_by_conv(self, h: int, w: int, batch: int = 1) -> dict[str, int]:
+        """MACs of each convolution, spec.convs order, labelled "branch i.j: kh×kw" (branch i,
+        level j, [k] within a fan-out) and "pool proj" (the profiler's per-branch rows)."""
+        ho, wo = self.out_size(h, w)
+        pixels = lambda c: batch * (h * w if c.stride == 1 else ho * wo)  # noqa: E731
+        out: dict[str, int] = {}
+        for i, branch in enumerate(self.branches):
+            for j, level in enumerate(branch.levels):
+                for k, c in enumerate(level):
+                    fan = f"[{k}]" if len(level) > 1 else ""
+                    stride = "/2" if c.stride == 2 else ""
+                    out[f"branch {i + 1}.{j + 1}{fan}: {c.kh}×{c.kw}{stride}"] = c.macs_per_pixel() * pixels(c)
+        if self.pool_proj is not None:
+            out["pool proj"] = self.pool_proj.macs_per_pixel() * pixels(self.pool_proj)
+        return out
 
 
 def _check_positive_size(**sizes: int) -> None:

@@ -2,22 +2,24 @@
 
 Compulsory minimum: read the input and the weights once, write the output once.
 
-Fused (the two Triton launches): each launch moves each tensor it touches across
-HBM once, assuming the re-reads of its tiles (the pool halo, the K3/K5 halos, the
-column tiles of one row tile) hit L2. Launch 1 reads x and the pointwise weights
-and writes the 1x1 and pool slices plus t3 and t5; launch 2 reads t3, t5 and the
-spatial weights and writes the 3x3 and 5x5 slices. So fused = minimum + 2 (t3 + t5).
+Fused (the Triton kernels: one grouped launch per stage of the plan): each launch moves
+each tensor it touches across HBM once, assuming the re-reads of its tiles (the pool
+halo, the K x K halos, the column tiles of one row tile) hit L2. Stage 0 reads x and
+writes the slices and intermediates of its GEMMs; every later stage reads the
+intermediates of the one before. So fused = minimum + 2 x (every intermediate): for
+GoogLeNet's module, minimum + 2 (t3 + t5).
 
-Eager PyTorch: every op reads its inputs and writes its output: six convolutions,
-six in-place ReLUs (read + write), the max pool and its pooled tensor, and the
-concat that copies all four branch outputs once more.
+Eager PyTorch (the module without BN, as the paper's): every convolution reads its input
+and writes its output, every in-place ReLU reads and writes it again, the pool reads x and
+writes the pooled tensor, which its projection reads, and the concat copies every branch
+output once more.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import InceptionSpec
+from .spec import BranchGraphSpec, InceptionSpec
 
 __all__ = ["Traffic", "traffic"]
 
@@ -37,26 +39,33 @@ class Traffic:
         return self.eager / self.minimum
 
 
-def traffic(spec: InceptionSpec, height: int, width: int, batch: int = 1, bytes_per_element: int = 2) -> Traffic:
-    """Bytes moved by one forward, by the model in this module's docstring."""
-    pixels = batch * height * width
-    s = spec
+def traffic(spec: InceptionSpec | BranchGraphSpec, height: int, width: int, batch: int = 1,
+            bytes_per_element: int = 2) -> Traffic:
+    """Bytes moved by one forward, by the model in this module's docstring (units: bytes;
+    bytes_per_element 2 for fp16/bf16, 4 for fp32). Raises TypeError for another spec."""
+    if isinstance(spec, InceptionSpec):
+        spec = spec.to_graph()
+    if not isinstance(spec, BranchGraphSpec):
+        raise TypeError(f"spec must be an InceptionSpec or a BranchGraphSpec, got {type(spec).__name__}")
+    ho, wo = spec.out_size(height, width)
 
-    def act(channels: int) -> int:  # one activation tensor of `channels` channels
-        return pixels * channels * bytes_per_element
+    def act(channels: int, stride: int = 1) -> int:  # one activation tensor, at its grid
+        return batch * (height * width if stride == 1 else ho * wo) * channels * bytes_per_element
 
-    weights = s.params().total * bytes_per_element
-    x, out = act(s.in_channels), act(s.out_channels)
+    weights = sum((c.kh * c.kw * c.in_channels + 1) * c.out_channels for c in spec.convs) * bytes_per_element
+    x, out = act(spec.in_channels), act(spec.out_channels, spec.stride)
     minimum = x + weights + out
-    fused = minimum + 2 * (act(s.ch3x3red) + act(s.ch5x5red))
-    branch_outputs = [s.ch1x1, s.ch3x3red, s.ch3x3, s.ch5x5red, s.ch5x5, s.pool_proj]
+    intermediates = [c.out_channels for b in spec.branches for level in b.levels[:-1] for c in level]
+    fused = minimum + 2 * sum(act(c) for c in intermediates)
+    convs = [c for b in spec.branches for level in b.levels for c in level]
+    finals = [(c.out_channels, c.stride) for b in spec.branches for c in b.levels[-1]]
+    pooled = act(spec.in_channels, spec.stride)
     eager = (
-        4 * x  # read by three 1x1 convolutions and the max pool
-        + weights
-        + sum(act(c) for c in branch_outputs)  # each convolution writes its output
-        + sum(2 * act(c) for c in branch_outputs)  # each in-place ReLU reads and writes it
-        + act(s.ch3x3red) + act(s.ch5x5red)  # the K3 and K5 convolutions read the reductions
-        + 2 * act(s.in_channels)  # the pooled tensor: written, then read by the projection
-        + act(s.ch1x1 + s.ch3x3 + s.ch5x5 + s.pool_proj) + out  # torch.cat reads all, writes out
+        weights
+        + sum(act(c.in_channels) + 3 * act(c.out_channels, c.stride) for c in convs)  # conv, then in-place ReLU
+        + x + pooled  # the pool reads x and writes its output ...
+        + (pooled + 3 * act(spec.pool_proj.out_channels) if spec.pool_proj else 0)  # ... which the projection reads
+        + sum(act(c, s) for c, s in finals)  # torch.cat reads every branch output ...
+        + (act(spec.pool_proj.out_channels) if spec.pool_proj else pooled) + out  # ... and writes out
     )
     return Traffic(minimum=minimum, fused=fused, eager=eager)

@@ -6,16 +6,9 @@ import copy
 import pytest
 import torch
 from inception_fast.fused_graph import FusedBranchGraph
-from inception_fast.ops.branch_graph import (
-    Branch,
-    BranchGraphFunction,
-    BranchGraphSpec,
-    Conv,
-    graph_backward,
-    graph_backward_reference,
-    pack_graph_weights,
-    plan,
-)
+from inception_fast.ops.branch_graph import BranchGraphFunction, graph_backward, graph_backward_reference, pack_weights
+from inception_fast.ops.plan import plan
+from inception_fast.spec import Branch, BranchGraphSpec, Conv
 
 from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err, small_v3_block
 
@@ -59,9 +52,10 @@ def _fused(spec):
     def f(x, *params):
         half = len(params) // 2
         with torch.no_grad():
-            b, bias = pack_graph_weights(spec, graph, [p.detach() for p in params[:half]],
-                                         [p.detach() for p in params[half:]])
-        return BranchGraphFunction.apply(x, "cpu", graph.flat(), graph.backward_flat(), b, bias, *params)
+            b, bias = pack_weights(graph, [p.detach() for p in params[:half]], [p.detach() for p in params[half:]],
+                                   "cpu")
+        keep = (-1,) * len(graph.buf_channels)
+        return BranchGraphFunction.apply(x, "cpu", graph.flat(), graph.backward_flat(), keep, b, bias, *params)
 
     return f
 
@@ -69,7 +63,7 @@ def _fused(spec):
 def _saved(spec, x, weights, biases):
     """(y, intermediates) of the C++ forward."""
     graph = plan(spec)
-    b, bias = pack_graph_weights(spec, graph, weights, biases)
+    b, bias = pack_weights(graph, weights, biases, "cpu")
     y, buffers = torch.ops.inception_fast.graph_forward_saving(x, b, bias, graph.flat())
     h, w = x.shape[2:]
     return y, [buf[:, p:p + h, p:p + w] for buf, p in zip(buffers, graph.buf_border)], graph
@@ -195,7 +189,7 @@ def test_custom_op_registrations_pass_opcheck(which):
         args = (torch.randn_like(y), x, y, [t.contiguous() for t in intermediates], weights, [True, True],
                 graph.backward_flat(), "cpu")
     else:
-        b, bias = pack_graph_weights(spec, graph, weights, biases)
+        b, bias = pack_weights(graph, weights, biases, "cpu")
         args = (x, b, bias, graph.flat())
     torch.library.opcheck(getattr(torch.ops.inception_fast, which).default, args)
 

@@ -9,7 +9,8 @@ from torchvision.models import inception as tv
 
 import inception_fast as ifast
 from inception_fast.fused_graph import FusedBranchGraph
-from inception_fast.ops.branch_graph import Branch, BranchGraphSpec, Conv, plan
+from inception_fast.ops.plan import plan
+from inception_fast.spec import Branch, BranchGraphSpec, Conv
 
 from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err
 

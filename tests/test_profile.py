@@ -330,11 +330,11 @@ def test_every_graph_forward_formula_counts_once():
     # "_graph_flops() got multiple values for keyword argument 'out_shape'".
     from torch.utils.flop_counter import flop_registry
 
-    from inception_fast.ops.branch_graph import pack_graph_weights
+    from inception_fast.ops.branch_graph import pack_weights
 
     fused = FusedBranchGraph.from_module(small_v3_block("C"))
     weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw) for c in fused.spec.convs]
-    b, bias = pack_graph_weights(fused.spec, fused._plan, weights, [torch.zeros(w.shape[0]) for w in weights])
+    b, bias = pack_weights(fused._plan, weights, [torch.zeros(w.shape[0]) for w in weights], "cpu")
     x = torch.empty(2, 24, 9, 9, device="meta")
     y = torch.empty(2, fused.spec.out_channels, 9, 9, device="meta")
     ops = torch.ops.inception_fast

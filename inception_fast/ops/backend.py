@@ -1,0 +1,125 @@
+"""Backend choice, weight packing and the NHWC row/image views shared by every kernel.
+
+Layouts, for a convolution weight W (cout, cin, kh, kw) in PyTorch's Conv2d layout:
+  GEMM B      (kh*kw*cin, cout), row (dy*kw + dx)*cin + c: the kernels walk K tap by tap
+              and, within a tap, channel by channel, the order in which NHWC stores a
+              pixel's channels, so every tap reads contiguous memory (Triton reads this);
+  CPU panels  (ceil(cols / width), K, width): B cut into panels of `width` columns, two
+              64-byte SIMD vectors (16 fp32, 8 fp64), zero-padded past the last column, one
+              panel per register tile of csrc/gemm.h.
+An activation (N, C, H, W) stored channels_last is the row-major matrix of its pixel rows
+(N*H*W, C): `rows` and `image` convert between the two as views.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .._cache import tracing
+from .._checks import check_choice
+from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
+
+__all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "cacheable", "from_gemm_b", "image", "interpreting", "pack_panels",
+           "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels"]
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (on CPU tensors): TRITON_INTERPRET=1."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that will run on x: "auto" picks "triton" for CUDA tensors, "cpu" (the C++
+    kernels) for float32/float64 CPU tensors, else "reference" (plain PyTorch ops).
+
+    Raises ValueError for an unknown backend or a device it cannot run on, TypeError for a
+    dtype the C++ kernels lack, RuntimeError when triton or the extension is missing.
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        if x.is_cuda:
+            return "triton" if triton_available() else "reference"
+        if cpu_extension() is None:
+            warn_cpu_fallback()
+            return "reference"
+        return "cpu" if x.dtype in CPU_DTYPES else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        # A meta tensor (profile's meta mode) stands for any device: its op runs the fake kernel.
+        if not x.is_cuda and not x.is_meta and not interpreting():
+            raise ValueError(
+                f"backend='triton' needs a CUDA tensor, got x on {x.device}; to run the Triton "
+                "kernels on the CPU, set TRITON_INTERPRET=1 before importing inception_fast, "
+                "or use backend='cpu'")
+    if backend == "cpu":
+        if x.device.type not in ("cpu", "meta"):
+            raise ValueError(f"backend='cpu' needs x on the CPU, got x on {x.device}")
+        if x.dtype not in CPU_DTYPES:
+            raise TypeError(f"backend='cpu' supports x of dtype float32 or float64, got {x.dtype}")
+        require_cpu_extension()
+    return backend
+
+
+def cacheable(x: torch.Tensor) -> bool:
+    """Whether packed weights for x may come from a cache: not while tracing (compile, export,
+    jit.trace: the packing must be in the graph), not for tensors without storage (FakeTensor)."""
+    if tracing():
+        return False
+    try:
+        x.data_ptr()
+    except RuntimeError:  # FakeTensor / FunctionalTensor
+        return False
+    return True
+
+
+def as_gemm_b(w: torch.Tensor) -> torch.Tensor:
+    """Conv weight (cout, cin, kh, kw) -> GEMM B (kh*kw*cin, cout), a view where it can be."""
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+
+
+def from_gemm_b(b: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The inverse of as_gemm_b: GEMM B (kh*kw*cin, cout) -> conv weight (cout, cin, kh, kw)."""
+    return b.t().reshape(b.shape[1], kh, kw, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def panel_width(dtype: torch.dtype) -> int:
+    """Columns per CPU panel: two 64-byte SIMD vectors of `dtype` (csrc/ checks the shape)."""
+    return 128 // torch.empty((), dtype=dtype).element_size()
+
+
+def pack_panels(b: torch.Tensor, width: int) -> torch.Tensor:
+    """(K, cols) -> (ceil(cols / width), K, width), zero-padded: one panel per register tile.
+    Linear, so differentiable: the gradient of a panel is the panel of the gradient."""
+    k, cols = b.shape
+    panels = -(-cols // width)
+    return F.pad(b, (0, panels * width - cols)).reshape(k, panels, width).permute(1, 0, 2).contiguous()
+
+
+def unpack_panels(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of pack_panels: (panels, K, width) -> (K, cols)."""
+    return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)[:, :cols]
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C) NHWC pixel rows: a view when t is channels_last."""
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def image(pixel_rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(N*H*W, C) rows -> logical (N, C, H, W) in channels_last memory: a view."""
+    return pixel_rows.reshape(n, h, w, -1).permute(0, 3, 1, 2)

@@ -1,0 +1,221 @@
+"""The schedule of a branch-graph block: which GEMMs run, in which stage, reading what and
+writing where. One plan drives the C++ kernels, the Triton kernels and the backward walk.
+
+Stage 0 reads x: every 1x1 convolution that starts a branch joins one GEMM over x
+(horizontal fusion); the pooling branch's 1x1 is a GEMM over pooled rows of x made on the
+fly; a grid reduction's stride-2 convolution straight over x is a GEMM of its own. Stage
+i runs level i of every branch over the intermediates of level i-1. Each GEMM's columns
+are cut into segments, each stored (through bias + ReLU) into a channel slice of the
+output or of an intermediate buffer: there is no concat.
+
+The plan crosses into C++ as flat int lists (`GraphPlan.flat`, `GraphPlan.backward_flat`):
+custom op arguments cannot be dataclasses. csrc/plan.h mirrors the codes and record sizes
+below; tests/test_plan.py keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple
+
+from ..spec import BranchGraphSpec, Conv
+
+__all__ = ["CONV_RECORD", "GEMM_HEAD", "SEGMENT_FIELDS", "ConvStep", "Destination", "GemmStep", "GraphPlan",
+           "Segment", "Source", "plan"]
+
+
+class Source(IntEnum):
+    """What a GEMM reads as its A rows; a value k >= 0 is intermediate buffer k."""
+
+    X = -1  # the block's input
+    AVG_POOL = -2  # x's 3x3/1 average pool, count_include_pad=True, made while loading
+    MAX_POOL = -3  # x's 3x3/1 max pool, made while loading
+    MAX_POOL_COPY = -4  # x's 3x3/2 max pool copied into one output slice: no weights
+
+
+class Destination(IntEnum):
+    """Where a segment of GEMM columns is stored; a value k >= 0 is intermediate buffer k."""
+
+    OUT = -1
+
+
+GEMM_HEAD = 9  # (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)
+SEGMENT_FIELDS = 4  # (begin, end, destination, channel)
+CONV_RECORD = 8  # (source, destination, channel, kh, kw, stride, pad_h, pad_w)
+
+
+class Segment(NamedTuple):
+    """GEMM columns [begin, end) go to channels [channel, channel + end - begin) of `destination`."""
+
+    begin: int
+    end: int
+    destination: int
+    channel: int
+
+
+class GemmStep(NamedTuple):
+    """One implicit GEMM: rows are pixels of its grid (the output grid when stride is 2), K
+    runs over kh x kw taps of `source` (padding by a zero border or masks)."""
+
+    stage: int
+    source: int
+    kh: int
+    kw: int
+    stride: int
+    pad_h: int
+    pad_w: int
+    cols: int
+    segments: tuple[Segment, ...]
+    convs: tuple[int, ...]  # the plan's convolutions in its column blocks, in column order
+
+    def flat(self) -> list[int]:
+        return [int(v) for v in (*self[:8], len(self.segments), *(v for s in self.segments for v in s))]
+
+
+class ConvStep(NamedTuple):
+    """One convolution as the backward walks it: where it reads and where its output went."""
+
+    source: int
+    destination: int
+    channel: int
+    kh: int
+    kw: int
+    stride: int
+    pad_h: int
+    pad_w: int
+
+    def flat(self) -> list[int]:
+        return [int(v) for v in self]
+
+    @property
+    def over_x_1x1(self) -> bool:
+        """A stride-1 1x1 over x: a column block of the stage-0 GEMM (and of the backward's
+        shared-x GEMMs)."""
+        return self.source == Source.X and (self.kh, self.kw, self.stride) == (1, 1, 1)
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    buf_channels: tuple[int, ...]  # intermediate k: (N, H + 2 border, W + 2 border, channels) NHWC
+    buf_border: tuple[int, ...]  # zero border of each, for the C++ kernels' unmasked taps
+    gemms: tuple[GemmStep, ...]
+    convs: tuple[ConvStep, ...]  # in spec.convs order (from plan()), or in GEMM column order (from_flat)
+    out_channels: int
+    stride: int
+    pool_copy_channel: int  # the output channel where a grid reduction's max pool goes, -1 if none
+
+    def flat(self) -> list[int]:
+        """The forward's wire format: counts, then the fields in order."""
+        flat = [len(self.buf_channels), *self.buf_channels, *self.buf_border, self.out_channels, self.stride,
+                len(self.gemms)]
+        for g in self.gemms:
+            step = g.flat()
+            flat += [len(step), *step]
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: list[int]) -> GraphPlan:
+        """The plan of a `flat()` list. The wire format does not carry spec order: `convs` come
+        out in GEMM column order, one per segment of every GEMM with weights, and each GEMM's
+        `convs` index that order."""
+        n = flat[0]
+        buf_channels, buf_border = tuple(flat[1:1 + n]), tuple(flat[1 + n:1 + 2 * n])
+        out_channels, stride, count = flat[1 + 2 * n], flat[2 + 2 * n], flat[3 + 2 * n]
+        gemms, convs, copy_channel, i = [], [], -1, 4 + 2 * n
+        for _ in range(count):
+            head = list(flat[i + 1:i + 1 + GEMM_HEAD])
+            seg = flat[i + 1 + GEMM_HEAD:i + 1 + flat[i]]
+            segments = tuple(Segment(*seg[j:j + SEGMENT_FIELDS]) for j in range(0, len(seg), SEGMENT_FIELDS))
+            i += 1 + flat[i]
+            stage, source, kh, kw, g_stride, pad_h, pad_w, cols, _ = head
+            if source == Source.MAX_POOL_COPY:
+                copy_channel, indices = segments[0].channel, ()
+            else:
+                indices = tuple(range(len(convs), len(convs) + len(segments)))
+                convs += [ConvStep(source, s.destination, s.channel, kh, kw, g_stride, pad_h, pad_w) for s in segments]
+            gemms.append(GemmStep(stage, source, kh, kw, g_stride, pad_h, pad_w, cols, segments, indices))
+        return cls(buf_channels, buf_border, tuple(gemms), tuple(convs), out_channels, stride, copy_channel)
+
+    def backward_flat(self) -> list[int]:
+        """The backward's wire format: per convolution, where it reads and writes."""
+        return [self.out_channels, self.stride, self.pool_copy_channel, len(self.buf_channels), *self.buf_channels,
+                len(self.convs), *(v for c in self.convs for v in c.flat())]
+
+    @staticmethod
+    def from_backward_flat(flat: list[int]) -> tuple[int, int, int, list[int], list[ConvStep]]:
+        """(out_channels, stride, pool_copy_channel, buf_channels, convs) of backward_flat()."""
+        out_channels, stride, copy_channel, n = flat[:4]
+        buf_channels = list(flat[4:4 + n])
+        count, table = flat[4 + n], flat[5 + n:]
+        if len(table) != count * CONV_RECORD:
+            raise ValueError(f"a backward plan of {count} convolutions needs {count * CONV_RECORD} values, "
+                             f"got {len(table)}")
+        return out_channels, stride, copy_channel, buf_channels, [
+            ConvStep(*table[i:i + CONV_RECORD]) for i in range(0, len(table), CONV_RECORD)]
+
+    def reductions(self) -> dict[int, int]:
+        """Buffer -> the convolution that fills it, for buffers made by a 1x1 over x: the
+        stage-0 reductions, which the backward can recompute from x with one GEMM instead
+        of saving them."""
+        return {c.destination: i for i, c in enumerate(self.convs) if c.over_x_1x1 and c.destination >= 0}
+
+
+def plan(spec: BranchGraphSpec) -> GraphPlan:
+    """The stages of GEMMs that compute `spec`, each storing into the output or a buffer."""
+    index = 0  # into spec.convs
+    buf_channels: list[int] = []
+    buf_consumers: list[list[Conv]] = []
+    stage0_cols, stage0_convs, stage0_segments = 0, [], []
+    # (stage, source, conv, conv index, segment): every GEMM but the fused stage-0 one
+    single: list[tuple[int, int, Conv, int, Segment]] = []
+    out_offset = 0
+    convs: list[ConvStep] = []
+    for branch in spec.branches:
+        previous = None  # the buffer holding the previous level's output
+        for level_index, level in enumerate(branch.levels):
+            last = level_index == len(branch.levels) - 1
+            for conv in level:
+                if last:
+                    destination, channel = Destination.OUT, out_offset
+                    out_offset += conv.out_channels
+                else:
+                    buf_channels.append(conv.out_channels)
+                    buf_consumers.append([])
+                    destination, channel = len(buf_channels) - 1, 0
+                source = Source.X if level_index == 0 else previous
+                convs.append(ConvStep(int(source), int(destination), channel, conv.kh, conv.kw, conv.stride,
+                                      *conv.padding))
+                if convs[-1].over_x_1x1:
+                    stage0_segments.append(Segment(stage0_cols, stage0_cols + conv.out_channels, int(destination),
+                                                   channel))
+                    stage0_cols += conv.out_channels
+                    stage0_convs.append(index)
+                else:  # a K x K (or a grid reduction's stride-2 conv straight over x)
+                    if level_index > 0:
+                        buf_consumers[previous].append(conv)
+                    single.append((level_index, int(source), conv, index,
+                                   Segment(0, conv.out_channels, int(destination), channel)))
+                index += 1
+            if not last:
+                previous = len(buf_channels) - 1
+    gemms: list[GemmStep] = []
+    if stage0_segments:
+        gemms.append(GemmStep(0, Source.X, 1, 1, 1, 0, 0, stage0_cols, tuple(stage0_segments), tuple(stage0_convs)))
+    for stage, source, conv, conv_i, segment in single:
+        gemms.append(GemmStep(stage, source, conv.kh, conv.kw, conv.stride, *conv.padding, conv.out_channels,
+                              (segment,), (conv_i,)))
+    copy_channel = -1
+    if spec.pool_proj is not None:
+        cp = spec.pool_proj.out_channels
+        source = Source.AVG_POOL if spec.pool == "avg" else Source.MAX_POOL
+        gemms.append(GemmStep(0, source, 1, 1, 1, 0, 0, cp, (Segment(0, cp, Destination.OUT, out_offset),), (index,)))
+        convs.append(ConvStep(int(source), int(Destination.OUT), out_offset, 1, 1, 1, 0, 0))
+    else:  # the grid reduction's max pool, copied into its slice: no weights
+        c = spec.in_channels
+        gemms.append(GemmStep(0, Source.MAX_POOL_COPY, 3, 3, 2, 0, 0, c, (Segment(0, c, Destination.OUT, out_offset),),
+                              ()))
+        copy_channel = out_offset
+    border = tuple(max((max(c.padding) for c in consumers), default=0) for consumers in buf_consumers)
+    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(convs), spec.out_channels, spec.stride,
+                     copy_channel)
