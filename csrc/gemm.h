@@ -314,4 +314,15 @@ Plane<T> padded_plane(const at::Tensor& buf, int64_t H, int64_t W, int64_t C, in
 }
 
 }  // namespace gemm
+
+// Columns of one packed weight panel for `dtype`: two SIMD vectors of 64 bytes.
+// Python packs B as (ceil(cols / width), K, width), zero-padded past the last column.
+inline int64_t panel_width(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return gemm::kNR<float>;
+    case at::kDouble: return gemm::kNR<double>;
+    default: TORCH_CHECK(false, "inception_fast CPU kernel supports float32 and float64, got ", dtype);
+  }
+}
+
 }  // namespace inception_fast
