@@ -14,24 +14,23 @@
 
 #include "gemm.h"
 #include "inception_cpu.h"
+#include "plan.h"
 
 #include <ATen/Parallel.h>
 
 namespace inception_fast {
 namespace {
 using namespace gemm;
-
-constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3, kSourceMaxPoolCopy = -4;
-constexpr int64_t kDestOut = -1;
-constexpr int64_t kDescHead = 9;  // (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)
+using namespace plan;
 
 struct GemmDesc {
   int64_t stage, source, kh, kw, stride, pad_h, pad_w, cols;
-  std::vector<std::array<int64_t, 4>> segments;  // (begin, end, destination, channel)
+  std::vector<std::array<int64_t, kSegmentFields>> segments;  // (begin, end, destination, channel)
 };
 
 GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
-  TORCH_CHECK(d.size() >= kDescHead + 4 && static_cast<int64_t>(d.size()) == kDescHead + 4 * d[kDescHead - 1],
+  TORCH_CHECK(d.size() >= kGemmHead + kSegmentFields &&
+                  static_cast<int64_t>(d.size()) == kGemmHead + kSegmentFields * d[kGemmHead - 1],
               "a GEMM must be described as (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments, then "
               "(begin, end, destination, channel) per segment), got ", d.size(), " values");
   GemmDesc g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], {}};
@@ -42,8 +41,8 @@ GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
               "a GEMM over pooled x must be a stride-1 1x1");
   TORCH_CHECK(g.source != kSourceMaxPoolCopy || (g.kh == 3 && g.kw == 3 && g.stride == 2 && g.pad_h == 0),
               "the max-pool copy is 3x3, stride 2, no padding");
-  for (int64_t s = 0; s < d[kDescHead - 1]; ++s) {
-    const int64_t* seg = d.data() + kDescHead + 4 * s;
+  for (int64_t s = 0; s < d[kGemmHead - 1]; ++s) {
+    const int64_t* seg = d.data() + kGemmHead + kSegmentFields * s;
     TORCH_CHECK(0 <= seg[0] && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOut && seg[2] < buffers,
                 "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ") of a GEMM with ", g.cols, " columns");
     TORCH_CHECK(g.stride == 1 || seg[2] == kDestOut, "a stride-2 GEMM must write the output");
@@ -237,7 +236,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf
                     bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a contiguous (", d.cols, ",) tensor of x's dtype");
     for (const auto& seg : d.segments) {
-      const int64_t channels = seg[2] == -1 ? out_channels : buf_channels[seg[2]];
+      const int64_t channels = seg[2] == kDestOut ? out_channels : buf_channels[seg[2]];
       TORCH_CHECK(seg[3] >= 0 && seg[3] + seg[1] - seg[0] <= channels, "GEMM ", g, " writes past the ",
                   channels, " channels of its destination");
     }

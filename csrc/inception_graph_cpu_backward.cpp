@@ -15,6 +15,7 @@
 
 #include "gemm.h"
 #include "inception_cpu.h"
+#include "plan.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -23,9 +24,7 @@
 
 namespace inception_fast {
 namespace {
-
-constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3;
-constexpr int64_t kRecord = 8;  // (source, destination, channel, kh, kw, stride, pad_h, pad_w)
+using namespace plan;
 
 struct ConvRecord {
   int64_t source, dest, channel, kh, kw, stride, pad_h, pad_w;
@@ -52,36 +51,36 @@ void avg_pool3x3_into(const T* g, T* dst, int64_t ld, int64_t N, int64_t H, int6
 std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                  const at::Tensor& y_in, const std::vector<at::Tensor>& intermediates,
                                                  const std::vector<at::Tensor>& weights, const std::vector<bool>& needs,
-                                                 const std::vector<int64_t>& plan) {
+                                                 const std::vector<int64_t>& flat /* GraphPlan.backward_flat() */) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes());
   TORCH_CHECK(needs.size() == 2, "needs must be (x, weights), got ", needs.size(), " flags");
-  TORCH_CHECK(plan.size() >= 5, "backward plan too short");
-  const int64_t stride = plan[1], copy_channel = plan[2], buffers = plan[3];
-  TORCH_CHECK(static_cast<int64_t>(plan.size()) >= 5 + buffers &&
-                  static_cast<int64_t>(plan.size()) == 5 + buffers + kRecord * plan[4 + buffers],
-              "backward plan: ", plan.size(), " values do not match its counts");
-  const int64_t convs = plan[4 + buffers];
+  TORCH_CHECK(flat.size() >= 5, "backward plan too short");
+  const int64_t stride = flat[1], copy_channel = flat[2], buffers = flat[3];
+  TORCH_CHECK(static_cast<int64_t>(flat.size()) >= 5 + buffers &&
+                  static_cast<int64_t>(flat.size()) == 5 + buffers + kConvRecord * flat[4 + buffers],
+              "backward plan: ", flat.size(), " values do not match its counts");
+  const int64_t convs = flat[4 + buffers];
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == convs, "one weight per convolution: need ", convs, ", got ",
               weights.size());
   TORCH_CHECK(static_cast<int64_t>(intermediates.size()) == buffers, "one intermediate per buffer: need ", buffers,
               ", got ", intermediates.size());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), M = N * H * W;
   const int64_t Ho = stride == 1 ? H : (H - 3) / 2 + 1, Wo = stride == 1 ? W : (W - 3) / 2 + 1;
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && y_in.dim() == 4 && y_in.size(0) == N && y_in.size(1) == plan[0] &&
+  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && y_in.dim() == 4 && y_in.size(0) == N && y_in.size(1) == flat[0] &&
                   y_in.size(2) == Ho && y_in.size(3) == Wo,
-              "grad_out and y must have shape (", N, ", ", plan[0], ", ", Ho, ", ", Wo, "), got ", grad_out_in.sizes(),
+              "grad_out and y must have shape (", N, ", ", flat[0], ", ", Ho, ", ", Wo, "), got ", grad_out_in.sizes(),
               " and ", y_in.sizes());
   for (int64_t k = 0; k < buffers; ++k)
     TORCH_CHECK(intermediates[k].dim() == 4 && intermediates[k].size(0) == N && intermediates[k].size(1) == H &&
-                    intermediates[k].size(2) == W && intermediates[k].size(3) == plan[4 + k],
-                "intermediate ", k, " must be (", N, ", ", H, ", ", W, ", ", plan[4 + k], ") NHWC, got ",
+                    intermediates[k].size(2) == W && intermediates[k].size(3) == flat[4 + k],
+                "intermediate ", k, " must be (", N, ", ", H, ", ", W, ", ", flat[4 + k], ") NHWC, got ",
                 intermediates[k].sizes());
   std::vector<ConvRecord> table;
   for (int64_t i = 0; i < convs; ++i) {
-    const int64_t* r = plan.data() + 5 + buffers + kRecord * i;
+    const int64_t* r = flat.data() + 5 + buffers + kConvRecord * i;
     table.push_back({r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
     const ConvRecord& t = table.back();
-    TORCH_CHECK(t.source >= kSourceMaxPool && t.source < buffers && t.dest >= -1 && t.dest < buffers,
+    TORCH_CHECK(t.source >= kSourceMaxPool && t.source < buffers && t.dest >= kDestOut && t.dest < buffers,
                 "convolution ", i, ": source ", t.source, " or destination ", t.dest, " out of range");
     TORCH_CHECK(weights[i].dim() == 4 && weights[i].size(2) == t.kh && weights[i].size(3) == t.kw &&
                     weights[i].scalar_type() == x_in.scalar_type(),
