@@ -1,4 +1,5 @@
 // Python bindings of the CPU kernels: inception_fast._C.
+#include "gemm.h"
 #include "inception_cpu.h"
 #include "nhwc.h"
 

@@ -62,12 +62,18 @@ constexpr int64_t kChunkBytes = 24 * 1024;
 // enough that the block's A rows and partial sums stay in a 2 MB L2.
 constexpr int64_t kMaxBlockRows = 32 * kMR;
 
-// Rows of one block of a range of `rows` cut into a multiple of `parts` equal blocks: big
-// blocks reuse each L1-resident B chunk over more rows; each is a multiple of the tile.
-inline int64_t block_rows(int64_t rows, int64_t parts) {
-  const int64_t blocks = parts * ceil_div(rows, parts * kMaxBlockRows);
-  return ceil_div(ceil_div(rows, blocks), kMR) * kMR;
+// Blocks of at most kMaxBlockRows rows that a range of `rows` is cut into, a multiple of
+// `parts` (at least one): big blocks reuse each L1-resident B chunk over more rows.
+inline int64_t block_count(int64_t rows, int64_t parts) {
+  return parts * std::max<int64_t>(1, ceil_div(rows, parts * kMaxBlockRows));
 }
+
+// Rows of each block when `rows` are cut into `blocks` equal blocks: a multiple of the tile
+// (so the last blocks may be short or empty).
+inline int64_t rows_per_block(int64_t rows, int64_t blocks) { return ceil_div(ceil_div(rows, blocks), kMR) * kMR; }
+
+// Rows of one block of a range of `rows` cut into a multiple of `parts` equal blocks.
+inline int64_t block_rows(int64_t rows, int64_t parts) { return rows_per_block(rows, block_count(rows, parts)); }
 
 // Images per work item of the image-major schedule: small images are grouped so that a
 // block still has enough rows to amortise B.
@@ -314,4 +320,15 @@ Plane<T> padded_plane(const at::Tensor& buf, int64_t H, int64_t W, int64_t C, in
 }
 
 }  // namespace gemm
+
+// Columns of one packed weight panel for `dtype`: two SIMD vectors of 64 bytes.
+// Python packs B as (ceil(cols / width), K, width), zero-padded past the last column.
+inline int64_t panel_width(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return gemm::kNR<float>;
+    case at::kDouble: return gemm::kNR<double>;
+    default: TORCH_CHECK(false, "inception_fast CPU kernel supports float32 and float64, got ", dtype);
+  }
+}
+
 }  // namespace inception_fast

@@ -185,14 +185,6 @@ void check_bias(const at::Tensor& b, const char* name, int64_t cols, const at::T
 
 }  // namespace
 
-int64_t panel_width(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return kNR<float>;
-    case at::kDouble: return kNR<double>;
-    default: TORCH_CHECK(false, "inception_fast CPU kernel supports float32 and float64, got ", dtype);
-  }
-}
-
 at::Tensor inception_forward(const at::Tensor& x_in, const at::Tensor& reduce_b,
                              const at::Tensor& reduce_bias, const at::Tensor& conv3_b,
                              const at::Tensor& conv3_bias, const at::Tensor& conv5_b,

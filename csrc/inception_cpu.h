@@ -15,10 +15,6 @@ inline at::Tensor as_rows(const at::Tensor& image) {
   return image.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, image.size(1)});
 }
 
-// Columns of one packed weight panel for `dtype`: two SIMD vectors of 64 bytes.
-// Python packs B as (ceil(cols / width), K, width), zero-padded past the last column.
-int64_t panel_width(at::ScalarType dtype);
-
 // Shapes of one module, read off the packed weights by the Python host wrapper.
 struct InceptionDims {
   int64_t c1, r3, r5, c3, c5, cp, k3, k5;

@@ -13,7 +13,7 @@
 //      buffer, no separate add, no full-size gp @ Wp tensor.
 
 #include "inception_cpu.h"
-#include "nhwc.h"
+#include "max_pool_backward.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -22,98 +22,6 @@
 #include <cstring>
 
 namespace inception_fast {
-namespace {
-
-// One pixel of one channel block (cb channels) of the pool branch: pooled = max over the
-// window's `taps` pixels (x rows, row-major), and dx[argmax] += dp. kTaps > 0 fixes the tap
-// count at compile time (an interior pixel's full 3x3 window), so the tap loops unroll.
-template <typename T, int kTaps>
-inline void pool_pixel(const T* const* x, T* const* dx, T* pooled, const T* dp, int taps, int64_t cb) {
-  using Vec = typename Simd<T>::Vec;
-  using Mask = typename Simd<T>::Mask;
-  constexpr int64_t L = Simd<T>::kLanes;
-  if constexpr (kTaps > 0) taps = kTaps;
-  int64_t c = 0;
-  for (; c + L <= cb; c += L) {
-    Vec m, v;
-    std::memcpy(&m, x[0] + c, sizeof(Vec));
-    Mask arg{};
-#pragma GCC unroll 9
-    for (int k = 1; k < taps; ++k) {
-      std::memcpy(&v, x[k] + c, sizeof(Vec));
-      const Mask take = (v > m) | (v != v);
-      m = take ? v : m;
-      arg = take ? Mask{} + k : arg;
-    }
-    std::memcpy(pooled + c, &m, sizeof(Vec));
-    if (dp == nullptr) continue;
-    Vec g, acc;
-    std::memcpy(&g, dp + c, sizeof(Vec));
-#pragma GCC unroll 9
-    for (int k = 0; k < taps; ++k) {
-      std::memcpy(&acc, dx[k] + c, sizeof(Vec));
-      acc += arg == k ? g : Vec{};
-      std::memcpy(dx[k] + c, &acc, sizeof(Vec));
-    }
-  }
-  for (; c < cb; ++c) {  // the same, one channel at a time
-    T m = x[0][c];
-    int arg = 0;
-    for (int k = 1; k < taps; ++k) {
-      const T v = x[k][c];
-      if (v > m || v != v) m = v, arg = k;
-    }
-    pooled[c] = m;
-    if (dp != nullptr) dx[arg][c] += dp[c];
-  }
-}
-
-// pooled = 3x3/1 max pool of x (pad 1, -inf border); with dx, dx[argmax] += gp @ Wp.
-// The argmax is torch's: the window is scanned row-major and a value replaces the running
-// max when it is greater or NaN, so ties go to the first and NaN to the last NaN. Work items
-// are (image, channel block) pairs: no two write the same element of dx, whatever the
-// thread count, so the scatter needs no atomics and is deterministic. Each item computes
-// its own block of d_pooled = gp @ Wp (one image's rows, one block of columns): it stays
-// in L2 instead of making a round trip through memory as a full (M, C) tensor.
-// (Measured and rejected: items that own a channel block across all images, so that dx
-// and pooled never exist in full either; the many small GEMMs that needs ran at a third
-// of MKL's speed and the whole step got 1.7x slower.)
-template <typename T>
-void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /* (M, cp) */,
-                          const at::Tensor& wp /* (cp, C) */, T* dx /* (N, H, W, C) or null, accumulated into */,
-                          T* pooled /* (N, H, W, C) */, int64_t N, int64_t H, int64_t W, int64_t C) {
-  constexpr int64_t kBlock = 4 * Simd<T>::kLanes;  // channels of one work item: its rows stay in L1
-  const int64_t blocks = (C + kBlock - 1) / kBlock, HW = H * W;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t n = item / blocks, c0 = (item % blocks) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
-      at::Tensor dp_block;  // (HW, cb): this item's d_pooled
-      if (dx != nullptr) dp_block = at::mm(gp.narrow(0, n * HW, HW), wp.narrow(1, c0, cb));
-      for (int64_t h = 0; h < H; ++h) {
-        for (int64_t w = 0; w < W; ++w) {
-          const T* x_rows[9];
-          T* dx_rows[9];
-          int taps = 0;
-          for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
-            for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
-              const int64_t offset = ((n * H + hh) * W + ww) * C + c0;
-              x_rows[taps] = x + offset;
-              dx_rows[taps++] = dx + offset;
-            }
-          const int64_t p = h * W + w;
-          const T* dp = dx != nullptr ? dp_block.data_ptr<T>() + p * cb : nullptr;
-          T* out = pooled + (n * HW + p) * C + c0;
-          if (taps == 9)
-            pool_pixel<T, 9>(x_rows, dx_rows, out, dp, taps, cb);
-          else
-            pool_pixel<T, 0>(x_rows, dx_rows, out, dp, taps, cb);
-        }
-      }
-    }
-  });
-}
-
-}  // namespace
 
 std::vector<at::Tensor> inception_backward(const at::Tensor& grad_out, const at::Tensor& x_in,
                                            const at::Tensor& y, const std::vector<at::Tensor>& w,

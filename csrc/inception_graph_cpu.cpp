@@ -14,24 +14,23 @@
 
 #include "gemm.h"
 #include "inception_cpu.h"
+#include "plan.h"
 
 #include <ATen/Parallel.h>
 
 namespace inception_fast {
 namespace {
 using namespace gemm;
-
-constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3, kSourceMaxPoolCopy = -4;
-constexpr int64_t kDestOut = -1;
-constexpr int64_t kDescHead = 9;  // (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)
+using namespace plan;
 
 struct GemmDesc {
   int64_t stage, source, kh, kw, stride, pad_h, pad_w, cols;
-  std::vector<std::array<int64_t, 4>> segments;  // (begin, end, destination, channel)
+  std::vector<std::array<int64_t, kSegmentFields>> segments;  // (begin, end, destination, channel)
 };
 
 GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
-  TORCH_CHECK(d.size() >= kDescHead + 4 && static_cast<int64_t>(d.size()) == kDescHead + 4 * d[kDescHead - 1],
+  TORCH_CHECK(d.size() >= kGemmHead + kSegmentFields &&
+                  static_cast<int64_t>(d.size()) == kGemmHead + kSegmentFields * d[kGemmHead - 1],
               "a GEMM must be described as (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments, then "
               "(begin, end, destination, channel) per segment), got ", d.size(), " values");
   GemmDesc g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], {}};
@@ -42,8 +41,8 @@ GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
               "a GEMM over pooled x must be a stride-1 1x1");
   TORCH_CHECK(g.source != kSourceMaxPoolCopy || (g.kh == 3 && g.kw == 3 && g.stride == 2 && g.pad_h == 0),
               "the max-pool copy is 3x3, stride 2, no padding");
-  for (int64_t s = 0; s < d[kDescHead - 1]; ++s) {
-    const int64_t* seg = d.data() + kDescHead + 4 * s;
+  for (int64_t s = 0; s < d[kGemmHead - 1]; ++s) {
+    const int64_t* seg = d.data() + kGemmHead + kSegmentFields * s;
     TORCH_CHECK(0 <= seg[0] && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOut && seg[2] < buffers,
                 "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ") of a GEMM with ", g.cols, " columns");
     TORCH_CHECK(g.stride == 1 || seg[2] == kDestOut, "a stride-2 GEMM must write the output");
@@ -52,19 +51,20 @@ GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
   return g;
 }
 
-// dst[i][0:C] = max of x over the 3x3 window at (2h, 2w) of output pixel i (no padding: a
-// grid-reduction pool); NaN wins, as in torch.max_pool2d.
+// dst[i][channel + c] = max of x[c] over the 3x3 window at (2h, 2w) of output pixel i, for
+// channels c in [c0, c1) (no padding: a grid-reduction pool); NaN wins, as in torch.max_pool2d.
 template <typename T>
-void max_pool_stride2_rows(const Plane<const T>& x, int64_t C, const int64_t* pix_n, const int64_t* pix_h,
-                           const int64_t* pix_w, int64_t rows, const Plane<T>& dst, int64_t channel) {
+void max_pool_stride2_rows(const Plane<const T>& x, int64_t c0, int64_t c1, const int64_t* pix_n,
+                           const int64_t* pix_h, const int64_t* pix_w, int64_t rows, const Plane<T>& dst,
+                           int64_t channel) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h0 = 2 * pix_h[i], w0 = 2 * pix_w[i];
     T* out = dst.interior_row(n, pix_h[i], pix_w[i]) + channel;
-    std::memcpy(out, x.interior_row(n, h0, w0), C * sizeof(T));
+    std::memcpy(out + c0, x.interior_row(n, h0, w0) + c0, (c1 - c0) * sizeof(T));
     for (int64_t dy = 0; dy < 3; ++dy)
       for (int64_t dx = 0; dx < 3; ++dx) {
         const T* in = x.interior_row(n, h0 + dy, w0 + dx);
-        for (int64_t c = 0; c < C; ++c) out[c] = (in[c] > out[c] || in[c] != in[c]) ? in[c] : out[c];
+        for (int64_t c = c0; c < c1; ++c) out[c] = (in[c] > out[c] || in[c] != in[c]) ? in[c] : out[c];
       }
   }
 }
@@ -118,24 +118,32 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     max_panels = std::max(max_panels, gemms[g].panels());
     pools = pools || descs[g].source == kSourceAvgPool || descs[g].source == kSourceMaxPool;
   }
+  // Per-thread scratch for one block of at most `block` rows: pixel coordinates, A row
+  // pointers, the partial-sum tiles, and the pooled input rows of a pool projection.
   struct Scratch {
+    int64_t block;
     std::vector<int64_t> pix;
     std::vector<const T*> a_rows;
     std::vector<T> acc, pooled;
   };
   auto make_scratch = [&](int64_t block) {
-    return Scratch{std::vector<int64_t>(3 * block), std::vector<const T*>(block),
+    return Scratch{block, std::vector<int64_t>(3 * block), std::vector<const T*>(block),
                    std::vector<T>(ceil_div(block, kMR) * max_panels * kMR * kNR<T>),
                    std::vector<T>(pools ? block * C : 0)};
   };
-  // GEMM g over one block of pixel rows of its grid.
-  auto run_one = [&](size_t g, int64_t rows, const int64_t* pn, const int64_t* ph, const int64_t* pw, Scratch& s) {
+  // GEMM g over one block of pixel rows of its grid, for column part `part` of `parts` (a
+  // range of its weight panels; of its channels for the max-pool copy).
+  auto run_one = [&](size_t g, int64_t rows, const int64_t* pn, const int64_t* ph, const int64_t* pw, Scratch& s,
+                     int64_t part, int64_t parts) {
     const GemmDesc& d = descs[g];
     const T** a_rows = s.a_rows.data();
     if (d.source == kSourceMaxPoolCopy) {
-      max_pool_stride2_rows(x_plane, C, pn, ph, pw, rows, out_plane, d.segments[0][3]);
+      const int64_t c0 = C * part / parts, c1 = C * (part + 1) / parts;
+      if (c0 < c1) max_pool_stride2_rows(x_plane, c0, c1, pn, ph, pw, rows, out_plane, d.segments[0][3]);
       return;
     }
+    const int64_t panels = gemms[g].panels();
+    if (panels * part / parts == panels * (part + 1) / parts) return;  // no panels: skip the pooling too
     if (d.source == kSourceAvgPool || d.source == kSourceMaxPool) {
       if (d.source == kSourceAvgPool)
         avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), C);
@@ -148,17 +156,18 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
         a_rows[i] = d.source == kSourceX ? x_plane.interior_row(pn[i], h, w) : planes[d.source].interior_row(pn[i], h, w);
       }
     }
-    run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), 0, 1);
+    run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), part, parts);
   };
   auto grid_of = [&](size_t g) { return descs[g].stride == 1 ? std::make_pair(H, W) : std::make_pair(Ho, Wo); };
-  // Rows [m0, m1) of GEMM g's grid, in blocks of at most `block`.
-  auto for_rows = [&](size_t g, int64_t m0, int64_t m1, int64_t block, Scratch& s) {
+  // Rows [m0, m1) of GEMM g's grid, in blocks of at most `block` (<= s.block).
+  auto for_rows = [&](size_t g, int64_t m0, int64_t m1, int64_t block, Scratch& s, int64_t part = 0,
+                      int64_t parts = 1) {
     const auto [gh, gw] = grid_of(g);
     for (int64_t b0 = m0; b0 < m1; b0 += block) {
       const int64_t rows = std::min(block, m1 - b0);
-      int64_t *pn = s.pix.data(), *ph = pn + block, *pw = ph + block;
+      int64_t *pn = s.pix.data(), *ph = pn + s.block, *pw = ph + s.block;
       pixel_coords(b0, rows, gh, gw, pn, ph, pw);
-      run_one(g, rows, pn, ph, pw, s);
+      run_one(g, rows, pn, ph, pw, s, part, parts);
     }
   };
   auto zero_borders = [&](int64_t n) {
@@ -184,23 +193,49 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
       }
     });
   } else {
-    // Too few images to share out: every GEMM splits its pixel rows between threads, stage
-    // after stage (a stage reads its inputs' halo rows from other blocks). Blocks are cut
-    // per GEMM: a grid reduction's output grid has a quarter of the input's rows.
-    const int64_t max_block = block_rows(N * HW, threads);
+    // Too few images to share out: the threads share each stage's GEMMs, stage after stage
+    // (a stage reads its inputs' halo rows from other blocks), in one parallel region per
+    // stage whose work items are (row block, column part, GEMM). With only a few register
+    // tiles of rows per thread (a 7x7 grid at batch 1) the threads split every GEMM's weight
+    // panels rather than its rows, as the GoogLeNet kernel does: weights then dominate the
+    // traffic, and each thread reads only its part of them. Every GEMM of a stage is cut
+    // into the same number of row blocks (a grid reduction's output grid has a quarter of
+    // the input's rows, so its blocks are smaller), and items are ordered row block first:
+    // at::parallel_for hands each thread a contiguous range of items, so each gets the same
+    // share of every GEMM (in the column split, the same panel part of each).
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) zero_borders(n);
     });
     for (int64_t stage = 0; stage < stages; ++stage) {
+      std::vector<size_t> members;  // the stage's GEMMs
+      int64_t max_rows = 0;
       for (size_t g = 0; g < gemms.size(); ++g) {
         if (descs[g].stage != stage) continue;
+        members.push_back(g);
         const auto [gh, gw] = grid_of(g);
-        const int64_t rows = N * gh * gw, block = block_rows(rows, threads), blocks = ceil_div(rows, block);
-        at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-          Scratch scratch = make_scratch(max_block);
-          for (int64_t i = i0; i < i1; ++i) for_rows(g, i * block, std::min((i + 1) * block, rows), block, scratch);
-        });
+        max_rows = std::max(max_rows, N * gh * gw);
       }
+      if (members.empty()) continue;
+      const bool split_columns = max_rows < threads * kSplitColumnsBelowRows;
+      const int64_t parts = split_columns ? threads : 1;
+      const int64_t blocks = block_count(max_rows, split_columns ? 1 : threads);
+      const int64_t gemm_count = static_cast<int64_t>(members.size());
+      std::vector<int64_t> rows(gemm_count), block(gemm_count);
+      int64_t max_block = 1;
+      for (int64_t j = 0; j < gemm_count; ++j) {
+        const auto [gh, gw] = grid_of(members[j]);
+        rows[j] = N * gh * gw;
+        block[j] = rows_per_block(rows[j], blocks);
+        max_block = std::max(max_block, block[j]);
+      }
+      at::parallel_for(0, blocks * parts * gemm_count, 1, [&](int64_t i0, int64_t i1) {
+        Scratch scratch = make_scratch(max_block);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t j = i % gemm_count, part = i / gemm_count % parts, b = i / (gemm_count * parts);
+          const int64_t m0 = b * block[j], m1 = std::min(m0 + block[j], rows[j]);
+          if (m0 < m1) for_rows(members[j], m0, m1, block[j], scratch, part, parts);
+        }
+      });
     }
   }
 }
@@ -237,7 +272,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf
                     bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a contiguous (", d.cols, ",) tensor of x's dtype");
     for (const auto& seg : d.segments) {
-      const int64_t channels = seg[2] == -1 ? out_channels : buf_channels[seg[2]];
+      const int64_t channels = seg[2] == kDestOut ? out_channels : buf_channels[seg[2]];
       TORCH_CHECK(seg[3] >= 0 && seg[3] + seg[1] - seg[0] <= channels, "GEMM ", g, " writes past the ",
                   channels, " channels of its destination");
     }

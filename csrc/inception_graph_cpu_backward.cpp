@@ -1,6 +1,6 @@
 // The fused backward of a branch-graph Inception block (Inception-v3's InceptionA to E) on
-// the CPU: ATen GEMMs and convolution backward calls, grouped, plus one NHWC kernel of our
-// own for the average-pool branch. The algorithm is graph_backward_reference's
+// the CPU: ATen GEMMs and convolution backward calls, grouped, plus NHWC kernels of our
+// own for the pool branches. The algorithm is graph_backward_reference's
 // (inception_fast/ops/branch_graph.py), which documents it; what this one adds:
 //
 //   - every gradient column of the shared-x GEMM is written in place into one (M, K0)
@@ -10,11 +10,16 @@
 //     the weights (A^T @ x) read it without a concat;
 //   - the gradients of an intermediate's consumers accumulate in place into one buffer,
 //     masked once by its ReLU when its producer's turn comes;
-//   - the other contributions to dx (a grid reduction's stride-2 convolution over x, the
-//     max-pool scatters) are added in place into the GEMM's result.
+//   - the max-pool branch runs max_pool_backward.h's one pass: it recomputes the pool and
+//     its argmax and scatters gp @ Wp into the GEMM's dx in place (no index tensor), and
+//     leaves the pooled rows for the projection's weight gradient;
+//   - the other contributions to dx (a grid reduction's stride-2 convolution over x, its
+//     copied max pool) are added in place into the GEMM's result.
 
 #include "gemm.h"
 #include "inception_cpu.h"
+#include "max_pool_backward.h"
+#include "plan.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -23,9 +28,7 @@
 
 namespace inception_fast {
 namespace {
-
-constexpr int64_t kSourceX = -1, kSourceAvgPool = -2, kSourceMaxPool = -3;
-constexpr int64_t kRecord = 8;  // (source, destination, channel, kh, kw, stride, pad_h, pad_w)
+using namespace plan;
 
 struct ConvRecord {
   int64_t source, dest, channel, kh, kw, stride, pad_h, pad_w;
@@ -52,41 +55,44 @@ void avg_pool3x3_into(const T* g, T* dst, int64_t ld, int64_t N, int64_t H, int6
 std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                  const at::Tensor& y_in, const std::vector<at::Tensor>& intermediates,
                                                  const std::vector<at::Tensor>& weights, const std::vector<bool>& needs,
-                                                 const std::vector<int64_t>& plan) {
+                                                 const std::vector<int64_t>& flat /* GraphPlan.backward_flat() */) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes());
   TORCH_CHECK(needs.size() == 2, "needs must be (x, weights), got ", needs.size(), " flags");
-  TORCH_CHECK(plan.size() >= 5, "backward plan too short");
-  const int64_t stride = plan[1], copy_channel = plan[2], buffers = plan[3];
-  TORCH_CHECK(static_cast<int64_t>(plan.size()) >= 5 + buffers &&
-                  static_cast<int64_t>(plan.size()) == 5 + buffers + kRecord * plan[4 + buffers],
-              "backward plan: ", plan.size(), " values do not match its counts");
-  const int64_t convs = plan[4 + buffers];
+  TORCH_CHECK(flat.size() >= 5, "backward plan too short");
+  const int64_t stride = flat[1], copy_channel = flat[2], buffers = flat[3];
+  TORCH_CHECK(static_cast<int64_t>(flat.size()) >= 5 + buffers &&
+                  static_cast<int64_t>(flat.size()) == 5 + buffers + kConvRecord * flat[4 + buffers],
+              "backward plan: ", flat.size(), " values do not match its counts");
+  const int64_t convs = flat[4 + buffers];
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == convs, "one weight per convolution: need ", convs, ", got ",
               weights.size());
   TORCH_CHECK(static_cast<int64_t>(intermediates.size()) == buffers, "one intermediate per buffer: need ", buffers,
               ", got ", intermediates.size());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), M = N * H * W;
   const int64_t Ho = stride == 1 ? H : (H - 3) / 2 + 1, Wo = stride == 1 ? W : (W - 3) / 2 + 1;
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && y_in.dim() == 4 && y_in.size(0) == N && y_in.size(1) == plan[0] &&
+  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && y_in.dim() == 4 && y_in.size(0) == N && y_in.size(1) == flat[0] &&
                   y_in.size(2) == Ho && y_in.size(3) == Wo,
-              "grad_out and y must have shape (", N, ", ", plan[0], ", ", Ho, ", ", Wo, "), got ", grad_out_in.sizes(),
+              "grad_out and y must have shape (", N, ", ", flat[0], ", ", Ho, ", ", Wo, "), got ", grad_out_in.sizes(),
               " and ", y_in.sizes());
   for (int64_t k = 0; k < buffers; ++k)
     TORCH_CHECK(intermediates[k].dim() == 4 && intermediates[k].size(0) == N && intermediates[k].size(1) == H &&
-                    intermediates[k].size(2) == W && intermediates[k].size(3) == plan[4 + k],
-                "intermediate ", k, " must be (", N, ", ", H, ", ", W, ", ", plan[4 + k], ") NHWC, got ",
+                    intermediates[k].size(2) == W && intermediates[k].size(3) == flat[4 + k],
+                "intermediate ", k, " must be (", N, ", ", H, ", ", W, ", ", flat[4 + k], ") NHWC, got ",
                 intermediates[k].sizes());
   std::vector<ConvRecord> table;
   for (int64_t i = 0; i < convs; ++i) {
-    const int64_t* r = plan.data() + 5 + buffers + kRecord * i;
+    const int64_t* r = flat.data() + 5 + buffers + kConvRecord * i;
     table.push_back({r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
     const ConvRecord& t = table.back();
-    TORCH_CHECK(t.source >= kSourceMaxPool && t.source < buffers && t.dest >= -1 && t.dest < buffers,
+    TORCH_CHECK(t.source >= kSourceMaxPool && t.source < buffers && t.dest >= kDestOut && t.dest < buffers,
                 "convolution ", i, ": source ", t.source, " or destination ", t.dest, " out of range");
     TORCH_CHECK(weights[i].dim() == 4 && weights[i].size(2) == t.kh && weights[i].size(3) == t.kw &&
                     weights[i].scalar_type() == x_in.scalar_type(),
                 "weight ", i, " must be a (cout, cin, ", t.kh, ", ", t.kw, ") tensor of x's dtype, got ",
                 weights[i].sizes());
+    // The fused max-pool pass below reads x through the pool, one 1x1 over all its channels.
+    TORCH_CHECK(t.source != kSourceMaxPool || (t.kh == 1 && t.kw == 1 && t.stride == 1 && weights[i].size(1) == C),
+                "convolution ", i, " over the max-pooled x must be a stride-1 1x1 over its ", C, " channels");
   }
 
   const auto cl = at::MemoryFormat::ChannelsLast;
@@ -108,6 +114,8 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   const at::Tensor a = at::empty({M, k0}, x.options());
 
   std::vector<at::Tensor> d_weights(convs), d_biases(convs), dx_terms;
+  int64_t max_pool_conv = -1;  // its scatter waits for dx: the shared GEMM runs after this loop
+  at::Tensor max_pool_g;
   for (int64_t i = convs - 1; i >= 0; --i) {
     const ConvRecord& t = table[i];
     const at::Tensor& weight = weights[i];
@@ -130,11 +138,9 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
         avg_pool3x3_into<scalar_t>(g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>() + column[i], k0, N, H, W, co);
       });
     } else if (t.source == kSourceMaxPool) {
-      auto [pooled, indices] = at::max_pool2d_with_indices(x, {3, 3}, {1, 1}, {1, 1});
-      d_weights[i] = at::mm(g.t(), as_rows(pooled)).view(weight.sizes());
-      if (needs[0])
-        dx_terms.push_back(at::max_pool2d_with_indices_backward(as_image(at::mm(g, weight.flatten(1)), N, H, W), x,
-                                                                {3, 3}, {1, 1}, {1, 1}, {1, 1}, false, indices));
+      TORCH_CHECK(max_pool_conv < 0, "the plan has more than one convolution over the max-pooled x");
+      max_pool_conv = i;
+      max_pool_g = g;
     } else if (!t.shared()) {
       const int64_t gh = t.stride == 1 ? H : Ho, gw = t.stride == 1 ? W : Wo;
       const at::Tensor src = t.source == kSourceX ? x : intermediates[t.source].permute({0, 3, 1, 2});
@@ -155,16 +161,35 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
     }
   }
 
-  // The shared-x GEMMs: weight gradients of every 1x1 over x (and the pool projection's),
-  // then dx, to which every other contribution is added in place.
+  // The shared-x GEMMs: weight gradients of every 1x1 over x (and the average-pool
+  // projection's), then dx as (M, C) NHWC rows, into which every other contribution is
+  // added in place.
   if (k0 > 0 && needs[1]) {
     const at::Tensor d_shared = at::mm(a.t(), x_rows);
     for (int64_t i = 0; i < convs; ++i)
       if (column[i] >= 0) d_weights[i] = d_shared.narrow(0, column[i], weights[i].size(0)).view(weights[i].sizes()).clone();
   }
+  at::Tensor dx_rows;
+  if (needs[0]) dx_rows = k0 > 0 ? at::mm(a, at::cat(shared_weights)) : at::zeros({M, C}, x.options());
+  // The max-pool branch: one pass recomputes the pool and its argmax, scatters g @ Wp into
+  // dx_rows in place, and leaves the pooled rows for dW = g^T @ pooled (made even when
+  // only the weights need gradients).
+  if (max_pool_conv >= 0 && (needs[0] || needs[1])) {
+    const at::Tensor pooled = at::empty({M, C}, x.options());
+    const at::Tensor& weight = weights[max_pool_conv];
+    {
+      RECORD_FUNCTION("inception_fast::max_pool3x3_backward", std::vector<c10::IValue>());
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool3x3_backward", [&] {
+        max_pool3x3_backward<scalar_t>(x.data_ptr<scalar_t>(), max_pool_g, weight.flatten(1),
+                                       needs[0] ? dx_rows.data_ptr<scalar_t>() : nullptr, pooled.data_ptr<scalar_t>(),
+                                       N, H, W, C);
+      });
+    }
+    if (needs[1]) d_weights[max_pool_conv] = at::mm(max_pool_g.t(), pooled).view(weight.sizes());
+  }
   at::Tensor dx;
   if (needs[0]) {
-    dx = k0 > 0 ? as_image(at::mm(a, at::cat(shared_weights)), N, H, W) : at::zeros_like(x);
+    dx = as_image(dx_rows, N, H, W);
     for (const at::Tensor& term : dx_terms) dx.add_(term);
     if (copy_channel >= 0) {
       auto [pooled, indices] = at::max_pool2d_with_indices(x, {3, 3}, {2, 2}, {0, 0});

@@ -10,6 +10,9 @@ from inception_fast.ops.branch_graph import BranchGraphFunction, graph_backward,
 from inception_fast.ops.plan import plan
 from inception_fast.spec import Branch, BranchGraphSpec, Conv
 
+from inception_fast.ops.inception import InceptionWeights, fused_forward
+from inception_fast.spec import GOOGLENET_INCEPTION, InceptionSpec
+
 from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err, small_v3_block
 
 pytestmark = needs_cpu_kernel
@@ -163,6 +166,89 @@ def test_a_nan_in_x_reaches_the_same_gradients_as_torchvision():
     named = dict(fused.named_parameters())
     for pname, p in block.named_parameters():
         assert torch.equal(torch.isnan(named[pname].grad), torch.isnan(p.grad)), pname
+
+
+def _googlenet_graph(s):
+    """A GoogLeNet block (InceptionSpec) as a branch graph, convs in InceptionWeights' order."""
+    cin = s.in_channels
+    return BranchGraphSpec(cin, (
+        Branch(((Conv(cin, s.ch1x1),),)),
+        Branch(((Conv(cin, s.ch3x3red),), (Conv(s.ch3x3red, s.ch3x3, s.k3, s.k3),))),
+        Branch(((Conv(cin, s.ch5x5red),), (Conv(s.ch5x5red, s.ch5x5, s.k5, s.k5),))),
+    ), "max", Conv(cin, s.pool_proj))
+
+
+def _with_threads(threads, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_column_split_is_bit_identical_to_one_thread_and_to_the_googlenet_kernel(dtype):
+    """5b at batch 1 has 49 pixel rows, under 2 threads * kSplitColumnsBelowRows: with two
+    threads both kernels split the weight panels instead of the rows. Each output element
+    is still one accumulation in a fixed order, so nothing may change by a bit."""
+    s = GOOGLENET_INCEPTION["5b"].spec
+    spec = _googlenet_graph(s)
+    weights, biases = _params(spec, dtype)
+    graph = plan(spec)
+    b, bias = pack_graph_weights(spec, graph, weights, biases)
+    old_weights = InceptionWeights(*(t for pair in zip(weights, biases) for t in pair))
+    x = torch.randn(1, s.in_channels, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        one = _with_threads(1, lambda: torch.ops.inception_fast.graph_forward(x, b, bias, graph.flat()))
+        two = _with_threads(2, lambda: torch.ops.inception_fast.graph_forward(x, b, bias, graph.flat()))
+        old = _with_threads(2, lambda: fused_forward(x, old_weights, backend="cpu"))
+    assert torch.equal(two, one)
+    assert torch.equal(two, old)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_column_split_of_every_kind_of_gemm_is_bit_identical_to_one_thread(name):
+    """The small specs at batch 1 on 7x7 (column split at 2 threads): GEMMs of one panel,
+    so one part owns none (and skips its pooled rows), chains over bordered buffers, and a
+    grid reduction's stride-2 GEMMs and copied max pool (split by channels)."""
+    spec = SPECS[name]
+    weights, biases = _params(spec, torch.float32)
+    graph = plan(spec)
+    b, bias = pack_graph_weights(spec, graph, weights, biases)
+    x = torch.randn(1, spec.in_channels, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        one = _with_threads(1, lambda: torch.ops.inception_fast.graph_forward(x, b, bias, graph.flat()))
+        two = _with_threads(2, lambda: torch.ops.inception_fast.graph_forward(x, b, bias, graph.flat()))
+    assert torch.equal(two, one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_max_pool_branch_backward_with_nan_and_ties_matches_the_aten_twin(dtype):
+    """The fused max-pool pass against ATen's max_pool2d_with_indices and its backward:
+    torch's argmax (row-major, ties to the first, NaN wins, so the last NaN of a window).
+    70 channels: full SIMD vectors, a scalar tail and two channel blocks."""
+    spec = _googlenet_graph(InceptionSpec(70, 5, 6, 7, 3, 4, 9))
+    weights, biases = _params(spec, dtype)
+    x = torch.randn(2, 70, 6, 5, dtype=dtype).mul(1.5).round()  # ties in every pool window
+    x[0, 3, 2, 2] = x[0, 3, 2, 3] = float("nan")  # two NaNs in the windows around them
+    x[1, 40, 0, 0] = float("nan")  # a corner window
+    x[1, 68, 5, 4] = float("nan")  # the scalar tail
+    x = x.contiguous(memory_format=torch.channels_last)
+    y, intermediates, graph = _saved(spec, x, weights, biases)
+    g = torch.randn_like(y)
+    for needs in ([True, True], [True, False], [False, True]):
+        cpp = graph_backward(g, x, y, intermediates, weights, needs, graph.backward_flat(), "cpu")
+        aten = graph_backward_reference(g, x, y, intermediates, weights, needs, graph.backward_flat())
+        for i, (a, b) in enumerate(zip(cpp, aten)):
+            if b is None:
+                assert a.numel() == 0
+                continue
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), (needs, i)
+            finite = ~torch.isnan(b)
+            assert rel_err(a[finite], b[finite]) <= TOLERANCE[dtype], (needs, i)
+    # The pool projection's weight gradient (last conv) is NaN where a pooled NaN meets it.
+    assert torch.isnan(cpp[-2]).any()
 
 
 @pytest.mark.slow

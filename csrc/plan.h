@@ -1,0 +1,29 @@
+// The wire format of a branch-graph plan (inception_fast/ops/branch_graph.py, GraphPlan):
+// the numbers that the Python planner writes and the graph kernels read. Kept to one
+// `name = value` per line: a Python test parses this file and compares it with Python's.
+#pragma once
+
+#include <cstdint>
+
+namespace inception_fast::plan {
+
+// What a GEMM or convolution reads; k >= 0 is buffer k.
+enum Source : int64_t {
+  kSourceX = -1,            // the block's input
+  kSourceAvgPool = -2,      // x's 3x3/1 average pool (count_include_pad)
+  kSourceMaxPool = -3,      // x's 3x3/1 max pool
+  kSourceMaxPoolCopy = -4,  // x's 3x3/2 max pool, copied into one output slice (no weights)
+};
+
+// Where a GEMM segment or convolution writes; k >= 0 is buffer k.
+enum Destination : int64_t {
+  kDestOut = -1,  // the block's output
+};
+
+// A GEMM description: these head fields, then kSegmentFields values per segment.
+constexpr int64_t kGemmHead = 9;  // (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)
+constexpr int64_t kSegmentFields = 4;  // (begin, end, destination, channel)
+// One convolution of the backward plan.
+constexpr int64_t kConvRecord = 8;  // (source, destination, channel, kh, kw, stride, pad_h, pad_w)
+
+}  // namespace inception_fast::plan
