@@ -18,8 +18,10 @@ import time
 
 import torch
 
-from inception_fast.ops.branch_graph import Branch, BranchGraphSpec, Conv, pack_graph_weights, plan
-from inception_fast.ops.inception import InceptionWeights, fused_forward, pack_cpu_weights
+from inception_fast._extension import require_cpu_extension
+from inception_fast.ops.backend import as_gemm_b, pack_panels, panel_width
+from inception_fast.ops.branch_graph import pack_weights
+from inception_fast.ops.inception import InceptionWeights, preset
 from inception_fast.spec import GOOGLENET_INCEPTION
 
 EXACT_BATCHES = (1, 8, 32)
@@ -30,19 +32,17 @@ GRAD_TOLERANCE = 1e-6
 GRAD_NAMES = ("x",) + InceptionWeights._fields
 
 
-def graph_spec(s) -> BranchGraphSpec:
-    """The GoogLeNet block as a branch graph; spec.convs is in InceptionWeights' order."""
-    cin = s.in_channels
-    return BranchGraphSpec(cin, (
-        Branch(((Conv(cin, s.ch1x1),),)),
-        Branch(((Conv(cin, s.ch3x3red),), (Conv(s.ch3x3red, s.ch3x3, s.k3, s.k3),))),
-        Branch(((Conv(cin, s.ch5x5red),), (Conv(s.ch5x5red, s.ch5x5, s.k5, s.k5),))),
-    ), "max", Conv(cin, s.pool_proj))
+def old_packed(w: InceptionWeights) -> list:
+    """The weights in the GoogLeNet-only kernel's layout: B panels of [W1 | W3r | W5r], W3, W5, Wp."""
+    width = panel_width(w.w1.dtype)
+    panels = lambda *ws: pack_panels(torch.cat([as_gemm_b(t) for t in ws], dim=1), width)  # noqa: E731
+    return [panels(w.w1, w.w3r, w.w5r), torch.cat([w.b1, w.b3r, w.b5r]), panels(w.w3), w.b3, panels(w.w5), w.b5,
+            panels(w.wp), w.bp]
 
 
 def random_weights(spec, dtype) -> InceptionWeights:
     # Scaled by fan-in and with biases of both signs, so that ReLU keeps about half the outputs.
-    return InceptionWeights(*(t for c in graph_spec(spec).convs for t in (
+    return InceptionWeights(*(t for c in spec.to_graph().convs for t in (
         torch.randn(c.out_channels, c.in_channels, c.kh, c.kw, dtype=dtype) / (c.in_channels * c.kh * c.kw) ** 0.5,
         torch.rand(c.out_channels, dtype=dtype) * 0.2 - 0.1)))
 
@@ -54,23 +54,25 @@ class Block:
         self.name, paper = name, GOOGLENET_INCEPTION[name]
         self.spec, self.size, self.dtype = paper.spec, paper.size, dtype
         self.w = random_weights(self.spec, dtype) if w is None else w
-        self.graph_spec = graph_spec(self.spec)
-        self.graph, self.flat = plan(self.graph_spec), plan(self.graph_spec).flat()
-        self.b, self.bias = pack_graph_weights(self.graph_spec, self.graph, list(self.w[0::2]), list(self.w[1::2]))
-        self.packed = pack_cpu_weights(self.w, self.spec)
+        p = preset(self.spec)
+        self.graph, self.flat = p.plan, p.flat
+        self.b, self.bias = pack_weights(self.graph, list(self.w[0::2]), list(self.w[1::2]), "cpu")
+        s = self.spec
+        self.packed = old_packed(self.w)
+        self.dims = [s.ch1x1, s.ch3x3red, s.ch5x5red, s.ch3x3, s.ch5x5, s.pool_proj, s.k3, s.k5]
 
     def x(self, batch):
         return torch.randn(batch, self.spec.in_channels, self.size, self.size, dtype=self.dtype).contiguous(
             memory_format=torch.channels_last)
 
-    def old(self, x):  # the op fused_forward(backend="cpu") calls, on weights packed once
-        return torch.ops.inception_fast.cpu_forward(x, *self.packed[:-1], list(self.packed.dims))
+    def old(self, x):  # the GoogLeNet-only C++ forward, on weights packed once
+        return require_cpu_extension().inception_forward(x, *self.packed, self.dims)
 
     def new(self, x):
         return torch.ops.inception_fast.graph_forward(x, self.b, self.bias, self.flat)
 
     def old_backward(self, g, x, y):
-        return torch.ops.inception_fast.backward(g, x, y, list(self.w), [True] * 13, "cpu")
+        return require_cpu_extension().inception_backward(g, x, y, list(self.w), [True] * 13)
 
     def saved(self, x):  # (y, the intermediates' interiors) of the graph forward, as BranchGraphFunction saves
         y, buffers = torch.ops.inception_fast.graph_forward_saving(x, self.b, self.bias, self.flat)
@@ -124,7 +126,7 @@ def check_outputs(names):
             for batch in EXACT_BATCHES:
                 x = block.x(batch)
                 with torch.no_grad():
-                    old, new = fused_forward(x, block.w, backend="cpu"), block.new(x)
+                    old, new = block.old(x), block.new(x)
                 if not torch.equal(old, new):
                     mismatches += 1
                     print(f"MISMATCH {name} batch {batch} {dtype}: max |old - new| = {(old - new).abs().max():.3g}")
@@ -183,7 +185,7 @@ def main():
     with open("/proc/cpuinfo") as f:  # the machine, so that a pasted table says where it ran
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
     print(f"# one-op gate: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("\n## outputs: old fused_forward(backend='cpu') vs graph_forward, torch.equal")
+    print("\n## outputs: old GoogLeNet forward vs graph_forward, torch.equal")
     mismatches = check_outputs(names)
     time_forward(names, args.reps)
     print(f"\n## backward fp32: old backward vs graph_backward (relative error <= {GRAD_TOLERANCE:g}); "

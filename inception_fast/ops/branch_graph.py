@@ -21,6 +21,8 @@ over Conv2d-layout weights.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -74,13 +76,24 @@ def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str) -> tup
     return weights, biases
 
 
+@functools.lru_cache(maxsize=256)
+def _cpp_plan(flat_plan: tuple[int, ...]) -> tuple:
+    """(buf_channels, buf_border, GEMM records, out_channels, stride) of a flat plan as the
+    C++ kernels take them, parsed once per plan: a batch-1 call must not pay ~20 us for it."""
+    p = GraphPlan.from_flat(list(flat_plan))
+    return list(p.buf_channels), list(p.buf_border), [g.flat() for g in p.gemms], p.out_channels, p.stride
+
+
+def _cpp_forward(entry: str, x: torch.Tensor, b, bias, flat_plan, **out):
+    buf_channels, buf_border, gemms, out_channels, stride = _cpp_plan(tuple(flat_plan))
+    return getattr(require_cpu_extension(), entry)(x, buf_channels, buf_border, gemms, list(b), list(bias),
+                                                   out_channels, stride, **out)
+
+
 @torch.library.custom_op("inception_fast::graph_forward", mutates_args=())
 def graph_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor], flat_plan: list[int]) -> torch.Tensor:
     """The C++ branch-graph kernel on packed weights; flat_plan = GraphPlan.flat()."""
-    p = GraphPlan.from_flat(flat_plan)
-    return require_cpu_extension().inception_graph_forward(
-        x, list(p.buf_channels), list(p.buf_border), [g.flat() for g in p.gemms], list(b), list(bias),
-        p.out_channels, p.stride)
+    return _cpp_forward("inception_graph_forward", x, b, bias, flat_plan)
 
 
 def graph_forward_into(out: torch.Tensor, x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
@@ -91,10 +104,7 @@ def graph_forward_into(out: torch.Tensor, x: torch.Tensor, b: list, bias: list, 
         from . import branch_graph_triton
 
         return branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan), out=out)
-    p = GraphPlan.from_flat(flat_plan)
-    return require_cpu_extension().inception_graph_forward(
-        x, list(p.buf_channels), list(p.buf_border), [g.flat() for g in p.gemms], list(b), list(bias),
-        p.out_channels, p.stride, out)
+    return _cpp_forward("inception_graph_forward", x, b, bias, flat_plan, out=out)
 
 
 @graph_forward.register_fake
@@ -234,10 +244,7 @@ def graph_forward_saving(x: torch.Tensor, b: list[torch.Tensor], bias: list[torc
                          flat_plan: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """graph_forward that also returns its intermediates for the backward: buffer k as the
     kernel keeps it, (N, H + 2 border_k, W + 2 border_k, channels_k) NHWC with a zero border."""
-    p = GraphPlan.from_flat(flat_plan)
-    out, buffers = require_cpu_extension().inception_graph_forward_saving(
-        x, list(p.buf_channels), list(p.buf_border), [g.flat() for g in p.gemms], list(b), list(bias),
-        p.out_channels, p.stride)
+    out, buffers = _cpp_forward("inception_graph_forward_saving", x, b, bias, flat_plan)
     return out, list(buffers)
 
 
