@@ -385,14 +385,19 @@ class BranchGraphFunction(torch.autograd.Function):
             saving = graph_triton_forward_saving if backend == "triton" else graph_forward_saving
             y, buffers = saving(x, list(packed_b), list(packed_bias), flat_plan)
             saved = [t for t, i in zip(_interiors(buffers, x.shape[2], x.shape[3]), recompute) if i < 0]
-        ctx.save_for_backward(x, y, *params, *saved)
+        recomputing = any(i >= 0 for i in recompute)
+        # The biases only serve to recompute: a backward that recomputes nothing leaves them.
+        ctx.save_for_backward(x, y, *(params if recomputing else params[:half]), *saved)
         ctx.backend, ctx.backward_plan, ctx.recompute, ctx.half = backend, backward_plan, tuple(recompute), half
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, y, *rest = ctx.saved_tensors
-        weights, biases, saved = rest[:ctx.half], rest[ctx.half:2 * ctx.half], iter(rest[2 * ctx.half:])
+        weights = rest[:ctx.half]
+        recomputing = any(i >= 0 for i in ctx.recompute)
+        biases = rest[ctx.half:2 * ctx.half] if recomputing else ()
+        saved = iter(rest[2 * ctx.half:] if recomputing else rest[ctx.half:])
         recomputed = _recomputed(x, weights, biases, ctx.recompute)
         intermediates = [recomputed[k] if i >= 0 else next(saved) for k, i in enumerate(ctx.recompute)]
         needs = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[7:])]
