@@ -276,22 +276,32 @@ void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
   }
 }
 
+// What a 3x3/1 average pool divides its window sum by: 9 (count_include_pad, zero padding
+// counts, as F.avg_pool2d(x, 3, 1, 1)), the in-bounds pixels of the window
+// (count_include_pad=False), or nothing (a sum pool: the backward's adjoint of the latter).
+enum class PoolDivisor { kNine, kInBounds, kNone };
+
 // pooled[i][c] = sum of x over the 3x3 window around pixel i (row-major, in-bounds
-// pixels) / 9: zero padding counts, as F.avg_pool2d(x, 3, 1, 1) with count_include_pad.
+// pixels), divided as `divisor` says.
 // Row i of pooled starts at pooled + i * ld (ld >= C: rows may sit inside a wider matrix).
 template <typename T>
 void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
-                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled, int64_t ld) {
+                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled, int64_t ld,
+                   PoolDivisor divisor = PoolDivisor::kNine) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
     T* out = pooled + i * ld;
     std::fill(out, out + C, T(0));
-    for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
-      for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
+    const int64_t h0 = std::max<int64_t>(h - 1, 0), h1 = std::min(h + 1, H - 1);
+    const int64_t w0 = std::max<int64_t>(w - 1, 0), w1 = std::min(w + 1, W - 1);
+    for (int64_t hh = h0; hh <= h1; ++hh)
+      for (int64_t ww = w0; ww <= w1; ++ww) {
         const T* in = x.interior_row(n, hh, ww);
         for (int64_t c = 0; c < C; ++c) out[c] += in[c];
       }
-    for (int64_t c = 0; c < C; ++c) out[c] /= T(9);
+    if (divisor == PoolDivisor::kNone) continue;
+    const T count = divisor == PoolDivisor::kNine ? T(9) : T((h1 - h0 + 1) * (w1 - w0 + 1));
+    for (int64_t c = 0; c < C; ++c) out[c] /= count;
   }
 }
 

@@ -34,10 +34,10 @@ GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
               "a GEMM must be described as (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments, then "
               "(begin, end, destination, channel) per segment), got ", d.size(), " values");
   GemmDesc g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], {}};
-  TORCH_CHECK(g.source >= kSourceMaxPoolCopy && g.source < buffers, "GEMM source ", g.source, " out of range");
+  TORCH_CHECK(g.source >= kSourceAvgPoolExcludePad && g.source < buffers, "GEMM source ", g.source, " out of range");
   TORCH_CHECK(g.stride == 1 || g.stride == 2, "GEMM stride must be 1 or 2, got ", g.stride);
   TORCH_CHECK(g.source != kSourceX || (g.pad_h == 0 && g.pad_w == 0), "a GEMM over x cannot pad (x has no border)");
-  TORCH_CHECK((g.source != kSourceAvgPool && g.source != kSourceMaxPool) || (g.kh == 1 && g.kw == 1 && g.stride == 1),
+  TORCH_CHECK(!pooled_source(g.source) || (g.kh == 1 && g.kw == 1 && g.stride == 1),
               "a GEMM over pooled x must be a stride-1 1x1");
   TORCH_CHECK(g.source != kSourceMaxPoolCopy || (g.kh == 3 && g.kw == 3 && g.stride == 2 && g.pad_h == 0),
               "the max-pool copy is 3x3, stride 2, no padding");
@@ -98,7 +98,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     if (d.source >= 0)
       TORCH_CHECK(planes[d.source].pad >= d.pad_h && planes[d.source].pad >= d.pad_w, "buffer ", d.source,
                   " has a border of ", planes[d.source].pad, ", too narrow for padding (", d.pad_h, ", ", d.pad_w, ")");
-    const bool pooled_rows = d.source == kSourceAvgPool || d.source == kSourceMaxPool;
+    const bool pooled_rows = pooled_source(d.source);
     for (int64_t dy = 0; dy < (pooled_rows ? 1 : d.kh); ++dy)
       for (int64_t dx = 0; dx < (pooled_rows ? 1 : d.kw); ++dx) gm.tap_offset.push_back(dy * sh + dx * sw);
     for (const auto& [begin, end, dest, channel] : d.segments)
@@ -116,7 +116,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   bool pools = false;
   for (size_t g = 0; g < gemms.size(); ++g) {
     max_panels = std::max(max_panels, gemms[g].panels());
-    pools = pools || descs[g].source == kSourceAvgPool || descs[g].source == kSourceMaxPool;
+    pools = pools || pooled_source(descs[g].source);
   }
   // Per-thread scratch for one block of at most `block` rows: pixel coordinates, A row
   // pointers, the partial-sum tiles, and the pooled input rows of a pool projection.
@@ -144,9 +144,10 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     }
     const int64_t panels = gemms[g].panels();
     if (panels * part / parts == panels * (part + 1) / parts) return;  // no panels: skip the pooling too
-    if (d.source == kSourceAvgPool || d.source == kSourceMaxPool) {
-      if (d.source == kSourceAvgPool)
-        avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), C);
+    if (pooled_source(d.source)) {
+      if (d.source != kSourceMaxPool)
+        avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), C,
+                      d.source == kSourceAvgPool ? PoolDivisor::kNine : PoolDivisor::kInBounds);
       else
         max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
       for (int64_t i = 0; i < rows; ++i) a_rows[i] = s.pooled.data() + i * C;
@@ -262,7 +263,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf
       TORCH_CHECK(d.cols == C && d.segments.size() == 1, "the max-pool copy passes x's ", C, " channels to one slice");
       continue;  // no weights
     }
-    const bool pooled_rows = d.source == kSourceAvgPool || d.source == kSourceMaxPool;
+    const bool pooled_rows = pooled_source(d.source);
     const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (d.source >= 0 ? buf_channels[d.source] : C);
     TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].is_contiguous() && b[g].dim() == 3 &&
                     b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,

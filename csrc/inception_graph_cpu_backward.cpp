@@ -32,22 +32,38 @@ using namespace plan;
 
 struct ConvRecord {
   int64_t source, dest, channel, kh, kw, stride, pad_h, pad_w;
-  bool shared() const { return (source == kSourceX && kh == 1 && kw == 1 && stride == 1) || source == kSourceAvgPool; }
+  bool shared() const {
+    return (source == kSourceX && kh == 1 && kw == 1 && stride == 1) || source == kSourceAvgPool ||
+           source == kSourceAvgPoolExcludePad;
+  }
 };
 
-// dst rows (row stride ld) = the 3x3/1 average pool of g's NHWC rows ((N*H*W, C),
+// dst rows (row stride ld) = the 3x3/1 average (or sum) pool of g's NHWC rows ((N*H*W, C),
 // contiguous): gemm.h's pooled-row loop, the forward's, one image row per work item.
 template <typename T>
-void avg_pool3x3_into(const T* g, T* dst, int64_t ld, int64_t N, int64_t H, int64_t W, int64_t C) {
+void avg_pool3x3_into(const T* g, T* dst, int64_t ld, int64_t N, int64_t H, int64_t W, int64_t C,
+                      gemm::PoolDivisor divisor) {
   const Plane<const T> plane{g, H * W * C, W * C, C, 0};
   at::parallel_for(0, N * H, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> pix(3 * W);  // (n, h, w) of one image row's pixels
     int64_t *pn = pix.data(), *ph = pn + W, *pw = ph + W;
     for (int64_t r = r0; r < r1; ++r) {
       gemm::pixel_coords(r * W, W, H, W, pn, ph, pw);
-      gemm::avg_pool_rows(plane, H, W, C, pn, ph, pw, W, dst + r * W * ld, ld);
+      gemm::avg_pool_rows(plane, H, W, C, pn, ph, pw, W, dst + r * W * ld, ld, divisor);
     }
   });
+}
+
+// (H*W, 1): the in-bounds pixels of each pixel's 3x3 window, the divisor of an average pool
+// without count_include_pad.
+at::Tensor window_counts(int64_t H, int64_t W, const at::TensorOptions& options) {
+  auto rows = at::full({H}, 3, options);
+  auto cols = at::full({W}, 3, options);
+  rows[0] = rows[0] - 1;
+  rows[H - 1] = rows[H - 1] - 1;
+  cols[0] = cols[0] - 1;
+  cols[W - 1] = cols[W - 1] - 1;
+  return at::outer(rows, cols).reshape({H * W, 1});
 }
 
 }  // namespace
@@ -84,7 +100,7 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
     const int64_t* r = flat.data() + 5 + buffers + kConvRecord * i;
     table.push_back({r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
     const ConvRecord& t = table.back();
-    TORCH_CHECK(t.source >= kSourceMaxPool && t.source < buffers && t.dest >= kDestOut && t.dest < buffers,
+    TORCH_CHECK(t.source >= kSourceAvgPoolExcludePad && t.source != kSourceMaxPoolCopy && t.source < buffers && t.dest >= kDestOut && t.dest < buffers,
                 "convolution ", i, ": source ", t.source, " or destination ", t.dest, " out of range");
     TORCH_CHECK(weights[i].dim() == 4 && weights[i].size(2) == t.kh && weights[i].size(3) == t.kw &&
                     weights[i].scalar_type() == x_in.scalar_type(),
@@ -132,10 +148,15 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
       g = at::threshold_backward(g_in, relu_out, 0).contiguous();
     }
     d_biases[i] = g.sum(0);
-    if (t.source == kSourceAvgPool) {  // self-adjoint: its A block is avgpool(gp)
+    if (t.source == kSourceAvgPool || t.source == kSourceAvgPoolExcludePad) {
+      // With count_include_pad the pool is self-adjoint: its A block is avgpool(gp). Without,
+      // it is S(x) / count, S the (self-adjoint) 3x3 sum pool: the block is S(gp / count).
+      const bool include_pad = t.source == kSourceAvgPool;
+      const at::Tensor src = include_pad ? g : (g / window_counts(H, W, x.options()).repeat({N, 1})).contiguous();
       RECORD_FUNCTION("inception_fast::avg_pool3x3_into", std::vector<c10::IValue>());
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avg_pool3x3_into", [&] {
-        avg_pool3x3_into<scalar_t>(g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>() + column[i], k0, N, H, W, co);
+        avg_pool3x3_into<scalar_t>(src.data_ptr<scalar_t>(), a.data_ptr<scalar_t>() + column[i], k0, N, H, W, co,
+                                   include_pad ? gemm::PoolDivisor::kNine : gemm::PoolDivisor::kNone);
       });
     } else if (t.source == kSourceMaxPool) {
       TORCH_CHECK(max_pool_conv < 0, "the plan has more than one convolution over the max-pooled x");

@@ -13,7 +13,13 @@ enum Source : int64_t {
   kSourceAvgPool = -2,      // x's 3x3/1 average pool (count_include_pad)
   kSourceMaxPool = -3,      // x's 3x3/1 max pool
   kSourceMaxPoolCopy = -4,  // x's 3x3/2 max pool, copied into one output slice (no weights)
+  kSourceAvgPoolExcludePad = -5,  // x's 3x3/1 average pool, count_include_pad=False
 };
+
+// A 1x1 over rows of x pooled 3x3/1 while loading (the pooling branch's projection).
+inline bool pooled_source(int64_t source) {
+  return source == kSourceAvgPool || source == kSourceMaxPool || source == kSourceAvgPoolExcludePad;
+}
 
 // Where a GEMM segment or convolution writes; k >= 0 is buffer k.
 enum Destination : int64_t {

@@ -11,6 +11,8 @@ and running stats update exactly as before).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -57,10 +59,38 @@ def _layout_names(chains, pool_attr) -> list[str]:
     return names + ([pool_attr] if pool_attr else [])
 
 
+def _pool_variants(pristine, pool: str) -> list[tuple[str, bool, list]]:
+    """(pool, count_include_pad, graph signature) of a pristine stride-1 torchvision block and
+    of its pool-branch variants that the fused op also runs: the 3x3/1 average pool without
+    count_include_pad (pytorch-fid's FIDInceptionA, C, E_1) and a 3x3/1 max pool
+    (FIDInceptionE_2). Only the pool node's call changes; every other node must match."""
+    import torch.fx as fx
+    import torch.nn.functional as F
+
+    from .blocks import graph_signature
+
+    variants = [(pool, True, graph_signature(pristine))]
+    pools = [n for n in pristine.graph.nodes if n.op == "call_function" and n.target is F.avg_pool2d]
+    if len(pools) != 1:  # a grid reduction: its max pool has no variants
+        return variants
+    for pool, include_pad in (("avg", False), ("max", True)):
+        variant = fx.GraphModule(pristine, copy.deepcopy(pristine.graph))
+        node = next(n for n in variant.graph.nodes if n.op == "call_function" and n.target is F.avg_pool2d)
+        if pool == "max":  # as fx records F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+            node.target = F.max_pool2d
+            node.args = (node.args[0], 3)
+            node.kwargs = dict(stride=1, padding=1, dilation=1, ceil_mode=False, return_indices=False)
+        else:
+            node.kwargs = {**node.kwargs, "count_include_pad": False}
+        variants.append((pool, include_pad, graph_signature(variant)))
+    return variants
+
+
 def torchvision_graph_layout(module: nn.Module):
     """(layout, traced graph) of a block that computes exactly what torchvision's InceptionA-E
-    of its shape computes; None when its children are not such a block's; NotAnInceptionBlock
-    (near miss) when they are but its forward computes something else.
+    of its shape computes, or one of its pool-branch variants (_pool_variants); None when its
+    children are not such a block's; NotAnInceptionBlock (near miss) when they are but its
+    forward computes something else. layout = (chains, pool, pool attribute, count_include_pad).
 
     Recognition is by computation, not class: the block's torch.fx graph (traced through
     BasicConv2d or any wrapper) must equal, node for node with every argument, the graph
@@ -76,7 +106,7 @@ def torchvision_graph_layout(module: nn.Module):
         return None
     children = dict(module.named_children())
     for name, layout in _TORCHVISION_LAYOUTS.items():
-        chains, _, pool_attr = layout
+        chains, pristine_pool, pool_attr = layout
         if set(children) != set(_layout_names(chains, pool_attr)):
             continue
         try:
@@ -86,9 +116,12 @@ def torchvision_graph_layout(module: nn.Module):
         except Exception:  # children without torchvision's attributes: not this layout
             return None
         traced = trace_block(module)
-        got, want = graph_signature(traced), graph_signature(fx.symbolic_trace(pristine))
-        if got == want:
-            return layout, traced
+        got = graph_signature(traced)
+        variants = _pool_variants(fx.symbolic_trace(pristine), pristine_pool)
+        for pool, include_pad, want in variants:
+            if got == want:
+                return (chains, pool, pool_attr, include_pad), traced
+        want = variants[0][2]
         nodes = list(traced.graph.nodes)
         at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
         what = nodes[at].format_node() if at < len(nodes) else "the end of the graph"
@@ -126,7 +159,7 @@ def _parse(block: nn.Module, found=None):
     found = found if found is not None else torchvision_graph_layout(block)
     if found is None:
         raise NotAnInceptionBlock(f"{type(block).__name__} does not compute torchvision's InceptionA, B, C, D or E")
-    (chains, pool, pool_attr), traced = found
+    (chains, pool, pool_attr, include_pad), traced = found
     units, branches = [], []
     for chain in chains:
         levels = []
@@ -141,7 +174,8 @@ def _parse(block: nn.Module, found=None):
         units.append(pool_unit)
     in_channels = branches[0].levels[0][0].in_channels
     try:
-        spec = BranchGraphSpec(in_channels, tuple(branches), pool, pool_conv, stride=1 if pool_attr else 2)
+        spec = BranchGraphSpec(in_channels, tuple(branches), pool, pool_conv, stride=1 if pool_attr else 2,
+                               count_include_pad=include_pad)
     except ValueError as exc:
         raise NotAnInceptionBlock(str(exc)) from None
     return spec, units, traced

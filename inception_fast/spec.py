@@ -202,13 +202,16 @@ class BranchGraphSpec:
 
     in_channels: int
     branches: tuple[Branch, ...]
-    pool: str  # "avg" (count_include_pad) or "max"; 3x3, padding 1 at stride 1, none at 2
+    pool: str  # "avg" or "max"; 3x3, padding 1 at stride 1, none at 2
     pool_proj: Conv | None
     stride: int = 1
+    count_include_pad: bool = True  # of the "avg" pool, as F.avg_pool2d's (pytorch-fid's blocks: False)
 
     def __post_init__(self):
         if self.pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
+        if not isinstance(self.count_include_pad, bool) or (self.pool == "max" and not self.count_include_pad):
+            raise ValueError(f"count_include_pad must be a bool, and True for a max pool, got {self.count_include_pad!r}")
         if self.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {self.stride!r}")
         if self.stride == 2 and (self.pool != "max" or self.pool_proj is not None):

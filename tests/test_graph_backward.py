@@ -30,6 +30,9 @@ SPECS = {
         Branch(((Conv(4, 2),),)),
         Branch(((Conv(4, 3),), (Conv(3, 2, 1, 3), Conv(3, 3, 3, 1)))),
     ), "avg", Conv(4, 3)),
+    "avg-exclude-pad": BranchGraphSpec(5, (
+        Branch(((Conv(5, 3),), (Conv(3, 2, 3, 3),))),
+    ), "avg", Conv(5, 4), count_include_pad=False),
     "max-pool": BranchGraphSpec(4, (
         Branch(((Conv(4, 3),), (Conv(3, 2, 3, 3),))),
     ), "max", Conv(4, 2)),

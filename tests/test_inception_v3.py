@@ -202,3 +202,33 @@ def test_export_and_compile_fullgraph_capture_the_branch_graph_op():
         assert rel_err(program.module()(x), block(x)) <= TOLERANCE[torch.float32]
         compiled = torch.compile(fused, fullgraph=True)  # any graph break raises
         assert rel_err(compiled(x), block(x)) <= TOLERANCE[torch.float32]
+
+
+# pytorch-fid's FID network (the one behind most published FID scores) patches four of
+# torchvision's blocks: an average pool without count_include_pad (FIDInceptionA, C, E_1)
+# and a max pool (FIDInceptionE_2) in the pool branch.
+FID_BLOCKS = {"FIDInceptionA": (lambda m: m.FIDInceptionA(24, pool_features=8), ("avg", False)),
+              "FIDInceptionC": (lambda m: m.FIDInceptionC(24, channels_7x7=12), ("avg", False)),
+              "FIDInceptionE_1": (lambda m: m.FIDInceptionE_1(24), ("avg", False)),
+              "FIDInceptionE_2": (lambda m: m.FIDInceptionE_2(24), ("max", True))}
+
+
+@pytest.mark.parametrize("name", list(FID_BLOCKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_pytorch_fid_blocks_fuse_forward_and_backward(name, dtype):
+    fid = pytest.importorskip("pytorch_fid.inception")
+    make, pool = FID_BLOCKS[name]
+    block = randomize_(make(fid)).eval().to(dtype)
+    swapped = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)), backend="cpu")[0]
+    assert isinstance(swapped, FusedBranchGraph)
+    assert (swapped.spec.pool, swapped.spec.count_include_pad) == pool
+    # 1x1 and 5x6 grids: every pixel of a 3x3 window at a border (count 4, 6) or inside (9)
+    for size in ((1, 1), (5, 6)):
+        x = torch.randn(2, 24, *size, dtype=dtype, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, want = swapped(x), block(x_ref)
+        assert rel_err(y, want) <= TOLERANCE[dtype]
+        grad = torch.randn_like(want)
+        y.backward(grad)
+        want.backward(grad)
+        assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[dtype]

@@ -196,6 +196,10 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             shared[i] = g
         elif source == Source.AVG_POOL:
             shared[i] = rows(F.avg_pool2d(image(g, n, h, w), 3, 1, 1))  # self-adjoint
+        elif source == Source.AVG_POOL_EXCLUDE_PAD:
+            # S(x) / count, S the self-adjoint 3x3 sum pool: its adjoint is S(g / count).
+            count = F.avg_pool2d(x.new_ones(1, 1, h, w), 3, 1, 1, divisor_override=1)
+            shared[i] = rows(F.avg_pool2d(image(g, n, h, w) / count, 3, 1, 1, divisor_override=1))
         elif source == Source.MAX_POOL:
             pooled, indices = F.max_pool2d(x, 3, 1, 1, return_indices=True)
             d_weights[i] = (g.t() @ rows(pooled)).reshape(weight.shape) if needs[1] else None

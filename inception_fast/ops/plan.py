@@ -32,6 +32,12 @@ class Source(IntEnum):
     AVG_POOL = -2  # x's 3x3/1 average pool, count_include_pad=True, made while loading
     MAX_POOL = -3  # x's 3x3/1 max pool, made while loading
     MAX_POOL_COPY = -4  # x's 3x3/2 max pool copied into one output slice: no weights
+    AVG_POOL_EXCLUDE_PAD = -5  # x's 3x3/1 average pool, count_include_pad=False, made while loading
+
+    @property
+    def pooled(self) -> bool:
+        """A 1x1 over rows of x pooled while loading: the pooling branch's projection."""
+        return self in (Source.AVG_POOL, Source.MAX_POOL, Source.AVG_POOL_EXCLUDE_PAD)
 
 
 class Destination(IntEnum):
@@ -208,7 +214,8 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
     copy_channel = -1
     if spec.pool_proj is not None:
         cp = spec.pool_proj.out_channels
-        source = Source.AVG_POOL if spec.pool == "avg" else Source.MAX_POOL
+        source = (Source.MAX_POOL if spec.pool == "max" else Source.AVG_POOL if spec.count_include_pad
+                  else Source.AVG_POOL_EXCLUDE_PAD)
         gemms.append(GemmStep(0, source, 1, 1, 1, 0, 0, cp, (Segment(0, cp, Destination.OUT, out_offset),), (index,)))
         convs.append(ConvStep(int(source), int(Destination.OUT), out_offset, 1, 1, 1, 0, 0))
     else:  # the grid reduction's max pool, copied into its slice: no weights
