@@ -149,36 +149,112 @@ def trace_block(block: nn.Module):
     finally:
         for m, flag in flags:
             m.training = flag
-    if graph_signature(graphs[0]) != graph_signature(graphs[1]):
+    if graph_signature(graphs[0], root=block) != graph_signature(graphs[1], training=True, root=block):
         raise NotAnInceptionBlock(f"{name}'s forward computes something else in train mode than in eval mode",
                                   near_miss=True)
     return graphs[0]
 
 
-def graph_signature(graph_module) -> list[tuple]:
+def _inline_batch_norm(node, modules: dict[str, nn.Module], training: bool) -> str | None:
+    """The BatchNorm2d whose own forward a traced F.batch_norm call repeats, or None: a norm
+    module traced through (timm's BatchNormAct2d) reads its running statistics, weight and
+    bias as get_attr nodes of one BatchNorm2d and passes its momentum and eps. Its
+    `training` flag must be the traced mode's (eval: running statistics), as a
+    BatchNorm2d's own forward would pass."""
+    import torch.nn.functional as F
+
+    if node.op != "call_function" or node.target is not F.batch_norm or len(node.args) != 3:
+        return None
+    _, mean, var = node.args
+    kw = node.kwargs
+    if set(kw) != {"weight", "bias", "training", "momentum", "eps"}:
+        return None
+    if not all(getattr(a, "op", None) == "get_attr" for a in (mean, var)):
+        return None
+    owner = mean.target.rpartition(".")[0]
+    bn = modules.get(owner)
+    if not isinstance(bn, nn.BatchNorm2d) or (mean.target, var.target) != (f"{owner}.running_mean",
+                                                                          f"{owner}.running_var"):
+        return None
+    for name in ("weight", "bias"):
+        want = f"{owner}.{name}" if getattr(bn, name) is not None else None
+        if (kw[name].target if getattr(kw[name], "op", None) == "get_attr" else kw[name]) != want:
+            return None
+    if kw["eps"] != bn.eps or kw["momentum"] != (0.0 if bn.momentum is None else bn.momentum) \
+            or kw["training"] != (training or bn.running_mean is None):
+        return None
+    return owner
+
+
+def _counts_batches(node, modules: dict[str, nn.Module]) -> bool:
+    """`bn.num_batches_tracked.add_(1)`, which a BatchNorm2d traced through in train mode
+    records: part of what the module itself does in train mode."""
+    if node.op != "call_method" or node.target != "add_" or node.args[1:] != (1,) or node.kwargs:
+        return False
+    buffer = node.args[0]
+    owner, _, name = getattr(buffer, "target", "").rpartition(".") if getattr(buffer, "op", None) == "get_attr" \
+        else ("", "", "")
+    return name == "num_batches_tracked" and isinstance(modules.get(owner), nn.BatchNorm2d)
+
+
+def graph_signature(graph_module, training: bool = False, root: nn.Module | None = None) -> list[tuple]:
     """Every node of a traced graph as (op, target, args, kwargs), with nodes named by position
     and leaf modules by (qualified name, exact type, their hyperparameters but for convs and
     BNs): two blocks with equal signatures run the same ops on the same operands, and differ
-    at most in their convolutions' and BNs' own attributes, which the parsers check."""
+    at most in their convolutions' and BNs' own attributes, which the parsers check.
+
+    Forms that compute the same thing read the same: every ReLU form (F.relu, torch.relu,
+    .relu(), nn.ReLU, in place or not) is one ("relu",) node; a BatchNorm2d traced through
+    (timm's BatchNormAct2d: F.batch_norm over its own get_attr buffers, after an input-rank
+    assertion) is its call_module node; nn.Identity passes its input on. `training`: the
+    mode the graph was traced in (what such an inlined BN must have passed on). `root`: the
+    module that was traced (a GraphModule keeps only stand-ins of the modules it reads
+    attributes of, so those are looked up there)."""
     import torch.fx as fx
 
-    index = {node: i for i, node in enumerate(graph_module.graph.nodes)}
-    modules = dict(graph_module.named_modules())
+    modules = dict((root if root is not None else graph_module).named_modules())
+    nodes = list(graph_module.graph.nodes)
+    inline_bn = {n: owner for n in nodes if (owner := _inline_batch_norm(n, modules, training)) is not None}
+    # Nodes that only feed assertions (an input-rank check) or the inlined BNs' buffers: no computation.
+    silent = set()
+    for node in reversed(nodes):
+        if node.op == "call_function" and node.target is torch._assert:
+            silent.add(node)
+        elif _counts_batches(node, modules):  # a train-mode BN's num_batches_tracked += 1
+            silent.add(node)
+        elif node.op == "call_function" and node.target is getattr and not node.users:
+            silent.add(node)  # an attribute read nothing uses (the assertion's message reads x.ndim)
+        elif node.users and node.op in ("call_function", "call_method", "get_attr") and all(
+                u in silent or (u in inline_bn and node is not u.args[0]) for u in node.users):
+            silent.add(node)
+    index: dict = {}
 
     def norm(a):
-        return fx.node.map_arg(a, lambda n: ("node", index[n]))
+        return fx.node.map_arg(a, lambda n: index[n])
 
     sig = []
-    for node in graph_module.graph.nodes:
+    for node in nodes:
+        if node in silent:
+            continue
         target = node.target
-        if node.op == "call_module":
-            m = modules[target]
-            # Conv2d and BatchNorm2d by type alone: their shapes and geometry are the
-            # parsers' to read and check (any channel counts, any odd 'same' kernel).
-            target = (target, type(m), None if type(m) in (nn.Conv2d, nn.BatchNorm2d) else m.extra_repr())
-        elif node.op == "placeholder":
-            target = "input"
-        sig.append((node.op, target, norm(node.args), norm(dict(node.kwargs))))
+        if node.op == "call_module" and type(modules[target]) is nn.Identity:
+            index[node] = index[node.args[0]]
+            continue
+        if node in inline_bn:
+            entry = ("call_module", (inline_bn[node], nn.BatchNorm2d, None), norm(node.args[:1]), {})
+        elif _relu_node(node, modules):
+            entry = ("relu", None, norm(node.args[:1]), {})
+        else:
+            if node.op == "call_module":
+                m = modules[target]
+                # Conv2d and BatchNorm2d by type alone: their shapes and geometry are the
+                # parsers' to read and check (any channel counts, any odd 'same' kernel).
+                target = (target, type(m), None if type(m) in (nn.Conv2d, nn.BatchNorm2d) else m.extra_repr())
+            elif node.op == "placeholder":
+                target = "input"
+            entry = (node.op, target, norm(node.args), norm(dict(node.kwargs)))
+        index[node] = ("node", len(sig))
+        sig.append(entry)
     return sig
 
 

@@ -116,7 +116,7 @@ def torchvision_graph_layout(module: nn.Module):
         except Exception:  # children without torchvision's attributes: not this layout
             return None
         traced = trace_block(module)
-        got = graph_signature(traced)
+        got = graph_signature(traced, root=module)
         variants = _pool_variants(fx.symbolic_trace(pristine), pristine_pool)
         for pool, include_pad, want in variants:
             if got == want:

@@ -232,3 +232,33 @@ def test_pytorch_fid_blocks_fuse_forward_and_backward(name, dtype):
         y.backward(grad)
         want.backward(grad)
         assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[dtype]
+
+
+@pytest.mark.slow
+def test_timm_inception_v3_fuses_every_block_and_keeps_its_logits():
+    """timm builds conv + BN + ReLU as ConvNormAct, whose BatchNormAct2d traces through to
+    F.batch_norm over its own buffers: the same computation as torchvision's BasicConv2d."""
+    timm = pytest.importorskip("timm")
+    model = randomize_(timm.create_model("inception_v3", pretrained=False)).eval()
+    swapped = ifast.swap_inception(copy.deepcopy(model), backend="cpu")
+    fused = [m for m in swapped.modules() if isinstance(m, FusedBranchGraph)]
+    assert len(fused) == 11
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        assert rel_err(swapped(x), model(x)) <= 1e-5
+
+
+def test_a_timm_block_fuses_and_runs_the_original_in_train_mode():
+    timm = pytest.importorskip("timm")
+    from timm.models.inception_v3 import InceptionA
+
+    block = randomize_(InceptionA(24, pool_features=8)).eval()
+    swapped = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)), backend="cpu")[0]
+    assert isinstance(swapped, FusedBranchGraph)
+    x = torch.randn(2, 24, 6, 5)
+    with torch.no_grad():
+        assert rel_err(swapped(x), block(x)) <= TOLERANCE[torch.float32]
+    swapped.train()
+    block.train()
+    assert rel_err(swapped(x), block(x)) <= TOLERANCE[torch.float32]  # batch statistics: the original
+    assert torch.equal(swapped.branch1x1.bn.running_mean, block.branch1x1.bn.running_mean)
