@@ -22,6 +22,7 @@ import pytorch_fid.inception as pfi  # noqa: E402
 from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: E402
 
 from inception_fast import fid  # noqa: E402
+from inception_fast.cli import main  # noqa: E402
 
 from conftest import needs_cpu_kernel  # noqa: E402
 
@@ -146,3 +147,34 @@ def test_timm_model_has_eleven_blocks_and_random_bn_stats():
     assert len(_blocks(model)) == 11 and not model.training
     bn = model.Mixed_5b.branch1x1.bn
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--images", "1"], "--images"),
+    (["--weights", "no/such/file.pth"], "no such file"),
+    (["--write-readme"], "markers"),
+])
+def test_cli_bad_arguments_exit_2_before_running(args, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a README.md without fid markers
+    (tmp_path / "README.md").write_text("# nothing here\n")
+    assert main(["fid-bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+@needs_cpu_kernel
+def test_cli_fid_bench_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("before\n<!-- fid:start -->\nold\n<!-- fid:end -->\nafter\n")
+    code = main(["fid-bench", "--images", "2", "--batch", "2", "--rounds", "1", "--no-compile", "--out", "out",
+                 "--write-readme"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "pytorch-fid InceptionV3" in out.out and "timm inception_v3" in out.out
+    assert "round 1/1 swapped" in out.err
+    data = json.loads((tmp_path / "out" / "fid.json").read_text())
+    assert data["ok"] and [t["model"] for t in data["tables"]] == ["pytorch-fid InceptionV3", "timm inception_v3"]
+    assert [r["contender"] for r in data["tables"][0]["rows"]] == ["eager", "swapped"]
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("before\n<!-- fid:start -->\n") and readme.endswith("<!-- fid:end -->\nafter\n")
+    assert "old" not in readme and (tmp_path / "out" / "fid.md").read_text().strip() in readme
