@@ -52,7 +52,9 @@ setup(
         # export to (tests/test_dropin.py), and the MAC counters our counting rules serve
         # (tests/test_counting_rules.py).
         "test": ["pytest", "pytest-benchmark", "onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2",
-                 "thop==0.1.1.post2209072238", "ptflops==0.7.5", "fvcore==0.1.5.post20221221"],
+                 "thop==0.1.1.post2209072238", "ptflops==0.7.5", "fvcore==0.1.5.post20221221",
+                 # The FID workflow's models and reference (fid.py, tests/test_fid.py, `fid-bench`).
+                 "pytorch-fid==0.3.0", "timm==1.0.31", "scipy==1.17.1"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     ext_modules=[

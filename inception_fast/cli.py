@@ -1,7 +1,8 @@
-"""Command line: python -m inception_fast demo|profile|verify|bench|traffic|gpu-check.
+"""Command line: python -m inception_fast demo|profile|verify|bench|fid-bench|traffic|gpu-check.
 
 Bad arguments (and gpu-check without a GPU) print one line and exit 2; a failed
-check (budget exceeded, verification past tolerance, a gpu-check failure) exits 1.
+check (budget exceeded, verification past tolerance, FIDs that disagree, a gpu-check
+failure) exits 1.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -219,6 +221,38 @@ def _write_readme_section(readme: Path, name: str, body: str) -> None:
     print(f"updated the {name} section of {readme}", file=sys.stderr)
 
 
+def cmd_fid_bench(args: argparse.Namespace) -> int:
+    """pytorch-fid's InceptionV3 and timm's inception_v3 over N images: eager, swapped,
+    compile, compile(swapped); features/s, feature error and FID agreement (fid.py)."""
+    from .bench import print_progress
+    from .fid import CONTENDERS, fid_bench
+
+    for name in ("pytorch_fid", "timm", "scipy"):
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"fid-bench needs pytorch-fid, timm and scipy (the [test] extras): {name} is missing")
+    if args.images < 2 or args.batch < 1 or args.rounds < 1:
+        raise UsageError(f"--images must be at least 2 (two per set for a covariance), --batch and --rounds at "
+                         f"least 1, got {args.images}, {args.batch}, {args.rounds}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise UsageError(f"--weights {args.weights}: no such file")
+    readme = Path("README.md")
+    if args.write_readme and not (readme.is_file() and "<!-- fid:start -->" in readme.read_text()):
+        raise UsageError("--write-readme: README.md here has no <!-- fid:start --> ... <!-- fid:end --> markers")
+    contenders = ("eager", "swapped") if args.no_compile else CONTENDERS
+    report = fid_bench(args.images, batch=args.batch, weights=args.weights, contenders=contenders,
+                       rounds=args.rounds, progress=print_progress)
+    markdown = report.to_markdown()
+    print(markdown)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fid.json").write_text(json.dumps(report.to_json_dict(), indent=2))
+    (out / "fid.md").write_text(markdown + "\n")
+    print(f"wrote {out}/fid.json, fid.md", file=sys.stderr)
+    if args.write_readme:
+        _write_readme_section(readme, "fid", markdown)
+    return 0 if report.ok else 1
+
+
 def cmd_traffic(args: argparse.Namespace) -> int:
     import torchvision
 
@@ -289,7 +323,7 @@ def _block_names():
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inception_fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{demo,profile,verify,bench,traffic,gpu-check}")
+                                metavar="{demo,profile,verify,bench,fid-bench,traffic,gpu-check}")
 
     p = sub.add_parser("demo", help="swap fused blocks into GoogLeNet, verify, profile, benchmark")
     p.set_defaults(run=cmd_demo)
@@ -344,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--write-readme", action="store_true", help="also replace README.md's benchmark table")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("fid-bench", help="the FID workflow: pytorch-fid's and timm's Inception-v3 over N images, "
+                                         "eager / swapped / compile / compile(swapped), features/s and FID agreement")
+    p.add_argument("--images", type=int, default=100, metavar="N", help="images per set (two sets)")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="pytorch-fid's state dict (pt_inception-2015-12-05-6726825d.pth); default: random weights")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes per contender, alternating (medians)")
+    p.add_argument("--no-compile", action="store_true", help="eager and swapped only")
+    p.add_argument("--out", default=str(RESULTS_DIR / "fid"), help="folder for fid.json and fid.md")
+    p.add_argument("--write-readme", action="store_true", help="also replace README.md's fid section")
+    p.set_defaults(run=cmd_fid_bench)
 
     from .gpu_check import SECTIONS
 
