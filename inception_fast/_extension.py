@@ -12,15 +12,23 @@ _BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[ModuleType | None, str | None]:
-    try:
-        import torch  # noqa: F401  (the extension links against libtorch: load it first)
+_LOADED: tuple[ModuleType | None, str | None] | None = None
 
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-    return _C, None
+
+def _load() -> tuple[ModuleType | None, str | None]:
+    # A plain memo, not functools.lru_cache: resolve_backend runs inside torch.compile'd
+    # forwards, and dynamo warns on every lru_cache-wrapped call it traces.
+    global _LOADED
+    if _LOADED is None:
+        try:
+            import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
+            from . import _C  # type: ignore[attr-defined]
+        except ImportError as exc:
+            _LOADED = None, f"{type(exc).__name__}: {exc}"
+        else:
+            _LOADED = _C, None
+    return _LOADED
 
 
 def cpu_extension() -> ModuleType | None:
