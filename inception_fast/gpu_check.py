@@ -225,9 +225,9 @@ def poisoned_allocations():
 def count_launches():
     """Yield a list that collects the name of every Triton kernel launched inside (the
     JITFunction, or under TRITON_INTERPRET=1 the InterpretedFunction, `run` method)."""
-    from .ops import inception_triton
+    from .ops import triton_gemm
 
-    cls = type(inception_triton._pointwise_kernel)
+    cls = type(triton_gemm.mma)  # a jit function: JITFunction, or InterpretedFunction
     own = "run" in cls.__dict__
     real_run = cls.run
     names: list[str] = []
@@ -841,21 +841,21 @@ class GpuCheck:
         return ref, fused, x.contiguous(memory_format=torch.channels_last)
 
     def _time_block(self, name: str, spec: InceptionSpec, size: int, batch: int, prec: str, peak: float) -> dict:
-        from .ops import inception_triton
+        from .ops.triton_gemm import TUNED
 
         self.log(f"speed {name} n={batch} {prec}")
         with precision(prec) as dtype, torch.no_grad():
             ref, fused, x = self._block_modules(spec, size, batch, dtype)
             # Autotune time: the first call with this problem's tuned configs forgotten (its
             # kernels may already be compiled by the correctness sections).
-            tuned = dict(inception_triton._BEST)
-            inception_triton._BEST.clear()
+            tuned = dict(TUNED)
+            TUNED.clear()
             self.sync()
             t = time.perf_counter()
             fused(x)
             self.sync()
             tune_s = time.perf_counter() - t
-            inception_triton._BEST.update(tuned)
+            TUNED.update(tuned)
             seconds = time_alternating({"fused": lambda: fused(x), "eager_channels_last": lambda: ref(x)},
                                        reps=self.plan.speed.reps, device=self.device)
         case = CaseResult(block=name, batch=batch, dtype=prec, backend="triton",

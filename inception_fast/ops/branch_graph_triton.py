@@ -19,19 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import as_gemm_b
+from ._layout import as_gemm_b, flipped_gemm_b
 from .branch_graph import GraphPlan, graph_backward_reference
-from .inception_triton import (
+from .triton_gemm import (
     KernelConfig,
-    _mma,
-    _pixel_rows,
-    _window_gemm,
+    autotune,
+    exact_fp32,
     input_precision,
     interpreting,
     kernel_configs,
+    launch_options,
+    mma,
+    pixel_rows,
     prune_configs,
+    window_gemm,
+    window_inside,
 )
-from .inception_triton_backward import flipped_gemm_b
 
 __all__ = ["GRAPH_KERNELS", "graph_backward_triton", "graph_configs", "graph_forward_triton",
            "pack_graph_weights_triton"]
@@ -63,7 +66,7 @@ def _graph_gemm_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
     # 64-bit scalar base at the tile's first pixel, 32-bit offsets (a tile plus its halo).
     src_tile = src_ptr + m0.to(tl.int64) * K_src
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,9 +91,9 @@ def _graph_gemm_kernel(
                             other=0.0)
                 b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
                             mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+                acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
     elif POOL == 0:
-        acc = _window_gemm(src_tile, w_ptr, K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+        acc = window_gemm(src_tile, w_ptr, K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
                            BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     else:
         # A 1x1 over the 3x3/1/1 pool of the source, taken in fp32 while loading.
@@ -103,7 +106,7 @@ def _graph_gemm_kernel(
                 a32 = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
             for py in tl.static_range(-1, 2):
                 for px in tl.static_range(-1, 2):
-                    inside = m_mask & (h + py >= 0) & (h + py < H) & (w + px >= 0) & (w + px < W)
+                    inside = window_inside(m_mask, h, w, py, px, H, W)
                     ok2 = inside[:, None] & c_mask[None, :]
                     v = tl.load(src_tile + (rows + (py * W + px))[:, None] * K_src + cc[None, :],
                                 mask=ok2, other=0.0).to(tl.float32)
@@ -116,7 +119,7 @@ def _graph_gemm_kernel(
             # Rows past M and channels past K_src are zeroed, so -inf * 0 cannot make NaN.
             a = tl.where(m_mask[:, None] & c_mask[None, :], a32, 0.0).to(src_ptr.dtype.element_ty)
             b = tl.load(w_ptr + cc[:, None] * cols + offs_n[None, :], mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+            acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(dst0_ptr.dtype.element_ty)
     col = offs_n[None, :]
@@ -186,11 +189,11 @@ def _graph_dgrad_kernel(
     applies the intermediate's ReLU mask (none where t <= 0, as torch.relu) in the epilogue."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
     g_tile = g_ptr + m0.to(tl.int64) * K_g  # 64-bit base, 32-bit offsets (a tile plus its halo)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < cols
-    acc = _window_gemm(g_tile, w_ptr, K_g, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+    acc = window_gemm(g_tile, w_ptr, K_g, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     offsets = (m0 + rows).to(tl.int64)[:, None] * cols + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -215,9 +218,6 @@ def graph_configs(kh: int, kw: int, stride2: bool, exact_fp32: bool) -> list[Ker
         return kernel_configs("pointwise", exact_fp32)
     configs = kernel_configs("spatial", exact_fp32)
     return [c for c in configs if c.block_m <= 64] if stride2 else configs
-
-
-_BEST: dict[tuple, KernelConfig] = {}
 
 
 def pack_graph_weights_triton(graph: GraphPlan, weights, biases) -> tuple[list, list]:
@@ -287,17 +287,8 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 INPUT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-        key = (tuple(gemms[g]), n, h, w, x.dtype, precision, x.device)
-        if key not in _BEST:
-            configs = prune_configs(graph_configs(kh, kw, gemm_stride == 2, exact), rows, cols)
-            if interpreting() or not x.is_cuda:
-                _BEST[key] = configs[0]
-            else:
-                from triton.testing import do_bench
-
-                timings = {cfg: do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in configs}
-                _BEST[key] = min(timings, key=timings.get)
-        launch(_BEST[key])
+        configs = prune_configs(graph_configs(kh, kw, gemm_stride == 2, exact), rows, cols)
+        launch(autotune("graph_gemm", (tuple(gemms[g]), n, h, w), x, configs, launch))
     return out
 
 
@@ -310,9 +301,7 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
     n, _, h, w = x.shape
     if n * h * w >= 2**31:
         raise ValueError(f"x has {n * h * w} pixels (N*H*W); the Triton kernels take fewer than 2**31")
-    precision = input_precision(x.dtype)
-    upcast = interpreting() and x.dtype == torch.bfloat16
-    exact = x.dtype == torch.float32 and precision == "ieee"
+    exact = exact_fp32(x.dtype)
 
     def data_grad(g, weight, record, d_so_far, intermediate, last):
         _source, _dest, _channel, kh, kw, *_ = record
@@ -327,25 +316,13 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
             grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
             _graph_dgrad_kernel[grid](
                 g, b, t, d, rows, h, w, k_g, cols, kh, kw, ACCUMULATE=d_so_far is not None, MASK=last,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INPUT_PRECISION=precision,
-                UPCAST_DOT=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                **launch_options(cfg, x.dtype))
 
-        key = ("dgrad", kh, kw, k_g, cols, n, h, w, x.dtype, precision, x.device, d_so_far is not None, last)
-        if key not in _BEST:
-            configs = prune_configs(graph_configs(kh, kw, False, exact), rows, cols)
-            if interpreting() or not x.is_cuda:
-                _BEST[key] = configs[0]
-            else:
-                from triton.testing import do_bench
-
-                # Accumulating launches read d: time on a copy, so tuning never changes it.
-                scratch = d.clone()
-                timings = {}
-                for cfg in configs:
-                    timings[cfg] = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
-                    d.copy_(scratch)
-                _BEST[key] = min(timings, key=timings.get)
-        launch(_BEST[key])
+        configs = prune_configs(graph_configs(kh, kw, False, exact), rows, cols)
+        # Accumulating launches read d: each timing restores it, so tuning never changes it.
+        scratch = d.clone() if d_so_far is not None and x.is_cuda else None
+        launch(autotune("graph_dgrad", (kh, kw, k_g, cols, n, h, w, d_so_far is not None, last), x, configs, launch,
+                        restore=None if scratch is None else lambda: d.copy_(scratch)))
         return d.reshape(rows, cols), last
 
     return graph_backward_reference(grad_out, x.contiguous(memory_format=torch.channels_last), y, intermediates,

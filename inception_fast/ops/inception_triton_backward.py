@@ -27,17 +27,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import as_gemm_b
+from ._layout import flipped_gemm_b
 from .inception import gradients_in_order
-from .inception_triton import (
+from .triton_gemm import (
     KernelConfig,
-    _pixel_rows,
-    _tile_gemm,
-    _window_gemm,
-    input_precision,
-    interpreting,
+    autotune,
+    exact_fp32,
     kernel_configs,
+    launch_options,
+    pixel_rows,
     prune_configs,
+    tile_gemm,
+    window_gemm,
+    window_inside,
 )
 
 __all__ = ["BACKWARD_KERNELS", "backward_configs", "backward_triton"]
@@ -69,14 +71,14 @@ def _spatial_dgrad_kernel(
         cg, r, K, col, tiles_n, local = c5, r5, K5, c1 + r3, tiles5_n, pid - tiles3
     pid_m = local // tiles_n
     pid_n = local % tiles_n
-    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
     # 64-bit scalar base at the tile's first pixel, 32-bit offsets (tile plus halo).
     g_tile = g_ptr + m0.to(tl.int64) * cg
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < r
     # dt[p] = sum over taps of g[p + tap - pad] @ W^T[tap]: the forward's implicit GEMM
     # on the gradient, with the flipped kernel.
-    acc = _window_gemm(g_tile, w_ptr, cg, r, K, K, H, W, h, w, rows, m_mask, offs_n, n_mask,
+    acc = window_gemm(g_tile, w_ptr, cg, r, K, K, H, W, h, w, rows, m_mask, offs_n, n_mask,
                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     out_mask = m_mask[:, None] & n_mask[None, :]
     t_tile = t_ptr + m0.to(tl.int64) * r
@@ -109,7 +111,7 @@ def _pool_grad_kernel(
     m_mask = m0 + rows < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_in
-    acc = _tile_gemm(gp_ptr + m0.to(tl.int64) * cp, wp_ptr, cp, C_in, rows, m_mask, offs_n, n_mask,
+    acc = tile_gemm(gp_ptr + m0.to(tl.int64) * cp, wp_ptr, cp, C_in, rows, m_mask, offs_n, n_mask,
                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     out_mask = m_mask[:, None] & n_mask[None, :]
     offs = rows[:, None] * C_in + offs_n[None, :]
@@ -128,7 +130,7 @@ def _pool_grad_kernel(
     arg = tl.full((BLOCK_M, BLOCK_N), -1, tl.int32)
     for dy in tl.static_range(0, 3):
         for dx in tl.static_range(0, 3):
-            ok = m_mask & (h + dy - 1 >= 0) & (h + dy - 1 < H) & (w + dx - 1 >= 0) & (w + dx - 1 < W)
+            ok = window_inside(m_mask, h, w, dy - 1, dx - 1, H, W)
             ok2 = ok[:, None] & n_mask[None, :]
             v = tl.load(x_tile + (rows + ((dy - 1) * W + dx - 1))[:, None] * C_in + offs_n[None, :],
                         mask=ok2, other=0.0).to(tl.float32)
@@ -160,7 +162,7 @@ def _input_grad_kernel(
     m_mask = m0 + rows < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_in
-    acc = _tile_gemm(d_red_ptr + m0.to(tl.int64) * n_red, w_ptr, n_red, C_in, rows, m_mask, offs_n, n_mask,
+    acc = tile_gemm(d_red_ptr + m0.to(tl.int64) * n_red, w_ptr, n_red, C_in, rows, m_mask, offs_n, n_mask,
                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
 
     # The max pool's gradient, gathered: neighbour q = p + (dy - 1, dx - 1) sends its
@@ -171,7 +173,7 @@ def _input_grad_kernel(
     base = m0.to(tl.int64) * C_in
     for dy in tl.static_range(0, 3):
         for dx in tl.static_range(0, 3):
-            ok = m_mask & (h + dy - 1 >= 0) & (h + dy - 1 < H) & (w + dx - 1 >= 0) & (w + dx - 1 < W)
+            ok = window_inside(m_mask, h, w, dy - 1, dx - 1, H, W)
             ok2 = ok[:, None] & n_mask[None, :]
             q = (rows + ((dy - 1) * W + dx - 1))[:, None] * C_in + offs_n[None, :]
             arg = tl.load(argmax_ptr + base + q, mask=ok2, other=-1).to(tl.int32)
@@ -190,8 +192,6 @@ BACKWARD_KERNELS = {
     "input_grad": (_input_grad_kernel, "pointwise"),
 }
 
-_BEST: dict[tuple, KernelConfig] = {}
-
 # The max-pool epilogues keep two more (BLOCK_M, BLOCK_N) tiles live (running max and
 # argmax, or the gathered sums): 64x128 tiles spilled 480-2600 bytes per thread on sm_80
 # and sm_90 (tests/test_triton_aot.py), so those two kernels stop at 64x64.
@@ -206,32 +206,14 @@ def backward_configs(kind: str, exact_fp32: bool) -> list[KernelConfig]:
     return [c for c in configs if c.block_m * c.block_n <= _MAX_EPILOGUE_TILE]
 
 
-def _pick(kind: str, key: tuple, rows: int, cols: int, x: torch.Tensor, launch) -> KernelConfig:
+def _pick(kind: str, problem: tuple, rows: int, cols: int, x: torch.Tensor, launch) -> KernelConfig:
     """The fastest pruned config of one backward kernel for a problem, once (CUDA only)."""
-    key = (kind, *key)
-    if key not in _BEST:
-        exact = x.dtype == torch.float32 and input_precision(x.dtype) == "ieee"
-        configs = prune_configs(backward_configs(kind, exact), rows, cols)
-        if interpreting() or not x.is_cuda:
-            _BEST[key] = configs[0]
-        else:
-            from triton.testing import do_bench
-
-            timings = {c: do_bench(lambda c=c: launch(c), warmup=5, rep=20) for c in configs}
-            _BEST[key] = min(timings, key=timings.get)
-    return _BEST[key]
+    configs = prune_configs(backward_configs(kind, exact_fp32(x.dtype)), rows, cols)
+    return autotune(f"googlenet_{kind}", problem, x, configs, launch)
 
 
 def _meta(cfg: KernelConfig, x: torch.Tensor) -> dict:
-    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                INPUT_PRECISION=input_precision(x.dtype), UPCAST_DOT=interpreting() and x.dtype == torch.bfloat16,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def flipped_gemm_b(w: torch.Tensor) -> torch.Tensor:
-    """Conv weight (cout, cin, k, k) -> (k*k*cout, cin), row (dy*k + dx)*cout + co holding
-    w[co, :, k-1-dy, k-1-dx]: the B of the data-gradient implicit GEMM."""
-    return as_gemm_b(w.flip(2, 3).transpose(0, 1)).contiguous()
+    return launch_options(cfg, x.dtype)
 
 
 def backward_triton(grad_out, x, y, w, needs) -> tuple[torch.Tensor | None, ...]:
@@ -257,7 +239,7 @@ def backward_triton(grad_out, x, y, w, needs) -> tuple[torch.Tensor | None, ...]
     g3, g5, gp = (relu_backward(g_rows[:, sl], y_rows[:, sl], 0) for sl in (s.slice3x3, s.slice5x5, s.slice_pool))
     t3 = torch.relu(torch.addmm(w.b3r, x_rows, w.w3r.flatten(1).t()))
     t5 = torch.relu(torch.addmm(w.b5r, x_rows, w.w5r.flatten(1).t()))
-    problem = (s, n, h, wd, x.dtype, input_precision(x.dtype), x.device)
+    problem = (s, n, h, wd)
 
     # 1. dt3, dt5 into d_red.
     w3f, w5f = flipped_gemm_b(w.w3), flipped_gemm_b(w.w5)
