@@ -230,10 +230,22 @@ def test_triton_backward_in_half_precision_matches_the_fp64_backward_of_the_same
 # -- Inception-v3's branch graph on the Triton kernel --------------------------------------
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton kernels launched while the test runs, in order."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    names = []
+    original_run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *a, **k: names.append(self.fn.__name__) or original_run(self, *a, **k))
+    return names
+
+
 @pytest.mark.parametrize("name, dtype", tiered(
     [pytest.param(n, id=n) for n in "ABCDE"], dtype_params(torch.float32, torch.bfloat16),
     slow=lambda name, dtype: name in "DE" and dtype == "float32"))
-def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
+def test_inception_v3_blocks_on_the_triton_kernel_one_launch_per_stage(name, dtype, launches):
     import copy
 
     from conftest import small_v3_block
@@ -244,10 +256,49 @@ def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
     fused = FusedBranchGraph.from_module(block, backend="triton")
     x = torch.randn(2, fused.spec.in_channels, 5, 9).to(dtype)
     with torch.no_grad():
+        fused._packed("triton")  # packs the weights: no launches
+        launches.clear()
         got = fused(x)
         want = reference(x.double())
     assert got.dtype == dtype and not torch.isnan(got).any()
     assert rel_err(got, want) <= TOLERANCE[dtype]
+    # A grid reduction's max-pool copy joins its stage's launch.
+    assert launches == ["_graph_stage_kernel"] * len({g[0] for g in fused._plan.gemms})
+
+
+def googlenet_graph(spec: ifast.InceptionSpec):
+    """A GoogLeNet block as a branch graph: spec.convs in the order (w1, w3r, w3, w5r, w5, wp)."""
+    from inception_fast.ops.branch_graph import Branch, BranchGraphSpec, Conv
+
+    c = spec.in_channels
+    return BranchGraphSpec(c, (
+        Branch(((Conv(c, spec.ch1x1),),)),
+        Branch(((Conv(c, spec.ch3x3red),), (Conv(spec.ch3x3red, spec.ch3x3, spec.k3, spec.k3),))),
+        Branch(((Conv(c, spec.ch5x5red),), (Conv(spec.ch5x5red, spec.ch5x5, spec.k5, spec.k5),))),
+    ), "max", Conv(c, spec.pool_proj))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_googlenet_as_a_branch_graph_is_bit_identical_to_the_googlenet_kernels_in_two_launches(dtype, launches):
+    """The grouped stage kernel runs GoogLeNet's block in two launches, as the GoogLeNet-only
+    kernels do, with the same tiles (the interpreter takes each list's first config) and the
+    same accumulation order: bit for bit the same output."""
+    from inception_fast.ops.branch_graph import plan
+    from inception_fast.ops.branch_graph_triton import graph_forward_triton, pack_graph_weights_triton
+    from inception_fast.ops.inception import fused_forward
+
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    weights = weights_of(reference_module(spec), dtype)
+    graph = plan(googlenet_graph(spec))
+    b, bias = pack_graph_weights_triton(graph, list(weights[0::2]), list(weights[1::2]))
+    for n, h, w in [(1, 5, 5), (1, 6, 7), (2, 5, 5), (2, 6, 7)]:
+        x = torch.randn(n, 13, h, w).to(dtype)
+        with torch.no_grad():
+            old = fused_forward(x, weights, backend="triton")
+            launches.clear()
+            new = graph_forward_triton(x, b, bias, graph.flat())
+        assert launches == ["_graph_stage_kernel"] * 2
+        assert torch.equal(new, old), (n, h, w)
 
 
 @pytest.mark.parametrize("name", ["A", "B", "C", pytest.param("D", marks=pytest.mark.slow),

@@ -70,25 +70,17 @@ def _configs(configs_of, **variant) -> list[AotConfig]:
 
 
 def _graph_kernels() -> dict:
-    """Every launch shape of branch_graph_triton.py: a K x K GEMM, the stage-0 1x1 over x
-    into three destinations, the average-pool branch's 1x1, a grid reduction's stride-2 3x3
-    and its max-pool copy; the backward's data gradient as a fan-out's last consumer
-    (accumulate + mask, the most registers)."""
-    gemm = graph.GRAPH_KERNELS["graph_gemm"][0]
-    divisible = ("K_src", "cols", "dst0_channels", "dst1_channels", "dst2_channels", "dst3_channels",
-                 "dst0_channel", "dst1_channel", "dst2_channel", "dst3_channel")
-    variants = {
-        "graph_gemm": (dict(POOL=0, SEGMENTS=1, STRIDE2=False), (3, 3), False),
-        "graph_gemm_stage0": (dict(POOL=0, SEGMENTS=3, STRIDE2=False), (1, 1), False),
-        "graph_gemm_avgpool": (dict(POOL=1, SEGMENTS=1, STRIDE2=False), (1, 1), False),
-        "graph_gemm_stride2": (dict(POOL=0, SEGMENTS=1, STRIDE2=True), (3, 3), True),
-    }
-    kernels = {name: (gemm, _configs(lambda exact, taps=taps, s2=s2: graph.graph_configs(*taps, s2, exact),
-                                     constexprs=constexprs, divisible=divisible))
-               for name, (constexprs, taps, s2) in variants.items()}
-    kernels["max_pool_stride2"] = (graph.GRAPH_KERNELS["max_pool_stride2"][0],
-                                   [AotConfig(KernelConfig(64, 64, 16, 4, 1), False, dot=False)])
-    kernels["graph_dgrad"] = (graph.GRAPH_KERNELS["graph_dgrad"][0], _configs(
+    """Every launch shape of branch_graph_triton.py: each stage variant that GoogLeNet's and
+    Inception-v3's plans launch (graph.SHIPPED_STAGES), the backward's data gradient (as a
+    fan-out's last consumer: accumulate + mask, the most registers) and the fused max-pool
+    backward's two kernels."""
+    kernels = {}
+    for name, kinds, segments in graph.SHIPPED_STAGES:
+        constexprs = graph.stage_constexprs(kinds, segments)
+        kernels[f"graph_stage_{name}"] = (graph.STAGE_KERNEL, _configs(
+            lambda exact, kinds=kinds: graph.stage_configs(kinds, exact), constexprs=constexprs,
+            divisible=graph.stage_channel_args(kinds, segments)))
+    kernels["graph_dgrad"] = (graph.DGRAD_KERNEL, _configs(
         lambda exact: graph.graph_configs(3, 3, False, exact), constexprs=dict(ACCUMULATE=True, MASK=True),
         divisible=("K_g", "cols")))
     return kernels
