@@ -54,7 +54,8 @@ PARAMS = [(name, fn, aot, dtype, precision) for name, fn, aot in CASES for dtype
 
 def _id(name, aot, dtype, precision):
     variant = "".join(f"-{k}{v}" for k, v in aot.constexprs if not k.startswith("KIND"))
-    return f"{name}{variant}-{'x'.join(map(str, aot.config))}-{str(dtype).removeprefix('torch.')}-{precision or 'default'}"
+    config = "x".join(map(str, aot.config))
+    return f"{name}{variant}-{config}-{str(dtype).removeprefix('torch.')}-{precision or 'default'}"
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,37 @@ def test_more_than_2_31_pixels_is_refused_before_any_allocation():
     x = torch.empty(1, 4, 1, 1).expand(2**31, 4, 1, 1)  # no memory behind the batch
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
         forward_triton(x, None, spec)
+
+
+def test_real_plans_launch_only_the_stage_variants_checked_here():
+    """Each stage launch of GoogLeNet's nine blocks (as branch graphs) and Inception-v3's
+    five block types has the compile-time variant and config list of an entry of
+    branch_graph_triton.SHIPPED_STAGES, the stage kernels KERNELS compiles above."""
+    from torchvision.models import inception as tv
+
+    from inception_fast.fused_graph import FusedBranchGraph
+    from inception_fast.ops import branch_graph_triton as graph
+    from inception_fast.ops.branch_graph import Branch, BranchGraphSpec, Conv, plan
+
+    def googlenet_graph(s):
+        c = s.in_channels
+        return BranchGraphSpec(c, (Branch(((Conv(c, s.ch1x1),),)),
+                                   Branch(((Conv(c, s.ch3x3red),), (Conv(s.ch3x3red, s.ch3x3, s.k3, s.k3),))),
+                                   Branch(((Conv(c, s.ch5x5red),), (Conv(s.ch5x5red, s.ch5x5, s.k5, s.k5),)))),
+                               "max", Conv(c, s.pool_proj))
+
+    specs = [googlenet_graph(block.spec) for block in ifast.GOOGLENET_INCEPTION.values()]
+    specs += [FusedBranchGraph.from_module(make().eval(), backend="cpu").spec for make in (
+        lambda: tv.InceptionA(192, pool_features=32), lambda: tv.InceptionB(288),
+        lambda: tv.InceptionC(768, channels_7x7=128), lambda: tv.InceptionD(768), lambda: tv.InceptionE(1280))]
+
+    def shape(kinds, segments, exact):
+        return graph.stage_constexprs(kinds, segments), graph.stage_configs(kinds, exact)
+
+    shipped = [shape(kinds, segments, exact) for _, kinds, segments in graph.SHIPPED_STAGES for exact in (False, True)]
+    for spec in specs:
+        stages = graph.stage_launches(plan(spec).flat(), spec.in_channels)
+        assert len(stages) == len({g[0] for g in plan(spec).gemms})  # one launch per stage
+        for stage in stages:
+            for exact in (False, True):
+                assert shape(stage.kinds, stage.segments, exact) in shipped, (spec, stage)

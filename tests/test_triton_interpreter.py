@@ -381,3 +381,50 @@ def test_autocast_runs_the_triton_kernel_in_the_autocast_dtype(kind, monkeypatch
             got = fused(x)
     assert got.dtype == torch.bfloat16 and got.is_contiguous()
     assert rel_err(got, want) <= TOLERANCE[torch.bfloat16]
+
+
+def _assert_close_with_specials(got, want, tolerance, what):
+    """The same NaN, +inf and -inf positions, and the finite rest within tolerance."""
+    for special in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(special(got), special(want)), (what, special.__name__)
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) <= tolerance, what
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN and inf
+@pytest.mark.parametrize("special", ["ties", "nan-inf"])
+def test_graph_backward_fuses_the_max_pool_and_matches_the_fp64_reference(special, launches):
+    """GoogLeNet's block as a branch graph: the Triton backward takes the stride-1 max pool
+    in _graph_pool_grad_kernel (d_pooled, argmax, pooled x in one pass) and gathers its
+    gradient in the shared-x GEMM (_graph_input_grad_kernel), against the ATen walk in fp64
+    on the same saved tensors; x has ties in every pool window (and NaN, +-inf)."""
+    from inception_fast.ops.branch_graph import graph_backward_reference, graph_triton_forward_saving, plan
+    from inception_fast.ops.branch_graph_triton import graph_backward_triton, pack_graph_weights_triton
+
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    graph = plan(googlenet_graph(spec))
+    params = weights_of(reference_module(spec))
+    weights, biases = list(params[0::2]), list(params[1::2])
+    x = torch.randn(2, 13, 5, 6).mul(1.5).round().clamp(-1, 2)
+    if special == "nan-inf":
+        x[0, 2, 1, 1] = float("nan")
+        x[0, 2, 1, 2] = float("nan")  # two NaNs in one window: the last one takes the gradient
+        x[1, 4, 4, 4] = float("inf")
+        x[1, 7, 0, 5] = float("-inf")
+    b, bias = pack_graph_weights_triton(graph, weights, biases)
+    with torch.no_grad():
+        y, intermediates = graph_triton_forward_saving(x, b, bias, graph.flat())
+    grad_out = torch.randn_like(y)
+    flat = graph.backward_flat()
+    for needs in ([True, True], [True, False], [False, True]):
+        launches.clear()
+        got = graph_backward_triton(grad_out, x, y, intermediates, weights, needs, flat)
+        fused = ["_graph_pool_grad_kernel"] + ["_graph_input_grad_kernel"] * needs[0]
+        assert sorted(launches) == sorted(["_graph_dgrad_kernel"] * 2 + fused)
+        want = graph_backward_reference(grad_out.double(), x.double(), y.double(),
+                                        [t.double() for t in intermediates], [w.double() for w in weights],
+                                        needs, flat)
+        for i, (a, b_) in enumerate(zip(got, want)):
+            assert (a is None) == (b_ is None), (needs, i)
+            if b_ is not None:
+                _assert_close_with_specials(a, b_, TOLERANCE[torch.float32], (needs, i))

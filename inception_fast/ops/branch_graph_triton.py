@@ -31,6 +31,7 @@ import triton.language as tl
 from ._layout import as_gemm_b, flipped_gemm_b
 from .branch_graph import GraphPlan, graph_backward_reference
 from .triton_gemm import (
+    EXACT_FP32_BLOCK_K,
     KernelConfig,
     autotune,
     exact_fp32,
@@ -45,9 +46,9 @@ from .triton_gemm import (
 )
 
 __all__ = ["DGRAD_KERNEL", "INPUT_GRAD_KERNEL", "MAX_SEGMENTS", "MAX_STAGE_GEMMS", "POOL_GRAD_KERNEL",
-           "SHIPPED_STAGES", "STAGE_KERNEL", "StageLaunch", "graph_backward_triton", "graph_configs", "graph_forward_triton",
-           "max_pool_backward_configs", "pack_graph_weights_triton", "stage_channel_args", "stage_configs",
-           "stage_constexprs", "stage_launches"]
+           "SHIPPED_STAGES", "STAGE_KERNEL", "StageLaunch", "graph_backward_triton", "graph_configs",
+           "graph_forward_triton", "max_pool_backward_configs", "pack_graph_weights_triton", "stage_channel_args",
+           "stage_configs", "stage_constexprs", "stage_launches"]
 
 
 MAX_SEGMENTS = 4  # destinations of slot 0: the stage-0 GEMM of InceptionE has three
@@ -311,8 +312,109 @@ def _graph_dgrad_kernel(
     tl.store(d_ptr + offsets, acc.to(d_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _graph_pool_grad_kernel(
+    # pointers
+    gp_ptr,  # (M, cp) ReLU-masked gradient of the max-pool branch's 1x1
+    wp_ptr,  # (cp, C) its weight, row-major
+    x_ptr,  # (N, H, W, C) NHWC input
+    d_pooled_ptr,  # (M, C) gp @ Wp: the gradient of the pooled x (written with DX)
+    argmax_ptr,  # (M, C) int8: window position dy * 3 + dx of each pooled value
+    pooled_ptr,  # (M, C) the 3x3/1/1 max pool of x (for the 1x1's weight gradient)
+    # sizes
+    M, H, W, C, cp,
+    # meta-parameters
+    DX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The max-pool branch's backward in one pass over x: d_pooled = gp @ Wp (with DX), and
+    in the same tile the max pool with torch's argmax (row-major scan; ties to the first,
+    NaN to the last NaN) and the pooled values. _graph_input_grad_kernel gathers d_pooled."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    offs = rows[:, None] * C + offs_n[None, :]
+    base = m0.to(tl.int64) * C  # 64-bit base at the tile's first pixel, 32-bit offsets
+    if DX:
+        acc = tile_gemm(gp_ptr + m0.to(tl.int64) * cp, wp_ptr, cp, C, rows, m_mask, offs_n, n_mask,
+                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+        # Stored before the max pool, so that its registers are free for the running max
+        # and argmax (64x128 tiles spilled 528 bytes on sm_80 the other way round).
+        tl.store(d_pooled_ptr + base + offs, acc.to(d_pooled_ptr.dtype.element_ty), mask=out_mask)
+    # A value replaces the running max when it is greater or NaN; the first in-grid
+    # position always does.
+    x_tile = x_ptr + base
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    arg = tl.full((BLOCK_M, BLOCK_N), -1, tl.int32)
+    for dy in tl.static_range(0, 3):
+        for dx in tl.static_range(0, 3):
+            ok2 = window_inside(m_mask, h, w, dy - 1, dx - 1, H, W)[:, None] & n_mask[None, :]
+            v = tl.load(x_tile + (rows + ((dy - 1) * W + dx - 1))[:, None] * C + offs_n[None, :],
+                        mask=ok2, other=0.0).to(tl.float32)
+            take = ok2 & ((v > best) | (v != v) | (arg < 0))
+            best = tl.where(take, v, best)
+            arg = tl.where(take, dy * 3 + dx, arg)
+    tl.store(argmax_ptr + base + offs, arg.to(tl.int8), mask=out_mask)
+    tl.store(pooled_ptr + base + offs, best.to(pooled_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _graph_input_grad_kernel(
+    # pointers
+    a_ptr,  # (M, K) the masked gradients of the 1x1s over x, side by side: the shared-x GEMM's A
+    w_ptr,  # (K, C) their weights stacked, row-major
+    d_pooled_ptr,  # (M, C) from _graph_pool_grad_kernel
+    argmax_ptr,  # (M, C) int8 from _graph_pool_grad_kernel
+    dx_ptr,  # (N, H, W, C) NHWC: a @ w plus the max pool's gradient
+    # sizes
+    M, H, W, C, K,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The shared-x GEMM of the backward (K may be 0) with the max pool's gradient gathered
+    in its epilogue: pixel p adds d_pooled of each neighbour whose argmax points at p.
+    Gathering instead of scattering needs no atomics: dx is deterministic."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C
+    acc = tile_gemm(a_ptr + m0.to(tl.int64) * K, w_ptr, K, C, rows, m_mask, offs_n, n_mask,
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+    # Neighbour q = p + (dy - 1, dx - 1) sends its d_pooled to p when its argmax is p's
+    # position in q's window, (2 - dy) * 3 + (2 - dx).
+    base = m0.to(tl.int64) * C
+    for dy in tl.static_range(0, 3):
+        for dx in tl.static_range(0, 3):
+            ok2 = window_inside(m_mask, h, w, dy - 1, dx - 1, H, W)[:, None] & n_mask[None, :]
+            q = (rows + ((dy - 1) * W + dx - 1))[:, None] * C + offs_n[None, :]
+            arg = tl.load(argmax_ptr + base + q, mask=ok2, other=-1).to(tl.int32)
+            hit = ok2 & (arg == (2 - dy) * 3 + (2 - dx))
+            acc += tl.load(d_pooled_ptr + base + q, mask=hit, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + base + rows[:, None] * C + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
 STAGE_KERNEL = _graph_stage_kernel
 DGRAD_KERNEL = _graph_dgrad_kernel
+POOL_GRAD_KERNEL = _graph_pool_grad_kernel
+INPUT_GRAD_KERNEL = _graph_input_grad_kernel
+
+# The max-pool backward's epilogues keep two more (BLOCK_M, BLOCK_N) tiles live (running
+# max and argmax, or the gathered sums): 64x128 tiles spilled 480-2600 bytes per thread on
+# sm_80 and sm_90 (the GoogLeNet kernels these port), so both stop at 64x64.
+_MAX_EPILOGUE_TILE = 64 * 64
+
+
+def max_pool_backward_configs(exact_fp32: bool) -> list[KernelConfig]:
+    """The autotune list of _graph_pool_grad_kernel and _graph_input_grad_kernel: the
+    pointwise list (1x1 GEMMs) up to 64x64 tiles."""
+    return [c for c in kernel_configs("pointwise", exact_fp32) if c.block_m * c.block_n <= _MAX_EPILOGUE_TILE]
 
 
 def graph_configs(kh: int, kw: int, stride2: bool, exact_fp32: bool) -> list[KernelConfig]:
@@ -335,27 +437,46 @@ def _slot_kind(gemm: list[int]) -> int:
     return STRIDE2 if stride == 2 else WINDOW
 
 
-def stage_configs(kinds: tuple[int, ...], exact_fp32: bool) -> list[KernelConfig]:
-    """The autotune list of a stage launch from its slots' kinds: the pointwise list when a
-    slot's A is pooled while loading (its register budget) or every GEMM is a 1x1 over x
-    (a max-pool copy may join), else the spatial list; with a stride-2 slot, no 128-row tile.
-    `kinds` are (kind, kh, kw) per slot."""
+# The exact-fp32 (FMA dot) lists of the stage kernel, as (BLOCK_M, BLOCK_N, warps, stages)
+# with BLOCK_K = EXACT_FP32_BLOCK_K. kernel_configs' exact lists spilled 8-24 bytes per
+# thread in some stage variants with channel counts divisible by 16 (64x128 and 64x64 on 2
+# stages over an average-pooled A; 64x64 on 8 warps, 3 stages over K x K windows on sm_80;
+# with BLOCK_K 16, triton 3.6's slice, 64x32 on 8 warps over a max-pooled A); these,
+# compiled for every shipped variant with BLOCK_K 8 and 16 (tests/test_triton_aot.py
+# checks the installed triton's), do not. Each list's first tiles are kernel_configs'
+# (the interpreter runs the first: the GoogLeNet kernels' tiles, bit-identical outputs).
+_EXACT_STAGE_TILES = {
+    "pointwise": [(64, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)],
+    "spatial": [(64, 64, 8, 2), (64, 128, 8, 3), (64, 32, 4, 3)],
+}
+
+
+def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> list[KernelConfig]:
+    """The autotune list of a stage launch from its slots' (kind, kh, kw): the pointwise
+    list when a slot's A is pooled while loading (its register budget) or every GEMM is a
+    1x1 over x (a max-pool copy may join), else the spatial list; with a stride-2 slot, no
+    128-row tile."""
     pooled = any(kind in (AVG_POOL, MAX_POOL) for kind, _, _ in kinds)
     pointwise = all(kind in (AVG_POOL, MAX_POOL, POOL_COPY) or (kind == WINDOW and (kh, kw) == (1, 1))
                     for kind, kh, kw in kinds)
-    configs = kernel_configs("pointwise" if pooled or pointwise else "spatial", exact_fp32)
+    name = "pointwise" if pooled or pointwise else "spatial"
+    if exact_fp32:
+        configs = [KernelConfig(bm, bn, EXACT_FP32_BLOCK_K, warps, stages)
+                   for bm, bn, warps, stages in _EXACT_STAGE_TILES[name]]
+    else:
+        configs = kernel_configs(name, exact_fp32)
     if any(kind == STRIDE2 for kind, _, _ in kinds):
         configs = [c for c in configs if c.block_m <= 64]
     return configs
 
 
-def stage_constexprs(kinds: tuple[int, ...], segments: int) -> dict:
+def stage_constexprs(kinds: tuple[tuple[int, int, int], ...], segments: int) -> dict:
     """_graph_stage_kernel's compile-time arguments for slots of these (kind, kh, kw)."""
     padded = [kind for kind, _, _ in kinds] + [NONE] * (MAX_STAGE_GEMMS - len(kinds))
     return {**{f"KIND{i}": kind for i, kind in enumerate(padded)}, "SEGMENTS": segments}
 
 
-def stage_channel_args(kinds: tuple[int, ...], segments: int) -> tuple[str, ...]:
+def stage_channel_args(kinds: tuple[tuple[int, int, int], ...], segments: int) -> tuple[str, ...]:
     """The int arguments of _graph_stage_kernel that are channel counts or offsets of the
     used slots: multiples of 16 in GoogLeNet and Inception-v3, where the JIT specializes
     them (the variant compiled ahead of time)."""
@@ -515,14 +636,54 @@ def _run_stage(stage: StageLaunch, gemms, x, out, bufs, b, bias, buf_channels, o
 
 def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, needs: list[bool],
                           backward_plan: list[int]) -> list:
-    """graph_backward on GPUs: graph_backward_reference's walk, with the data gradients of
-    the stride-1 convolutions over intermediates (every K x K, 1 x n and n x 1 of a chain)
-    in `_graph_dgrad_kernel`, masks fused; the shared-x GEMMs are cuBLAS, the weight
-    gradients and a grid reduction's stride-2 data gradients cuDNN's."""
-    n, _, h, w = x.shape
+    """graph_backward on GPUs: graph_backward_reference's walk, with
+    - the data gradients of the stride-1 convolutions over intermediates (every K x K,
+      1 x n and n x 1 of a chain) in `_graph_dgrad_kernel`, masks fused;
+    - a stride-1 max-pool branch (GoogLeNet's) fused: `_graph_pool_grad_kernel` makes its
+      d_pooled, argmax and pooled x in one pass, and `_graph_input_grad_kernel` runs the
+      shared-x GEMM's dx with the max pool's gradient gathered in its epilogue;
+    the other shared-x GEMMs are cuBLAS, the weight gradients and a grid reduction's
+    stride-2 data gradients cuDNN's."""
+    n, c, h, w = x.shape
     if n * h * w >= 2**31:
         raise ValueError(f"x has {n * h * w} pixels (N*H*W); the Triton kernels take fewer than 2**31")
     exact = exact_fp32(x.dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    m = n * h * w
+
+    def max_pool_grad(g, weight, need_dx):
+        g = g.contiguous()  # (M, cp)
+        cp = weight.shape[0]
+        wp = weight.flatten(1).contiguous()  # (cp, C)
+        pooled = torch.empty((m, c), device=x.device, dtype=x.dtype)
+        argmax = torch.empty((m, c), device=x.device, dtype=torch.int8)
+        d_pooled = torch.empty((m, c), device=x.device, dtype=x.dtype) if need_dx else pooled  # unwritten without DX
+        configs = prune_configs(max_pool_backward_configs(exact), m, c)
+
+        def pool_launch(cfg: KernelConfig):
+            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_n))
+            _graph_pool_grad_kernel[grid](g, wp, x, d_pooled, argmax, pooled, m, h, w, c, cp, DX=need_dx,
+                                          **launch_options(cfg, x.dtype))
+
+        pool_launch(autotune("graph_pool_grad", (c, cp, n, h, w, need_dx), x, configs, pool_launch))
+        if not need_dx:
+            return pooled, None
+
+        def pool_dx(a, w_shared):
+            k = 0 if a is None else a.shape[1]
+            a = d_pooled if a is None else a.contiguous()  # (M, K); d_pooled stands in for K = 0, never read
+            w_shared = d_pooled if w_shared is None else w_shared.contiguous()  # (K, C)
+            dx = torch.empty((m, c), device=x.device, dtype=x.dtype)
+
+            def launch(cfg: KernelConfig):
+                grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_n))
+                _graph_input_grad_kernel[grid](a, w_shared, d_pooled, argmax, dx, m, h, w, c, k,
+                                               **launch_options(cfg, x.dtype))
+
+            launch(autotune("graph_input_grad", (c, k, n, h, w), x, configs, launch))
+            return dx
+
+        return pooled, pool_dx
 
     def data_grad(g, weight, record, d_so_far, intermediate, last):
         _source, _dest, _channel, kh, kw, *_ = record
@@ -531,7 +692,7 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
         d = torch.empty_like(t) if d_so_far is None else d_so_far.reshape(t.shape)
         b = flipped_gemm_b(weight)
         g = g.contiguous()
-        rows = n * h * w
+        rows = m
 
         def launch(cfg: KernelConfig):
             grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
@@ -546,5 +707,5 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
                         restore=None if scratch is None else lambda: d.copy_(scratch)))
         return d.reshape(rows, cols), last
 
-    return graph_backward_reference(grad_out, x.contiguous(memory_format=torch.channels_last), y, intermediates,
-                                    weights, needs, backward_plan, data_grad=data_grad)
+    return graph_backward_reference(grad_out, x, y, intermediates, weights, needs, backward_plan,
+                                    data_grad=data_grad, max_pool_grad=max_pool_grad)

@@ -83,6 +83,11 @@ def _graph_kernels() -> dict:
     kernels["graph_dgrad"] = (graph.DGRAD_KERNEL, _configs(
         lambda exact: graph.graph_configs(3, 3, False, exact), constexprs=dict(ACCUMULATE=True, MASK=True),
         divisible=("K_g", "cols")))
+    for dx in (True, False):  # without DX (no dx wanted) the pool-grad kernel has no dot
+        kernels[f"graph_pool_grad{'' if dx else '_no_dx'}"] = (graph.POOL_GRAD_KERNEL, _configs(
+            graph.max_pool_backward_configs, constexprs=dict(DX=dx), divisible=("C", "cp"), dot=dx))
+    kernels["graph_input_grad"] = (graph.INPUT_GRAD_KERNEL, _configs(
+        graph.max_pool_backward_configs, divisible=("C", "K")))
     return kernels
 
 

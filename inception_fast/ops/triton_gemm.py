@@ -95,11 +95,9 @@ def min_fp32_dot_k() -> int:
         return 16
 
 
-# Exact fp32 dots run on FMA units with both operands in registers: a thinner K slice, no
-# 128-row tile (16 bytes of spill on sm_80) and two stages (three spilled 16 bytes on sm_80
-# at 64x64x8 with channel counts divisible by 16) keep them from spilling; FMA-bound, they
-# gain little from a deeper pipeline. The slice is as thin as the installed triton allows
-# (min_fp32_dot_k), the same under the interpreter.
+# Exact fp32 dots run on FMA units with both operands in registers: a thinner K slice,
+# and no 128-row tile (16 bytes of spill on sm_80), keep them from spilling. The slice is
+# as thin as the installed triton allows (min_fp32_dot_k), the same under the interpreter.
 EXACT_FP32_BLOCK_K = max(8, min_fp32_dot_k())
 
 
@@ -107,8 +105,7 @@ def kernel_configs(kind: str, exact_fp32: bool) -> list[KernelConfig]:
     """The autotune list of a kernel kind ("pointwise" or "spatial") for a dot precision."""
     configs = {"pointwise": POINTWISE_CONFIGS, "spatial": SPATIAL_CONFIGS}[kind]
     if exact_fp32:
-        return [c._replace(block_k=EXACT_FP32_BLOCK_K, num_stages=min(c.num_stages, 2)) for c in configs
-                if c.block_m <= 64]
+        return [c._replace(block_k=EXACT_FP32_BLOCK_K) for c in configs if c.block_m <= 64]
     return list(configs)
 
 
