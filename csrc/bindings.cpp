@@ -3,33 +3,10 @@
 #include "inception_cpu.h"
 #include "nhwc.h"
 
-namespace {
-
-at::Tensor forward(const at::Tensor& x, const at::Tensor& reduce_b, const at::Tensor& reduce_bias,
-                   const at::Tensor& conv3_b, const at::Tensor& conv3_bias,
-                   const at::Tensor& conv5_b, const at::Tensor& conv5_bias,
-                   const at::Tensor& pool_b, const at::Tensor& pool_bias,
-                   std::vector<int64_t> dims, std::optional<at::Tensor> out) {
-  TORCH_CHECK(dims.size() == 8, "dims must be (c1, r3, r5, c3, c5, cp, k3, k5), got ", dims.size(), " values");
-  const inception_fast::InceptionDims d{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]};
-  return inception_fast::inception_forward(x, reduce_b, reduce_bias, conv3_b, conv3_bias, conv5_b,
-                                           conv5_bias, pool_b, pool_bias, d, out);
-}
-
-}  // namespace
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "inception_fast CPU kernels (NHWC, fused two-stage Inception forward)";
-  m.def("inception_forward", &forward,
-        "Fused Inception forward; weights pre-packed by inception_fast.ops.inception",
-        py::arg("x"), py::arg("reduce_b"), py::arg("reduce_bias"), py::arg("conv3_b"),
-        py::arg("conv3_bias"), py::arg("conv5_b"), py::arg("conv5_bias"), py::arg("pool_b"),
-        py::arg("pool_bias"), py::arg("dims"), py::arg("out") = py::none());
-  m.def("inception_backward", &inception_fast::inception_backward,
-        "Fused Inception backward: grads of (x, w1, b1, ..., wp, bp), None where not needed",
-        py::arg("grad_out"), py::arg("x"), py::arg("y"), py::arg("weights"), py::arg("needs"));
+  m.doc() = "inception_fast CPU kernels (NHWC): the fused branch-graph forward and backward";
   m.def("inception_graph_forward", &inception_fast::inception_graph_forward,
-        "Fused forward of a branch-graph (Inception-v3) block planned by ops/branch_graph.py",
+        "Fused forward of a branch-graph block planned by inception_fast/ops/plan.py",
         py::arg("x"), py::arg("buf_channels"), py::arg("buf_border"), py::arg("gemm_descs"),
         py::arg("b"), py::arg("bias"), py::arg("out_channels"), py::arg("stride"), py::arg("out") = py::none());
   m.def("inception_graph_forward_saving", &inception_fast::inception_graph_forward_saving,

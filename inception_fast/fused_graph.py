@@ -225,7 +225,7 @@ class FusedBranchGraph(DropInBlock):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
         return [cast(w) for w, _ in folded], [cast(b) for _, b in folded]
 
-    def _packed(self, backend: str, dtype: torch.dtype | None) -> tuple[list, list]:
+    def _packed(self, backend: str, dtype: torch.dtype | None = None) -> tuple[list, list]:
         """The kernel layout of the folded weights: cached per (backend, dtype) while no
         parameter or BN statistic changes, packed in the graph when traced."""
         def build():

@@ -12,7 +12,7 @@ nothing here needs the C++ extension. Sections, in order (`--sections` picks som
              backward's dx and every conv's dW, db (tf32, fp16: one block of each type)
   networks   logits of a swapped torchvision googlenet and inception_v3
   offset     a forward whose x and output pass 2**31 elements (64-bit tile bases)
-  launches   kernel launches per call: GoogLeNet 2 forward / 3 backward, v3 one per GEMM
+  launches   kernel launches per call: GoogLeNet 2 forward / 3 backward, v3 one per stage
   speed      triton.testing.do_bench medians: fused against cuDNN eager channels_last and
              torch.compile, per block and whole networks; TFLOP/s against the bf16 mm peak
              measured in the same run; autotune time per problem
@@ -32,11 +32,10 @@ rounding of 0; at batch 33 that happens somewhere, whatever the precision. So th
 GoogLeNet backward runs on dyadic data (x, grad_output in {-1, 0, 1}, weights in
 {-2..2}/8), on which every forward sum is exact in fp32, tf32 and fp16 and both sides
 see the same masks and max-pool ties: fp32 end to end through autograd against fp64
-autograd; tf32/fp16/bf16 from the same saved x, y and grad_output against the fp64 (and,
-for the eager rule, the same-precision) ATen twin `inception_backward`. The v3 backward
-saves its intermediates (no recompute), so it runs on random data from the same saved
-tensors against `graph_backward_reference`; its module path is checked end to end for
-finite gradients of every parameter.
+autograd; tf32/fp16/bf16 from the same saved x, y, intermediates and grad_output against
+the fp64 (and, for the eager rule, the same-precision) ATen twin `graph_backward_reference`.
+The v3 backward runs on random data from the same saved tensors against that twin; its
+module path is checked end to end for finite gradients of every parameter.
 
 Output: DIR/gpu_check.json (everything) and DIR/gpu_check.md (summary tables), rewritten
 after every section (and case, 15 s after the last write) so that a run stopped early
@@ -225,9 +224,9 @@ def poisoned_allocations():
 def count_launches():
     """Yield a list that collects the name of every Triton kernel launched inside (the
     JITFunction, or under TRITON_INTERPRET=1 the InterpretedFunction, `run` method)."""
-    from .ops import inception_triton
+    from .ops import triton_gemm
 
-    cls = type(inception_triton._pointwise_kernel)
+    cls = type(triton_gemm.mma)  # a jit function: JITFunction, or InterpretedFunction
     own = "run" in cls.__dict__
     real_run = cls.run
     names: list[str] = []
@@ -244,6 +243,18 @@ def count_launches():
             cls.run = real_run
         else:
             del cls.run
+
+
+def _backward_launches(plan) -> list[str]:
+    """The Triton launches of graph_backward_triton for a plan, in the order of its walk
+    (convolutions in reverse): one data-gradient kernel per stride-1 convolution over an
+    intermediate, the max-pool branch's pool-gradient kernel, and, with a max-pool branch,
+    the shared-x dx GEMM that gathers its gradient (needs = x and weights)."""
+    from .ops.plan import Source
+
+    names = ["_graph_pool_grad_kernel" if c.source == Source.MAX_POOL else "_graph_dgrad_kernel"
+             for c in reversed(plan.convs) if c.source == Source.MAX_POOL or (c.source >= 0 and c.stride == 1)]
+    return names + (["_graph_input_grad_kernel"] if "_graph_pool_grad_kernel" in names else [])
 
 
 @contextlib.contextmanager
@@ -519,8 +530,9 @@ class GpuCheck:
             self._inception_backward(section, label, spec, size, prec, dtype)
 
     def _inception_backward(self, section, label, spec, size, prec, dtype) -> None:
-        from .ops.inception import InceptionWeights, inception_backward
-        from .ops.inception_triton_backward import backward_triton
+        from .ops.branch_graph import graph_backward_reference, graph_triton_forward_saving, pack_weights
+        from .ops.branch_graph_triton import graph_backward_triton
+        from .ops.inception import InceptionWeights, preset
 
         n, h, w = size
         dev = self.device
@@ -545,16 +557,18 @@ class GpuCheck:
             for name, g, wnt in zip(_GRAD_NAMES, got, want):
                 self.compare(section, label, prec, name, g, wnt)
             return
-        # Reduced precision: the same saved x, y and grad_output for all three.
-        weights = InceptionWeights(*(p.detach() for p in ref.parameters()))
-        y = FusedInception.from_module(ref, backend="triton")(x)
-        needs = (True,) * 13
-        self.warm(lambda: backward_triton(grad, x, y, weights, needs))
+        # Reduced precision: the same saved x, y, intermediates and grad_output for all three.
+        p = preset(spec)
+        weights = InceptionWeights(*(t.detach() for t in ref.parameters()))
+        b, bias = pack_weights(p.plan, weights.weights, weights.biases, "triton")
+        y, inter = graph_triton_forward_saving(x, b, bias, p.flat)
+        needs = [True, True]
+        self.warm(lambda: graph_backward_triton(grad, x, y, inter, weights.weights, needs, p.backward_flat))
         with poisoned_allocations():
-            got = backward_triton(grad, x, y, weights, needs)
-        as64 = InceptionWeights(*(t.double() for t in weights))
-        want = inception_backward(grad.double(), x.double(), y.double(), as64, needs)
-        twin = inception_backward(grad, x, y, weights, needs)
+            got = graph_backward_triton(grad, x, y, inter, weights.weights, needs, p.backward_flat)
+        want = graph_backward_reference(grad.double(), x.double(), y.double(), [t.double() for t in inter],
+                                        [t.double() for t in weights.weights], needs, p.backward_flat)
+        twin = graph_backward_reference(grad, x, y, inter, weights.weights, needs, p.backward_flat)
         for name, g, wnt, e in zip(_GRAD_NAMES, got, want, twin):
             self.compare(section, label, prec, name, g, wnt, e)
 
@@ -615,7 +629,7 @@ class GpuCheck:
 
             # Backward from the same saved x, y, intermediates and grad_output.
             with torch.no_grad():
-                b, bias = fused._packed("triton")
+                b, bias = fused._packed("triton", None)
                 y, inter = graph_triton_forward_saving(x, b, bias, fused._plan.flat())
                 weights = [fold_conv_bn(u)[0] for u in fused._units]
             grad = torch.randn(y.shape, device=dev).to(dtype)
@@ -729,12 +743,11 @@ class GpuCheck:
     # -- launch counts --------------------------------------------------------------------
 
     def _section_launches(self) -> None:
-        from .fused_graph import FusedBranchGraph
-        from .ops.branch_graph import graph_triton_forward_saving
-        from .ops.inception import InceptionWeights
-        from .ops.inception_triton_backward import backward_triton
-        from .ops.branch_graph_triton import graph_backward_triton
         from .blocks import fold_conv_bn
+        from .fused_graph import FusedBranchGraph
+        from .ops.branch_graph import graph_triton_forward_saving, pack_weights
+        from .ops.branch_graph_triton import graph_backward_triton, stage_launches
+        from .ops.inception import InceptionWeights, preset
 
         prec = "fp32" if self.plan.mode == "tiny" else "bf16"
         dev = self.device
@@ -748,15 +761,18 @@ class GpuCheck:
             self.warm(lambda: (fused(x), eager(x)))  # autotune, cuDNN's first-call setup
             with count_launches() as names:
                 y = fused(x)
-            self._launch_row(f"googlenet {name} forward", names, ["_pointwise_kernel", "_spatial_kernel"],
+            self._launch_row(f"googlenet {name} forward", names, ["_graph_stage_kernel"] * 2,
                              fused=lambda: fused(x), eager=lambda: eager(x))
-            weights = InceptionWeights(*(p.detach() for p in ref.parameters()))
+            p = preset(spec)
+            weights = InceptionWeights(*(t.detach() for t in ref.parameters()))
+            b, bias = pack_weights(p.plan, weights.weights, weights.biases, "triton")
+            y, inter = graph_triton_forward_saving(x, b, bias, p.flat)
             grad = torch.randn_like(y)
-            self.warm(lambda: backward_triton(grad, x, y, weights, (True,) * 13))
+            run = lambda: graph_backward_triton(grad, x, y, inter, weights.weights, [True, True], p.backward_flat)  # noqa: E731
+            self.warm(run)
             with count_launches() as names:
-                backward_triton(grad, x, y, weights, (True,) * 13)
-            self._launch_row(f"googlenet {name} backward", names,
-                             ["_spatial_dgrad_kernel", "_pool_grad_kernel", "_input_grad_kernel"])
+                run()
+            self._launch_row(f"googlenet {name} backward", names, _backward_launches(p.plan))
         blocks = self._v3_blocks()
         if blocks is None:
             self.skip("v3 launch counts", "torchvision is not installed")
@@ -773,15 +789,16 @@ class GpuCheck:
                 eager = copy.deepcopy(block).to(memory_format=torch.channels_last)
                 x = torch.randn(2, fused.spec.in_channels, h, w, device=dev, dtype=dtype)
                 x = x.contiguous(memory_format=torch.channels_last)
-                fused._packed("triton")  # packs and caches the weights: no launches
+                fused._packed("triton", None)  # packs and caches the weights: no launches
                 self.warm(lambda: (fused(x), eager(x)))
                 with count_launches() as names:
                     fused(x)
-                gemms = fused._plan.gemms
-                expected = ["_max_pool_stride2_kernel" if g[1] == -4 else "_graph_gemm_kernel" for g in gemms]
-                self._launch_row(f"{label} forward", sorted(names), sorted(expected), fused=lambda: fused(x),
+                # One grouped launch per stage of the plan.
+                stages = stage_launches(fused._plan.flat(), fused.spec.in_channels)
+                expected = ["_graph_stage_kernel"] * len(stages)
+                self._launch_row(f"{label} forward", names, expected, fused=lambda: fused(x),
                                  eager=lambda: eager(x))
-                b, bias = fused._packed("triton")
+                b, bias = fused._packed("triton", None)
                 y, inter = graph_triton_forward_saving(x, b, bias, fused._plan.flat())
                 weights = [fold_conv_bn(u)[0] for u in fused._units]
                 plan = fused._plan.backward_flat()
@@ -789,9 +806,7 @@ class GpuCheck:
                 self.warm(lambda: graph_backward_triton(grad, x, y, inter, weights, [True, True], plan))
                 with count_launches() as names:
                     graph_backward_triton(grad, x, y, inter, weights, [True, True], plan)
-                # One data-gradient launch per stride-1 convolution over an intermediate.
-                dgrads = sum(1 for row in fused._plan.conv_table if row[0] >= 0 and row[5] == 1)
-                self._launch_row(f"{label} backward", names, ["_graph_dgrad_kernel"] * dgrads)
+                self._launch_row(f"{label} backward", names, _backward_launches(fused._plan))
 
     def _launch_row(self, case: str, names: list[str], expected: list[str], fused=None, eager=None) -> None:
         row = {"case": case, "triton_launches": len(names), "expected": len(expected), "kernels": names,
@@ -841,21 +856,21 @@ class GpuCheck:
         return ref, fused, x.contiguous(memory_format=torch.channels_last)
 
     def _time_block(self, name: str, spec: InceptionSpec, size: int, batch: int, prec: str, peak: float) -> dict:
-        from .ops import inception_triton
+        from .ops.triton_gemm import TUNED
 
         self.log(f"speed {name} n={batch} {prec}")
         with precision(prec) as dtype, torch.no_grad():
             ref, fused, x = self._block_modules(spec, size, batch, dtype)
             # Autotune time: the first call with this problem's tuned configs forgotten (its
             # kernels may already be compiled by the correctness sections).
-            tuned = dict(inception_triton._BEST)
-            inception_triton._BEST.clear()
+            tuned = dict(TUNED)
+            TUNED.clear()
             self.sync()
             t = time.perf_counter()
             fused(x)
             self.sync()
             tune_s = time.perf_counter() - t
-            inception_triton._BEST.update(tuned)
+            TUNED.update(tuned)
             seconds = time_alternating({"fused": lambda: fused(x), "eager_channels_last": lambda: ref(x)},
                                        reps=self.plan.speed.reps, device=self.device)
         case = CaseResult(block=name, batch=batch, dtype=prec, backend="triton",

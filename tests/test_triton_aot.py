@@ -1,11 +1,12 @@
-"""Every shipped Triton config of the forward and backward kernels, compiled ahead of time
-for sm_80 and sm_90 (no GPU needed).
+"""Every shipped Triton kernel config, compiled ahead of time for sm_80 and sm_90 (no GPU
+needed): the branch-graph op's launches as inception_fast.ops.triton_aot.KERNELS lists
+them, and the GoogLeNet-only forward and backward kernels while they ship.
 
 From the cubin (cuobjdump -res-usage, shipped in the triton wheel) and the PTX:
-no spills, tensor-core instructions, shared memory within the architecture's limit.
-Prints the resource table; with INCEPTION_FAST_AOT_TABLE=PATH also writes it there
-(`make aot-table` refreshes benchmarks/results/aot_resources.md). Tests never write into
-tracked files on their own.
+no spills, tensor-core instructions where a variant has a dot, shared memory within the
+architecture's limit. Prints the resource table; with INCEPTION_FAST_AOT_TABLE=PATH also
+writes it there (`make aot-table` refreshes benchmarks/results/aot_resources.md). Tests
+never write into tracked files on their own.
 """
 
 import os
@@ -19,53 +20,51 @@ import inception_fast as ifast
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs real JIT kernels")
 triton = pytest.importorskip("triton")
 
-from inception_fast.ops.inception_triton import SHARED_MEMORY_LIMIT, compile_ahead_of_time, kernel_configs  # noqa: E402
+from inception_fast.ops.inception_triton import FORWARD_KERNELS, kernel_configs  # noqa: E402
+from inception_fast.ops.inception_triton_backward import BACKWARD_KERNELS, backward_configs  # noqa: E402
+from inception_fast.ops.triton_aot import (  # noqa: E402
+    KERNELS,
+    SHARED_MEMORY_LIMIT,
+    AotConfig,
+    compile_ahead_of_time,
+)
 
 RESULTS = os.environ.get("INCEPTION_FAST_AOT_TABLE")
-from inception_fast.ops.branch_graph_triton import graph_configs  # noqa: E402
-from inception_fast.ops.inception_triton_backward import BACKWARD_KERNELS, backward_configs  # noqa: E402
 
-# Forward kernels, then backward kernels, each with the autotune list it launches with.
-CASES = [(kind, exact, cfg) for kind in ("pointwise", "spatial") for exact in (False, True)
-         for cfg in kernel_configs(kind, exact_fp32=exact)]
-CASES += [(kind, exact, cfg) for kind in BACKWARD_KERNELS for exact in (False, True)
+# (name, JIT function, AotConfig): the branch-graph op's launches, then the GoogLeNet-only
+# kernels with the autotune lists they launch with.
+CASES = [(name, fn, aot) for name, (fn, aots) in KERNELS.items() for aot in aots]
+CASES += [(kind, fn, AotConfig(cfg, exact)) for kind, (fn, _) in FORWARD_KERNELS.items() for exact in (False, True)
+          for cfg in kernel_configs(kind, exact_fp32=exact)]
+CASES += [(kind, fn, AotConfig(cfg, exact)) for kind, (fn, _) in BACKWARD_KERNELS.items() for exact in (False, True)
           for cfg in backward_configs(kind, exact_fp32=exact)]
-# The branch-graph kernels in the shapes their plans launch: (kernel, constexprs, taps,
-# stride 2). Forward: a K x K stage, the stage-0 1x1 over x into three destinations, the
-# average-pool branch's 1x1, a grid reduction's stride-2 3x3. Backward: the data gradient
-# of a convolution over an intermediate, as a fan-out's last consumer (accumulate + mask,
-# the most registers).
-GRAPH_VARIANTS = {
-    "graph_gemm": ("graph_gemm", dict(POOL=0, SEGMENTS=1, STRIDE2=False), (3, 3), False),
-    "graph_gemm_stage0": ("graph_gemm", dict(POOL=0, SEGMENTS=3, STRIDE2=False), (1, 1), False),
-    "graph_gemm_avgpool": ("graph_gemm", dict(POOL=1, SEGMENTS=1, STRIDE2=False), (1, 1), False),
-    "graph_gemm_stride2": ("graph_gemm", dict(POOL=0, SEGMENTS=1, STRIDE2=True), (3, 3), True),
-    "graph_dgrad": ("graph_dgrad", dict(ACCUMULATE=True, MASK=True), (3, 3), False),
-}
-CASES += [(kind, exact, cfg) for kind, (_, _, taps, stride2) in GRAPH_VARIANTS.items() for exact in (False, True)
-          for cfg in graph_configs(*taps, stride2, exact_fp32=exact)]
 # (dtype, dot precision) of the tensor-core lists; the exact-fp32 lists (FMA dots, when
 # allow_tf32 is off) compile for fp32 "ieee" only.
 TENSOR_CORE_DTYPES = [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "tf32")]
 EXACT_DTYPES = [(torch.float32, "ieee")]
+CAPABILITIES = (80, 90)
 
 
-def dtypes_of(exact):
-    return EXACT_DTYPES if exact else TENSOR_CORE_DTYPES
+def dtypes_of(aot):
+    return EXACT_DTYPES if aot.exact_fp32 else TENSOR_CORE_DTYPES
 
 
-PARAMS = [(kind, cfg, dtype, precision) for kind, exact, cfg in CASES for dtype, precision in dtypes_of(exact)]
+PARAMS = [(name, fn, aot, dtype, precision) for name, fn, aot in CASES for dtype, precision in dtypes_of(aot)]
+
+
+def _id(name, aot, dtype, precision):
+    variant = "".join(f"-{k}{v}" for k, v in aot.constexprs if not k.startswith("KIND"))
+    config = "x".join(map(str, aot.config))
+    return f"{name}{variant}-{config}-{str(dtype).removeprefix('torch.')}-{precision or 'default'}"
 
 
 @pytest.fixture(scope="module")
 def compiled():
     results = {}
-    for kind, exact, cfg in CASES:
-        for dtype, precision in dtypes_of(exact):
-            for capability in (80, 90):
-                jit_kind, constexprs = GRAPH_VARIANTS[kind][:2] if kind in GRAPH_VARIANTS else (kind, None)
-                results[kind, cfg, dtype, precision, capability] = compile_ahead_of_time(
-                    jit_kind, cfg, dtype, capability, precision, constexprs)._replace(kernel=kind)
+    for name, fn, aot, dtype, precision in PARAMS:
+        for capability in CAPABILITIES:
+            results[_id(name, aot, dtype, precision), capability] = compile_ahead_of_time(
+                fn, aot.config, dtype, capability, precision, aot.constexprs, aot.divisible, name=name)
     rows = [
         "| kernel | BLOCK_M×N×K | warps | stages | dtype | sm | registers | stack | local | shared (B) | MMA |",
         "|---|---|---|---|---|---|---:|---:|---:|---:|---|",
@@ -82,16 +81,13 @@ def compiled():
     return results
 
 
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize(
-    "kind, cfg, dtype, precision", PARAMS,
-    ids=[f"{k}-{'x'.join(map(str, c))}-{str(d).removeprefix('torch.')}-{p or 'default'}" for k, c, d, p in PARAMS],
-)
-def test_config_compiles_without_spills_on_tensor_cores(compiled, kind, cfg, dtype, precision, capability):
-    r = compiled[kind, cfg, dtype, precision, capability]
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("name, fn, aot, dtype, precision", PARAMS, ids=[_id(n, a, d, p) for n, _, a, d, p in PARAMS])
+def test_config_compiles_without_spills_on_tensor_cores(compiled, name, fn, aot, dtype, precision, capability):
+    r = compiled[_id(name, aot, dtype, precision), capability]
     assert r.stack == 0 and r.local == 0, f"spills: STACK {r.stack} LOCAL {r.local}"
     assert r.shared <= SHARED_MEMORY_LIMIT[capability]
-    if precision != "ieee":
+    if aot.dot and precision != "ieee":
         assert r.tensor_core_op == {80: "mma.sync", 90: "wgmma"}[capability]
 
 
@@ -104,10 +100,35 @@ def test_more_than_2_31_pixels_is_refused_before_any_allocation():
         forward_triton(x, None, spec)
 
 
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_grid_reduction_max_pool_kernel_compiles_without_spills(dtype, capability):
-    from inception_fast.ops.inception_triton import KernelConfig
+def test_real_plans_launch_only_the_stage_variants_checked_here():
+    """Each stage launch of GoogLeNet's nine blocks (as branch graphs) and Inception-v3's
+    five block types has the compile-time variant and config list of an entry of
+    branch_graph_triton.SHIPPED_STAGES, the stage kernels KERNELS compiles above."""
+    from torchvision.models import inception as tv
 
-    r = compile_ahead_of_time("max_pool_stride2", KernelConfig(64, 64, 16, 4, 1), dtype, capability)
-    assert r.stack == 0 and r.local == 0, f"spills: STACK {r.stack} LOCAL {r.local}"
+    from inception_fast.fused_graph import FusedBranchGraph
+    from inception_fast.ops import branch_graph_triton as graph
+    from inception_fast.ops.branch_graph import Branch, BranchGraphSpec, Conv, plan
+
+    def googlenet_graph(s):
+        c = s.in_channels
+        return BranchGraphSpec(c, (Branch(((Conv(c, s.ch1x1),),)),
+                                   Branch(((Conv(c, s.ch3x3red),), (Conv(s.ch3x3red, s.ch3x3, s.k3, s.k3),))),
+                                   Branch(((Conv(c, s.ch5x5red),), (Conv(s.ch5x5red, s.ch5x5, s.k5, s.k5),)))),
+                               "max", Conv(c, s.pool_proj))
+
+    specs = [googlenet_graph(block.spec) for block in ifast.GOOGLENET_INCEPTION.values()]
+    specs += [FusedBranchGraph.from_module(make().eval(), backend="cpu").spec for make in (
+        lambda: tv.InceptionA(192, pool_features=32), lambda: tv.InceptionB(288),
+        lambda: tv.InceptionC(768, channels_7x7=128), lambda: tv.InceptionD(768), lambda: tv.InceptionE(1280))]
+
+    def shape(kinds, segments, exact):
+        return graph.stage_constexprs(kinds, segments), graph.stage_configs(kinds, exact)
+
+    shipped = [shape(kinds, segments, exact) for _, kinds, segments in graph.SHIPPED_STAGES for exact in (False, True)]
+    for spec in specs:
+        stages = graph.stage_launches(plan(spec).flat(), spec.in_channels)
+        assert len(stages) == len({g[0] for g in plan(spec).gemms})  # one launch per stage
+        for stage in stages:
+            for exact in (False, True):
+                assert shape(stage.kinds, stage.segments, exact) in shipped, (spec, stage)

@@ -113,17 +113,19 @@ def test_gradients_match_the_reference_module():
 
 
 def test_bare_triton_forward_op_backpropagates_to_its_packed_weights():
-    """register_autograd of inception_fast::triton_forward, through a differentiable pack."""
-    from inception_fast.ops import inception_triton
-    from inception_fast.ops.inception import InceptionWeights, _dims
+    """register_autograd of inception_fast::graph_triton_forward (what jit.trace records),
+    through a differentiable pack."""
+    from inception_fast.ops.branch_graph import pack_weights
+    from inception_fast.ops.inception import InceptionWeights, preset
 
     spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
     ref = reference_module(spec).train()
-    weights = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    weights = InceptionWeights(*(p.detach().clone().requires_grad_() for p in ref.parameters()))
     x = torch.randn(2, 13, 5, 5)
     grad_out = torch.randn(2, spec.out_channels, 5, 5)
-    packed = inception_triton.pack_triton_weights(InceptionWeights(*weights))
-    torch.ops.inception_fast.triton_forward(x, *packed, _dims(spec)).backward(grad_out)
+    p = preset(spec)
+    b, bias = pack_weights(p.plan, weights.weights, weights.biases, "triton")
+    torch.ops.inception_fast.graph_triton_forward(x, b, bias, p.flat).backward(grad_out)
     want = _grads(ref, x, grad_out)[1:]
     for name, w, g in zip(InceptionWeights._fields, weights, want):
         assert rel_err(w.grad, g) <= TOLERANCE[torch.float32], name
@@ -209,31 +211,43 @@ def test_triton_backward_in_half_precision_matches_the_fp64_backward_of_the_same
     """In fp16/bf16 the forward's rounding moves some outputs across ReLU's kink, which
     changes eager autograd by percents as much as ours; so the backward is checked on its
     own: the same saved x, y and grad_output, against the fp64 backward algorithm."""
-    import importlib
-
-    op = importlib.import_module("inception_fast.ops.inception")
-    from inception_fast.ops.inception_triton_backward import backward_triton
+    from inception_fast.ops.branch_graph import graph_backward_reference, graph_triton_forward_saving, pack_weights
+    from inception_fast.ops.branch_graph_triton import graph_backward_triton
+    from inception_fast.ops.inception import InceptionWeights, preset
 
     weights = weights_of(reference_module(spec), dtype)
     x = torch.randn(2, spec.in_channels, 7, 9).mul(1.5).round().clamp(-1, 2).to(dtype)
+    p = preset(spec)
     with torch.no_grad():
-        y = op.fused_forward(x, weights, backend="triton")
+        b, bias = pack_weights(p.plan, weights.weights, weights.biases, "triton")
+        y, inter = graph_triton_forward_saving(x, b, bias, p.flat)
     grad_out = torch.randn_like(y)
-    needs = (True,) * 13
-    got = backward_triton(grad_out, x, y, weights, needs)
-    as64 = op.InceptionWeights(*(t.double() for t in weights))
-    want = op.inception_backward(grad_out.double(), x.double(), y.double(), as64, needs)
-    for name, a, b in zip(("x", *op.InceptionWeights._fields), got, want):
+    got = graph_backward_triton(grad_out, x, y, inter, weights.weights, [True, True], p.backward_flat)
+    want = graph_backward_reference(grad_out.double(), x.double(), y.double(), [t.double() for t in inter],
+                                    [t.double() for t in weights.weights], [True, True], p.backward_flat)
+    for name, a, b in zip(("x", *InceptionWeights._fields), got, want):
         assert rel_err(a, b) <= TOLERANCE[dtype], name
 
 
 # -- Inception-v3's branch graph on the Triton kernel --------------------------------------
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton kernels launched while the test runs, in order."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    names = []
+    original_run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *a, **k: names.append(self.fn.__name__) or original_run(self, *a, **k))
+    return names
+
+
 @pytest.mark.parametrize("name, dtype", tiered(
     [pytest.param(n, id=n) for n in "ABCDE"], dtype_params(torch.float32, torch.bfloat16),
     slow=lambda name, dtype: name in "DE" and dtype == "float32"))
-def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
+def test_inception_v3_blocks_on_the_triton_kernel_one_launch_per_stage(name, dtype, launches):
     import copy
 
     from conftest import small_v3_block
@@ -244,10 +258,30 @@ def test_inception_v3_blocks_on_the_triton_kernel(name, dtype):
     fused = FusedBranchGraph.from_module(block, backend="triton")
     x = torch.randn(2, fused.spec.in_channels, 5, 9).to(dtype)
     with torch.no_grad():
+        fused._packed("triton")  # packs the weights: no launches
+        launches.clear()
         got = fused(x)
         want = reference(x.double())
     assert got.dtype == dtype and not torch.isnan(got).any()
     assert rel_err(got, want) <= TOLERANCE[dtype]
+    # A grid reduction's max-pool copy joins its stage's launch.
+    assert launches == ["_graph_stage_kernel"] * len({g[0] for g in fused._plan.gemms})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_googlenet_block_runs_in_two_launches_and_matches_the_reference(dtype, launches):
+    """The grouped stage kernel runs GoogLeNet's module (the graph's preset) in two
+    launches: stage 0's two GEMMs (over x, over max-pooled x), then K3 and K5."""
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    weights = weights_of(reference_module(spec), dtype)
+    for n, h, w in [(1, 5, 5), (2, 6, 7)]:
+        x = torch.randn(n, 13, h, w).to(dtype)
+        with torch.no_grad():
+            launches.clear()
+            got = ifast.inception(x, *weights, backend="triton")
+            want = ifast.inception(x.double(), *(t.double() for t in weights), backend="reference")
+        assert launches == ["_graph_stage_kernel"] * 2
+        assert rel_err(got, want) <= TOLERANCE[dtype], (n, h, w)
 
 
 @pytest.mark.parametrize("name", ["A", "B", "C", pytest.param("D", marks=pytest.mark.slow),
@@ -330,3 +364,51 @@ def test_autocast_runs_the_triton_kernel_in_the_autocast_dtype(kind, monkeypatch
             got = fused(x)
     assert got.dtype == torch.bfloat16 and got.is_contiguous()
     assert rel_err(got, want) <= TOLERANCE[torch.bfloat16]
+
+
+def _assert_close_with_specials(got, want, tolerance, what):
+    """The same NaN, +inf and -inf positions, and the finite rest within tolerance."""
+    for special in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(special(got), special(want)), (what, special.__name__)
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) <= tolerance, what
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN and inf
+@pytest.mark.parametrize("special", ["ties", "nan-inf"])
+def test_graph_backward_fuses_the_max_pool_and_matches_the_fp64_reference(special, launches):
+    """GoogLeNet's block as a branch graph: the Triton backward takes the stride-1 max pool
+    in _graph_pool_grad_kernel (d_pooled, argmax, pooled x in one pass) and gathers its
+    gradient in the shared-x GEMM (_graph_input_grad_kernel), against the ATen walk in fp64
+    on the same saved tensors; x has ties in every pool window (and NaN, +-inf)."""
+    from inception_fast.ops.branch_graph import graph_backward_reference, graph_triton_forward_saving, pack_weights
+    from inception_fast.ops.branch_graph_triton import graph_backward_triton
+    from inception_fast.ops.plan import plan
+
+    spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+    graph = plan(spec.to_graph())
+    params = weights_of(reference_module(spec))
+    weights, biases = list(params[0::2]), list(params[1::2])
+    x = torch.randn(2, 13, 5, 6).mul(1.5).round().clamp(-1, 2)
+    if special == "nan-inf":
+        x[0, 2, 1, 1] = float("nan")
+        x[0, 2, 1, 2] = float("nan")  # two NaNs in one window: the last one takes the gradient
+        x[1, 4, 4, 4] = float("inf")
+        x[1, 7, 0, 5] = float("-inf")
+    b, bias = pack_weights(graph, weights, biases, "triton")
+    with torch.no_grad():
+        y, intermediates = graph_triton_forward_saving(x, b, bias, graph.flat())
+    grad_out = torch.randn_like(y)
+    flat = graph.backward_flat()
+    for needs in ([True, True], [True, False], [False, True]):
+        launches.clear()
+        got = graph_backward_triton(grad_out, x, y, intermediates, weights, needs, flat)
+        fused = ["_graph_pool_grad_kernel"] + ["_graph_input_grad_kernel"] * needs[0]
+        assert sorted(launches) == sorted(["_graph_dgrad_kernel"] * 2 + fused)
+        want = graph_backward_reference(grad_out.double(), x.double(), y.double(),
+                                        [t.double() for t in intermediates], [w.double() for w in weights],
+                                        needs, flat)
+        for i, (a, b_) in enumerate(zip(got, want)):
+            assert (a is None) == (b_ is None), (needs, i)
+            if b_ is not None:
+                _assert_close_with_specials(a, b_, TOLERANCE[torch.float32], (needs, i))

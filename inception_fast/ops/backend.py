@@ -22,7 +22,7 @@ from .._cache import tracing
 from .._checks import check_choice
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 
-__all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "cacheable", "from_gemm_b", "image", "interpreting", "pack_panels",
+__all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "cacheable", "flipped_gemm_b", "from_gemm_b", "image", "interpreting", "pack_panels",
            "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -95,6 +95,14 @@ def as_gemm_b(w: torch.Tensor) -> torch.Tensor:
 def from_gemm_b(b: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """The inverse of as_gemm_b: GEMM B (kh*kw*cin, cout) -> conv weight (cout, cin, kh, kw)."""
     return b.t().reshape(b.shape[1], kh, kw, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def flipped_gemm_b(w: torch.Tensor) -> torch.Tensor:
+    """Conv weight (cout, cin, kh, kw) -> (kh*kw*cout, cin), row (dy*kw + dx)*cout + co
+    holding w[co, :, kh-1-dy, kw-1-dx]: the B of the data-gradient implicit GEMM (a 'same'
+    padded stride-1 convolution's data gradient is the convolution of its output gradient
+    with the flipped, transposed weight)."""
+    return as_gemm_b(w.flip(2, 3).transpose(0, 1)).contiguous()
 
 
 def panel_width(dtype: torch.dtype) -> int:

@@ -156,7 +156,8 @@ graph_triton_forward.register_fake(_graph_fake)
 
 def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                              intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
-                             backward_plan: list[int], data_grad=None) -> list[torch.Tensor | None]:
+                             backward_plan: list[int], data_grad=None,
+                             max_pool_grad=None) -> list[torch.Tensor | None]:
     """[dx, dW_0, db_0, dW_1, db_1, ...] (spec.convs order; None where not needed) as ATen
     calls, on any device: the algorithm the C++ backward (csrc/inception_graph_cpu_backward.cpp)
     and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides.
@@ -167,6 +168,13 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     the intermediate's other consumers (None for the first), last whether no consumer is
     left, masked whether d already carries the intermediate's ReLU mask (the Triton kernel
     applies it in its epilogue).
+
+    max_pool_grad, if given, takes the stride-1 max-pool branch instead of ATen:
+    max_pool_grad(g, weight, need_dx) -> (pooled, pool_dx), g the (M, cout) masked gradient
+    of its 1x1, pooled the (M, C) rows of the pooled x (for the weight gradient), and
+    pool_dx (None unless need_dx) a function (a, w) -> the (M, C) rows of a @ w plus the max
+    pool's gradient, which then computes the shared-x GEMM's dx (a and w None when no 1x1
+    reads x): the Triton backward gathers that gradient in the GEMM's epilogue.
     """
     _, stride, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
     n, c, h, w = x.shape
@@ -181,6 +189,7 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     d_biases: list[torch.Tensor | None] = [None] * len(table)
     shared: dict[int, torch.Tensor] = {}  # conv index -> its columns of the shared-x GEMM
     dx_terms: list[torch.Tensor] = []  # logical (N, C, H, W)
+    pool_dx = None  # from max_pool_grad: the shared-x GEMM's dx with the max pool's gradient
     for i in reversed(range(len(table))):
         source, dest, channel, kh, kw, conv_stride, pad_h, pad_w = table[i]
         weight = weights[i]
@@ -200,6 +209,9 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             # S(x) / count, S the self-adjoint 3x3 sum pool: its adjoint is S(g / count).
             count = F.avg_pool2d(x.new_ones(1, 1, h, w), 3, 1, 1, divisor_override=1)
             shared[i] = rows(F.avg_pool2d(image(g, n, h, w) / count, 3, 1, 1, divisor_override=1))
+        elif source == Source.MAX_POOL and max_pool_grad is not None:
+            pooled, pool_dx = max_pool_grad(g, weight, needs[0])
+            d_weights[i] = (g.t() @ pooled).reshape(weight.shape) if needs[1] else None
         elif source == Source.MAX_POOL:
             pooled, indices = F.max_pool2d(x, 3, 1, 1, return_indices=True)
             d_weights[i] = (g.t() @ rows(pooled)).reshape(weight.shape) if needs[1] else None
@@ -229,14 +241,18 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
         dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
             grad_out[:, copy_channel:copy_channel + c], x, [3, 3], [2, 2], [0, 0], [1, 1], False, indices))
     order = sorted(shared)
+    a = w_shared = None
     if order:
         a = torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
+        w_shared = torch.cat([weights[i].flatten(1) for i in order])  # (K0, C)
         if needs[1]:
             d_shared = (a.t() @ x_rows).split([weights[i].shape[0] for i in order])
             for i, d in zip(order, d_shared):
                 d_weights[i] = d.reshape(weights[i].shape).clone()
-        if needs[0]:
-            dx_terms.append(image(a @ torch.cat([weights[i].flatten(1) for i in order]), n, h, w))
+    if pool_dx is not None:
+        dx_terms.append(image(pool_dx(a, w_shared), n, h, w))
+    elif order and needs[0]:
+        dx_terms.append(image(a @ w_shared, n, h, w))
     dx = None
     if needs[0]:
         dx = sum(dx_terms[1:], dx_terms[0]) if dx_terms else torch.zeros_like(x)

@@ -1,169 +1,280 @@
-"""Triton kernels of the branch-graph forward (Inception-v3's InceptionA to E) on GPUs.
+"""Triton kernels of the branch-graph op (Inception-v3's InceptionA to E, GoogLeNet's block)
+on GPUs: forward, and the backward's data gradients and fused max-pool gradient.
 
-The schedule is the C++ kernel's (`branch_graph.plan`): one launch per GEMM of the plan,
-stage after stage. `_graph_gemm_kernel` is one implicit GEMM over an NHWC source with a
-kh x kw window (zero padding by masks), whose A tile may be the 3x3 average or max pool
-of the source taken while loading (the pool branch), and whose columns go, through bias +
-ReLU, to up to four destinations (channel slices of the output or of intermediates): the
-stage-0 GEMM computes every branch's leading 1x1 from one pass over x. With STRIDE2 it
-runs a grid reduction's 3x3 stride-2 convolution over the output grid; the reduction's max
-pool is `_max_pool_stride2_kernel`, copied straight into its output slice.
+Forward: the C++ kernel's schedule (`branch_graph.plan`), ONE LAUNCH PER STAGE. A stage's
+GEMMs are independent (each reads x or an intermediate an earlier stage wrote), so
+`_graph_stage_kernel` runs up to MAX_STAGE_GEMMS of them as one grouped launch: the 1-D
+grid is partitioned by program id, slot 0's tiles first, then slot 1's, and so on (as the
+GoogLeNet kernels' `_pointwise_kernel` and `_spatial_kernel` do with two). Each slot is a
+compile-time kind:
+- WINDOW: an implicit GEMM over an NHWC source with a stride-1 kh x kw window ('same'
+  zero padding by masks): the stage-0 1x1s over x, and every K x K, 1 x n, n x 1;
+- AVG_POOL / MAX_POOL: a 1x1 whose A tile is the 3x3/1/1 pool of x taken while loading;
+- STRIDE2: a grid reduction's 3x3 stride-2 unpadded convolution over the output grid;
+- POOL_COPY: a grid reduction's 3x3 stride-2 max pool, copied into its output slice.
+Columns go through bias + ReLU to their destination's channel slice; slot 0 (the stage-0
+GEMM of every branch's leading 1x1) may split its columns over up to four destinations.
+So GoogLeNet's block takes two launches ([1x1 | 3x3red | 5x5red] over x with the pool
+projection over max-pooled x; then K3 and K5), Inception-v3's one per stage.
 
-Verified under TRITON_INTERPRET=1 and by ahead-of-time compilation, like the GoogLeNet
-kernels; never run on a GPU.
+Verified under TRITON_INTERPRET=1 and by ahead-of-time compilation (triton_aot.py).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._layout import as_gemm_b
-from .branch_graph import GraphPlan, graph_backward_reference
-from .inception_triton import (
+from .backend import flipped_gemm_b
+from .branch_graph import graph_backward_reference
+from .plan import GraphPlan
+from .triton_gemm import (
+    EXACT_FP32_BLOCK_K,
     KernelConfig,
-    _mma,
-    _pixel_rows,
-    _window_gemm,
-    input_precision,
-    interpreting,
+    autotune,
+    exact_fp32,
     kernel_configs,
+    launch_options,
+    mma,
+    pixel_rows,
     prune_configs,
+    tile_gemm,
+    window_gemm,
+    window_inside,
 )
-from .inception_triton_backward import flipped_gemm_b
 
-__all__ = ["GRAPH_KERNELS", "graph_backward_triton", "graph_configs", "graph_forward_triton",
-           "pack_graph_weights_triton"]
-
-
-MAX_SEGMENTS = 4  # destinations of one GEMM: the stage-0 GEMM of InceptionE has three
-POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
+__all__ = ["DGRAD_KERNEL", "INPUT_GRAD_KERNEL", "MAX_SEGMENTS", "MAX_STAGE_GEMMS", "POOL_GRAD_KERNEL",
+           "SHIPPED_STAGES", "STAGE_KERNEL", "StageLaunch", "graph_backward_triton", "graph_configs",
+           "graph_forward_triton", "max_pool_backward_configs", "stage_channel_args",
+           "stage_configs", "stage_constexprs", "stage_launches"]
 
 
-@triton.jit(do_not_specialize=["kh", "kw", "seg_begin1", "seg_begin2", "seg_begin3"])
-def _graph_gemm_kernel(
-    # pointers
-    src_ptr,  # (N, H, W, K_src) NHWC source: x or an intermediate
-    w_ptr,  # (kh * kw * K_src, cols) B, row (dy * kw + dx) * K_src + c
-    b_ptr,  # (cols,)
-    dst0_ptr,  # (N, H, W, dst0_channels) NHWC destination of columns [0, seg_begin1)
-    dst1_ptr,  # ... of columns [seg_begin1, seg_begin2)
-    dst2_ptr,  # ... of columns [seg_begin2, seg_begin3)
-    dst3_ptr,  # ... of columns [seg_begin3, cols)
-    # sizes
-    M, H, W, K_src, cols, kh, kw, OH, OW,
-    seg_begin1, seg_begin2, seg_begin3,
-    dst0_channels, dst1_channels, dst2_channels, dst3_channels,
-    dst0_channel, dst1_channel, dst2_channel, dst3_channel,
-    # meta-parameters
-    POOL: tl.constexpr, SEGMENTS: tl.constexpr, STRIDE2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
-    # 64-bit scalar base at the tile's first pixel, 32-bit offsets (a tile plus its halo).
-    src_tile = src_ptr + m0.to(tl.int64) * K_src
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < cols
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if STRIDE2:
-        # A grid reduction's kh x kw stride-2 unpadded convolution: rows are pixels of the
-        # (OH, OW) output grid; offsets are relative to the first image the tile touches.
-        img = (m0 + rows) // (OH * OW)
-        r = (m0 + rows) % (OH * OW)
-        img0 = m0 // (OH * OW)
-        base = src_ptr + (img0 * H * W).to(tl.int64) * K_src
-        for tap in range(0, kh * kw):
-            hi = (r // OW) * 2 + tap // kw
-            wi = (r % OW) * 2 + tap % kw
-            pix = ((img - img0) * H + hi) * W + wi
-            for c0 in range(0, K_src, BLOCK_K):
-                cc = c0 + offs_k
-                c_mask = cc < K_src
-                a = tl.load(base + pix[:, None] * K_src + cc[None, :], mask=m_mask[:, None] & c_mask[None, :],
-                            other=0.0)
-                b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
-                            mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
-    elif POOL == 0:
-        acc = _window_gemm(src_tile, w_ptr, K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
-                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
-    else:
-        # A 1x1 over the 3x3/1/1 pool of the source, taken in fp32 while loading.
-        for c0 in range(0, K_src, BLOCK_K):
-            cc = c0 + offs_k
-            c_mask = cc < K_src
-            if POOL == 1:
-                a32 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            else:
-                a32 = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
-            for py in tl.static_range(-1, 2):
-                for px in tl.static_range(-1, 2):
-                    inside = m_mask & (h + py >= 0) & (h + py < H) & (w + px >= 0) & (w + px < W)
-                    ok2 = inside[:, None] & c_mask[None, :]
-                    v = tl.load(src_tile + (rows + (py * W + px))[:, None] * K_src + cc[None, :],
-                                mask=ok2, other=0.0).to(tl.float32)
-                    if POOL == 1:
-                        a32 += v  # padding adds zeros: count_include_pad
-                    else:
-                        a32 = tl.maximum(a32, tl.where(ok2, v, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
-            if POOL == 1:
-                a32 = a32 / 9.0
-            # Rows past M and channels past K_src are zeroed, so -inf * 0 cannot make NaN.
-            a = tl.where(m_mask[:, None] & c_mask[None, :], a32, 0.0).to(src_ptr.dtype.element_ty)
-            b = tl.load(w_ptr + cc[:, None] * cols + offs_n[None, :], mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
-    bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(dst0_ptr.dtype.element_ty)
-    col = offs_n[None, :]
-    row_ok = m_mask[:, None]
-    pix = (m0 + rows).to(tl.int64)[:, None]
-    # Each column block to its destination's channel slice.
-    tl.store(dst0_ptr + pix * dst0_channels + dst0_channel + col, y, mask=row_ok & (col < seg_begin1) & (col < cols))
-    if SEGMENTS > 1:
-        tl.store(dst1_ptr + pix * dst1_channels + dst1_channel + (col - seg_begin1), y,
-                 mask=row_ok & (col >= seg_begin1) & (col < seg_begin2) & (col < cols))
-    if SEGMENTS > 2:
-        tl.store(dst2_ptr + pix * dst2_channels + dst2_channel + (col - seg_begin2), y,
-                 mask=row_ok & (col >= seg_begin2) & (col < seg_begin3) & (col < cols))
-    if SEGMENTS > 3:
-        tl.store(dst3_ptr + pix * dst3_channels + dst3_channel + (col - seg_begin3), y,
-                 mask=row_ok & (col >= seg_begin3) & (col < cols))
+MAX_SEGMENTS = 4  # destinations of slot 0: the stage-0 GEMM of InceptionE has three
+MAX_STAGE_GEMMS = 4  # slots of one launch: Inception-v3's stages have at most three GEMMs
+# Slot kinds (constexpr KIND0..3 of _graph_stage_kernel).
+NONE, WINDOW, AVG_POOL, MAX_POOL, STRIDE2, POOL_COPY = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
-def _max_pool_stride2_kernel(
-    x_ptr,  # (N, H, W, C) NHWC input
-    out_ptr,  # (N, OH, OW, out_channels) NHWC output: this launch writes [channel, channel + C)
-    M, H, W, C, OH, OW, out_channels, channel,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _pooled_gemm(
+    src_tile,  # (rows, K_src) NHWC pixel rows of x from the tile's first pixel, with their halo
+    w_ptr,  # (K_src, cols) B of the 1x1
+    K_src, cols, H, W, h, w, rows, m_mask, offs_n, n_mask,
+    MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """A grid reduction's pool branch: the 3x3 stride-2 unpadded max pool of x, copied
-    into its output slice (fp32 max, NaN wins as in torch.max_pool2d)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m0 = pid_m * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    m_mask = m0 + rows < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < C
+    """A 1x1 over the 3x3/1/1 pool of the source (max, or average with count_include_pad),
+    the pool taken in fp32 while loading: the pooled tensor never exists in memory. Nine
+    shifted windows are live per K slice, hence the thin slices of the pointwise list."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, K_src, BLOCK_K):
+        cc = c0 + offs_k
+        c_mask = cc < K_src
+        if MAX:
+            # fp32 max (exact for every dtype): -inf padding needs no constant of the input
+            # dtype, which the interpreter lacks for bf16.
+            a32 = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
+        else:
+            a32 = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for py in tl.static_range(-1, 2):
+            for px in tl.static_range(-1, 2):
+                inside = window_inside(m_mask, h, w, py, px, H, W)
+                ok2 = inside[:, None] & c_mask[None, :]
+                v = tl.load(src_tile + (rows + (py * W + px))[:, None] * K_src + cc[None, :],
+                            mask=ok2, other=0.0).to(tl.float32)
+                if MAX:
+                    a32 = tl.maximum(a32, tl.where(ok2, v, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+                else:
+                    a32 += v  # padding adds zeros: count_include_pad
+        if not MAX:
+            a32 = a32 / 9.0
+        # Rows past M and channels past K_src are zeroed, so -inf * 0 cannot make NaN.
+        a = tl.where(m_mask[:, None] & c_mask[None, :], a32, 0.0).to(src_tile.dtype.element_ty)
+        b = tl.load(w_ptr + cc[:, None] * cols + offs_n[None, :], mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
+def _stride2_corner(m0, rows, H, W, OH, OW):
+    """Rows of a grid reduction's tile are pixels of the (OH, OW) output grid: the first
+    image the tile touches, and each row's window corner (its top-left input pixel) as a
+    pixel index from that image's first pixel (32-bit: a tile spans a few images)."""
     img = (m0 + rows) // (OH * OW)
     r = (m0 + rows) % (OH * OW)
     img0 = m0 // (OH * OW)
-    base = x_ptr + (img0 * H * W).to(tl.int64) * C
+    return img0, ((img - img0) * H + (r // OW) * 2) * W + (r % OW) * 2
+
+
+@triton.jit
+def _stride2_gemm(
+    src_ptr,  # (N, H, W, K_src) NHWC source
+    w_ptr,  # (kh * kw * K_src, cols) B, row (dy * kw + dx) * K_src + c
+    K_src, cols, kh, kw, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """A grid reduction's kh x kw stride-2 unpadded convolution of a tile of output pixels."""
+    img0, corner = _stride2_corner(m0, rows, H, W, OH, OW)
+    base = src_ptr + (img0 * H * W).to(tl.int64) * K_src  # 64-bit base, 32-bit offsets
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, kh * kw):
+        pix = corner + (tap // kw) * W + tap % kw
+        for c0 in range(0, K_src, BLOCK_K):
+            cc = c0 + offs_k
+            c_mask = cc < K_src
+            a = tl.load(base + pix[:, None] * K_src + cc[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+            b = tl.load(w_ptr + (tap * K_src + cc)[:, None] * cols + offs_n[None, :],
+                        mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = mma(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
+def _stride2_max_pool(
+    src_ptr,  # (N, H, W, K_src) NHWC x
+    K_src, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """A grid reduction's pool branch on a tile: the 3x3 stride-2 unpadded max pool of
+    channels offs_n (fp32 max, NaN wins as in torch.max_pool2d)."""
+    img0, corner = _stride2_corner(m0, rows, H, W, OH, OW)
+    base = src_ptr + (img0 * H * W).to(tl.int64) * K_src
     mask = m_mask[:, None] & n_mask[None, :]
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     for dy in tl.static_range(0, 3):
         for dx in tl.static_range(0, 3):
-            pix = ((img - img0) * H + (r // OW) * 2 + dy) * W + (r % OW) * 2 + dx
-            v = tl.load(base + pix[:, None] * C + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            pix = corner + dy * W + dx
+            v = tl.load(base + pix[:, None] * K_src + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
             best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
-    out = out_ptr + m0.to(tl.int64) * out_channels + channel
-    tl.store(out + rows[:, None] * out_channels + offs_n[None, :], best.to(out_ptr.dtype.element_ty), mask=mask)
+    return best
+
+
+@triton.jit
+def _store_segment(
+    dst_ptr,  # (rows, channels) NHWC destination: columns [begin, end) go to [at, at + end - begin)
+    y, m0, rows, m_mask, col, begin, end, channels, at,
+):
+    dst_tile = dst_ptr + m0.to(tl.int64) * channels + at  # 64-bit base, 32-bit offsets
+    tl.store(dst_tile + rows[:, None] * channels + (col - begin), y,
+             mask=m_mask[:, None] & (col >= begin) & (col < end))
+
+
+@triton.jit
+def _slot_tile(
+    local,  # the program's index among this slot's tiles
+    src_ptr,  # (N, H, W, K_src) NHWC source: x, or an intermediate
+    w_ptr,  # (kh * kw * K_src, cols) B (unread by POOL_COPY)
+    b_ptr,  # (cols,) bias (unread by POOL_COPY)
+    d0_ptr, d1_ptr, d2_ptr, d3_ptr,  # (rows, ch_i) NHWC destinations of the column segments
+    M, H, W, OH, OW, K_src, cols, kh, kw, tiles_n,
+    seg1, seg2, seg3,  # where segments 1..3 begin (segment i ends where i + 1 begins; the last at cols)
+    ch0, ch1, ch2, ch3, at0, at1, at2, at3,  # each destination's channels and first channel
+    KIND: tl.constexpr, SEGMENTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One output tile of one GEMM of a stage: rows are pixels (of the output grid for the
+    stride-2 kinds), column tiles of a row block are consecutive programs (they share A)."""
+    pid_m = local // tiles_n
+    pid_n = local % tiles_n
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < cols
+    if KIND == 5:  # POOL_COPY
+        y = _stride2_max_pool(src_ptr, K_src, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask, BLOCK_M, BLOCK_N)
+    else:
+        if KIND == 1:  # WINDOW
+            src_tile = src_ptr + m0.to(tl.int64) * K_src  # 64-bit base at the tile's first pixel
+            acc = window_gemm(src_tile, w_ptr, K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+                              BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+        elif KIND == 4:  # STRIDE2
+            acc = _stride2_gemm(src_ptr, w_ptr, K_src, cols, kh, kw, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
+                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+        else:  # AVG_POOL (2) or MAX_POOL (3)
+            src_tile = src_ptr + m0.to(tl.int64) * K_src
+            acc = _pooled_gemm(src_tile, w_ptr, K_src, cols, H, W, h, w, rows, m_mask, offs_n, n_mask, KIND == 3,
+                               BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
+        y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+    y = y.to(d0_ptr.dtype.element_ty)
+    col = offs_n[None, :]
+    if SEGMENTS == 1:
+        _store_segment(d0_ptr, y, m0, rows, m_mask, col, 0, cols, ch0, at0)
+    else:
+        _store_segment(d0_ptr, y, m0, rows, m_mask, col, 0, seg1, ch0, at0)
+        if SEGMENTS == 2:
+            _store_segment(d1_ptr, y, m0, rows, m_mask, col, seg1, cols, ch1, at1)
+        else:
+            _store_segment(d1_ptr, y, m0, rows, m_mask, col, seg1, seg2, ch1, at1)
+            if SEGMENTS == 3:
+                _store_segment(d2_ptr, y, m0, rows, m_mask, col, seg2, cols, ch2, at2)
+            else:
+                _store_segment(d2_ptr, y, m0, rows, m_mask, col, seg2, seg3, ch2, at2)
+                _store_segment(d3_ptr, y, m0, rows, m_mask, col, seg3, cols, ch3, at3)
+
+
+# Tile counts and pixel counts change with the batch: not specialized (fewer recompiles,
+# and the variant checked ahead of time is the one launched). kh, kw neither, as before.
+# Channel counts, segment bounds and channel offsets are: divisible by 16 in real networks,
+# they let the loads and stores vectorize.
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "M0", "M1", "M2", "M3", "kh0", "kw0", "kh1", "kw1", "kh2", "kw2",
+                               "kh3", "kw3", "tiles_n0", "tiles_n1", "tiles_n2", "tiles_n3", "end0", "end1", "end2"])
+def _graph_stage_kernel(
+    # pointers of slot 0
+    src0_ptr,  # (N, H, W, K0) NHWC source
+    w0_ptr,  # (kh0 * kw0 * K0, cols0) B, row (dy * kw0 + dx) * K0 + c
+    b0_ptr,  # (cols0,) bias
+    out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr,  # (rows, ch0x) NHWC destinations of its column segments
+    # pointers of slots 1..3 (one destination each)
+    src1_ptr, w1_ptr, b1_ptr, out1_ptr,
+    src2_ptr, w2_ptr, b2_ptr, out2_ptr,
+    src3_ptr, w3_ptr, b3_ptr, out3_ptr,
+    # the input grid and a grid reduction's output grid
+    H, W, OH, OW,
+    # per slot: pixel rows, source channels, columns, window, column tiles, its programs' end
+    M0, K0, cols0, kh0, kw0, tiles_n0, end0,
+    M1, K1, cols1, kh1, kw1, tiles_n1, end1,
+    M2, K2, cols2, kh2, kw2, tiles_n2, end2,
+    M3, K3, cols3, kh3, kw3, tiles_n3,
+    # destinations: slot 0's segments, then slots 1..3 (channels, first channel)
+    seg0b, seg0c, seg0d, ch0, ch0b, ch0c, ch0d, at0, at0b, at0c, at0d,
+    ch1, at1, ch2, at2, ch3, at3,
+    # meta-parameters
+    KIND0: tl.constexpr, KIND1: tl.constexpr, KIND2: tl.constexpr, KIND3: tl.constexpr, SEGMENTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One stage of a plan: programs [0, end0) take slot 0's tiles, [end0, end1) slot 1's,
+    and so on; a slot of kind NONE (0) is not compiled. Each slot's code sits in its own
+    branch: registers and shared memory are the largest slot's, not the sum."""
+    pid = tl.program_id(0)
+    if pid < end0:
+        _slot_tile(pid, src0_ptr, w0_ptr, b0_ptr, out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr,
+                   M0, H, W, OH, OW, K0, cols0, kh0, kw0, tiles_n0, seg0b, seg0c, seg0d,
+                   ch0, ch0b, ch0c, ch0d, at0, at0b, at0c, at0d,
+                   KIND0, SEGMENTS, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+    if KIND1 != 0:
+        if (pid >= end0) & (pid < end1):
+            _slot_tile(pid - end0, src1_ptr, w1_ptr, b1_ptr, out1_ptr, out1_ptr, out1_ptr, out1_ptr,
+                       M1, H, W, OH, OW, K1, cols1, kh1, kw1, tiles_n1, 0, 0, 0, ch1, ch1, ch1, ch1, at1, at1, at1, at1,
+                       KIND1, 1, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+    if KIND2 != 0:
+        if (pid >= end1) & (pid < end2):
+            _slot_tile(pid - end1, src2_ptr, w2_ptr, b2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr,
+                       M2, H, W, OH, OW, K2, cols2, kh2, kw2, tiles_n2, 0, 0, 0, ch2, ch2, ch2, ch2, at2, at2, at2, at2,
+                       KIND2, 1, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+    if KIND3 != 0:
+        if pid >= end2:
+            _slot_tile(pid - end2, src3_ptr, w3_ptr, b3_ptr, out3_ptr, out3_ptr, out3_ptr, out3_ptr,
+                       M3, H, W, OH, OW, K3, cols3, kh3, kw3, tiles_n3, 0, 0, 0, ch3, ch3, ch3, ch3, at3, at3, at3, at3,
+                       KIND3, 1, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit(do_not_specialize=["kh", "kw"])
@@ -186,11 +297,11 @@ def _graph_dgrad_kernel(
     applies the intermediate's ReLU mask (none where t <= 0, as torch.relu) in the epilogue."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    m0, rows, m_mask, h, w = _pixel_rows(pid_m, M, H, W, BLOCK_M)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
     g_tile = g_ptr + m0.to(tl.int64) * K_g  # 64-bit base, 32-bit offsets (a tile plus its halo)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < cols
-    acc = _window_gemm(g_tile, w_ptr, K_g, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
+    acc = window_gemm(g_tile, w_ptr, K_g, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     offsets = (m0 + rows).to(tl.int64)[:, None] * cols + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -202,39 +313,244 @@ def _graph_dgrad_kernel(
     tl.store(d_ptr + offsets, acc.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-GRAPH_KERNELS = {"graph_gemm": (_graph_gemm_kernel, "spatial"), "max_pool_stride2": (_max_pool_stride2_kernel, None),
-                 "graph_dgrad": (_graph_dgrad_kernel, "spatial")}
+@triton.jit
+def _graph_pool_grad_kernel(
+    # pointers
+    gp_ptr,  # (M, cp) ReLU-masked gradient of the max-pool branch's 1x1
+    wp_ptr,  # (cp, C) its weight, row-major
+    x_ptr,  # (N, H, W, C) NHWC input
+    d_pooled_ptr,  # (M, C) gp @ Wp: the gradient of the pooled x (written with DX)
+    argmax_ptr,  # (M, C) int8: window position dy * 3 + dx of each pooled value
+    pooled_ptr,  # (M, C) the 3x3/1/1 max pool of x (for the 1x1's weight gradient)
+    # sizes
+    M, H, W, C, cp,
+    # meta-parameters
+    DX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The max-pool branch's backward in one pass over x: d_pooled = gp @ Wp (with DX), and
+    in the same tile the max pool with torch's argmax (row-major scan; ties to the first,
+    NaN to the last NaN) and the pooled values. _graph_input_grad_kernel gathers d_pooled."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    offs = rows[:, None] * C + offs_n[None, :]
+    base = m0.to(tl.int64) * C  # 64-bit base at the tile's first pixel, 32-bit offsets
+    if DX:
+        acc = tile_gemm(gp_ptr + m0.to(tl.int64) * cp, wp_ptr, cp, C, rows, m_mask, offs_n, n_mask,
+                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+        # Stored before the max pool, so that its registers are free for the running max
+        # and argmax (64x128 tiles spilled 528 bytes on sm_80 the other way round).
+        tl.store(d_pooled_ptr + base + offs, acc.to(d_pooled_ptr.dtype.element_ty), mask=out_mask)
+    # A value replaces the running max when it is greater or NaN; the first in-grid
+    # position always does.
+    x_tile = x_ptr + base
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    arg = tl.full((BLOCK_M, BLOCK_N), -1, tl.int32)
+    for dy in tl.static_range(0, 3):
+        for dx in tl.static_range(0, 3):
+            ok2 = window_inside(m_mask, h, w, dy - 1, dx - 1, H, W)[:, None] & n_mask[None, :]
+            v = tl.load(x_tile + (rows + ((dy - 1) * W + dx - 1))[:, None] * C + offs_n[None, :],
+                        mask=ok2, other=0.0).to(tl.float32)
+            take = ok2 & ((v > best) | (v != v) | (arg < 0))
+            best = tl.where(take, v, best)
+            arg = tl.where(take, dy * 3 + dx, arg)
+    tl.store(argmax_ptr + base + offs, arg.to(tl.int8), mask=out_mask)
+    tl.store(pooled_ptr + base + offs, best.to(pooled_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _graph_input_grad_kernel(
+    # pointers
+    a_ptr,  # (M, K) the masked gradients of the 1x1s over x, side by side: the shared-x GEMM's A
+    w_ptr,  # (K, C) their weights stacked, row-major
+    d_pooled_ptr,  # (M, C) from _graph_pool_grad_kernel
+    argmax_ptr,  # (M, C) int8 from _graph_pool_grad_kernel
+    dx_ptr,  # (N, H, W, C) NHWC: a @ w plus the max pool's gradient
+    # sizes
+    M, H, W, C, K,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The shared-x GEMM of the backward (K may be 0) with the max pool's gradient gathered
+    in its epilogue: pixel p adds d_pooled of each neighbour whose argmax points at p.
+    Gathering instead of scattering needs no atomics: dx is deterministic."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < C
+    acc = tile_gemm(a_ptr + m0.to(tl.int64) * K, w_ptr, K, C, rows, m_mask, offs_n, n_mask,
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+    # Neighbour q = p + (dy - 1, dx - 1) sends its d_pooled to p when its argmax is p's
+    # position in q's window, (2 - dy) * 3 + (2 - dx).
+    base = m0.to(tl.int64) * C
+    for dy in tl.static_range(0, 3):
+        for dx in tl.static_range(0, 3):
+            ok2 = window_inside(m_mask, h, w, dy - 1, dx - 1, H, W)[:, None] & n_mask[None, :]
+            q = (rows + ((dy - 1) * W + dx - 1))[:, None] * C + offs_n[None, :]
+            arg = tl.load(argmax_ptr + base + q, mask=ok2, other=-1).to(tl.int32)
+            hit = ok2 & (arg == (2 - dy) * 3 + (2 - dx))
+            acc += tl.load(d_pooled_ptr + base + q, mask=hit, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + base + rows[:, None] * C + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+STAGE_KERNEL = _graph_stage_kernel
+DGRAD_KERNEL = _graph_dgrad_kernel
+POOL_GRAD_KERNEL = _graph_pool_grad_kernel
+INPUT_GRAD_KERNEL = _graph_input_grad_kernel
+
+# The max-pool backward's epilogues keep two more (BLOCK_M, BLOCK_N) tiles live (running
+# max and argmax, or the gathered sums): 64x128 tiles spilled 480-2600 bytes per thread on
+# sm_80 and sm_90 (the GoogLeNet kernels these port), so both stop at 64x64.
+_MAX_EPILOGUE_TILE = 64 * 64
+
+
+def max_pool_backward_configs(exact_fp32: bool) -> list[KernelConfig]:
+    """The autotune list of _graph_pool_grad_kernel and _graph_input_grad_kernel: the
+    pointwise list (1x1 GEMMs) up to 64x64 tiles."""
+    return [c for c in kernel_configs("pointwise", exact_fp32) if c.block_m * c.block_n <= _MAX_EPILOGUE_TILE]
 
 
 def graph_configs(kh: int, kw: int, stride2: bool, exact_fp32: bool) -> list[KernelConfig]:
-    """The autotune list of one GEMM of a plan: the GoogLeNet pointwise kernel's for 1x1s
-    (thin K slices: the pooled-A loads of the pool branch spilled 8-3900 bytes with the
-    spatial list's 32-deep ones), the spatial kernel's for the K x K stages, without its
-    128-row tile for stride 2 (16 bytes of spill in fp32 on sm_80)."""
+    """The autotune list of one GEMM: the pointwise list for 1x1s (thin K slices: the
+    pooled-A loads of a pool branch spilled 8-3900 bytes with the spatial list's 32-deep
+    ones), the spatial list for K x K, without its 128-row tile for stride 2 (16 bytes of
+    spill in fp32 on sm_80)."""
     if (kh, kw) == (1, 1) and not stride2:
         return kernel_configs("pointwise", exact_fp32)
     configs = kernel_configs("spatial", exact_fp32)
     return [c for c in configs if c.block_m <= 64] if stride2 else configs
 
 
-_BEST: dict[tuple, KernelConfig] = {}
+def _slot_kind(gemm: list[int]) -> int:
+    _stage, source, _kh, _kw, stride, *_ = gemm
+    if source == -4:
+        return POOL_COPY
+    if source in (-2, -3):
+        return AVG_POOL if source == -2 else MAX_POOL
+    return STRIDE2 if stride == 2 else WINDOW
 
 
-def pack_graph_weights_triton(graph: GraphPlan, weights, biases) -> tuple[list, list]:
-    """Per GEMM of the plan: B = [W of its convolutions]^T, row-major, and the biases."""
-    # The max-pool copy (no convolutions) gets empty placeholders.
-    b = [torch.cat([as_gemm_b(weights[i]) for i in convs], dim=1).contiguous() if convs else weights[0].new_empty(0)
-         for convs in graph.gemm_convs]
-    bias = [torch.cat([biases[i] for i in convs]).contiguous() if convs else biases[0].new_empty(0)
-            for convs in graph.gemm_convs]
-    return b, bias
+# The exact-fp32 (FMA dot) lists of the stage kernel, as (BLOCK_M, BLOCK_N, warps, stages)
+# with BLOCK_K = EXACT_FP32_BLOCK_K. kernel_configs' exact lists spilled 8-24 bytes per
+# thread in some stage variants with channel counts divisible by 16 (64x128 and 64x64 on 2
+# stages over an average-pooled A; 64x64 on 8 warps, 3 stages over K x K windows on sm_80;
+# with BLOCK_K 16, triton 3.6's slice, 64x32 on 8 warps over a max-pooled A); these,
+# compiled for every shipped variant with BLOCK_K 8 and 16 (tests/test_triton_aot.py
+# checks the installed triton's), do not. Each list's first tiles are kernel_configs'
+# (the interpreter runs the first: the GoogLeNet kernels' tiles, bit-identical outputs).
+_EXACT_STAGE_TILES = {
+    "pointwise": [(64, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)],
+    "spatial": [(64, 64, 8, 2), (64, 128, 8, 3), (64, 32, 4, 3)],
+}
+
+
+def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> list[KernelConfig]:
+    """The autotune list of a stage launch from its slots' (kind, kh, kw): the pointwise
+    list when a slot's A is pooled while loading (its register budget) or every GEMM is a
+    1x1 over x (a max-pool copy may join), else the spatial list; with a stride-2 slot, no
+    128-row tile."""
+    pooled = any(kind in (AVG_POOL, MAX_POOL) for kind, _, _ in kinds)
+    pointwise = all(kind in (AVG_POOL, MAX_POOL, POOL_COPY) or (kind == WINDOW and (kh, kw) == (1, 1))
+                    for kind, kh, kw in kinds)
+    name = "pointwise" if pooled or pointwise else "spatial"
+    if exact_fp32:
+        configs = [KernelConfig(bm, bn, EXACT_FP32_BLOCK_K, warps, stages)
+                   for bm, bn, warps, stages in _EXACT_STAGE_TILES[name]]
+    else:
+        configs = kernel_configs(name, exact_fp32)
+    if any(kind == STRIDE2 for kind, _, _ in kinds):
+        configs = [c for c in configs if c.block_m <= 64]
+    return configs
+
+
+def stage_constexprs(kinds: tuple[tuple[int, int, int], ...], segments: int) -> dict:
+    """_graph_stage_kernel's compile-time arguments for slots of these (kind, kh, kw)."""
+    padded = [kind for kind, _, _ in kinds] + [NONE] * (MAX_STAGE_GEMMS - len(kinds))
+    return {**{f"KIND{i}": kind for i, kind in enumerate(padded)}, "SEGMENTS": segments}
+
+
+def stage_channel_args(kinds: tuple[tuple[int, int, int], ...], segments: int) -> tuple[str, ...]:
+    """The int arguments of _graph_stage_kernel that are channel counts or offsets of the
+    used slots: multiples of 16 in GoogLeNet and Inception-v3, where the JIT specializes
+    them (the variant compiled ahead of time)."""
+    names = [f"seg0{'bcd'[i]}" for i in range(segments - 1)]
+    names += ["ch0", "at0"] + [f"{p}0{'bcd'[i]}" for p in ("ch", "at") for i in range(segments - 1)]
+    for i in range(len(kinds)):
+        names += [f"K{i}", f"cols{i}"] + ([f"ch{i}", f"at{i}"] if i else [])
+    return tuple(names)
+
+
+# The stages GoogLeNet's and Inception-v3's plans launch, as (name, slot (kind, kh, kw),
+# slot-0 segments); a representative window (kh, kw) per WINDOW slot. triton_aot.KERNELS
+# compiles each with its config list; tests check that the real plans launch no other.
+SHIPPED_STAGES = [
+    ("x1x1_maxpool", ((WINDOW, 1, 1), (MAX_POOL, 1, 1)), 3),  # GoogLeNet stage 0
+    ("x1x1_avgpool", ((WINDOW, 1, 1), (AVG_POOL, 1, 1)), 3),  # InceptionA, C, E stage 0
+    ("x1x1_copy", ((WINDOW, 1, 1), (POOL_COPY, 1, 1)), 2),  # InceptionD stage 0
+    ("stride2_x1x1_copy", ((STRIDE2, 3, 3), (WINDOW, 1, 1), (POOL_COPY, 1, 1)), 1),  # InceptionB stage 0
+    ("window", ((WINDOW, 3, 3),), 1),  # a one-GEMM stage: A 2, B 1, C 3, C 4, D 2
+    ("window2", ((WINDOW, 5, 5), (WINDOW, 3, 3)), 1),  # GoogLeNet 1, A 1, C 1, C 2, E 2
+    ("window3", ((WINDOW, 3, 3), (WINDOW, 1, 3), (WINDOW, 3, 1)), 1),  # InceptionE stage 1
+    ("stride2", ((STRIDE2, 3, 3),), 1),  # InceptionB stage 2, D stage 3
+    ("stride2_window", ((STRIDE2, 3, 3), (WINDOW, 1, 7)), 1),  # InceptionD stage 1
+]
+
+
+def _tile_cost(gemm: list[int], k_src: int) -> int:
+    """Multiply-adds (or loads) of one tile per output element: the longest tiles first."""
+    kind = _slot_kind(gemm)
+    if kind == POOL_COPY:
+        return 9
+    return (9 if kind in (AVG_POOL, MAX_POOL) else gemm[2] * gemm[3]) * k_src
+
+
+class StageLaunch(NamedTuple):
+    """One launch of _graph_stage_kernel: the plan's GEMMs it runs, in slot order, each
+    slot's (kind, kh, kw), and slot 0's destination count."""
+
+    gemms: tuple[int, ...]
+    kinds: tuple[tuple[int, int, int], ...]
+    segments: int
+
+
+def stage_launches(flat_plan: list[int], in_channels: int) -> list[StageLaunch]:
+    """The forward's launches: per stage of the plan, its GEMMs in slot order,
+    MAX_STAGE_GEMMS at most per launch (a stage with more is split). Slot 0 holds the GEMM
+    with several destinations (the only slot that may have them); the others follow by
+    tile cost, longest first, so that the last wave is short."""
+    p = GraphPlan.from_flat(flat_plan)
+    buf_channels, gemms = p.buf_channels, [g.flat() for g in p.gemms]  # raw records: (stage, source, ...)
+    launches = []
+    for stage in sorted({g[0] for g in gemms}):
+        members = [i for i, g in enumerate(gemms) if g[0] == stage]
+        k = {i: in_channels if gemms[i][1] < 0 else buf_channels[gemms[i][1]] for i in members}
+        members.sort(key=lambda i: (gemms[i][8] == 1, -_tile_cost(gemms[i], k[i]), i))
+        if sum(gemms[i][8] > 1 for i in members) > 1:
+            raise ValueError(f"stage {stage} has two GEMMs with several destinations; a launch takes one")
+        for j in range(0, len(members), MAX_STAGE_GEMMS):
+            chunk = tuple(members[j:j + MAX_STAGE_GEMMS])
+            launches.append(StageLaunch(chunk, tuple((_slot_kind(gemms[i]), gemms[i][2], gemms[i][3]) for i in chunk),
+                                        gemms[chunk[0]][8]))
+    return launches
 
 
 def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
-                         keep: list | None = None) -> torch.Tensor:
-    """The plan's GEMMs, stage by stage, one launch each; x (N, C, H, W) any layout. With
-    `keep`, the intermediates ((N, H, W, channels) NHWC each) are appended to it."""
-    buf_channels, _, out_channels, stride, gemms = GraphPlan.from_flat(flat_plan)
+                         keep: list | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The plan's stages, one grouped launch each (stage_launches); x (N, C, H, W) any
+    layout. With `keep`, the intermediates ((N, H, W, channels) NHWC each) are appended;
+    `out`, a channels_last tensor of the output's shape (checked by the caller), is
+    written in full instead of a new one."""
+    p = GraphPlan.from_flat(flat_plan)
+    buf_channels, out_channels, stride = p.buf_channels, p.out_channels, p.stride
+    gemms = [g.flat() for g in p.gemms]  # raw records: (stage, source, kh, kw, stride, ..., segments)
     n, c, h, w = x.shape
     m = n * h * w
     if m >= 2**31:
@@ -243,76 +559,129 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     if oh <= 0 or ow <= 0:
         raise ValueError(f"a stride-2 block needs at least 3x3 input, got {h}x{w}")
     x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, out_channels, oh, ow), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if out is None:
+        out = torch.empty((n, out_channels, oh, ow), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last)
     # Intermediates without a border: the kernel masks the taps that fall outside.
     bufs = [torch.empty((n, h, w, ch), device=x.device, dtype=x.dtype) for ch in buf_channels]
     if keep is not None:
         keep += bufs
     if m == 0:
         return out
-    precision = input_precision(x.dtype)
-    upcast = interpreting() and x.dtype == torch.bfloat16
-    exact = x.dtype == torch.float32 and precision == "ieee"
-    for g in sorted(range(len(gemms)), key=lambda i: gemms[i][0]):  # stage order
-        _stage, source, kh, kw, gemm_stride, _pad_h, _pad_w, cols, n_seg, *segs = gemms[g]
-        rows = m if gemm_stride == 1 else n * oh * ow  # a stride-2 GEMM runs over the output grid
-        if source == -4:  # the grid reduction's max pool, copied into its slice
-            grid = (triton.cdiv(rows, 64), triton.cdiv(c, 64))
-            _max_pool_stride2_kernel[grid](x, out, rows, h, w, c, oh, ow, out_channels, segs[3],
-                                           BLOCK_M=64, BLOCK_N=64, num_warps=4)
-            continue
-        src = x if source < 0 else bufs[source]
-        pool = {-1: POOL_NONE, -2: POOL_AVG, -3: POOL_MAX}[source] if source < 0 else POOL_NONE
-        k_src = c if source < 0 else buf_channels[source]
-        dsts, begins, channels, offsets = [], [], [], []
-        for s in range(n_seg):
-            begin, _end, dest, channel = segs[4 * s:4 * s + 4]
-            dsts.append(out if dest < 0 else bufs[dest])
-            begins.append(begin)
-            channels.append(out_channels if dest < 0 else buf_channels[dest])
-            offsets.append(channel)
+    for stage in stage_launches(flat_plan, c):
+        _run_stage(stage, gemms, x, out, bufs, b, bias, buf_channels, out_channels, oh, ow)
+    return out
+
+
+class _Slot(NamedTuple):
+    src: torch.Tensor  # (N, H, W, k_src) NHWC
+    weight: torch.Tensor  # (kh * kw * k_src, cols) B
+    bias: torch.Tensor  # (cols,)
+    dests: list  # per column segment: (tensor, first column, its channels, its first channel)
+    rows: int
+    k_src: int
+    cols: int
+    kh: int
+    kw: int
+
+
+def _run_stage(stage: StageLaunch, gemms, x, out, bufs, b, bias, buf_channels, out_channels, oh, ow) -> None:
+    """Launch one stage (autotuned once per problem on CUDA)."""
+    n, c, h, w = x.shape
+    slots = []
+    for i in stage.gemms:
+        _stage, source, kh, kw, gemm_stride, _pad_h, _pad_w, cols, n_seg, *segs = gemms[i]
         if n_seg > MAX_SEGMENTS:
             raise ValueError(f"a GEMM with {n_seg} destinations; the kernel takes at most {MAX_SEGMENTS}")
-        pad = MAX_SEGMENTS - n_seg  # unused destinations: never stored to (SEGMENTS masks them)
-        dsts += [dsts[0]] * pad
-        begins = (begins[1:] + [cols] * MAX_SEGMENTS)[:MAX_SEGMENTS - 1]  # where segments 1..3 start
-        channels += [channels[0]] * pad
-        offsets += [0] * pad
+        dests = []
+        for s in range(n_seg):
+            begin, _end, dest, channel = segs[4 * s:4 * s + 4]
+            dests.append((out if dest < 0 else bufs[dest], begin, out_channels if dest < 0 else buf_channels[dest],
+                          channel))
+        copy = source == -4  # the grid reduction's max pool: no weights (x stands in, never read)
+        slots.append(_Slot(x if source < 0 else bufs[source], x if copy else b[i], x if copy else bias[i], dests,
+                           n * h * w if gemm_stride == 1 else n * oh * ow, c if source < 0 else buf_channels[source],
+                           cols, kh, kw))
+    unused = MAX_STAGE_GEMMS - len(slots)
+    first = slots[0]
+    # Slot 0's destinations, padded (SEGMENTS masks the unused ones: never stored to).
+    dests = first.dests + [first.dests[0]] * (MAX_SEGMENTS - len(first.dests))
+    seg_begins = [d[1] for d in first.dests[1:]] + [first.cols] * (MAX_SEGMENTS - len(first.dests))
+    pointers = [first.src, first.weight, first.bias, *(d[0] for d in dests)]
+    for slot in slots[1:] + [first] * unused:  # unused slots (kind NONE) are not compiled
+        pointers += [slot.src, slot.weight, slot.bias, slot.dests[0][0]]
+    channel_args = [*seg_begins, *(d[2] for d in dests), *(d[3] for d in dests)]
+    for slot in slots[1:]:
+        channel_args += [slot.dests[0][2], slot.dests[0][3]]
+    channel_args += [0, 0] * unused
+    constexprs = stage_constexprs(stage.kinds, len(first.dests))
 
-        def launch(cfg: KernelConfig):
-            grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
-            _graph_gemm_kernel[grid](
-                src, b[g], bias[g], *dsts, rows, h, w, k_src, cols, kh, kw, oh, ow, *begins, *channels, *offsets,
-                POOL=pool, SEGMENTS=n_seg, STRIDE2=gemm_stride == 2,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                INPUT_PRECISION=precision, UPCAST_DOT=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def launch(cfg: KernelConfig):
+        sizes, end = [], 0
+        for slot in slots:
+            tiles_n = triton.cdiv(slot.cols, cfg.block_n)
+            end += triton.cdiv(slot.rows, cfg.block_m) * tiles_n
+            sizes += [slot.rows, slot.k_src, slot.cols, slot.kh, slot.kw, tiles_n, end]
+        sizes += [0, 0, 0, 0, 0, 0, end] * unused
+        _graph_stage_kernel[(end,)](*pointers, h, w, oh, ow, *sizes[:-1], *channel_args, **constexprs,
+                                    **launch_options(cfg, x.dtype))
 
-        key = (tuple(gemms[g]), n, h, w, x.dtype, precision, x.device)
-        if key not in _BEST:
-            configs = prune_configs(graph_configs(kh, kw, gemm_stride == 2, exact), rows, cols)
-            if interpreting() or not x.is_cuda:
-                _BEST[key] = configs[0]
-            else:
-                from triton.testing import do_bench
-
-                timings = {cfg: do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in configs}
-                _BEST[key] = min(timings, key=timings.get)
-        launch(_BEST[key])
-    return out
+    configs = prune_configs(stage_configs(stage.kinds, exact_fp32(x.dtype)), max(s.rows for s in slots),
+                            max(s.cols for s in slots))
+    problem = (tuple(tuple(gemms[i]) for i in stage.gemms), tuple(s.k_src for s in slots), n, h, w)
+    launch(autotune("graph_stage", problem, x, configs, launch))
 
 
 def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, needs: list[bool],
                           backward_plan: list[int]) -> list:
-    """graph_backward on GPUs: graph_backward_reference's walk, with the data gradients of
-    the stride-1 convolutions over intermediates (every K x K, 1 x n and n x 1 of a chain)
-    in `_graph_dgrad_kernel`, masks fused; the shared-x GEMMs are cuBLAS, the weight
-    gradients and a grid reduction's stride-2 data gradients cuDNN's."""
-    n, _, h, w = x.shape
+    """graph_backward on GPUs: graph_backward_reference's walk, with
+    - the data gradients of the stride-1 convolutions over intermediates (every K x K,
+      1 x n and n x 1 of a chain) in `_graph_dgrad_kernel`, masks fused;
+    - a stride-1 max-pool branch (GoogLeNet's) fused: `_graph_pool_grad_kernel` makes its
+      d_pooled, argmax and pooled x in one pass, and `_graph_input_grad_kernel` runs the
+      shared-x GEMM's dx with the max pool's gradient gathered in its epilogue;
+    the other shared-x GEMMs are cuBLAS, the weight gradients and a grid reduction's
+    stride-2 data gradients cuDNN's."""
+    n, c, h, w = x.shape
     if n * h * w >= 2**31:
         raise ValueError(f"x has {n * h * w} pixels (N*H*W); the Triton kernels take fewer than 2**31")
-    precision = input_precision(x.dtype)
-    upcast = interpreting() and x.dtype == torch.bfloat16
-    exact = x.dtype == torch.float32 and precision == "ieee"
+    exact = exact_fp32(x.dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    m = n * h * w
+
+    def max_pool_grad(g, weight, need_dx):
+        g = g.contiguous()  # (M, cp)
+        cp = weight.shape[0]
+        wp = weight.flatten(1).contiguous()  # (cp, C)
+        pooled = torch.empty((m, c), device=x.device, dtype=x.dtype)
+        argmax = torch.empty((m, c), device=x.device, dtype=torch.int8)
+        d_pooled = torch.empty((m, c), device=x.device, dtype=x.dtype) if need_dx else pooled  # unwritten without DX
+        configs = prune_configs(max_pool_backward_configs(exact), m, c)
+
+        def pool_launch(cfg: KernelConfig):
+            grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_n))
+            _graph_pool_grad_kernel[grid](g, wp, x, d_pooled, argmax, pooled, m, h, w, c, cp, DX=need_dx,
+                                          **launch_options(cfg, x.dtype))
+
+        pool_launch(autotune("graph_pool_grad", (c, cp, n, h, w, need_dx), x, configs, pool_launch))
+        if not need_dx:
+            return pooled, None
+
+        def pool_dx(a, w_shared):
+            k = 0 if a is None else a.shape[1]
+            a = d_pooled if a is None else a.contiguous()  # (M, K); d_pooled stands in for K = 0, never read
+            w_shared = d_pooled if w_shared is None else w_shared.contiguous()  # (K, C)
+            dx = torch.empty((m, c), device=x.device, dtype=x.dtype)
+
+            def launch(cfg: KernelConfig):
+                grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_n))
+                _graph_input_grad_kernel[grid](a, w_shared, d_pooled, argmax, dx, m, h, w, c, k,
+                                               **launch_options(cfg, x.dtype))
+
+            launch(autotune("graph_input_grad", (c, k, n, h, w), x, configs, launch))
+            return dx
+
+        return pooled, pool_dx
 
     def data_grad(g, weight, record, d_so_far, intermediate, last):
         _source, _dest, _channel, kh, kw, *_ = record
@@ -321,32 +690,20 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
         d = torch.empty_like(t) if d_so_far is None else d_so_far.reshape(t.shape)
         b = flipped_gemm_b(weight)
         g = g.contiguous()
-        rows = n * h * w
+        rows = m
 
         def launch(cfg: KernelConfig):
             grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cols, cfg.block_n))
             _graph_dgrad_kernel[grid](
                 g, b, t, d, rows, h, w, k_g, cols, kh, kw, ACCUMULATE=d_so_far is not None, MASK=last,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, INPUT_PRECISION=precision,
-                UPCAST_DOT=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                **launch_options(cfg, x.dtype))
 
-        key = ("dgrad", kh, kw, k_g, cols, n, h, w, x.dtype, precision, x.device, d_so_far is not None, last)
-        if key not in _BEST:
-            configs = prune_configs(graph_configs(kh, kw, False, exact), rows, cols)
-            if interpreting() or not x.is_cuda:
-                _BEST[key] = configs[0]
-            else:
-                from triton.testing import do_bench
-
-                # Accumulating launches read d: time on a copy, so tuning never changes it.
-                scratch = d.clone()
-                timings = {}
-                for cfg in configs:
-                    timings[cfg] = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
-                    d.copy_(scratch)
-                _BEST[key] = min(timings, key=timings.get)
-        launch(_BEST[key])
+        configs = prune_configs(graph_configs(kh, kw, False, exact), rows, cols)
+        # Accumulating launches read d: each timing restores it, so tuning never changes it.
+        scratch = d.clone() if d_so_far is not None and x.is_cuda else None
+        launch(autotune("graph_dgrad", (kh, kw, k_g, cols, n, h, w, d_so_far is not None, last), x, configs, launch,
+                        restore=None if scratch is None else lambda: d.copy_(scratch)))
         return d.reshape(rows, cols), last
 
-    return graph_backward_reference(grad_out, x.contiguous(memory_format=torch.channels_last), y, intermediates,
-                                    weights, needs, backward_plan, data_grad=data_grad)
+    return graph_backward_reference(grad_out, x, y, intermediates, weights, needs, backward_plan,
+                                    data_grad=data_grad, max_pool_grad=max_pool_grad)
