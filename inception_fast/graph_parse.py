@@ -76,6 +76,12 @@ class _Graph:
     def module_name(self, i: int) -> str:
         return self.nodes[i].entry[1][0]
 
+    def unit_name(self, relu: int) -> str:
+        """The conv module's name of the unit ending in this ReLU (ReLU <- BN? <- conv)."""
+        j = self.nodes[relu].inputs[0]
+        j = self.nodes[j].inputs[0] if self.bn(j) is not None else j
+        return self.module_name(j) if self.conv(j) is not None else self.describe(j)
+
     def is_relu(self, i: int) -> bool:
         return self.nodes[i].entry[0] == "relu"
 
@@ -285,7 +291,7 @@ def _pool_kind(g: _Graph, pool: dict, where: str, x: int) -> tuple[str, bool, in
         return kind, bool(pool.get("count_include_pad", True)), 1
     if kind == "max" and geometry == ((3, 3), (2, 2), (0, 0), (1, 1), False) and not extras:
         return kind, True, 2
-    g.fail(f"{where}: a {kind} pool with kernel {pool['kernel_size']}, stride {pool['stride']}, padding "
+    g.fail(f"{where}: {'an average' if kind == 'avg' else 'a max'} pool with kernel {pool['kernel_size']}, stride {pool['stride']}, padding "
            f"{pool['padding']}{', ceil_mode' if pool['ceil_mode'] else ''}{', extra outputs' if extras else ''}; "
            "the fused op pools 3x3/1 padding 1 (then a 1x1), or 3x3/2 unpadded (max, a grid reduction)")
 
@@ -359,17 +365,18 @@ def parse_branch_graph(block: nn.Module, traced=None):
         last = [_unit(g, p, where) for p in group]
         for p in group:
             if len(g.users[p]) != 1:
-                g.fail(f"{where}: the output of {g.describe(g.nodes[p].inputs[0])}'s unit feeds the concat and "
-                       f"{len(g.users[p]) - 1} more op(s)")
+                others = [g.describe(u) for u in g.users[p] if g.cat_parts(u) is None]
+                g.fail(f"{where}: the output of {g.unit_name(p)}'s unit feeds the concat and also "
+                       f"{', '.join(others) or 'the concat again'}")
         levels = [last]
         source = last[0].source
         while source != x:
             # What reads this level's input: the level's own convolutions and nothing else.
             readers = {u.conv_at for u in levels[0]}
             if set(g.users[source]) != readers or len(g.users[source]) != len(readers):
-                others = [g.describe(u) for u in g.users[source] if u not in readers]
-                what = g.describe(source) if not g.is_relu(source) else \
-                    f"the output of {g.describe(g.nodes[source].inputs[0])}'s unit"
+                others = ["the concat" if g.cat_parts(u) is not None else g.describe(u)
+                          for u in g.users[source] if u not in readers]
+                what = g.describe(source) if not g.is_relu(source) else f"the output of {g.unit_name(source)}'s unit"
                 g.fail(f"{where}: {what} also feeds {', '.join(others) or 'the same convolution twice'}; only "
                        "the last level of a branch may fan out, to convolutions adjacent in the concat")
             if (pool := g.pool(source)) is not None:
