@@ -195,8 +195,12 @@ def _not_the_output(g: _Graph, output_of: int, output: int) -> None:
         if len(paths) < 2 or len(frozenset().union(*paths)) != sum(map(len, paths)):
             continue
         chain = _follow(g, i, output)
-        residual = any(g.nodes[j].node.target in (operator.add, operator.iadd, torch.add, "add", "add_")
-                       and x in g.nodes[j].inputs for j in range(i, len(g.nodes)))
+        def adds(c) -> bool:
+            if c.node.op == "call_method":
+                return c.node.target in ("add", "add_")
+            return c.node.op == "call_function" and c.node.target in (operator.add, operator.iadd, torch.add)
+
+        residual = any(adds(g.nodes[j]) and x in g.nodes[j].inputs for j in range(i, len(g.nodes)))
         what = ("a residual Inception block (the input added back after the concat): not supported yet, the "
                 "fused op ends at the concat") if residual else "the fused op ends at the concat"
         g.fail(f"the concat of its {len(parts)} branches is not the output: the forward goes on with {chain}; "
@@ -291,7 +295,8 @@ def _pool_kind(g: _Graph, pool: dict, where: str, x: int) -> tuple[str, bool, in
         return kind, bool(pool.get("count_include_pad", True)), 1
     if kind == "max" and geometry == ((3, 3), (2, 2), (0, 0), (1, 1), False) and not extras:
         return kind, True, 2
-    g.fail(f"{where}: {'an average' if kind == 'avg' else 'a max'} pool with kernel {pool['kernel_size']}, stride {pool['stride']}, padding "
+    what = "an average" if kind == "avg" else "a max"
+    g.fail(f"{where}: {what} pool with kernel {pool['kernel_size']}, stride {pool['stride']}, padding "
            f"{pool['padding']}{', ceil_mode' if pool['ceil_mode'] else ''}{', extra outputs' if extras else ''}; "
            "the fused op pools 3x3/1 padding 1 (then a 1x1), or 3x3/2 unpadded (max, a grid reduction)")
 

@@ -284,3 +284,23 @@ def test_timm_models_swap_with_logits_within_1e5(name, fused_blocks, left, caplo
     x = torch.randn(1, 3, 299, 299)
     with torch.no_grad():
         assert rel_err(swapped(x), model(x)) <= 1e-5
+
+
+@needs_cpu_kernel
+def test_torchvision_children_with_another_concat_order_go_to_the_general_parser():
+    """torchvision's InceptionA with the pool branch moved first: not torchvision's graph,
+    but a branch graph, so the general parser fuses it."""
+    from torchvision.models.inception import InceptionA
+
+    class PoolFirst(InceptionA):
+        def _forward(self, x):
+            outs = super()._forward(x)
+            return [outs[-1]] + outs[:-1]
+
+    model = nn.Sequential(randomize_(PoolFirst(24, 8)).eval())
+    original = copy.deepcopy(model)
+    ifast.swap_inception(model, backend="cpu")
+    assert isinstance(model[0], FusedBranchGraph) and model[0].graph.pool_index == 0
+    x = torch.randn(2, 24, 7, 7)
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) <= TOLERANCE[torch.float32]
