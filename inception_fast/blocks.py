@@ -22,8 +22,8 @@ from torch import nn
 from .ops.inception import InceptionWeights
 from .spec import InceptionSpec
 
-__all__ = ["ConvUnit", "NotAnInceptionBlock", "parse_traced_block", "fold_conv_bn", "graph_signature",
-           "trace_block"]
+__all__ = ["CanonicalNode", "ConvUnit", "NotAnInceptionBlock", "canonical_graph", "fold_conv_bn", "graph_signature",
+           "parse_traced_block", "trace_block"]
 
 
 class NotAnInceptionBlock(ValueError):
@@ -210,6 +210,21 @@ def graph_signature(graph_module, training: bool = False, root: nn.Module | None
     mode the graph was traced in (what such an inlined BN must have passed on). `root`: the
     module that was traced (a GraphModule keeps only stand-ins of the modules it reads
     attributes of, so those are looked up there)."""
+    return [c.entry for c in canonical_graph(graph_module, training, root)]
+
+
+class CanonicalNode(NamedTuple):
+    """One node of graph_signature's canonical graph: the traced node it stands for (for
+    messages), its signature entry, and the canonical positions of the nodes it reads."""
+
+    node: object  # torch.fx.Node
+    entry: tuple
+    inputs: tuple[int, ...]
+
+
+def canonical_graph(graph_module, training: bool = False, root: nn.Module | None = None) -> list[CanonicalNode]:
+    """graph_signature's nodes with the traced node behind each and its inputs by position:
+    what the structural parser (graph_parse.py) walks."""
     import torch.fx as fx
 
     modules = dict((root if root is not None else graph_module).named_modules())
@@ -232,7 +247,12 @@ def graph_signature(graph_module, training: bool = False, root: nn.Module | None
     def norm(a):
         return fx.node.map_arg(a, lambda n: index[n])
 
-    sig = []
+    def reads(a) -> tuple[int, ...]:
+        found: list[int] = []
+        fx.node.map_arg(a, lambda n: found.append(index[n][1]))
+        return tuple(found)
+
+    canonical: list[CanonicalNode] = []
     for node in nodes:
         if node in silent:
             continue
@@ -241,9 +261,11 @@ def graph_signature(graph_module, training: bool = False, root: nn.Module | None
             index[node] = index[node.args[0]]
             continue
         if node in inline_bn:
-            entry = ("call_module", (inline_bn[node], nn.BatchNorm2d, None), norm(node.args[:1]), {})
+            operands = node.args[:1]
+            entry = ("call_module", (inline_bn[node], nn.BatchNorm2d, None), norm(operands), {})
         elif _relu_node(node, modules):
-            entry = ("relu", None, norm(node.args[:1]), {})
+            operands = node.args[:1]
+            entry = ("relu", None, norm(operands), {})
         else:
             if node.op == "call_module":
                 m = modules[target]
@@ -252,26 +274,29 @@ def graph_signature(graph_module, training: bool = False, root: nn.Module | None
                 target = (target, type(m), None if type(m) in (nn.Conv2d, nn.BatchNorm2d) else m.extra_repr())
             elif node.op == "placeholder":
                 target = "input"
+            operands = (node.args, dict(node.kwargs))
             entry = (node.op, target, norm(node.args), norm(dict(node.kwargs)))
-        index[node] = ("node", len(sig))
-        sig.append(entry)
-    return sig
+        inputs = reads(operands)
+        index[node] = ("node", len(canonical))
+        canonical.append(CanonicalNode(node, entry, inputs))
+    return canonical
 
 
-def parse_traced_block(block: nn.Module):
+def parse_traced_block(block: nn.Module, graph_module=None):
     """Read an Inception module off the traced forward of any block.
 
     Proves, from the torch.fx graph, that forward(x) is torch.cat([b1, b2, b3, b4], 1)
     with b1 = relu(bn?(conv1x1(x))), b2 and b3 = relu(bn?(convKxK(relu(bn?(conv1x1(x)))))),
     b4 = relu(bn?(conv1x1(maxpool3x3/1/1(x)))), every intermediate used once. Returns
     (spec, units, graph module sharing the block's submodules), or raises
-    NotAnInceptionBlock with the first reason it is not.
+    NotAnInceptionBlock with the first reason it is not. `graph_module`: trace_block(block),
+    when the caller already has it.
     """
     import torch.fx as fx
     import torch.nn.functional as F
 
     name = type(block).__name__
-    graph_module = trace_block(block)
+    graph_module = graph_module if graph_module is not None else trace_block(block)
     nodes = list(graph_module.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     output = next(n for n in nodes if n.op == "output")

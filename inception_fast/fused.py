@@ -54,8 +54,16 @@ class FusedInception(FusedBranchGraph):
         fused._adopt(module, backend)
         return fused.train(module.training)
 
-    def _adopt(self, block: nn.Module, backend: str) -> None:
-        spec, units, traced = parse_traced_block(block)
+    @classmethod
+    def _from_traced(cls, module: nn.Module, traced, backend: str) -> "FusedInception":
+        """from_module over trace_block(module), which the caller already has (swap_inception)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._adopt(module, backend, traced)
+        return fused.train(module.training)
+
+    def _adopt(self, block: nn.Module, backend: str, traced=None) -> None:
+        spec, units, traced = parse_traced_block(block, traced)
         self._adopt_graph(block, spec.to_graph(), units, traced, backend)
         self.spec = spec
         self.batch_norm = units[0].bn is not None

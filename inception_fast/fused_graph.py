@@ -1,6 +1,7 @@
 """FusedBranchGraph: the nn.Module face of the fused op (ops/branch_graph.py), and the
-recognition of torchvision's Inception-v3 blocks InceptionA to E. A thin module: parse,
-fold BN, pack (cached), call the op. FusedInception (fused.py) is its GoogLeNet preset.
+recognition of torchvision's Inception-v3 blocks InceptionA to E (any other branch-graph
+block is read by the general parser, graph_parse.py). A thin module: parse, fold BN, pack
+(cached), call the op. FusedInception (fused.py) is its GoogLeNet preset.
 
 It keeps the original block's children under their own names (state_dict unchanged). In
 eval mode it folds each BN into its convolution and runs the fused kernel, and with
@@ -20,6 +21,7 @@ from ._cache import TensorVersionCache, tracing
 from ._checks import check_choice, check_input, check_same_dtype_device
 from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
+from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
 from .ops.branch_graph import apply_graph, graph_forward, graph_triton_forward, pack_weights
 from .ops.plan import plan
@@ -154,11 +156,21 @@ def _unit(block: nn.Module, attr: str) -> tuple[ConvUnit, Conv]:
 
 
 def _parse(block: nn.Module, found=None):
-    """(spec, units, traced graph) of a block that computes torchvision's InceptionA-E;
-    `found` is torchvision_graph_layout(block), when the caller already has it."""
-    found = found if found is not None else torchvision_graph_layout(block)
+    """(spec, units, traced graph) of a block that computes torchvision's InceptionA-E (or a
+    pool variant), else of any block the general parser reads (graph_parse.py); `found` is
+    torchvision_graph_layout(block), when the caller already has it. A block with torchvision's
+    children that computes something else goes to the general parser too; when that fails as
+    well, its reason is given if it is a near miss, torchvision's comparison's otherwise."""
     if found is None:
-        raise NotAnInceptionBlock(f"{type(block).__name__} does not compute torchvision's InceptionA, B, C, D or E")
+        try:
+            found = torchvision_graph_layout(block)
+        except NotAnInceptionBlock as torchvision_reason:
+            try:
+                return parse_branch_graph(block)
+            except NotAnInceptionBlock as reason:
+                raise (reason if reason.near_miss else torchvision_reason) from None
+        if found is None:
+            return parse_branch_graph(block)
     (chains, pool, pool_attr, include_pad), traced = found
     units, branches = [], []
     for chain in chains:
@@ -183,8 +195,9 @@ def _parse(block: nn.Module, found=None):
 
 class FusedBranchGraph(DropInBlock):
     """A block on the fused branch-graph op (ops/branch_graph.py: C++ on CPUs, Triton on GPUs),
-    forward and backward: Inception-v3's InceptionA to E as built here, and (FusedInception)
-    GoogLeNet's module. Calls the fused kernel cannot honour run the original block
+    forward and backward: Inception-v3's InceptionA to E as built here, any block the
+    general parser reads (graph_parse.py: timm's Inception-v4 blocks, a user's own), and
+    (FusedInception) GoogLeNet's module. Calls the fused kernel cannot honour run the original block
     (_dropin.py): train-mode BN, FX tracing, ONNX export, torch.func, hooks, autocast on
     the C++ kernel, backend "reference" (the original is the reference).
 
@@ -195,9 +208,11 @@ class FusedBranchGraph(DropInBlock):
 
     recompute_reductions = False
 
-    def __init__(self, block: nn.Module, backend: str = "auto", *, _layout=None):
+    def __init__(self, block: nn.Module, backend: str = "auto", *, _layout=None, _parsed=None):
         super().__init__()
-        spec, units, traced = _parse(block, _layout)
+        # _layout: torchvision_graph_layout(block); _parsed: parse_branch_graph(block); either
+        # when the caller already has it (swap_inception), so that the block is traced once.
+        spec, units, traced = _parsed if _parsed is not None else _parse(block, _layout)
         self._adopt_graph(block, spec, units, traced, backend)
         self.spec = spec
 

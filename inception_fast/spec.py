@@ -198,7 +198,12 @@ class BranchGraphSpec:
     """stride 1: same-grid branches and a pool branch with a 1x1 (InceptionA, C, E).
     stride 2, a grid reduction (InceptionB, D): every branch ends in 3x3 stride-2 unpadded
     convolutions (a branch may be that one convolution over x), and the pool branch is a
-    3x3 stride-2 max pool without projection; the output grid is (H - 3) // 2 + 1."""
+    3x3 stride-2 max pool without projection; the output grid is (H - 3) // 2 + 1.
+
+    The output concatenates the branches in order with the pool branch at `pool_index`
+    among them (None, or len(branches): last, as torchvision's blocks; timm's Inception-v4
+    stem blocks put it first). Only the output's channel layout depends on it: spec.convs
+    keeps the pool projection last."""
 
     in_channels: int
     branches: tuple[Branch, ...]
@@ -206,8 +211,16 @@ class BranchGraphSpec:
     pool_proj: Conv | None
     stride: int = 1
     count_include_pad: bool = True  # of the "avg" pool, as F.avg_pool2d's (pytorch-fid's blocks: False)
+    pool_index: int | None = None  # the pool branch's place in the concat; None (or len(branches)): last
 
     def __post_init__(self):
+        if self.pool_index is not None:
+            if not isinstance(self.pool_index, int) or isinstance(self.pool_index, bool) \
+                    or not 0 <= self.pool_index <= len(self.branches):
+                raise ValueError(f"pool_index must be None or an int in [0, {len(self.branches)}], "
+                                 f"got {self.pool_index!r}")
+            if self.pool_index == len(self.branches):  # last: one spelling, so that equal graphs compare equal
+                object.__setattr__(self, "pool_index", None)
         if self.pool not in ("avg", "max"):
             raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
         if not isinstance(self.count_include_pad, bool) or (self.pool == "max" and not self.count_include_pad):
@@ -249,9 +262,25 @@ class BranchGraphSpec:
         return convs + ((self.pool_proj,) if self.pool_proj is not None else ())
 
     @property
+    def pool_channels(self) -> int:
+        """Output channels of the pool branch: its projection's, or x's for the bare max pool."""
+        return self.pool_proj.out_channels if self.pool_proj is not None else self.in_channels
+
+    @property
     def out_channels(self) -> int:
-        pool = self.pool_proj.out_channels if self.pool_proj is not None else self.in_channels
-        return sum(b.out_channels for b in self.branches) + pool
+        return sum(b.out_channels for b in self.branches) + self.pool_channels
+
+    def out_offsets(self) -> tuple[tuple[int, ...], int]:
+        """(first output channel of each branch, first output channel of the pool branch), in
+        concat order: the branches in order, the pool branch at pool_index."""
+        at = len(self.branches) if self.pool_index is None else self.pool_index
+        offsets, channel, pool_offset = [], 0, None
+        for i, branch in enumerate(self.branches):
+            if i == at:
+                pool_offset, channel = channel, channel + self.pool_channels
+            offsets.append(channel)
+            channel += branch.out_channels
+        return tuple(offsets), (channel if pool_offset is None else pool_offset)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return (h, w) if self.stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)

@@ -10,9 +10,10 @@ from torch import nn
 
 from ._checks import check_choice
 from ._dropin import hooks_or_parametrizations
-from .blocks import NotAnInceptionBlock
+from .blocks import NotAnInceptionBlock, trace_block
 from .fused import FusedInception
 from .fused_graph import FusedBranchGraph, torchvision_graph_layout
+from .graph_parse import parse_branch_graph
 from .ops.inception import BACKENDS
 
 __all__ = ["swap_inception"]
@@ -28,21 +29,56 @@ SELF_CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    """Worth a structural check: four or more children (four branches, or Inception-v3's
-    units), not a container and not already fused. Recognition itself is by the traced
-    computation (blocks.py, fused_graph.py), never by class."""
-    if isinstance(module, (*_CONTAINERS, FusedInception, FusedBranchGraph)):
+    """Worth a structural check: two or more children (two branches, as timm's Mixed3a: a
+    max pool and a conv unit) and at least two convolutions or pools below it, not a
+    container and not already fused. A cheap filter only: recognition itself is by the
+    traced computation (blocks.py, graph_parse.py, fused_graph.py), never by class."""
+    if isinstance(module, (*_CONTAINERS, FusedInception, FusedBranchGraph)) or len(module._modules) < 2:
         return False
-    return len(module._modules) >= 4
+    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+    return sum(isinstance(m, kinds) for m in module.modules()) >= 2
+
+
+def _googlenet_shaped(spec) -> bool:
+    """The branch graph of GoogLeNet's module, InceptionSpec.to_graph()'s shape:
+    [1x1], [1x1, KxK], [1x1, KxK] and a 3x3/1 max pool with a 1x1, concatenated last."""
+    levels = [[[(c.kh, c.kw) for c in level] for level in b.levels] for b in spec.branches]
+    square = all(len(b) == 2 and len(b[1]) == 1 and b[1][0][0] == b[1][0][1] for b in levels[1:])
+    return (spec.stride == 1 and spec.pool == "max" and spec.pool_index is None and len(levels) == 3
+            and levels[0] == [[(1, 1)]] and square and all(b[0] == [(1, 1)] for b in levels[1:]))
 
 
 def _fuse(module: nn.Module, backend: str) -> nn.Module:
-    """The fused twin of a block: a block computing torchvision's Inception-v3 InceptionA
-    to E on the branch-graph kernel, one computing GoogLeNet's Inception on FusedInception."""
-    found = torchvision_graph_layout(module)
+    """The fused twin of a block, by the first parser that reads it: torchvision's
+    Inception-v3 InceptionA to E (and pytorch-fid's pool variants) by graph comparison; then
+    the general branch-graph parser (timm's Inception-v4 blocks, users' blocks); then the
+    GoogLeNet parser. A block of GoogLeNet's shape that the GoogLeNet parser also reads
+    becomes FusedInception, as before. When nothing reads it, the reason raised is the
+    general parser's when it is a near miss (the block concatenates conv branches)."""
+    try:
+        found = torchvision_graph_layout(module)
+    except NotAnInceptionBlock as exc:  # torchvision's children, another computation
+        found, torchvision_reason = None, exc
+    else:
+        torchvision_reason = None
     if found is not None:  # handed on: the block is traced and compared once
         return FusedBranchGraph(module, backend, _layout=found).train(module.training)
-    return FusedInception.from_module(module, backend)
+    traced = trace_block(module)
+    try:
+        parsed = parse_branch_graph(module, traced)
+    except NotAnInceptionBlock as general:
+        if torchvision_reason is not None:
+            raise (general if general.near_miss else torchvision_reason) from None
+        try:
+            return FusedInception._from_traced(module, traced, backend)
+        except NotAnInceptionBlock as googlenet:
+            raise (googlenet if googlenet.near_miss and not general.near_miss else general) from None
+    if _googlenet_shaped(parsed[0]):
+        try:
+            return FusedInception._from_traced(module, traced, backend)
+        except NotAnInceptionBlock:
+            pass  # e.g. batch norm on some convolutions only: the branch graph runs it
+    return FusedBranchGraph(module, backend, _parsed=parsed).train(module.training)
 
 
 def _refusal(block: nn.Module) -> str | None:
@@ -75,8 +111,10 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
     """Replace every Inception block of `model` in place by a fused one; return `model`.
 
     Blocks are recognised by what their torch.fx-traced forward computes, whatever their
-    class: GoogLeNet's Inception becomes FusedInception, torchvision's Inception-v3
-    InceptionA to E become FusedBranchGraph. The fused block shares the original's
+    class: GoogLeNet's Inception becomes FusedInception; torchvision's Inception-v3
+    InceptionA to E, and any other block whose forward concatenates conv-unit branches and
+    one pool branch (graph_parse.py: timm's Inception-v4 blocks, a user's own) become
+    FusedBranchGraph. The fused block shares the original's
     parameters and buffers, so state_dict keys and values are unchanged.
 
     Every fused block is checked against its original on a random input at swap time (in

@@ -40,6 +40,19 @@ SPECS = {
         Branch(((Conv(3, 4, 3, 3, stride=2),),)),
         Branch(((Conv(3, 2),), (Conv(2, 3, 3, 3),), (Conv(3, 2, 3, 3, stride=2),))),
     ), "max", None, stride=2),
+    # The pool branch elsewhere in the concat (timm's Inception-v4 stem: Mixed3a, Mixed5a).
+    "pool-first": BranchGraphSpec(4, (
+        Branch(((Conv(4, 2),),)),
+        Branch(((Conv(4, 3),), (Conv(3, 2, 1, 3), Conv(3, 3, 3, 1)))),
+    ), "avg", Conv(4, 3), count_include_pad=False, pool_index=0),
+    "pool-between": BranchGraphSpec(4, (
+        Branch(((Conv(4, 3),), (Conv(3, 2, 3, 3),))),
+        Branch(((Conv(4, 2),),)),
+    ), "max", Conv(4, 3), pool_index=1),
+    "grid-reduction-pool-first": BranchGraphSpec(3, (
+        Branch(((Conv(3, 4, 3, 3, stride=2),),)),
+        Branch(((Conv(3, 2),), (Conv(2, 3, 3, 3, stride=2),))),
+    ), "max", None, stride=2, pool_index=0),
 }
 
 
@@ -73,6 +86,43 @@ def _saved(spec, x, weights, biases):
     y, buffers = torch.ops.inception_fast.graph_forward_saving(x, b, bias, graph.flat())
     h, w = x.shape[2:]
     return y, [buf[:, p:p + h, p:p + w] for buf, p in zip(buffers, graph.buf_border)], graph
+
+
+def _eager(spec, x, weights, biases):
+    """The block of `spec` as eager convolutions, pools and one torch.cat in concat order."""
+    params = iter(zip(weights, biases))
+
+    def unit(t, conv):
+        w, b = next(params)
+        return torch.relu(torch.nn.functional.conv2d(t, w, b, conv.stride, conv.padding))
+
+    outs = []
+    for branch in spec.branches:
+        t = x
+        for level in branch.levels:
+            ys = [unit(t, c) for c in level]
+            t = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
+        outs.append(t)
+    F = torch.nn.functional
+    if spec.stride == 2:
+        pooled = F.max_pool2d(x, 3, 2)
+    else:
+        p = (F.max_pool2d(x, 3, 1, 1) if spec.pool == "max"
+             else F.avg_pool2d(x, 3, 1, 1, count_include_pad=spec.count_include_pad))
+        pooled = unit(p, spec.pool_proj)
+    outs.insert(len(outs) if spec.pool_index is None else spec.pool_index, pooled)
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_forward_matches_eager_convolutions(name):
+    """Every output channel where the concat order puts it (the plan's segments)."""
+    spec = SPECS[name]
+    weights, biases = _params(spec, torch.float64)
+    x = torch.randn(2, spec.in_channels, 7, 6, dtype=torch.float64)
+    y, _, _ = _saved(spec, x, weights, biases)
+    want = _eager(spec, x, weights, biases)
+    assert y.shape == want.shape and rel_err(y, want) <= TOLERANCE[torch.float64]
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -71,3 +71,23 @@ def test_macs_rejects_bad_sizes():
         spec.macs(0, 28)
     with pytest.raises(ValueError, match="batch"):
         spec.macs(28, 28, batch=-1)
+
+
+def test_pool_index_places_the_pool_branch_in_the_concat():
+    from inception_fast.ops.plan import plan
+
+    branches = (ifast.Branch(((ifast.Conv(4, 2),),)), ifast.Branch(((ifast.Conv(4, 3),), (ifast.Conv(3, 5, 3, 3),))))
+    last = ifast.BranchGraphSpec(4, branches, "max", ifast.Conv(4, 6))
+    assert last.out_offsets() == ((0, 2), 7)
+    assert ifast.BranchGraphSpec(4, branches, "max", ifast.Conv(4, 6), pool_index=2) == last  # one spelling of last
+    first = ifast.BranchGraphSpec(4, branches, "max", ifast.Conv(4, 6), pool_index=0)
+    assert first.out_offsets() == ((6, 8), 0) and first.out_channels == last.out_channels == 13
+    assert first.convs == last.convs  # the pool projection stays last in weight order
+    graph = plan(first)
+    assert [c.channel for c in graph.convs if c.destination < 0] == [6, 8, 0]
+    reduction = ifast.BranchGraphSpec(4, (ifast.Branch(((ifast.Conv(4, 2, 3, 3, 2),),)),), "max", None, stride=2,
+                                      pool_index=0)
+    assert plan(reduction).pool_copy_channel == 0 and reduction.out_offsets() == ((4,), 0)
+    for bad in (-1, 3, True, 1.0):
+        with pytest.raises(ValueError, match="pool_index"):
+            ifast.BranchGraphSpec(4, branches, "max", ifast.Conv(4, 6), pool_index=bad)

@@ -2,9 +2,10 @@
 
 A block is a branch graph over one input x (spec.BranchGraphSpec): branches of convolution
 chains, the last level of a branch may fan out, and a pooling branch; outputs are
-concatenated along channels, branches in order, the pooling branch last. GoogLeNet's
-module is the preset InceptionSpec.to_graph(); Inception-v3's InceptionA to E are graphs
-too, including the grid reductions (stride 2). Every convolution is followed by ReLU
+concatenated along channels, branches in order, the pooling branch at spec.pool_index
+(last by default: only the plan's output offsets depend on it). GoogLeNet's module is
+the preset InceptionSpec.to_graph(); Inception-v3's InceptionA to E are graphs too,
+including the grid reductions (stride 2). Every convolution is followed by ReLU
 (BN folded in by the module around it).
 
 plan.plan() turns a spec into stages of GEMMs; the kernels run them with every GEMM's

@@ -175,9 +175,9 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
     stage0_cols, stage0_convs, stage0_segments = 0, [], []
     # (stage, source, conv, conv index, segment): every GEMM but the fused stage-0 one
     single: list[tuple[int, int, Conv, int, Segment]] = []
-    out_offset = 0
+    branch_offsets, pool_offset = spec.out_offsets()  # output channels in concat order
     convs: list[ConvStep] = []
-    for branch in spec.branches:
+    for branch, out_offset in zip(spec.branches, branch_offsets):
         previous = None  # the buffer holding the previous level's output
         for level_index, level in enumerate(branch.levels):
             last = level_index == len(branch.levels) - 1
@@ -216,13 +216,13 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
         cp = spec.pool_proj.out_channels
         source = (Source.MAX_POOL if spec.pool == "max" else Source.AVG_POOL if spec.count_include_pad
                   else Source.AVG_POOL_EXCLUDE_PAD)
-        gemms.append(GemmStep(0, source, 1, 1, 1, 0, 0, cp, (Segment(0, cp, Destination.OUT, out_offset),), (index,)))
-        convs.append(ConvStep(int(source), int(Destination.OUT), out_offset, 1, 1, 1, 0, 0))
+        gemms.append(GemmStep(0, source, 1, 1, 1, 0, 0, cp, (Segment(0, cp, Destination.OUT, pool_offset),), (index,)))
+        convs.append(ConvStep(int(source), int(Destination.OUT), pool_offset, 1, 1, 1, 0, 0))
     else:  # the grid reduction's max pool, copied into its slice: no weights
         c = spec.in_channels
-        gemms.append(GemmStep(0, Source.MAX_POOL_COPY, 3, 3, 2, 0, 0, c, (Segment(0, c, Destination.OUT, out_offset),),
+        gemms.append(GemmStep(0, Source.MAX_POOL_COPY, 3, 3, 2, 0, 0, c, (Segment(0, c, Destination.OUT, pool_offset),),
                               ()))
-        copy_channel = out_offset
+        copy_channel = pool_offset
     border = tuple(max((max(c.padding) for c in consumers), default=0) for consumers in buf_consumers)
     return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(convs), spec.out_channels, spec.stride,
                      copy_channel)

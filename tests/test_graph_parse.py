@@ -1,0 +1,306 @@
+"""The general structural parser (graph_parse.py): users' blocks of every form it reads,
+timm's Inception-v4 blocks (built small through their conv_block argument), and the
+reasons it gives for what it refuses."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import inception_fast as ifast
+from inception_fast.fused_graph import FusedBranchGraph
+from inception_fast.graph_parse import parse_branch_graph
+from inception_fast.spec import Branch, BranchGraphSpec, Conv
+
+from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err
+
+
+def unit(cin, cout, k=1, stride=1, padding=None, bn=True, **kw):
+    """conv (+ BN) + ReLU as an nn.Sequential, 'same' padding unless told."""
+    k2 = (k, k) if isinstance(k, int) else k
+    pad = (k2[0] // 2, k2[1] // 2) if padding is None else padding
+    layers = [nn.Conv2d(cin, cout, k, stride, pad, bias=not bn, **kw)]
+    return nn.Sequential(*layers, *([nn.BatchNorm2d(cout)] if bn else []), nn.ReLU(inplace=True))
+
+
+class SequentialBlock(nn.Module):
+    """nn.Sequential branches with BN modules and nn.ReLU, a max-pool branch, pool last."""
+
+    def __init__(self, cin=10):
+        super().__init__()
+        self.b0 = unit(cin, 4)
+        self.b1 = nn.Sequential(unit(cin, 5), unit(5, 6, (1, 5)), unit(6, 3, (5, 1)))
+        self.b2 = nn.Sequential(nn.MaxPool2d(3, 1, 1), unit(cin, 2))
+
+    def forward(self, x):
+        return torch.cat([self.b0(x), self.b1(x), self.b2(x)], dim=1)
+
+
+class FunctionalBlock(nn.Module):
+    """Bare convs with bias, F.relu, a functional average pool without count_include_pad,
+    the pool branch FIRST, and a fan-out concatenated through a nested cat."""
+
+    def __init__(self, cin=9):
+        super().__init__()
+        self.a = nn.Conv2d(cin, 3, 1)
+        self.red = nn.Conv2d(cin, 4, 1)
+        self.left, self.right = nn.Conv2d(4, 2, (1, 3), padding=(0, 1)), nn.Conv2d(4, 5, (3, 1), padding=(1, 0))
+        self.proj = nn.Conv2d(cin, 6, 1)
+
+    def forward(self, x):
+        pooled = F.relu(self.proj(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)))
+        t = F.relu(self.red(x))
+        fan = torch.cat([F.relu(self.left(t)), torch.relu(self.right(t))], 1)
+        return torch.cat((pooled, F.relu(self.a(x), inplace=True), fan), dim=1)
+
+
+class Reduction(nn.Module):
+    """A grid reduction: one 3x3/2 conv over x, a chain ending in 3x3/2, and the 3x3/2 max
+    pool in the middle of the concat."""
+
+    def __init__(self, cin=6):
+        super().__init__()
+        self.direct = unit(cin, 5, 3, stride=2, padding=0)
+        self.chain = nn.Sequential(unit(cin, 3), unit(3, 4, 3), unit(4, 7, 3, stride=2, padding=0))
+
+    def forward(self, x):
+        return torch.cat([self.direct(x), F.max_pool2d(x, kernel_size=3, stride=2), self.chain(x)], 1)
+
+
+CASES = {
+    "sequential": (SequentialBlock, BranchGraphSpec(10, (
+        Branch(((Conv(10, 4),),)),
+        Branch(((Conv(10, 5),), (Conv(5, 6, 1, 5),), (Conv(6, 3, 5, 1),))),
+    ), "max", Conv(10, 2))),
+    "functional-pool-first-fan-out": (FunctionalBlock, BranchGraphSpec(9, (
+        Branch(((Conv(9, 3),),)),
+        Branch(((Conv(9, 4),), (Conv(4, 2, 1, 3), Conv(4, 5, 3, 1)))),
+    ), "avg", Conv(9, 6), count_include_pad=False, pool_index=0)),
+    "grid-reduction": (Reduction, BranchGraphSpec(6, (
+        Branch(((Conv(6, 5, 3, 3, 2),),)),
+        Branch(((Conv(6, 3),), (Conv(3, 4, 3, 3),), (Conv(4, 7, 3, 3, 2),))),
+    ), "max", None, stride=2, pool_index=1)),
+}
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name", list(CASES))
+def test_users_blocks_parse_and_fuse(name):
+    make, want = CASES[name]
+    block = randomize_(make()).eval()
+    spec, units, _ = parse_branch_graph(block)
+    assert spec == want
+    assert [u.conv.out_channels for u in units] == [c.out_channels for c in spec.convs]
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+    x = torch.randn(2, spec.in_channels, 9, 8)
+    with torch.no_grad():
+        assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
+    # Gradients through the fused backward reach every parameter as the original's do.
+    block.requires_grad_(True)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(block(x))
+    block(x_ref).backward(g)
+    fused(x_fused).backward(g)
+    assert rel_err(x_fused.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    named = dict(fused.named_parameters())
+    for pname, p in block.named_parameters():
+        assert rel_err(named[pname].grad, p.grad) <= TOLERANCE[torch.float32], pname
+
+
+@needs_cpu_kernel
+def test_swap_fuses_users_blocks_and_keeps_googlenet_shape_on_fused_inception(caplog):
+    from test_swap import UserBlock  # GoogLeNet's shape, functional ReLUs
+
+    model = nn.Sequential(SequentialBlock(10), nn.Conv2d(9, 9, 1), FunctionalBlock(9), nn.Conv2d(16, 12, 1),
+                          UserBlock(12))
+    randomize_(model).eval()
+    original = copy.deepcopy(model)
+    with caplog.at_level(logging.INFO, logger="inception_fast"):
+        ifast.swap_inception(model, backend="cpu", verify=1e-5)
+    assert "swapped 3 block(s), left 0 unfused" in caplog.text
+    assert [type(model[i]) for i in (0, 2, 4)] == [FusedBranchGraph, FusedBranchGraph, ifast.FusedInception]
+    assert model.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(2, 10, 7, 7)
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) <= TOLERANCE[torch.float32]
+
+
+# -- refusals ------------------------------------------------------------------
+
+
+class Variant(SequentialBlock):
+    """SequentialBlock with one change, named by `kind`."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        if kind == "valid":
+            self.b1[1] = unit(5, 6, (1, 5), padding=0)
+        elif kind == "dilation":
+            self.b1[1] = unit(5, 6, 3, padding=2, dilation=2)
+        elif kind == "groups":
+            self.b1[1] = unit(5, 5, 3, groups=5)
+            self.b1[2] = unit(5, 3, (5, 1))
+        elif kind == "residual":
+            self.mix = nn.Conv2d(12, 10, 1)
+
+    def forward(self, x):
+        if self.kind == "residual":
+            return F.relu(self.mix(super().forward(x)) * 0.2 + x)
+        if self.kind == "extra op":
+            return torch.cat([self.b0(x), self.b1(x) * 2, self.b2(x)], dim=1)
+        if self.kind == "tree":  # an intermediate read by two levels: not a fan-out at the end
+            t = self.b1[0](x)
+            return torch.cat([self.b0(x), self.b1[2](self.b1[1](t)), t, self.b2(x)], dim=1)
+        if self.kind == "no pool":
+            return torch.cat([self.b0(x), self.b1(x)], dim=1)
+        if self.kind == "pool 3x3/1/0":
+            return torch.cat([self.b0(x), self.b1(x), self.b2[1](F.max_pool2d(x, 3, 1))], dim=1)
+        return super().forward(x)
+
+
+REFUSALS = {
+    "valid": "Variant: branch 2, level 2 (b1.1.0): 1x5 conv with padding 0 at stride 1 ('valid') shrinks the "
+             "grid",
+    "dilation": "branch 2, level 2 (b1.1.0): dilated 3x3 conv (dilation (2, 2))",
+    "groups": "branch 2, level 2 (b1.1.0): grouped 3x3 conv (groups=5)",
+    "residual": "the concat of its 3 branches is not the output: the forward goes on with mix (1x1 conv, with bias) "
+                "-> mul(mix, 0.2) -> add(mul, x) -> relu; a residual Inception block",
+    "extra op": "branch 2 ends in mul(",
+    "tree": "branch 2: the output of b1.0.0's unit also feeds the concat; only the last level of a branch may fan out",
+    "no pool": "it has no pooling branch",
+    "pool 3x3/1/0": "branch 3: a max pool with kernel (3, 3), stride (1, 1), padding (0, 0)",
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSALS))
+def test_refusals_say_why_in_one_line(kind):
+    with pytest.raises(ifast.NotAnInceptionBlock) as info:
+        parse_branch_graph(Variant(kind).eval())
+    message = str(info.value)
+    assert REFUSALS[kind] in message and "\n" not in message
+    assert info.value.near_miss
+
+
+def test_a_module_that_is_no_branch_graph_is_not_a_near_miss():
+    with pytest.raises(ifast.NotAnInceptionBlock, match="does not return a torch.cat") as info:
+        parse_branch_graph(unit(3, 4, 3))
+    assert not info.value.near_miss
+
+
+def test_a_refused_block_is_left_alone_with_the_general_reason(caplog):
+    model = nn.Sequential(Variant("dilation").eval())
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert isinstance(model[0], Variant)
+    assert "left 0 (Variant) unfused: Variant: branch 2, level 2 (b1.1.0): dilated" in caplog.text
+
+
+# -- timm's Inception-v4 blocks, built small -------------------------------------
+
+
+def small_timm(name, div=16):
+    """timm's inception_v4 block `name` with every conv unit's channels divided by `div`
+    (through its conv_block argument: timm's own forward, ConvNormAct units with
+    BatchNormAct2d, padding 0 unless the block asks, as InceptionV4 builds them)."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import ConvNormAct
+    import importlib
+
+    inception_v4 = importlib.import_module("timm.models.inception_v4")
+
+    def conv_block(cin, cout, **kw):
+        kw.setdefault("padding", 0)
+        return ConvNormAct(cin // div, cout // div, norm_kwargs=dict(eps=1e-3), act_kwargs=dict(inplace=True), **kw)
+
+    assert timm.__version__
+    return randomize_(getattr(inception_v4, name)(conv_block=conv_block)).eval()
+
+
+TIMM_SPECS = {
+    "Mixed3a": BranchGraphSpec(4, (Branch(((Conv(4, 6, 3, 3, 2),),)),), "max", None, stride=2, pool_index=0),
+    "InceptionA": BranchGraphSpec(24, (
+        Branch(((Conv(24, 6),),)),
+        Branch(((Conv(24, 4),), (Conv(4, 6, 3, 3),))),
+        Branch(((Conv(24, 4),), (Conv(4, 6, 3, 3),), (Conv(6, 6, 3, 3),))),
+    ), "avg", Conv(24, 6), count_include_pad=False),
+    "ReductionA": BranchGraphSpec(24, (
+        Branch(((Conv(24, 24, 3, 3, 2),),)),
+        Branch(((Conv(24, 12),), (Conv(12, 14, 3, 3),), (Conv(14, 16, 3, 3, 2),))),
+    ), "max", None, stride=2),
+    "InceptionC": BranchGraphSpec(96, (
+        Branch(((Conv(96, 16),),)),
+        Branch(((Conv(96, 24),), (Conv(24, 16, 1, 3), Conv(24, 16, 3, 1)))),
+        Branch(((Conv(96, 24),), (Conv(24, 28, 3, 1),), (Conv(28, 32, 1, 3),),
+                (Conv(32, 16, 1, 3), Conv(32, 16, 3, 1)))),
+    ), "avg", Conv(96, 16), count_include_pad=False),
+}
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name", list(TIMM_SPECS))
+def test_timm_inception_v4_blocks_parse_and_fuse(name):
+    block = small_timm(name)
+    assert parse_branch_graph(block)[0] == TIMM_SPECS[name]
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+    x = torch.randn(2, TIMM_SPECS[name].in_channels, 9, 9)
+    with torch.no_grad():
+        assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
+
+
+def test_timm_mixed4a_is_refused_for_its_valid_convolutions():
+    with pytest.raises(ifast.NotAnInceptionBlock, match=r"^Mixed4a: branch 1, level 2 \(branch0.1.conv\): 3x3 conv "
+                       r"with padding 0 at stride 1 \('valid'\) shrinks the grid"):
+        parse_branch_graph(small_timm("Mixed4a"))
+
+
+def test_timm_block35_is_refused_as_a_residual_block():
+    pytest.importorskip("timm")
+    from timm.models.inception_resnet_v2 import Block35
+
+    with pytest.raises(ifast.NotAnInceptionBlock, match=r"conv2d \(1x1 conv, with bias\) -> mul\(conv2d, 0.17\) -> "
+                       r"add\(mul, x\) -> relu; a residual Inception block"):
+        parse_branch_graph(Block35(scale=0.17).eval())
+
+
+@pytest.mark.slow
+@needs_cpu_kernel
+@pytest.mark.parametrize("name, fused_blocks, left", [
+    ("inception_v4", 18, {"Mixed4a"}),
+    ("inception_resnet_v2", 3, {"Block35", "Block17", "Block8"}),
+])
+def test_timm_models_swap_with_logits_within_1e5(name, fused_blocks, left, caplog):
+    timm = pytest.importorskip("timm")
+    model = randomize_(timm.create_model(name, pretrained=False)).eval()
+    swapped = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(swapped, backend="cpu")
+    assert sum(isinstance(m, FusedBranchGraph) for m in swapped.modules()) == fused_blocks
+    refused = {r.getMessage().split("(")[1].split(")")[0] for r in caplog.records if "unfused:" in r.getMessage()}
+    assert refused == left
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        assert rel_err(swapped(x), model(x)) <= 1e-5
+
+
+@needs_cpu_kernel
+def test_torchvision_children_with_another_concat_order_go_to_the_general_parser():
+    """torchvision's InceptionA with the pool branch moved first: not torchvision's graph,
+    but a branch graph, so the general parser fuses it."""
+    from torchvision.models.inception import InceptionA
+
+    class PoolFirst(InceptionA):
+        def _forward(self, x):
+            outs = super()._forward(x)
+            return [outs[-1]] + outs[:-1]
+
+    model = nn.Sequential(randomize_(PoolFirst(24, 8)).eval())
+    original = copy.deepcopy(model)
+    ifast.swap_inception(model, backend="cpu")
+    assert isinstance(model[0], FusedBranchGraph) and model[0].graph.pool_index == 0
+    x = torch.randn(2, 24, 7, 7)
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) <= TOLERANCE[torch.float32]
