@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is imported, so these tests run in th
 own pytest process: `make test` runs `TRITON_INTERPRET=1 pytest tests/test_triton_interpreter.py`.
 """
 
+import copy
 import os
 
 import pytest
@@ -15,6 +16,7 @@ from conftest import (
     AWKWARD_SPECS,
     TOLERANCE,
     assert_special_values_propagate,
+    randomize_,
     reference_module,
     rel_err,
     dtype_params,
@@ -412,3 +414,23 @@ def test_graph_backward_fuses_the_max_pool_and_matches_the_fp64_reference(specia
             assert (a is None) == (b_ is None), (needs, i)
             if b_ is not None:
                 _assert_close_with_specials(a, b_, TOLERANCE[torch.float32], (needs, i))
+
+
+@pytest.mark.parametrize("name", ["FIDInceptionA", "FIDInceptionE_2"])
+def test_pytorch_fid_pool_branches_on_triton(name):
+    """pytorch-fid's pool branches on the stage kernel: the average without
+    count_include_pad (each row divided by its window's in-grid pixels: 4, 6 or 9 here) and
+    the max pool, forward and input gradient against the original block."""
+    fid = pytest.importorskip("pytorch_fid.inception")
+    make = {"FIDInceptionA": lambda: fid.FIDInceptionA(24, pool_features=8),
+            "FIDInceptionE_2": lambda: fid.FIDInceptionE_2(24)}[name]
+    block = randomize_(make()).eval()
+    fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
+    x = torch.randn(2, 24, 5, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, want = fused(x), block(x_ref)
+    assert rel_err(y, want) <= TOLERANCE[torch.float32]
+    grad = torch.randn_like(want)
+    y.backward(grad)
+    want.backward(grad)
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]

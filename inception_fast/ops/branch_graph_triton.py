@@ -9,7 +9,8 @@ GoogLeNet kernels' `_pointwise_kernel` and `_spatial_kernel` do with two). Each 
 compile-time kind:
 - WINDOW: an implicit GEMM over an NHWC source with a stride-1 kh x kw window ('same'
   zero padding by masks): the stage-0 1x1s over x, and every K x K, 1 x n, n x 1;
-- AVG_POOL / MAX_POOL: a 1x1 whose A tile is the 3x3/1/1 pool of x taken while loading;
+- AVG_POOL / MAX_POOL / AVG_POOL_EXCLUDE_PAD: a 1x1 whose A tile is the 3x3/1/1 pool of x
+  taken while loading (the average with count_include_pad True, or False);
 - STRIDE2: a grid reduction's 3x3 stride-2 unpadded convolution over the output grid;
 - POOL_COPY: a grid reduction's 3x3 stride-2 max pool, copied into its output slice.
 Columns go through bias + ReLU to their destination's channel slice; slot 0 (the stage-0
@@ -55,7 +56,7 @@ __all__ = ["DGRAD_KERNEL", "INPUT_GRAD_KERNEL", "MAX_SEGMENTS", "MAX_STAGE_GEMMS
 MAX_SEGMENTS = 4  # destinations of slot 0: the stage-0 GEMM of InceptionE has three
 MAX_STAGE_GEMMS = 4  # slots of one launch: Inception-v3's stages have at most three GEMMs
 # Slot kinds (constexpr KIND0..3 of _graph_stage_kernel).
-NONE, WINDOW, AVG_POOL, MAX_POOL, STRIDE2, POOL_COPY = 0, 1, 2, 3, 4, 5
+NONE, WINDOW, AVG_POOL, MAX_POOL, STRIDE2, POOL_COPY, AVG_POOL_EXCLUDE_PAD = 0, 1, 2, 3, 4, 5, 6
 
 
 @triton.jit
@@ -63,14 +64,18 @@ def _pooled_gemm(
     src_tile,  # (rows, K_src) NHWC pixel rows of x from the tile's first pixel, with their halo
     w_ptr,  # (K_src, cols) B of the 1x1
     K_src, cols, H, W, h, w, rows, m_mask, offs_n, n_mask,
-    MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    MAX: tl.constexpr, EXCLUDE_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """A 1x1 over the 3x3/1/1 pool of the source (max, or average with count_include_pad),
-    the pool taken in fp32 while loading: the pooled tensor never exists in memory. Nine
-    shifted windows are live per K slice, hence the thin slices of the pointwise list."""
+    """A 1x1 over the 3x3/1/1 pool of the source (max, or average with count_include_pad or,
+    EXCLUDE_PAD, without: divided by the window's in-grid pixels), the pool taken in fp32
+    while loading: the pooled tensor never exists in memory. Nine shifted windows are live
+    per K slice, hence the thin slices of the pointwise list."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if EXCLUDE_PAD:  # each row's divisor: the window clipped to the grid, as F.avg_pool2d counts it
+        count = ((tl.minimum(h + 1, H - 1) - tl.maximum(h - 1, 0) + 1)
+                 * (tl.minimum(w + 1, W - 1) - tl.maximum(w - 1, 0) + 1)).to(tl.float32)
     for c0 in range(0, K_src, BLOCK_K):
         cc = c0 + offs_k
         c_mask = cc < K_src
@@ -90,7 +95,9 @@ def _pooled_gemm(
                     a32 = tl.maximum(a32, tl.where(ok2, v, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
                 else:
                     a32 += v  # padding adds zeros: count_include_pad
-        if not MAX:
+        if EXCLUDE_PAD:
+            a32 = a32 / count[:, None]
+        elif not MAX:
             a32 = a32 / 9.0
         # Rows past M and channels past K_src are zeroed, so -inf * 0 cannot make NaN.
         a = tl.where(m_mask[:, None] & c_mask[None, :], a32, 0.0).to(src_tile.dtype.element_ty)
@@ -196,10 +203,10 @@ def _slot_tile(
         elif KIND == 4:  # STRIDE2
             acc = _stride2_gemm(src_ptr, w_ptr, K_src, cols, kh, kw, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
                                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
-        else:  # AVG_POOL (2) or MAX_POOL (3)
+        else:  # AVG_POOL (2), MAX_POOL (3) or AVG_POOL_EXCLUDE_PAD (6)
             src_tile = src_ptr + m0.to(tl.int64) * K_src
             acc = _pooled_gemm(src_tile, w_ptr, K_src, cols, H, W, h, w, rows, m_mask, offs_n, n_mask, KIND == 3,
-                               BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                               KIND == 6, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
         y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -429,12 +436,15 @@ def graph_configs(kh: int, kw: int, stride2: bool, exact_fp32: bool) -> list[Ker
     return [c for c in configs if c.block_m <= 64] if stride2 else configs
 
 
+_POOLED = (AVG_POOL, MAX_POOL, AVG_POOL_EXCLUDE_PAD)  # a 1x1 whose A is pooled while loading
+
+
 def _slot_kind(gemm: list[int]) -> int:
     _stage, source, _kh, _kw, stride, *_ = gemm
     if source == -4:
         return POOL_COPY
-    if source in (-2, -3):
-        return AVG_POOL if source == -2 else MAX_POOL
+    if source in (-2, -3, -5):
+        return {-2: AVG_POOL, -3: MAX_POOL, -5: AVG_POOL_EXCLUDE_PAD}[source]
     return STRIDE2 if stride == 2 else WINDOW
 
 
@@ -457,8 +467,8 @@ def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> 
     list when a slot's A is pooled while loading (its register budget) or every GEMM is a
     1x1 over x (a max-pool copy may join), else the spatial list; with a stride-2 slot, no
     128-row tile."""
-    pooled = any(kind in (AVG_POOL, MAX_POOL) for kind, _, _ in kinds)
-    pointwise = all(kind in (AVG_POOL, MAX_POOL, POOL_COPY) or (kind == WINDOW and (kh, kw) == (1, 1))
+    pooled = any(kind in _POOLED for kind, _, _ in kinds)
+    pointwise = all(kind in (*_POOLED, POOL_COPY) or (kind == WINDOW and (kh, kw) == (1, 1))
                     for kind, kh, kw in kinds)
     name = "pointwise" if pooled or pointwise else "spatial"
     if exact_fp32:
@@ -494,6 +504,7 @@ def stage_channel_args(kinds: tuple[tuple[int, int, int], ...], segments: int) -
 SHIPPED_STAGES = [
     ("x1x1_maxpool", ((WINDOW, 1, 1), (MAX_POOL, 1, 1)), 3),  # GoogLeNet stage 0
     ("x1x1_avgpool", ((WINDOW, 1, 1), (AVG_POOL, 1, 1)), 3),  # InceptionA, C, E stage 0
+    ("x1x1_avgpool_exclude_pad", ((WINDOW, 1, 1), (AVG_POOL_EXCLUDE_PAD, 1, 1)), 3),  # pytorch-fid's A, C, E_1
     ("x1x1_copy", ((WINDOW, 1, 1), (POOL_COPY, 1, 1)), 2),  # InceptionD stage 0
     ("stride2_x1x1_copy", ((STRIDE2, 3, 3), (WINDOW, 1, 1), (POOL_COPY, 1, 1)), 1),  # InceptionB stage 0
     ("window", ((WINDOW, 3, 3),), 1),  # a one-GEMM stage: A 2, B 1, C 3, C 4, D 2
@@ -509,7 +520,7 @@ def _tile_cost(gemm: list[int], k_src: int) -> int:
     kind = _slot_kind(gemm)
     if kind == POOL_COPY:
         return 9
-    return (9 if kind in (AVG_POOL, MAX_POOL) else gemm[2] * gemm[3]) * k_src
+    return (9 if kind in _POOLED else gemm[2] * gemm[3]) * k_src
 
 
 class StageLaunch(NamedTuple):
