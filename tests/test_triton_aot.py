@@ -24,6 +24,7 @@ from inception_fast.ops.inception_triton import FORWARD_KERNELS, kernel_configs 
 from inception_fast.ops.inception_triton_backward import BACKWARD_KERNELS, backward_configs  # noqa: E402
 from inception_fast.ops.triton_aot import (  # noqa: E402
     KERNELS,
+    ODD_CHANNELS,
     SHARED_MEMORY_LIMIT,
     AotConfig,
     compile_ahead_of_time,
@@ -49,27 +50,30 @@ def dtypes_of(aot):
     return EXACT_DTYPES if aot.exact_fp32 else TENSOR_CORE_DTYPES
 
 
-PARAMS = [(name, fn, aot, dtype, precision) for name, fn, aot in CASES for dtype, precision in dtypes_of(aot)]
-
-
 def _id(name, aot, dtype, precision):
     variant = "".join(f"-{k}{v}" for k, v in aot.constexprs if not k.startswith("KIND"))
     config = "x".join(map(str, aot.config))
     return f"{name}{variant}-{config}-{str(dtype).removeprefix('torch.')}-{precision or 'default'}"
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    results = {}
-    for name, fn, aot, dtype, precision in PARAMS:
-        for capability in CAPABILITIES:
-            results[_id(name, aot, dtype, precision), capability] = compile_ahead_of_time(
-                fn, aot.config, dtype, capability, precision, aot.constexprs, aot.divisible, name=name)
+# The odd-channel variants (awkward shapes only) double the compile time: `make test-all`
+# and `make aot-table` check them, `make test` the launches of real networks.
+PARAMS = [pytest.param(name, fn, aot, dtype, precision, id=_id(name, aot, dtype, precision),
+                       marks=[pytest.mark.slow] if name.endswith(ODD_CHANNELS) else [])
+          for name, fn, aot in CASES for dtype, precision in dtypes_of(aot)]
+_COMPILED = {}  # (id, capability) -> CompiledKernel, in compile order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def resource_table():
+    """After the module's tests: the resource table of what they compiled (printed; written
+    to INCEPTION_FAST_AOT_TABLE when set)."""
+    yield
     rows = [
         "| kernel | BLOCK_M×N×K | warps | stages | dtype | sm | registers | stack | local | shared (B) | MMA |",
         "|---|---|---|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for r in results.values():
+    for r in _COMPILED.values():
         c = r.config
         rows.append(f"| {r.kernel} | {c.block_m}×{c.block_n}×{c.block_k} | {c.num_warps} | {c.num_stages} | "
                     f"{r.dtype} | {r.capability} | {r.registers} | {r.stack} | {r.local} | {r.shared} | "
@@ -77,14 +81,14 @@ def compiled():
     if RESULTS:
         Path(RESULTS).write_text(f"Triton {triton.__version__}, compiled by tests/test_triton_aot.py\n\n"
                                  + "\n".join(rows) + "\n")
-    print("\n".join(rows))
-    return results
+    print("\n" + "\n".join(rows))
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
-@pytest.mark.parametrize("name, fn, aot, dtype, precision", PARAMS, ids=[_id(n, a, d, p) for n, _, a, d, p in PARAMS])
-def test_config_compiles_without_spills_on_tensor_cores(compiled, name, fn, aot, dtype, precision, capability):
-    r = compiled[_id(name, aot, dtype, precision), capability]
+@pytest.mark.parametrize("name, fn, aot, dtype, precision", PARAMS)
+def test_config_compiles_without_spills_on_tensor_cores(name, fn, aot, dtype, precision, capability):
+    r = _COMPILED[_id(name, aot, dtype, precision), capability] = compile_ahead_of_time(
+        fn, aot.config, dtype, capability, precision, aot.constexprs, aot.divisible, name=name)
     assert r.stack == 0 and r.local == 0, f"spills: STACK {r.stack} LOCAL {r.local}"
     assert r.shared <= SHARED_MEMORY_LIMIT[capability]
     if aot.dot and precision != "ieee":

@@ -142,24 +142,35 @@ def _stride2_gemm(
     return acc
 
 
+# A max-pool copy tile is (BLOCK_M, COPY_N) whatever the launch's BLOCK_N: its nine window
+# loads of a 64 x 128 tile took 190-250 registers, and 255 with 48-330 bytes of spill
+# beside a GEMM slot (odd channel counts, sm_80/sm_90); 32 channels keep it small.
+COPY_N = tl.constexpr(32)
+
+
 @triton.jit
-def _stride2_max_pool(
+def _stride2_max_pool_tile(
     src_ptr,  # (N, H, W, K_src) NHWC x
-    K_src, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dst_ptr,  # (N, OH, OW, channels) NHWC output: channels [at, at + K_src) are the pool's
+    K_src, H, W, OH, OW, channels, at, m0, rows, m_mask, pid_n,
+    BLOCK_M: tl.constexpr,
 ):
-    """A grid reduction's pool branch on a tile: the 3x3 stride-2 unpadded max pool of
-    channels offs_n (fp32 max, NaN wins as in torch.max_pool2d)."""
+    """A grid reduction's pool branch on a (BLOCK_M, COPY_N) tile: the 3x3 stride-2
+    unpadded max pool of x (fp32 max, NaN wins as in torch.max_pool2d), stored into its
+    output slice."""
+    offs_n = pid_n * COPY_N + tl.arange(0, COPY_N)
+    n_mask = offs_n < K_src
     img0, corner = _stride2_corner(m0, rows, H, W, OH, OW)
-    base = src_ptr + (img0 * H * W).to(tl.int64) * K_src
+    base = src_ptr + (img0 * H * W).to(tl.int64) * K_src  # 64-bit base, 32-bit offsets
     mask = m_mask[:, None] & n_mask[None, :]
-    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    best = tl.full((BLOCK_M, COPY_N), float("-inf"), tl.float32)
     for dy in tl.static_range(0, 3):
         for dx in tl.static_range(0, 3):
             pix = corner + dy * W + dx
             v = tl.load(base + pix[:, None] * K_src + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
             best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
-    return best
+    dst_tile = dst_ptr + m0.to(tl.int64) * channels + at
+    tl.store(dst_tile + rows[:, None] * channels + offs_n[None, :], best.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -191,11 +202,11 @@ def _slot_tile(
     pid_m = local // tiles_n
     pid_n = local % tiles_n
     m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < cols
-    if KIND == 5:  # POOL_COPY
-        y = _stride2_max_pool(src_ptr, K_src, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask, BLOCK_M, BLOCK_N)
+    if KIND == 5:  # POOL_COPY: no GEMM, (BLOCK_M, COPY_N) tiles
+        _stride2_max_pool_tile(src_ptr, d0_ptr, K_src, H, W, OH, OW, ch0, at0, m0, rows, m_mask, pid_n, BLOCK_M)
     else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < cols
         if KIND == 1:  # WINDOW
             src_tile = src_ptr + m0.to(tl.int64) * K_src  # 64-bit base at the tile's first pixel
             acc = window_gemm(src_tile, w_ptr, K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
@@ -209,22 +220,21 @@ def _slot_tile(
                                KIND == 6, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
-        y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
-    y = y.to(d0_ptr.dtype.element_ty)
-    col = offs_n[None, :]
-    if SEGMENTS == 1:
-        _store_segment(d0_ptr, y, m0, rows, m_mask, col, 0, cols, ch0, at0)
-    else:
-        _store_segment(d0_ptr, y, m0, rows, m_mask, col, 0, seg1, ch0, at0)
-        if SEGMENTS == 2:
-            _store_segment(d1_ptr, y, m0, rows, m_mask, col, seg1, cols, ch1, at1)
+        y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(d0_ptr.dtype.element_ty)
+        col = offs_n[None, :]
+        if SEGMENTS == 1:
+            _store_segment(d0_ptr, y, m0, rows, m_mask, col, 0, cols, ch0, at0)
         else:
-            _store_segment(d1_ptr, y, m0, rows, m_mask, col, seg1, seg2, ch1, at1)
-            if SEGMENTS == 3:
-                _store_segment(d2_ptr, y, m0, rows, m_mask, col, seg2, cols, ch2, at2)
+            _store_segment(d0_ptr, y, m0, rows, m_mask, col, 0, seg1, ch0, at0)
+            if SEGMENTS == 2:
+                _store_segment(d1_ptr, y, m0, rows, m_mask, col, seg1, cols, ch1, at1)
             else:
-                _store_segment(d2_ptr, y, m0, rows, m_mask, col, seg2, seg3, ch2, at2)
-                _store_segment(d3_ptr, y, m0, rows, m_mask, col, seg3, cols, ch3, at3)
+                _store_segment(d1_ptr, y, m0, rows, m_mask, col, seg1, seg2, ch1, at1)
+                if SEGMENTS == 3:
+                    _store_segment(d2_ptr, y, m0, rows, m_mask, col, seg2, cols, ch2, at2)
+                else:
+                    _store_segment(d2_ptr, y, m0, rows, m_mask, col, seg2, seg3, ch2, at2)
+                    _store_segment(d3_ptr, y, m0, rows, m_mask, col, seg3, cols, ch3, at3)
 
 
 # Tile counts and pixel counts change with the batch: not specialized (fewer recompiles,
@@ -449,15 +459,16 @@ def _slot_kind(gemm: list[int]) -> int:
 
 
 # The exact-fp32 (FMA dot) lists of the stage kernel, as (BLOCK_M, BLOCK_N, warps, stages)
-# with BLOCK_K = EXACT_FP32_BLOCK_K. kernel_configs' exact lists spilled 8-24 bytes per
-# thread in some stage variants with channel counts divisible by 16 (64x128 and 64x64 on 2
-# stages over an average-pooled A; 64x64 on 8 warps, 3 stages over K x K windows on sm_80;
-# with BLOCK_K 16, triton 3.6's slice, 64x32 on 8 warps over a max-pooled A); these,
-# compiled for every shipped variant with BLOCK_K 8 and 16 (tests/test_triton_aot.py
-# checks the installed triton's), do not. Each list's first tiles are kernel_configs'
-# (the interpreter runs the first: the GoogLeNet kernels' tiles, bit-identical outputs).
+# with BLOCK_K = EXACT_FP32_BLOCK_K. kernel_configs' exact lists, and other candidates,
+# spilled 8-40 bytes per thread in some stage variants: 64x128 and 64x64 on 2 stages over
+# an average-pooled A; 64x64 on 8 warps, 3 stages over K x K windows (sm_80); 64x32 on 8
+# warps over a max-pooled A with BLOCK_K 16 (triton 3.6's slice); 64x64 on 4 warps beside
+# the max-pool copy with odd channel counts. These, compiled for every shipped variant with
+# BLOCK_K 8 and 16, do not (tests/test_triton_aot.py checks the installed triton's). Each
+# list's first tiles are kernel_configs' (the interpreter runs the first: the GoogLeNet
+# kernels' tiles, hence bit-identical outputs).
 _EXACT_STAGE_TILES = {
-    "pointwise": [(64, 64, 8, 3), (64, 32, 4, 2), (64, 64, 4, 2)],
+    "pointwise": [(64, 64, 8, 3), (64, 32, 4, 2)],
     "spatial": [(64, 64, 8, 2), (64, 128, 8, 3), (64, 32, 4, 3)],
 }
 
@@ -477,7 +488,10 @@ def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> 
     else:
         configs = kernel_configs(name, exact_fp32)
     if any(kind == STRIDE2 for kind, _, _ in kinds):
-        configs = [c for c in configs if c.block_m <= 64]
+        # No 128-row tile (16 bytes of spill in fp32 on sm_80), and 8 warps for the 64x32 one
+        # of the tensor-core list: on 4 warps, beside the max-pool copy, it took 254 registers
+        # and spilled 40-88 bytes in tf32 with odd channel counts.
+        configs = [c if exact_fp32 else c._replace(num_warps=8) for c in configs if c.block_m <= 64]
     return configs
 
 
@@ -629,8 +643,8 @@ def _run_stage(stage: StageLaunch, gemms, x, out, bufs, b, bias, buf_channels, o
 
     def launch(cfg: KernelConfig):
         sizes, end = [], 0
-        for slot in slots:
-            tiles_n = triton.cdiv(slot.cols, cfg.block_n)
+        for slot, (kind, _, _) in zip(slots, stage.kinds):
+            tiles_n = triton.cdiv(slot.cols, COPY_N.value if kind == POOL_COPY else cfg.block_n)
             end += triton.cdiv(slot.rows, cfg.block_m) * tiles_n
             sizes += [slot.rows, slot.k_src, slot.cols, slot.kh, slot.kw, tiles_n, end]
         sizes += [0, 0, 0, 0, 0, 0, end] * unused

@@ -23,7 +23,8 @@ import triton
 from . import branch_graph_triton as graph
 from .triton_gemm import KernelConfig
 
-__all__ = ["AotConfig", "CompiledKernel", "KERNELS", "SHARED_MEMORY_LIMIT", "compile_ahead_of_time", "cuda_tool"]
+__all__ = ["AotConfig", "CompiledKernel", "KERNELS", "ODD_CHANNELS", "SHARED_MEMORY_LIMIT", "compile_ahead_of_time",
+           "cuda_tool"]
 
 #: Opt-in shared memory per block, bytes (CUDA programming guide, compute capabilities).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -73,7 +74,8 @@ def _graph_kernels() -> dict:
     """Every launch shape of branch_graph_triton.py: each stage variant that GoogLeNet's and
     Inception-v3's plans launch (graph.SHIPPED_STAGES), the backward's data gradient (as a
     fan-out's last consumer: accumulate + mask, the most registers) and the fused max-pool
-    backward's two kernels."""
+    backward's two kernels; each with channel counts divisible by 16 (real networks) and
+    with odd ones (name + ODD_CHANNELS)."""
     kernels = {}
     for name, kinds, segments in graph.SHIPPED_STAGES:
         constexprs = graph.stage_constexprs(kinds, segments)
@@ -88,9 +90,14 @@ def _graph_kernels() -> dict:
             graph.max_pool_backward_configs, constexprs=dict(DX=dx), divisible=("C", "cp"), dot=dx))
     kernels["graph_input_grad"] = (graph.INPUT_GRAD_KERNEL, _configs(
         graph.max_pool_backward_configs, divisible=("C", "K")))
+    # The same launches with odd channel counts (no int argument divisible by 16): what
+    # awkward shapes launch, unvectorized, with more registers.
+    for name, (fn, aots) in list(kernels.items()):
+        kernels[f"{name}{ODD_CHANNELS}"] = (fn, [aot._replace(divisible=()) for aot in aots])
     return kernels
 
 
+ODD_CHANNELS = "_odd_channels"
 #: name -> (JIT function, [AotConfig]): every shipped kernel launch of branch_graph_triton.py.
 KERNELS: dict[str, tuple[triton.runtime.JITFunction, list[AotConfig]]] = _graph_kernels()
 
