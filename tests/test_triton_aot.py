@@ -1,6 +1,6 @@
 """Every shipped Triton kernel config, compiled ahead of time for sm_80 and sm_90 (no GPU
 needed): the branch-graph op's launches as inception_fast.ops.triton_aot.KERNELS lists
-them, and the GoogLeNet-only forward and backward kernels while they ship.
+them.
 
 From the cubin (cuobjdump -res-usage, shipped in the triton wheel) and the PTX:
 no spills, tensor-core instructions where a variant has a dot, shared memory within the
@@ -20,25 +20,17 @@ import inception_fast as ifast
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs real JIT kernels")
 triton = pytest.importorskip("triton")
 
-from inception_fast.ops.inception_triton import FORWARD_KERNELS, kernel_configs  # noqa: E402
-from inception_fast.ops.inception_triton_backward import BACKWARD_KERNELS, backward_configs  # noqa: E402
 from inception_fast.ops.triton_aot import (  # noqa: E402
     KERNELS,
     ODD_CHANNELS,
     SHARED_MEMORY_LIMIT,
-    AotConfig,
     compile_ahead_of_time,
 )
 
 RESULTS = os.environ.get("INCEPTION_FAST_AOT_TABLE")
 
-# (name, JIT function, AotConfig): the branch-graph op's launches, then the GoogLeNet-only
-# kernels with the autotune lists they launch with.
+# (name, JIT function, AotConfig): the branch-graph op's launches.
 CASES = [(name, fn, aot) for name, (fn, aots) in KERNELS.items() for aot in aots]
-CASES += [(kind, fn, AotConfig(cfg, exact)) for kind, (fn, _) in FORWARD_KERNELS.items() for exact in (False, True)
-          for cfg in kernel_configs(kind, exact_fp32=exact)]
-CASES += [(kind, fn, AotConfig(cfg, exact)) for kind, (fn, _) in BACKWARD_KERNELS.items() for exact in (False, True)
-          for cfg in backward_configs(kind, exact_fp32=exact)]
 # (dtype, dot precision) of the tensor-core lists; the exact-fp32 lists (FMA dots, when
 # allow_tf32 is off) compile for fp32 "ieee" only.
 TENSOR_CORE_DTYPES = [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "tf32")]
@@ -96,12 +88,13 @@ def test_config_compiles_without_spills_on_tensor_cores(name, fn, aot, dtype, pr
 
 
 def test_more_than_2_31_pixels_is_refused_before_any_allocation():
-    from inception_fast.ops.inception_triton import forward_triton
+    from inception_fast.ops.branch_graph_triton import graph_forward_triton
+    from inception_fast.ops.inception import preset
 
-    spec = ifast.InceptionSpec(4, 2, 2, 2, 2, 2, 2)
+    p = preset(ifast.InceptionSpec(4, 2, 2, 2, 2, 2, 2))
     x = torch.empty(1, 4, 1, 1).expand(2**31, 4, 1, 1)  # no memory behind the batch
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
-        forward_triton(x, None, spec)
+        graph_forward_triton(x, [], [], p.flat)
 
 
 def test_real_plans_launch_only_the_stage_variants_checked_here():
@@ -112,16 +105,9 @@ def test_real_plans_launch_only_the_stage_variants_checked_here():
 
     from inception_fast.fused_graph import FusedBranchGraph
     from inception_fast.ops import branch_graph_triton as graph
-    from inception_fast.ops.branch_graph import Branch, BranchGraphSpec, Conv, plan
+    from inception_fast.ops.plan import plan
 
-    def googlenet_graph(s):
-        c = s.in_channels
-        return BranchGraphSpec(c, (Branch(((Conv(c, s.ch1x1),),)),
-                                   Branch(((Conv(c, s.ch3x3red),), (Conv(s.ch3x3red, s.ch3x3, s.k3, s.k3),))),
-                                   Branch(((Conv(c, s.ch5x5red),), (Conv(s.ch5x5red, s.ch5x5, s.k5, s.k5),)))),
-                               "max", Conv(c, s.pool_proj))
-
-    specs = [googlenet_graph(block.spec) for block in ifast.GOOGLENET_INCEPTION.values()]
+    specs = [block.spec.to_graph() for block in ifast.GOOGLENET_INCEPTION.values()]
     specs += [FusedBranchGraph.from_module(make().eval(), backend="cpu").spec for make in (
         lambda: tv.InceptionA(192, pool_features=32), lambda: tv.InceptionB(288),
         lambda: tv.InceptionC(768, channels_7x7=128), lambda: tv.InceptionD(768), lambda: tv.InceptionE(1280))]
