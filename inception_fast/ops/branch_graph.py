@@ -129,7 +129,7 @@ def _graph_flops(x_shape, b_shapes, bias_shapes, flat_plan, out_shape=None, **kw
 @torch.library.custom_op("inception_fast::graph_triton_forward", mutates_args=())
 def graph_triton_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor],
                          flat_plan: list[int]) -> torch.Tensor:
-    """The Triton branch-graph kernel (branch_graph_triton.py), one launch per GEMM of the plan."""
+    """The Triton branch-graph kernels (branch_graph_triton.py): one grouped launch per stage of the plan."""
     from . import branch_graph_triton  # imports triton: only when this backend runs
 
     return branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan))

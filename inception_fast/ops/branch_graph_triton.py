@@ -249,10 +249,10 @@ def _graph_stage_kernel(
     w0_ptr,  # (kh0 * kw0 * K0, cols0) B, row (dy * kw0 + dx) * K0 + c
     b0_ptr,  # (cols0,) bias
     out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr,  # (rows, ch0x) NHWC destinations of its column segments
-    # pointers of slots 1..3 (one destination each)
-    src1_ptr, w1_ptr, b1_ptr, out1_ptr,
-    src2_ptr, w2_ptr, b2_ptr, out2_ptr,
-    src3_ptr, w3_ptr, b3_ptr, out3_ptr,
+    # pointers of slots 1..3, as slot 0's with one destination each
+    src1_ptr, w1_ptr, b1_ptr, out1_ptr,  # (N, H, W, K1), (kh1 * kw1 * K1, cols1), (cols1,), (rows, ch1)
+    src2_ptr, w2_ptr, b2_ptr, out2_ptr,  # (N, H, W, K2), (kh2 * kw2 * K2, cols2), (cols2,), (rows, ch2)
+    src3_ptr, w3_ptr, b3_ptr, out3_ptr,  # (N, H, W, K3), (kh3 * kw3 * K3, cols3), (cols3,), (rows, ch3)
     # the input grid and a grid reduction's output grid
     H, W, OH, OW,
     # per slot: pixel rows, source channels, columns, window, column tiles, its programs' end
@@ -270,7 +270,8 @@ def _graph_stage_kernel(
 ):
     """One stage of a plan: programs [0, end0) take slot 0's tiles, [end0, end1) slot 1's,
     and so on; a slot of kind NONE (0) is not compiled. Each slot's code sits in its own
-    branch: registers and shared memory are the largest slot's, not the sum."""
+    branch: shared memory is reused across them (a three-slot stage takes one slot's, in
+    the ahead-of-time table), registers are about the largest slot's, not the sum."""
     pid = tl.program_id(0)
     if pid < end0:
         _slot_tile(pid, src0_ptr, w0_ptr, b0_ptr, out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr,
@@ -519,8 +520,8 @@ SHIPPED_STAGES = [
     ("x1x1_maxpool", ((WINDOW, 1, 1), (MAX_POOL, 1, 1)), 3),  # GoogLeNet stage 0
     ("x1x1_avgpool", ((WINDOW, 1, 1), (AVG_POOL, 1, 1)), 3),  # InceptionA, C, E stage 0
     ("x1x1_avgpool_exclude_pad", ((WINDOW, 1, 1), (AVG_POOL_EXCLUDE_PAD, 1, 1)), 3),  # pytorch-fid's A, C, E_1
-    ("x1x1_copy", ((WINDOW, 1, 1), (POOL_COPY, 1, 1)), 2),  # InceptionD stage 0
-    ("stride2_x1x1_copy", ((STRIDE2, 3, 3), (WINDOW, 1, 1), (POOL_COPY, 1, 1)), 1),  # InceptionB stage 0
+    ("x1x1_copy", ((WINDOW, 1, 1), (POOL_COPY, 3, 3)), 2),  # InceptionD stage 0
+    ("stride2_x1x1_copy", ((STRIDE2, 3, 3), (WINDOW, 1, 1), (POOL_COPY, 3, 3)), 1),  # InceptionB stage 0
     ("window", ((WINDOW, 3, 3),), 1),  # a one-GEMM stage: A 2, B 1, C 3, C 4, D 2
     ("window2", ((WINDOW, 5, 5), (WINDOW, 3, 3)), 1),  # GoogLeNet 1, A 1, C 1, C 2, E 2
     ("window3", ((WINDOW, 3, 3), (WINDOW, 1, 3), (WINDOW, 3, 1)), 1),  # InceptionE stage 1
