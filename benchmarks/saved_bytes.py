@@ -45,7 +45,7 @@ def main() -> None:
     v3 = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True).eval()
     rows = [(f"googlenet {name}", getattr(googlenet, attr), size) for name, (attr, size) in GOOGLENET_BLOCKS.items()]
     rows += [(f"inception_v3 {name}", getattr(v3, name), size) for name, size in V3_SIZES.items()]
-    print(f"| block | batch | saved MB (fused, BN folded) | x + output MB |\n|---|---:|---:|---:|")
+    print("| block | batch | saved MB (fused, BN folded) | x + output MB |\n|---|---:|---:|---:|")
     for name, block, size in rows:
         swapped = ifast.swap_inception(torch.nn.Sequential(block), backend="cpu")[0]
         x = torch.randn(args.batch, _in_channels(block), size, size)

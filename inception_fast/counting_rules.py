@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from .fused_graph import FusedBranchGraph

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .backend import flipped_gemm_b
-from .branch_graph import graph_backward_reference
+from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 from .triton_gemm import (
     EXACT_FP32_BLOCK_K,

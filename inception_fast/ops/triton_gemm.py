@@ -21,12 +21,13 @@ the host wrappers guard (N*H*W < 2**31).
 
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .backend import interpreting
 
 __all__ = [
     "EXACT_FP32_BLOCK_K",
@@ -48,11 +49,6 @@ __all__ = [
     "window_gemm",
     "window_inside",
 ]
-
-
-def interpreting() -> bool:
-    """Whether triton runs its interpreter (TRITON_INTERPRET=1, read at triton's import)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class KernelConfig(NamedTuple):

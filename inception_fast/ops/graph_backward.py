@@ -1,0 +1,131 @@
+"""The backward of the fused op as ATen calls: the walk every backend implements.
+
+From x, the output y and the intermediates (every non-final level's output: saved by the
+forward, or recomputed), the backward walks the convolutions in reverse plan order, so every consumer of an intermediate is done before its producer:
+  1. each convolution's ReLU gradient: masked by y > 0 for those that write the output,
+     by intermediate > 0 for the others (after all its consumers have added to it);
+  2. a K x K or stride-2 convolution's data and weight gradients: convolution backward;
+  3. every 1x1 that reads x joins one GEMM for dx and one for their weight gradients,
+     and so does the average-pool branch: the 3x3/1 average pool with count_include_pad
+     is self-adjoint, so its contribution to dx is avgpool(gp) @ Wp and its weight
+     gradient avgpool(gp)^T @ x, with the pooled x never recomputed (without
+     count_include_pad it is S(x) / count, S the self-adjoint sum pool: S(gp / count));
+  4. a max pool's gradient (the stride-1 pool branch, or the grid reduction's copied
+     pool) goes to its argmax, torch's rule: the first maximum in a row-major scan.
+Subgradient at 0: none flows where a ReLU output is exactly 0, as in torch.relu.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backend import image, rows
+from .plan import GraphPlan, Source
+
+__all__ = ["graph_backward_reference"]
+
+
+def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                             intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
+                             backward_plan: list[int], data_grad=None,
+                             max_pool_grad=None) -> list[torch.Tensor | None]:
+    """[dx, dW_0, db_0, dW_1, db_1, ...] (spec.convs order; None where not needed) as ATen
+    calls, on any device: the algorithm the C++ backward (csrc/inception_graph_cpu_backward.cpp)
+    and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides.
+
+    data_grad, if given, computes the data gradient of each stride-1 convolution over an
+    intermediate instead of ATen: data_grad(g, weight, record, d_so_far, intermediate, last)
+    -> (d, masked), g the (M, cout) masked gradient of its output, d_so_far the sum over
+    the intermediate's other consumers (None for the first), last whether no consumer is
+    left, masked whether d already carries the intermediate's ReLU mask (the Triton kernel
+    applies it in its epilogue).
+
+    max_pool_grad, if given, takes the stride-1 max-pool branch instead of ATen:
+    max_pool_grad(g, weight, need_dx) -> (pooled, pool_dx), g the (M, cout) masked gradient
+    of its 1x1, pooled the (M, C) rows of the pooled x (for the weight gradient), and
+    pool_dx (None unless need_dx) a function (a, w) -> the (M, C) rows of a @ w plus the max
+    pool's gradient, which then computes the shared-x GEMM's dx (a and w None when no 1x1
+    reads x): the Triton backward gathers that gradient in the GEMM's epilogue.
+    """
+    _, stride, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
+    n, c, h, w = x.shape
+    ho, wo = (h, w) if stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
+    relu_backward = torch.ops.aten.threshold_backward
+    grad_rows, y_rows, x_rows = rows(grad_out), rows(y), rows(x)
+    inter_rows = [t.reshape(-1, t.shape[-1]) for t in intermediates]
+    d_inter: list[torch.Tensor | None] = [None] * len(intermediates)
+    masked = [False] * len(intermediates)
+    consumers_left = [sum(row[0] == k for row in table) for k in range(len(intermediates))]
+    d_weights: list[torch.Tensor | None] = [None] * len(table)
+    d_biases: list[torch.Tensor | None] = [None] * len(table)
+    shared: dict[int, torch.Tensor] = {}  # conv index -> its columns of the shared-x GEMM
+    dx_terms: list[torch.Tensor] = []  # logical (N, C, H, W)
+    pool_dx = None  # from max_pool_grad: the shared-x GEMM's dx with the max pool's gradient
+    for i in reversed(range(len(table))):
+        source, dest, channel, kh, kw, conv_stride, pad_h, pad_w = table[i]
+        weight = weights[i]
+        co = weight.shape[0]
+        if dest < 0:
+            g = relu_backward(grad_rows[:, channel:channel + co], y_rows[:, channel:channel + co], 0)
+        else:
+            g = d_inter[dest] if masked[dest] else relu_backward(d_inter[dest], inter_rows[dest], 0)
+        d_biases[i] = g.sum(0)
+        if source >= 0:
+            consumers_left[source] -= 1
+        if source == Source.X and (kh, kw, conv_stride) == (1, 1, 1):
+            shared[i] = g
+        elif source == Source.AVG_POOL:
+            shared[i] = rows(F.avg_pool2d(image(g, n, h, w), 3, 1, 1))  # self-adjoint
+        elif source == Source.AVG_POOL_EXCLUDE_PAD:
+            # S(x) / count, S the self-adjoint 3x3 sum pool: its adjoint is S(g / count).
+            count = F.avg_pool2d(x.new_ones(1, 1, h, w), 3, 1, 1, divisor_override=1)
+            shared[i] = rows(F.avg_pool2d(image(g, n, h, w) / count, 3, 1, 1, divisor_override=1))
+        elif source == Source.MAX_POOL and max_pool_grad is not None:
+            pooled, pool_dx = max_pool_grad(g, weight, needs[0])
+            d_weights[i] = (g.t() @ pooled).reshape(weight.shape) if needs[1] else None
+        elif source == Source.MAX_POOL:
+            pooled, indices = F.max_pool2d(x, 3, 1, 1, return_indices=True)
+            d_weights[i] = (g.t() @ rows(pooled)).reshape(weight.shape) if needs[1] else None
+            if needs[0]:
+                dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
+                    image(g @ weight.flatten(1), n, h, w), x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
+        elif data_grad is not None and source >= 0 and conv_stride == 1:
+            d_inter[source], masked[source] = data_grad(g, weight, table[i], d_inter[source], intermediates[source],
+                                                        consumers_left[source] == 0)
+            _, d_weights[i], _ = torch.ops.aten.convolution_backward(
+                image(g, n, h, w), intermediates[source].permute(0, 3, 1, 2), weight, None, [1, 1], [pad_h, pad_w],
+                [1, 1], False, [0, 0], 1, [False, needs[1], False])
+        else:
+            gh, gw = (h, w) if conv_stride == 1 else (ho, wo)
+            src = x if source == Source.X else intermediates[source].permute(0, 3, 1, 2)
+            need_input = source >= 0 or needs[0]
+            d_src, d_weights[i], _ = torch.ops.aten.convolution_backward(
+                image(g, n, gh, gw), src, weight, None, [conv_stride] * 2, [pad_h, pad_w], [1, 1], False, [0, 0], 1,
+                [need_input, needs[1], False])
+            if source >= 0:
+                d_src = rows(d_src)
+                d_inter[source] = d_src if d_inter[source] is None else d_inter[source] + d_src
+            elif need_input:
+                dx_terms.append(d_src)
+    if copy_channel >= 0 and needs[0]:
+        _, indices = F.max_pool2d(x, 3, 2, return_indices=True)
+        dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_out[:, copy_channel:copy_channel + c], x, [3, 3], [2, 2], [0, 0], [1, 1], False, indices))
+    order = sorted(shared)
+    a = w_shared = None
+    if order:
+        a = torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
+        w_shared = torch.cat([weights[i].flatten(1) for i in order])  # (K0, C)
+        if needs[1]:
+            d_shared = (a.t() @ x_rows).split([weights[i].shape[0] for i in order])
+            for i, d in zip(order, d_shared):
+                d_weights[i] = d.reshape(weights[i].shape).clone()
+    if pool_dx is not None:
+        dx_terms.append(image(pool_dx(a, w_shared), n, h, w))
+    elif order and needs[0]:
+        dx_terms.append(image(a @ w_shared, n, h, w))
+    dx = None
+    if needs[0]:
+        dx = sum(dx_terms[1:], dx_terms[0]) if dx_terms else torch.zeros_like(x)
+    return [dx] + [g if needs[1] else None for pair in zip(d_weights, d_biases) for g in pair]
