@@ -221,16 +221,6 @@ def test_a_nan_in_x_reaches_the_same_gradients_as_torchvision():
         assert torch.equal(torch.isnan(named[pname].grad), torch.isnan(p.grad)), pname
 
 
-def _googlenet_graph(s):
-    """A GoogLeNet block (InceptionSpec) as a branch graph, convs in InceptionWeights' order."""
-    cin = s.in_channels
-    return BranchGraphSpec(cin, (
-        Branch(((Conv(cin, s.ch1x1),),)),
-        Branch(((Conv(cin, s.ch3x3red),), (Conv(s.ch3x3red, s.ch3x3, s.k3, s.k3),))),
-        Branch(((Conv(cin, s.ch5x5red),), (Conv(s.ch5x5red, s.ch5x5, s.k5, s.k5),))),
-    ), "max", Conv(cin, s.pool_proj))
-
-
 def _with_threads(threads, fn):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -246,7 +236,7 @@ def test_column_split_is_bit_identical_to_one_thread(dtype):
     threads the kernel splits the weight panels instead of the rows. Each output element
     is still one accumulation in a fixed order, so nothing may change by a bit."""
     s = GOOGLENET_INCEPTION["5b"].spec
-    spec = _googlenet_graph(s)
+    spec = s.to_graph()
     weights, biases = _params(spec, dtype)
     graph = plan(spec)
     b, bias = pack_weights(graph, weights, biases, "cpu")
@@ -281,7 +271,7 @@ def test_max_pool_branch_backward_with_nan_and_ties_matches_the_aten_twin(dtype)
     """The fused max-pool pass against ATen's max_pool2d_with_indices and its backward:
     torch's argmax (row-major, ties to the first, NaN wins, so the last NaN of a window).
     70 channels: full SIMD vectors, a scalar tail and two channel blocks."""
-    spec = _googlenet_graph(InceptionSpec(70, 5, 6, 7, 3, 4, 9))
+    spec = InceptionSpec(70, 5, 6, 7, 3, 4, 9).to_graph()
     weights, biases = _params(spec, dtype)
     x = torch.randn(2, 70, 6, 5, dtype=dtype).mul(1.5).round()  # ties in every pool window
     x[0, 3, 2, 2] = x[0, 3, 2, 3] = float("nan")  # two NaNs in the windows around them
