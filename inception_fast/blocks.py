@@ -19,7 +19,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .ops.inception import InceptionWeights
 from .spec import InceptionSpec
 
 __all__ = ["CanonicalNode", "ConvUnit", "NotAnInceptionBlock", "canonical_graph", "fold_conv_bn", "graph_signature",
@@ -396,7 +395,3 @@ def fold_conv_bn(unit: ConvUnit) -> tuple[torch.Tensor, torch.Tensor]:
     # A BN kept in fp32 inside a half-precision model folds in fp32, then to the conv's dtype.
     dtype = conv.weight.dtype
     return (conv.weight * scale.reshape(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
-
-
-def fold_units(units: tuple[ConvUnit, ...]) -> InceptionWeights:
-    return InceptionWeights(*(t for unit in units for t in fold_conv_bn(unit)))
