@@ -23,6 +23,7 @@ Verified under TRITON_INTERPRET=1 and by ahead-of-time compilation (triton_aot.p
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -552,12 +553,20 @@ def stage_launches(flat_plan: list[int], in_channels: int) -> list[StageLaunch]:
     MAX_STAGE_GEMMS at most per launch (a stage with more is split). Slot 0 holds the GEMM
     with several destinations (the only slot that may have them); the others follow by
     tile cost, longest first, so that the last wave is short."""
-    p = GraphPlan.from_flat(flat_plan)
-    buf_channels, gemms = p.buf_channels, [g.flat() for g in p.gemms]  # raw records: (stage, source, ...)
+    return list(_host_plan(tuple(flat_plan), in_channels)[2])
+
+
+@functools.lru_cache(maxsize=256)
+def _host_plan(flat_plan: tuple[int, ...], in_channels: int) -> tuple[GraphPlan, list[list[int]], tuple]:
+    """(plan, raw GEMM records (stage, source, kh, kw, stride, ..., segments), launches) of
+    a flat plan, parsed once per plan and input width: the custom op receives the wire
+    format on every call, and a launch-bound forward must not parse it there."""
+    p = GraphPlan.from_flat(list(flat_plan))
+    gemms = [g.flat() for g in p.gemms]
     launches = []
     for stage in sorted({g[0] for g in gemms}):
         members = [i for i, g in enumerate(gemms) if g[0] == stage]
-        k = {i: in_channels if gemms[i][1] < 0 else buf_channels[gemms[i][1]] for i in members}
+        k = {i: in_channels if gemms[i][1] < 0 else p.buf_channels[gemms[i][1]] for i in members}
         members.sort(key=lambda i: (gemms[i][8] == 1, -_tile_cost(gemms[i], k[i]), i))
         if sum(gemms[i][8] > 1 for i in members) > 1:
             raise ValueError(f"stage {stage} has two GEMMs with several destinations; a launch takes one")
@@ -565,7 +574,7 @@ def stage_launches(flat_plan: list[int], in_channels: int) -> list[StageLaunch]:
             chunk = tuple(members[j:j + MAX_STAGE_GEMMS])
             launches.append(StageLaunch(chunk, tuple((_slot_kind(gemms[i]), gemms[i][2], gemms[i][3]) for i in chunk),
                                         gemms[chunk[0]][8]))
-    return launches
+    return p, gemms, tuple(launches)
 
 
 def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
@@ -574,10 +583,9 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     layout. With `keep`, the intermediates ((N, H, W, channels) NHWC each) are appended;
     `out`, a channels_last tensor of the output's shape (checked by the caller), is
     written in full instead of a new one."""
-    p = GraphPlan.from_flat(flat_plan)
-    buf_channels, out_channels, stride = p.buf_channels, p.out_channels, p.stride
-    gemms = [g.flat() for g in p.gemms]  # raw records: (stage, source, kh, kw, stride, ..., segments)
     n, c, h, w = x.shape
+    p, gemms, launches = _host_plan(tuple(flat_plan), c)
+    buf_channels, out_channels, stride = p.buf_channels, p.out_channels, p.stride
     m = n * h * w
     if m >= 2**31:
         raise ValueError(f"x has {m} pixels (N*H*W); the Triton kernels take fewer than 2**31")
@@ -594,7 +602,7 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
         keep += bufs
     if m == 0:
         return out
-    for stage in stage_launches(flat_plan, c):
+    for stage in launches:
         _run_stage(stage, gemms, x, out, bufs, b, bias, buf_channels, out_channels, oh, ow)
     return out
 
