@@ -23,7 +23,7 @@ from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
-from .ops.branch_graph import apply_graph, graph_forward, graph_triton_forward, pack_weights
+from .ops.branch_graph import apply_graph, forward_op, pack_weights
 from .ops.plan import plan
 from .spec import Branch, BranchGraphSpec, Conv
 
@@ -277,8 +277,7 @@ class FusedBranchGraph(DropInBlock):
                 y = apply_graph(x_run, backend, self._flat_plan, self._backward_plan, self._recompute, weights,
                                 biases, packed)
             else:  # inference on cached packed weights: no fold, no autograd
-                op = graph_triton_forward if backend == "triton" else graph_forward
-                y = op(x_run, *self._packed(backend, dtype), self._flat_plan)
+                y = forward_op(backend)(x_run, *self._packed(backend, dtype), self._flat_plan)
         return match_memory_format(x, y)
 
     def invalidate_weight_caches(self) -> None:
@@ -289,4 +288,4 @@ class FusedBranchGraph(DropInBlock):
     def extra_repr(self) -> str:
         return (f"{self.source}: {len(self.graph.branches)} branches + {self.graph.pool} pool, "
                 f"in_channels={self.graph.in_channels}, out_channels={self.graph.out_channels}, "
-                f"backend={self.backend!r}, original block in train mode (batch norm)")
+                f"backend={self.backend!r}" + (", original block in train mode (batch norm)" if self._bns else ""))

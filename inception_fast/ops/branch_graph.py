@@ -32,7 +32,7 @@ from .backend import as_gemm_b, from_gemm_b, pack_panels, panel_width, rows, unp
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
-__all__ = ["BranchGraphFunction", "apply_graph", "graph_backward", "graph_backward_reference", "graph_forward",
+__all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward", "graph_backward_reference", "graph_forward",
            "graph_forward_into", "graph_forward_saving", "graph_triton_forward", "graph_triton_forward_saving", "pack_weights",
            "unpack_weights"]
 
@@ -174,6 +174,14 @@ def _graph_triton_saving_fake(x, b, bias, flat_plan):
                                                  for ch in GraphPlan.from_flat(flat_plan).buf_channels]
 
 
+def forward_op(backend: str, saving: bool = False):
+    """The forward custom op of `backend` ("triton", else the C++ one); `saving`: the variant
+    that also returns the intermediates for the backward."""
+    if saving:
+        return graph_triton_forward_saving if backend == "triton" else graph_forward_saving
+    return graph_triton_forward if backend == "triton" else graph_forward
+
+
 # One registration for the four forwards: register_flop_formula returns the formula wrapped
 # for shapes, and registering that wrapped function again wraps it twice ("multiple values
 # for keyword argument 'out_shape'" as soon as any op but the first one is counted).
@@ -278,11 +286,9 @@ class BranchGraphFunction(torch.autograd.Function):
         half = len(params) // 2
         saved: list[torch.Tensor] = []
         if all(i >= 0 for i in recompute):  # nothing to keep: the plain forward
-            y = (graph_triton_forward if backend == "triton" else graph_forward)(
-                x, list(packed_b), list(packed_bias), flat_plan)
+            y = forward_op(backend)(x, list(packed_b), list(packed_bias), flat_plan)
         else:
-            saving = graph_triton_forward_saving if backend == "triton" else graph_forward_saving
-            y, buffers = saving(x, list(packed_b), list(packed_bias), flat_plan)
+            y, buffers = forward_op(backend, saving=True)(x, list(packed_b), list(packed_bias), flat_plan)
             saved = [t for t, i in zip(_interiors(buffers, x.shape[2], x.shape[3]), recompute) if i < 0]
         recomputing = any(i >= 0 for i in recompute)
         # The biases only serve to recompute: a backward that recomputes nothing leaves them.
@@ -318,8 +324,7 @@ def apply_graph(x: torch.Tensor, backend: str, flat_plan: list[int], backward_pl
     if torch.is_grad_enabled() and not torch.jit.is_tracing() and (
             x.requires_grad or any(t.requires_grad for t in (*weights, *biases))):
         return BranchGraphFunction.apply(x, backend, flat_plan, backward_plan, recompute, *packed, *weights, *biases)
-    op = graph_triton_forward if backend == "triton" else graph_forward
-    return op(x, packed[0], packed[1], flat_plan)
+    return forward_op(backend)(x, packed[0], packed[1], flat_plan)
 
 
 # Autograd of the bare forward ops, over their packed weights, for a graph that holds the op
@@ -340,8 +345,7 @@ def _op_backward(backend: str):
         b, bias = packed[:ctx.n], packed[ctx.n:]
         graph = GraphPlan.from_flat(ctx.flat_plan)
         weights, biases = unpack_weights(graph, b, bias, backend)
-        saving = graph_triton_forward_saving if backend == "triton" else graph_forward_saving
-        y, buffers = saving(x, list(b), list(bias), ctx.flat_plan)
+        y, buffers = forward_op(backend, saving=True)(x, list(b), list(bias), ctx.flat_plan)
         # needs_input_grad holds one flag per tensor of a list input
         needs = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1]) or any(ctx.needs_input_grad[2])]
         w_list = [w for w in weights if w is not None]
