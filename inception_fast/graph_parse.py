@@ -170,6 +170,13 @@ def _follow(g: _Graph, start: int, output: int) -> str:
     return " -> ".join(steps) if steps else "more ops"
 
 
+def _adds(c) -> bool:
+    """An addition node (x + y, torch.add, .add, .add_)."""
+    if c.node.op == "call_method":
+        return c.node.target in ("add", "add_")
+    return c.node.op == "call_function" and c.node.target in (operator.add, operator.iadd, torch.add)
+
+
 def _not_the_output(g: _Graph, output_of: int, output: int) -> None:
     """The forward does not return a cat: a near miss when it concatenates conv branches
     along channels on the way (a residual Inception block), else not an Inception block."""
@@ -195,12 +202,7 @@ def _not_the_output(g: _Graph, output_of: int, output: int) -> None:
         if len(paths) < 2 or len(frozenset().union(*paths)) != sum(map(len, paths)):
             continue
         chain = _follow(g, i, output)
-        def adds(c) -> bool:
-            if c.node.op == "call_method":
-                return c.node.target in ("add", "add_")
-            return c.node.op == "call_function" and c.node.target in (operator.add, operator.iadd, torch.add)
-
-        residual = any(adds(g.nodes[j]) and x in g.nodes[j].inputs for j in range(i, len(g.nodes)))
+        residual = any(_adds(g.nodes[j]) and x in g.nodes[j].inputs for j in range(i, len(g.nodes)))
         what = ("a residual Inception block (the input added back after the concat): not supported yet, the "
                 "fused op ends at the concat") if residual else "the fused op ends at the concat"
         g.fail(f"the concat of its {len(parts)} branches is not the output: the forward goes on with {chain}; "
