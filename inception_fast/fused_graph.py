@@ -210,6 +210,8 @@ class FusedBranchGraph(DropInBlock):
 
     def __init__(self, block: nn.Module, backend: str = "auto", *, _layout=None, _parsed=None):
         super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
         # _layout: torchvision_graph_layout(block); _parsed: parse_branch_graph(block); either
         # when the caller already has it (swap_inception), so that the block is traced once.
         spec, units, traced = _parsed if _parsed is not None else _parse(block, _layout)

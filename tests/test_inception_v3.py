@@ -262,3 +262,8 @@ def test_a_timm_block_fuses_and_runs_the_original_in_train_mode():
     block.train()
     assert rel_err(swapped(x), block(x)) <= TOLERANCE[torch.float32]  # batch statistics: the original
     assert torch.equal(swapped.branch1x1.bn.running_mean, block.branch1x1.bn.running_mean)
+
+
+def test_a_non_module_is_refused_with_a_type_error():
+    with pytest.raises(TypeError, match="block must be a torch.nn.Module, got str"):
+        FusedBranchGraph("InceptionA")
