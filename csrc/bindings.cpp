@@ -1,22 +1,35 @@
-// Python bindings of the CPU kernels: inception_fast._C.
+// The CPU kernels as PyTorch operators (TORCH_LIBRARY), so that the dispatcher, torch.compile,
+// torch.export and AOTInductor packages call them by name (an AOTInductor package needs
+// only this library loaded: `import inception_fast` or torch.ops.load_library), and the
+// Python module inception_fast._C that loads them, with two helpers the tests use.
+//
+// Schemas are the contract with inception_fast/ops/branch_graph.py, which registers the
+// fake (meta) kernels, the autograd formulas and the FLOP counts over these names.
 #include "gemm.h"
 #include "inception_cpu.h"
 #include "nhwc.h"
 
+#include <torch/library.h>
+
+TORCH_LIBRARY(inception_fast, m) {
+  // Where the fake kernels live: torch imports it when it needs them and it is not loaded.
+  m.set_python_module("inception_fast.ops.branch_graph");
+  m.def("graph_forward(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> Tensor");
+  m.def("graph_forward.out(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("graph_forward_saving(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> (Tensor, Tensor[])");
+  m.def("graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
+        "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(inception_fast, CPU, m) {
+  m.impl("graph_forward", &inception_fast::inception_graph_forward);
+  m.impl("graph_forward.out", &inception_fast::inception_graph_forward_out);
+  m.impl("graph_forward_saving", &inception_fast::inception_graph_forward_saving);
+  m.impl("graph_backward_cpu", &inception_fast::inception_graph_backward);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "inception_fast CPU kernels (NHWC): the fused branch-graph forward and backward";
-  m.def("inception_graph_forward", &inception_fast::inception_graph_forward,
-        "Fused forward of a branch-graph block planned by inception_fast/ops/plan.py",
-        py::arg("x"), py::arg("buf_channels"), py::arg("buf_border"), py::arg("gemm_descs"),
-        py::arg("b"), py::arg("bias"), py::arg("out_channels"), py::arg("stride"), py::arg("out") = py::none());
-  m.def("inception_graph_forward_saving", &inception_fast::inception_graph_forward_saving,
-        "inception_graph_forward, also returning the bordered intermediates the backward needs",
-        py::arg("x"), py::arg("buf_channels"), py::arg("buf_border"), py::arg("gemm_descs"),
-        py::arg("b"), py::arg("bias"), py::arg("out_channels"), py::arg("stride"));
-  m.def("inception_graph_backward", &inception_fast::inception_graph_backward,
-        "Fused backward of a branch-graph block: [dx, dW_0, db_0, ...], None where not needed",
-        py::arg("grad_out"), py::arg("x"), py::arg("y"), py::arg("intermediates"), py::arg("weights"),
-        py::arg("needs"), py::arg("plan"));
+  m.doc() = "inception_fast CPU kernels (NHWC); the operators are torch.ops.inception_fast.*";
   m.def("pixel_offset", &inception_fast::pixel_offset,
         "Element offset of pixel (n, h, w) in an NHWC plane, as the kernels compute it",
         py::arg("stride_n"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad"),

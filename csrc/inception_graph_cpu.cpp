@@ -28,7 +28,7 @@ struct GemmDesc {
   std::vector<std::array<int64_t, kSegmentFields>> segments;  // (begin, end, destination, channel)
 };
 
-GemmDesc parse_desc(const std::vector<int64_t>& d, int64_t buffers) {
+GemmDesc parse_desc(at::IntArrayRef d, int64_t buffers) {
   TORCH_CHECK(d.size() >= kGemmHead + kSegmentFields &&
                   static_cast<int64_t>(d.size()) == kGemmHead + kSegmentFields * d[kGemmHead - 1],
               "a GEMM must be described as (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments, then "
@@ -72,8 +72,8 @@ void max_pool_stride2_rows(const Plane<const T>& x, int64_t c0, int64_t c1, cons
 template <typename T>
 void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
                         const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
-                        const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
-                        const std::vector<at::Tensor>& bufs, at::Tensor& out) {
+                        at::TensorList b, at::TensorList bias, const std::vector<at::Tensor>& bufs,
+                        at::Tensor& out) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int64_t c_out = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
@@ -241,30 +241,50 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   }
 }
 
+// GraphPlan.flat() (inception_fast/ops/plan.py): (buffers, buf_channels..., buf_border...,
+// out_channels, stride, gemms, then per GEMM its record length and record).
+struct FlatPlan {
+  std::vector<int64_t> buf_channels, buf_border;
+  int64_t out_channels, stride;
+  std::vector<GemmDesc> descs;
+};
+
+FlatPlan parse_flat_plan(at::IntArrayRef flat) {
+  const auto size = static_cast<int64_t>(flat.size());
+  TORCH_CHECK(size >= 4 && flat[0] >= 0 && size >= 4 + 2 * flat[0],
+              "flat_plan is not a GraphPlan.flat() list: ", size, " values");
+  const int64_t buffers = flat[0];
+  FlatPlan p{{flat.begin() + 1, flat.begin() + 1 + buffers},
+             {flat.begin() + 1 + buffers, flat.begin() + 1 + 2 * buffers},
+             flat[1 + 2 * buffers], flat[2 + 2 * buffers], {}};
+  TORCH_CHECK(p.stride == 1 || p.stride == 2, "flat_plan: stride must be 1 or 2, got ", p.stride);
+  int64_t i = 4 + 2 * buffers;
+  for (int64_t g = 0; g < flat[3 + 2 * buffers]; ++g) {
+    TORCH_CHECK(i < size && flat[i] > 0 && i + 1 + flat[i] <= size, "flat_plan: GEMM ", g, " runs past its end");
+    p.descs.push_back(parse_desc(flat.slice(i + 1, flat[i]), buffers));
+    i += 1 + flat[i];
+  }
+  TORCH_CHECK(i == size, "flat_plan: ", size - i, " values after the last GEMM");
+  return p;
+}
+
 // The forward into `out` (or a new tensor); the intermediates are left in `bufs`.
-at::Tensor graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf_channels,
-                         const std::vector<int64_t>& buf_border, const std::vector<std::vector<int64_t>>& gemm_descs,
-                         const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias, int64_t out_channels,
-                         int64_t stride, const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs) {
+at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorList b, at::TensorList bias,
+                         const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
-  TORCH_CHECK(buf_channels.size() == buf_border.size(), "buf_channels and buf_border must have one entry per buffer");
-  TORCH_CHECK(gemm_descs.size() == b.size() && b.size() == bias.size(),
-              "one packed B and one bias per GEMM description, got ", gemm_descs.size(), ", ", b.size(),
+  TORCH_CHECK(p.descs.size() == b.size() && b.size() == bias.size(),
+              "one packed B and one bias per GEMM of the plan, got ", p.descs.size(), ", ", b.size(),
               " and ", bias.size());
-  const int64_t buffers = static_cast<int64_t>(buf_channels.size());
-  TORCH_CHECK(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
   const int64_t C = x_in.size(1), width = panel_width(x_in.scalar_type());
-  std::vector<GemmDesc> descs;
-  for (size_t g = 0; g < gemm_descs.size(); ++g) {
-    descs.push_back(parse_desc(gemm_descs[g], buffers));
-    const GemmDesc& d = descs.back();
+  for (size_t g = 0; g < p.descs.size(); ++g) {
+    const GemmDesc& d = p.descs[g];
     if (d.source == kSourceMaxPoolCopy) {
       TORCH_CHECK(d.cols == C && d.segments.size() == 1, "the max-pool copy passes x's ", C, " channels to one slice");
       continue;  // no weights
     }
     const bool pooled_rows = pooled_source(d.source);
-    const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (d.source >= 0 ? buf_channels[d.source] : C);
+    const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (d.source >= 0 ? p.buf_channels[d.source] : C);
     TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].is_contiguous() && b[g].dim() == 3 &&
                     b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,
                 "packed B of GEMM ", g, " must be a contiguous (", ceil_div(d.cols, width), ", ", k, ", ", width,
@@ -273,18 +293,18 @@ at::Tensor graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf
                     bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a contiguous (", d.cols, ",) tensor of x's dtype");
     for (const auto& seg : d.segments) {
-      const int64_t channels = seg[2] == kDestOut ? out_channels : buf_channels[seg[2]];
+      const int64_t channels = seg[2] == kDestOut ? p.out_channels : p.buf_channels[seg[2]];
       TORCH_CHECK(seg[3] >= 0 && seg[3] + seg[1] - seg[0] <= channels, "GEMM ", g, " writes past the ",
                   channels, " channels of its destination");
     }
   }
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   // A grid-reduction block (stride 2) ends in 3x3 stride-2 unpadded convolutions and pool.
-  const int64_t out_h = stride == 1 ? x.size(2) : (x.size(2) - 3) / 2 + 1;
-  const int64_t out_w = stride == 1 ? x.size(3) : (x.size(3) - 3) / 2 + 1;
-  TORCH_CHECK(stride == 1 || (x.size(2) >= 3 && x.size(3) >= 3), "a stride-2 block needs at least 3x3 input, got ",
+  const int64_t out_h = p.stride == 1 ? x.size(2) : (x.size(2) - 3) / 2 + 1;
+  const int64_t out_w = p.stride == 1 ? x.size(3) : (x.size(3) - 3) / 2 + 1;
+  TORCH_CHECK(p.stride == 1 || (x.size(2) >= 3 && x.size(3) >= 3), "a stride-2 block needs at least 3x3 input, got ",
               x.size(2), "x", x.size(3));
-  const std::vector<int64_t> shape{x.size(0), out_channels, out_h, out_w};
+  const std::vector<int64_t> shape{x.size(0), p.out_channels, out_h, out_w};
   at::Tensor out;
   if (out_opt.has_value()) {
     out = *out_opt;
@@ -295,35 +315,37 @@ at::Tensor graph_forward(const at::Tensor& x_in, const std::vector<int64_t>& buf
     out = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
-  for (size_t k = 0; k < buf_channels.size(); ++k) {
-    const int64_t p = buf_border[k];
-    bufs.push_back(at::empty({N, H + 2 * p, W + 2 * p, buf_channels[k]}, x.options()));
+  for (size_t k = 0; k < p.buf_channels.size(); ++k) {
+    const int64_t pad = p.buf_border[k];
+    bufs.push_back(at::empty({N, H + 2 * pad, W + 2 * pad, p.buf_channels[k]}, x.options()));
   }
   if (out.numel() == 0 || x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_graph_forward", [&] {
-    graph_forward_impl<scalar_t>(x, buf_channels, buf_border, descs, b, bias, bufs, out);
+    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, out);
   });
   return out;
 }
 
 }  // namespace
 
-at::Tensor inception_graph_forward(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
-                                   const std::vector<int64_t>& buf_border,
-                                   const std::vector<std::vector<int64_t>>& gemm_descs,
-                                   const std::vector<at::Tensor>& b, const std::vector<at::Tensor>& bias,
-                                   int64_t out_channels, int64_t stride, const std::optional<at::Tensor>& out) {
+at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,
+                                   at::IntArrayRef flat_plan) {
   std::vector<at::Tensor> bufs;
-  return graph_forward(x, buf_channels, buf_border, gemm_descs, b, bias, out_channels, stride, out, bufs);
+  return graph_forward(x, parse_flat_plan(flat_plan), b, bias, std::nullopt, bufs);
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> inception_graph_forward_saving(
-    const at::Tensor& x, const std::vector<int64_t>& buf_channels, const std::vector<int64_t>& buf_border,
-    const std::vector<std::vector<int64_t>>& gemm_descs, const std::vector<at::Tensor>& b,
-    const std::vector<at::Tensor>& bias, int64_t out_channels, int64_t stride) {
+at::Tensor& inception_graph_forward_out(const at::Tensor& x, at::TensorList b, at::TensorList bias,
+                                        at::IntArrayRef flat_plan, at::Tensor& out) {
   std::vector<at::Tensor> bufs;
-  at::Tensor out = graph_forward(x, buf_channels, buf_border, gemm_descs, b, bias, out_channels, stride,
-                                 std::nullopt, bufs);
+  graph_forward(x, parse_flat_plan(flat_plan), b, bias, out, bufs);
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> inception_graph_forward_saving(const at::Tensor& x, at::TensorList b,
+                                                                               at::TensorList bias,
+                                                                               at::IntArrayRef flat_plan) {
+  std::vector<at::Tensor> bufs;
+  at::Tensor out = graph_forward(x, parse_flat_plan(flat_plan), b, bias, std::nullopt, bufs);
   return {out, bufs};
 }
 

@@ -69,11 +69,11 @@ at::Tensor window_counts(int64_t H, int64_t W, const at::TensorOptions& options)
 }  // namespace
 
 std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
-                                                 const at::Tensor& y_in, const std::vector<at::Tensor>& intermediates,
-                                                 const std::vector<at::Tensor>& weights, const std::vector<bool>& needs,
-                                                 const std::vector<int64_t>& flat /* GraphPlan.backward_flat() */) {
+                                                 const at::Tensor& y_in, at::TensorList intermediates,
+                                                 at::TensorList weights, bool needs_x, bool needs_weights,
+                                                 at::IntArrayRef flat /* GraphPlan.backward_flat() */) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes());
-  TORCH_CHECK(needs.size() == 2, "needs must be (x, weights), got ", needs.size(), " flags");
+  const bool needs[2] = {needs_x, needs_weights};
   TORCH_CHECK(flat.size() >= 5, "backward plan too short");
   const int64_t stride = flat[1], copy_channel = flat[2], buffers = flat[3];
   TORCH_CHECK(static_cast<int64_t>(flat.size()) >= 5 + buffers &&
@@ -218,10 +218,12 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
                                                    {1, 1}, false, indices));
     }
   }
-  std::vector<at::Tensor> grads{dx};
+  // An operator's Tensor[] holds no undefined tensors: a gradient not needed is empty.
+  const at::Tensor none = at::empty({0}, x_in.options());
+  std::vector<at::Tensor> grads{needs[0] ? dx : none};
   for (int64_t i = 0; i < convs; ++i) {
-    grads.push_back(needs[1] ? d_weights[i] : at::Tensor());
-    grads.push_back(needs[1] ? d_biases[i] : at::Tensor());
+    grads.push_back(needs[1] ? d_weights[i] : none);
+    grads.push_back(needs[1] ? d_biases[i] : none);
   }
   return grads;
 }

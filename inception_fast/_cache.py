@@ -36,20 +36,32 @@ class TensorVersionCache(Generic[V]):
 
     def get(self, sources: Sequence[torch.Tensor], build: Callable[[], V], extra: tuple = ()) -> V:
         """The cached value, rebuilt first when a source changed or `extra` (plain values the
-        value depends on, such as a BN's eps) differs from the last call's."""
-        if any(t.is_inference() for t in sources):  # inference tensors have no version counter
+        value depends on, such as a BN's eps) differs from the last call's.
+
+        A hit costs two attribute reads per source (~0.15 us each): this runs on every
+        forward of a fused block. Storage and version counter suffice: a new storage is a
+        new data_ptr (the key's aliases keep the old ones alive), and every in-place write,
+        set_ and resize_ bump the version; only `.data =` assignments get past both.
+        """
+        key = self._key
+        if key is not None and self._extra == extra and len(key) == len(sources):
+            try:
+                for t, (_, ptr, version) in zip(sources, key):
+                    if t._version != version or t.data_ptr() != ptr:
+                        break
+                else:
+                    return self._value  # type: ignore[return-value]
+            except RuntimeError:  # an inference tensor: it has no version counter to key on
+                return build()
+        if any(t.is_inference() for t in sources):
             return build()
-        if self._key is None or self._extra != extra or len(self._key) != len(sources) or any(
-            t.data_ptr() != ptr or t._version != version or t.shape != alias.shape or t.dtype != alias.dtype
-            for t, (alias, ptr, version) in zip(sources, self._key)
-        ):
-            # Built as normal tensors even under torch.inference_mode: a cached value is read
-            # again outside it, and keys on its version counter.
-            with torch.inference_mode(False):
-                self._value = build()
-            self._key = [(t.detach(), t.data_ptr(), t._version) for t in sources]
-            self._extra = extra
-        return self._value  # type: ignore[return-value]
+        # Built as normal tensors even under torch.inference_mode: a cached value is read
+        # again outside it, and keys on its version counter.
+        with torch.inference_mode(False):
+            self._value = build()
+        self._key = [(t.detach(), t.data_ptr(), t._version) for t in sources]
+        self._extra = extra
+        return self._value
 
     def __deepcopy__(self, memo: dict) -> "TensorVersionCache[V]":
         # A copied module has tensors of its own: the copy starts empty (a copied key would

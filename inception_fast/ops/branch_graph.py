@@ -22,8 +22,6 @@ over Conv2d-layout weights.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -77,24 +75,31 @@ def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str) -> tup
     return weights, biases
 
 
-@functools.lru_cache(maxsize=256)
-def _cpp_plan(flat_plan: tuple[int, ...]) -> tuple:
-    """(buf_channels, buf_border, GEMM records, out_channels, stride) of a flat plan as the
-    C++ kernels take them, parsed once per plan: a batch-1 call must not pay ~20 us for it."""
-    p = GraphPlan.from_flat(list(flat_plan))
-    return list(p.buf_channels), list(p.buf_border), [g.flat() for g in p.gemms], p.out_channels, p.stride
+# The C++ kernels are operators registered by the extension (csrc/bindings.cpp, TORCH_LIBRARY):
+# one dispatcher call from Python, and what torch.export / AOTInductor packages record.
+# Without the extension the same schemas are defined here, with a CPU kernel that raises
+# require_cpu_extension's error, so that fake tensors, tracing and the other backends see
+# the same ops either way.
+_CPP_SCHEMAS = (
+    "graph_forward(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> Tensor",
+    "graph_forward.out(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan, *, Tensor(a!) out) -> Tensor(a!)",
+    "graph_forward_saving(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> (Tensor, Tensor[])",
+    "graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
+    "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]",
+)
+if cpu_extension() is None:
+    _fallback_library = torch.library.Library("inception_fast", "FRAGMENT")
+    for _schema in _CPP_SCHEMAS:
+        _fallback_library.define(_schema)
+        _name = _schema.split("(", 1)[0]
+        _fallback_library.impl(_name, lambda *args, **kwargs: require_cpu_extension(), "CPU")
 
-
-def _cpp_forward(entry: str, x: torch.Tensor, b, bias, flat_plan, **out):
-    buf_channels, buf_border, gemms, out_channels, stride = _cpp_plan(tuple(flat_plan))
-    return getattr(require_cpu_extension(), entry)(x, buf_channels, buf_border, gemms, list(b), list(bias),
-                                                   out_channels, stride, **out)
-
-
-@torch.library.custom_op("inception_fast::graph_forward", mutates_args=())
-def graph_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor], flat_plan: list[int]) -> torch.Tensor:
-    """The C++ branch-graph kernel on packed weights; flat_plan = GraphPlan.flat()."""
-    return _cpp_forward("inception_graph_forward", x, b, bias, flat_plan)
+# graph_forward(x, b, bias, flat_plan): x (N, C, H, W) any layout, b/bias from pack_weights
+# ("cpu"), flat_plan = GraphPlan.flat(); returns (N, out_channels, H', W') channels_last.
+# graph_forward_saving: also its intermediates, buffer k as the kernel keeps it,
+# (N, H + 2 border_k, W + 2 border_k, channels_k) NHWC with a zero border.
+graph_forward = torch.ops.inception_fast.graph_forward
+graph_forward_saving = torch.ops.inception_fast.graph_forward_saving
 
 
 def graph_forward_into(out: torch.Tensor, x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
@@ -105,10 +110,10 @@ def graph_forward_into(out: torch.Tensor, x: torch.Tensor, b: list, bias: list, 
         from . import branch_graph_triton
 
         return branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan), out=out)
-    return _cpp_forward("inception_graph_forward", x, b, bias, flat_plan, out=out)
+    return graph_forward.out(x, b, bias, flat_plan, out=out)
 
 
-@graph_forward.register_fake
+@torch.library.register_fake("inception_fast::graph_forward")
 def _graph_fake(x, b, bias, flat_plan):
     p = GraphPlan.from_flat(flat_plan)
     n, _, h, w = x.shape  # symbolic under dynamic shapes
@@ -138,16 +143,7 @@ def graph_triton_forward(x: torch.Tensor, b: list[torch.Tensor], bias: list[torc
 graph_triton_forward.register_fake(_graph_fake)
 
 
-@torch.library.custom_op("inception_fast::graph_forward_saving", mutates_args=())
-def graph_forward_saving(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor],
-                         flat_plan: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """graph_forward that also returns its intermediates for the backward: buffer k as the
-    kernel keeps it, (N, H + 2 border_k, W + 2 border_k, channels_k) NHWC with a zero border."""
-    out, buffers = _cpp_forward("inception_graph_forward_saving", x, b, bias, flat_plan)
-    return out, list(buffers)
-
-
-@graph_forward_saving.register_fake
+@torch.library.register_fake("inception_fast::graph_forward_saving")
 def _graph_saving_fake(x, b, bias, flat_plan):
     p = GraphPlan.from_flat(flat_plan)
     n, _, h, w = x.shape
@@ -201,7 +197,6 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
     backend "cpu" runs the C++ backward, "triton" the Triton one (branch_graph_triton.py);
     anything else, or a CPU without the extension, the ATen twin graph_backward_reference.
     """
-    extension = cpu_extension()
     if x.numel() == 0 or grad_out.numel() == 0:
         grads = [torch.zeros_like(x)] + [torch.zeros(s, dtype=x.dtype, device=x.device)
                                          for wt in weights for s in (wt.shape, wt.shape[:1])]
@@ -210,9 +205,9 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
 
         grads = branch_graph_triton.graph_backward_triton(grad_out, x, y, list(intermediates), list(weights),
                                                           list(needs), list(backward_plan))
-    elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and extension is not None:
-        grads = extension.inception_graph_backward(grad_out, x, y, list(intermediates), list(weights),
-                                                   list(needs), list(backward_plan))
+    elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_extension() is not None:
+        grads = torch.ops.inception_fast.graph_backward_cpu(grad_out, x, y, intermediates, weights, needs[0],
+                                                            needs[1], backward_plan)
     else:
         grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
                                          list(backward_plan))
@@ -359,5 +354,5 @@ def _op_backward(backend: str):
     return backward
 
 
-graph_forward.register_autograd(_op_backward("cpu"), setup_context=_setup_op_context)
+torch.library.register_autograd("inception_fast::graph_forward", _op_backward("cpu"), setup_context=_setup_op_context)
 graph_triton_forward.register_autograd(_op_backward("triton"), setup_context=_setup_op_context)
