@@ -269,13 +269,21 @@ FlatPlan parse_flat_plan(at::IntArrayRef flat) {
 }
 
 // The forward into `out` (or a new tensor); the intermediates are left in `bufs`.
-at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorList b, at::TensorList bias,
+at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorList b_in, at::TensorList bias_in,
                          const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
-  TORCH_CHECK(p.descs.size() == b.size() && b.size() == bias.size(),
-              "one packed B and one bias per GEMM of the plan, got ", p.descs.size(), ", ", b.size(),
-              " and ", bias.size());
+  TORCH_CHECK(p.descs.size() == b_in.size() && b_in.size() == bias_in.size(),
+              "one packed B and one bias per GEMM of the plan, got ", p.descs.size(), ", ", b_in.size(),
+              " and ", bias_in.size());
+  // Any strides in, as an ATen op takes them: a compiled graph (inductor's constant folding,
+  // an AOTInductor package) may hand over the packed weights in another layout. A no-op
+  // for the module's own packed weights.
+  std::vector<at::Tensor> b, bias;
+  for (size_t g = 0; g < b_in.size(); ++g) {
+    b.push_back(b_in[g].contiguous());
+    bias.push_back(bias_in[g].contiguous());
+  }
   const int64_t C = x_in.size(1), width = panel_width(x_in.scalar_type());
   for (size_t g = 0; g < p.descs.size(); ++g) {
     const GemmDesc& d = p.descs[g];
@@ -285,13 +293,13 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     }
     const bool pooled_rows = pooled_source(d.source);
     const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (d.source >= 0 ? p.buf_channels[d.source] : C);
-    TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].is_contiguous() && b[g].dim() == 3 &&
+    TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].dim() == 3 &&
                     b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,
-                "packed B of GEMM ", g, " must be a contiguous (", ceil_div(d.cols, width), ", ", k, ", ", width,
+                "packed B of GEMM ", g, " must be a (", ceil_div(d.cols, width), ", ", k, ", ", width,
                 ") tensor of x's dtype, got ", b[g].sizes(), " of ", b[g].scalar_type());
-    TORCH_CHECK(bias[g].scalar_type() == x_in.scalar_type() && bias[g].is_contiguous() && bias[g].dim() == 1 &&
+    TORCH_CHECK(bias[g].scalar_type() == x_in.scalar_type() && bias[g].dim() == 1 &&
                     bias[g].size(0) == d.cols,
-                "bias of GEMM ", g, " must be a contiguous (", d.cols, ",) tensor of x's dtype");
+                "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of x's dtype");
     for (const auto& seg : d.segments) {
       const int64_t channels = seg[2] == kDestOut ? p.out_channels : p.buf_channels[seg[2]];
       TORCH_CHECK(seg[3] >= 0 && seg[3] + seg[1] - seg[0] <= channels, "GEMM ", g, " writes past the ",

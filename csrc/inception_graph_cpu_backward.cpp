@@ -218,12 +218,14 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
                                                    {1, 1}, false, indices));
     }
   }
-  // An operator's Tensor[] holds no undefined tensors: a gradient not needed is empty.
+  // An operator's Tensor[] holds no undefined tensors: a gradient not needed is empty. The
+  // layouts are the fake kernel's (channels_last dx, contiguous parameter gradients): some
+  // weight gradients come out of convolution_backward channels_last.
   const at::Tensor none = at::empty({0}, x_in.options());
-  std::vector<at::Tensor> grads{needs[0] ? dx : none};
+  std::vector<at::Tensor> grads{needs[0] ? dx.contiguous(at::MemoryFormat::ChannelsLast) : none};
   for (int64_t i = 0; i < convs; ++i) {
-    grads.push_back(needs[1] ? d_weights[i] : none);
-    grads.push_back(needs[1] ? d_biases[i] : none);
+    grads.push_back(needs[1] ? d_weights[i].contiguous() : none);
+    grads.push_back(needs[1] ? d_biases[i].contiguous() : none);
   }
   return grads;
 }

@@ -57,3 +57,105 @@ def test_compile_fullgraph_training_step_matches_eager_autograd():
     assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
     for p, q in zip(fused.parameters(), ref.parameters()):
         assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32]
+
+
+def test_cpu_kernels_are_cpp_operators():
+    """TORCH_LIBRARY (csrc/bindings.cpp) defines the ops, so that a process without our Python
+    code can call them by name (an AOTInductor package); the Python side only adds fake
+    kernels, autograd and FLOP formulas (opcheck: tests/test_graph_backward.py)."""
+    for name in ("graph_forward", "graph_forward_saving", "graph_backward_cpu"):
+        dump = torch._C._dispatch_dump(f"inception_fast::{name}")
+        defined_at = next(line for line in dump.splitlines() if line.startswith("debug: registered at"))
+        assert "bindings.cpp" in defined_at, dump
+
+
+_WITHOUT_EXTENSION = """
+import importlib.abc, sys
+class NoExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "inception_fast._C":
+            raise ImportError("simulated: not built")
+sys.meta_path.insert(0, NoExtension())
+import warnings
+import torch
+import inception_fast as ifast
+spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
+ref = ifast.ReferenceInception(spec, batch_norm=True).eval()
+x = torch.randn(2, 13, 5, 5)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fused = ifast.FusedInception.from_module(ref).eval()
+    with torch.no_grad():
+        assert (fused(x) - ref(x)).abs().max() < 1e-5
+assert any("falls back to 'reference'" in str(w.message) for w in caught), [str(w.message) for w in caught]
+flat = fused._flat_plan
+meta = torch.ops.inception_fast.graph_forward(x.to("meta"), [], [], flat)  # the fake kernel
+assert tuple(meta.shape) == (2, spec.out_channels, 5, 5)
+try:
+    torch.ops.inception_fast.graph_forward(x, [], [], flat)
+except RuntimeError as exc:
+    assert "inception_fast._C extension" in str(exc) and "pip install" in str(exc), exc
+else:
+    raise AssertionError("the CPU operator ran without its kernel")
+print("OK")
+"""
+
+
+def test_without_the_extension_the_operators_exist_and_say_why_they_cannot_run():
+    """A failed C++ build: the same op names (fake kernels, tracing), backend='auto' on the
+    reference path with a warning, and a direct CPU call raises with the build hint."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stdout + done.stderr
+
+
+_LOAD_PACKAGE = """
+import sys
+import torch
+import inception_fast  # registers the CPU operators the package calls by name
+saved = torch.load(sys.argv[2])
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+with torch.no_grad():
+    got = runner(saved["x"])
+print(((got - saved["want"]).norm() / saved["want"].norm()).item())
+"""
+
+
+def _tiny_net() -> torch.nn.Module:
+    from torchvision.models.googlenet import Inception
+
+    from conftest import randomize_
+
+    return randomize_(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), Inception(16, 8, 4, 8, 4, 8, 8),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))).eval()
+
+
+@pytest.mark.parametrize("model", ["tiny", pytest.param("googlenet", marks=pytest.mark.slow)])
+def test_aoti_package_of_a_swapped_model_runs_in_a_fresh_process(model, tmp_path):
+    """torch.export -> aoti_compile_and_package -> aoti_load_package in another process: the
+    package calls inception_fast::graph_forward through the dispatcher and matches the
+    eager original."""
+    import subprocess
+    import sys
+
+    import torchvision
+
+    from conftest import randomize_
+
+    original = _tiny_net() if model == "tiny" else randomize_(
+        torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)).eval()
+    swapped = ifast.swap_inception(copy.deepcopy(original))
+    x = torch.randn(2, 3, 16, 16) if model == "tiny" else torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = original(x)
+        program = torch.export.export(swapped, (x,))
+    assert "inception_fast.graph_forward.default" in {str(n.target) for n in program.graph.nodes}
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+    done = subprocess.run([sys.executable, "-c", _LOAD_PACKAGE, package, str(tmp_path / "io.pt")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5

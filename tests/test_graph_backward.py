@@ -307,7 +307,7 @@ def test_compile_fullgraph_trains_through_the_fused_backward():
     assert rel_err(fused.branch_pool.bn.weight.grad, block.branch_pool.bn.weight.grad) <= TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("which", ["graph_backward", "graph_forward_saving"])
+@pytest.mark.parametrize("which", ["graph_backward", "graph_backward_cpu", "graph_forward_saving"])
 def test_custom_op_registrations_pass_opcheck(which):
     """Schema and register_fake agree with the real kernels (shapes, strides, aliasing)."""
     spec = SPECS["fan-out"]
@@ -317,6 +317,9 @@ def test_custom_op_registrations_pass_opcheck(which):
     if which == "graph_backward":
         args = (torch.randn_like(y), x, y, [t.contiguous() for t in intermediates], weights, [True, True],
                 graph.backward_flat(), "cpu")
+    elif which == "graph_backward_cpu":  # the C++ operator under graph_backward
+        args = (torch.randn_like(y), x, y, [t.contiguous() for t in intermediates], weights, True, True,
+                graph.backward_flat())
     else:
         b, bias = pack_weights(graph, weights, biases, "cpu")
         args = (x, b, bias, graph.flat())

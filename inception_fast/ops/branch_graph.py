@@ -224,6 +224,11 @@ def _graph_backward_fake(grad_out, x, y, intermediates, weights, needs, backward
     return grads
 
 
+@torch.library.register_fake("inception_fast::graph_backward_cpu")
+def _graph_backward_cpu_fake(grad_out, x, y, intermediates, weights, needs_x, needs_weights, backward_plan):
+    return _graph_backward_fake(grad_out, x, y, intermediates, weights, (needs_x, needs_weights), backward_plan, "cpu")
+
+
 def _graph_backward_flops(grad_out_shape, x_shape, y_shape, intermediate_shapes, weight_shapes, needs,
                           backward_plan, backend, out_shape=None, **kwargs) -> int:
     """2 FLOPs per multiply-add, counted as FlopCounterMode counts aten.convolution_backward
