@@ -381,15 +381,17 @@ def fold_conv_bn(unit: ConvUnit) -> tuple[torch.Tensor, torch.Tensor]:
     Differentiable: under autograd the folded tensors stay connected to the parameters.
     """
     conv, bn = unit
-    bias = conv.bias
-    if bias is None:
-        bias = torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
     if bn is None:
+        bias = conv.bias
+        if bias is None:
+            bias = torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
         return conv.weight, bias
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
-    shift = (bias - bn.running_mean) * scale
+    # No zeros for a bias-less conv: inductor's freezing does not constant-fold through a
+    # fresh torch.zeros, and would recompute every folded bias on every call.
+    shift = (-bn.running_mean if conv.bias is None else conv.bias - bn.running_mean) * scale
     if bn.bias is not None:
         shift = shift + bn.bias
     # A BN kept in fp32 inside a half-precision model folds in fp32, then to the conv's dtype.

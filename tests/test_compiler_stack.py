@@ -159,3 +159,31 @@ def test_aoti_package_of_a_swapped_model_runs_in_a_fresh_process(model, tmp_path
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+@pytest.mark.parametrize("model", ["tiny", pytest.param("googlenet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compiled_swapped_model_is_one_graph_without_recompiles(model, train):
+    """fullgraph=True (a graph break raises) and error_on_recompile (a recompile raises) over
+    three calls of one input shape: no Python cache check guards the compiled forward. In
+    train mode with BN the blocks run their original branches (batch statistics)."""
+    import torchvision
+
+    from conftest import randomize_
+
+    original = _tiny_net() if model == "tiny" else randomize_(
+        torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)).eval()
+    original.train(train)
+    swapped = ifast.swap_inception(copy.deepcopy(original))
+    x = torch.randn(2, 3, 16, 16) if model == "tiny" else torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(swapped, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            with torch.set_grad_enabled(train):
+                got = compiled(x)
+            if train:
+                got.sum().backward()
+    with torch.set_grad_enabled(train):
+        want = original(x)  # train mode: batch statistics, so the running stats do not matter
+    assert rel_err(got, want) <= 1e-4
