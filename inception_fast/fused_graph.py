@@ -29,6 +29,14 @@ from .spec import Branch, BranchGraphSpec, Conv
 
 __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
 
+
+@torch.compiler.assume_constant_result
+def _plans(module) -> tuple[list[int], list[int]]:
+    """The module's (flat plan, backward plan), fixed at construction. A constant to dynamo:
+    read as attributes, each of their ~70 ints became a guard, evaluated on every call of a
+    compiled model (~130 us per call on googlenet)."""
+    return module._flat_plan, module._backward_plan
+
 # Branches as chains of torchvision attribute names (a tuple inside a chain is a fan-out),
 # then the pooling branch's kind and its 1x1 (torchvision calls F.avg_pool2d(x, 3, 1, 1)).
 _TORCHVISION_LAYOUTS = {
@@ -278,10 +286,11 @@ class FusedBranchGraph(DropInBlock):
                 weights, biases = self._folded(dtype)
                 packed = (pack_weights(self._plan, weights, biases, backend) if tracing()
                           else self._packed(backend, dtype))
-                y = apply_graph(x_run, backend, self._flat_plan, self._backward_plan, self._recompute, weights,
+                flat_plan, backward_plan = _plans(self)
+                y = apply_graph(x_run, backend, flat_plan, backward_plan, self._recompute, weights,
                                 biases, packed)
             else:  # inference on cached packed weights: no fold, no autograd
-                y = forward_op(backend)(x_run, *self._packed(backend, dtype), self._flat_plan)
+                y = forward_op(backend)(x_run, *self._packed(backend, dtype), _plans(self)[0])
         return match_memory_format(x, y)
 
     def invalidate_weight_caches(self) -> None:
