@@ -204,9 +204,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     // the input's rows, so its blocks are smaller), and items are ordered row block first:
     // at::parallel_for hands each thread a contiguous range of items, so each gets the same
     // share of every GEMM (in the column split, the same panel part of each).
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) zero_borders(n);
-    });
+    bool first_region = true;
     for (int64_t stage = 0; stage < stages; ++stage) {
       std::vector<size_t> members;  // the stage's GEMMs
       int64_t max_rows = 0;
@@ -230,6 +228,11 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
         max_block = std::max(max_block, block[j]);
       }
       at::parallel_for(0, blocks * parts * gemm_count, 1, [&](int64_t i0, int64_t i1) {
+        // The borders, by the first thread of the first region: a stage writes only
+        // interiors and reads borders only from earlier stages, and a region of its own
+        // would cost one more fork and join per call (batch 1 feels it).
+        if (first_region && i0 == 0)
+          for (int64_t n = 0; n < N; ++n) zero_borders(n);
         Scratch scratch = make_scratch(max_block);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t j = i % gemm_count, part = i / gemm_count % parts, b = i / (gemm_count * parts);
@@ -237,6 +240,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
           if (m0 < m1) for_rows(members[j], m0, m1, block[j], scratch, part, parts);
         }
       });
+      first_region = false;
     }
   }
 }
