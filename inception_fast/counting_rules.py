@@ -130,7 +130,9 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
             if not isinstance(block, FusedBranchGraph):
                 raise ValueError("counting_rules.fvcore(model): give the model to count a traced "
                                  "BranchGraphFunction (its stride-2 convolutions are in the block's spec)")
-            macs = block.graph.macs(h, w, n)
+            # The fused op's convolutions only: a residual tail's 1x1 (the last in spec order)
+            # runs after it as an aten::addmm, which fvcore counts on its own.
+            macs = sum(list(block.graph.macs_by_conv(h, w, n).values())[:block._op_convs])
         else:
             b_shapes, flat_plan = _constant(inputs[1]), _constant(inputs[3])
             # Rows x K x columns per GEMM, as the FlopCounterMode formula (ops/branch_graph.py).

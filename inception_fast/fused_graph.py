@@ -23,7 +23,7 @@ from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
-from .ops.branch_graph import apply_graph, forward_op, pack_weights
+from .ops.branch_graph import apply_graph, forward_op, pack_weights, residual_tail
 from .ops.plan import plan
 from .spec import Branch, BranchGraphSpec, Conv
 
@@ -242,6 +242,7 @@ class FusedBranchGraph(DropInBlock):
         reductions = self._plan.reductions() if self.recompute_reductions else {}
         self._recompute = tuple(reductions.get(k, -1) for k in range(len(self._plan.buf_channels)))
         self._pack_caches: dict[tuple[str, torch.dtype | None], TensorVersionCache] = {}
+        self._op_convs = len(self._plan.convs)  # the fused op's; a residual tail's 1x1 comes after them
 
     def _folded(self, dtype: torch.dtype | None) -> tuple[list, list]:
         """Folded (weights, biases) in plan order, cast to autocast's dtype when one is given;
@@ -254,7 +255,8 @@ class FusedBranchGraph(DropInBlock):
         """The kernel layout of the folded weights: cached per (backend, dtype) while no
         parameter or BN statistic changes, packed in the graph when traced."""
         def build():
-            return pack_weights(self._plan, *self._folded(dtype), backend)
+            weights, biases = self._folded(dtype)
+            return pack_weights(self._plan, weights[:self._op_convs], biases[:self._op_convs], backend)
 
         # num_batches_tracked: BN's kernel updates the running stats in place without bumping
         # their version counter, but bumps this one on every train-mode forward.
@@ -281,16 +283,25 @@ class FusedBranchGraph(DropInBlock):
         if dtype is None:
             check_same_dtype_device(x, {"the block's convolution weights": self._units[0].conv.weight})
         with autocast_off(x, dtype):
+            n = self._op_convs
             if tracing() or (torch.is_grad_enabled() and (x_run.requires_grad or any(
                     p.requires_grad for p in self.parameters()))):
                 weights, biases = self._folded(dtype)
-                packed = (pack_weights(self._plan, weights, biases, backend) if tracing()
+                packed = (pack_weights(self._plan, weights[:n], biases[:n], backend) if tracing()
                           else self._packed(backend, dtype))
                 flat_plan, backward_plan = _plans(self)
-                y = apply_graph(x_run, backend, flat_plan, backward_plan, self._recompute, weights,
-                                biases, packed)
+                y = apply_graph(x_run, backend, flat_plan, backward_plan, self._recompute, weights[:n],
+                                biases[:n], packed)
+                tail = (weights[n], biases[n]) if len(weights) > n else None
             else:  # inference on cached packed weights: no fold, no autograd
                 y = forward_op(backend)(x_run, *self._packed(backend, dtype), _plans(self)[0])
+                tail = None
+            if self.graph.residual is not None:
+                # The tail's 1x1 has no BN (the parser checks): its own weight and bias.
+                w, b = tail if tail is not None else (self._units[n].conv.weight, self._units[n].conv.bias)
+                if dtype is not None:
+                    w, b = w.to(dtype), (None if b is None else b.to(dtype))
+                y = residual_tail(x_run, y, w, b, self.graph.residual.scale, self.graph.residual.relu)
         return match_memory_format(x, y)
 
     def invalidate_weight_caches(self) -> None:
@@ -299,6 +310,9 @@ class FusedBranchGraph(DropInBlock):
         self._pack_caches.clear()
 
     def extra_repr(self) -> str:
-        return (f"{self.source}: {len(self.graph.branches)} branches + {self.graph.pool} pool, "
+        pool = f"{self.graph.pool} pool" if self.graph.pool else "no pool"
+        tail = ("" if self.graph.residual is None else
+                f" + residual 1x1 (scale {self.graph.residual.scale:g}{', ReLU' if self.graph.residual.relu else ''})")
+        return (f"{self.source}: {len(self.graph.branches)} branches + {pool}{tail}, "
                 f"in_channels={self.graph.in_channels}, out_channels={self.graph.out_channels}, "
                 f"backend={self.backend!r}" + (", original block in train mode (batch norm)" if self._bns else ""))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import ConvUnit, NotAnInceptionBlock, canonical_graph, trace_block
-from .spec import Branch, BranchGraphSpec, Conv
+from .spec import Branch, BranchGraphSpec, Conv, Residual
 
 __all__ = ["parse_branch_graph"]
 
@@ -203,12 +203,45 @@ def _not_the_output(g: _Graph, output_of: int, output: int) -> None:
             continue
         chain = _follow(g, i, output)
         residual = any(_adds(g.nodes[j]) and x in g.nodes[j].inputs for j in range(i, len(g.nodes)))
-        what = ("a residual Inception block (the input added back after the concat): not supported yet, the "
-                "fused op ends at the concat") if residual else "the fused op ends at the concat"
+        what = ("a residual Inception block whose tail is not act(x + scale * 1x1 conv(concat)), the one residual "
+                "tail the fused block runs") if residual else "the fused op ends at the concat"
         g.fail(f"the concat of its {len(parts)} branches is not the output: the forward goes on with {chain}; "
                f"{what}")
     g.fail(f"its forward does not return a torch.cat along channels (it returns {g.describe(output_of)})",
            near_miss=False)
+
+
+def _residual_tail(g: _Graph, top: int, x: int) -> tuple[int, Residual, nn.Conv2d, list[int]] | None:
+    """(the concat's node, the tail, its 1x1 conv, the tail's nodes) when the forward ends in
+    relu?(x + scale * conv1x1(cat)), x added either side, the scale a number or absent
+    (Inception-ResNet's Block35, 17 and 8), else None."""
+    i, relu, nodes = top, False, []
+    if g.is_relu(i):
+        relu, i = True, g.nodes[i].inputs[0]
+        nodes.append(top)
+    add = g.nodes[i]
+    if not _adds(add) or add.node.kwargs or len(add.inputs) != 2 or add.inputs.count(x) != 1:
+        return None
+    nodes.append(i)
+    j, scale = next(p for p in add.inputs if p != x), 1.0
+    mul = g.nodes[j].node
+    if (mul.op == "call_function" and mul.target in (operator.mul, torch.mul)) or (
+            mul.op == "call_method" and mul.target == "mul"):
+        numbers = [a for a in mul.args if not isinstance(a, torch.fx.Node)]
+        if mul.kwargs or len(g.nodes[j].inputs) != 1 or len(numbers) != 1 or isinstance(numbers[0], bool) \
+                or not isinstance(numbers[0], (int, float)):
+            return None
+        nodes.append(j)
+        scale, j = float(numbers[0]), g.nodes[j].inputs[0]
+    conv = g.conv(j)
+    if conv is None or g.cat_parts(g.nodes[j].inputs[0]) is None or (
+            conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((1, 1), (1, 1), (0, 0),
+                                                                                        (1, 1), 1):
+        return None
+    nodes.append(j)
+    if any(len(g.users[n]) != 1 for n in nodes) or len(g.users[g.nodes[j].inputs[0]]) != 1:
+        return None
+    return g.nodes[j].inputs[0], Residual(Conv(conv.in_channels, conv.out_channels), scale, relu), conv, nodes
 
 
 class _Unit:
@@ -317,9 +350,14 @@ def parse_branch_graph(block: nn.Module, traced=None):
     if len(g.nodes[output].inputs) != 1 or not isinstance(g.nodes[output].node.args[0], torch.fx.Node):
         g.fail("its forward does not return one tensor", near_miss=False)
     top = g.nodes[output].inputs[0]
-    parts = g.cat_parts(top)
+    parts, residual = g.cat_parts(top), None
     if parts is None:
-        _not_the_output(g, top, output)
+        found = _residual_tail(g, top, x)
+        if found is None:
+            _not_the_output(g, top, output)
+        top, residual, tail_conv, tail_nodes = found
+        g.visited.update(tail_nodes)
+        parts = g.cat_parts(top)
     if len(parts) < 2:
         g.fail(f"its forward concatenates {len(parts)} tensor", near_miss=False)
     g.visited.update((x, output, top))
@@ -429,13 +467,11 @@ def parse_branch_graph(block: nn.Module, traced=None):
             if (proj.kh, proj.kw, proj.stride) != (1, 1, 1):
                 g.fail(f"branch {k + 1} (the pool branch) ({unit.name}): a {proj.kh}x{proj.kw} conv after the "
                        "pool; the fused op projects the pool with a 1x1")
-    if not pools:
-        g.fail("it has no pooling branch; the fused op needs one (a 3x3/1 average or max pool and a 1x1, or a "
-               "bare 3x3/2 max pool in a grid reduction)")
     if len(pools) > 1:
         g.fail(f"it has {len(pools)} pooling branches (branches {', '.join(str(p[0] + 1) for p in pools)}); the "
                "fused op runs one")
-    position, kind, include_pad, pool_stride, pool_unit = pools[0]
+    # No pool branch at all (Inception-ResNet's residual blocks): the spec checks the stride.
+    position, kind, include_pad, pool_stride, pool_unit = pools[0] if pools else (None, None, True, 1, None)
 
     # Stride: a grid reduction ends every branch in 3x3/2 convolutions and pools 3x3/2 bare.
     ends = {k + 1: {c.stride for c in b.levels[-1]} for k, b in zip(conv_branches, specs)}
@@ -445,7 +481,7 @@ def parse_branch_graph(block: nn.Module, traced=None):
             g.fail(f"branch {k} ends at stride {'/'.join(map(str, sorted(s)))} while the block "
                    f"{'reduces the grid (3x3/2)' if stride == 2 else 'keeps it'}; every branch must end at the "
                    "block's stride")
-    if pool_stride != stride:
+    if pools and pool_stride != stride:
         g.fail(f"branch {position + 1} (the pool branch) pools at stride {pool_stride} in a stride-{stride} block")
     for k, b in zip(conv_branches, specs):
         first = b.levels[0][0]
@@ -456,11 +492,13 @@ def parse_branch_graph(block: nn.Module, traced=None):
                    "reduction, a branch may be one 3x3/2 conv)")
     if pool_unit is not None:
         units.append(ConvUnit(pool_unit.conv, pool_unit.bn))
+    if residual is not None:
+        units.append(ConvUnit(tail_conv, None))
     proj = None if pool_unit is None else Conv(pool_unit.conv.in_channels, pool_unit.conv.out_channels)
     in_channels = proj.in_channels if proj is not None else specs[0].levels[0][0].in_channels
     try:
         spec = BranchGraphSpec(in_channels, tuple(specs), kind, proj, stride=stride, count_include_pad=include_pad,
-                               pool_index=position)
+                               pool_index=position, residual=residual)
     except ValueError as exc:
         g.fail(str(exc))
     return spec, units, traced

@@ -11,10 +11,13 @@ place is the same MAC everywhere.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
-__all__ = ["Branch", "BranchCounts", "BranchGraphSpec", "Conv", "GOOGLENET_INCEPTION", "InceptionSpec", "PaperBlock"]
+__all__ = ["Branch", "BranchCounts", "BranchGraphSpec", "Conv", "GOOGLENET_INCEPTION", "InceptionSpec", "PaperBlock",
+           "Residual"]
 
 
 class BranchCounts(NamedTuple):
@@ -194,8 +197,21 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """Inception-ResNet's tail after the concat (Szegedy et al. 2016, "Inception-v4,
+    Inception-ResNet and the Impact of Residual Connections"; timm's Block35, Block17 and
+    Block8): out = act(x + scale * (W @ concat + b)), W a 1x1 convolution (with bias) from the
+    concat's channels back to x's, act ReLU or, for the last Block8, none."""
+
+    conv: Conv
+    scale: float = 1.0
+    relu: bool = True
+
+
+@dataclass(frozen=True)
 class BranchGraphSpec:
-    """stride 1: same-grid branches and a pool branch with a 1x1 (InceptionA, C, E).
+    """stride 1: same-grid branches and a pool branch with a 1x1 (InceptionA, C, E), or no
+    pool branch (pool=None: Inception-ResNet's Block35, 17 and 8 before their residual tail).
     stride 2, a grid reduction (InceptionB, D): every branch ends in 3x3 stride-2 unpadded
     convolutions (a branch may be that one convolution over x), and the pool branch is a
     3x3 stride-2 max pool without projection; the output grid is (H - 3) // 2 + 1.
@@ -207,11 +223,12 @@ class BranchGraphSpec:
 
     in_channels: int
     branches: tuple[Branch, ...]
-    pool: str  # "avg" or "max"; 3x3, padding 1 at stride 1, none at 2
+    pool: str | None  # "avg" or "max"; 3x3, padding 1 at stride 1, none at 2. None: no pool branch
     pool_proj: Conv | None
     stride: int = 1
     count_include_pad: bool = True  # of the "avg" pool, as F.avg_pool2d's (pytorch-fid's blocks: False)
     pool_index: int | None = None  # the pool branch's place in the concat; None (or len(branches)): last
+    residual: Residual | None = None  # a tail after the concat: the block's output is act(x + scale * 1x1(concat))
 
     def __post_init__(self):
         if self.pool_index is not None:
@@ -221,17 +238,32 @@ class BranchGraphSpec:
                                  f"got {self.pool_index!r}")
             if self.pool_index == len(self.branches):  # last: one spelling, so that equal graphs compare equal
                 object.__setattr__(self, "pool_index", None)
-        if self.pool not in ("avg", "max"):
-            raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}")
+        if self.pool not in ("avg", "max", None):
+            raise ValueError(f"pool must be 'avg', 'max' or None, got {self.pool!r}")
+        if self.pool is None and (self.pool_proj is not None or self.pool_index is not None or self.stride != 1
+                                  or self.count_include_pad is not True):
+            raise ValueError("pool=None (no pool branch) takes no pool_proj, pool_index or count_include_pad, "
+                             "and stride 1")
+        if self.pool is None and not self.branches:
+            raise ValueError("a branch graph without a pool branch needs at least one branch")
         if not isinstance(self.count_include_pad, bool) or (self.pool == "max" and not self.count_include_pad):
             raise ValueError(f"count_include_pad must be a bool, and True for a max pool, got {self.count_include_pad!r}")
         if self.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {self.stride!r}")
         if self.stride == 2 and (self.pool != "max" or self.pool_proj is not None):
             raise ValueError("a stride-2 block's pool branch is a max pool without projection")
-        if self.stride == 1 and (self.pool_proj is None or self.pool_proj.in_channels != self.in_channels
+        if self.stride == 1 and self.pool is not None and (
+                self.pool_proj is None or self.pool_proj.in_channels != self.in_channels
                                  or (self.pool_proj.kh, self.pool_proj.kw, self.pool_proj.stride) != (1, 1, 1)):
             raise ValueError(f"pool_proj must be a 1x1 over {self.in_channels} channels, got {self.pool_proj}")
+        if self.residual is not None:
+            r = self.residual
+            if not isinstance(r, Residual) or self.stride != 1 or (r.conv.kh, r.conv.kw, r.conv.stride) != (1, 1, 1) \
+                    or r.conv.in_channels != self.concat_channels or r.conv.out_channels != self.in_channels \
+                    or not isinstance(r.relu, bool) or not math.isfinite(float(r.scale)):
+                raise ValueError(f"residual must be a Residual whose 1x1 maps the concat's {self.concat_channels} "
+                                 f"channels back to x's {self.in_channels}, with a finite scale, in a stride-1 "
+                                 f"block; got {r}")
         for i, branch in enumerate(self.branches):
             if not branch.levels or any(not level for level in branch.levels):
                 raise ValueError(f"branch {i} has an empty level")
@@ -257,18 +289,29 @@ class BranchGraphSpec:
 
     @property
     def convs(self) -> tuple[Conv, ...]:
-        """Every convolution in weight order: branch by branch, level by level, then pool_proj."""
+        """Every convolution in weight order: branch by branch, level by level, then pool_proj,
+        then the residual tail's 1x1 (which the plan leaves out: it runs after the fused op)."""
         convs = tuple(c for b in self.branches for level in b.levels for c in level)
-        return convs + ((self.pool_proj,) if self.pool_proj is not None else ())
+        return (convs + ((self.pool_proj,) if self.pool_proj is not None else ())
+                + ((self.residual.conv,) if self.residual is not None else ()))
 
     @property
     def pool_channels(self) -> int:
-        """Output channels of the pool branch: its projection's, or x's for the bare max pool."""
+        """Output channels of the pool branch: its projection's, x's for the bare max pool, 0
+        without one."""
+        if self.pool is None:
+            return 0
         return self.pool_proj.out_channels if self.pool_proj is not None else self.in_channels
 
     @property
-    def out_channels(self) -> int:
+    def concat_channels(self) -> int:
+        """Channels of the concat: the fused op's output."""
         return sum(b.out_channels for b in self.branches) + self.pool_channels
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the block's output: the concat's, or x's after a residual tail."""
+        return self.in_channels if self.residual is not None else self.concat_channels
 
     def out_offsets(self) -> tuple[tuple[int, ...], int]:
         """(first output channel of each branch, first output channel of the pool branch), in
@@ -303,6 +346,8 @@ class BranchGraphSpec:
                     out[f"branch {i + 1}.{j + 1}{fan}: {c.kh}×{c.kw}{stride}"] = c.macs_per_pixel() * pixels(c)
         if self.pool_proj is not None:
             out["pool proj"] = self.pool_proj.macs_per_pixel() * pixels(self.pool_proj)
+        if self.residual is not None:
+            out["residual 1×1"] = self.residual.conv.macs_per_pixel() * pixels(self.residual.conv)
         return out
 
 

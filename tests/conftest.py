@@ -127,3 +127,25 @@ def assert_special_values_propagate(backend):
     assert torch.equal(torch.isposinf(got), torch.isposinf(want))
     finite = torch.isfinite(want)
     assert rel_err(got[finite], want[finite]) <= TOLERANCE[torch.float32]
+
+
+class _SmallResidual(torch.nn.Module):
+    """Inception-ResNet's block form (timm's Block35) at a few channels: two conv+BN+ReLU
+    branches, no pool, concat, 1x1 with bias, scaled, x added back, ReLU (or none)."""
+
+    def __init__(self, channels: int = 8, scale: float = 0.3, relu: bool = True):
+        super().__init__()
+        unit = lambda cin, cout, k: torch.nn.Sequential(  # noqa: E731
+            torch.nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU())
+        self.branch0 = unit(channels, 4, 1)
+        self.branch1 = torch.nn.Sequential(unit(channels, 3, 1), unit(3, 5, 3))
+        self.conv2d = torch.nn.Conv2d(9, channels, 1)
+        self.scale, self.relu = scale, torch.nn.ReLU() if relu else None
+
+    def forward(self, x):
+        out = self.conv2d(torch.cat((self.branch0(x), self.branch1(x)), 1)) * self.scale + x
+        return self.relu(out) if self.relu is not None else out
+
+
+def small_residual_block(relu: bool = True) -> torch.nn.Module:
+    return randomize_(_SmallResidual(relu=relu)).eval()

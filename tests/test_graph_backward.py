@@ -49,6 +49,11 @@ SPECS = {
         Branch(((Conv(4, 3),), (Conv(3, 2, 3, 3),))),
         Branch(((Conv(4, 2),),)),
     ), "max", Conv(4, 3), pool_index=1),
+    # No pool branch (Inception-ResNet's Block17 before its residual tail): 1x7 -> 7x1.
+    "no-pool": BranchGraphSpec(4, (
+        Branch(((Conv(4, 3),),)),
+        Branch(((Conv(4, 2),), (Conv(2, 3, 1, 7),), (Conv(3, 2, 7, 1),))),
+    ), None, None),
     "grid-reduction-pool-first": BranchGraphSpec(3, (
         Branch(((Conv(3, 4, 3, 3, stride=2),),)),
         Branch(((Conv(3, 2),), (Conv(2, 3, 3, 3, stride=2),))),
@@ -104,6 +109,8 @@ def _eager(spec, x, weights, biases):
             t = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
         outs.append(t)
     F = torch.nn.functional
+    if spec.pool is None:
+        return torch.cat(outs, 1)
     if spec.stride == 2:
         pooled = F.max_pool2d(x, 3, 2)
     else:

@@ -3,6 +3,7 @@ timm's Inception-v4 blocks (built small through their conv_block argument), and 
 reasons it gives for what it refuses."""
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -13,9 +14,9 @@ from torch import nn
 import inception_fast as ifast
 from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.graph_parse import parse_branch_graph
-from inception_fast.spec import Branch, BranchGraphSpec, Conv
+from inception_fast.spec import Branch, BranchGraphSpec, Conv, Residual
 
-from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err
+from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err, small_residual_block
 
 
 def unit(cin, cout, k=1, stride=1, padding=None, bn=True, **kw):
@@ -149,7 +150,7 @@ class Variant(SequentialBlock):
 
     def forward(self, x):
         if self.kind == "residual":
-            return F.relu(self.mix(super().forward(x)) * 0.2 + x)
+            return torch.tanh(self.mix(super().forward(x)) * 0.2 + x)  # not ReLU: not the fused tail
         if self.kind == "extra op":
             return torch.cat([self.b0(x), self.b1(x) * 2, self.b2(x)], dim=1)
         if self.kind == "tree":  # an intermediate read by two levels: not a fan-out at the end
@@ -168,12 +169,22 @@ REFUSALS = {
     "dilation": "branch 2, level 2 (b1.1.0): dilated 3x3 conv (dilation (2, 2))",
     "groups": "branch 2, level 2 (b1.1.0): grouped 3x3 conv (groups=5)",
     "residual": "the concat of its 3 branches is not the output: the forward goes on with mix (1x1 conv, with bias) "
-                "-> mul(mix, 0.2) -> add(mul, x) -> relu; a residual Inception block",
+                "-> mul(mix, 0.2) -> add(mul, x) -> tanh(add); a residual Inception block whose tail is not",
     "extra op": "branch 2 ends in mul(",
     "tree": "branch 2: the output of b1.0.0's unit also feeds the concat; only the last level of a branch may fan out",
-    "no pool": "it has no pooling branch",
     "pool 3x3/1/0": "branch 3: a max pool with kernel (3, 3), stride (1, 1), padding (0, 0)",
 }
+
+
+@needs_cpu_kernel
+def test_a_concat_of_conv_branches_without_a_pool_branch_fuses():
+    block = Variant("no pool").eval()
+    spec = parse_branch_graph(block)[0]
+    assert spec.pool is None and len(spec.branches) == 2
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+    x = torch.randn(2, spec.in_channels, 6, 7)
+    with torch.no_grad():
+        assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("kind", list(REFUSALS))
@@ -257,20 +268,61 @@ def test_timm_mixed4a_is_refused_for_its_valid_convolutions():
         parse_branch_graph(small_timm("Mixed4a"))
 
 
-def test_timm_block35_is_refused_as_a_residual_block():
+@needs_cpu_kernel
+@pytest.mark.parametrize("name, channels, residual", [
+    ("Block35", 320, Residual(Conv(128, 320), 0.17, True)),
+    ("Block17", 1088, Residual(Conv(384, 1088), 0.1, True)),
+    ("Block8", 2080, Residual(Conv(448, 2080), 0.2, True)),
+    ("Block8-no-relu", 2080, Residual(Conv(448, 2080), 1.0, False)),
+])
+def test_timm_residual_blocks_parse_and_fuse_forward_and_backward(name, channels, residual):
+    """Inception-ResNet-v2's Block35, 17 and 8 (the last one without ReLU): branches without
+    a pool, then the residual tail; forward and every gradient against the original."""
     pytest.importorskip("timm")
-    from timm.models.inception_resnet_v2 import Block35
+    irv2 = importlib.import_module("timm.models.inception_resnet_v2")
 
-    with pytest.raises(ifast.NotAnInceptionBlock, match=r"conv2d \(1x1 conv, with bias\) -> mul\(conv2d, 0.17\) -> "
-                       r"add\(mul, x\) -> relu; a residual Inception block"):
-        parse_branch_graph(Block35(scale=0.17).eval())
+    make = {"Block35": lambda: irv2.Block35(scale=0.17), "Block17": lambda: irv2.Block17(scale=0.1),
+            "Block8": lambda: irv2.Block8(scale=0.2), "Block8-no-relu": lambda: irv2.Block8(no_relu=True)}[name]
+    block = randomize_(make()).eval()
+    spec = parse_branch_graph(block)[0]
+    assert (spec.pool, spec.residual, spec.out_channels) == (None, residual, channels)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+    x = torch.randn(2, channels, 5, 4, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, want = fused(x), block(x_ref)
+    assert rel_err(y, want) <= TOLERANCE[torch.float32]
+    grad = torch.randn_like(want)
+    y.backward(grad)
+    want.backward(grad)
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    for (n, p), q in zip(fused.named_parameters(), block.parameters()):
+        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], n
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("relu", [True, False])
+def test_a_users_residual_block_fuses_and_a_different_tail_is_refused(relu):
+    block = small_residual_block(relu)
+    assert parse_branch_graph(block)[0].residual == Residual(Conv(9, 8), 0.3, relu)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+    x = torch.randn(3, 8, 6, 5)
+    with torch.no_grad():
+        assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
+
+    class SigmoidTail(type(block)):
+        def forward(self, x):
+            return torch.sigmoid(self.conv2d(torch.cat((self.branch0(x), self.branch1(x)), 1))) + x
+
+    with pytest.raises(ifast.NotAnInceptionBlock, match=r"a residual Inception block whose tail is not act\(x \+ "
+                       r"scale \* 1x1 conv\(concat\)\)"):
+        parse_branch_graph(randomize_(SigmoidTail()).eval())
 
 
 @pytest.mark.slow
 @needs_cpu_kernel
 @pytest.mark.parametrize("name, fused_blocks, left", [
     ("inception_v4", 18, {"Mixed4a"}),
-    ("inception_resnet_v2", 3, {"Block35", "Block17", "Block8"}),
+    ("inception_resnet_v2", 43, set()),
 ])
 def test_timm_models_swap_with_logits_within_1e5(name, fused_blocks, left, caplog):
     timm = pytest.importorskip("timm")

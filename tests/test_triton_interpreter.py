@@ -19,6 +19,7 @@ from conftest import (
     randomize_,
     reference_module,
     rel_err,
+    small_residual_block,
     dtype_params,
     run_poisoned,
     tiered,
@@ -434,3 +435,21 @@ def test_pytorch_fid_pool_branches_on_triton(name):
     y.backward(grad)
     want.backward(grad)
     assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_residual_block_without_a_pool_branch_on_triton(relu):
+    """Inception-ResNet's block form (no pool branch, then act(x + scale * 1x1(concat))):
+    the branches on the stage kernels, the tail in ATen, forward and every gradient."""
+    block = small_residual_block(relu)
+    fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, want = fused(x), block(x_ref)
+    assert rel_err(y, want) <= TOLERANCE[torch.float32]
+    grad = torch.randn_like(want)
+    y.backward(grad)
+    want.backward(grad)
+    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    for (name, p), q in zip(fused.named_parameters(), block.parameters()):
+        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], name

@@ -26,13 +26,13 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
-from .backend import as_gemm_b, from_gemm_b, pack_panels, panel_width, rows, unpack_panels
+from .backend import as_gemm_b, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
 __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward", "graph_backward_reference", "graph_forward",
            "graph_forward_into", "graph_forward_saving", "graph_triton_forward", "graph_triton_forward_saving", "pack_weights",
-           "unpack_weights"]
+           "residual_tail", "unpack_weights"]
 
 
 def pack_weights(graph: GraphPlan, weights, biases, backend: str) -> tuple[list, list]:
@@ -325,6 +325,24 @@ def apply_graph(x: torch.Tensor, backend: str, flat_plan: list[int], backward_pl
             x.requires_grad or any(t.requires_grad for t in (*weights, *biases))):
         return BranchGraphFunction.apply(x, backend, flat_plan, backward_plan, recompute, *packed, *weights, *biases)
     return forward_op(backend)(x, packed[0], packed[1], flat_plan)
+
+
+def residual_tail(x: torch.Tensor, concat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  scale: float, relu: bool) -> torch.Tensor:
+    """Inception-ResNet's tail (spec.Residual): act(x + scale * (weight @ concat + bias)).
+
+    x (N, C, H, W); concat (N, K, H, W), the fused op's output (channels_last); weight
+    (C, K, 1, 1), bias (C,) or None. Returns (N, C, H, W) channels_last. One GEMM whose accumulator
+    starts from x's pixel rows (addmm, scale as its alpha: no scaled copy of the weight),
+    then the scaled bias and the ReLU: plain ATen ops, so autograd, tracing and compile see
+    through them. Not yet an epilogue of the fused kernel: the concat makes one round trip
+    through memory.
+    """
+    n, _, h, w = x.shape
+    out = torch.addmm(rows(x), rows(concat), weight.flatten(1).t(), alpha=scale)
+    if bias is not None:
+        out = out + bias * scale
+    return image(torch.relu(out) if relu else out, n, h, w)
 
 
 # Autograd of the bare forward ops, over their packed weights, for a graph that holds the op

@@ -218,11 +218,11 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
                   else Source.AVG_POOL_EXCLUDE_PAD)
         gemms.append(GemmStep(0, source, 1, 1, 1, 0, 0, cp, (Segment(0, cp, Destination.OUT, pool_offset),), (index,)))
         convs.append(ConvStep(int(source), int(Destination.OUT), pool_offset, 1, 1, 1, 0, 0))
-    else:  # the grid reduction's max pool, copied into its slice: no weights
+    elif spec.pool is not None:  # the grid reduction's max pool, copied into its slice: no weights
         c = spec.in_channels
         gemms.append(GemmStep(0, Source.MAX_POOL_COPY, 3, 3, 2, 0, 0, c, (Segment(0, c, Destination.OUT, pool_offset),),
                               ()))
         copy_channel = pool_offset
     border = tuple(max((max(c.padding) for c in consumers), default=0) for consumers in buf_consumers)
-    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(convs), spec.out_channels, spec.stride,
+    return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(convs), spec.concat_channels, spec.stride,
                      copy_channel)
