@@ -111,7 +111,8 @@ def _bn_count(units, out_numels) -> int:
 
 def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
     """Op handles for fvcore's FlopCountAnalysis.set_op_handle(**handles), one per
-    name in FUSED_OPS; counts are multiply-adds, as fvcore counts convolutions.
+    name in FUSED_OPS, and fvcore's own addmm count for aten::addmm_ (a residual tail's
+    GEMM); counts are multiply-adds, as fvcore counts convolutions.
 
     `model` (the model being analysed) lets a handle find the fused block a traced op
     belongs to (by its scope) and add the batch norms folded into it, as fvcore counts
@@ -144,4 +145,10 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
             macs += _bn_count(block._units, numels)
         return macs
 
-    return {name: graph for name in FUSED_OPS}
+    handles = {name: graph for name in FUSED_OPS}
+    # A residual tail (ops/branch_graph.residual_tail) accumulates its GEMM in place:
+    # aten::addmm_, which fvcore counts as it counts aten::addmm once it is told to.
+    from fvcore.nn.jit_handles import addmm_flop_jit
+
+    handles["aten::addmm_"] = addmm_flop_jit
+    return handles

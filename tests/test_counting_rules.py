@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 import torchvision.models as tvm
-from conftest import needs_cpu_kernel, reference_module, small_v3_block
+from conftest import needs_cpu_kernel, reference_module, small_residual_block, small_v3_block
 from torch import nn
 
 import inception_fast as ifast
@@ -84,12 +84,17 @@ class Holder(nn.Module):
 def as_traced_op(fused):
     """The fused block's forward as a jit trace holds it: its custom op over constant packed
     weights (fvcore's own trace runs the original: it hooks every module)."""
-    from inception_fast.ops.branch_graph import graph_forward
+    from inception_fast.ops.branch_graph import graph_forward, residual_tail
 
     with torch.no_grad():
         b, bias = fused._packed("cpu", None)
         b, bias, plan = [t.clone() for t in b], [t.clone() for t in bias], list(fused._flat_plan)
-        fused.forward = lambda x: graph_forward(x, b, bias, plan)
+        tail, conv = fused.graph.residual, getattr(fused, "conv2d", None)
+        if tail is None:
+            fused.forward = lambda x: graph_forward(x, b, bias, plan)
+        else:  # and the residual tail after it, as the module runs it
+            fused.forward = lambda x: residual_tail(x, graph_forward(x, b, bias, plan), conv.weight, conv.bias,
+                                                    tail.scale, tail.relu)
     return fused
 
 
@@ -109,13 +114,15 @@ def test_fvcore_handles_count_the_fused_op_as_the_original_block(batch_norm):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("name", ["A", "B", "C", "D", "E"])
+@pytest.mark.parametrize("name", ["A", "B", "C", "D", "E", "residual"])
 def test_fvcore_handles_count_the_graph_op_as_the_original_block(name):
+    """Inception-v3's blocks, and a residual one (its tail's 1x1 is an aten::addmm in the trace)."""
     pytest.importorskip("fvcore")
-    original = Holder(small_v3_block(name), 24).eval()
+    channels = 8 if name == "residual" else 24
+    original = Holder(small_residual_block() if name == "residual" else small_v3_block(name), channels).eval()
     fused = copy.deepcopy(original)
     fused.block = as_traced_op(FusedBranchGraph.from_module(fused.block, backend="cpu").eval())
-    x = torch.randn(2, 24, 9, 9)
+    x = torch.randn(2, channels, 9, 9)
     assert fvcore_total(fused, x, **ifast.counting_rules.fvcore(fused)) == fvcore_total(original, x)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 import inception_fast as ifast
 from inception_fast._dropin import DropInBlock
 
-from conftest import needs_cpu_kernel, randomize_, reference_module, rel_err, small_v3_block
+from conftest import needs_cpu_kernel, randomize_, reference_module, rel_err, small_residual_block, small_v3_block
 
 pytestmark = needs_cpu_kernel
 
@@ -37,6 +37,7 @@ KINDS = {
     "googlenet-bn": googlenet_bn,  # torchvision's block: BasicConv2d = conv + BN + ReLU
     "googlenet-plain": lambda: reference_module(SPEC),  # the paper's conv + bias + ReLU
     "v3": lambda: small_v3_block("A", 8),  # torchvision's InceptionA
+    "residual": small_residual_block,  # Inception-ResNet's form: no pool branch, then act(x + s * 1x1(concat))
 }
 
 
@@ -345,7 +346,8 @@ def test_cpu_autocast_bf16(pair):
     x = _x(dtype=torch.float32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, got = original(x), swapped(x)
-    assert got.dtype == want.dtype == torch.bfloat16
+    # bf16 out of a concat; float32 out of a residual tail (x + bf16 conv promotes), on both sides.
+    assert got.dtype == want.dtype
     assert rel_err(got, want) <= 2e-2
 
 
@@ -570,9 +572,15 @@ def test_inplace_op_on_the_output_under_autograd(pair):
         x_ = x.clone().requires_grad_()
         y = model(x_)
         y.mul_(2).relu_()
-        y.sum().backward()
-        outs.append(x_.grad)
-    _same(outs[1], outs[0])
+        try:
+            y.sum().backward()
+        except RuntimeError as exc:  # a residual block ends in ReLU, whose backward needs its output
+            assert "modified by an inplace operation" in str(exc)
+            outs.append(None)
+        else:
+            outs.append(x_.grad)
+    if outs[0] is not None:  # where the original allows it, the swapped block gives the same gradient
+        _same(outs[1], outs[0])
 
 
 def test_fake_tensor_mode_does_not_poison_the_cache(pair):
