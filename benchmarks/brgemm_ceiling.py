@@ -12,17 +12,15 @@ For each block, its stage-0 1x1 GEMM over x (K = in_channels, N = the three 1x1s
   fused schedule would read the same taps we do.
 - mm: torch.mm (MKL) on the same A and B.
 The C++ shim compiles once with torch.utils.cpp_extension.load_inline (~40 s). Timings
-alternate the contenders, medians of --reps.
+alternate the contenders (inception_fast.bench.time_alternating), medians of --reps.
 """
 
 import argparse
-import statistics
-import time
-
 import torch
 from torch.utils.cpp_extension import load_inline
 
 import inception_fast as ifast
+from inception_fast.bench import time_alternating
 from inception_fast.ops.branch_graph import pack_weights
 from inception_fast.ops.plan import plan
 
@@ -43,18 +41,6 @@ torch::Tensor brgemm_mm(torch::Tensor A, torch::Tensor B, int64_t mb, int64_t nb
   return C;
 }
 """
-
-
-def medians(fns, reps):
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, t in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def fused_call(spec, x):
@@ -97,9 +83,10 @@ def main():
                   one_branch([conv(s.in_channels, s.ch3x3red), conv(s.ch3x3red, 16, 3, 3)], s.in_channels))]
         for label, k, n, full, small in cases:
             a, w = torch.randn(rows, k), torch.randn(k, n)
-            t_full, t_small, t_brgemm, t_mm = medians(
-                [fused_call(full, x), fused_call(small, x), lambda: shim.brgemm_mm(a, w, 192, 64),
-                 lambda: torch.mm(a, w)], args.reps)
+            t = time_alternating({"full": fused_call(full, x), "small": fused_call(small, x),
+                                  "brgemm": lambda: shim.brgemm_mm(a, w, 192, 64), "mm": lambda: torch.mm(a, w)},
+                                 reps=args.reps)
+            t_full, t_small, t_brgemm, t_mm = t["full"], t["small"], t["brgemm"], t["mm"]
             ours = rows * k * (n - 16) / (t_full - t_small) / 1e9
             brgemm, mm = rows * k * n / t_brgemm / 1e9, rows * k * n / t_mm / 1e9
             print(f"| {name} | {label} | {rows} x {k} x {n} | {ours:.1f} | {brgemm:.1f} | {mm:.1f} | "

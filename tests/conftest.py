@@ -149,3 +149,19 @@ class _SmallResidual(torch.nn.Module):
 
 def small_residual_block(relu: bool = True) -> torch.nn.Module:
     return randomize_(_SmallResidual(relu=relu)).eval()
+
+
+def assert_block_matches(fused, block, x: torch.Tensor, parameters: bool = True, tol: float | None = None) -> None:
+    """fused(x) against block(x), then with one grad_output the gradient of x and (with
+    `parameters`) of every parameter, in order; tolerance of x's dtype by default."""
+    tol = TOLERANCE[x.dtype] if tol is None else tol
+    x, x_ref = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y, want = fused(x), block(x_ref)
+    assert rel_err(y, want) <= tol
+    grad = torch.randn_like(want)
+    y.backward(grad)
+    want.backward(grad)
+    assert rel_err(x.grad, x_ref.grad) <= tol
+    if parameters:
+        for (name, p), q in zip(fused.named_parameters(), block.parameters()):
+            assert rel_err(p.grad, q.grad) <= tol, name

@@ -16,7 +16,7 @@ from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.graph_parse import parse_branch_graph
 from inception_fast.spec import Branch, BranchGraphSpec, Conv, Residual
 
-from conftest import TOLERANCE, needs_cpu_kernel, randomize_, rel_err, small_residual_block
+from conftest import TOLERANCE, assert_block_matches, needs_cpu_kernel, randomize_, rel_err, small_residual_block
 
 
 def unit(cin, cout, k=1, stride=1, padding=None, bn=True, **kw):
@@ -287,16 +287,7 @@ def test_timm_residual_blocks_parse_and_fuse_forward_and_backward(name, channels
     spec = parse_branch_graph(block)[0]
     assert (spec.pool, spec.residual, spec.out_channels) == (None, residual, channels)
     fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
-    x = torch.randn(2, channels, 5, 4, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y, want = fused(x), block(x_ref)
-    assert rel_err(y, want) <= TOLERANCE[torch.float32]
-    grad = torch.randn_like(want)
-    y.backward(grad)
-    want.backward(grad)
-    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
-    for (n, p), q in zip(fused.named_parameters(), block.parameters()):
-        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], n
+    assert_block_matches(fused, block, torch.randn(2, channels, 5, 4))
 
 
 @needs_cpu_kernel

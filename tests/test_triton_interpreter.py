@@ -15,6 +15,7 @@ from conftest import (
     AWKWARD_SIZES,
     AWKWARD_SPECS,
     TOLERANCE,
+    assert_block_matches,
     assert_special_values_propagate,
     randomize_,
     reference_module,
@@ -427,14 +428,7 @@ def test_pytorch_fid_pool_branches_on_triton(name):
             "FIDInceptionE_2": lambda: fid.FIDInceptionE_2(24)}[name]
     block = randomize_(make()).eval()
     fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
-    x = torch.randn(2, 24, 5, 6, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y, want = fused(x), block(x_ref)
-    assert rel_err(y, want) <= TOLERANCE[torch.float32]
-    grad = torch.randn_like(want)
-    y.backward(grad)
-    want.backward(grad)
-    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
+    assert_block_matches(fused, block, torch.randn(2, 24, 5, 6), parameters=False)
 
 
 @pytest.mark.parametrize("relu", [True, False])
@@ -443,13 +437,4 @@ def test_residual_block_without_a_pool_branch_on_triton(relu):
     the branches on the stage kernels, the tail in ATen, forward and every gradient."""
     block = small_residual_block(relu)
     fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
-    x = torch.randn(2, 8, 5, 6, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    y, want = fused(x), block(x_ref)
-    assert rel_err(y, want) <= TOLERANCE[torch.float32]
-    grad = torch.randn_like(want)
-    y.backward(grad)
-    want.backward(grad)
-    assert rel_err(x.grad, x_ref.grad) <= TOLERANCE[torch.float32]
-    for (name, p), q in zip(fused.named_parameters(), block.parameters()):
-        assert rel_err(p.grad, q.grad) <= TOLERANCE[torch.float32], name
+    assert_block_matches(fused, block, torch.randn(2, 8, 5, 6))
