@@ -16,7 +16,10 @@
 #include "inception_cpu.h"
 #include "plan.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+
+#include <string>
 
 namespace inception_fast {
 namespace {
@@ -28,26 +31,43 @@ struct GemmDesc {
   std::vector<std::array<int64_t, kSegmentFields>> segments;  // (begin, end, destination, channel)
 };
 
+// Limits that keep the kernels' index arithmetic (channels x pixels, borders) far from
+// int64 overflow; the plans of real blocks are orders of magnitude below them.
+constexpr int64_t kMaxChannels = int64_t(1) << 24, kMaxKernel = 31, kMaxBorder = 15;
+
+// One GEMM record. Every field is range-checked here and the plan as a whole in
+// parse_flat_plan: the op is callable with any list, and a bad one must raise, never
+// write outside its tensors or return memory it did not write.
 GemmDesc parse_desc(at::IntArrayRef d, int64_t buffers) {
-  TORCH_CHECK(d.size() >= kGemmHead + kSegmentFields &&
-                  static_cast<int64_t>(d.size()) == kGemmHead + kSegmentFields * d[kGemmHead - 1],
+  const auto size = static_cast<int64_t>(d.size());
+  TORCH_CHECK(size >= kGemmHead + kSegmentFields && (size - kGemmHead) % kSegmentFields == 0 &&
+                  d[kGemmHead - 1] == (size - kGemmHead) / kSegmentFields,
               "a GEMM must be described as (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments, then "
-              "(begin, end, destination, channel) per segment), got ", d.size(), " values");
+              "(begin, end, destination, channel) per segment), got ", size, " values");
   GemmDesc g{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], {}};
   TORCH_CHECK(g.source >= kSourceAvgPoolExcludePad && g.source < buffers, "GEMM source ", g.source, " out of range");
   TORCH_CHECK(g.stride == 1 || g.stride == 2, "GEMM stride must be 1 or 2, got ", g.stride);
+  TORCH_CHECK(1 <= g.kh && g.kh <= kMaxKernel && 1 <= g.kw && g.kw <= kMaxKernel && 0 <= g.pad_h && g.pad_h < g.kh &&
+                  0 <= g.pad_w && g.pad_w < g.kw,
+              "GEMM kernel ", g.kh, "x", g.kw, " with padding (", g.pad_h, ", ", g.pad_w, ") out of range");
+  TORCH_CHECK(1 <= g.cols && g.cols <= kMaxChannels, "GEMM columns ", g.cols, " out of range");
   TORCH_CHECK(g.source != kSourceX || (g.pad_h == 0 && g.pad_w == 0), "a GEMM over x cannot pad (x has no border)");
   TORCH_CHECK(!pooled_source(g.source) || (g.kh == 1 && g.kw == 1 && g.stride == 1),
               "a GEMM over pooled x must be a stride-1 1x1");
   TORCH_CHECK(g.source != kSourceMaxPoolCopy || (g.kh == 3 && g.kw == 3 && g.stride == 2 && g.pad_h == 0),
               "the max-pool copy is 3x3, stride 2, no padding");
+  int64_t next = 0;  // the segments cover the columns in order, each once
   for (int64_t s = 0; s < d[kGemmHead - 1]; ++s) {
     const int64_t* seg = d.data() + kGemmHead + kSegmentFields * s;
-    TORCH_CHECK(0 <= seg[0] && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOut && seg[2] < buffers,
-                "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ") of a GEMM with ", g.cols, " columns");
+    TORCH_CHECK(seg[0] == next && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOut && seg[2] < buffers &&
+                    seg[3] >= 0,
+                "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ", ", seg[3], ") of a GEMM with ", g.cols,
+                " columns");
     TORCH_CHECK(g.stride == 1 || seg[2] == kDestOut, "a stride-2 GEMM must write the output");
     g.segments.push_back({seg[0], seg[1], seg[2], seg[3]});
+    next = seg[1];
   }
+  TORCH_CHECK(next == g.cols, "the segments of a GEMM must cover its ", g.cols, " columns");
   return g;
 }
 
@@ -95,9 +115,6 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     // Tap offsets from a row's window corner, (h * stride - pad_h, w * stride - pad_w).
     const int64_t sh = d.source >= 0 ? planes[d.source].stride_h : x_plane.stride_h;
     const int64_t sw = d.source >= 0 ? planes[d.source].stride_w : x_plane.stride_w;
-    if (d.source >= 0)
-      TORCH_CHECK(planes[d.source].pad >= d.pad_h && planes[d.source].pad >= d.pad_w, "buffer ", d.source,
-                  " has a border of ", planes[d.source].pad, ", too narrow for padding (", d.pad_h, ", ", d.pad_w, ")");
     const bool pooled_rows = pooled_source(d.source);
     for (int64_t dy = 0; dy < (pooled_rows ? 1 : d.kh); ++dy)
       for (int64_t dx = 0; dx < (pooled_rows ? 1 : d.kw); ++dx) gm.tap_offset.push_back(dy * sh + dx * sw);
@@ -107,7 +124,8 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     gemms.push_back(std::move(gm));
     stages = std::max(stages, d.stage + 1);
     const int64_t expect_h = d.stride == 1 ? H : Ho, expect_w = d.stride == 1 ? W : Wo;
-    TORCH_CHECK((H + 2 * d.pad_h - d.kh) / d.stride + 1 == expect_h && (W + 2 * d.pad_w - d.kw) / d.stride + 1 == expect_w,
+    TORCH_CHECK(H + 2 * d.pad_h >= d.kh && W + 2 * d.pad_w >= d.kw &&
+                    (H + 2 * d.pad_h - d.kh) / d.stride + 1 == expect_h && (W + 2 * d.pad_w - d.kw) / d.stride + 1 == expect_w,
                 "GEMM ", g, " (", d.kh, "x", d.kw, ", stride ", d.stride, ") does not map the ", H, "x", W,
                 " input onto its ", expect_h, "x", expect_w, " grid");
   }
@@ -255,20 +273,69 @@ struct FlatPlan {
 
 FlatPlan parse_flat_plan(at::IntArrayRef flat) {
   const auto size = static_cast<int64_t>(flat.size());
-  TORCH_CHECK(size >= 4 && flat[0] >= 0 && size >= 4 + 2 * flat[0],
+  TORCH_CHECK(size >= 4 && flat[0] >= 0 && flat[0] <= (size - 4) / 2,
               "flat_plan is not a GraphPlan.flat() list: ", size, " values");
   const int64_t buffers = flat[0];
   FlatPlan p{{flat.begin() + 1, flat.begin() + 1 + buffers},
              {flat.begin() + 1 + buffers, flat.begin() + 1 + 2 * buffers},
              flat[1 + 2 * buffers], flat[2 + 2 * buffers], {}};
   TORCH_CHECK(p.stride == 1 || p.stride == 2, "flat_plan: stride must be 1 or 2, got ", p.stride);
+  TORCH_CHECK(1 <= p.out_channels && p.out_channels <= kMaxChannels, "flat_plan: out_channels ", p.out_channels,
+              " out of range");
+  for (int64_t k = 0; k < buffers; ++k)
+    TORCH_CHECK(1 <= p.buf_channels[k] && p.buf_channels[k] <= kMaxChannels && 0 <= p.buf_border[k] &&
+                    p.buf_border[k] <= kMaxBorder,
+                "flat_plan: buffer ", k, " of ", p.buf_channels[k], " channels and border ", p.buf_border[k],
+                " out of range");
+  const int64_t count = flat[3 + 2 * buffers];
+  TORCH_CHECK(count >= 1 && count <= size, "flat_plan: ", count, " GEMMs");
   int64_t i = 4 + 2 * buffers;
-  for (int64_t g = 0; g < flat[3 + 2 * buffers]; ++g) {
-    TORCH_CHECK(i < size && flat[i] > 0 && i + 1 + flat[i] <= size, "flat_plan: GEMM ", g, " runs past its end");
+  for (int64_t g = 0; g < count; ++g) {
+    TORCH_CHECK(i < size && flat[i] > 0 && flat[i] <= size - i - 1, "flat_plan: GEMM ", g, " runs past its end");
     p.descs.push_back(parse_desc(flat.slice(i + 1, flat[i]), buffers));
     i += 1 + flat[i];
   }
   TORCH_CHECK(i == size, "flat_plan: ", size - i, " values after the last GEMM");
+
+  // The plan as a whole: every channel of the output and of each buffer written exactly
+  // once (nothing returned or read is left unwritten), the output only at the block's
+  // stride, and each buffer read only in a later stage than every GEMM writing it.
+  std::vector<std::vector<int8_t>> written(buffers + 1);  // [0]: the output, [k + 1]: buffer k
+  written[0].assign(p.out_channels, 0);
+  for (int64_t k = 0; k < buffers; ++k) written[k + 1].assign(p.buf_channels[k], 0);
+  std::vector<int64_t> last_write(buffers, -1);
+  for (size_t g = 0; g < p.descs.size(); ++g) {
+    const GemmDesc& d = p.descs[g];
+    TORCH_CHECK(0 <= d.stage && d.stage < count, "flat_plan: GEMM ", g, " has stage ", d.stage, " (", count,
+                " GEMMs)");
+    for (const auto& [begin, end, dest, channel] : d.segments) {
+      auto& cover = written[dest + 1];
+      const auto channels = static_cast<int64_t>(cover.size());
+      TORCH_CHECK(channel <= channels - (end - begin), "flat_plan: GEMM ", g, " writes past the ", channels,
+                  " channels of its destination");
+      TORCH_CHECK(dest != kDestOut || d.stride == p.stride, "flat_plan: GEMM ", g, " writes the output at stride ",
+                  d.stride, " in a stride-", p.stride, " block");
+      for (int64_t c = channel; c < channel + end - begin; ++c) {
+        TORCH_CHECK(cover[c] == 0, "flat_plan: channel ", c, " of ",
+                    dest == kDestOut ? std::string("the output") : "buffer " + std::to_string(dest),
+                    " is written twice");
+        cover[c] = 1;
+      }
+      if (dest >= 0) last_write[dest] = std::max(last_write[dest], d.stage);
+    }
+  }
+  for (int64_t k = 0; k <= buffers; ++k)
+    for (size_t c = 0; c < written[k].size(); ++c)
+      TORCH_CHECK(written[k][c], "flat_plan: channel ", c, " of ",
+                  k == 0 ? std::string("the output") : "buffer " + std::to_string(k - 1), " is never written");
+  for (size_t g = 0; g < p.descs.size(); ++g) {
+    const GemmDesc& d = p.descs[g];
+    if (d.source < 0) continue;
+    TORCH_CHECK(d.stage > last_write[d.source], "flat_plan: GEMM ", g, " (stage ", d.stage, ") reads buffer ",
+                d.source, " before stage ", last_write[d.source], " has written it");
+    TORCH_CHECK(p.buf_border[d.source] >= d.pad_h && p.buf_border[d.source] >= d.pad_w, "flat_plan: buffer ",
+                d.source, " has a border of ", p.buf_border[d.source], ", too narrow for GEMM ", g, "'s padding");
+  }
   return p;
 }
 
@@ -277,6 +344,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
                          const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
+  TORCH_CHECK(x_in.size(1) >= 1, "x must have at least one channel, got ", x_in.sizes());
   TORCH_CHECK(p.descs.size() == b_in.size() && b_in.size() == bias_in.size(),
               "one packed B and one bias per GEMM of the plan, got ", p.descs.size(), ", ", b_in.size(),
               " and ", bias_in.size());
@@ -297,6 +365,8 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     }
     const bool pooled_rows = pooled_source(d.source);
     const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (d.source >= 0 ? p.buf_channels[d.source] : C);
+    TORCH_CHECK(b[g].device().is_cpu() && bias[g].device().is_cpu(), "packed B and bias of GEMM ", g,
+                " must be CPU tensors, got ", b[g].device(), " and ", bias[g].device());
     TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].dim() == 3 &&
                     b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,
                 "packed B of GEMM ", g, " must be a (", ceil_div(d.cols, width), ", ", k, ", ", width,
@@ -304,11 +374,6 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     TORCH_CHECK(bias[g].scalar_type() == x_in.scalar_type() && bias[g].dim() == 1 &&
                     bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of x's dtype");
-    for (const auto& seg : d.segments) {
-      const int64_t channels = seg[2] == kDestOut ? p.out_channels : p.buf_channels[seg[2]];
-      TORCH_CHECK(seg[3] >= 0 && seg[3] + seg[1] - seg[0] <= channels, "GEMM ", g, " writes past the ",
-                  channels, " channels of its destination");
-    }
   }
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   // A grid-reduction block (stride 2) ends in 3x3 stride-2 unpadded convolutions and pool.
@@ -321,8 +386,9 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
   if (out_opt.has_value()) {
     out = *out_opt;
     TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type() &&
-                    out.is_contiguous(at::MemoryFormat::ChannelsLast),
-                "out must be a channels_last ", x.scalar_type(), " tensor of shape ", at::IntArrayRef(shape));
+                    out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.device().is_cpu(),
+                "out must be a channels_last CPU ", x.scalar_type(), " tensor of shape ", at::IntArrayRef(shape));
+    at::assert_no_overlap(out, x);  // the kernel reads x while it writes out
   } else {
     out = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   }

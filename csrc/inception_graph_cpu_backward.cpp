@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
+#include <string>
 #include <vector>
 
 namespace inception_fast {
@@ -74,11 +76,17 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
                                                  at::IntArrayRef flat /* GraphPlan.backward_flat() */) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes());
   const bool needs[2] = {needs_x, needs_weights};
-  TORCH_CHECK(flat.size() >= 5, "backward plan too short");
+  const auto size = static_cast<int64_t>(flat.size());
+  TORCH_CHECK(size >= 5, "backward plan too short");
   const int64_t stride = flat[1], copy_channel = flat[2], buffers = flat[3];
-  TORCH_CHECK(static_cast<int64_t>(flat.size()) >= 5 + buffers &&
-                  static_cast<int64_t>(flat.size()) == 5 + buffers + kConvRecord * flat[4 + buffers],
-              "backward plan: ", flat.size(), " values do not match its counts");
+  // Counts checked against the length first, so that no sum below can overflow.
+  TORCH_CHECK(buffers >= 0 && buffers <= size - 5 && flat[4 + buffers] >= 0 &&
+                  flat[4 + buffers] == (size - 5 - buffers) / kConvRecord &&
+                  (size - 5 - buffers) % kConvRecord == 0,
+              "backward plan: ", size, " values do not match its counts");
+  TORCH_CHECK(stride == 1 || stride == 2, "backward plan: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(copy_channel >= -1 && (copy_channel < 0 || stride == 2),
+              "backward plan: a max-pool copy channel (", copy_channel, ") only in a stride-2 block");
   const int64_t convs = flat[4 + buffers];
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == convs, "one weight per convolution: need ", convs, ", got ",
               weights.size());
@@ -109,6 +117,34 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
     // The fused max-pool pass below reads x through the pool, one 1x1 over all its channels.
     TORCH_CHECK(t.source != kSourceMaxPool || (t.kh == 1 && t.kw == 1 && t.stride == 1 && weights[i].size(1) == C),
                 "convolution ", i, " over the max-pooled x must be a stride-1 1x1 over its ", C, " channels");
+    TORCH_CHECK((t.stride == 1 || t.stride == 2) && 0 <= t.pad_h && t.pad_h < t.kh && 0 <= t.pad_w && t.pad_w < t.kw &&
+                    weights[i].size(1) == (t.source >= 0 ? flat[4 + t.source] : C) &&
+                    (t.dest == kDestOut ? t.stride == stride : t.stride == 1),
+                "convolution ", i, ": a ", t.kh, "x", t.kw, " stride-", t.stride, " record with padding (", t.pad_h,
+                ", ", t.pad_w, ") does not fit its weight ", weights[i].sizes(), " and source");
+  }
+  // Every channel of the output and of each buffer comes from exactly one convolution (or,
+  // for the output, the max-pool copy): the layout the forward wrote, which these
+  // gradients slice.
+  {
+    std::vector<std::vector<int8_t>> written(buffers + 1);
+    written[0].assign(flat[0], 0);
+    for (int64_t k = 0; k < buffers; ++k) written[k + 1].assign(flat[4 + k], 0);
+    auto cover = [&](int64_t dest, int64_t channel, int64_t width, int64_t who) {
+      auto& w = written[dest + 1];
+      TORCH_CHECK(channel >= 0 && channel <= static_cast<int64_t>(w.size()) - width, "backward plan: ",
+                  who < 0 ? std::string("the max-pool copy") : "convolution " + std::to_string(who),
+                  " writes past its destination's ", w.size(), " channels");
+      for (int64_t c = channel; c < channel + width; ++c) {
+        TORCH_CHECK(w[c] == 0, "backward plan: channel ", c, " is written twice");
+        w[c] = 1;
+      }
+    };
+    for (int64_t i = 0; i < convs; ++i) cover(table[i].dest, table[i].channel, weights[i].size(0), i);
+    if (copy_channel >= 0) cover(kDestOut, copy_channel, C, -1);
+    for (const auto& w : written)
+      TORCH_CHECK(std::all_of(w.begin(), w.end(), [](int8_t v) { return v == 1; }),
+                  "backward plan: a channel of the output or of a buffer is never written");
   }
 
   const auto cl = at::MemoryFormat::ChannelsLast;

@@ -124,3 +124,80 @@ def test_cpu_kernel_pixel_offsets_do_not_overflow_past_2_to_the_31(n, h, w, c, p
         want = img * stride_n + (row + pad) * stride_h + (col + pad) * stride_w
         assert want > 2**31 - 1
         assert ext.pixel_offset(stride_n, stride_h, stride_w, pad, img, row, col) == want
+
+
+def _graph_op_case(block: str):
+    """(x, packed b, packed bias, flat plan) of a GoogLeNet-style block or torchvision's
+    InceptionB (a grid reduction with the max-pool copy)."""
+    if block == "googlenet":
+        fused = ifast.FusedInception.from_module(reference_module(SPEC)).eval()
+        x = torch.randn(2, 13, 5, 5)
+    else:
+        from torchvision.models.inception import InceptionB
+
+        fused = ifast.FusedBranchGraph.from_module(InceptionB(24).eval()).eval()
+        x = torch.randn(2, 24, 9, 9)
+    b, bias = fused._packed("cpu")
+    return x, list(b), list(bias), list(fused._flat_plan)
+
+
+def _edit(flat, **values):
+    flat = list(flat)
+    for key, value in values.items():
+        flat[int(key[1:])] = value
+    return flat
+
+
+# Malformed plans and arguments for the C++ operator, each of which once crashed, hung or
+# returned memory the kernel never wrote (found by fuzzing). Indices into GraphPlan.flat()
+# of the two blocks of _graph_op_case; every one must now raise.
+BAD_CALLS = {
+    "stride-1 GEMM writes a stride-2 output": ("inception_b", lambda x, b, bias, f: (x, b, bias, _edit(f, i20=-1))),
+    "max-pool copy past the output": ("inception_b", lambda x, b, bias, f: (x, b, bias, _edit(f, i5=503))),
+    "max-pool copy segment moved": ("inception_b", lambda x, b, bias, f: (x, b, bias, _edit(f, i74=1, i77=481))),
+    "channel offset overflows": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i21=2**63 - 1))),
+    "huge border": ("inception_b", lambda x, b, bias, f: (x, b, bias, _edit(f, i3=2**63 - 1))),
+    "negative kernel and border": ("googlenet", lambda x, b, bias, f: (
+        x, [b[0], b[1][:, :7].contiguous(), *b[2:]], bias, _edit(f, i3=-1, i33=-1, i34=-1, i36=-1, i37=-1))),
+    "negative kernel": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i33=-1, i34=-1))),
+    "kernel larger than the padded grid": ("inception_b", lambda x, b, bias, f: (
+        torch.randn(2, 24, 3, 3), [b[0], torch.randn(12, 4 * 3 * 24, 32), *b[2:]], bias, _edit(f, i25=4))),
+    "stage out of range": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i59=10**12))),
+    "negative stage": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i59=-1))),
+    "consumer before its producer": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i9=1, i31=0, i45=0))),
+    "output channel never written": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i5=32))),
+    "segment moved from the output to a buffer": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i20=0))),
+    "segment count overflows": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i67=2**62 + 1))),
+    "buffer count overflows": ("googlenet", lambda x, b, bias, f: (x, b, bias, _edit(f, i0=2**62))),
+    "x without channels": ("googlenet", lambda x, b, bias, f: (
+        torch.randn(2, 0, 5, 5), [torch.randn(1, 0, 32), *b[1:3], torch.randn(1, 0, 32)], bias, f)),
+    "a weight on the meta device": ("googlenet", lambda x, b, bias, f: (x, [b[0].to("meta"), *b[1:]], bias, f)),
+}
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_malformed_calls_of_the_cpu_operator_raise(case):
+    block, make = BAD_CALLS[case]
+    args = make(*_graph_op_case(block))
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.ops.inception_fast.graph_forward(*args)
+
+
+@needs_cpu_kernel
+def test_out_overlapping_x_is_refused():
+    spec = ifast.InceptionSpec(13, 4, 5, 4, 3, 3, 2)  # 13 channels in and out
+    fused = ifast.FusedInception.from_module(reference_module(spec)).eval()
+    x = torch.randn(2, 13, 5, 5).contiguous(memory_format=torch.channels_last)
+    b, bias = fused._packed("cpu")
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        torch.ops.inception_fast.graph_forward.out(x, list(b), list(bias), list(fused._flat_plan), out=x)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("block", ["googlenet", "inception_b"])
+def test_the_unedited_calls_run(block):
+    """The cases above start from valid calls: without the edit, each gives the module's output."""
+    x, b, bias, flat = _graph_op_case(block)
+    y = torch.ops.inception_fast.graph_forward(x, b, bias, flat)
+    assert torch.isfinite(y).all() and y.shape[1] == flat[1 + 2 * flat[0]]

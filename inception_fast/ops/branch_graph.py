@@ -115,6 +115,10 @@ def graph_forward_into(out: torch.Tensor, x: torch.Tensor, b: list, bias: list, 
 
 @torch.library.register_fake("inception_fast::graph_forward")
 def _graph_fake(x, b, bias, flat_plan):
+    # A weight on another device sends the call here (the Meta kernel) even for a CPU x.
+    if any(t.device != x.device for t in (*b, *bias)):
+        raise ValueError(f"b and bias must be on x's device ({x.device}), got "
+                         f"{sorted({str(t.device) for t in (*b, *bias)})}")
     p = GraphPlan.from_flat(flat_plan)
     n, _, h, w = x.shape  # symbolic under dynamic shapes
     if p.stride == 2:
