@@ -11,9 +11,14 @@ conv units over x, unit = ReLU(BatchNorm2d?(Conv2d(.))), each level reading the 
 level's one output, the last level possibly several units over that output (a fan-out,
 adjacent in the concat); a Conv2d has an odd kernel, groups 1, dilation 1, zero padding,
 stride 1 with 'same' padding, or (ending its branch, in a grid reduction) 3x3 stride 2
-unpadded. Exactly one pool branch: a 3x3/1/1 average (count_include_pad either way) or max
+unpadded. At most one pool branch: a 3x3/1/1 average (count_include_pad either way) or max
 pool of x (module or functional) and one 1x1 unit; or, in a grid reduction, a bare 3x3/2
-max pool of x. Every intermediate feeds only the next level, and nothing else is computed.
+max pool of x. Every intermediate feeds only the next level, and nothing else is computed,
+except Inception-ResNet's residual tail after the concat:
+
+    forward(x) = relu?(x + scale * conv1x1(torch.cat([...], dim=1)))
+
+(x added on either side, scale a Python number or absent, the 1x1 a plain Conv2d).
 
 Anything else raises NotAnInceptionBlock with one line naming the branch, level and node.
 Once the forward is known to concatenate conv branches (or a cat of them is followed by
