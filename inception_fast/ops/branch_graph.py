@@ -14,10 +14,11 @@ intermediate: there is no concat. The C++ kernel (csrc/inception_graph_cpu.cpp, 
 and float64) runs stage after stage on zero-bordered intermediates; the Triton kernels
 (branch_graph_triton.py) run one grouped launch per stage.
 
-This file holds the weight packing, the custom ops (forward, forward saving its
-intermediates, backward; each with a fake kernel and a FLOP formula), the backward's
-reference walk (graph_backward_reference) and BranchGraphFunction, the autograd.Function
-over Conv2d-layout weights.
+This file holds the weight packing, the ops (forward, forward saving its intermediates,
+backward: the C++ ones registered by csrc/bindings.cpp, the Triton ones as torch.library
+custom ops; each with a fake kernel and a FLOP formula), the backward's reference walk
+(graph_backward_reference), BranchGraphFunction, the autograd.Function over Conv2d-layout
+weights, and residual_tail, Inception-ResNet's ending after the op.
 """
 
 from __future__ import annotations
@@ -339,8 +340,8 @@ def residual_tail(x: torch.Tensor, concat: torch.Tensor, weight: torch.Tensor, b
     (C, K, 1, 1), bias (C,) or None. Returns (N, C, H, W) channels_last. x's pixel rows plus
     the scaled bias, then one GEMM accumulating into them (addmm_, scale as its alpha: no
     scaled copy of the weight), then the ReLU in place: plain ATen ops, so autograd, tracing
-    and compile see through them. Not yet an epilogue of the fused kernel: the concat makes one round trip
-    through memory.
+    and compile see through them. Not yet an epilogue of the fused kernel: the concat makes
+    one round trip through memory.
     """
     n, _, h, w = x.shape
     # In place after the first pass: every full pass over the output costs ~1 ms on a
