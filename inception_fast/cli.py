@@ -211,13 +211,18 @@ def _bench_v3(args: argparse.Namespace) -> int:
 
 
 def _write_readme_section(readme: Path, name: str, body: str) -> None:
-    """Replace the text between <!-- name:start --> and <!-- name:end --> markers."""
+    """Replace the lines between a `<!-- name:start -->` line and the next `<!-- name:end -->`
+    line. Only markers alone on their line count: prose that quotes a marker is left alone
+    (matching one inside a sentence once spliced a table into it)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise UsageError(f"{readme} has no {start} ... {end} markers to write into")
-    head, rest = text.split(start, 1)
-    readme.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+    lines = readme.read_text().splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == start]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise UsageError(f"{readme} needs exactly one {start} line and one {end} line after it, got "
+                         f"{len(starts)} and {len(ends)}")
+    lines[starts[0] + 1:ends[0]] = [body.rstrip("\n") + "\n"]
+    readme.write_text("".join(lines))
     print(f"updated the {name} section of {readme}", file=sys.stderr)
 
 

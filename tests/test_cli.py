@@ -57,3 +57,18 @@ def test_verify_checks_inception_v3_blocks(capsys):
 def test_verify_that_checked_no_block_fails(capsys):
     assert main(["verify", "alexnet", "--input", "1,3,64,64"]) == 1
     assert "0 fused block(s); FAIL" in capsys.readouterr().out
+
+
+def test_write_readme_replaces_only_the_marker_lines(tmp_path):
+    """A marker quoted inside a sentence is prose: only the lines between the marker lines
+    are replaced (a sentence quoting them once had a table spliced into it)."""
+    from inception_fast.cli import UsageError, _write_readme_section
+
+    readme = tmp_path / "README.md"
+    prose = "`--write-readme` replaces the text between the `<!-- fid:start -->` and `<!-- fid:end -->` markers.\n"
+    readme.write_text(prose + "before\n<!-- fid:start -->\nold table\n<!-- fid:end -->\nafter\n")
+    _write_readme_section(readme, "fid", "new table\n")
+    assert readme.read_text() == prose + "before\n<!-- fid:start -->\nnew table\n<!-- fid:end -->\nafter\n"
+    readme.write_text(prose)
+    with pytest.raises(UsageError, match="exactly one"):
+        _write_readme_section(readme, "fid", "x")
