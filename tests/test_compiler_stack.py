@@ -161,7 +161,8 @@ def test_aoti_package_of_a_swapped_model_runs_in_a_fresh_process(model, tmp_path
     assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5
 
 
-@pytest.mark.parametrize("model", ["tiny", pytest.param("googlenet", marks=pytest.mark.slow)])
+@pytest.mark.slow  # make test: tests/test_dropin.py::test_compile_fullgraph, eval mode, one block
+@pytest.mark.parametrize("model", ["tiny", "googlenet"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_compiled_swapped_model_is_one_graph_without_recompiles(model, train):
     """fullgraph=True (a graph break raises) and error_on_recompile (a recompile raises) over
