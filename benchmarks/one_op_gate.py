@@ -7,8 +7,9 @@ C++ operator against the GoogLeNet-only kernel it replaced, which lives on in gi
 
 The old extension loads under another module name (its kernels are pybind functions, no
 operators, so the two do not clash). Each is called as the library calls it: the old one
-through a Python torch.library custom op, as it was registered then; the new one through
-torch.ops.inception_fast.graph_forward. Weights are packed once for both, outside the
+through a Python torch.library custom op, as it was registered then; the new one as
+FusedBranchGraph's inference path calls it (ops.branch_graph.graph_forward_inference: the
+C++ operator below its Python autograd kernel). Weights are packed once for both, outside the
 timed calls. Outputs must be bit-identical; timings alternate old and new (medians of
 --reps); the gate asks for no row more than 3% slower and a geomean over the 18
 `make bench` rows (batches 1 and 16) that is not lower. The "raw" column calls the old
@@ -24,7 +25,7 @@ import torch
 
 from inception_fast.bench import time_alternating
 from inception_fast.ops.backend import as_gemm_b, pack_panels, panel_width
-from inception_fast.ops.branch_graph import pack_weights
+from inception_fast.ops.branch_graph import graph_forward_inference, pack_weights
 from inception_fast.ops.inception import preset
 from inception_fast.spec import GOOGLENET_INCEPTION
 
@@ -66,7 +67,7 @@ def main():
         for batch in (1, 16):
             x = torch.randn(batch, s.in_channels, size, size).contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
-                new = lambda: torch.ops.inception_fast.graph_forward(x, nb, nbias, p.flat)  # noqa: E731
+                new = lambda: graph_forward_inference(x, nb, nbias, p.flat)  # noqa: E731
                 identical += torch.equal(old_op(x, packed, dims), new())
                 t = time_alternating({"old": lambda: old_op(x, packed, dims), "new": new,
                                       "raw": lambda: old.inception_forward(x, *packed, dims)}, reps=args.reps)
