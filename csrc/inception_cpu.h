@@ -3,6 +3,9 @@
 
 #include <torch/extension.h>
 
+#include <string>
+#include <vector>
+
 namespace inception_fast {
 
 // Logical (N, C, H, W) over NHWC pixel rows (N*H*W, C): a view (the backward kernels').
@@ -14,6 +17,43 @@ inline at::Tensor as_image(const at::Tensor& rows, int64_t N, int64_t H, int64_t
 inline at::Tensor as_rows(const at::Tensor& image) {
   return image.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, image.size(1)});
 }
+
+// Which channels of the output (plan::kDestOut) and of each buffer a plan writes. The
+// forward and the backward both require every channel written exactly once: nothing they
+// return or read is left unwritten, and no slice is written twice.
+class ChannelCoverage {
+ public:
+  ChannelCoverage(int64_t out_channels, at::IntArrayRef buf_channels) : written_(buf_channels.size() + 1) {
+    written_[0].assign(out_channels, 0);
+    for (size_t k = 0; k < buf_channels.size(); ++k) written_[k + 1].assign(buf_channels[k], 0);
+  }
+
+  // Channels [channel, channel + width) of destination `dest` (-1: the output); errors name
+  // the writer as `who` followed by `index` (none when index < 0).
+  void mark(int64_t dest, int64_t channel, int64_t width, const char* who, int64_t index) {
+    auto& w = written_[dest + 1];
+    const auto channels = static_cast<int64_t>(w.size());
+    const std::string writer = index >= 0 ? std::string(who) + " " + std::to_string(index) : std::string(who);
+    TORCH_CHECK(channel >= 0 && channel <= channels - width, writer, " writes past the ", channels,
+                " channels of its destination");
+    for (int64_t c = channel; c < channel + width; ++c) {
+      TORCH_CHECK(w[c] == 0, writer, " writes channel ", c, " of ", name(dest), ", which is written twice");
+      w[c] = 1;
+    }
+  }
+
+  // Raises, naming `plan`, when a channel was never written.
+  void check_complete(const char* plan) const {
+    for (size_t k = 0; k < written_.size(); ++k)
+      for (size_t c = 0; c < written_[k].size(); ++c)
+        TORCH_CHECK(written_[k][c], plan, ": channel ", c, " of ", name(static_cast<int64_t>(k) - 1),
+                    " is never written");
+  }
+
+ private:
+  static std::string name(int64_t dest) { return dest < 0 ? "the output" : "buffer " + std::to_string(dest); }
+  std::vector<std::vector<int8_t>> written_;  // [0]: the output, [k + 1]: buffer k
+};
 
 // The forward of a branch-graph block (GoogLeNet's module, Inception-v3's blocks), as
 // stages of GEMMs planned by inception_fast/ops/plan.py. x: (N, C, H, W) in any memory

@@ -19,8 +19,6 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
-#include <string>
-
 namespace inception_fast {
 namespace {
 using namespace gemm;
@@ -300,34 +298,20 @@ FlatPlan parse_flat_plan(at::IntArrayRef flat) {
   // The plan as a whole: every channel of the output and of each buffer written exactly
   // once (nothing returned or read is left unwritten), the output only at the block's
   // stride, and each buffer read only in a later stage than every GEMM writing it.
-  std::vector<std::vector<int8_t>> written(buffers + 1);  // [0]: the output, [k + 1]: buffer k
-  written[0].assign(p.out_channels, 0);
-  for (int64_t k = 0; k < buffers; ++k) written[k + 1].assign(p.buf_channels[k], 0);
+  ChannelCoverage written(p.out_channels, p.buf_channels);
   std::vector<int64_t> last_write(buffers, -1);
   for (size_t g = 0; g < p.descs.size(); ++g) {
     const GemmDesc& d = p.descs[g];
     TORCH_CHECK(0 <= d.stage && d.stage < count, "flat_plan: GEMM ", g, " has stage ", d.stage, " (", count,
                 " GEMMs)");
     for (const auto& [begin, end, dest, channel] : d.segments) {
-      auto& cover = written[dest + 1];
-      const auto channels = static_cast<int64_t>(cover.size());
-      TORCH_CHECK(channel <= channels - (end - begin), "flat_plan: GEMM ", g, " writes past the ", channels,
-                  " channels of its destination");
       TORCH_CHECK(dest != kDestOut || d.stride == p.stride, "flat_plan: GEMM ", g, " writes the output at stride ",
                   d.stride, " in a stride-", p.stride, " block");
-      for (int64_t c = channel; c < channel + end - begin; ++c) {
-        TORCH_CHECK(cover[c] == 0, "flat_plan: channel ", c, " of ",
-                    dest == kDestOut ? std::string("the output") : "buffer " + std::to_string(dest),
-                    " is written twice");
-        cover[c] = 1;
-      }
+      written.mark(dest, channel, end - begin, "flat_plan: GEMM", static_cast<int64_t>(g));
       if (dest >= 0) last_write[dest] = std::max(last_write[dest], d.stage);
     }
   }
-  for (int64_t k = 0; k <= buffers; ++k)
-    for (size_t c = 0; c < written[k].size(); ++c)
-      TORCH_CHECK(written[k][c], "flat_plan: channel ", c, " of ",
-                  k == 0 ? std::string("the output") : "buffer " + std::to_string(k - 1), " is never written");
+  written.check_complete("flat_plan");
   for (size_t g = 0; g < p.descs.size(); ++g) {
     const GemmDesc& d = p.descs[g];
     if (d.source < 0) continue;

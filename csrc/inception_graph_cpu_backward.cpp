@@ -24,8 +24,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
-#include <algorithm>
-#include <string>
 #include <vector>
 
 namespace inception_fast {
@@ -127,24 +125,11 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   // for the output, the max-pool copy): the layout the forward wrote, which these
   // gradients slice.
   {
-    std::vector<std::vector<int8_t>> written(buffers + 1);
-    written[0].assign(flat[0], 0);
-    for (int64_t k = 0; k < buffers; ++k) written[k + 1].assign(flat[4 + k], 0);
-    auto cover = [&](int64_t dest, int64_t channel, int64_t width, int64_t who) {
-      auto& w = written[dest + 1];
-      TORCH_CHECK(channel >= 0 && channel <= static_cast<int64_t>(w.size()) - width, "backward plan: ",
-                  who < 0 ? std::string("the max-pool copy") : "convolution " + std::to_string(who),
-                  " writes past its destination's ", w.size(), " channels");
-      for (int64_t c = channel; c < channel + width; ++c) {
-        TORCH_CHECK(w[c] == 0, "backward plan: channel ", c, " is written twice");
-        w[c] = 1;
-      }
-    };
-    for (int64_t i = 0; i < convs; ++i) cover(table[i].dest, table[i].channel, weights[i].size(0), i);
-    if (copy_channel >= 0) cover(kDestOut, copy_channel, C, -1);
-    for (const auto& w : written)
-      TORCH_CHECK(std::all_of(w.begin(), w.end(), [](int8_t v) { return v == 1; }),
-                  "backward plan: a channel of the output or of a buffer is never written");
+    ChannelCoverage written(flat[0], flat.slice(4, buffers));
+    for (int64_t i = 0; i < convs; ++i)
+      written.mark(table[i].dest, table[i].channel, weights[i].size(0), "backward plan: convolution", i);
+    if (copy_channel >= 0) written.mark(kDestOut, copy_channel, C, "backward plan: the max-pool copy", -1);
+    written.check_complete("backward plan");
   }
 
   const auto cl = at::MemoryFormat::ChannelsLast;
