@@ -24,7 +24,10 @@ torch.empty/empty_like allocate filled with NaN: an element a kernel fails to wr
 NaN, and a NaN never passes. Errors are ||got - ref|| / ||ref|| against an fp64 reference
 on the same rounded inputs and weights; limits (TOLERANCE) are fp32 1e-5, tf32 and fp16
 5e-3, bf16 2e-2, and in tf32/fp16/bf16 also at most 2x eager PyTorch's own error in that
-precision (EAGER_FACTOR; errors under EAGER_FLOOR always pass that second rule).
+precision (EAGER_FACTOR; errors under EAGER_FLOOR always pass that second rule). In fp32
+the GoogLeNet backward also runs eager fp32: where eager itself misses 1e-5 (the weight
+gradients come from cuDNN in both, and cuDNN's fp32 5x5 weight gradient is not exact at
+some shapes: 8e-4 on 4b and 4c at batch 33 on an H200), the limit is 2x eager's error.
 
 Backward data: a ReLU's gradient jumps where its input crosses 0, so two computations
 that round differently disagree by whole gradient elements wherever an input lies within
@@ -432,7 +435,8 @@ class GpuCheck:
                 limit: float | None = None, absolute: bool = True) -> Check:
         """Record got against the fp64 want: error <= limit (TOLERANCE[prec] by default; none
         without `absolute`) and, given eager's result in the same precision, <= EAGER_FACTOR x
-        eager's error."""
+        eager's error. In fp32 eager's result only matters where eager itself misses the
+        limit (a cuDNN algorithm that is not exact): then error <= EAGER_FACTOR x eager's."""
         limit = (TOLERANCE[prec] if limit is None else limit) if absolute else None
         if got is None:
             check = Check(section, case, prec, quantity, None, limit, ok=False, note="no result")
@@ -440,10 +444,17 @@ class GpuCheck:
             return check
         err = _error(quantity, got, want).rel
         eager_err = _error(quantity, eager, want).rel if eager is not None else None
-        ok = math.isfinite(err) and (limit is None or err <= limit)
-        if eager_err is not None:
-            ok = ok and (err <= EAGER_FACTOR * eager_err or err <= EAGER_FLOOR)
         note = "" if math.isfinite(err) else "NaN or inf: an element was not written, or a NaN leaked"
+        if prec == "fp32" and eager_err is not None and limit is not None and eager_err > limit:
+            # The quantity comes from the same cuDNN/cuBLAS call as in eager, and that call's
+            # own fp32 algorithm misses the exact-fp32 limit (cuDNN's 5x5 weight gradient does
+            # at some shapes: its FFT/Winograd algorithms are not exact): held to eager's error.
+            ok = math.isfinite(err) and err <= EAGER_FACTOR * eager_err
+            note = note or f"eager fp32 itself has {eager_err:.1e} here (cuDNN's algorithm): held to {EAGER_FACTOR:g}x that"
+        else:
+            ok = math.isfinite(err) and (limit is None or err <= limit)
+            if eager_err is not None and prec != "fp32":
+                ok = ok and (err <= EAGER_FACTOR * eager_err or err <= EAGER_FLOOR)
         check = Check(section, case, prec, quantity, err, limit, eager_err, ok, note)
         self.checks.append(check)
         return check
@@ -546,6 +557,13 @@ class GpuCheck:
             with torch.enable_grad():
                 ref64(x64).backward(grad.double())
             want = [x64.grad, *(p.grad for p in ref64.parameters())]
+            # Eager fp32 on the same data: the fused backward's weight gradients are cuDNN's,
+            # as eager's are, so eager's error says what cuDNN's fp32 algorithm gives here.
+            eager_ref = copy.deepcopy(ref).to(memory_format=torch.channels_last).train()
+            xe = x.clone().requires_grad_()
+            with torch.enable_grad():
+                eager_ref(xe).backward(grad)
+            eager = [xe.grad, *(p.grad for p in eager_ref.parameters())]
             fused = FusedInception.from_module(ref, backend="triton").train()
             got = None
             for poisoned in (False, True) if self.autotunes else (True,):  # the first call autotunes
@@ -554,8 +572,8 @@ class GpuCheck:
                 with torch.enable_grad(), (poisoned_allocations() if poisoned else contextlib.nullcontext()):
                     fused(xg).backward(grad)
                 got = [xg.grad, *(p.grad for p in fused.parameters())]
-            for name, g, wnt in zip(_GRAD_NAMES, got, want):
-                self.compare(section, label, prec, name, g, wnt)
+            for name, g, wnt, e in zip(_GRAD_NAMES, got, want, eager):
+                self.compare(section, label, prec, name, g, wnt, e)
             return
         # Reduced precision: the same saved x, y, intermediates and grad_output for all three.
         p = preset(spec)

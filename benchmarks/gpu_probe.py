@@ -1,0 +1,188 @@
+"""Follow-up GPU probe to `python -m inception_fast gpu-check`: what one run left open.
+
+1. **cuDNN's fp32 weight gradient.** The fused backward takes its weight gradients from
+   `aten.convolution_backward` (cuDNN), as eager does. On dyadic data every fp32 sum is
+   exact, so any error against fp64 is the algorithm's own (FFT/Winograd weight-gradient
+   algorithms are not exact). Compares, per GoogLeNet block's K x K convolutions, the
+   fused module's dW, eager fp32's dW and a bare `convolution_backward` against fp64,
+   with `cudnn.deterministic` off and on.
+2. **Host overhead.** Every block at batch 32 timed ~0.75 ms fused and ~0.71 ms eager
+   with `do_bench`, whatever its size: both host-bound. Times each contender as launched
+   from Python (`do_bench`), as CUDA-graph replay (device time only), and the host's
+   submit time per call (no sync); then a cProfile of the fused call.
+
+Usage (on a GPU machine, from a plain checkout): `PYTHONPATH=. python benchmarks/gpu_probe.py --out DIR`.
+`--dry` runs the same code on CPU tiny shapes under TRITON_INTERPRET=1 (no graphs).
+Writes DIR/gpu_probe.json and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import copy
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from inception_fast.bench import do_bench_median
+from inception_fast.fused import FusedInception
+from inception_fast.gpu_check import _dyadic, _dyadic_, precision
+from inception_fast.reference import ReferenceInception
+from inception_fast.spec import GOOGLENET_INCEPTION, InceptionSpec
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
+
+
+def wgrad_exactness(dev, blocks, batch: int) -> list[dict]:
+    rows = []
+    for name in blocks:
+        b = GOOGLENET_INCEPTION[name]
+        spec, size = b.spec, b.size
+        for deterministic in (False, True):
+            torch.backends.cudnn.deterministic = deterministic
+            with precision("fp32") as dtype:
+                ref = _dyadic_(ReferenceInception(spec).to(dev, dtype))
+                x = _dyadic((batch, spec.in_channels, size, size), dev, dtype).contiguous(
+                    memory_format=torch.channels_last)
+                grad = _dyadic((batch, spec.out_channels, size, size), dev, dtype).contiguous(
+                    memory_format=torch.channels_last)
+                grads = {}
+                for label, model, xin in (("fp64", copy.deepcopy(ref).double(), x.double()),
+                                          ("eager fp32", copy.deepcopy(ref).to(memory_format=torch.channels_last), x),
+                                          ("fused fp32", FusedInception.from_module(copy.deepcopy(ref),
+                                                                                     backend="triton").train(), x)):
+                    for _ in range(2):  # the first fused call autotunes
+                        model.zero_grad(set_to_none=True)
+                        xg = xin.clone().requires_grad_()
+                        model(xg).backward(grad.to(xin.dtype))
+                    grads[label] = [xg.grad, *(p.grad for p in model.parameters())]
+                names = ["dx", "dw1", "db1", "dw3r", "db3r", "dw3", "db3", "dw5r", "db5r", "dw5", "db5", "dwp", "dbp"]
+                for i, q in enumerate(names):
+                    row = {"block": name, "batch": batch, "deterministic": deterministic, "quantity": q,
+                           "eager_fp32": rel(grads["eager fp32"][i], grads["fp64"][i]),
+                           "fused_fp32": rel(grads["fused fp32"][i], grads["fp64"][i]),
+                           "fused_vs_eager": rel(grads["fused fp32"][i], grads["eager fp32"][i])}
+                    if row["eager_fp32"] or row["fused_fp32"]:
+                        rows.append(row)
+                if not any(r["block"] == name and r["deterministic"] == deterministic for r in rows):
+                    rows.append({"block": name, "batch": batch, "deterministic": deterministic, "quantity": "all",
+                                 "eager_fp32": 0.0, "fused_fp32": 0.0, "fused_vs_eager": 0.0})
+        torch.backends.cudnn.deterministic = False
+    return rows
+
+
+def graph_ms(fn, dev) -> float | None:
+    if dev.type != "cuda":
+        return None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench_median(g.replay)
+
+
+def host_us(fn, dev, calls: int = 200) -> float:
+    """Median of 5 runs of `calls` back-to-back calls, host time per call (no sync inside)."""
+    out = []
+    for _ in range(5):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t) / calls * 1e6)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def speed(dev, blocks, batches, prec: str) -> list[dict]:
+    rows = []
+    with precision(prec) as dtype, torch.no_grad():
+        for batch in batches:
+            for name in blocks:
+                b = GOOGLENET_INCEPTION[name]
+                spec, size = b.spec, b.size
+                ref = ReferenceInception(spec).to(dev, dtype).eval().to(memory_format=torch.channels_last)
+                fused = FusedInception.from_module(copy.deepcopy(ref), backend="triton")
+                x = torch.randn(batch, spec.in_channels, size, size, device=dev, dtype=dtype).contiguous(
+                    memory_format=torch.channels_last)
+                fused(x)
+                row = {"block": name, "batch": batch, "precision": prec,
+                       "gmacs": spec.macs(size, size, batch).total / 1e9}
+                for label, fn in (("fused", lambda: fused(x)), ("eager", lambda: ref(x))):
+                    fn()
+                    row[f"{label}_bench_ms"] = do_bench_median(fn) if dev.type == "cuda" else None
+                    row[f"{label}_graph_ms"] = graph_ms(fn, dev)
+                    row[f"{label}_host_us"] = host_us(fn, dev, 50 if dev.type == "cuda" else 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def profile_host(dev, name: str, batch: int, prec: str, calls: int) -> str:
+    b = GOOGLENET_INCEPTION[name]
+    with precision(prec) as dtype, torch.no_grad():
+        ref = ReferenceInception(b.spec).to(dev, dtype).eval().to(memory_format=torch.channels_last)
+        fused = FusedInception.from_module(ref, backend="triton")
+        x = torch.randn(batch, b.spec.in_channels, b.size, b.size, device=dev, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        fused(x)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fused(x)
+        prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    return s.getvalue()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="gpu_probe")
+    p.add_argument("--dry", action="store_true", help="CPU tiny run under TRITON_INTERPRET=1 (no graphs)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cpu" if args.dry else "cuda")
+    result = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if not args.dry else None}
+    t0 = time.perf_counter()
+    if args.dry:
+        tiny = InceptionSpec(8, 4, 3, 5, 2, 3, 3)
+        GOOGLENET_INCEPTION["tiny"] = type(GOOGLENET_INCEPTION["3a"])("tiny", tiny, size=5)
+        wblocks, sblocks, batch, batches = ["tiny"], ["tiny"], 2, (1,)
+    else:
+        wblocks, sblocks, batch, batches = ["4b", "4c", "4e"], list(GOOGLENET_INCEPTION), 33, (32, 256)
+    result["wgrad"] = wgrad_exactness(dev, wblocks, batch)
+    print(f"[{time.perf_counter() - t0:6.1f}s] wgrad done", flush=True)
+    for r in result["wgrad"]:
+        print(r, flush=True)
+    (out / "gpu_probe.json").write_text(json.dumps(result, indent=1))
+    result["speed"] = speed(dev, sblocks, batches, "bf16" if not args.dry else "fp32")
+    print(f"[{time.perf_counter() - t0:6.1f}s] speed done", flush=True)
+    (out / "gpu_probe.json").write_text(json.dumps(result, indent=1))
+    result["profile"] = profile_host(dev, sblocks[0] if args.dry else "4b", 32 if not args.dry else 1,
+                                     "bf16" if not args.dry else "fp32", 300 if not args.dry else 2)
+    print(result["profile"], flush=True)
+    (out / "gpu_probe.json").write_text(json.dumps(result, indent=1))
+    print(f"[{time.perf_counter() - t0:6.1f}s] done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
