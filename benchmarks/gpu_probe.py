@@ -11,6 +11,10 @@
    from Python (`do_bench`), as CUDA-graph replay (device time only), and the host's
    submit time per call (no sync); then a cProfile of the fused call.
 
+3. **Whole networks** at batch 32 (bf16; Inception-v3 also fp32, as FID runs it): `bench_networks`' contenders (with `--compile`,
+   compile(model) and compile(swap(model)) with freezing), and eager and swapped as
+   CUDA-graph replays, with the logits' error against fp64.
+
 Usage (on a GPU machine, from a plain checkout): `PYTHONPATH=. python benchmarks/gpu_probe.py --out DIR`.
 `--dry` runs the same code on CPU tiny shapes under TRITON_INTERPRET=1 (no graphs).
 Writes DIR/gpu_probe.json and prints tables.
@@ -121,9 +125,10 @@ def speed(dev, blocks, batches, prec: str) -> list[dict]:
                 fused = FusedInception.from_module(copy.deepcopy(ref), backend="triton")
                 x = torch.randn(batch, spec.in_channels, size, size, device=dev, dtype=dtype).contiguous(
                     memory_format=torch.channels_last)
-                fused(x)
+                want = copy.deepcopy(ref).double()(x.double())
                 row = {"block": name, "batch": batch, "precision": prec,
-                       "gmacs": spec.macs(size, size, batch).total / 1e9}
+                       "gmacs": spec.macs(size, size, batch).total / 1e9,
+                       "fused_error": rel(fused(x), want), "eager_error": rel(ref(x), want)}
                 for label, fn in (("fused", lambda: fused(x)), ("eager", lambda: ref(x))):
                     fn()
                     row[f"{label}_bench_ms"] = do_bench_median(fn) if dev.type == "cuda" else None
@@ -131,6 +136,46 @@ def speed(dev, blocks, batches, prec: str) -> list[dict]:
                     row[f"{label}_host_us"] = host_us(fn, dev, 50 if dev.type == "cuda" else 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    return rows
+
+
+def networks(dev, batch: int, with_compile: bool) -> list[dict]:
+    """Whole torchvision networks: bench_networks' contenders (launched from Python; with
+    `with_compile`, compile(model) and compile(swap(model)) in bf16), then eager and swapped
+    as whole-network CUDA-graph replays, with the logits' error against fp64. fp32 runs
+    under PyTorch's default flags (cuDNN convolutions in TF32, matmuls and so our kernels
+    exact) and with torch.backends.cuda.matmul.allow_tf32 on (our kernels in TF32 too)."""
+    from inception_fast.bench import _NETWORKS, bench_networks
+    from inception_fast.swap import swap_inception
+
+    rows = []
+    cases = [("torchvision googlenet", torch.bfloat16, None), ("torchvision inception_v3", torch.bfloat16, None),
+             ("torchvision inception_v3", torch.float32, False), ("torchvision inception_v3", torch.float32, True)]
+    for model, dtype, matmul_tf32 in cases:
+        torch._dynamo.reset()
+        saved = torch.backends.cuda.matmul.allow_tf32
+        if matmul_tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        try:
+            row = bench_networks([batch], with_compile=with_compile and dtype == torch.bfloat16, reps=5,
+                                 model=model, device=str(dev), dtype=dtype)[0]
+            row["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+            row["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+            make, size = _NETWORKS[model]
+            original = make().to(device=dev, dtype=dtype, memory_format=torch.channels_last)
+            swapped = swap_inception(copy.deepcopy(original))
+            x = torch.randn(batch, 3, size, size, device=dev, dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            with torch.no_grad():
+                want = copy.deepcopy(original).double()(x.double())
+                row["fused_logits_error"] = rel(swapped(x), want)
+                row["eager_logits_error"] = rel(original(x), want)
+                row["graph_ms"] = {"eager_channels_last": graph_ms(lambda: original(x), dev),
+                                   "fused": graph_ms(lambda: swapped(x), dev)}
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -156,6 +201,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_probe")
     p.add_argument("--dry", action="store_true", help="CPU tiny run under TRITON_INTERPRET=1 (no graphs)")
+    p.add_argument("--parts", default="wgrad,speed,profile,networks", help="some of wgrad,speed,profile,networks")
+    p.add_argument("--compile", action="store_true", help="networks: also compile(model) and compile(swap(model))")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,18 +215,28 @@ def main() -> int:
         wblocks, sblocks, batch, batches = ["tiny"], ["tiny"], 2, (1,)
     else:
         wblocks, sblocks, batch, batches = ["4b", "4c", "4e"], list(GOOGLENET_INCEPTION), 33, (32, 256)
-    result["wgrad"] = wgrad_exactness(dev, wblocks, batch)
-    print(f"[{time.perf_counter() - t0:6.1f}s] wgrad done", flush=True)
-    for r in result["wgrad"]:
-        print(r, flush=True)
-    (out / "gpu_probe.json").write_text(json.dumps(result, indent=1))
-    result["speed"] = speed(dev, sblocks, batches, "bf16" if not args.dry else "fp32")
-    print(f"[{time.perf_counter() - t0:6.1f}s] speed done", flush=True)
-    (out / "gpu_probe.json").write_text(json.dumps(result, indent=1))
-    result["profile"] = profile_host(dev, sblocks[0] if args.dry else "4b", 32 if not args.dry else 1,
-                                     "bf16" if not args.dry else "fp32", 300 if not args.dry else 2)
-    print(result["profile"], flush=True)
-    (out / "gpu_probe.json").write_text(json.dumps(result, indent=1))
+    parts = args.parts.split(",")
+
+    def save(part: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {part} done", flush=True)
+        (out / "gpu_probe.json").write_text(json.dumps(result, indent=1))
+
+    if "wgrad" in parts:
+        result["wgrad"] = wgrad_exactness(dev, wblocks, batch)
+        for r in result["wgrad"]:
+            print(r, flush=True)
+        save("wgrad")
+    if "speed" in parts:
+        result["speed"] = speed(dev, sblocks, batches, "bf16" if not args.dry else "fp32")
+        save("speed")
+    if "profile" in parts:
+        result["profile"] = profile_host(dev, sblocks[0] if args.dry else "4b", 32 if not args.dry else 1,
+                                         "bf16" if not args.dry else "fp32", 300 if not args.dry else 2)
+        print(result["profile"], flush=True)
+        save("profile")
+    if "networks" in parts and not args.dry:
+        result["networks"] = networks(dev, 32, args.compile)
+        save("networks")
     print(f"[{time.perf_counter() - t0:6.1f}s] done", flush=True)
     return 0
 

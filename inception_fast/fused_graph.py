@@ -23,7 +23,7 @@ from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
-from .ops.branch_graph import apply_graph, forward_op, graph_forward_inference, pack_weights, residual_tail
+from .ops.branch_graph import apply_graph, graph_forward_inference, pack_weights, residual_tail
 from .ops.plan import plan
 from .spec import Branch, BranchGraphSpec, Conv
 
@@ -294,8 +294,7 @@ class FusedBranchGraph(DropInBlock):
                                 biases[:n], packed)
                 tail = (weights[n], biases[n]) if len(weights) > n else None
             else:  # inference on cached packed weights: no fold, no autograd
-                op = graph_forward_inference if backend == "cpu" else forward_op(backend)
-                y = op(x_run, *self._packed(backend, dtype), _plans(self)[0])
+                y = graph_forward_inference(x_run, *self._packed(backend, dtype), _plans(self)[0], backend)
                 tail = None
             if self.graph.residual is not None:
                 # The tail's 1x1 has no BN (the parser checks): its own weight and bias.

@@ -106,16 +106,26 @@ graph_forward_saving = torch.ops.inception_fast.graph_forward_saving
 _BELOW_AUTOGRAD = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
-def graph_forward_inference(x: torch.Tensor, b: list, bias: list, flat_plan: list[int]) -> torch.Tensor:
-    """graph_forward straight to its C++ CPU kernel, for an eager call that needs no
-    gradient on a plain CPU tensor: register_autograd puts a Python kernel in front of the
-    operator, which costs ~20 us a call even when no gradient is wanted (3-5% of a GoogLeNet
-    block at batch 1). Anything else (autograd, tracing, a dispatch mode, a tensor subclass,
-    the meta device) goes through the operator."""
-    if type(x) is torch.Tensor and x.device.type == "cpu" and not torch._C._len_torch_dispatch_stack() and not (
+def graph_forward_inference(x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
+                            backend: str = "cpu") -> torch.Tensor:
+    """The forward of `backend` ("cpu" or "triton") for an eager call that needs no
+    gradient on a plain tensor, past the Python in front of the operator:
+    - cpu: straight to the C++ CPU kernel. register_autograd puts a Python kernel in front
+      of the operator, which costs ~20 us a call even when no gradient is wanted (3-5% of
+      a GoogLeNet block at batch 1).
+    - triton: straight to the launches. The custom op's Python dispatch costs ~30 us a call
+      on top of ~15 us of launch preparation, and a GPU block at batch 32 takes ~100 us.
+    Anything else (autograd, tracing, a dispatch mode, a tensor subclass, the meta device,
+    a running torch.profiler, which then still sees the operator) goes through the operator."""
+    if type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack() and not (
             torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*b, *bias)))):
-        return graph_forward.default.redispatch(_BELOW_AUTOGRAD, x, b, bias, flat_plan)
-    return graph_forward(x, b, bias, flat_plan)
+        if backend == "cpu" and x.device.type == "cpu":
+            return graph_forward.default.redispatch(_BELOW_AUTOGRAD, x, b, bias, flat_plan)
+        if backend == "triton" and x.is_cuda and not torch.autograd.profiler._is_profiler_enabled:
+            from . import branch_graph_triton
+
+            return branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan))
+    return forward_op(backend)(x, b, bias, flat_plan)
 
 
 def graph_forward_into(out: torch.Tensor, x: torch.Tensor, b: list, bias: list, flat_plan: list[int],

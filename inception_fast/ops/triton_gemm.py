@@ -46,6 +46,7 @@ __all__ = [
     "pixel_rows",
     "prune_configs",
     "tile_gemm",
+    "tuned_key",
     "window_gemm",
     "window_inside",
 ]
@@ -128,13 +129,19 @@ def launch_options(cfg: KernelConfig, dtype: torch.dtype) -> dict:
 
 def prune_configs(configs: list[KernelConfig], rows: int, cols: int) -> list[KernelConfig]:
     """Drop tiles far larger than the problem: they only add masked-out work."""
-    fitting = [c for c in configs if c.block_m <= max(64, triton.next_power_of_2(rows))
-               and c.block_n <= max(32, triton.next_power_of_2(cols))]
+    # Plain Python: triton.next_power_of_2 is a constexpr function in triton 3.8, slow on the host.
+    fitting = [c for c in configs if c.block_m <= max(64, 1 << max(rows - 1, 0).bit_length())
+               and c.block_n <= max(32, 1 << max(cols - 1, 0).bit_length())]
     return fitting or configs[-1:]
 
 
 #: (kind, *problem, dtype, dot precision, device) -> the config autotune picked.
 TUNED: dict[tuple, KernelConfig] = {}
+
+
+def tuned_key(kind: str, problem: tuple, x: torch.Tensor) -> tuple:
+    """autotune's cache key: (kind, *problem, x.dtype, input_precision(x.dtype), x.device)."""
+    return (kind, *problem, x.dtype, input_precision(x.dtype), x.device)
 
 
 def autotune(kind: str, problem: tuple, x: torch.Tensor, configs: list[KernelConfig],
@@ -147,7 +154,7 @@ def autotune(kind: str, problem: tuple, x: torch.Tensor, configs: list[KernelCon
     caller may shorten it); `restore` runs after each timing, for launches that read what
     they write (an accumulating launch). Under the interpreter or off CUDA: configs[0].
     """
-    key = (kind, *problem, x.dtype, input_precision(x.dtype), x.device)
+    key = tuned_key(kind, problem, x)
     if key not in TUNED:
         if interpreting() or not x.is_cuda or len(configs) == 1:
             TUNED[key] = configs[0]
