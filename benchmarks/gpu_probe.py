@@ -149,8 +149,8 @@ def networks(dev, batch: int, with_compile: bool) -> list[dict]:
     from inception_fast.swap import swap_inception
 
     rows = []
-    cases = [("torchvision googlenet", torch.bfloat16, None), ("torchvision inception_v3", torch.bfloat16, None),
-             ("torchvision inception_v3", torch.float32, False), ("torchvision inception_v3", torch.float32, True)]
+    cases = [("torchvision inception_v3", torch.float32, False), ("torchvision inception_v3", torch.float32, True),
+             ("torchvision googlenet", torch.bfloat16, None), ("torchvision inception_v3", torch.bfloat16, None)]
     for model, dtype, matmul_tf32 in cases:
         torch._dynamo.reset()
         saved = torch.backends.cuda.matmul.allow_tf32
