@@ -30,12 +30,31 @@ from .spec import Branch, BranchGraphSpec, Conv
 __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
 
 
+# Every distinct (flat plan, backward plan) of the process, by id: a module holds the int.
+_PLAN_TABLE: list[tuple[list[int], list[int]]] = []
+_PLAN_IDS: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+
+
+def _plan_id(flat_plan: list[int], backward_plan: list[int]) -> int:
+    key = (tuple(flat_plan), tuple(backward_plan))
+    if key not in _PLAN_IDS:
+        _PLAN_IDS[key] = len(_PLAN_TABLE)
+        _PLAN_TABLE.append((list(flat_plan), list(backward_plan)))
+    return _PLAN_IDS[key]
+
+
 @torch.compiler.assume_constant_result
+def _plans_by_id(plan_id: int) -> tuple[list[int], list[int]]:
+    return _PLAN_TABLE[plan_id]
+
+
 def _plans(module) -> tuple[list[int], list[int]]:
     """The module's (flat plan, backward plan), fixed at construction. A constant to dynamo:
     read as attributes, each of their ~70 ints became a guard, evaluated on every call of a
-    compiled model (~130 us per call on googlenet)."""
-    return module._flat_plan, module._backward_plan
+    compiled model (~130 us per call on googlenet). Looked up by an int id, one guard: an
+    assume_constant_result over the module itself fails to trace on torch 2.11
+    ("UnspecializedNNModuleVariable is not a constant")."""
+    return _plans_by_id(module._plan_id)
 
 # Branches as chains of torchvision attribute names (a tuple inside a chain is a fan-out),
 # then the pooling branch's kind and its 1x1 (torchvision calls F.avg_pool2d(x, 3, 1, 1)).
@@ -237,8 +256,7 @@ class FusedBranchGraph(DropInBlock):
         self._adopt_original(block, traced)
         self._adopt_units(units)
         self._plan = plan(graph)
-        self._flat_plan = self._plan.flat()
-        self._backward_plan = self._plan.backward_flat()
+        self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
         reductions = self._plan.reductions() if self.recompute_reductions else {}
         self._recompute = tuple(reductions.get(k, -1) for k in range(len(self._plan.buf_channels)))
         self._pack_caches: dict[tuple[str, torch.dtype | None], TensorVersionCache] = {}
@@ -303,6 +321,14 @@ class FusedBranchGraph(DropInBlock):
                     w, b = w.to(dtype), (None if b is None else b.to(dtype))
                 y = residual_tail(x_run, y, w, b, self.graph.residual.scale, self.graph.residual.relu)
         return match_memory_format(x, y)
+
+    @property
+    def _flat_plan(self) -> list[int]:
+        return _PLAN_TABLE[self._plan_id][0]
+
+    @property
+    def _backward_plan(self) -> list[int]:
+        return _PLAN_TABLE[self._plan_id][1]
 
     def invalidate_weight_caches(self) -> None:
         """Forget the packed weights. Only needed after writes through `param.data`, which

@@ -152,11 +152,46 @@ def test_a_near_miss_user_block_is_left_alone_with_the_reason(caplog):
 def test_verify_rejects_a_block_whose_numbers_differ(monkeypatch, caplog):
     from inception_fast import swap
 
-    monkeypatch.setattr(swap, "_self_check_error", lambda block, fused: 1.0)
+    errors = iter([1.0, 1.0, 1e-3])  # fused vs original, fused vs fp64, original vs fp64
+    monkeypatch.setattr(swap, "_rel", lambda got, want: next(errors))
     model = torch.nn.Sequential(UserBlock())
     with caplog.at_level(logging.WARNING, logger="inception_fast"):
         ifast.swap_inception(model, verify=1e-4)
     assert isinstance(model[0], UserBlock) and "differs from the original by 1.00e+00" in caplog.text
+    assert "against fp64 the fused block is off by 1.00e+00, the original by 1.00e-03" in caplog.text
+
+
+def test_an_original_that_rounds_more_than_the_kernel_is_judged_against_fp64(monkeypatch, caplog):
+    """As on a GPU in fp32, where cuDNN's convolutions default to TF32 and the kernel to exact
+    fp32: here the original's convolutions round their operands to bf16 (~3e-3 off fp64, past
+    the fp32 self-check's 1e-4), the fused CPU kernel does not. The block is fused, and the
+    fused model is nearer fp64 than the original."""
+    real = torch.nn.functional.conv2d
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, b=None, *a: real(
+        bf16(x), bf16(w), b, *a) if x.dtype == torch.float32 else real(x, w, b, *a))
+    model = torch.nn.Sequential(UserBlock()).eval()
+    exact = copy.deepcopy(model).double()
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], UserBlock), caplog.text
+    x = torch.randn(2, 12, 9, 9)
+    with torch.no_grad():
+        want = exact(x.double())
+        err = ((model(x).double() - want).norm() / want.norm()).item()
+    assert err < 1e-5
+
+
+def test_a_fused_block_worse_than_twice_the_originals_own_error_is_refused(monkeypatch, caplog):
+    from inception_fast import swap
+
+    errors = iter([5e-3, 2e-3, 5e-4])  # fused vs original, fused vs fp64, original vs fp64
+    monkeypatch.setattr(swap, "_rel", lambda got, want: next(errors))
+    model = torch.nn.Sequential(UserBlock())
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert isinstance(model[0], UserBlock)
+    assert "against fp64 the fused block is off by 2.00e-03, the original by 5.00e-04" in caplog.text
 
 
 def test_to_dtype_and_memory_format_keep_working_after_a_swap():
