@@ -37,6 +37,7 @@ import torch
 
 from inception_fast.bench import do_bench_median
 from inception_fast.fused import FusedInception
+from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.gpu_check import _dyadic, _dyadic_, precision
 from inception_fast.reference import ReferenceInception
 from inception_fast.spec import GOOGLENET_INCEPTION, InceptionSpec
@@ -157,7 +158,7 @@ def networks(dev, batch: int, with_compile: bool) -> list[dict]:
         if matmul_tf32 is not None:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         try:
-            row = bench_networks([batch], with_compile=with_compile and dtype == torch.bfloat16, reps=5,
+            row = bench_networks([batch], with_compile=with_compile and model == "torchvision googlenet", reps=5,
                                  model=model, device=str(dev), dtype=dtype)[0]
             row["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
             row["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
@@ -166,6 +167,7 @@ def networks(dev, batch: int, with_compile: bool) -> list[dict]:
             swapped = swap_inception(copy.deepcopy(original))
             x = torch.randn(batch, 3, size, size, device=dev, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)
+            row["fused_blocks"] = sum(isinstance(m, FusedBranchGraph) for m in swapped.modules())
             with torch.no_grad():
                 want = copy.deepcopy(original).double()(x.double())
                 row["fused_logits_error"] = rel(swapped(x), want)
@@ -202,7 +204,8 @@ def main() -> int:
     p.add_argument("--out", default="gpu_probe")
     p.add_argument("--dry", action="store_true", help="CPU tiny run under TRITON_INTERPRET=1 (no graphs)")
     p.add_argument("--parts", default="wgrad,speed,profile,networks", help="some of wgrad,speed,profile,networks")
-    p.add_argument("--compile", action="store_true", help="networks: also compile(model) and compile(swap(model))")
+    p.add_argument("--compile", action="store_true", help="networks: compile(googlenet) and compile(swap(googlenet))")
+    p.add_argument("--batch", type=int, default=32, help="networks' batch")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,8 +237,8 @@ def main() -> int:
                                          "bf16" if not args.dry else "fp32", 300 if not args.dry else 2)
         print(result["profile"], flush=True)
         save("profile")
-    if "networks" in parts and not args.dry:
-        result["networks"] = networks(dev, 32, args.compile)
+    if "networks" in parts:
+        result["networks"] = networks(dev, args.batch, args.compile)
         save("networks")
     print(f"[{time.perf_counter() - t0:6.1f}s] done", flush=True)
     return 0
