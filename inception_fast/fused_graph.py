@@ -322,6 +322,12 @@ class FusedBranchGraph(DropInBlock):
                 y = residual_tail(x_run, y, w, b, self.graph.residual.scale, self.graph.residual.relu)
         return match_memory_format(x, y)
 
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (torch.load of a whole model, deepcopy, a spawned worker): the id names a
+        # row of the process that pickled it; this process may hold another plan there.
+        super().__setstate__(state)
+        self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
+
     @property
     def _flat_plan(self) -> list[int]:
         return _PLAN_TABLE[self._plan_id][0]

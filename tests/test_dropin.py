@@ -162,6 +162,26 @@ def test_deepcopy_pickle_and_state_dict_round_trip(pair):
         _same(swapped(x), fresh(x))
 
 
+def test_a_pickled_model_loads_in_a_process_whose_plan_table_differs(pair, monkeypatch):
+    """The module reaches its plan by an id into a per-process table (one dynamo guard); a
+    model saved whole and loaded elsewhere must find its own plan, not that id's there."""
+    from inception_fast import fused_graph
+
+    original, swapped = pair
+    x = _x()
+    buffer = io.BytesIO()
+    torch.save(swapped, buffer)
+    # A fresh process: an empty table whose row 0 is some other plan (not a valid one:
+    # a run on it would raise, not compute something else).
+    monkeypatch.setattr(fused_graph, "_PLAN_TABLE", [])
+    monkeypatch.setattr(fused_graph, "_PLAN_IDS", {})
+    fused_graph._plan_id([0, 1, 2], [3])
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        _same(loaded(x), original(x))
+
+
 # -- hooks and reparametrisations --------------------------------------------------
 
 
