@@ -32,7 +32,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 before import (make test runs this file that way)",
 )
 triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The fast tier runs half precision and the backward on the two cheapest grids only.
@@ -441,66 +440,3 @@ def test_residual_block_without_a_pool_branch_on_triton(relu):
     block = small_residual_block(relu)
     fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
     assert_block_matches(fused, block, torch.randn(2, 8, 5, 6))
-
-
-from inception_fast.ops.triton_gemm import round_tf32  # noqa: E402  (after the interpreter check)
-
-
-def _tf32_reference(t: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest TF32 value (10 stored mantissa bits), ties away from zero, by
-    arithmetic in fp64 (not by the kernel's bit trick); inf and NaN unchanged."""
-    t64 = t.double()
-    mag = t64.abs()
-    _, e = torch.frexp(mag)  # mag = m * 2**e, m in [0.5, 1)
-    ulp = torch.ldexp(torch.ones_like(mag), (e - 11).clamp_min(-136))  # fp32 subnormals: 2**-136 in TF32
-    rounded = torch.copysign(torch.floor(mag / ulp + 0.5) * ulp, t64)
-    return torch.where(torch.isfinite(t64), rounded, t64).to(t.dtype)
-
-
-@triton.jit
-def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(y_ptr + offs, round_tf32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
-
-
-def test_round_tf32_rounds_to_nearest_with_ties_away_from_zero():
-    """What tl.dot's tf32 mode is fed (the hardware would truncate an unrounded operand)."""
-    ulp1 = 2.0**-10  # TF32 spacing in [1, 2)
-    specials = [0.0, -0.0, 1.0, 1 + ulp1 / 2, -(1 + ulp1 / 2), 1 + ulp1 / 2 - 2**-23, 1 + 1.5 * ulp1,
-                3.4028234663852886e38, 1e-40, -1e-45, float("inf"), float("-inf"), float("nan")]
-    x = torch.cat([torch.tensor(specials), torch.randn(500) * 10.0 ** torch.randint(-30, 30, (500,))]).float()
-    y = torch.empty_like(x)
-    _round_kernel[(1,)](x, y, x.numel(), BLOCK=1024)
-    want = _tf32_reference(x)
-    assert torch.equal(y.isnan(), want.isnan())
-    finite = ~want.isnan()
-    assert torch.equal(y[finite].view(torch.int32), want[finite].view(torch.int32))
-    assert y[3] == 1 + ulp1 and y[4] == -(1 + ulp1) and y[5] == 1.0 and y[6] == 1 + 2 * ulp1  # ties away
-
-
-@pytest.fixture
-def tf32():
-    flag = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = flag
-
-
-def test_tf32_forward_equals_fp64_on_tf32_rounded_operands(tf32, monkeypatch):
-    """With torch.backends.cuda.matmul.allow_tf32 the kernels' dots take TF32-rounded
-    operands (as cuDNN's TF32 convolutions do): the result is the fp64 computation on
-    rounded operands, to fp32 accumulation error, not to TF32's ~2e-4."""
-    spec = AWKWARD_SPECS[0].values[0]
-    ref = reference_module(spec).double()
-    x = torch.randn(2, spec.in_channels, 5, 9, dtype=torch.float64)
-    got = run_poisoned(x.float(), weights_of(ref, torch.float32), "triton")
-    with torch.no_grad():
-        exact = ref(x.float().double())
-    real_conv = torch.nn.functional.conv2d
-    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda inp, w, b=None, *a: real_conv(
-        _tf32_reference(inp.float()).double(), _tf32_reference(w.float()).double(), b, *a))
-    with torch.no_grad():
-        want = copy.deepcopy(ref).float().double()(x.float().double())
-    assert rel_err(got, want) <= 2e-6
-    assert rel_err(got, exact) > 1e-5  # it did run in TF32: exact fp32 would be ~1e-7 off

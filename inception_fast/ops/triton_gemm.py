@@ -45,7 +45,6 @@ __all__ = [
     "mma",
     "pixel_rows",
     "prune_configs",
-    "round_tf32",
     "tile_gemm",
     "tuned_key",
     "window_gemm",
@@ -175,27 +174,10 @@ def autotune(kind: str, problem: tuple, x: torch.Tensor, configs: list[KernelCon
 
 
 @triton.jit
-def round_tf32(x):
-    """fp32 -> the nearest TF32 value (ties away from zero, as cuBLAS/cuDNN's cvt.rna);
-    inf and NaN unchanged. tl.dot's tf32 mode feeds the tensor cores the fp32 bits as they
-    are, and the hardware drops the low 13 mantissa bits: truncation, a bias that adds up
-    over K (triton issue 4574). On an H200 our TF32 Inception-v3 blocks were 4-6x further
-    from fp64 than cuDNN's TF32 convolutions (2-3.6e-3 against 5-7e-4). Rounded operands
-    lose nothing more to the truncation. Integer ops, so the interpreter runs it too."""
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = (bits + 0x1000) & -8192  # -8192 = 0xFFFFE000: keep sign, exponent, 10 mantissa bits
-    special = (bits & 0x7F800000) == 0x7F800000  # inf or NaN: a carry would corrupt them
-    return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """acc + a @ b. UPCAST_DOT is set only under the interpreter, whose bf16 dot is wrong.
-    In tf32 the operands are rounded first (round_tf32)."""
+    """acc + a @ b. UPCAST_DOT is set only under the interpreter, whose bf16 dot is wrong."""
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if INPUT_PRECISION == "tf32":
-        return tl.dot(round_tf32(a), round_tf32(b), acc, input_precision=INPUT_PRECISION)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
