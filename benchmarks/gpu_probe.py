@@ -38,7 +38,7 @@ import torch
 from inception_fast.bench import do_bench_median
 from inception_fast.fused import FusedInception
 from inception_fast.fused_graph import FusedBranchGraph
-from inception_fast.gpu_check import _dyadic, _dyadic_, precision
+from inception_fast.gpu_check import _dyadic, _dyadic_, cuda_graph_ms, precision
 from inception_fast.reference import ReferenceInception
 from inception_fast.spec import GOOGLENET_INCEPTION, InceptionSpec
 
@@ -86,18 +86,7 @@ def wgrad_exactness(dev, blocks, batch: int) -> list[dict]:
 
 
 def graph_ms(fn, dev) -> float | None:
-    if dev.type != "cuda":
-        return None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench_median(g.replay)
+    return cuda_graph_ms(fn) if dev.type == "cuda" else None
 
 
 def host_us(fn, dev, calls: int = 200) -> float:

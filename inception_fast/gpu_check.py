@@ -15,7 +15,8 @@ nothing here needs the C++ extension. Sections, in order (`--sections` picks som
   launches   kernel launches per call: GoogLeNet 2 forward / 3 backward, v3 one per stage
   speed      triton.testing.do_bench medians: fused against cuDNN eager channels_last and
              torch.compile, per block and whole networks; TFLOP/s against the bf16 mm peak
-             measured in the same run; autotune time per problem
+             measured in the same run; autotune time per problem; per block also both
+             as CUDA-graph replays (device time: at batch 32 the host is most of a call)
 
 Every fused call runs once to autotune (while correctness runs, each config is measured
 for CORRECTNESS_TUNING_MS only: those sections need a config, not the fastest; the speed
@@ -69,15 +70,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bench import (V3_BLOCKS, CaseResult, _compiled, _inception_v3, bench_networks, device_peak_tflops, gemm_ceiling,
-                    time_alternating)
+from .bench import (V3_BLOCKS, CaseResult, _compiled, _inception_v3, bench_networks, device_peak_tflops, do_bench_median,
+                    gemm_ceiling, time_alternating)
 from .fused import FusedInception
 from .reference import ReferenceInception
 from .spec import GOOGLENET_INCEPTION, InceptionSpec
 from .verify import _error
 
 __all__ = ["SECTIONS", "TOLERANCE", "EAGER_FACTOR", "GpuCheck", "brief_autotuning", "check_device", "count_launches",
-           "make_plan", "poisoned_allocations", "precision"]
+           "cuda_graph_ms", "make_plan", "poisoned_allocations", "precision"]
 
 SECTIONS = ("googlenet", "awkward", "v3", "networks", "offset", "launches", "speed")
 
@@ -276,6 +277,23 @@ def brief_autotuning(warmup_ms: float, rep_ms: float):
         yield
     finally:
         triton.testing.do_bench = real
+
+
+def cuda_graph_ms(fn: Callable[[], object]) -> float:
+    """Median ms of fn captured once as a CUDA graph and replayed (triton.testing.do_bench):
+    device time without the host's launch overhead, which at small batches is most of a
+    call from Python (an H200's host took ~0.2-0.3 ms a GoogLeNet block). Warmed up on a
+    side stream first, as capture requires (and so that no autotuning happens inside it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench_median(graph.replay)
 
 
 def cuda_kernel_count(fn: Callable[[], object]) -> int | None:
@@ -891,11 +909,14 @@ class GpuCheck:
             TUNED.update(tuned)
             seconds = time_alternating({"fused": lambda: fused(x), "eager_channels_last": lambda: ref(x)},
                                        reps=self.plan.speed.reps, device=self.device)
+            graph_ms = ({"fused": cuda_graph_ms(lambda: fused(x)), "eager_channels_last": cuda_graph_ms(lambda: ref(x))}
+                        if self.device.type == "cuda" else {})
         case = CaseResult(block=name, batch=batch, dtype=prec, backend="triton",
                           macs=spec.macs(size, size, batch).total, ms={k: v * 1e3 for k, v in seconds.items()})
         row = {"block": name, "batch": batch, "precision": prec, "ms": case.ms, "macs": case.macs,
                "tflops": case.fused_tflops, "pct_of_mm_peak": 100 * case.fused_tflops / peak,
-               "speedup": {"eager_channels_last": case.speedup("eager_channels_last")}, "tune_s": tune_s}
+               "speedup": {"eager_channels_last": case.speedup("eager_channels_last")}, "tune_s": tune_s,
+               "cuda_graph_ms": graph_ms}
         self.speed["blocks"].append(row)
         return row
 
@@ -999,17 +1020,23 @@ class GpuCheck:
                  f"Medians of triton.testing.do_bench (CUDA events) on GPUs, alternating providers in one process. "
                  f"Peak: torch.mm {peak['dtype']} {peak['size']}³ measured at {peak['mm_tflops']:.3g} TFLOP/s in this "
                  f"run{f' (datasheet {sheet:g})' if sheet else ''}. \"vs compile\" is from its own alternation with "
-                 "the fused module. \"tune s\": the first call with the problem's autotune result forgotten."]
+                 "the fused module. \"tune s\": the first call with the problem's autotune result forgotten. "
+                 "\"graph\": the same calls captured as CUDA graphs and replayed, device time without the host's "
+                 "launch overhead."]
         for prec in dict.fromkeys(r["precision"] for r in self.speed["blocks"]):
             title = f"{prec}{' (tf32 in cuBLAS, cuDNN and Triton)' if prec == 'tf32' else ''}"
             lines += ["", f"### GoogLeNet blocks, {title}", "",
-                      "| block | batch | fused ms | TFLOP/s | % of mm peak | eager CL ms | vs eager CL | compile ms | "
-                      "vs compile | tune s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| block | batch | fused ms | TFLOP/s | % of mm peak | eager CL ms | vs eager CL | graph: fused ms | "
+                      "graph: eager CL ms | graph: vs eager CL | compile ms | vs compile | tune s |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in (r for r in self.speed["blocks"] if r["precision"] == prec):
-                ms, sp = r["ms"], r["speedup"]
+                ms, sp, g = r["ms"], r["speedup"], r.get("cuda_graph_ms") or {}
+                graph_ratio = (f"{g['eager_channels_last'] / g['fused']:.2f}×" if g.get("fused") else "–")
                 lines.append(f"| {r['block']} | {r['batch']} | {ms['fused']:.3f} | {r['tflops']:.1f} | "
                              f"{r['pct_of_mm_peak']:.0f}% | {ms['eager_channels_last']:.3f} | "
-                             f"{sp['eager_channels_last']:.2f}× | {_num(ms.get('compile_freezing'), '.3f')} | "
+                             f"{sp['eager_channels_last']:.2f}× | {_num(g.get('fused'), '.3f')} | "
+                             f"{_num(g.get('eager_channels_last'), '.3f')} | {graph_ratio} | "
+                             f"{_num(ms.get('compile_freezing'), '.3f')} | "
                              f"{_num(sp.get('compile_freezing'), '.2f')}{'×' if 'compile_freezing' in sp else ''} | "
                              f"{r['tune_s']:.2f} |")
         if self.speed["networks"]:
