@@ -259,7 +259,9 @@ class FidBenchReport:
                 f"{self.seed + 1}), batch {self.batch}, float32, channels_last, {weights}; features/s: N over "
                 f"the median of {self.rounds} timed full pass(es) per contender, contenders alternating in one "
                 f"process; errors and FIDs against the original model in eager mode. "
-                f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date']}.")
+                f"Machine: {m['cpu']}{'' if m['threads'] == 'GPU' else ', ' + m['threads'] + ' threads'}, "
+                f"torch {m['torch']}, {m['date']}"
+                + (f"; {m['tf32']}." if "tf32" in m else "."))
         return "\n\n".join([head, *(t.to_markdown() for t in self.tables)])
 
     def to_json_dict(self) -> dict:
@@ -271,15 +273,16 @@ class FidBenchReport:
         return data
 
 
-def _batches(n: int, batch: int, seed: int, transform: Callable[[torch.Tensor], torch.Tensor]
-             ) -> Iterator[torch.Tensor]:
+def _batches(n: int, batch: int, seed: int, transform: Callable[[torch.Tensor], torch.Tensor],
+             device: torch.device = torch.device("cpu")) -> Iterator[torch.Tensor]:
     """n random uint8 HWC images, converted as pytorch-fid's loader does (ToTensor: float in
-    [0, 1], CHW), batch by batch: channels_last (a permuted NHWC tensor), float32."""
+    [0, 1], CHW), batch by batch: channels_last (a permuted NHWC tensor), float32, on
+    `device` (drawn on the CPU, so the images are the same on every device)."""
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch):
         images = torch.randint(0, 256, (min(batch, n - start), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8,
                                generator=generator)
-        x = images.permute(0, 3, 1, 2).float().div_(255)
+        x = images.to(device).permute(0, 3, 1, 2).float().div_(255)
         yield transform(x).contiguous(memory_format=torch.channels_last)
 
 
@@ -289,12 +292,19 @@ def _pass(run: Callable[[torch.Tensor], torch.Tensor], batches: Iterator[torch.T
     seconds, features = 0.0, []
     with torch.no_grad():
         for x in batches:
+            _sync(x.device)
             start = time.perf_counter()
             y = run(x)
+            _sync(x.device)
             seconds += time.perf_counter() - start
             if keep:
                 features.append(y.float().numpy(force=True))
     return seconds, np.concatenate(features) if keep else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -317,10 +327,10 @@ def _unfused_log() -> Iterator[dict[str, str]]:
 
 
 def _bench_model(key: str, n: int, batch: int, weights: str | None, contenders: Sequence[str], rounds: int,
-                 seed: int, progress: Callable[[str], None]) -> FidTable:
+                 seed: int, progress: Callable[[str], None], device: torch.device) -> FidTable:
     title, what, build, features_of, transform = _MODELS[key]
     progress(f"[{key}] building {title} ({'weights ' + weights if weights else 'random weights'}) and swapping ...")
-    original = build(weights, seed).to(memory_format=torch.channels_last)
+    original = build(weights, seed).to(device=device, memory_format=torch.channels_last)
     blocks = [name for name, m in original.named_modules() if _BLOCK_CLASS.match(type(m).__name__)]
     with _unfused_log() as unfused:
         swapped = swap_inception(copy.deepcopy(original))
@@ -328,7 +338,7 @@ def _bench_model(key: str, n: int, batch: int, weights: str | None, contenders: 
     progress(f"[{key}] swap_inception fused {len(fused)} of {len(blocks)} Inception blocks")
     models = {"eager": original, "swapped": swapped}
     compile_s: dict[str, float] = {}
-    example = next(_batches(n, batch, seed, transform))
+    example = next(_batches(n, batch, seed, transform, device))
     for name in contenders:
         if name.startswith("compile"):
             progress(f"[{key}] compiling {name} (inductor, freezing) ...")
@@ -341,12 +351,13 @@ def _bench_model(key: str, n: int, batch: int, weights: str | None, contenders: 
     feats = {}
     for name in contenders:
         progress(f"[{key}] features of both image sets: {name} ...")
-        feats[name] = [_pass(runs[name], _batches(n, batch, s, transform), keep=True)[1] for s in (seed, seed + 1)]
+        feats[name] = [_pass(runs[name], _batches(n, batch, s, transform, device), keep=True)[1]
+                       for s in (seed, seed + 1)]
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     names = list(contenders)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            seconds, _ = _pass(runs[name], _batches(n, batch, seed, transform), keep=False)
+            seconds, _ = _pass(runs[name], _batches(n, batch, seed, transform, device), keep=False)
             samples[name].append(seconds)
             progress(f"[{key}] round {r + 1}/{rounds} {name}: {n / seconds:.2f} features/s ({seconds:.2f} s)")
 
@@ -370,11 +381,17 @@ def _bench_model(key: str, n: int, batch: int, weights: str | None, contenders: 
 
 def fid_bench(n_images: int, batch: int = 50, weights: str | None = None, contenders: Sequence[str] = CONTENDERS,
               progress: Callable[[str], None] | None = None, rounds: int = 3, seed: int = 0,
-              models: Sequence[str] = MODELS) -> FidBenchReport:
-    """The FID workflow on the CPU in float32: pytorch-fid's InceptionV3 pool features and
+              models: Sequence[str] = MODELS, device: str | torch.device = "cpu") -> FidBenchReport:
+    """The FID workflow in float32 on `device` ("cpu", or "cuda" under PyTorch's own TF32
+    flags, which the report records): pytorch-fid's InceptionV3 pool features and
     timm's inception_v3 logits, each contender against the original model in eager mode
     (module docstring). `weights` (a pytorch-fid state dict file) applies to pytorch-fid's
-    model; timm's is random. `progress` gets one line per step and per contender per round."""
+    model; timm's is random. `progress` gets one line per step and per contender per round.
+    Raises ValueError for bad counts, contenders, models, or a device that is not there."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device must be 'cpu' or an available CUDA device, got {str(device)!r}"
+                         + ("" if device.type != "cuda" else " (this machine has no CUDA GPU)"))
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown or "eager" not in contenders:
         raise ValueError(f"contenders must include 'eager' and be among {CONTENDERS}, got {tuple(contenders)}")
@@ -383,6 +400,11 @@ def fid_bench(n_images: int, batch: int = 50, weights: str | None = None, conten
     if n_images < 2 or batch < 1 or rounds < 1:
         raise ValueError(f"need n_images >= 2, batch >= 1 and rounds >= 1, got {n_images}, {batch}, {rounds}")
     progress = progress or (lambda message: None)
-    tables = [_bench_model(key, n_images, batch, weights, contenders, rounds, seed, progress) for key in models]
-    return FidBenchReport(machine=machine_info("cpu"), n_images=n_images, batch=batch, rounds=rounds, seed=seed,
+    tables = [_bench_model(key, n_images, batch, weights, contenders, rounds, seed, progress, device)
+              for key in models]
+    machine = machine_info(str(device))
+    if device.type == "cuda":  # they decide fp32's speed and error on either side
+        machine["tf32"] = (f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                           f"cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+    return FidBenchReport(machine=machine, n_images=n_images, batch=batch, rounds=rounds, seed=seed,
                           weights=weights, tables=tables)

@@ -140,6 +140,11 @@ def test_fid_bench_checks_its_arguments():
         fid.fid_bench(2, contenders=("swapped",))
     with pytest.raises(ValueError, match="n_images"):
         fid.fid_bench(1)
+    with pytest.raises(ValueError, match="device must be"):
+        fid.fid_bench(2, device="mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            fid.fid_bench(2, device="cuda")
 
 
 def test_timm_model_has_eleven_blocks_and_random_bn_stats():
@@ -153,6 +158,9 @@ def test_timm_model_has_eleven_blocks_and_random_bn_stats():
     (["--images", "1"], "--images"),
     (["--weights", "no/such/file.pth"], "no such file"),
     (["--write-readme"], "markers"),
+    (["--device", "tpu"], "--device"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_cli_bad_arguments_exit_2_before_running(args, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a README.md without fid markers
