@@ -192,7 +192,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu_probe")
     p.add_argument("--dry", action="store_true", help="CPU tiny run under TRITON_INTERPRET=1 (no graphs)")
-    p.add_argument("--parts", default="wgrad,speed,profile,networks", help="some of wgrad,speed,profile,networks")
+    p.add_argument("--parts", default=None,
+                   help="some of wgrad,speed,profile,networks (default: all; with --dry all but networks)")
     p.add_argument("--compile", action="store_true", help="networks: compile(googlenet) and compile(swap(googlenet))")
     p.add_argument("--batch", type=int, default=32, help="networks' batch")
     args = p.parse_args()
@@ -207,7 +208,7 @@ def main() -> int:
         wblocks, sblocks, batch, batches = ["tiny"], ["tiny"], 2, (1,)
     else:
         wblocks, sblocks, batch, batches = ["4b", "4c", "4e"], list(GOOGLENET_INCEPTION), 33, (32, 256)
-    parts = args.parts.split(",")
+    parts = (args.parts or ("wgrad,speed,profile" if args.dry else "wgrad,speed,profile,networks")).split(",")
 
     def save(part: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {part} done", flush=True)

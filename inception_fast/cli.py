@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer cases and no torch.compile (under 4 min)")
     p.add_argument("--tiny", action="store_true",
                    help="the CPU self-test of `make test`, under TRITON_INTERPRET=1: tiny specs, fp32, 1-rep timing")
-    p.add_argument("--sections", type=_csv(str, SECTIONS), default=None, help="run only these, in the usual order")
+    p.add_argument("--sections", type=_csv(str, SECTIONS), default=None,
+                   help=f"run only these (comma-separated, of {','.join(SECTIONS)}), in the usual order")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no timing work that would end later than this after the start "
                         "(default 510, --quick 210; correctness always runs in full)")
