@@ -13,6 +13,7 @@ and running stats update exactly as before).
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 from torch import nn
@@ -33,14 +34,16 @@ __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
 # Every distinct (flat plan, backward plan) of the process, by id: a module holds the int.
 _PLAN_TABLE: list[tuple[list[int], list[int]]] = []
 _PLAN_IDS: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+_PLAN_LOCK = threading.Lock()  # modules built or unpickled in threads: one id per plan, never two
 
 
 def _plan_id(flat_plan: list[int], backward_plan: list[int]) -> int:
     key = (tuple(flat_plan), tuple(backward_plan))
-    if key not in _PLAN_IDS:
-        _PLAN_IDS[key] = len(_PLAN_TABLE)
-        _PLAN_TABLE.append((list(flat_plan), list(backward_plan)))
-    return _PLAN_IDS[key]
+    with _PLAN_LOCK:
+        if key not in _PLAN_IDS:
+            _PLAN_TABLE.append((list(flat_plan), list(backward_plan)))
+            _PLAN_IDS[key] = len(_PLAN_TABLE) - 1
+        return _PLAN_IDS[key]
 
 
 @torch.compiler.assume_constant_result
@@ -330,11 +333,11 @@ class FusedBranchGraph(DropInBlock):
 
     @property
     def _flat_plan(self) -> list[int]:
-        return _PLAN_TABLE[self._plan_id][0]
+        return list(_PLAN_TABLE[self._plan_id][0])  # a copy: the table's list is shared by every such block
 
     @property
     def _backward_plan(self) -> list[int]:
-        return _PLAN_TABLE[self._plan_id][1]
+        return list(_PLAN_TABLE[self._plan_id][1])
 
     def invalidate_weight_caches(self) -> None:
         """Forget the packed weights. Only needed after writes through `param.data`, which

@@ -182,6 +182,48 @@ def test_a_pickled_model_loads_in_a_process_whose_plan_table_differs(pair, monke
         _same(loaded(x), original(x))
 
 
+@needs_cpu_kernel
+def test_a_running_profiler_sees_the_operator_without_grad_too():
+    """The eager no-grad path skips the operator's Python autograd kernel, except under a
+    profiler: a user's trace names the fused op whatever the grad mode."""
+    fused = ifast.FusedBranchGraph.from_module(small_v3_block("B", 7), backend="cpu").eval()
+    x = torch.randn(2, 7, 5, 5)
+    for grad in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+                torch.set_grad_enabled(grad):
+            fused(x.clone().requires_grad_(grad))
+        ops = {e.key for e in prof.key_averages() if e.key.startswith("inception_fast::")}
+        assert ops & {"inception_fast::graph_forward", "inception_fast::graph_forward_saving"}, (grad, ops)
+
+
+def test_plan_ids_stay_one_per_plan_under_threads():
+    """Blocks built or unpickled in threads: two plans must never share an id."""
+    import sys
+    import threading
+
+    from inception_fast import fused_graph
+
+    wrong = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+
+    def work(t):
+        for i in range(500):
+            plan = [-1 - t, i, 7]  # no real plan starts with a negative buffer count
+            if fused_graph._PLAN_TABLE[fused_graph._plan_id(plan, [t])][0] != plan:
+                wrong.append((t, i))
+
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong
+
+
 # -- hooks and reparametrisations --------------------------------------------------
 
 

@@ -440,3 +440,12 @@ def test_residual_block_without_a_pool_branch_on_triton(relu):
     block = small_residual_block(relu)
     fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
     assert_block_matches(fused, block, torch.randn(2, 8, 5, 6))
+
+
+def test_out_sharing_memory_with_x_is_refused():
+    """The kernels read x while they write out: an aliased out= would be read half-written
+    (the C++ op refuses it through at::assert_no_overlap)."""
+    spec = ifast.InceptionSpec(16, 4, 3, 4, 2, 4, 4)  # 16 output channels, as many as x has
+    x = torch.randn(2, 16, 3, 5).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="out must not share memory with x"), torch.no_grad():
+        ifast.inception(x, *weights_of(reference_module(spec)), backend="triton", out=x)

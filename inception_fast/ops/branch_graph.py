@@ -115,13 +115,16 @@ def graph_forward_inference(x: torch.Tensor, b: list, bias: list, flat_plan: lis
       a GoogLeNet block at batch 1).
     - triton: straight to the launches. The custom op's Python dispatch costs ~30 us a call
       on top of ~15 us of launch preparation, and a GPU block at batch 32 takes ~100 us.
-    Anything else (autograd, tracing, a dispatch mode, a tensor subclass, the meta device,
-    a running torch.profiler, which then still sees the operator) goes through the operator."""
-    if type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack() and not (
-            torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*b, *bias)))):
+    Anything else (autograd, tracing, a dispatch mode, a tensor subclass among x and the
+    weights, the meta device, a running profiler, which then sees the operator) goes
+    through the operator."""
+    if (type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._autograd._profiler_enabled()
+            and all(type(t) is torch.Tensor for t in (*b, *bias)) and not (
+            torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*b, *bias))))):
         if backend == "cpu" and x.device.type == "cpu":
             return graph_forward.default.redispatch(_BELOW_AUTOGRAD, x, b, bias, flat_plan)
-        if backend == "triton" and x.is_cuda and not torch.autograd.profiler._is_profiler_enabled:
+        if backend == "triton" and x.is_cuda:
             from . import branch_graph_triton
 
             return branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan))
@@ -135,6 +138,10 @@ def graph_forward_into(out: torch.Tensor, x: torch.Tensor, b: list, bias: list, 
     if backend == "triton":
         from . import branch_graph_triton
 
+        # The C++ op refuses an out that overlaps x (at::assert_no_overlap); the Triton
+        # kernels would read x after writing over it.
+        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            raise ValueError("out must not share memory with x: the kernel reads x while it writes out")
         return branch_graph_triton.graph_forward_triton(x, list(b), list(bias), list(flat_plan), out=out)
     return graph_forward.out(x, b, bias, flat_plan, out=out)
 
