@@ -79,6 +79,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs a convolution of x in, or None: autocast off on x's device, or
     x in float64 (autocast leaves float64 alone)."""
     device_type = x.device.type
+    if device_type == "meta":  # no autocast there (torch raises when asked): profile's meta mode
+        return None
     if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
         return None
     return torch.get_autocast_dtype(device_type)

@@ -14,6 +14,7 @@ from .blocks import NotAnInceptionBlock, trace_block
 from .fused import FusedInception
 from .fused_graph import FusedBranchGraph, torchvision_graph_layout
 from .graph_parse import parse_branch_graph
+from .ops.backend import resolve_backend
 from .ops.inception import BACKENDS
 
 __all__ = ["swap_inception"]
@@ -180,6 +181,10 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
             if (reason := _refusal(module)) is not None:
                 raise NotAnInceptionBlock(reason, near_miss=True)
             param = next(module.parameters())
+            try:  # a backend asked for by name that cannot run this block: refused, not raised mid-walk
+                resolve_backend(backend, torch.empty(0, device=param.device, dtype=param.dtype))
+            except (TypeError, ValueError, RuntimeError) as cannot:
+                raise NotAnInceptionBlock(str(cannot), near_miss=True) from None
             rtol = min(SELF_CHECK_RTOL.get(param.dtype, 1e-4), verify or float("inf"))
             if param.is_meta:  # nothing to compute with: the traced structure is the proof
                 log.debug("swap_inception: %s is on the meta device: not checked numerically", name)

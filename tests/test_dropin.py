@@ -196,6 +196,13 @@ def test_a_running_profiler_sees_the_operator_without_grad_too():
         assert ops & {"inception_fast::graph_forward", "inception_fast::graph_forward_saving"}, (grad, ops)
 
 
+def test_a_fused_block_runs_on_the_meta_device():
+    """Shapes without data (profile's meta mode, deferred init): the op's fake kernel."""
+    fused = ifast.FusedBranchGraph.from_module(small_v3_block("B", 7), backend="cpu").eval().to("meta")
+    y = fused(torch.empty(2, 7, 5, 5, device="meta"))
+    assert y.is_meta and tuple(y.shape) == (2, 487, 2, 2)
+
+
 def test_plan_ids_stay_one_per_plan_under_threads():
     """Blocks built or unpickled in threads: two plans must never share an id."""
     import sys
