@@ -314,8 +314,7 @@ def _unfused_log() -> Iterator[dict[str, str]]:
 
     class Handler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if (isinstance(record.msg, str) and record.msg.startswith("swap_inception: left") and record.args
-                    and record.args[0] != "<model>"):
+            if isinstance(record.msg, str) and record.msg.startswith("swap_inception: left") and record.args:
                 found[str(record.args[0])] = str(record.args[2])
 
     logger, handler = logging.getLogger("inception_fast"), Handler(logging.WARNING)

@@ -194,10 +194,11 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
             # A hook or parametrization also changes what tracing sees: say that, not its effect.
             if reason.near_miss and (refusal := _refusal(module)) is not None:
                 reason = NotAnInceptionBlock(refusal, near_miss=True)
-            if reason.near_miss or all(hasattr(module, f"branch{i}") for i in range(1, 5)):
+            if not name:  # the model itself: a network that does not parse as one block, no news
+                log.info("swap_inception: the model (%s) is not one Inception block: %s", type(module).__name__, reason)
+            elif reason.near_miss or all(hasattr(module, f"branch{i}") for i in range(1, 5)):
                 skipped.append(name)
-                log.warning("swap_inception: left %s (%s) unfused: %s", name or "<model>",
-                            type(module).__name__, reason)
+                log.warning("swap_inception: left %s (%s) unfused: %s", name, type(module).__name__, reason)
             else:
                 log.debug("swap_inception: %s (%s) is not an Inception block: %s", name, type(module).__name__, reason)
             continue

@@ -228,6 +228,21 @@ def test_a_backend_that_cannot_run_the_block_leaves_it_with_a_log_line(dtype, ca
     assert caplog.text.count("supports x of dtype float32 or float64") == 2
 
 
+def test_a_network_whose_top_level_looks_like_a_near_miss_is_no_warning(caplog):
+    """Two conv branches concatenated at the top of a network: not a block left unfused."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(Net())
+    assert "unfused" not in caplog.text
+
+
 def test_verify_disables_the_fp64_fallback(monkeypatch, caplog):
     """verify= asks for the fused block within that distance of the original itself."""
     real = torch.nn.functional.conv2d
