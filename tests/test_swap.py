@@ -243,6 +243,25 @@ def test_a_network_whose_top_level_looks_like_a_near_miss_is_no_warning(caplog):
     assert "unfused" not in caplog.text
 
 
+def test_fp32_on_a_gpu_under_default_flags_gets_one_note_on_the_trade(monkeypatch):
+    from inception_fast.swap import _precision_note
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    gpu_fp32 = {("cuda", torch.float32)}
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        note = _precision_note(gpu_fp32, "auto")
+        assert "exact fp32" in note and "TF32" in note and "bfloat16" in note
+        assert _precision_note({("cpu", torch.float32)}, "auto") is None
+        assert _precision_note({("cuda", torch.bfloat16)}, "auto") is None
+        assert _precision_note(gpu_fp32, "reference") is None
+        torch.backends.cuda.matmul.allow_tf32 = True  # the kernels run TF32 too
+        assert _precision_note(gpu_fp32, "auto") is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
 def test_verify_disables_the_fp64_fallback(monkeypatch, caplog):
     """verify= asks for the fused block within that distance of the original itself."""
     real = torch.nn.functional.conv2d
