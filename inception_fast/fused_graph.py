@@ -13,6 +13,7 @@ and running stats update exactly as before).
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 
 import torch
@@ -31,19 +32,22 @@ from .spec import Branch, BranchGraphSpec, Conv
 __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
 
 
-# Every distinct (flat plan, backward plan) of the process, by id: a module holds the int.
-_PLAN_TABLE: list[tuple[list[int], list[int]]] = []
-_PLAN_IDS: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-_PLAN_LOCK = threading.Lock()  # modules built or unpickled in threads: one id per plan, never two
+# Every (flat plan, backward plan) of the process by its id, which a module holds: a hash of
+# the plan's content, so that an id means the same plan in every process (a compiled
+# graph's guard on the id, replayed from a cache in another process, finds that plan).
+_PLAN_TABLE: dict[int, tuple[list[int], list[int]]] = {}
+_PLAN_LOCK = threading.Lock()  # modules built or unpickled in threads
 
 
 def _plan_id(flat_plan: list[int], backward_plan: list[int]) -> int:
-    key = (tuple(flat_plan), tuple(backward_plan))
+    plans = (list(flat_plan), list(backward_plan))
+    digest = hashlib.blake2b(repr(plans).encode(), digest_size=8).digest()
+    plan_id = int.from_bytes(digest, "little") >> 2  # 62 bits: an int64 constant to dynamo
     with _PLAN_LOCK:
-        if key not in _PLAN_IDS:
-            _PLAN_TABLE.append((list(flat_plan), list(backward_plan)))
-            _PLAN_IDS[key] = len(_PLAN_TABLE) - 1
-        return _PLAN_IDS[key]
+        known = _PLAN_TABLE.setdefault(plan_id, plans)
+    if known != plans:  # a 64-bit hash collision: never run one plan for the other
+        raise RuntimeError(f"plan id {plan_id} names two plans; please report this")
+    return plan_id
 
 
 @torch.compiler.assume_constant_result
@@ -326,8 +330,8 @@ class FusedBranchGraph(DropInBlock):
         return match_memory_format(x, y)
 
     def __setstate__(self, state: dict) -> None:
-        # Unpickled (torch.load of a whole model, deepcopy, a spawned worker): the id names a
-        # row of the process that pickled it; this process may hold another plan there.
+        # Unpickled (torch.load of a whole model, deepcopy, a spawned worker): this process's
+        # table may not hold the plan yet.
         super().__setstate__(state)
         self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
 

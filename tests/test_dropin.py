@@ -171,10 +171,8 @@ def test_a_pickled_model_loads_in_a_process_whose_plan_table_differs(pair, monke
     x = _x()
     buffer = io.BytesIO()
     torch.save(swapped, buffer)
-    # A fresh process: an empty table whose row 0 is some other plan (not a valid one:
-    # a run on it would raise, not compute something else).
-    monkeypatch.setattr(fused_graph, "_PLAN_TABLE", [])
-    monkeypatch.setattr(fused_graph, "_PLAN_IDS", {})
+    # A fresh process: a table that knows only some other plan.
+    monkeypatch.setattr(fused_graph, "_PLAN_TABLE", {})
     fused_graph._plan_id([0, 1, 2], [3])
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
@@ -201,6 +199,24 @@ def test_a_fused_block_runs_on_the_meta_device():
     fused = ifast.FusedBranchGraph.from_module(small_v3_block("B", 7), backend="cpu").eval().to("meta")
     y = fused(torch.empty(2, 7, 5, 5, device="meta"))
     assert y.is_meta and tuple(y.shape) == (2, 487, 2, 2)
+
+
+def test_a_plan_id_names_its_plan_in_every_process():
+    """Content-derived: the same plan gets the same id in a fresh process (a cached compiled
+    graph guarded on the id finds that plan), and different plans get different ids."""
+    import subprocess
+    import sys
+
+    from inception_fast import fused_graph
+
+    fused = ifast.FusedBranchGraph.from_module(small_v3_block("B", 7), backend="cpu")
+    other = ifast.FusedBranchGraph.from_module(small_v3_block("A", 9), backend="cpu")
+    assert fused._plan_id != other._plan_id
+    code = (f"from inception_fast.fused_graph import _plan_id; "
+            f"print(_plan_id({fused._flat_plan!r}, {fused._backward_plan!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout) == fused._plan_id
+    assert fused_graph._PLAN_TABLE[fused._plan_id] == (fused._flat_plan, fused._backward_plan)
 
 
 def test_plan_ids_stay_one_per_plan_under_threads():
