@@ -606,8 +606,8 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
 
 class _Slot(NamedTuple):
     src: int  # index into the call's tensor pool: x, out, buffers, B's, biases
-    weight: int  # (kh * kw * k_src, cols) B
-    bias: int  # (cols,)
+    weight: int  # its B, (kh * kw * k_src, cols)
+    bias: int  # its bias, (cols,)
     dests: list  # per column segment: (tensor index, first column, its channels, its first channel)
     rows: int
     k_src: int
@@ -662,7 +662,7 @@ class _StageProgram:
         self.constexprs = stage_constexprs(stage.kinds, len(first.dests))
         self.problem = (tuple(tuple(gemms[i]) for i in stage.gemms), tuple(s.k_src for s in slots), n, h, w)
         self.rows, self.cols = max(s.rows for s in slots), max(s.cols for s in slots)
-        self._tuned_keys: dict[tuple, tuple] = {}  # (dtype, device) -> autotune's key
+        self._tuned_keys: dict[tuple, tuple] = {}  # (dtype, dot precision, device) -> autotune's key
         self._args: dict[tuple, tuple] = {}  # (config, dtype) -> (grid, scalar arguments, keyword arguments)
 
     def _launch_args(self, cfg: KernelConfig, dtype: torch.dtype) -> tuple:
