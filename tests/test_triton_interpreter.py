@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs TRITON_INTERPRET=1 before import (make test runs this file that way)",
 )
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The fast tier runs half precision and the backward on the two cheapest grids only.
@@ -449,3 +450,73 @@ def test_out_sharing_memory_with_x_is_refused():
     x = torch.randn(2, 16, 3, 5).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="out must not share memory with x"), torch.no_grad():
         ifast.inception(x, *weights_of(reference_module(spec)), backend="triton", out=x)
+
+
+from inception_fast.ops.triton_gemm import round_tf32  # noqa: E402  (after the interpreter check)
+
+
+def _tf32_reference(t: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to the nearest TF32 value (10 stored mantissa bits), ties away from zero,
+    by arithmetic in fp64 (not by the kernels' bit trick); inf and NaN unchanged."""
+    t64 = t.double()
+    mag = t64.abs()
+    _, e = torch.frexp(mag)  # mag = m * 2**e, m in [0.5, 1)
+    ulp = torch.ldexp(torch.ones_like(mag), (e - 11).clamp_min(-136))  # fp32 subnormals: 2**-136 in TF32
+    rounded = torch.copysign(torch.floor(mag / ulp + 0.5) * ulp, t64)
+    return torch.where(torch.isfinite(t64), rounded, t64).to(t.dtype)
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, round_tf32(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+def test_tf32_rounding_is_to_nearest_with_ties_away_from_zero():
+    """What the tf32 dots are fed (the tensor cores would truncate an unrounded operand):
+    the kernels' round_tf32 and the host's round_tf32_host, bit for bit."""
+    from inception_fast.ops.triton_gemm import round_tf32_host
+
+    ulp1 = 2.0**-10  # TF32 spacing in [1, 2)
+    specials = [0.0, -0.0, 1.0, 1 + ulp1 / 2, -(1 + ulp1 / 2), 1 + ulp1 / 2 - 2**-23, 1 + 1.5 * ulp1,
+                3.4028234663852886e38, 1e-40, -1e-45, float("inf"), float("-inf"), float("nan")]
+    x = torch.cat([torch.tensor(specials), torch.randn(500) * 10.0 ** torch.randint(-30, 30, (500,))]).float()
+    want = _tf32_reference(x)
+    in_kernel = torch.empty_like(x)
+    _round_kernel[(1,)](x, in_kernel, x.numel(), BLOCK=1024)
+    for got in (in_kernel, round_tf32_host(x)):
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
+        assert got[3] == 1 + ulp1 and got[4] == -(1 + ulp1) and got[5] == 1.0 and got[6] == 1 + 2 * ulp1
+
+
+@pytest.fixture
+def tf32():
+    flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = flag
+
+
+def test_tf32_forward_feeds_its_dots_tf32_exact_operands(tf32, monkeypatch):
+    """With torch.backends.cuda.matmul.allow_tf32 every operand of the kernels' dots is
+    TF32-exact (x and B rounded on the host, intermediates in the epilogue; outputs are
+    rounded too), so the tensor cores' truncation drops nothing. The block then equals the
+    fp64 computation on rounded operands, to fp32 accumulation error, not to TF32's ~3e-4.
+    GoogLeNet's block: its max pool of rounded values is rounded (an average pool is not)."""
+    spec = AWKWARD_SPECS[0].values[0]
+    ref = reference_module(spec).double()
+    x = torch.randn(2, spec.in_channels, 5, 9, dtype=torch.float64)
+    got = run_poisoned(x.float(), weights_of(ref, torch.float32), "triton")
+    with torch.no_grad():
+        exact = ref(x.float().double())
+    real_conv = torch.nn.functional.conv2d
+    tf32_of = lambda t: _tf32_reference(t.float()).double()  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "conv2d",
+                        lambda inp, w, b=None, *a: tf32_of(real_conv(tf32_of(inp), tf32_of(w), b, *a)))
+    with torch.no_grad():
+        want = copy.deepcopy(ref).float().double()(x.float().double())
+    assert rel_err(got, want) <= 2e-6
+    assert rel_err(got, exact) > 1e-5  # it did run in TF32: exact fp32 would be ~1e-7 off

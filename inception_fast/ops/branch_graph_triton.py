@@ -45,6 +45,8 @@ from .triton_gemm import (
     mma,
     pixel_rows,
     prune_configs,
+    round_tf32,
+    round_tf32_host,
     tile_gemm,
     tuned_key,
     window_gemm,
@@ -224,7 +226,10 @@ def _slot_tile(
                                KIND == 6, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
-        y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(d0_ptr.dtype.element_ty)
+        y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        if INPUT_PRECISION == "tf32":  # the next dot reads it: TF32-exact, so nothing is truncated
+            y = round_tf32(y)
+        y = y.to(d0_ptr.dtype.element_ty)
         col = offs_n[None, :]
         if SEGMENTS == 1:
             _store_segment(d0_ptr, y, m0, rows, m_mask, col, 0, cols, ch0, at0)
@@ -589,6 +594,9 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     n, c, h, w = x.shape
     programs, buf_channels, out_channels, oh, ow = _programs(tuple(flat_plan), n, c, h, w)
     x = x.contiguous(memory_format=torch.channels_last)
+    if input_precision(x.dtype) == "tf32":  # operands TF32-exact before the dots (round_tf32_host)
+        x = round_tf32_host(x)
+        b = [round_tf32_host(t) for t in b]
     if out is None:
         out = torch.empty((n, out_channels, oh, ow), device=x.device, dtype=x.dtype,
                           memory_format=torch.channels_last)

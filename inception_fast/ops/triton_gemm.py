@@ -45,6 +45,8 @@ __all__ = [
     "mma",
     "pixel_rows",
     "prune_configs",
+    "round_tf32",
+    "round_tf32_host",
     "tile_gemm",
     "tuned_key",
     "window_gemm",
@@ -171,6 +173,28 @@ def autotune(kind: str, problem: tuple, x: torch.Tensor, configs: list[KernelCon
 
 
 # -- @triton.jit helpers ------------------------------------------------------------------
+
+
+def round_tf32_host(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor rounded to the nearest TF32 values (ties away from zero, as cuBLAS and
+    cuDNN round; inf kept, NaN kept): what the Triton kernels' tf32 dots are fed. tl.dot's
+    tf32 mode hands the tensor cores fp32 bits and the hardware drops the low 13 mantissa
+    bits, a truncation whose bias adds up over K (triton issue 4574). On an H200 that put
+    our TF32 Inception-v3 blocks 4-6x further from fp64 than cuDNN's. Rounding inside the
+    main loop gave sm_80 configs stack frames, so the operands are rounded where they are
+    made: x and B here, once per call, and every intermediate in the epilogue that stores
+    it (round_tf32)."""
+    rounded = ((t.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    return torch.where(torch.isnan(t), t, rounded)
+
+
+@triton.jit
+def round_tf32(x):
+    """round_tf32_host inside a kernel (integer ops, so the interpreter runs it too)."""
+    # -8192 = 0xFFFFE000: keep sign, exponent and 10 mantissa bits. An infinity comes
+    # through (mantissa 0); a NaN could carry into inf or -0, so it is kept as is.
+    rounded = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
 
 
 @triton.jit
