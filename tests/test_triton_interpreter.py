@@ -520,3 +520,36 @@ def test_tf32_forward_feeds_its_dots_tf32_exact_operands(tf32, monkeypatch):
         want = copy.deepcopy(ref).float().double()(x.float().double())
     assert rel_err(got, want) <= 2e-6
     assert rel_err(got, exact) > 1e-5  # it did run in TF32: exact fp32 would be ~1e-7 off
+
+
+def test_tf32_backward_feeds_its_dots_tf32_exact_operands(tf32, monkeypatch):
+    """The backward's three Triton kernels (data gradient, max-pool gradient, input gradient)
+    get TF32-exact dot operands in tf32 (rounded on the host). (Their values against fp64
+    need data on which no ReLU mask flips with rounding: the GPU check's dyadic cases.)"""
+    from inception_fast.ops import branch_graph_triton as bgt
+    from inception_fast.ops.triton_gemm import round_tf32_host
+
+    checked = []
+
+    def checking(kernel, operands):
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    for i in operands(args):
+                        assert torch.equal(round_tf32_host(args[i]), args[i]), (kernel, i)
+                        checked.append(kernel)
+                    return getattr(bgt, f"_real{kernel}")[grid](*args, **kwargs)
+                return run
+        return Launch()
+
+    for kernel, operands in (("_graph_dgrad_kernel", lambda a: (0, 1)), ("_graph_pool_grad_kernel", lambda a: (0, 1)),
+                             ("_graph_input_grad_kernel", lambda a: (0, 1) if a[9] > 0 else ())):
+        monkeypatch.setattr(bgt, f"_real{kernel}", getattr(bgt, kernel), raising=False)
+        monkeypatch.setattr(bgt, kernel, checking(kernel, operands))
+    spec = AWKWARD_SPECS[0].values[0]
+    fused = ifast.FusedInception.from_module(reference_module(spec).train(), backend="triton").train()
+    x = torch.randn(2, spec.in_channels, 5, 9)
+    grad_out = torch.randn(2, spec.out_channels, 5, 9)
+    got = _grads(fused, x, grad_out)
+    assert {"_graph_dgrad_kernel", "_graph_pool_grad_kernel", "_graph_input_grad_kernel"} <= set(checked)
+    assert all(torch.isfinite(g).all() for g in got)

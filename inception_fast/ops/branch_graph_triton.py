@@ -740,11 +740,14 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
     exact = exact_fp32(x.dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     m = n * h * w
+    # In tf32 every operand of the Triton dots is rounded to nearest first (round_tf32_host:
+    # the tensor cores would truncate it); x itself only feeds comparisons here.
+    dot_operand = round_tf32_host if input_precision(x.dtype) == "tf32" else (lambda t: t)
 
     def max_pool_grad(g, weight, need_dx):
-        g = g.contiguous()  # (M, cp)
+        g = dot_operand(g.contiguous())  # (M, cp)
         cp = weight.shape[0]
-        wp = weight.flatten(1).contiguous()  # (cp, C)
+        wp = dot_operand(weight.flatten(1).contiguous())  # (cp, C)
         pooled = torch.empty((m, c), device=x.device, dtype=x.dtype)
         argmax = torch.empty((m, c), device=x.device, dtype=torch.int8)
         d_pooled = torch.empty((m, c), device=x.device, dtype=x.dtype) if need_dx else pooled  # unwritten without DX
@@ -761,8 +764,8 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
 
         def pool_dx(a, w_shared):
             k = 0 if a is None else a.shape[1]
-            a = d_pooled if a is None else a.contiguous()  # (M, K); d_pooled stands in for K = 0, never read
-            w_shared = d_pooled if w_shared is None else w_shared.contiguous()  # (K, C)
+            a = d_pooled if a is None else dot_operand(a.contiguous())  # (M, K); d_pooled stands in for K = 0
+            w_shared = d_pooled if w_shared is None else dot_operand(w_shared.contiguous())  # (K, C)
             dx = torch.empty((m, c), device=x.device, dtype=x.dtype)
 
             def launch(cfg: KernelConfig):
@@ -780,8 +783,8 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
         t = intermediate.contiguous()
         cols, k_g = weight.shape[1], weight.shape[0]
         d = torch.empty_like(t) if d_so_far is None else d_so_far.reshape(t.shape)
-        b = flipped_gemm_b(weight)
-        g = g.contiguous()
+        b = dot_operand(flipped_gemm_b(weight))
+        g = dot_operand(g.contiguous())
         rows = m
 
         def launch(cfg: KernelConfig):
