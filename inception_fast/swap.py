@@ -224,4 +224,6 @@ def _precision_note(placements: set[tuple[str, torch.dtype]], backend: str) -> s
         return None
     return ("the fused blocks run exact fp32 on the GPU (torch.backends.cuda.matmul.allow_tf32 is False) where "
             "the original convolutions ran TF32 (torch.backends.cudnn.allow_tf32 is True): nearer fp64, and "
-            "slower (0.58x on inception_v3 at batch 32 on an H200). For speed, run the model in bfloat16.")
+            "slower (0.58x on inception_v3 at batch 32 on an H200). For speed, run the model in bfloat16 "
+            "(1.64x there), or set torch.backends.cuda.matmul.allow_tf32 = True for TF32 like the original "
+            "(operands rounded as cuDNN rounds them; not yet measured on a GPU).")
