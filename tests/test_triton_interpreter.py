@@ -553,3 +553,53 @@ def test_tf32_backward_feeds_its_dots_tf32_exact_operands(tf32, monkeypatch):
     got = _grads(fused, x, grad_out)
     assert {"_graph_dgrad_kernel", "_graph_pool_grad_kernel", "_graph_input_grad_kernel"} <= set(checked)
     assert all(torch.isfinite(g).all() for g in got)
+
+
+@triton.jit
+def _truncating_mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """What a GPU's tf32 dot does with fp32 operands: drop their low 13 mantissa bits."""
+    if INPUT_PRECISION == "tf32":
+        a = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        b = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@pytest.mark.parametrize("kind", ["googlenet", "InceptionB", "InceptionD"])
+def test_tf32_results_do_not_change_when_the_dots_truncate_as_a_gpu_does(kind, tf32, monkeypatch):
+    """The interpreter's tf32 dot is exact fp32; a GPU's truncates its operands. With every
+    operand TF32-exact the truncation drops nothing: forward and every gradient are the
+    same bit for bit with a truncating dot. (An average-pool branch, InceptionA/C/E, still
+    feeds an unrounded pooled operand: there they differ, by ~3e-5 to 1e-4.)"""
+    from conftest import small_v3_block
+    from inception_fast.ops import branch_graph_triton as bgt
+    from inception_fast.ops import triton_gemm as tg
+
+    # GoogLeNet's reference block has no BN: train mode. torchvision's v3 blocks have BN:
+    # eval mode (frozen statistics), where the fused backward runs.
+    if kind == "googlenet":
+        block, shape, fuse = reference_module(AWKWARD_SPECS[0].values[0]).train(), (2, 13, 5, 6), ifast.FusedInception
+    else:
+        block, shape, fuse = small_v3_block(kind[-1], 16).eval(), (2, 16, 7, 7), ifast.FusedBranchGraph
+    x = torch.randn(shape)
+    launches = []
+    real_kernel = bgt._graph_stage_kernel
+
+    def run(mma):
+        monkeypatch.setattr(bgt, "mma", mma)
+        monkeypatch.setattr(tg, "mma", mma)
+        fused = fuse.from_module(copy.deepcopy(block), backend="triton")
+        xg = x.clone().requires_grad_()
+        y = fused(xg)
+        y.backward(torch.ones_like(y))
+        return [y.detach(), xg.grad, *(p.grad for p in fused.parameters())]
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_kernel[grid]
+
+    monkeypatch.setattr(bgt, "_graph_stage_kernel", Counting())
+    exact, truncating = run(tg.mma), run(_truncating_mma)
+    assert launches  # the fused kernels ran (not the original branches)
+    for i, (a, b) in enumerate(zip(exact, truncating)):
+        assert torch.equal(a, b), i

@@ -183,7 +183,10 @@ def round_tf32_host(t: torch.Tensor) -> torch.Tensor:
     our TF32 Inception-v3 blocks 4-6x further from fp64 than cuDNN's. Rounding inside the
     main loop gave sm_80 configs stack frames, so the operands are rounded where they are
     made: x and B here, once per call, and every intermediate in the epilogue that stores
-    it (round_tf32)."""
+    it (round_tf32; the block's outputs too, which no dot of its own reads). Left
+    truncated: an average-pool slot's pooled operand, made inside the main loop. Raises TypeError for another dtype (its bits would be misread)."""
+    if t.dtype != torch.float32:
+        raise TypeError(f"round_tf32_host rounds float32 tensors, got {t.dtype}")
     rounded = ((t.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
     return torch.where(torch.isnan(t), t, rounded)
 
