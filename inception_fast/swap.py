@@ -154,8 +154,9 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
     the block's dtype; relative L2 error within SELF_CHECK_RTOL, or `verify` when that is
     tighter; or, without `verify`, where the original itself rounds more than the kernel, as
     fp32 convolutions in cuDNN's default TF32 do, within 2x the original's own error against
-    fp64, an error its dtype's rounding explains). A block that fails, that cannot be proven equivalent, or that carries hooks or
-    parametrizations (prune, weight/spectral norm) is left alone, and the log says why.
+    fp64, an error its dtype's rounding explains). A block that fails, that cannot be proven
+    equivalent, that carries hooks or parametrizations (prune, weight/spectral norm), or that
+    a backend named by the caller cannot run is left alone, and the log says why.
 
     Raises TypeError (model not a module, or itself a block) and ValueError (backend,
     verify) before touching the model.
