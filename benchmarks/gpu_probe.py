@@ -35,16 +35,17 @@ from pathlib import Path
 
 import torch
 
-from inception_fast.bench import do_bench_median
+from inception_fast.bench import _sync, do_bench_median
 from inception_fast.fused import FusedInception
 from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.gpu_check import _dyadic, _dyadic_, cuda_graph_ms, precision
 from inception_fast.reference import ReferenceInception
 from inception_fast.spec import GOOGLENET_INCEPTION, InceptionSpec
+from inception_fast.verify import _error
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
+    return _error("", got, want).rel
 
 
 def wgrad_exactness(dev, blocks, batch: int) -> list[dict]:
@@ -93,14 +94,12 @@ def host_us(fn, dev, calls: int = 200) -> float:
     """Median of 5 runs of `calls` back-to-back calls, host time per call (no sync inside)."""
     out = []
     for _ in range(5):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
         t = time.perf_counter()
         for _ in range(calls):
             fn()
         out.append((time.perf_counter() - t) / calls * 1e6)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
     return statistics.median(out)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench import _compiled, machine_info
+from .bench import _compiled, _sync, machine_info
 from .fused import FusedInception
 from .fused_graph import FusedBranchGraph
 from .swap import swap_inception
@@ -300,11 +300,6 @@ def _pass(run: Callable[[torch.Tensor], torch.Tensor], batches: Iterator[torch.T
             if keep:
                 features.append(y.float().numpy(force=True))
     return seconds, np.concatenate(features) if keep else None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
