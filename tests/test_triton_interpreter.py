@@ -490,6 +490,8 @@ def test_tf32_rounding_is_to_nearest_with_ties_away_from_zero():
         finite = ~want.isnan()
         assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
         assert got[3] == 1 + ulp1 and got[4] == -(1 + ulp1) and got[5] == 1.0 and got[6] == 1 + 2 * ulp1
+    with pytest.raises(TypeError, match="float32"):  # another dtype's bits would be misread
+        round_tf32_host(torch.zeros(4, 2, dtype=torch.float16))
 
 
 @pytest.fixture
