@@ -36,4 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("h"), py::arg("w"));
   m.def("panel_width", [](at::ScalarType dtype) { return inception_fast::panel_width(dtype); },
         "Columns per packed weight panel for a dtype", py::arg("dtype"));
+  m.def("bf16_path", [] { return std::string(inception_fast::bf16::kPath); },
+        "How this build's bf16 GEMM multiplies: AVX512-BF16 dot products or widened fp32 FMAs");
 }

@@ -1,8 +1,12 @@
 // The register-tiled GEMM shared by the CPU kernels: pointer-addressed A rows (implicit
 // GEMM over NHWC planes), B packed in panels of two SIMD vectors, and an epilogue that adds
 // the bias, applies ReLU and stores into channel slices of NHWC destinations.
+//
+// Storage types float, double and bfloat16; bf16 accumulates in fp32 (acc_t), with B packed
+// in VNNI pairs (bf16_dot.h): the AVX512-BF16 dot product where the compiler targets it.
 #pragma once
 
+#include "bf16_dot.h"
 #include "nhwc.h"
 
 #include <ATen/ATen.h>
@@ -20,8 +24,25 @@ namespace gemm {
 // the two B vectors and one broadcast A value.
 constexpr int kMR = 12;
 
+// What T accumulates in: T itself, except bf16 -> fp32 (the sums of vdpbf16ps).
 template <typename T>
-constexpr int kNR = 2 * Simd<T>::kLanes;
+struct Accum {
+  using type = T;
+};
+template <>
+struct Accum<c10::BFloat16> {
+  using type = float;
+};
+template <typename T>
+using acc_t = typename Accum<T>::type;
+
+// K rows of B per packed step: bf16 pairs them (VNNI), so a tap's K rows round up to even.
+template <typename T>
+constexpr int kPack = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+
+// Columns of a register tile: two SIMD vectors of the accumulator type.
+template <typename T>
+constexpr int kNR = 2 * Simd<acc_t<T>>::kLanes;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -43,8 +64,8 @@ struct KChunk {
 // C = relu(A @ B + bias), A rows given by pointers, A's K index split into taps.
 template <typename T>
 struct Gemm {
-  const T* b_packed;                // (panels, taps * k_per_tap, kNR)
-  const T* bias;                    // (cols,)
+  const T* b_packed;                // (panels, taps * k_stride(), kNR); bf16: row pairs interleaved
+  const acc_t<T>* bias;             // (cols,)
   int64_t cols;
   int64_t k_per_tap;                // channels read at each tap
   std::vector<int64_t> tap_offset;  // element offset of each tap from a row's window origin
@@ -52,7 +73,9 @@ struct Gemm {
   std::vector<KChunk> chunks;       // filled by plan_chunks()
 
   int64_t panels() const { return ceil_div(cols, kNR<T>); }
-  int64_t k_total() const { return static_cast<int64_t>(tap_offset.size()) * k_per_tap; }
+  // B rows per tap: k_per_tap, rounded up to whole pairs for bf16 (a zero row pads an odd tap).
+  int64_t k_stride() const { return ceil_div(k_per_tap, kPack<T>) * kPack<T>; }
+  int64_t k_total() const { return static_cast<int64_t>(tap_offset.size()) * k_stride(); }
 };
 
 // Half of a 48 KB L1: the B chunk of one panel, with room left for the A rows it meets.
@@ -98,10 +121,11 @@ constexpr int64_t kSplitColumnsBelowRows = 6 * kMR;
 
 template <typename T>
 void plan_chunks(Gemm<T>& g) {
-  const int64_t k_max = std::max<int64_t>(1, kChunkBytes / (kNR<T> * sizeof(T)));
+  // A multiple of kPack, so that a chunk inside a tap starts on a pair.
+  const int64_t k_max = std::max<int64_t>(kPack<T>, kChunkBytes / (kNR<T> * sizeof(T)) / kPack<T> * kPack<T>);
   const int64_t taps = static_cast<int64_t>(g.tap_offset.size());
-  if (g.k_per_tap <= k_max) {
-    const int64_t step = k_max / g.k_per_tap;
+  if (g.k_stride() <= k_max) {
+    const int64_t step = k_max / g.k_stride();
     for (int64_t t = 0; t < taps; t += step)
       g.chunks.push_back({t, std::min(step, taps - t), 0, g.k_per_tap});
   } else {
@@ -167,14 +191,85 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk&
   }
 }
 
+// The bf16 twin of micro_tile: B in VNNI pairs (two K rows interleaved per column), fp32
+// sums, each pair of A's channels broadcast as one 32-bit word into bf16_dot.h's dot2. An
+// odd tap (k_per_tap odd) ends on a half pair: its A word carries a zero upper half, and
+// the packed B a zero row, so the next pixel's channel is never read into a sum.
+template <int MR>
+void micro_tile_bf16(const c10::BFloat16* const* a_rows, const int64_t* tap_offset, const KChunk& chunk,
+                     const c10::BFloat16* b, float* tile /* MR x kNR */, bool accumulate,
+                     c10::BFloat16* const* dst, const float* bias /* kNR, with dst */) {
+  using Vec = Simd<float>::Vec;
+  constexpr int L = Simd<float>::kLanes;
+  Vec acc0[MR], acc1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    if (accumulate) {
+      std::memcpy(&acc0[i], tile + i * 2 * L, sizeof(Vec));
+      std::memcpy(&acc1[i], tile + i * 2 * L + L, sizeof(Vec));
+    } else {
+      acc0[i] = acc1[i] = Vec{};
+    }
+  }
+  const int64_t pairs = chunk.c_count / 2;
+  for (int64_t t = chunk.tap_begin; t < chunk.tap_begin + chunk.taps; ++t) {
+    const uint16_t* a[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) a[i] = reinterpret_cast<const uint16_t*>(a_rows[i] + tap_offset[t] + chunk.c_begin);
+    for (int64_t p = 0; p < pairs; ++p, b += 4 * L) {
+      const bf16::Pairs b0 = bf16::load_pairs(b), b1 = bf16::load_pairs(b + 2 * L);
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        uint32_t ai;
+        std::memcpy(&ai, a[i] + 2 * p, sizeof(ai));
+        acc0[i] = bf16::dot2(acc0[i], ai, b0);
+        acc1[i] = bf16::dot2(acc1[i], ai, b1);
+      }
+    }
+    if (chunk.c_count % 2 != 0) {  // the half pair
+      const bf16::Pairs b0 = bf16::load_pairs(b), b1 = bf16::load_pairs(b + 2 * L);
+      b += 4 * L;
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        const uint32_t ai = a[i][2 * pairs];
+        acc0[i] = bf16::dot2(acc0[i], ai, b0);
+        acc1[i] = bf16::dot2(acc1[i], ai, b1);
+      }
+    }
+  }
+  if (dst != nullptr) {
+    Vec bias0, bias1;
+    std::memcpy(&bias0, bias, sizeof(Vec));
+    std::memcpy(&bias1, bias + L, sizeof(Vec));
+    const Vec zero{};
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      Vec v0 = acc0[i] + bias0, v1 = acc1[i] + bias1;
+      v0 = v0 < zero ? zero : v0;  // keeps NaN, like torch.relu
+      v1 = v1 < zero ? zero : v1;
+      bf16::store(dst[i], v0);
+      bf16::store(dst[i] + L, v1);
+    }
+    return;
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    std::memcpy(tile + i * 2 * L, &acc0[i], sizeof(Vec));
+    std::memcpy(tile + i * 2 * L + L, &acc1[i], sizeof(Vec));
+  }
+}
+
 template <typename T>
-using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, const T*, T*, bool,
-                             T* const*, const T*);
+using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, const T*, acc_t<T>*, bool,
+                             T* const*, const acc_t<T>*);
 
 // The micro-kernel for each row count 1..kMR, so that a block's last tile needs no padding.
 template <typename T, int... MR>
 constexpr std::array<MicroTileFn<T>, sizeof...(MR)> make_table(std::integer_sequence<int, MR...>) {
-  return {&micro_tile<T, MR + 1>...};
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return {&micro_tile_bf16<MR + 1>...};
+  else
+    return {&micro_tile<T, MR + 1>...};
 }
 template <typename T>
 constexpr auto kMicroTiles = make_table<T>(std::make_integer_sequence<int, kMR>{});
@@ -183,6 +278,13 @@ constexpr auto kMicroTiles = make_table<T>(std::make_integer_sequence<int, kMR>{
 template <typename T>
 inline T relu(T v) {
   return v < T(0) ? T(0) : v;
+}
+
+// What a sum of storage type T rounds to T through: c10's round-to-nearest-even for bf16
+// (bf16::store's rounding, bit for bit), identity otherwise.
+template <typename T>
+inline T narrow(acc_t<T> v) {
+  return static_cast<T>(v);
 }
 
 // Runs `gemm` for rows whose A rows start at a_rows[i] and whose destination pixels are
@@ -195,7 +297,7 @@ inline T relu(T v) {
 // the block's A rows and partial sums stay in L2.
 template <typename T>
 void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
-              const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* acc, int64_t part,
+              const int64_t* pix_h, const int64_t* pix_w, int64_t rows, acc_t<T>* acc, int64_t part,
               int64_t parts) {
   constexpr int NR = kNR<T>;
   const int64_t panels = gemm.panels(), k_total = gemm.k_total();
@@ -218,7 +320,7 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
   for (size_t c = 0; c < gemm.chunks.size(); ++c) {
     const KChunk& chunk = gemm.chunks[c];
     const bool last = c + 1 == gemm.chunks.size();
-    const int64_t b_row = chunk.tap_begin * gemm.k_per_tap + chunk.c_begin;
+    const int64_t b_row = chunk.tap_begin * gemm.k_stride() + chunk.c_begin;
     for (int64_t p = p_begin; p < p_end; ++p) {
       const T* b = gemm.b_packed + (p * k_total + b_row) * NR;
       const Segment<T>* direct = last ? direct_segment(p) : nullptr;
@@ -237,18 +339,39 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
     const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - r0));
     for (int64_t p = p_begin; p < p_end; ++p) {
       if (direct_segment(p) != nullptr) continue;
-      const T* tile = acc + (rt * panels + p) * kMR * NR;
+      const acc_t<T>* tile = acc + (rt * panels + p) * kMR * NR;
       const int64_t col0 = p * NR, col1 = std::min(col0 + NR, gemm.cols);
       for (const Segment<T>& seg : gemm.segments) {
         const int64_t lo = std::max(col0, seg.begin), hi = std::min(col1, seg.end);
         if (lo >= hi) continue;
         point_rows(seg, r0, mr, 0);
         for (int i = 0; i < mr; ++i) {
-          const T* src = tile + i * NR - col0;
+          const acc_t<T>* src = tile + i * NR - col0;
           T* dst = dst_rows[i];
-          for (int64_t j = lo; j < hi; ++j) dst[j] = relu(src[j] + gemm.bias[j]);
+          for (int64_t j = lo; j < hi; ++j) dst[j] = narrow<T>(relu(src[j] + gemm.bias[j]));
         }
       }
+    }
+  }
+}
+
+// out[c] = max(out[c], in[c]) for c < C; NaN wins, as in torch.max_pool2d. bf16 compares
+// in fp32 on the raw bits (widening is a shift, and the max is one of the inputs, so
+// narrowing back is exact): c10::BFloat16's operators convert one element at a time and
+// leave the loop scalar, 10x slower.
+template <typename T>
+inline void max_into(T* out, const T* in, int64_t C) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    auto* o = reinterpret_cast<uint16_t*>(out);
+    const auto* v = reinterpret_cast<const uint16_t*>(in);
+    for (int64_t c = 0; c < C; ++c) {
+      const float a = bf16::widen(uint32_t(o[c]) << 16), b = bf16::widen(uint32_t(v[c]) << 16);
+      o[c] = (b > a || b != b) ? v[c] : o[c];
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = in[c];
+      out[c] = (v > out[c] || v != v) ? v : out[c];
     }
   }
 }
@@ -266,11 +389,7 @@ void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
       if (h + dy < 0 || h + dy >= H) continue;
       for (int64_t dx = -1; dx <= 1; ++dx) {
         if ((dy == 0 && dx == 0) || w + dx < 0 || w + dx >= W) continue;
-        const T* in = x.interior_row(n, h + dy, w + dx);
-        for (int64_t c = 0; c < C; ++c) {
-          const T v = in[c];
-          out[c] = (v > out[c] || v != v) ? v : out[c];
-        }
+        max_into(out, x.interior_row(n, h + dy, w + dx), C);
       }
     }
   }
@@ -284,24 +403,33 @@ enum class PoolDivisor { kNine, kInBounds, kNone };
 // pooled[i][c] = sum of x over the 3x3 window around pixel i (row-major, in-bounds
 // pixels), divided as `divisor` says.
 // Row i of pooled starts at pooled + i * ld (ld >= C: rows may sit inside a wider matrix).
+// bf16 sums in fp32 and rounds once, as ATen's bf16 average pool does.
 template <typename T>
 void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
                    const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled, int64_t ld,
                    PoolDivisor divisor = PoolDivisor::kNine) {
+  using A = acc_t<T>;
+  constexpr bool kWide = !std::is_same_v<A, T>;
+  std::vector<A> wide(kWide ? C : 0);  // bf16's fp32 sums of one row
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
-    T* out = pooled + i * ld;
-    std::fill(out, out + C, T(0));
+    T* row = pooled + i * ld;
+    A* out;
+    if constexpr (kWide) out = wide.data(); else out = row;
+    std::fill(out, out + C, A(0));
     const int64_t h0 = std::max<int64_t>(h - 1, 0), h1 = std::min(h + 1, H - 1);
     const int64_t w0 = std::max<int64_t>(w - 1, 0), w1 = std::min(w + 1, W - 1);
     for (int64_t hh = h0; hh <= h1; ++hh)
       for (int64_t ww = w0; ww <= w1; ++ww) {
         const T* in = x.interior_row(n, hh, ww);
-        for (int64_t c = 0; c < C; ++c) out[c] += in[c];
+        for (int64_t c = 0; c < C; ++c) out[c] += static_cast<A>(in[c]);
       }
-    if (divisor == PoolDivisor::kNone) continue;
-    const T count = divisor == PoolDivisor::kNine ? T(9) : T((h1 - h0 + 1) * (w1 - w0 + 1));
-    for (int64_t c = 0; c < C; ++c) out[c] /= count;
+    if (divisor != PoolDivisor::kNone) {
+      const A count = divisor == PoolDivisor::kNine ? A(9) : A((h1 - h0 + 1) * (w1 - w0 + 1));
+      for (int64_t c = 0; c < C; ++c) out[c] /= count;
+    }
+    if constexpr (kWide)
+      for (int64_t c = 0; c < C; ++c) row[c] = narrow<T>(out[c]);
   }
 }
 
@@ -331,13 +459,15 @@ Plane<T> padded_plane(const at::Tensor& buf, int64_t H, int64_t W, int64_t C, in
 
 }  // namespace gemm
 
-// Columns of one packed weight panel for `dtype`: two SIMD vectors of 64 bytes.
-// Python packs B as (ceil(cols / width), K, width), zero-padded past the last column.
+// Columns of one packed weight panel for `dtype`: two 64-byte SIMD vectors of its
+// accumulator. Python packs B as (ceil(cols / width), K, width), zero-padded past the last
+// column; bf16 in VNNI pairs, each tap's K rounded up to even (gemm::Gemm::k_stride).
 inline int64_t panel_width(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: return gemm::kNR<float>;
     case at::kDouble: return gemm::kNR<double>;
-    default: TORCH_CHECK(false, "inception_fast CPU kernel supports float32 and float64, got ", dtype);
+    case at::kBFloat16: return gemm::kNR<c10::BFloat16>;
+    default: TORCH_CHECK(false, "inception_fast CPU kernel supports float32, float64 and bfloat16, got ", dtype);
   }
 }
 

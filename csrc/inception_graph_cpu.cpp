@@ -80,10 +80,7 @@ void max_pool_stride2_rows(const Plane<const T>& x, int64_t c0, int64_t c1, cons
     T* out = dst.interior_row(n, pix_h[i], pix_w[i]) + channel;
     std::memcpy(out + c0, x.interior_row(n, h0, w0) + c0, (c1 - c0) * sizeof(T));
     for (int64_t dy = 0; dy < 3; ++dy)
-      for (int64_t dx = 0; dx < 3; ++dx) {
-        const T* in = x.interior_row(n, h0 + dy, w0 + dx);
-        for (int64_t c = c0; c < c1; ++c) out[c] = (in[c] > out[c] || in[c] != in[c]) ? in[c] : out[c];
-      }
+      for (int64_t dx = 0; dx < 3; ++dx) max_into(out + c0, x.interior_row(n, h0 + dy, w0 + dx) + c0, c1 - c0);
   }
 }
 
@@ -108,7 +105,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     const GemmDesc& d = descs[g];
     const int64_t k_per_tap = d.source >= 0 ? buf_channels[d.source] : C;
     const bool has_weights = d.source != kSourceMaxPoolCopy;
-    Gemm<T> gm{has_weights ? b[g].data_ptr<T>() : nullptr, has_weights ? bias[g].data_ptr<T>() : nullptr,
+    Gemm<T> gm{has_weights ? b[g].data_ptr<T>() : nullptr, has_weights ? bias[g].data_ptr<acc_t<T>>() : nullptr,
                d.cols, k_per_tap, {}, {}, {}};
     // Tap offsets from a row's window corner, (h * stride - pad_h, w * stride - pad_w).
     const int64_t sh = d.source >= 0 ? planes[d.source].stride_h : x_plane.stride_h;
@@ -140,11 +137,12 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     int64_t block;
     std::vector<int64_t> pix;
     std::vector<const T*> a_rows;
-    std::vector<T> acc, pooled;
+    std::vector<acc_t<T>> acc;
+    std::vector<T> pooled;
   };
   auto make_scratch = [&](int64_t block) {
     return Scratch{block, std::vector<int64_t>(3 * block), std::vector<const T*>(block),
-                   std::vector<T>(ceil_div(block, kMR) * max_panels * kMR * kNR<T>),
+                   std::vector<acc_t<T>>(ceil_div(block, kMR) * max_panels * kMR * kNR<T>),
                    std::vector<T>(pools ? block * C : 0)};
   };
   // GEMM g over one block of pixel rows of its grid, for column part `part` of `parts` (a
@@ -341,6 +339,9 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     bias.push_back(bias_in[g].contiguous());
   }
   const int64_t C = x_in.size(1), width = panel_width(x_in.scalar_type());
+  // bf16 sums (and so its biases) are fp32, and its B rows come in pairs per tap.
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+  const at::ScalarType bias_type = bf16 ? at::kFloat : x_in.scalar_type();
   for (size_t g = 0; g < p.descs.size(); ++g) {
     const GemmDesc& d = p.descs[g];
     if (d.source == kSourceMaxPoolCopy) {
@@ -348,16 +349,16 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
       continue;  // no weights
     }
     const bool pooled_rows = pooled_source(d.source);
-    const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (d.source >= 0 ? p.buf_channels[d.source] : C);
+    const int64_t channels = d.source >= 0 ? p.buf_channels[d.source] : C;
+    const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (bf16 ? ceil_div(channels, 2) * 2 : channels);
     TORCH_CHECK(b[g].device().is_cpu() && bias[g].device().is_cpu(), "packed B and bias of GEMM ", g,
                 " must be CPU tensors, got ", b[g].device(), " and ", bias[g].device());
     TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].dim() == 3 &&
                     b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,
                 "packed B of GEMM ", g, " must be a (", ceil_div(d.cols, width), ", ", k, ", ", width,
                 ") tensor of x's dtype, got ", b[g].sizes(), " of ", b[g].scalar_type());
-    TORCH_CHECK(bias[g].scalar_type() == x_in.scalar_type() && bias[g].dim() == 1 &&
-                    bias[g].size(0) == d.cols,
-                "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of x's dtype");
+    TORCH_CHECK(bias[g].scalar_type() == bias_type && bias[g].dim() == 1 && bias[g].size(0) == d.cols,
+                "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of ", bias_type, " (x's accumulator type)");
   }
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   // A grid-reduction block (stride 2) ends in 3x3 stride-2 unpadded convolutions and pool.
@@ -382,7 +383,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     bufs.push_back(at::empty({N, H + 2 * pad, W + 2 * pad, p.buf_channels[k]}, x.options()));
   }
   if (out.numel() == 0 || x.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "inception_graph_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "inception_graph_forward", [&] {
     graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, out);
   });
   return out;

@@ -16,8 +16,8 @@ construction:
 * any forward/backward hook or parametrization on an inner module (added after
   the swap: the swap refuses blocks that already have them), and any global
   module hook: the original, so that every hook fires as it would;
-* autocast where the fused kernel lacks the autocast dtype (the C++ kernel is
-  fp32/fp64): the original, which autocast runs as usual;
+* autocast where the fused kernel lacks the autocast dtype (the C++ kernel has
+  fp32, fp64 and bf16, not fp16): the original, which autocast runs as usual;
 * forward-mode AD (inside torch.autograd.forward_ad.dual_level): the original;
 * any BN in train mode, or without running statistics (a BN cannot be folded then):
   the original, which also updates the running statistics.
@@ -172,14 +172,19 @@ class DropInBlock(nn.Module):
     def _kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None] | None:
         """(x as the fused kernel takes it, autocast's dtype or None), or None when only the
         original can run this call as autocast would: under autocast the fused kernels run in
-        the autocast dtype on Triton alone (the C++ kernel is fp32/fp64)."""
+        the autocast dtype where a kernel has it (Triton: fp16 and bf16; the C++ kernel: bf16,
+        CPU autocast's default)."""
         dtype = autocast_dtype(x)
         if dtype is None:
             return x, None
-        if self.backend not in ("auto", "triton"):
+        if self.backend == "reference":
             return None
         x_cast = x.to(dtype)
-        return (x_cast, dtype) if resolve_backend(self.backend, x_cast) == "triton" else None
+        try:
+            backend = resolve_backend(self.backend, x_cast)
+        except TypeError:  # backend="cpu" under fp16 autocast: the original, as autocast runs it
+            return None
+        return (x_cast, dtype) if backend in ("triton", "cpu") else None
 
     def _run_original(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy) and self._traced is not None:

@@ -326,7 +326,13 @@ class FusedBranchGraph(DropInBlock):
                 w, b = tail if tail is not None else (self._units[n].conv.weight, self._units[n].conv.bias)
                 if dtype is not None:
                     w, b = w.to(dtype), (None if b is None else b.to(dtype))
-                y = residual_tail(x_run, y, w, b, self.graph.residual.scale, self.graph.residual.relu)
+                # x itself, not its autocast copy: eager adds the bf16 tail to x as it is,
+                # which promotes (autocast's bf16 + float32 x gives float32).
+                y = residual_tail(x, y, w, b, self.graph.residual.scale, self.graph.residual.relu)
+            elif dtype is not None and self.graph.stride == 2 and self.graph.pool is not None:
+                # Eager's grid reduction concatenates the max pool of x as it is with the
+                # convolutions' autocast outputs, and torch.cat promotes.
+                y = y.to(torch.promote_types(dtype, x.dtype))
         return match_memory_format(x, y)
 
     def __setstate__(self, state: dict) -> None:

@@ -5,8 +5,12 @@ Layouts, for a convolution weight W (cout, cin, kh, kw) in PyTorch's Conv2d layo
               and, within a tap, channel by channel, the order in which NHWC stores a
               pixel's channels, so every tap reads contiguous memory (Triton reads this);
   CPU panels  (ceil(cols / width), K, width): B cut into panels of `width` columns, two
-              64-byte SIMD vectors (16 fp32, 8 fp64), zero-padded past the last column, one
-              panel per register tile of csrc/gemm.h.
+              64-byte SIMD vectors of the accumulator (16 fp32, 8 fp64; bf16 sums in fp32,
+              so 16), zero-padded past the last column, one panel per register tile of
+              csrc/gemm.h. bf16 panels hold VNNI pairs: each tap's channels are padded to
+              an even count, and rows (2j, 2j + 1) interleave, element (k, n) of a panel at
+              flat index (k // 2) * 2 * width + 2 * n + k % 2, so that one 32-bit word is
+              the pair (B[2j][n], B[2j + 1][n]) that an AVX512-BF16 dot product takes.
 An activation (N, C, H, W) stored channels_last is the row-major matrix of its pixel rows
 (N*H*W, C): `rows` and `image` convert between the two as views.
 """
@@ -23,10 +27,11 @@ from .._checks import check_choice
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 
 __all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "cacheable", "flipped_gemm_b", "from_gemm_b", "image", "interpreting", "pack_panels",
+           "accumulator_dtype",
            "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
-CPU_DTYPES = (torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def triton_available() -> bool:
@@ -44,7 +49,7 @@ def interpreting() -> bool:
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend that will run on x: "auto" picks "triton" for CUDA tensors, "cpu" (the C++
-    kernels) for float32/float64 CPU tensors, else "reference" (plain PyTorch ops).
+    kernels) for float32/float64/bfloat16 CPU tensors, else "reference" (plain PyTorch ops).
 
     Raises ValueError for an unknown backend or a device it cannot run on, TypeError for a
     dtype the C++ kernels lack, RuntimeError when triton or the extension is missing.
@@ -70,7 +75,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         if x.device.type not in ("cpu", "meta"):
             raise ValueError(f"backend='cpu' needs x on the CPU, got x on {x.device}")
         if x.dtype not in CPU_DTYPES:
-            raise TypeError(f"backend='cpu' supports x of dtype float32 or float64, got {x.dtype}")
+            raise TypeError(f"backend='cpu' supports x of dtype float32, float64 or bfloat16, got {x.dtype}")
         require_cpu_extension()
     return backend
 
@@ -105,22 +110,40 @@ def flipped_gemm_b(w: torch.Tensor) -> torch.Tensor:
     return as_gemm_b(w.flip(2, 3).transpose(0, 1)).contiguous()
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the CPU kernel sums `dtype` in, and the dtype of its packed biases: float32 for
+    bfloat16, else `dtype` itself."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 def panel_width(dtype: torch.dtype) -> int:
-    """Columns per CPU panel: two 64-byte SIMD vectors of `dtype` (csrc/ checks the shape)."""
-    return 128 // torch.empty((), dtype=dtype).element_size()
+    """Columns per CPU panel: two 64-byte SIMD vectors of the accumulator (csrc/ checks the shape)."""
+    return 128 // torch.empty((), dtype=accumulator_dtype(dtype)).element_size()
 
 
-def pack_panels(b: torch.Tensor, width: int) -> torch.Tensor:
-    """(K, cols) -> (ceil(cols / width), K, width), zero-padded: one panel per register tile.
+def pack_panels(b: torch.Tensor, width: int, taps: int = 1) -> torch.Tensor:
+    """(K, cols) -> (ceil(cols / width), K', width), zero-padded: one panel per register tile.
+    K = taps * channels; bf16 pads each tap's channels to even (K' = taps * 2 ceil(channels / 2))
+    and interleaves row pairs (the module docstring's VNNI layout); K' = K otherwise.
     Linear, so differentiable: the gradient of a panel is the panel of the gradient."""
     k, cols = b.shape
     panels = -(-cols // width)
-    return F.pad(b, (0, panels * width - cols)).reshape(k, panels, width).permute(1, 0, 2).contiguous()
+    b = F.pad(b, (0, panels * width - cols))
+    if b.dtype != torch.bfloat16:
+        return b.reshape(k, panels, width).permute(1, 0, 2).contiguous()
+    channels = k // taps
+    b = F.pad(b.reshape(taps, channels, -1), (0, 0, 0, channels % 2)).reshape(-1, 2, panels, width)
+    return b.permute(2, 0, 3, 1).reshape(panels, -1, width).contiguous()
 
 
-def unpack_panels(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """The inverse of pack_panels: (panels, K, width) -> (K, cols)."""
-    return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)[:, :cols]
+def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int | None = None) -> torch.Tensor:
+    """The inverse of pack_panels: (panels, K', width) -> (K, cols), K = taps * channels
+    (channels: of each tap, needed for bf16 only)."""
+    panels, k, width = packed.shape
+    if packed.dtype != torch.bfloat16:
+        return packed.permute(1, 0, 2).reshape(k, -1)[:, :cols]
+    b = packed.reshape(panels, k // 2, width, 2).permute(1, 3, 0, 2).reshape(taps, k // taps, -1)
+    return b[:, :channels, :cols].reshape(taps * channels, cols)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ including the grid reductions (stride 2). Every convolution is followed by ReLU
 
 plan.plan() turns a spec into stages of GEMMs; the kernels run them with every GEMM's
 epilogue (bias + ReLU) storing straight into its slice of the output or of an
-intermediate: there is no concat. The C++ kernel (csrc/inception_graph_cpu.cpp, float32
-and float64) runs stage after stage on zero-bordered intermediates; the Triton kernels
+intermediate: there is no concat. The C++ kernel (csrc/inception_graph_cpu.cpp, float32,
+float64 and bfloat16 with float32 sums) runs stage after stage on zero-bordered intermediates; the Triton kernels
 (branch_graph_triton.py) run one grouped launch per stage.
 
 This file holds the weight packing, the ops (forward, forward saving its intermediates,
@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
-from .backend import as_gemm_b, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
+from .backend import accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
@@ -39,7 +39,8 @@ __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward",
 def pack_weights(graph: GraphPlan, weights, biases, backend: str) -> tuple[list, list]:
     """Per GEMM of `graph`: B of its convolutions (as_gemm_b, concatenated along columns) and
     their concatenated biases. backend "cpu" packs B in panels of panel_width(dtype) columns
-    (csrc/gemm.h's register tiles); "triton" keeps it row-major (K, cols).
+    (csrc/gemm.h's register tiles; bf16 in VNNI pairs, with float32 biases, its
+    accumulator's type); "triton" keeps it row-major (K, cols).
 
     weights/biases: one (cout, cin, kh, kw) / (cout,) tensor per convolution of graph.convs.
     Differentiable (a permutation plus zero padding). Raises ValueError on a count or shape
@@ -59,20 +60,31 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str) -> tuple[list,
             packed_bias.append(biases[0].new_empty(0))
             continue
         b = torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1)
-        packed_b.append(pack_panels(b, panel_width(b.dtype)) if backend == "cpu" else b.contiguous())
-        packed_bias.append(torch.cat([biases[i] for i in g.convs]).contiguous())
+        bias = torch.cat([biases[i] for i in g.convs])
+        if backend == "cpu":
+            packed_b.append(pack_panels(b, panel_width(b.dtype), g.kh * g.kw))
+            packed_bias.append(bias.to(accumulator_dtype(b.dtype)).contiguous())
+        else:
+            packed_b.append(b.contiguous())
+            packed_bias.append(bias.contiguous())
     return packed_b, packed_bias
 
 
-def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str) -> tuple[list, list]:
-    """The inverse of pack_weights: Conv2d-layout (weights, biases) in graph.convs order."""
+def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
+                   in_channels: int | None = None) -> tuple[list, list]:
+    """The inverse of pack_weights: Conv2d-layout (weights, biases) in graph.convs order,
+    the biases in the weights' dtype. in_channels (x's) is needed for bf16 CPU panels only,
+    whose padding to even hides an odd channel count."""
     weights: list = [None] * len(graph.convs)
     biases: list = [None] * len(graph.convs)
     for g, b, bias in zip(graph.gemms, packed_b, packed_bias):
-        full = unpack_panels(b, g.cols) if backend == "cpu" and g.convs else b
+        full = b
+        if backend == "cpu" and g.convs:
+            channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
+            full = unpack_panels(b, g.cols, g.kh * g.kw, channels)
         for segment, i in zip(g.segments, g.convs):
             weights[i] = from_gemm_b(full[:, segment.begin:segment.end], g.kh, g.kw)
-            biases[i] = bias[segment.begin:segment.end]
+            biases[i] = bias[segment.begin:segment.end].to(b.dtype)
     return weights, biases
 
 
@@ -245,6 +257,14 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
     elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_extension() is not None:
         grads = torch.ops.inception_fast.graph_backward_cpu(grad_out, x, y, intermediates, weights, needs[0],
                                                             needs[1], backward_plan)
+    elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_extension() is not None:
+        # No bf16 backward kernel yet: the float32 one on widened copies, gradients rounded
+        # once to bf16 (closer to exact than eager bf16, which rounds each convolution's).
+        wide = [t.float() for t in (grad_out, x, y)]
+        grads = torch.ops.inception_fast.graph_backward_cpu(*wide, [t.float() for t in intermediates],
+                                                            [w.float() for w in weights], needs[0], needs[1],
+                                                            backward_plan)
+        grads = [g.to(torch.bfloat16) for g in grads]
     else:
         grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
                                          list(backward_plan))
@@ -379,7 +399,8 @@ def residual_tail(x: torch.Tensor, concat: torch.Tensor, weight: torch.Tensor, b
     # In place after the first pass: every full pass over the output costs ~1 ms on a
     # Block35 at batch 8 (a new allocation's first touch, then the read and the write).
     out = rows(x) + bias * scale if bias is not None else rows(x).clone()
-    out.addmm_(rows(concat), weight.flatten(1).t(), alpha=scale)
+    # Under autocast x may be wider than the op's output: the GEMM then runs in x's dtype.
+    out.addmm_(rows(concat).to(out.dtype), weight.flatten(1).t().to(out.dtype), alpha=scale)
     return image(out.relu_() if relu else out, n, h, w)
 
 
@@ -400,7 +421,7 @@ def _op_backward(backend: str):
         x, *packed = ctx.saved_tensors
         b, bias = packed[:ctx.n], packed[ctx.n:]
         graph = GraphPlan.from_flat(ctx.flat_plan)
-        weights, biases = unpack_weights(graph, b, bias, backend)
+        weights, biases = unpack_weights(graph, b, bias, backend, x.shape[1])
         y, buffers = forward_op(backend, saving=True)(x, list(b), list(bias), ctx.flat_plan)
         # needs_input_grad holds one flag per tensor of a list input
         needs = [ctx.needs_input_grad[0], any(ctx.needs_input_grad[1]) or any(ctx.needs_input_grad[2])]

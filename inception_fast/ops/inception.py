@@ -127,7 +127,7 @@ def inception(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w3r: torch.Te
               out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole Inception module as one op, forward and backward. Shapes: module docstring.
 
-    x (N, Cin, H, W) float (any memory format; the C++ kernels take float32/float64);
+    x (N, Cin, H, W) float (any memory format; the C++ kernels take float32, float64, bfloat16);
     returns (N, c1+c3+c5+cp, H, W) channels_last. `out`, if given, must be a channels_last
     tensor of the output's shape and x's dtype; it is written in full and returned (no
     autograd through it). Packs the weights on every call; FusedInception keeps them packed.

@@ -1,0 +1,174 @@
+"""bfloat16 on the CPU: the C++ forward in bf16 (fp32 sums; AVX512-BF16 dot products where
+the build targets them) and the backward (the fp32 kernel on widened copies), against an
+fp64 reference and against eager PyTorch in bf16 on the same input."""
+
+import copy
+
+import pytest
+import torch
+
+import inception_fast as ifast
+from inception_fast.fused_graph import FusedBranchGraph
+from inception_fast.ops.backend import pack_panels, resolve_backend, unpack_panels
+from inception_fast.ops.branch_graph import graph_forward, pack_weights, unpack_weights
+from inception_fast.ops.plan import plan
+from inception_fast.spec import Branch, BranchGraphSpec, Conv
+
+from conftest import TOLERANCE, needs_cpu_kernel, rel_err, small_v3_block
+from test_graph_backward import SPECS, _eager, _fused, _params
+
+pytestmark = needs_cpu_kernel
+BF16 = torch.bfloat16
+
+# Odd channel counts end a tap on half a VNNI pair; 771 channels split one tap's K into
+# chunks (384, 384, 3); 37 channels over 3x3 taps group ten taps per chunk.
+BF16_SPECS = {
+    **SPECS,
+    "wide-odd": BranchGraphSpec(771, (Branch(((Conv(771, 40),), (Conv(40, 33, 3, 3),))),), "max", Conv(771, 17)),
+    "odd-taps": BranchGraphSpec(9, (Branch(((Conv(9, 37),), (Conv(37, 35, 3, 3),))),
+                                   Branch(((Conv(9, 5),),))), "avg", Conv(9, 3), count_include_pad=False),
+}
+# Batch 1 runs stage-major (threads split each GEMM), batch 8 image-major.
+SIZES = [pytest.param((1, 5, 5), id="1x5x5"), pytest.param((8, 6, 7), id="8x6x7"), pytest.param((2, 1, 1), id="2x1x1")]
+
+
+def _bf16(tensors):
+    return [t.to(BF16) for t in tensors]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", list(BF16_SPECS))
+def test_forward_within_tolerance_and_twice_eager_bf16_error(name, size):
+    spec = BF16_SPECS[name]
+    if spec.stride == 2 and min(size[1:]) < 3:
+        pytest.skip("a grid reduction needs a 3x3 input")
+    weights, biases = _params(spec, torch.float64)
+    x = torch.randn(size[0], spec.in_channels, *size[1:], dtype=torch.float64)
+    want = _eager(spec, x, weights, biases)
+    eager_err = rel_err(_eager(spec, x.to(BF16), _bf16(weights), _bf16(biases)), want)
+    graph = plan(spec)
+    got = graph_forward(x.to(BF16), *pack_weights(graph, _bf16(weights), _bf16(biases), "cpu"), graph.flat())
+    assert got.dtype == BF16 and got.shape == want.shape
+    err = rel_err(got, want)
+    assert err <= TOLERANCE[BF16]
+    assert err <= 2 * eager_err, (err, eager_err)
+
+
+def _leaves(tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("name", ["wide-odd", "odd-taps", "grid-reduction", "avg-chain"])
+def test_gradients_of_every_input_match_fp64(name):
+    """Each gradient within the bf16 tolerance of fp64's, or within 2x eager bf16's own error
+    (a bf16 forward moves ReLU masks near zero, which no backward can undo)."""
+    spec = BF16_SPECS[name]
+    weights, biases = _params(spec, torch.float64)
+    x = torch.randn(2, spec.in_channels, 6, 5, dtype=torch.float64)
+    n = len(weights)
+    runs = {}
+    for label, dtype in (("fp64", torch.float64), ("eager", BF16), ("fused", BF16)):
+        leaves = _leaves((x, *weights, *biases), dtype)
+        y = (_fused(spec)(*leaves) if label == "fused" else _eager(spec, leaves[0], leaves[1:1 + n], leaves[1 + n:]))
+        runs[label] = (y, leaves)
+    grad = torch.randn_like(runs["fp64"][0])
+    for y, _ in runs.values():
+        y.backward(grad.to(y.dtype))
+    (want, want_leaves), (_, eager_leaves), (got, got_leaves) = runs["fp64"], runs["eager"], runs["fused"]
+    assert rel_err(got, want) <= TOLERANCE[BF16]
+    for i, (g, e, w) in enumerate(zip(got_leaves, eager_leaves, want_leaves)):
+        assert g.grad.dtype == BF16
+        assert rel_err(g.grad, w.grad) <= max(TOLERANCE[BF16], 2 * rel_err(e.grad, w.grad)), i
+
+
+def test_nan_and_inf_reach_the_same_outputs_as_in_fp64():
+    """On the same bf16 values. Not against eager bf16: oneDNN's bf16 convolution here also
+    spreads a NaN to pixels whose window does not hold it (fp32 and fp64 do not)."""
+    spec = BF16_SPECS["max-pool"]
+    weights, biases = (_bf16(t) for t in _params(spec, torch.float32))
+    x = torch.randn(2, spec.in_channels, 6, 6, dtype=BF16)
+    x[0, 1, 2, 2], x[1, 3, 0, 5], x[1, 0, 4, 1] = float("nan"), float("inf"), float("-inf")
+    want = _eager(spec, x.double(), [w.double() for w in weights], [b.double() for b in biases])
+    graph = plan(spec)
+    got = graph_forward(x, *pack_weights(graph, weights, biases, "cpu"), graph.flat())
+    assert torch.isnan(want).any() and torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+
+
+@pytest.mark.parametrize("taps,channels,cols", [(1, 5, 40), (9, 3, 33), (9, 64, 96), (7, 1, 1)])
+def test_vnni_panels_round_trip(taps, channels, cols):
+    b = torch.randn(taps * channels, cols).to(BF16)
+    packed = pack_panels(b, 32, taps)
+    assert packed.shape == (-(-cols // 32), taps * (channels + channels % 2), 32)
+    # One 32-bit word is (B[2j][n], B[2j + 1][n]) of a tap, the pair vdpbf16ps multiplies;
+    # an odd tap's last word has a zero upper half.
+    flat = packed[0].flatten()
+    assert torch.equal(flat[0], b[0, 0]) and torch.equal(flat[1], b[1, 0] if channels > 1 else b.new_zeros(()))
+    if cols > 1:
+        assert torch.equal(flat[2], b[0, 1])
+    assert torch.equal(unpack_panels(packed, cols, taps, channels), b)
+
+
+def test_unpack_weights_inverts_pack_weights_with_odd_channels():
+    spec = BF16_SPECS["odd-taps"]
+    graph = plan(spec)
+    weights, biases = (_bf16(t) for t in _params(spec, torch.float32))
+    got_w, got_b = unpack_weights(graph, *pack_weights(graph, weights, biases, "cpu"), "cpu", spec.in_channels)
+    for a, b in zip(got_w + got_b, weights + biases):
+        assert torch.equal(a, b)
+
+
+def test_auto_backend_picks_the_cpu_kernel_for_bf16():
+    assert resolve_backend("auto", torch.empty(1, dtype=BF16)) == "cpu"
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("name", ["A", "B", "E"])
+def test_a_bf16_model_and_cpu_autocast_run_the_fused_kernel(name):
+    block = small_v3_block(name)
+    x = torch.randn(2, 24, 9, 9)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block))
+    with torch.no_grad():
+        want = block.double()(x.double())
+        # A bf16 model.
+        fused_bf16, block_bf16 = copy.deepcopy(fused).to(BF16), copy.deepcopy(block).to(BF16)
+        assert "inception_fast::graph_forward" in _ops_run(lambda: fused_bf16(x.to(BF16)))
+        got, eager = fused_bf16(x.to(BF16)), block_bf16(x.to(BF16))
+        assert got.dtype == BF16 and rel_err(got, want) <= min(TOLERANCE[BF16], 2 * rel_err(eager, want))
+        # CPU autocast (bf16 by default) over the fp32 model.
+        with torch.autocast("cpu"):
+            assert "inception_fast::graph_forward" in _ops_run(lambda: fused(x))
+            got, eager = fused(x), block.float()(x)
+        # bf16 out of a concat of convolutions; float32 out of a grid reduction (B), whose
+        # max pool of the float32 x promotes the concat, on both sides.
+        assert got.dtype == eager.dtype == (torch.float32 if name == "B" else BF16)
+        assert rel_err(got, want) <= min(TOLERANCE[BF16], 2 * rel_err(eager, want))
+
+
+def test_swapped_bf16_googlenet_block_trains_fused():
+    """A torchvision-style block (conv + BN + ReLU, BN in eval mode) in bf16: output and the
+    gradients of x and of every parameter against fp64, within the tolerance or 2x eager
+    bf16's own error, with one grad_output."""
+    ref = ifast.ReferenceInception(ifast.InceptionSpec(16, 8, 6, 10, 4, 6, 6), batch_norm=True).eval()
+    fused = ifast.FusedInception.from_module(copy.deepcopy(ref)).to(BF16)
+    x = torch.randn(2, 16, 7, 7, dtype=torch.float64)
+    runs = [(copy.deepcopy(ref).double(), x), (copy.deepcopy(ref).to(BF16), x.to(BF16)), (fused, x.to(BF16))]
+    outs = []
+    for module, inp in runs:
+        inp = inp.clone().requires_grad_()
+        outs.append((module(inp), inp, module))
+    grad = torch.randn_like(outs[0][0])
+    for y, _, _ in outs:
+        y.backward(grad.to(y.dtype))
+    (want, x64, m64), (_, x_eager, m_eager), (got, x16, m16) = outs
+    assert got.dtype == BF16 and rel_err(got, want) <= TOLERANCE[BF16]
+    grads = [(x16.grad, x_eager.grad, x64.grad)] + [
+        (p.grad, e.grad, w.grad) for p, e, w in zip(m16.parameters(), m_eager.parameters(), m64.parameters())]
+    for i, (g, e, w) in enumerate(grads):
+        assert g is not None and g.dtype == BF16
+        assert rel_err(g, w) <= max(TOLERANCE[BF16], 2 * rel_err(e, w)), i
