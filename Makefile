@@ -21,6 +21,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m inception_fast bench --networks 1,16 --write-readme
+	$(PY) -m inception_fast bench --dtype bfloat16 --networks 1,16 --out benchmarks/results/bf16 --write-readme
 	$(PY) -m inception_fast bench --blocks 3a,4a,5b --batch 32 --backward --reps 10 --out benchmarks/results/backward --write-readme
 	$(PY) -m inception_fast bench --v3 --networks 1,8 --reps 10 --out benchmarks/results/inception_v3 --write-readme
 	$(PY) -m inception_fast bench --v3 --backward --batch 8 --reps 5 --out benchmarks/results/inception_v3_backward --write-readme

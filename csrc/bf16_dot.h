@@ -6,7 +6,9 @@
 // one step adds a[k] * b[k][n] + a[k + 1] * b[k + 1][n] to column n's sum. Where the
 // compiler targets AVX512-BF16 (-march=native on Cooper Lake, Sapphire Rapids, Zen 4 and
 // later) a step is one vdpbf16ps; elsewhere the pairs are widened to fp32 and fused
-// multiply-added, with the same sums up to the order of the two products' roundings.
+// multiply-added, with the same sums up to the order of the two products' roundings,
+// except for denormals: vdpbf16ps flushes them to zero (as oneDNN's bf16 convolutions
+// do), the widened path keeps them.
 #pragma once
 
 #include "nhwc.h"

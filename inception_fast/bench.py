@@ -140,12 +140,17 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    from ._extension import cpu_extension
+
+    ext = cpu_extension()
     return {
         "cpu": cpu,
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        # How the C++ kernel multiplies bf16 on this build: AVX512-BF16 or widened fp32.
+        "bf16_kernel": ext.bf16_path() if ext is not None else "none (extension not built)",
     }
 
 
@@ -277,7 +282,9 @@ class BenchReport:
         ceil = ", ".join(f"{k} {v:.1f}" for k, v in self.ceiling_gmacs.items())
         lines.append(f"\nGEMM ceiling (GMAC/s, same run, 2048³, the better of before and after the cases): {ceil}. "
                      f"Machine: {self.machine['cpu']}, {self.machine['threads']} threads, "
-                     f"torch {self.machine['torch']}, {self.machine['date']}.")
+                     f"torch {self.machine['torch']}, {self.machine['date']}."
+                     + (f" bf16 kernel: {self.machine['bf16_kernel']}." if any(c.dtype == "bfloat16" for c in self.cases)
+                        and "bf16_kernel" in self.machine else ""))
         return "\n".join(lines)
 
     def to_csv(self) -> str:
@@ -483,7 +490,8 @@ def networks_markdown(rows: list[dict]) -> str:
     for r in rows:
         ms, cs = r["ms"], r.get("compile_s", {})
         compile_ms, swapped_ms = ms.get("compile_freezing", nan), ms.get("compile_swapped", nan)
-        lines.append(f"| {r['model']} | {r['batch']} | {ms['eager_channels_last']:.1f} | {ms['fused']:.1f} | "
+        model = r["model"] + ("" if r.get("dtype", "float32") == "float32" else f" ({r['dtype']})")
+        lines.append(f"| {model} | {r['batch']} | {ms['eager_channels_last']:.1f} | {ms['fused']:.1f} | "
                      f"{compile_ms:.1f} | {swapped_ms:.1f} | {ms['eager_channels_last'] / ms['fused']:.2f}× | "
                      f"{compile_ms / ms['fused']:.2f}× | {compile_ms / swapped_ms:.2f}× | "
                      f"{cs.get('compile_freezing', nan):.0f} / {cs.get('compile_swapped', nan):.0f} |")

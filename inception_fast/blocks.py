@@ -378,7 +378,8 @@ def parse_traced_block(block: nn.Module, graph_module=None):
 def fold_conv_bn(unit: ConvUnit) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of conv followed by eval-mode BN: w*g/sqrt(var+eps), (b-mu)*g/sqrt(var+eps)+beta.
 
-    Differentiable: under autograd the folded tensors stay connected to the parameters.
+    Computed in fp32 or wider, returned in the conv weight's dtype. Differentiable: under
+    autograd the folded tensors stay connected to the parameters.
     """
     conv, bn = unit
     if bn is None:
@@ -386,14 +387,19 @@ def fold_conv_bn(unit: ConvUnit) -> tuple[torch.Tensor, torch.Tensor]:
         if bias is None:
             bias = torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device)
         return conv.weight, bias
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    # In fp32 at least, rounded once to the conv's dtype at the end: eager's bf16/fp16 batch
+    # norm computes in fp32, and a fold in bf16 rounds mean * scale before beta cancels it
+    # (20% off on a block whose BN mean is large against its output). A no-op cast for
+    # fp32/fp64 models, whose folds are unchanged bit for bit.
+    dtype = conv.weight.dtype
+    wide = torch.promote_types(torch.promote_types(dtype, bn.running_var.dtype), torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight
+        scale = scale * bn.weight.to(wide)
     # No zeros for a bias-less conv: inductor's freezing does not constant-fold through a
     # fresh torch.zeros, and would recompute every folded bias on every call.
-    shift = (-bn.running_mean if conv.bias is None else conv.bias - bn.running_mean) * scale
+    mean = bn.running_mean.to(wide)
+    shift = (-mean if conv.bias is None else conv.bias.to(wide) - mean) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias
-    # A BN kept in fp32 inside a half-precision model folds in fp32, then to the conv's dtype.
-    dtype = conv.weight.dtype
-    return (conv.weight * scale.reshape(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
+        shift = shift + bn.bias.to(wide)
+    return (conv.weight.to(wide) * scale.reshape(-1, 1, 1, 1)).to(dtype), shift.to(dtype)

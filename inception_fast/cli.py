@@ -145,10 +145,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.networks:
         from .bench import bench_networks, networks_markdown
 
-        data["networks"] = bench_networks(args.networks, with_compile=not args.no_compile, progress=print_progress)
+        data["networks"] = bench_networks(args.networks, with_compile=not args.no_compile, progress=print_progress,
+                                          device=args.device, dtype=getattr(torch, args.dtype))
         markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
         print(markdown.split("\n\nWhole network", 1)[1])
-    _write_results(args, report, data, markdown, "backward" if args.backward else "bench")
+    # Each dtype has its own README table (bench, bench_bfloat16, ...).
+    section = "backward" if args.backward else "bench" if args.dtype == "float32" else f"bench_{args.dtype}"
+    _write_results(args, report, data, markdown, section)
     return 0
 
 
@@ -303,6 +306,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(profile(googlenet_paper().eval(), (1, 3, 224, 224), budget=1.5e9).to_markdown() + "\n")
     print("## Short benchmark (medians, alternating providers; `make bench` for the full table)\n")
     report = bench_blocks(["3a", "4a", "5b"], [1, 8], with_compile=False, reps=5, progress=print_progress)
+    print(report.to_markdown())
+    print(f"\n## The same in bfloat16 (the C++ kernel's bf16 path here: {report.machine['bf16_kernel']})\n")
+    report = bench_blocks(["3a", "5b"], [8], dtype=torch.bfloat16, with_compile=False, reps=5,
+                          progress=print_progress)
     print(report.to_markdown())
     print(f"\nverification: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

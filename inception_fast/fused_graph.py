@@ -331,8 +331,15 @@ class FusedBranchGraph(DropInBlock):
                 y = residual_tail(x, y, w, b, self.graph.residual.scale, self.graph.residual.relu)
             elif dtype is not None and self.graph.stride == 2 and self.graph.pool is not None:
                 # Eager's grid reduction concatenates the max pool of x as it is with the
-                # convolutions' autocast outputs, and torch.cat promotes.
-                y = y.to(torch.promote_types(dtype, x.dtype))
+                # convolutions' autocast outputs, and torch.cat promotes. The kernel pooled
+                # x's autocast copy: where x is wider, its pool channels are taken from x
+                # itself (exact values, and a backward that picks x's own maxima, not ties
+                # that rounding made).
+                wide = torch.promote_types(dtype, x.dtype)
+                if wide != dtype:
+                    c0, c1 = self._plan.pool_copy_channel, self._plan.pool_copy_channel + x.shape[1]
+                    y = y.to(wide)
+                    y = torch.cat([y[:, :c0], torch.nn.functional.max_pool2d(x, 3, 2), y[:, c1:]], 1)
         return match_memory_format(x, y)
 
     def __setstate__(self, state: dict) -> None:

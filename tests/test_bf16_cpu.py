@@ -172,3 +172,45 @@ def test_swapped_bf16_googlenet_block_trains_fused():
     for i, (g, e, w) in enumerate(grads):
         assert g is not None and g.dtype == BF16
         assert rel_err(g, w) <= max(TOLERANCE[BF16], 2 * rel_err(e, w)), i
+
+
+def test_bn_fold_of_a_bf16_model_is_computed_in_fp32():
+    """A BN whose shift nearly cancels (large running mean, beta ~ mean * scale): folding in
+    bf16 arithmetic put the block 10x past eager bf16's error (eager's BN computes in fp32)."""
+    ref = ifast.ReferenceInception(ifast.InceptionSpec(16, 8, 6, 10, 4, 6, 6), batch_norm=True).eval()
+    with torch.no_grad():
+        for bn in ref.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.fill_(200.0), bn.running_var.fill_(1.0), bn.weight.fill_(1.0)
+                bn.bias.copy_(200.0 / (1 + bn.eps) ** 0.5 + 0.05 * torch.randn(bn.num_features))
+    ref = ref.to(BF16)
+    x = torch.randn(2, 16, 7, 7).to(BF16)
+    with torch.no_grad():
+        want = copy.deepcopy(ref).double()(x.double())
+        got, eager = ifast.FusedInception.from_module(copy.deepcopy(ref))(x), ref(x)
+    assert rel_err(got, want) <= min(TOLERANCE[BF16], 2 * rel_err(eager, want))
+
+
+def test_autocast_grid_reduction_pools_x_itself():
+    """Under CPU autocast eager max-pools the fp32 x: the fused block's pool channels are
+    exact, and its input gradient picks x's own maxima (not ties made by rounding x)."""
+    block = small_v3_block("D")
+    model = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)))
+    assert isinstance(model[0], FusedBranchGraph)
+    x = torch.randn(2, 24, 9, 9)
+    x64 = x.double().requires_grad_()
+    want = copy.deepcopy(block).double()(x64)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    results = {}
+    for name, module in (("eager", block), ("fused", model)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu"):
+            y = module(xi)
+        y.backward(grad.to(y.dtype))
+        results[name] = (y, xi.grad)
+    (y, dx), (eager_y, eager_dx) = results["fused"], results["eager"]
+    assert y.dtype == eager_y.dtype == torch.float32
+    assert torch.equal(y[:, -24:], eager_y[:, -24:])  # the pool channels, last in InceptionD's concat
+    assert rel_err(y, want) <= 2 * rel_err(eager_y, want)
+    assert rel_err(dx, x64.grad) <= max(TOLERANCE[BF16], 2 * rel_err(eager_dx, x64.grad))

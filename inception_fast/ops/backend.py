@@ -142,6 +142,8 @@ def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int 
     panels, k, width = packed.shape
     if packed.dtype != torch.bfloat16:
         return packed.permute(1, 0, 2).reshape(k, -1)[:, :cols]
+    if channels is None:
+        raise ValueError("unpack_panels: bf16 panels need `channels` (per tap): their padding to even hides it")
     b = packed.reshape(panels, k // 2, width, 2).permute(1, 3, 0, 2).reshape(taps, k // taps, -1)
     return b[:, :channels, :cols].reshape(taps * channels, cols)
 

@@ -81,6 +81,8 @@ def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
         full = b
         if backend == "cpu" and g.convs:
             channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
+            if channels is None and b.dtype == torch.bfloat16:
+                raise ValueError("unpack_weights: bf16 CPU panels need in_channels (x's channel count)")
             full = unpack_panels(b, g.cols, g.kh * g.kw, channels)
         for segment, i in zip(g.segments, g.convs):
             weights[i] = from_gemm_b(full[:, segment.begin:segment.end], g.kh, g.kw)
