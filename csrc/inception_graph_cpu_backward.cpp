@@ -175,7 +175,7 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
       const bool include_pad = t.source == kSourceAvgPool;
       const at::Tensor src = include_pad ? g : (g / window_counts(H, W, x.options()).repeat({N, 1})).contiguous();
       RECORD_FUNCTION("inception_fast::avg_pool3x3_into", std::vector<c10::IValue>());
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "avg_pool3x3_into", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "avg_pool3x3_into", [&] {
         avg_pool3x3_into<scalar_t>(src.data_ptr<scalar_t>(), a.data_ptr<scalar_t>() + column[i], k0, N, H, W, co,
                                    include_pad ? gemm::PoolDivisor::kNine : gemm::PoolDivisor::kNone);
       });
@@ -221,7 +221,7 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
     const at::Tensor& weight = weights[max_pool_conv];
     {
       RECORD_FUNCTION("inception_fast::max_pool3x3_backward", std::vector<c10::IValue>());
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool3x3_backward", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "max_pool3x3_backward", [&] {
         max_pool3x3_backward<scalar_t>(x.data_ptr<scalar_t>(), max_pool_g, weight.flatten(1),
                                        needs[0] ? dx_rows.data_ptr<scalar_t>() : nullptr, pooled.data_ptr<scalar_t>(),
                                        N, H, W, C);

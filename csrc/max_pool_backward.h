@@ -6,6 +6,7 @@
 // Shared by csrc/inception_graph_cpu_backward.cpp and csrc/inception_cpu_backward.cpp.
 #pragma once
 
+#include "bf16_dot.h"
 #include "nhwc.h"
 
 #include <ATen/ATen.h>
@@ -16,36 +17,74 @@
 
 namespace inception_fast {
 
+// A SIMD vector's worth of channels of T, in the type the pool compares and sums in:
+// T's own vector, or for bf16 16 channels widened to fp32 (a shift: exact).
+template <typename T>
+struct PoolLanes {
+  using Vec = typename Simd<T>::Vec;
+  using Mask = typename Simd<T>::Mask;
+  static constexpr int64_t kLanes = Simd<T>::kLanes;
+  static Vec load(const T* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(Vec));
+    return v;
+  }
+  static void store(T* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+  static void store_max(T* p, Vec v) { store(p, v); }
+};
+template <>
+struct PoolLanes<c10::BFloat16> {
+  using Vec = Simd<float>::Vec;
+  using Mask = Simd<float>::Mask;
+  static constexpr int64_t kLanes = Simd<float>::kLanes;
+  static Vec load(const c10::BFloat16* p) {
+    bf16::Half h;
+    std::memcpy(&h, p, sizeof(h));
+    const bf16::Bits u = __builtin_convertvector(h, bf16::Bits) << 16;
+    Vec v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
+  }
+  // A sum: rounded to nearest even.
+  static void store(c10::BFloat16* p, Vec v) { bf16::store(p, v); }
+  // A max is one of the loaded bf16 values: its upper half, NaN payloads included.
+  static void store_max(c10::BFloat16* p, Vec v) {
+    bf16::Bits u;
+    std::memcpy(&u, &v, sizeof(u));
+    const bf16::Half h = __builtin_convertvector(u >> 16, bf16::Half);
+    std::memcpy(p, &h, sizeof(h));
+  }
+};
+
 // One pixel of one channel block (cb channels) of the pool branch: pooled = max over the
 // window's `taps` pixels (x rows, row-major), and dx[argmax] += dp. kTaps > 0 fixes the tap
 // count at compile time (an interior pixel's full 3x3 window), so the tap loops unroll.
 template <typename T, int kTaps>
 inline void pool_pixel(const T* const* x, T* const* dx, T* pooled, const T* dp, int taps, int64_t cb) {
-  using Vec = typename Simd<T>::Vec;
-  using Mask = typename Simd<T>::Mask;
-  constexpr int64_t L = Simd<T>::kLanes;
+  using P = PoolLanes<T>;
+  using Vec = typename P::Vec;
+  using Mask = typename P::Mask;
+  constexpr int64_t L = P::kLanes;
   if constexpr (kTaps > 0) taps = kTaps;
   int64_t c = 0;
   for (; c + L <= cb; c += L) {
-    Vec m, v;
-    std::memcpy(&m, x[0] + c, sizeof(Vec));
+    Vec m = P::load(x[0] + c);
     Mask arg{};
 #pragma GCC unroll 9
     for (int k = 1; k < taps; ++k) {
-      std::memcpy(&v, x[k] + c, sizeof(Vec));
+      const Vec v = P::load(x[k] + c);
       const Mask take = (v > m) | (v != v);
       m = take ? v : m;
       arg = take ? Mask{} + k : arg;
     }
-    std::memcpy(pooled + c, &m, sizeof(Vec));
+    P::store_max(pooled + c, m);
     if (dp == nullptr) continue;
-    Vec g, acc;
-    std::memcpy(&g, dp + c, sizeof(Vec));
+    const Vec g = P::load(dp + c);
 #pragma GCC unroll 9
     for (int k = 0; k < taps; ++k) {
-      std::memcpy(&acc, dx[k] + c, sizeof(Vec));
+      Vec acc = P::load(dx[k] + c);
       acc += arg == k ? g : Vec{};
-      std::memcpy(dx[k] + c, &acc, sizeof(Vec));
+      P::store(dx[k] + c, acc);
     }
   }
   for (; c < cb; ++c) {  // the same, one channel at a time
@@ -74,7 +113,7 @@ template <typename T>
 void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /* (M, cp) */,
                           const at::Tensor& wp /* (cp, C) */, T* dx /* (N, H, W, C) or null, accumulated into */,
                           T* pooled /* (N, H, W, C) */, int64_t N, int64_t H, int64_t W, int64_t C) {
-  constexpr int64_t kBlock = 4 * Simd<T>::kLanes;  // channels of one work item: its rows stay in L1
+  constexpr int64_t kBlock = 4 * PoolLanes<T>::kLanes;  // channels of one work item: its rows stay in L1
   const int64_t blocks = (C + kBlock - 1) / kBlock, HW = H * W;
   at::parallel_for(0, N * blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {

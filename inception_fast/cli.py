@@ -148,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data["networks"] = bench_networks(args.networks, with_compile=not args.no_compile, progress=print_progress,
                                           device=args.device, dtype=getattr(torch, args.dtype))
         markdown += "\n\nWhole network, forward, same process and method:\n\n" + networks_markdown(data["networks"])
-        print(markdown.split("\n\nWhole network", 1)[1])
+        print("\nWhole network" + markdown.split("\n\nWhole network", 1)[1])
     # Each dtype has its own README table (bench, bench_bfloat16, ...).
     section = "backward" if args.backward else "bench" if args.dtype == "float32" else f"bench_{args.dtype}"
     _write_results(args, report, data, markdown, section)

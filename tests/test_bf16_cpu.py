@@ -1,5 +1,5 @@
 """bfloat16 on the CPU: the C++ forward in bf16 (fp32 sums; AVX512-BF16 dot products where
-the build targets them) and the backward (the fp32 kernel on widened copies), against an
+the build targets them) and the backward (ATen's bf16 GEMMs and our bf16 pool passes), against an
 fp64 reference and against eager PyTorch in bf16 on the same input."""
 
 import copy

@@ -273,7 +273,7 @@ def test_column_split_of_every_kind_of_gemm_is_bit_identical_to_one_thread(name)
     assert torch.equal(two, one)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_max_pool_branch_backward_with_nan_and_ties_matches_the_aten_twin(dtype):
     """The fused max-pool pass against ATen's max_pool2d_with_indices and its backward:
     torch's argmax (row-major, ties to the first, NaN wins, so the last NaN of a window).

@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
-from .backend import accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
+from .backend import CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
@@ -256,17 +256,9 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
 
         grads = branch_graph_triton.graph_backward_triton(grad_out, x, y, list(intermediates), list(weights),
                                                           list(needs), list(backward_plan))
-    elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and cpu_extension() is not None:
+    elif x.device.type == "cpu" and x.dtype in CPU_DTYPES and cpu_extension() is not None:
         grads = torch.ops.inception_fast.graph_backward_cpu(grad_out, x, y, intermediates, weights, needs[0],
                                                             needs[1], backward_plan)
-    elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and cpu_extension() is not None:
-        # No bf16 backward kernel yet: the float32 one on widened copies, gradients rounded
-        # once to bf16 (closer to exact than eager bf16, which rounds each convolution's).
-        wide = [t.float() for t in (grad_out, x, y)]
-        grads = torch.ops.inception_fast.graph_backward_cpu(*wide, [t.float() for t in intermediates],
-                                                            [w.float() for w in weights], needs[0], needs[1],
-                                                            backward_plan)
-        grads = [g.to(torch.bfloat16) for g in grads]
     else:
         grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
                                          list(backward_plan))
