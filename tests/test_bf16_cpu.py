@@ -214,3 +214,23 @@ def test_autocast_grid_reduction_pools_x_itself():
     assert torch.equal(y[:, -24:], eager_y[:, -24:])  # the pool channels, last in InceptionD's concat
     assert rel_err(y, want) <= 2 * rel_err(eager_y, want)
     assert rel_err(dx, x64.grad) <= max(TOLERANCE[BF16], 2 * rel_err(eager_dx, x64.grad))
+
+
+def test_swap_refuses_a_bf16_block_twice_as_far_from_fp64_as_the_original(monkeypatch, caplog):
+    """In bf16 the swap-time check also holds the fused block to 2x the original's own
+    error against fp64: a fold rounded in bf16 arithmetic passed the plain distance check."""
+    import logging
+
+    from inception_fast import fused_graph
+
+    real = fused_graph.fold_conv_bn
+    monkeypatch.setattr(fused_graph, "fold_conv_bn", lambda unit: tuple(
+        t * 1.01 if i == 0 else t for i, t in enumerate(real(unit))))  # 1e-2: within rtol (3e-2)
+    model = torch.nn.Sequential(small_v3_block("A", 8)).to(BF16)
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        ifast.swap_inception(model)
+    assert not isinstance(model[0], FusedBranchGraph), caplog.text
+    assert "more than twice the original's" in caplog.text
+    monkeypatch.setattr(fused_graph, "fold_conv_bn", real)
+    ifast.swap_inception(model)
+    assert isinstance(model[0], FusedBranchGraph)
