@@ -64,7 +64,9 @@ class ChannelCoverage {
 // k). Buffer k is an (N, H + 2 border, W + 2 border, channels) NHWC intermediate with a
 // zero border. b[g] is B = W^T packed in panels of panel_width(dtype) columns,
 // (ceil(cols / width), K, width), zero-padded, K index (dy * kw + dx) * source_channels + c.
-// stride 2: a grid-reduction block, whose output grid is (H - 3) / 2 + 1.
+// stride 2: a grid-reduction block, whose output grid is (H - 3) / 2 + 1. dtypes: float32,
+// float64, bfloat16 (fp32 biases, VNNI-paired B: gemm.h), float16 (computed in fp32: B,
+// biases and the intermediates fp32, the output fp16).
 at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,
                                    at::IntArrayRef flat_plan);
 

@@ -338,10 +338,15 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     b.push_back(b_in[g].contiguous());
     bias.push_back(bias_in[g].contiguous());
   }
-  const int64_t C = x_in.size(1), width = panel_width(x_in.scalar_type());
-  // bf16 sums (and so its biases) are fp32, and its B rows come in pairs per tap.
-  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
-  const at::ScalarType bias_type = bf16 ? at::kFloat : x_in.scalar_type();
+  // fp16 has no micro-kernel of its own: it runs the fp32 one on a widened x, with weights
+  // packed in fp32, and the output is rounded to fp16 once (4-5x eager fp16 on an
+  // AVX-512 CPU, where ATen's fp16 convolutions are slow). bf16 sums (and so its biases)
+  // are fp32, and its B rows come in pairs per tap.
+  const bool half = x_in.scalar_type() == at::kHalf;
+  const at::ScalarType compute = half ? at::kFloat : x_in.scalar_type();
+  const int64_t C = x_in.size(1), width = panel_width(compute);
+  const bool bf16 = compute == at::kBFloat16;
+  const at::ScalarType bias_type = bf16 ? at::kFloat : compute;
   for (size_t g = 0; g < p.descs.size(); ++g) {
     const GemmDesc& d = p.descs[g];
     if (d.source == kSourceMaxPoolCopy) {
@@ -353,14 +358,14 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (bf16 ? ceil_div(channels, 2) * 2 : channels);
     TORCH_CHECK(b[g].device().is_cpu() && bias[g].device().is_cpu(), "packed B and bias of GEMM ", g,
                 " must be CPU tensors, got ", b[g].device(), " and ", bias[g].device());
-    TORCH_CHECK(b[g].scalar_type() == x_in.scalar_type() && b[g].dim() == 3 &&
-                    b[g].size(0) == ceil_div(d.cols, width) && b[g].size(1) == k && b[g].size(2) == width,
-                "packed B of GEMM ", g, " must be a (", ceil_div(d.cols, width), ", ", k, ", ", width,
-                ") tensor of x's dtype, got ", b[g].sizes(), " of ", b[g].scalar_type());
+    TORCH_CHECK(b[g].scalar_type() == compute && b[g].dim() == 3 && b[g].size(0) == ceil_div(d.cols, width) &&
+                    b[g].size(1) == k && b[g].size(2) == width,
+                "packed B of GEMM ", g, " must be a (", ceil_div(d.cols, width), ", ", k, ", ", width, ") tensor of ",
+                compute, " (x's dtype", half ? ", widened" : "", "), got ", b[g].sizes(), " of ", b[g].scalar_type());
     TORCH_CHECK(bias[g].scalar_type() == bias_type && bias[g].dim() == 1 && bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of ", bias_type, " (x's accumulator type)");
   }
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = x_in.to(compute).contiguous(at::MemoryFormat::ChannelsLast);
   // A grid-reduction block (stride 2) ends in 3x3 stride-2 unpadded convolutions and pool.
   const int64_t out_h = p.stride == 1 ? x.size(2) : (x.size(2) - 3) / 2 + 1;
   const int64_t out_w = p.stride == 1 ? x.size(3) : (x.size(3) - 3) / 2 + 1;
@@ -370,13 +375,15 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
   at::Tensor out;
   if (out_opt.has_value()) {
     out = *out_opt;
-    TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x.scalar_type() &&
+    TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x_in.scalar_type() &&
                     out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.device().is_cpu(),
-                "out must be a channels_last CPU ", x.scalar_type(), " tensor of shape ", at::IntArrayRef(shape));
-    at::assert_no_overlap(out, x);  // the kernel reads x while it writes out
+                "out must be a channels_last CPU ", x_in.scalar_type(), " tensor of shape ", at::IntArrayRef(shape));
+    at::assert_no_overlap(out, x_in);  // the kernel reads x while it writes out
   } else {
-    out = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    out = at::empty(shape, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
+  // The kernel's own output: `out` itself, or for fp16 an fp32 one rounded into it after.
+  at::Tensor work = half ? at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast)) : out;
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   for (size_t k = 0; k < p.buf_channels.size(); ++k) {
     const int64_t pad = p.buf_border[k];
@@ -384,8 +391,9 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
   }
   if (out.numel() == 0 || x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "inception_graph_forward", [&] {
-    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, out);
+    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work);
   });
+  if (half) out.copy_(work);
   return out;
 }
 

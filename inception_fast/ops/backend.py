@@ -27,11 +27,11 @@ from .._checks import check_choice
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 
 __all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "cacheable", "flipped_gemm_b", "from_gemm_b", "image", "interpreting", "pack_panels",
-           "accumulator_dtype",
+           "accumulator_dtype", "packed_dtype",
            "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def triton_available() -> bool:
@@ -49,7 +49,7 @@ def interpreting() -> bool:
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend that will run on x: "auto" picks "triton" for CUDA tensors, "cpu" (the C++
-    kernels) for float32/float64/bfloat16 CPU tensors, else "reference" (plain PyTorch ops).
+    kernels) for float32/float64/bfloat16/float16 CPU tensors, else "reference" (plain PyTorch ops).
 
     Raises ValueError for an unknown backend or a device it cannot run on, TypeError for a
     dtype the C++ kernels lack, RuntimeError when triton or the extension is missing.
@@ -75,7 +75,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
         if x.device.type not in ("cpu", "meta"):
             raise ValueError(f"backend='cpu' needs x on the CPU, got x on {x.device}")
         if x.dtype not in CPU_DTYPES:
-            raise TypeError(f"backend='cpu' supports x of dtype float32, float64 or bfloat16, got {x.dtype}")
+            raise TypeError(f"backend='cpu' supports x of dtype float32, float64, bfloat16 or float16, got {x.dtype}")
         require_cpu_extension()
     return backend
 
@@ -112,8 +112,15 @@ def flipped_gemm_b(w: torch.Tensor) -> torch.Tensor:
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the CPU kernel sums `dtype` in, and the dtype of its packed biases: float32 for
-    bfloat16, else `dtype` itself."""
-    return torch.float32 if dtype == torch.bfloat16 else dtype
+    bfloat16 and float16, else `dtype` itself."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def packed_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the CPU kernel's packed B for x of `dtype`: float16 has no micro-kernel
+    of its own and runs the float32 one (csrc/inception_graph_cpu.cpp), so its B is packed
+    widened; the others keep their dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def panel_width(dtype: torch.dtype) -> int:

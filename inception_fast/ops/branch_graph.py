@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
-from .backend import CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
+from .backend import CPU_DTYPES, accumulator_dtype, as_gemm_b, packed_dtype, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
@@ -62,6 +62,7 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str) -> tuple[list,
         b = torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1)
         bias = torch.cat([biases[i] for i in g.convs])
         if backend == "cpu":
+            b = b.to(packed_dtype(b.dtype))
             packed_b.append(pack_panels(b, panel_width(b.dtype), g.kh * g.kw))
             packed_bias.append(bias.to(accumulator_dtype(b.dtype)).contiguous())
         else:
@@ -198,7 +199,9 @@ graph_triton_forward.register_fake(_graph_fake)
 def _graph_saving_fake(x, b, bias, flat_plan):
     p = GraphPlan.from_flat(flat_plan)
     n, _, h, w = x.shape
-    return _graph_fake(x, b, bias, flat_plan), [x.new_empty((n, h + 2 * pad, w + 2 * pad, ch))
+    # The intermediates are the kernel's compute dtype (float32 for an fp16 x).
+    return _graph_fake(x, b, bias, flat_plan), [x.new_empty((n, h + 2 * pad, w + 2 * pad, ch),
+                                                             dtype=packed_dtype(x.dtype))
                                                  for ch, pad in zip(p.buf_channels, p.buf_border)]
 
 
@@ -256,6 +259,12 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
 
         grads = branch_graph_triton.graph_backward_triton(grad_out, x, y, list(intermediates), list(weights),
                                                           list(needs), list(backward_plan))
+    elif x.device.type == "cpu" and x.dtype == torch.float16 and cpu_extension() is not None:
+        # As its forward: the float32 kernel on widened copies, gradients rounded once.
+        grads = torch.ops.inception_fast.graph_backward_cpu(
+            grad_out.float(), x.float(), y.float(), [t.float() for t in intermediates], [w.float() for w in weights],
+            needs[0], needs[1], backward_plan)
+        grads = [g.half() for g in grads]
     elif x.device.type == "cpu" and x.dtype in CPU_DTYPES and cpu_extension() is not None:
         grads = torch.ops.inception_fast.graph_backward_cpu(grad_out, x, y, intermediates, weights, needs[0],
                                                             needs[1], backward_plan)

@@ -1,6 +1,8 @@
-"""bfloat16 on the CPU: the C++ forward in bf16 (fp32 sums; AVX512-BF16 dot products where
-the build targets them) and the backward (ATen's bf16 GEMMs and our bf16 pool passes), against an
-fp64 reference and against eager PyTorch in bf16 on the same input."""
+"""Half precision on the CPU, against an fp64 reference and against eager PyTorch in the
+same dtype on the same input:
+- bfloat16: the C++ forward in bf16 (fp32 sums; AVX512-BF16 dot products where the build
+  targets them) and the backward (ATen's bf16 GEMMs and our bf16 pool passes);
+- float16: the float32 kernels on widened copies, rounded to fp16 once."""
 
 import copy
 
@@ -234,3 +236,63 @@ def test_swap_refuses_a_bf16_block_twice_as_far_from_fp64_as_the_original(monkey
     monkeypatch.setattr(fused_graph, "fold_conv_bn", real)
     ifast.swap_inception(model)
     assert isinstance(model[0], FusedBranchGraph)
+
+
+# -- float16: the float32 kernels on widened copies ------------------------------------------
+
+FP16 = torch.float16
+
+
+@pytest.mark.parametrize("name", ["avg-chain", "grid-reduction", "odd-taps", "max-pool"])
+def test_fp16_forward_and_gradients_against_fp64_and_eager_fp16(name):
+    """Computed in fp32 and rounded once, so well within the fp16 tolerance and within 2x
+    eager fp16's error (eager rounds every convolution's output to fp16)."""
+    spec = BF16_SPECS[name]
+    weights, biases = _params(spec, torch.float64)
+    x = torch.randn(2, spec.in_channels, 6, 5, dtype=torch.float64)
+    n = len(weights)
+    runs = {}
+    for label, dtype in (("fp64", torch.float64), ("eager", FP16), ("fused", FP16)):
+        leaves = _leaves((x, *weights, *biases), dtype)
+        y = (_fused(spec)(*leaves) if label == "fused" else _eager(spec, leaves[0], leaves[1:1 + n], leaves[1 + n:]))
+        runs[label] = (y, leaves)
+    grad = torch.randn_like(runs["fp64"][0])
+    for y, _ in runs.values():
+        y.backward(grad.to(y.dtype))
+    (want, want_leaves), (eager, eager_leaves), (got, got_leaves) = runs["fp64"], runs["eager"], runs["fused"]
+    assert got.dtype == FP16 and rel_err(got, want) <= min(TOLERANCE[FP16], 2 * rel_err(eager, want))
+    for i, (g, e, w) in enumerate(zip(got_leaves, eager_leaves, want_leaves)):
+        assert g.grad.dtype == FP16
+        assert rel_err(g.grad, w.grad) <= max(TOLERANCE[FP16], 2 * rel_err(e.grad, w.grad)), i
+
+
+def test_fp16_model_swaps_and_runs_the_kernel_with_out_and_autocast():
+    block = small_v3_block("E")
+    x = torch.randn(2, 24, 6, 6)
+    with torch.no_grad():
+        want = copy.deepcopy(block).double()(x.double())
+        model = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block).to(FP16)))
+        assert isinstance(model[0], FusedBranchGraph)
+        assert resolve_backend("auto", x.to(FP16)) == "cpu"
+        assert "inception_fast::graph_forward" in _ops_run(lambda: model(x.to(FP16)))
+        got = model(x.to(FP16))
+        assert got.dtype == FP16 and rel_err(got, want) <= TOLERANCE[FP16]
+        # fp16 CPU autocast over the fp32 model: fused, fp16 out, as eager's.
+        fused = FusedBranchGraph.from_module(copy.deepcopy(block))
+        with torch.autocast("cpu", dtype=FP16):
+            assert "inception_fast::graph_forward" in _ops_run(lambda: fused(x))
+            got, eager = fused(x), block(x)
+        assert got.dtype == eager.dtype == FP16 and rel_err(got, want) <= TOLERANCE[FP16]
+    # out= of the functional op, in fp16: written in full.
+    spec = BF16_SPECS["max-pool"]
+    graph = plan(spec)
+    w16, b16 = (_bf16(t) for t in _params(spec, torch.float32))
+    w16, b16 = [t.to(FP16) for t in w16], [t.to(FP16) for t in b16]
+    xh = torch.randn(2, spec.in_channels, 5, 5, dtype=FP16)
+    packed = pack_weights(graph, w16, b16, "cpu")
+    assert packed[0][0].dtype == torch.float32  # widened at packing
+    out = torch.full((2, spec.out_channels, 5, 5), float("nan"), dtype=FP16).contiguous(
+        memory_format=torch.channels_last)
+    torch.ops.inception_fast.graph_forward.out(xh, *packed, graph.flat(), out=out)
+    assert torch.equal(out, graph_forward(xh, *packed, graph.flat()))
+    assert not torch.isnan(out).any()
