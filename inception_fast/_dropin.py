@@ -16,8 +16,8 @@ construction:
 * any forward/backward hook or parametrization on an inner module (added after
   the swap: the swap refuses blocks that already have them), and any global
   module hook: the original, so that every hook fires as it would;
-* autocast where the fused kernel lacks the autocast dtype (the C++ kernel has
-  fp32, fp64 and bf16, not fp16): the original, which autocast runs as usual;
+* autocast where the fused kernel lacks the autocast dtype (autocast to a dtype no
+  kernel takes): the original, which autocast runs as usual;
 * forward-mode AD (inside torch.autograd.forward_ad.dual_level): the original;
 * any BN in train mode, or without running statistics (a BN cannot be folded then):
   the original, which also updates the running statistics.
@@ -173,7 +173,7 @@ class DropInBlock(nn.Module):
         """(x as the fused kernel takes it, autocast's dtype or None), or None when only the
         original can run this call as autocast would: under autocast the fused kernels run in
         the autocast dtype where a kernel has it (Triton: fp16 and bf16; the C++ kernel: bf16,
-        CPU autocast's default)."""
+        CPU autocast's default, and fp16 through fp32)."""
         dtype = autocast_dtype(x)
         if dtype is None:
             return x, None
@@ -182,7 +182,7 @@ class DropInBlock(nn.Module):
         x_cast = x.to(dtype)
         try:
             backend = resolve_backend(self.backend, x_cast)
-        except TypeError:  # backend="cpu" under fp16 autocast: the original, as autocast runs it
+        except TypeError:  # a backend without that dtype: the original, as autocast runs it
             return None
         return (x_cast, dtype) if backend in ("triton", "cpu") else None
 
