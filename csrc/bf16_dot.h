@@ -1,4 +1,4 @@
-// The bf16 steps of the CPU GEMM (gemm.h's micro_tile_bf16): a dot product of pairs of
+// The bf16 steps of the CPU GEMM (gemm.h's micro_tile for bf16): a dot product of pairs of
 // bf16 into fp32 sums, and the store that rounds fp32 sums to bf16.
 //
 // B is packed in VNNI pairs: for K rows (k, k + 1) and column n, the 32-bit word

@@ -138,12 +138,18 @@ void plan_chunks(Gemm<T>& g) {
 // tile (+)= A[MR rows, chunk] @ B[chunk, kNR] for one K chunk; the first chunk starts from 0.
 // With `dst` (the last chunk of a full panel inside one segment), the sums skip the tile:
 // dst[i][0:kNR] = relu(sum + bias) straight from the registers.
+//
+// bf16 sums in fp32 with B in VNNI pairs (two K rows interleaved per column): each pair of
+// A's channels is broadcast as one 32-bit word into bf16_dot.h's dot2. An odd tap
+// (k_per_tap odd) ends on a half pair: its A word carries a zero upper half, and the packed
+// B a zero row, so the next pixel's channel is never read into a sum.
 template <typename T, int MR>
-void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk& chunk,
-                const T* b, T* tile /* MR x kNR */, bool accumulate, T* const* dst,
-                const T* bias /* kNR, with dst */) {
-  using Vec = typename Simd<T>::Vec;
-  constexpr int L = Simd<T>::kLanes;
+void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk& chunk, const T* b,
+                acc_t<T>* tile /* MR x kNR */, bool accumulate, T* const* dst,
+                const acc_t<T>* bias /* kNR, with dst */) {
+  using A = acc_t<T>;
+  using Vec = typename Simd<A>::Vec;
+  constexpr int L = Simd<A>::kLanes;
   Vec acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
@@ -155,17 +161,45 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk&
     }
   }
   for (int64_t t = chunk.tap_begin; t < chunk.tap_begin + chunk.taps; ++t) {
-    const T* a[MR];
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const uint16_t* a[MR];
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + tap_offset[t] + chunk.c_begin;
-    for (int64_t c = 0; c < chunk.c_count; ++c, b += 2 * L) {
-      const Vec b0 = *reinterpret_cast<const Vec*>(b);
-      const Vec b1 = *reinterpret_cast<const Vec*>(b + L);
+      for (int i = 0; i < MR; ++i)
+        a[i] = reinterpret_cast<const uint16_t*>(a_rows[i] + tap_offset[t] + chunk.c_begin);
+      const int64_t pairs = chunk.c_count / 2;
+      for (int64_t p = 0; p < pairs; ++p, b += 4 * L) {
+        const bf16::Pairs b0 = bf16::load_pairs(b), b1 = bf16::load_pairs(b + 2 * L);
 #pragma GCC unroll 12
-      for (int i = 0; i < MR; ++i) {
-        const T ai = a[i][c];
-        acc0[i] += ai * b0;
-        acc1[i] += ai * b1;
+        for (int i = 0; i < MR; ++i) {
+          uint32_t ai;
+          std::memcpy(&ai, a[i] + 2 * p, sizeof(ai));
+          acc0[i] = bf16::dot2(acc0[i], ai, b0);
+          acc1[i] = bf16::dot2(acc1[i], ai, b1);
+        }
+      }
+      if (chunk.c_count % 2 != 0) {  // the half pair
+        const bf16::Pairs b0 = bf16::load_pairs(b), b1 = bf16::load_pairs(b + 2 * L);
+        b += 4 * L;
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) {
+          const uint32_t ai = a[i][2 * pairs];
+          acc0[i] = bf16::dot2(acc0[i], ai, b0);
+          acc1[i] = bf16::dot2(acc1[i], ai, b1);
+        }
+      }
+    } else {
+      const T* a[MR];
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) a[i] = a_rows[i] + tap_offset[t] + chunk.c_begin;
+      for (int64_t c = 0; c < chunk.c_count; ++c, b += 2 * L) {
+        const Vec b0 = *reinterpret_cast<const Vec*>(b);
+        const Vec b1 = *reinterpret_cast<const Vec*>(b + L);
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) {
+          const T ai = a[i][c];
+          acc0[i] += ai * b0;
+          acc1[i] += ai * b1;
+        }
       }
     }
   }
@@ -179,76 +213,13 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk&
       Vec v0 = acc0[i] + bias0, v1 = acc1[i] + bias1;
       v0 = v0 < zero ? zero : v0;  // keeps NaN, like torch.relu
       v1 = v1 < zero ? zero : v1;
-      std::memcpy(dst[i], &v0, sizeof(Vec));
-      std::memcpy(dst[i] + L, &v1, sizeof(Vec));
-    }
-    return;
-  }
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    std::memcpy(tile + i * 2 * L, &acc0[i], sizeof(Vec));
-    std::memcpy(tile + i * 2 * L + L, &acc1[i], sizeof(Vec));
-  }
-}
-
-// The bf16 twin of micro_tile: B in VNNI pairs (two K rows interleaved per column), fp32
-// sums, each pair of A's channels broadcast as one 32-bit word into bf16_dot.h's dot2. An
-// odd tap (k_per_tap odd) ends on a half pair: its A word carries a zero upper half, and
-// the packed B a zero row, so the next pixel's channel is never read into a sum.
-template <int MR>
-void micro_tile_bf16(const c10::BFloat16* const* a_rows, const int64_t* tap_offset, const KChunk& chunk,
-                     const c10::BFloat16* b, float* tile /* MR x kNR */, bool accumulate,
-                     c10::BFloat16* const* dst, const float* bias /* kNR, with dst */) {
-  using Vec = Simd<float>::Vec;
-  constexpr int L = Simd<float>::kLanes;
-  Vec acc0[MR], acc1[MR];
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    if (accumulate) {
-      std::memcpy(&acc0[i], tile + i * 2 * L, sizeof(Vec));
-      std::memcpy(&acc1[i], tile + i * 2 * L + L, sizeof(Vec));
-    } else {
-      acc0[i] = acc1[i] = Vec{};
-    }
-  }
-  const int64_t pairs = chunk.c_count / 2;
-  for (int64_t t = chunk.tap_begin; t < chunk.tap_begin + chunk.taps; ++t) {
-    const uint16_t* a[MR];
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) a[i] = reinterpret_cast<const uint16_t*>(a_rows[i] + tap_offset[t] + chunk.c_begin);
-    for (int64_t p = 0; p < pairs; ++p, b += 4 * L) {
-      const bf16::Pairs b0 = bf16::load_pairs(b), b1 = bf16::load_pairs(b + 2 * L);
-#pragma GCC unroll 12
-      for (int i = 0; i < MR; ++i) {
-        uint32_t ai;
-        std::memcpy(&ai, a[i] + 2 * p, sizeof(ai));
-        acc0[i] = bf16::dot2(acc0[i], ai, b0);
-        acc1[i] = bf16::dot2(acc1[i], ai, b1);
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        bf16::store(dst[i], v0);
+        bf16::store(dst[i] + L, v1);
+      } else {
+        std::memcpy(dst[i], &v0, sizeof(Vec));
+        std::memcpy(dst[i] + L, &v1, sizeof(Vec));
       }
-    }
-    if (chunk.c_count % 2 != 0) {  // the half pair
-      const bf16::Pairs b0 = bf16::load_pairs(b), b1 = bf16::load_pairs(b + 2 * L);
-      b += 4 * L;
-#pragma GCC unroll 12
-      for (int i = 0; i < MR; ++i) {
-        const uint32_t ai = a[i][2 * pairs];
-        acc0[i] = bf16::dot2(acc0[i], ai, b0);
-        acc1[i] = bf16::dot2(acc1[i], ai, b1);
-      }
-    }
-  }
-  if (dst != nullptr) {
-    Vec bias0, bias1;
-    std::memcpy(&bias0, bias, sizeof(Vec));
-    std::memcpy(&bias1, bias + L, sizeof(Vec));
-    const Vec zero{};
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      Vec v0 = acc0[i] + bias0, v1 = acc1[i] + bias1;
-      v0 = v0 < zero ? zero : v0;  // keeps NaN, like torch.relu
-      v1 = v1 < zero ? zero : v1;
-      bf16::store(dst[i], v0);
-      bf16::store(dst[i] + L, v1);
     }
     return;
   }
@@ -266,10 +237,7 @@ using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, con
 // The micro-kernel for each row count 1..kMR, so that a block's last tile needs no padding.
 template <typename T, int... MR>
 constexpr std::array<MicroTileFn<T>, sizeof...(MR)> make_table(std::integer_sequence<int, MR...>) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    return {&micro_tile_bf16<MR + 1>...};
-  else
-    return {&micro_tile<T, MR + 1>...};
+  return {&micro_tile<T, MR + 1>...};
 }
 template <typename T>
 constexpr auto kMicroTiles = make_table<T>(std::make_integer_sequence<int, kMR>{});

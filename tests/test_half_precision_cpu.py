@@ -60,27 +60,32 @@ def _leaves(tensors, dtype):
     return [t.detach().to(dtype).requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("name", ["wide-odd", "odd-taps", "grid-reduction", "avg-chain"])
-def test_gradients_of_every_input_match_fp64(name):
-    """Each gradient within the bf16 tolerance of fp64's, or within 2x eager bf16's own error
-    (a bf16 forward moves ReLU masks near zero, which no backward can undo)."""
-    spec = BF16_SPECS[name]
+def assert_forward_and_gradients_match(spec, dtype):
+    """The fused op in `dtype` against fp64 and eager PyTorch in `dtype`, one grad_output:
+    the output within the tolerance and 2x eager's error; each gradient (x, every weight
+    and bias) within the tolerance of fp64's, or within 2x eager's own error (a half
+    precision forward moves ReLU masks near zero, which no backward can undo)."""
     weights, biases = _params(spec, torch.float64)
     x = torch.randn(2, spec.in_channels, 6, 5, dtype=torch.float64)
     n = len(weights)
     runs = {}
-    for label, dtype in (("fp64", torch.float64), ("eager", BF16), ("fused", BF16)):
-        leaves = _leaves((x, *weights, *biases), dtype)
+    for label, run_dtype in (("fp64", torch.float64), ("eager", dtype), ("fused", dtype)):
+        leaves = _leaves((x, *weights, *biases), run_dtype)
         y = (_fused(spec)(*leaves) if label == "fused" else _eager(spec, leaves[0], leaves[1:1 + n], leaves[1 + n:]))
         runs[label] = (y, leaves)
     grad = torch.randn_like(runs["fp64"][0])
     for y, _ in runs.values():
         y.backward(grad.to(y.dtype))
-    (want, want_leaves), (_, eager_leaves), (got, got_leaves) = runs["fp64"], runs["eager"], runs["fused"]
-    assert rel_err(got, want) <= TOLERANCE[BF16]
+    (want, want_leaves), (eager, eager_leaves), (got, got_leaves) = runs["fp64"], runs["eager"], runs["fused"]
+    assert got.dtype == dtype and rel_err(got, want) <= min(TOLERANCE[dtype], 2 * rel_err(eager, want))
     for i, (g, e, w) in enumerate(zip(got_leaves, eager_leaves, want_leaves)):
-        assert g.grad.dtype == BF16
-        assert rel_err(g.grad, w.grad) <= max(TOLERANCE[BF16], 2 * rel_err(e.grad, w.grad)), i
+        assert g.grad.dtype == dtype
+        assert rel_err(g.grad, w.grad) <= max(TOLERANCE[dtype], 2 * rel_err(e.grad, w.grad)), i
+
+
+@pytest.mark.parametrize("name", ["wide-odd", "odd-taps", "grid-reduction", "avg-chain"])
+def test_gradients_of_every_input_match_fp64(name):
+    assert_forward_and_gradients_match(BF16_SPECS[name], BF16)
 
 
 def test_nan_and_inf_reach_the_same_outputs_as_in_fp64():
@@ -245,25 +250,9 @@ FP16 = torch.float16
 
 @pytest.mark.parametrize("name", ["avg-chain", "grid-reduction", "odd-taps", "max-pool"])
 def test_fp16_forward_and_gradients_against_fp64_and_eager_fp16(name):
-    """Computed in fp32 and rounded once, so well within the fp16 tolerance and within 2x
-    eager fp16's error (eager rounds every convolution's output to fp16)."""
-    spec = BF16_SPECS[name]
-    weights, biases = _params(spec, torch.float64)
-    x = torch.randn(2, spec.in_channels, 6, 5, dtype=torch.float64)
-    n = len(weights)
-    runs = {}
-    for label, dtype in (("fp64", torch.float64), ("eager", FP16), ("fused", FP16)):
-        leaves = _leaves((x, *weights, *biases), dtype)
-        y = (_fused(spec)(*leaves) if label == "fused" else _eager(spec, leaves[0], leaves[1:1 + n], leaves[1 + n:]))
-        runs[label] = (y, leaves)
-    grad = torch.randn_like(runs["fp64"][0])
-    for y, _ in runs.values():
-        y.backward(grad.to(y.dtype))
-    (want, want_leaves), (eager, eager_leaves), (got, got_leaves) = runs["fp64"], runs["eager"], runs["fused"]
-    assert got.dtype == FP16 and rel_err(got, want) <= min(TOLERANCE[FP16], 2 * rel_err(eager, want))
-    for i, (g, e, w) in enumerate(zip(got_leaves, eager_leaves, want_leaves)):
-        assert g.grad.dtype == FP16
-        assert rel_err(g.grad, w.grad) <= max(TOLERANCE[FP16], 2 * rel_err(e.grad, w.grad)), i
+    """Computed in fp32 and rounded once: within the fp16 tolerance and 2x eager fp16's error
+    (eager rounds every convolution's output to fp16)."""
+    assert_forward_and_gradients_match(BF16_SPECS[name], FP16)
 
 
 def test_fp16_model_swaps_and_runs_the_kernel_with_out_and_autocast():
