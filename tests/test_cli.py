@@ -24,6 +24,7 @@ def test_help_lists_the_subcommands():
         (["profile", "googlenet_paper", "--input", "1,3,224"], "--input"),
         (["profile", "no.such.module:factory"], "does not import"),
         (["verify", "notamodel"], "MODEL must be one of"),
+        (["bench", "--dtype", "float16", "--device", "cpu", "--blocks", "3a", "--batch", "1"], "AVX512-FP16"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
@@ -78,3 +79,4 @@ def test_write_readme_replaces_only_the_marker_lines(tmp_path):
     readme.write_text(prose)
     with pytest.raises(UsageError, match="exactly one"):
         _write_readme_section(readme, "fid", "x")
+
