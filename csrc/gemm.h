@@ -248,13 +248,6 @@ inline T relu(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// What a sum of storage type T rounds to T through: c10's round-to-nearest-even for bf16
-// (bf16::store's rounding, bit for bit), identity otherwise.
-template <typename T>
-inline T narrow(acc_t<T> v) {
-  return static_cast<T>(v);
-}
-
 // Runs `gemm` for rows whose A rows start at a_rows[i] and whose destination pixels are
 // (n, h, w)[i], over column part `part` of `parts` (a contiguous range of panels); rows
 // and columns need not be multiples of the tile. `acc` holds ceil(rows / kMR) * panels
@@ -316,7 +309,8 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
         for (int i = 0; i < mr; ++i) {
           const acc_t<T>* src = tile + i * NR - col0;
           T* dst = dst_rows[i];
-          for (int64_t j = lo; j < hi; ++j) dst[j] = narrow<T>(relu(src[j] + gemm.bias[j]));
+          // bf16: c10's round-to-nearest-even, bf16::store's rounding bit for bit.
+          for (int64_t j = lo; j < hi; ++j) dst[j] = static_cast<T>(relu(src[j] + gemm.bias[j]));
         }
       }
     }
@@ -397,7 +391,7 @@ void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
       for (int64_t c = 0; c < C; ++c) out[c] /= count;
     }
     if constexpr (kWide)
-      for (int64_t c = 0; c < C; ++c) row[c] = narrow<T>(out[c]);
+      for (int64_t c = 0; c < C; ++c) row[c] = static_cast<T>(out[c]);
   }
 }
 

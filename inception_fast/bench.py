@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ._extension import cpu_extension
 from .fused import FusedInception
 from .reference import ReferenceInception
 from .spec import GOOGLENET_INCEPTION
@@ -140,8 +141,6 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    from ._extension import cpu_extension
-
     ext = cpu_extension()
     return {
         "cpu": cpu,

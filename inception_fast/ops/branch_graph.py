@@ -10,9 +10,10 @@ including the grid reductions (stride 2). Every convolution is followed by ReLU
 
 plan.plan() turns a spec into stages of GEMMs; the kernels run them with every GEMM's
 epilogue (bias + ReLU) storing straight into its slice of the output or of an
-intermediate: there is no concat. The C++ kernel (csrc/inception_graph_cpu.cpp, float32,
-float64 and bfloat16 with float32 sums) runs stage after stage on zero-bordered intermediates; the Triton kernels
-(branch_graph_triton.py) run one grouped launch per stage.
+intermediate: there is no concat. The C++ kernel (csrc/inception_graph_cpu.cpp: float32,
+float64, bfloat16 with float32 sums, float16 through float32) runs stage after stage on
+zero-bordered intermediates; the Triton kernels (branch_graph_triton.py) run one grouped
+launch per stage.
 
 This file holds the weight packing, the ops (forward, forward saving its intermediates,
 backward: the C++ ones registered by csrc/bindings.cpp, the Triton ones as torch.library
@@ -27,7 +28,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
-from .backend import CPU_DTYPES, accumulator_dtype, as_gemm_b, packed_dtype, from_gemm_b, image, pack_panels, panel_width, rows, unpack_panels
+from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, packed_dtype,
+                      panel_width, rows, unpack_panels)
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
