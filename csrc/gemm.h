@@ -81,6 +81,23 @@ struct Gemm {
 // Half of a 48 KB L1: the B chunk of one panel, with room left for the A rows it meets.
 constexpr int64_t kChunkBytes = 24 * 1024;
 
+// A rows `stride` elements apart whose lines all fall in one L1 set (a row stride of a
+// multiple of 4 KB: x of 1024 or 2048 fp32 channels) evict each other while a tile's 12
+// rows stream through an 8-way L1: a 1x1 GEMM over 2048 channels ran 10% below one over
+// 2064. Such rows are copied per K chunk into a_pack (run_gemm) or pooled at a padded stride.
+template <typename T>
+inline bool set_conflicting(int64_t stride) { return stride * static_cast<int64_t>(sizeof(T)) % 4096 == 0; }
+
+// A row stride for `cols` elements that is clear of set_conflicting (one cache line past).
+template <typename T>
+inline int64_t padded_stride(int64_t cols) { return set_conflicting<T>(cols) ? cols + 64 / sizeof(T) : cols; }
+
+// Elements of run_gemm's a_pack for blocks of `rows` rows: one K chunk of each row.
+template <typename T>
+inline int64_t a_pack_size(int64_t rows) {
+  return rows * (kChunkBytes / (kNR<T> * static_cast<int64_t>(sizeof(T))) + kPack<T> + 64 / static_cast<int64_t>(sizeof(T)));
+}
+
 // Rows of one parallel work item: enough to reuse each B chunk many times from L1, few
 // enough that the block's A rows and partial sums stay in a 2 MB L2.
 constexpr int64_t kMaxBlockRows = 32 * kMR;
@@ -256,10 +273,14 @@ inline T relu(T v) {
 // Loop order (Goto's): K chunk, then panel, then row tile. One chunk of one B panel
 // (<= kChunkBytes) stays in L1 while every row tile of the block streams past it;
 // the block's A rows and partial sums stay in L2.
+//
+// With `a_pack` (a_pack_size(rows) elements; single-tap GEMMs only), each K chunk of the
+// A rows is first copied into it at a padded stride, as Goto's packed A: for rows whose
+// stride is set_conflicting. The copy is read once per panel of the part.
 template <typename T>
 void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
               const int64_t* pix_h, const int64_t* pix_w, int64_t rows, acc_t<T>* acc, int64_t part,
-              int64_t parts) {
+              int64_t parts, T* a_pack = nullptr) {
   constexpr int NR = kNR<T>;
   const int64_t panels = gemm.panels(), k_total = gemm.k_total();
   const int64_t p_begin = panels * part / parts, p_end = panels * (part + 1) / parts;
@@ -278,17 +299,35 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
       dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) +
                     seg.channel + col - seg.begin;
   };
+  const T* packed_rows[kMaxBlockRows];
+  const int64_t no_offset = 0;
+  TORCH_CHECK(a_pack == nullptr || (gemm.tap_offset.size() == 1 && rows <= kMaxBlockRows),
+              "run_gemm: a_pack is for single-tap GEMMs of at most ", kMaxBlockRows, " rows");
   for (size_t c = 0; c < gemm.chunks.size(); ++c) {
     const KChunk& chunk = gemm.chunks[c];
     const bool last = c + 1 == gemm.chunks.size();
     const int64_t b_row = chunk.tap_begin * gemm.k_stride() + chunk.c_begin;
+    const T* const* tile_rows = a_rows;
+    const int64_t* tap_offset = gemm.tap_offset.data();
+    KChunk run = chunk;
+    if (a_pack != nullptr) {
+      // Rounded up to a pair: bf16's half pair reads the low half of a whole word.
+      const int64_t ld = padded_stride<T>(ceil_div(chunk.c_count, kPack<T>) * kPack<T>);
+      for (int64_t i = 0; i < rows; ++i) {
+        std::memcpy(a_pack + i * ld, a_rows[i] + gemm.tap_offset[0] + chunk.c_begin, chunk.c_count * sizeof(T));
+        packed_rows[i] = a_pack + i * ld;
+      }
+      tile_rows = packed_rows;
+      tap_offset = &no_offset;
+      run = {0, 1, 0, chunk.c_count};
+    }
     for (int64_t p = p_begin; p < p_end; ++p) {
       const T* b = gemm.b_packed + (p * k_total + b_row) * NR;
       const Segment<T>* direct = last ? direct_segment(p) : nullptr;
       for (int64_t rt = 0; rt < row_tiles; ++rt) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - rt * kMR));
         if (direct != nullptr) point_rows(*direct, rt * kMR, mr, p * NR);
-        kMicroTiles<T>[mr - 1](a_rows + rt * kMR, gemm.tap_offset.data(), chunk, b,
+        kMicroTiles<T>[mr - 1](tile_rows + rt * kMR, tap_offset, run, b,
                                acc + (rt * panels + p) * kMR * NR, c > 0,
                                direct != nullptr ? dst_rows : nullptr, gemm.bias + p * NR);
       }
@@ -339,13 +378,13 @@ inline void max_into(T* out, const T* in, int64_t C) {
 }
 
 // pooled[i][c] = max of x over the 3x3 window (-inf padding) around pixel i; NaN wins, as in
-// torch.max_pool2d.
+// torch.max_pool2d. Row i of pooled starts at pooled + i * ld (ld >= C).
 template <typename T>
 void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
-                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled) {
+                   const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
-    T* out = pooled + i * C;
+    T* out = pooled + i * ld;
     std::memcpy(out, x.interior_row(n, h, w), C * sizeof(T));
     for (int64_t dy = -1; dy <= 1; ++dy) {
       if (h + dy < 0 || h + dy >= H) continue;

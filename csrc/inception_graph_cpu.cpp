@@ -127,10 +127,15 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
 
   int64_t max_panels = 1;
   bool pools = false;
+  std::vector<bool> pack_a(gemms.size(), false);  // x rows at a set_conflicting stride: copied per K chunk
   for (size_t g = 0; g < gemms.size(); ++g) {
     max_panels = std::max(max_panels, gemms[g].panels());
     pools = pools || pooled_source(descs[g].source);
+    pack_a[g] = descs[g].source == kSourceX && gemms[g].tap_offset.size() == 1 &&
+                set_conflicting<T>(x_plane.stride_w * descs[g].stride);
   }
+  const bool packs = std::find(pack_a.begin(), pack_a.end(), true) != pack_a.end();
+  const int64_t pooled_ld = padded_stride<T>(C);
   // Per-thread scratch for one block of at most `block` rows: pixel coordinates, A row
   // pointers, the partial-sum tiles, and the pooled input rows of a pool projection.
   struct Scratch {
@@ -139,11 +144,12 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     std::vector<const T*> a_rows;
     std::vector<acc_t<T>> acc;
     std::vector<T> pooled;
+    std::vector<T> a_pack;
   };
   auto make_scratch = [&](int64_t block) {
     return Scratch{block, std::vector<int64_t>(3 * block), std::vector<const T*>(block),
                    std::vector<acc_t<T>>(ceil_div(block, kMR) * max_panels * kMR * kNR<T>),
-                   std::vector<T>(pools ? block * C : 0)};
+                   std::vector<T>(pools ? block * pooled_ld : 0), std::vector<T>(packs ? a_pack_size<T>(block) : 0)};
   };
   // GEMM g over one block of pixel rows of its grid, for column part `part` of `parts` (a
   // range of its weight panels; of its channels for the max-pool copy).
@@ -160,18 +166,18 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     if (panels * part / parts == panels * (part + 1) / parts) return;  // no panels: skip the pooling too
     if (pooled_source(d.source)) {
       if (d.source != kSourceMaxPool)
-        avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), C,
+        avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), pooled_ld,
                       d.source == kSourceAvgPool ? PoolDivisor::kNine : PoolDivisor::kInBounds);
       else
-        max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data());
-      for (int64_t i = 0; i < rows; ++i) a_rows[i] = s.pooled.data() + i * C;
+        max_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), pooled_ld);
+      for (int64_t i = 0; i < rows; ++i) a_rows[i] = s.pooled.data() + i * pooled_ld;
     } else {
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t h = ph[i] * d.stride - d.pad_h, w = pw[i] * d.stride - d.pad_w;
         a_rows[i] = d.source == kSourceX ? x_plane.interior_row(pn[i], h, w) : planes[d.source].interior_row(pn[i], h, w);
       }
     }
-    run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), part, parts);
+    run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), part, parts, pack_a[g] ? s.a_pack.data() : nullptr);
   };
   auto grid_of = [&](size_t g) { return descs[g].stride == 1 ? std::make_pair(H, W) : std::make_pair(Ho, Wo); };
   // Rows [m0, m1) of GEMM g's grid, in blocks of at most `block` (<= s.block).
@@ -192,12 +198,17 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   const int64_t group = images_per_group(HW), groups = ceil_div(N, group);
   if (image_major(groups, threads)) {
     // Image-major: a thread runs every stage on a group of whole images, so their
-    // intermediates pass from stage to stage through its cache.
-    const int64_t block = block_rows(std::min(group, N) * HW, 1);
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    // intermediates pass from stage to stage through its cache. The images are cut into a
+    // multiple of `threads` groups of near-equal size (at most `group` each): at::parallel_for
+    // hands each thread the same number of consecutive groups, so the threads' shares differ
+    // by at most one image. Groups of exactly `group` images left a short last group, so
+    // that 50 images of 8x8 ran as 30 on one thread and 20 on the other.
+    const int64_t even_groups = threads * ceil_div(N, threads * group);
+    const int64_t block = block_rows(ceil_div(N, even_groups) * HW, 1);
+    at::parallel_for(0, even_groups, 1, [&](int64_t g0, int64_t g1) {
       Scratch scratch = make_scratch(block);
       for (int64_t gi = g0; gi < g1; ++gi) {
-        const int64_t n0 = gi * group, n1 = std::min(n0 + group, N);
+        const int64_t n0 = N * gi / even_groups, n1 = N * (gi + 1) / even_groups;
         for (int64_t n = n0; n < n1; ++n) zero_borders(n);
         for (int64_t stage = 0; stage < stages; ++stage)
           for (size_t g = 0; g < gemms.size(); ++g) {

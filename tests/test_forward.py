@@ -94,6 +94,39 @@ def test_thread_count_does_not_change_a_single_bit(name, batch):
     assert torch.equal(results[0], results[1])
 
 
+# x rows of 1024 fp32, 512 fp64 or 2048 bf16 channels lie a multiple of 4 KB apart: the
+# kernel copies their K chunks into a packed A and pools them at a padded stride (csrc/gemm.h
+# set_conflicting). 9 images of 8x8 (and of 20x20) run image-major in uneven groups, the
+# 20x20 ones with an empty group on 2 threads; 1 image runs stage-major with column parts.
+@needs_cpu_kernel
+@pytest.mark.parametrize("size", [(1, 5, 5), (9, 8, 8), (9, 20, 20)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("dtype, channels", [(torch.float32, 1024), (torch.float64, 512), (torch.bfloat16, 2048)],
+                         ids=["fp32-1024", "fp64-512", "bf16-2048"])
+def test_4k_row_strides_and_uneven_image_groups(dtype, channels, pool, size):
+    from inception_fast.ops.branch_graph import graph_forward, pack_weights
+    from inception_fast.ops.plan import plan
+    from inception_fast.spec import Branch, BranchGraphSpec, Conv
+    from test_graph_backward import _eager, _params
+
+    spec = BranchGraphSpec(channels, (Branch(((Conv(channels, 40),),)),
+                                      Branch(((Conv(channels, 8),), (Conv(8, 16, 3, 3),)))), pool, Conv(channels, 24))
+    weights, biases = _params(spec, torch.float64)
+    x = torch.randn(size[0], channels, *size[1:], dtype=torch.float64)
+    graph = plan(spec)
+    packed = pack_weights(graph, [w.to(dtype) for w in weights], [b.to(dtype) for b in biases], "cpu")
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append(graph_forward(x.to(dtype), *packed, graph.flat()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], got[1])
+    assert rel_err(got[1], _eager(spec, x, weights, biases)) <= TOLERANCE[dtype]
+
+
 @needs_cpu_kernel
 def test_batch_zero_gives_an_empty_output():
     spec = ifast.InceptionSpec(13, 5, 7, 9, 3, 11, 6)
