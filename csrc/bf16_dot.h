@@ -66,6 +66,16 @@ inline Vec dot2(Vec acc, uint32_t a, const Pairs& b) {
 }
 #endif
 
+// 16 bf16 values widened to fp32 (a shift: exact).
+inline Vec load(const c10::BFloat16* p) {
+  Half h;
+  std::memcpy(&h, p, sizeof(h));
+  const Bits u = __builtin_convertvector(h, Bits) << 16;
+  Vec v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
 // dst[0:16] = v rounded to bf16: nearest, ties to even, NaN as 0x7FC0: c10::BFloat16's
 // rounding bit for bit, so the register and the scalar epilogues agree.
 inline void store(c10::BFloat16* dst, Vec v) {

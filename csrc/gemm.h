@@ -46,13 +46,32 @@ constexpr int kNR = 2 * Simd<acc_t<T>>::kLanes;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// How an epilogue finishes a column's sum: relu(sum + bias), or Inception-ResNet's tail
+// act(x + sum + bias) with act ReLU or none (its scale is folded into B and the bias), x read
+// at the stored pixel and channel.
+enum class Epilogue { kRelu, kResidualRelu, kResidual };
+
 // GEMM columns [begin, end) go to channels [channel, channel + end - begin) of `dst`.
 template <typename T>
 struct Segment {
   int64_t begin, end;
   Plane<T> dst;
   int64_t channel;
+  Epilogue epilogue = Epilogue::kRelu;
+  Plane<const T> residual{};  // x, for the residual epilogues: same pixel and channel as dst
 };
+
+// 64 bytes of T as a vector of its accumulator type (bf16 widened).
+template <typename T>
+inline typename Simd<acc_t<T>>::Vec load_acc(const T* p) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bf16::load(p);
+  } else {
+    typename Simd<T>::Vec v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+}
 
 // A slice of the K dimension small enough that its B rows for one panel stay in L1:
 // whole taps when a tap's channels fit, else a channel range of a single tap.
@@ -154,7 +173,8 @@ void plan_chunks(Gemm<T>& g) {
 
 // tile (+)= A[MR rows, chunk] @ B[chunk, kNR] for one K chunk; the first chunk starts from 0.
 // With `dst` (the last chunk of a full panel inside one segment), the sums skip the tile:
-// dst[i][0:kNR] = relu(sum + bias) straight from the registers.
+// dst[i][0:kNR] = relu(sum + bias) straight from the registers, or with `res` (the
+// residual epilogues) act(res[i][0:kNR] + sum + bias), act ReLU where `relu`.
 //
 // bf16 sums in fp32 with B in VNNI pairs (two K rows interleaved per column): each pair of
 // A's channels is broadcast as one 32-bit word into bf16_dot.h's dot2. An odd tap
@@ -163,7 +183,7 @@ void plan_chunks(Gemm<T>& g) {
 template <typename T, int MR>
 void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk& chunk, const T* b,
                 acc_t<T>* tile /* MR x kNR */, bool accumulate, T* const* dst,
-                const acc_t<T>* bias /* kNR, with dst */) {
+                const acc_t<T>* bias /* kNR, with dst */, const T* const* res /* MR rows or null */, bool relu) {
   using A = acc_t<T>;
   using Vec = typename Simd<A>::Vec;
   constexpr int L = Simd<A>::kLanes;
@@ -228,8 +248,14 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk&
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
       Vec v0 = acc0[i] + bias0, v1 = acc1[i] + bias1;
-      v0 = v0 < zero ? zero : v0;  // keeps NaN, like torch.relu
-      v1 = v1 < zero ? zero : v1;
+      if (res != nullptr) {
+        v0 += load_acc(res[i]);
+        v1 += load_acc(res[i] + L);
+      }
+      if (relu) {
+        v0 = v0 < zero ? zero : v0;  // keeps NaN, like torch.relu
+        v1 = v1 < zero ? zero : v1;
+      }
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         bf16::store(dst[i], v0);
         bf16::store(dst[i] + L, v1);
@@ -249,7 +275,7 @@ void micro_tile(const T* const* a_rows, const int64_t* tap_offset, const KChunk&
 
 template <typename T>
 using MicroTileFn = void (*)(const T* const*, const int64_t*, const KChunk&, const T*, acc_t<T>*, bool,
-                             T* const*, const acc_t<T>*);
+                             T* const*, const acc_t<T>*, const T* const*, bool);
 
 // The micro-kernel for each row count 1..kMR, so that a block's last tile needs no padding.
 template <typename T, int... MR>
@@ -294,10 +320,14 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
     return nullptr;
   };
   T* dst_rows[kMR];
+  const T* res_rows[kMR];
   auto point_rows = [&](const Segment<T>& seg, int64_t r0, int mr, int64_t col) {
-    for (int i = 0; i < mr; ++i)
-      dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) +
-                    seg.channel + col - seg.begin;
+    for (int i = 0; i < mr; ++i) {
+      dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) + seg.channel + col - seg.begin;
+      if (seg.epilogue != Epilogue::kRelu)
+        res_rows[i] =
+            seg.residual.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) + seg.channel + col - seg.begin;
+    }
   };
   const T* packed_rows[kMaxBlockRows];
   const int64_t no_offset = 0;
@@ -327,9 +357,12 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
       for (int64_t rt = 0; rt < row_tiles; ++rt) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - rt * kMR));
         if (direct != nullptr) point_rows(*direct, rt * kMR, mr, p * NR);
+        const bool residual = direct != nullptr && direct->epilogue != Epilogue::kRelu;
         kMicroTiles<T>[mr - 1](tile_rows + rt * kMR, tap_offset, run, b,
                                acc + (rt * panels + p) * kMR * NR, c > 0,
-                               direct != nullptr ? dst_rows : nullptr, gemm.bias + p * NR);
+                               direct != nullptr ? dst_rows : nullptr, gemm.bias + p * NR,
+                               residual ? res_rows : nullptr,
+                               direct == nullptr || direct->epilogue != Epilogue::kResidual);
       }
     }
   }
@@ -349,7 +382,15 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
           const acc_t<T>* src = tile + i * NR - col0;
           T* dst = dst_rows[i];
           // bf16: c10's round-to-nearest-even, bf16::store's rounding bit for bit.
-          for (int64_t j = lo; j < hi; ++j) dst[j] = static_cast<T>(relu(src[j] + gemm.bias[j]));
+          if (seg.epilogue == Epilogue::kRelu) {
+            for (int64_t j = lo; j < hi; ++j) dst[j] = static_cast<T>(relu(src[j] + gemm.bias[j]));
+          } else {
+            const T* res = res_rows[i];
+            for (int64_t j = lo; j < hi; ++j) {
+              const acc_t<T> v = src[j] + gemm.bias[j] + static_cast<acc_t<T>>(res[j]);  // the registers' order
+              dst[j] = static_cast<T>(seg.epilogue == Epilogue::kResidualRelu ? relu(v) : v);
+            }
+          }
         }
       }
     }

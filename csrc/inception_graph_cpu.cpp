@@ -10,7 +10,9 @@
 //
 // Every GEMM adds its bias, applies ReLU and stores from its epilogue straight into
 // channel slices of the output or of the intermediates the next stages read: there is
-// no concat. The GEMM itself is gemm.h's, shared with csrc/inception_cpu.cpp.
+// no concat. An Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the
+// tail's 1x1 over the concat, whose epilogue adds x and stores act(x + sum + bias) into the
+// output. The GEMM itself is gemm.h's.
 
 #include "gemm.h"
 #include "inception_cpu.h"
@@ -57,11 +59,13 @@ GemmDesc parse_desc(at::IntArrayRef d, int64_t buffers) {
   int64_t next = 0;  // the segments cover the columns in order, each once
   for (int64_t s = 0; s < d[kGemmHead - 1]; ++s) {
     const int64_t* seg = d.data() + kGemmHead + kSegmentFields * s;
-    TORCH_CHECK(seg[0] == next && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOut && seg[2] < buffers &&
-                    seg[3] >= 0,
+    TORCH_CHECK(seg[0] == next && seg[0] < seg[1] && seg[1] <= g.cols && seg[2] >= kDestOutResidualRelu &&
+                    seg[2] < buffers && seg[3] >= 0,
                 "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ", ", seg[3], ") of a GEMM with ", g.cols,
                 " columns");
     TORCH_CHECK(g.stride == 1 || seg[2] == kDestOut, "a stride-2 GEMM must write the output");
+    TORCH_CHECK(seg[2] == kDestOut || !out_destination(seg[2]) || (g.source >= 0 && g.kh == 1 && g.kw == 1),
+                "a residual epilogue ends a 1x1 over a buffer (the concat)");
     g.segments.push_back({seg[0], seg[1], seg[2], seg[3]});
     next = seg[1];
   }
@@ -113,8 +117,16 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     const bool pooled_rows = pooled_source(d.source);
     for (int64_t dy = 0; dy < (pooled_rows ? 1 : d.kh); ++dy)
       for (int64_t dx = 0; dx < (pooled_rows ? 1 : d.kw); ++dx) gm.tap_offset.push_back(dy * sh + dx * sw);
-    for (const auto& [begin, end, dest, channel] : d.segments)
-      gm.segments.push_back({begin, end, dest == kDestOut ? out_plane : planes[dest], channel});
+    for (const auto& [begin, end, dest, channel] : d.segments) {
+      if (!out_destination(dest)) {
+        gm.segments.push_back({begin, end, planes[dest], channel});
+        continue;
+      }
+      const Epilogue epilogue = dest == kDestOut ? Epilogue::kRelu
+                                : dest == kDestOutResidualRelu ? Epilogue::kResidualRelu
+                                                               : Epilogue::kResidual;
+      gm.segments.push_back({begin, end, out_plane, channel, epilogue, x_plane});
+    }
     if (has_weights) plan_chunks(gm);
     gemms.push_back(std::move(gm));
     stages = std::max(stages, d.stage + 1);
@@ -278,6 +290,7 @@ struct FlatPlan {
   std::vector<int64_t> buf_channels, buf_border;
   int64_t out_channels, stride;
   std::vector<GemmDesc> descs;
+  bool residual = false;  // some output goes through a residual epilogue: x has out_channels channels
 };
 
 FlatPlan parse_flat_plan(at::IntArrayRef flat) {
@@ -316,9 +329,11 @@ FlatPlan parse_flat_plan(at::IntArrayRef flat) {
     TORCH_CHECK(0 <= d.stage && d.stage < count, "flat_plan: GEMM ", g, " has stage ", d.stage, " (", count,
                 " GEMMs)");
     for (const auto& [begin, end, dest, channel] : d.segments) {
-      TORCH_CHECK(dest != kDestOut || d.stride == p.stride, "flat_plan: GEMM ", g, " writes the output at stride ",
-                  d.stride, " in a stride-", p.stride, " block");
-      written.mark(dest, channel, end - begin, "flat_plan: GEMM", static_cast<int64_t>(g));
+      TORCH_CHECK(!out_destination(dest) || d.stride == p.stride, "flat_plan: GEMM ", g,
+                  " writes the output at stride ", d.stride, " in a stride-", p.stride, " block");
+      if (dest != kDestOut && out_destination(dest)) p.residual = true;
+      written.mark(out_destination(dest) ? kDestOut : dest, channel, end - begin, "flat_plan: GEMM",
+                   static_cast<int64_t>(g));
       if (dest >= 0) last_write[dest] = std::max(last_write[dest], d.stage);
     }
   }
@@ -378,6 +393,8 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     TORCH_CHECK(bias[g].scalar_type() == bias_type && bias[g].dim() == 1 && bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of ", bias_type, " (x's accumulator type)");
   }
+  TORCH_CHECK(!p.residual || C == p.out_channels, "flat_plan: a residual epilogue adds x to the output, so x must "
+              "have its ", p.out_channels, " channels, got ", C);
   const at::Tensor x = x_in.to(compute).contiguous(at::MemoryFormat::ChannelsLast);
   // A grid-reduction block (stride 2) ends in 3x3 stride-2 unpadded convolutions and pool.
   const int64_t out_h = p.stride == 1 ? x.size(2) : (x.size(2) - 3) / 2 + 1;

@@ -3,7 +3,7 @@
 // and its argmax and scatters d_pooled = gp @ Wp into dx at the argmax, in place. No index
 // tensor, no zeroed gradient buffer, no separate add, no full-size gp @ Wp tensor; the
 // pooled rows it leaves give the projection's weight gradient (gp^T @ pooled).
-// Shared by csrc/inception_graph_cpu_backward.cpp and csrc/inception_cpu_backward.cpp.
+// Used by csrc/inception_graph_cpu_backward.cpp.
 #pragma once
 
 #include "bf16_dot.h"
@@ -37,14 +37,7 @@ struct PoolLanes<c10::BFloat16> {
   using Vec = Simd<float>::Vec;
   using Mask = Simd<float>::Mask;
   static constexpr int64_t kLanes = Simd<float>::kLanes;
-  static Vec load(const c10::BFloat16* p) {
-    bf16::Half h;
-    std::memcpy(&h, p, sizeof(h));
-    const bf16::Bits u = __builtin_convertvector(h, bf16::Bits) << 16;
-    Vec v;
-    std::memcpy(&v, &u, sizeof(v));
-    return v;
-  }
+  static Vec load(const c10::BFloat16* p) { return bf16::load(p); }
   // A sum: rounded to nearest even.
   static void store(c10::BFloat16* p, Vec v) { bf16::store(p, v); }
   // A max is one of the loaded bf16 values: its upper half, NaN payloads included.

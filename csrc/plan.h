@@ -24,7 +24,12 @@ inline bool pooled_source(int64_t source) {
 // Where a GEMM segment or convolution writes; k >= 0 is buffer k.
 enum Destination : int64_t {
   kDestOut = -1,  // the block's output
+  kDestOutResidual = -2,  // the block's output as x + sum + bias (Inception-ResNet's tail, no activation)
+  kDestOutResidualRelu = -3,  // the block's output as relu(x + sum + bias)
 };
+
+// A destination in the block's output, through whichever epilogue.
+inline bool out_destination(int64_t dest) { return dest <= kDestOut && dest >= kDestOutResidualRelu; }
 
 // A GEMM description: these head fields, then kSegmentFields values per segment.
 constexpr int64_t kGemmHead = 9;  // (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)

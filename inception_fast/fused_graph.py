@@ -26,7 +26,7 @@ from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
 from .ops.branch_graph import apply_graph, graph_forward_inference, pack_weights, residual_tail
-from .ops.plan import plan
+from .ops.plan import plan, plan_with_residual
 from .spec import Branch, BranchGraphSpec, Conv
 
 __all__ = ["FusedBranchGraph", "torchvision_graph_layout"]
@@ -266,8 +266,11 @@ class FusedBranchGraph(DropInBlock):
         self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
         reductions = self._plan.reductions() if self.recompute_reductions else {}
         self._recompute = tuple(reductions.get(k, -1) for k in range(len(self._plan.buf_channels)))
-        self._pack_caches: dict[tuple[str, torch.dtype | None], TensorVersionCache] = {}
+        self._pack_caches: dict[tuple[str, torch.dtype | None, bool], TensorVersionCache] = {}
         self._op_convs = len(self._plan.convs)  # the fused op's; a residual tail's 1x1 comes after them
+        # CPU inference runs the tail as the kernel's last GEMM (plan_with_residual): a plain
+        # list, used only outside tracing, where _plans' constant lookup is not needed.
+        self._residual_flat = None if graph.residual is None else plan_with_residual(graph).flat()
 
     def _folded(self, dtype: torch.dtype | None) -> tuple[list, list]:
         """Folded (weights, biases) in plan order, cast to autocast's dtype when one is given;
@@ -276,12 +279,18 @@ class FusedBranchGraph(DropInBlock):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
         return [cast(w) for w, _ in folded], [cast(b) for _, b in folded]
 
-    def _packed(self, backend: str, dtype: torch.dtype | None = None) -> tuple[list, list]:
+    def _packed(self, backend: str, dtype: torch.dtype | None = None, residual: bool = False) -> tuple[list, list]:
         """The kernel layout of the folded weights: cached per (backend, dtype) while no
-        parameter or BN statistic changes, packed in the graph when traced."""
+        parameter or BN statistic changes, packed in the graph when traced. With `residual`,
+        for plan_with_residual: the tail's 1x1 too, its weight and bias times its scale."""
         def build():
             weights, biases = self._folded(dtype)
-            return pack_weights(self._plan, weights[:self._op_convs], biases[:self._op_convs], backend)
+            if not residual:
+                return pack_weights(self._plan, weights[:self._op_convs], biases[:self._op_convs], backend)
+            scale = self.graph.residual.scale
+            n = self._op_convs
+            return pack_weights(plan_with_residual(self.graph), [*weights[:n], weights[n] * scale],
+                                [*biases[:n], biases[n] * scale], backend)
 
         # num_batches_tracked: BN's kernel updates the running stats in place without bumping
         # their version counter, but bumps this one on every train-mode forward.
@@ -291,7 +300,7 @@ class FusedBranchGraph(DropInBlock):
                    for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
         if not cacheable(sources[0]):
             return build()
-        cache = self._pack_caches.setdefault((backend, dtype), TensorVersionCache())
+        cache = self._pack_caches.setdefault((backend, dtype, residual), TensorVersionCache())
         with torch.no_grad():  # a cached value must never hold on to an autograd graph
             return cache.get(sources, build, extra=tuple(bn.eps for bn in self._bns))
 
@@ -318,6 +327,13 @@ class FusedBranchGraph(DropInBlock):
                 y = apply_graph(x_run, backend, flat_plan, backward_plan, self._recompute, weights[:n],
                                 biases[:n], packed)
                 tail = (weights[n], biases[n]) if len(weights) > n else None
+            elif self._residual_flat is not None and backend == "cpu" and dtype is None:
+                # Inference of a residual block on the CPU: the tail is the kernel's last GEMM,
+                # with x added in its epilogue. Not under autocast, where eager adds the tail to
+                # x in x's own (wider) dtype.
+                y = graph_forward_inference(x_run, *self._packed(backend, None, residual=True), self._residual_flat,
+                                            backend)
+                return match_memory_format(x, y)
             else:  # inference on cached packed weights: no fold, no autograd
                 y = graph_forward_inference(x_run, *self._packed(backend, dtype), _plans(self)[0], backend)
                 tail = None
@@ -347,6 +363,8 @@ class FusedBranchGraph(DropInBlock):
         # table may not hold the plan yet.
         super().__setstate__(state)
         self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
+        if "_residual_flat" not in state:  # pickled before the residual epilogue existed
+            self._residual_flat = None if self.graph.residual is None else plan_with_residual(self.graph).flat()
 
     @property
     def _flat_plan(self) -> list[int]:

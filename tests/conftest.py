@@ -147,8 +147,8 @@ class _SmallResidual(torch.nn.Module):
         return self.relu(out) if self.relu is not None else out
 
 
-def small_residual_block(relu: bool = True) -> torch.nn.Module:
-    return randomize_(_SmallResidual(relu=relu)).eval()
+def small_residual_block(relu: bool = True, channels: int = 8) -> torch.nn.Module:
+    return randomize_(_SmallResidual(channels, relu=relu)).eval()
 
 
 def assert_block_matches(fused, block, x: torch.Tensor, parameters: bool = True, tol: float | None = None) -> None:

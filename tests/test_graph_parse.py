@@ -309,6 +309,47 @@ def test_a_users_residual_block_fuses_and_a_different_tail_is_refused(relu):
         parse_branch_graph(randomize_(SigmoidTail()).eval())
 
 
+# Inference on the CPU runs the tail as the kernel's last GEMM, x added in its epilogue: 40
+# channels make one full register panel (stored from the registers) and a partial one (the
+# scalar epilogue); 1 image runs stage after stage, 9 images in image groups.
+@needs_cpu_kernel
+@pytest.mark.parametrize("size", [(1, 5, 6), (9, 8, 8)], ids=["1x5x6", "9x8x8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-act"])
+def test_residual_tail_is_the_kernels_epilogue_in_inference(relu, dtype, size, monkeypatch):
+    import inception_fast.fused_graph as fg
+
+    block = small_residual_block(relu, channels=40)
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block).to(dtype), backend="cpu")
+    monkeypatch.setattr(fg, "residual_tail", lambda *a: pytest.fail("the tail ran as ATen ops"))
+    x = torch.randn(size[0], 40, *size[1:], dtype=torch.float64)
+    x[0, 3, 2, 2] = float("nan")
+    with torch.no_grad():
+        got, want = fused(x.to(dtype)), block.double()(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert rel_err(got[finite], want[finite]) <= TOLERANCE[dtype]
+
+
+@needs_cpu_kernel
+def test_the_kernel_refuses_a_residual_epilogue_that_does_not_end_a_1x1_over_the_concat():
+    from inception_fast.ops.branch_graph import graph_forward, pack_weights
+    from inception_fast.ops.plan import Destination, plan_with_residual
+
+    spec = FusedBranchGraph.from_module(small_residual_block()).graph
+    graph = plan_with_residual(spec)
+    weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw) for c in spec.convs]  # the tail last
+    packed = pack_weights(graph, weights, [torch.zeros(w.shape[0]) for w in weights], "cpu")
+    x = torch.randn(1, 8, 5, 5)
+    assert graph_forward(x, *packed, graph.flat()).shape == x.shape
+    flat = graph.flat()
+    stage0 = flat.index(Destination.OUT_RESIDUAL_RELU) - 2 - 9  # the tail GEMM's record: head, then its segment
+    bad = flat[:stage0 + 1] + [-1] + flat[stage0 + 2:]  # its source: x instead of the concat buffer
+    with pytest.raises(RuntimeError, match="a residual epilogue ends a 1x1 over a buffer"):
+        graph_forward(x, *packed, bad)
+
+
 @pytest.mark.slow
 @needs_cpu_kernel
 @pytest.mark.parametrize("name, fused_blocks, left", [

@@ -21,7 +21,7 @@ def _header_values() -> dict[str, int]:
 
 def test_the_cpp_header_mirrors_the_python_codes():
     want = {f"kSource{''.join(w.title() for w in s.name.split('_'))}": int(s) for s in P.Source}
-    want |= {f"kDest{d.name.title()}": int(d) for d in P.Destination}
+    want |= {f"kDest{''.join(w.title() for w in d.name.split('_'))}": int(d) for d in P.Destination}
     want |= {"kGemmHead": P.GEMM_HEAD, "kSegmentFields": P.SEGMENT_FIELDS, "kConvRecord": P.CONV_RECORD}
     assert _header_values() == want
 

@@ -605,3 +605,14 @@ def test_tf32_results_do_not_change_when_the_dots_truncate_as_a_gpu_does(kind, t
     assert launches  # the fused kernels ran (not the original branches)
     for i, (a, b) in enumerate(zip(exact, truncating)):
         assert torch.equal(a, b), i
+
+
+def test_a_residual_epilogue_plan_is_refused_not_run():
+    from inception_fast.ops.branch_graph_triton import stage_launches
+    from inception_fast.ops.plan import plan_with_residual
+    from inception_fast.spec import Branch, BranchGraphSpec, Conv, Residual
+
+    spec = BranchGraphSpec(8, (Branch(((Conv(8, 4),),)), Branch(((Conv(8, 3),), (Conv(3, 5, 3, 3),)))), None, None,
+                           residual=Residual(Conv(9, 8), 0.3))
+    with pytest.raises(ValueError, match="no residual epilogue"):
+        stage_launches(plan_with_residual(spec).flat(), 8)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .backend import flipped_gemm_b
 from .graph_backward import graph_backward_reference
-from .plan import GraphPlan
+from .plan import Destination, GraphPlan
 from .triton_gemm import (
     EXACT_FP32_BLOCK_K,
     KernelConfig,
@@ -570,6 +570,9 @@ def _host_plan(flat_plan: tuple[int, ...], in_channels: int) -> tuple[GraphPlan,
     a flat plan, parsed once per plan and input width: the custom op receives the wire
     format on every call, and a launch-bound forward must not parse it there."""
     p = GraphPlan.from_flat(list(flat_plan))
+    if any(s.destination < Destination.OUT for g in p.gemms for s in g.segments):
+        raise ValueError("flat_plan: the Triton kernels have no residual epilogue (Destination.OUT_RESIDUAL*, "
+                         "plan_with_residual is for the C++ forward); run the tail after the op")
     gemms = [g.flat() for g in p.gemms]
     launches = []
     for stage in sorted({g[0] for g in gemms}):

@@ -22,7 +22,7 @@ from typing import NamedTuple
 from ..spec import BranchGraphSpec, Conv
 
 __all__ = ["CONV_RECORD", "GEMM_HEAD", "SEGMENT_FIELDS", "ConvStep", "Destination", "GemmStep", "GraphPlan",
-           "Segment", "Source", "plan"]
+           "Segment", "Source", "plan", "plan_with_residual"]
 
 
 class Source(IntEnum):
@@ -44,6 +44,10 @@ class Destination(IntEnum):
     """Where a segment of GEMM columns is stored; a value k >= 0 is intermediate buffer k."""
 
     OUT = -1
+    # The output through Inception-ResNet's tail epilogue, act(x + sum + bias) with x read at
+    # the same pixel and channel: act the identity, or ReLU (plan_with_residual; C++ only).
+    OUT_RESIDUAL = -2
+    OUT_RESIDUAL_RELU = -3
 
 
 GEMM_HEAD = 9  # (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)
@@ -226,3 +230,33 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
     border = tuple(max((max(c.padding) for c in consumers), default=0) for consumers in buf_consumers)
     return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(convs), spec.concat_channels, spec.stride,
                      copy_channel)
+
+
+def plan_with_residual(spec: BranchGraphSpec) -> GraphPlan:
+    """plan(spec) with Inception-ResNet's tail (spec.residual) as its last GEMM, for the C++
+    forward: the branches store into one more buffer, the concat (border 0), instead of the
+    output, and a 1x1 GEMM over it stores act(x + sum + bias) into the output through the
+    residual epilogue (Destination.OUT_RESIDUAL*). Its convs end with the tail's 1x1, whose
+    packed weight and bias must carry the tail's scale: scale * (W @ concat + b).
+
+    In the image-major schedule a group of images' concat is written and read by one thread,
+    stage after stage, so it stays in that thread's cache. Neither the backward nor the
+    Triton kernels take this plan. Raises ValueError for a spec without a residual tail.
+    """
+    if spec.residual is None or spec.stride != 1:
+        raise ValueError(f"plan_with_residual needs a stride-1 spec with a residual tail, got {spec!r}")
+    base = plan(spec)
+    concat = len(base.buf_channels)
+
+    def into_concat(step):
+        return step._replace(destination=concat) if step.destination == Destination.OUT else step
+
+    gemms = [g._replace(segments=tuple(into_concat(s) for s in g.segments)) for g in base.gemms]
+    convs = [into_concat(c) for c in base.convs]
+    out = Destination.OUT_RESIDUAL_RELU if spec.residual.relu else Destination.OUT_RESIDUAL
+    c = spec.in_channels
+    gemms.append(GemmStep(max(g.stage for g in gemms) + 1, concat, 1, 1, 1, 0, 0, c, (Segment(0, c, int(out), 0),),
+                          (len(convs),)))
+    convs.append(ConvStep(concat, int(out), 0, 1, 1, 1, 0, 0))
+    return GraphPlan((*base.buf_channels, spec.concat_channels), (*base.buf_border, 0), tuple(gemms), tuple(convs),
+                     c, 1, -1)
