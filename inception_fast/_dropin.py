@@ -37,7 +37,7 @@ from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module_globals  # where register_module_forward_hook keeps hooks
 
-from .ops.backend import resolve_backend
+from .ops.backend import autocast_dtype, resolve_backend
 
 __all__ = ["DropInBlock", "autocast_dtype", "autocast_off", "hooks_or_parametrizations", "match_memory_format"]
 
@@ -73,17 +73,6 @@ def _global_module_hooks() -> bool:
     m = _module_globals
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
                 or m._global_backward_pre_hooks)
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs a convolution of x in, or None: autocast off on x's device, or
-    x in float64 (autocast leaves float64 alone)."""
-    device_type = x.device.type
-    if device_type == "meta":  # no autocast there (torch raises when asked): profile's meta mode
-        return None
-    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
-        return None
-    return torch.get_autocast_dtype(device_type)
 
 
 def autocast_off(x: torch.Tensor, dtype: torch.dtype | None):

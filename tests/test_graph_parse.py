@@ -348,6 +348,10 @@ def test_the_kernel_refuses_a_residual_epilogue_that_does_not_end_a_1x1_over_the
     bad = flat[:stage0 + 1] + [-1] + flat[stage0 + 2:]  # its source: x instead of the concat buffer
     with pytest.raises(RuntimeError, match="a residual epilogue ends a 1x1 over a buffer"):
         graph_forward(x, *packed, bad)
+    # The op's own autograd (a direct call with a gradient) has no residual backward: it says so.
+    y = graph_forward(x.requires_grad_(), *packed, flat)
+    with pytest.raises(RuntimeError, match="the backward has none"):
+        y.sum().backward()
 
 
 @pytest.mark.slow

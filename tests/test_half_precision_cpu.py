@@ -285,3 +285,20 @@ def test_fp16_model_swaps_and_runs_the_kernel_with_out_and_autocast():
     torch.ops.inception_fast.graph_forward.out(xh, *packed, graph.flat(), out=out)
     assert torch.equal(out, graph_forward(xh, *packed, graph.flat()))
     assert not torch.isnan(out).any()
+
+
+def test_the_functional_op_follows_cpu_autocast_as_conv2d_does():
+    block = ifast.GOOGLENET_INCEPTION["4a"]
+    ref = ifast.ReferenceInception(block.spec).eval()
+    weights = [p.detach().clone().requires_grad_() for p in ref.parameters()]  # InceptionWeights order
+    x = torch.randn(2, block.spec.in_channels, 6, 5)
+    with torch.autocast("cpu"):
+        got, eager = ifast.inception(x, *weights), ref(x)
+    assert got.dtype == eager.dtype == BF16
+    assert rel_err(got, ref.double()(x.double())) <= min(TOLERANCE[BF16], 2 * rel_err(eager, ref(x.double())))
+    got.float().sum().backward()
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in weights)
+    # out= variants are not autocast-eligible in PyTorch: x's own dtype, no cast.
+    out = torch.empty(2, block.spec.out_channels, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu"):
+        assert ifast.inception(x, *weights, out=out).dtype == torch.float32

@@ -26,12 +26,23 @@ from .._cache import tracing
 from .._checks import check_choice
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 
-__all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "cacheable", "flipped_gemm_b", "from_gemm_b", "image", "interpreting", "pack_panels",
+__all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "autocast_dtype", "cacheable", "flipped_gemm_b", "from_gemm_b", "image", "interpreting", "pack_panels",
            "accumulator_dtype", "packed_dtype",
            "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a convolution of x in, or None: autocast off on x's device, or
+    x in float64 (autocast leaves float64 alone)."""
+    device_type = x.device.type
+    if device_type == "meta":  # no autocast there (torch raises when asked): profile's meta mode
+        return None
+    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def triton_available() -> bool:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .._checks import check_input, check_out, check_same_dtype_device
 from ..spec import InceptionSpec
-from .backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, autocast_dtype, resolve_backend
 from .branch_graph import BranchGraphFunction, apply_graph, graph_forward_into, pack_weights
 from .plan import GraphPlan, plan
 
@@ -127,13 +127,23 @@ def inception(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w3r: torch.Te
               out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole Inception module as one op, forward and backward. Shapes: module docstring.
 
-    x (N, Cin, H, W) float (any memory format; the C++ kernels take float32, float64, bfloat16);
-    returns (N, c1+c3+c5+cp, H, W) channels_last. `out`, if given, must be a channels_last
-    tensor of the output's shape and x's dtype; it is written in full and returned (no
-    autograd through it). Packs the weights on every call; FusedInception keeps them packed.
-    Raises TypeError/ValueError naming the argument that does not fit (see _checks.py).
+    x (N, Cin, H, W) float (any memory format; the C++ kernels take float32, float64, bfloat16
+    and float16); returns (N, c1+c3+c5+cp, H, W) channels_last. `out`, if given, must be a
+    channels_last tensor of the output's shape and x's dtype; it is written in full and
+    returned (no autograd through it). Packs the weights on every call; FusedInception keeps
+    them packed. Raises TypeError/ValueError naming the argument that does not fit (see
+    _checks.py).
+
+    Under torch.autocast it runs in autocast's dtype, as F.conv2d does: x and the weights are
+    cast (differentiably) unless x is float64; with `out=` it does not, as PyTorch's out=
+    variants are not autocast-eligible.
     """
-    return fused_forward(x, InceptionWeights(w1, b1, w3r, b3r, w3, b3, w5r, b5r, w5, b5, wp, bp), backend, out=out)
+    weights = InceptionWeights(w1, b1, w3r, b3r, w3, b3, w5r, b5r, w5, b5, wp, bp)
+    dtype = autocast_dtype(x) if out is None else None
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):  # the packing ops must not be cast again
+            return fused_forward(x.to(dtype), InceptionWeights(*(t.to(dtype) for t in weights)), backend)
+    return fused_forward(x, weights, backend, out=out)
 
 
 def fused_forward(x: torch.Tensor, weights: InceptionWeights, backend: str = "auto", *,
