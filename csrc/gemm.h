@@ -98,6 +98,8 @@ struct Gemm {
 };
 
 // Half of a 48 KB L1: the B chunk of one panel, with room left for the A rows it meets.
+// (On a 32 KB L1, Zen 4, 16 and 12 KB chunks measured no faster on Inception-v3 and
+// GoogLeNet blocks at batch 32.)
 constexpr int64_t kChunkBytes = 24 * 1024;
 
 // A rows `stride` elements apart whose lines all fall in one L1 set (a row stride of a
@@ -118,7 +120,8 @@ inline int64_t a_pack_size(int64_t rows) {
 }
 
 // Rows of one parallel work item: enough to reuse each B chunk many times from L1, few
-// enough that the block's A rows and partial sums stay in a 2 MB L2.
+// enough that the block's A rows and partial sums stay in a 2 MB L2. (On a 1 MB L2, Zen 4,
+// 192 rows measured no faster.)
 constexpr int64_t kMaxBlockRows = 32 * kMR;
 
 // Blocks of at most kMaxBlockRows rows that a range of `rows` is cut into, a multiple of
