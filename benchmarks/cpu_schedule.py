@@ -47,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
     print("| channels | row stride | threads | GMAC/s |\n|---:|---:|---:|---:|")
-    for n in sorted({1, threads}, reverse=True):  # the full pool first: re-grown after 1 thread, it ran its first case at half speed
+    # The full pool first: re-grown after 1 thread, it ran its first case at half speed.
+    for n in sorted({1, threads}, reverse=True):
         torch.set_num_threads(n)
         for channels in map(int, args.channels.split(",")):
             print(f"| {channels} | {channels * 4} B | {n} | {gmacs(channels, args.batch, args.reps):.1f} |", flush=True)
