@@ -119,7 +119,7 @@ class ProfileReport:
             counted = not r.auxiliary or self.include_aux
             name = f"{indent}{r.name}"
             if r.auxiliary:
-                name += " (auxiliary)" if counted else " (auxiliary, not in total)"
+                name += " (auxiliary)" if counted else " (auxiliary, MACs not in total)"
             share = f"{r.macs / self.total_macs:.1%}" if self.total_macs and counted else ""
             if r.subtotal or not counted:
                 cumulative = ""

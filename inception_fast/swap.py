@@ -217,7 +217,7 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
             if reason.near_miss and (refusal := _refusal(module)) is not None:
                 reason = NotAnInceptionBlock(refusal, near_miss=True)
             if not name:  # the model itself: a network that does not parse as one block, no news
-                log.info("swap_inception: the model (%s) is not one Inception block: %s", type(module).__name__, reason)
+                log.debug("swap_inception: the model (%s) is not one Inception block: %s", type(module).__name__, reason)
             elif reason.near_miss or all(hasattr(module, f"branch{i}") for i in range(1, 5)):
                 skipped.append(name)
                 log.warning("swap_inception: left %s (%s) unfused: %s", name, type(module).__name__, reason)

@@ -249,7 +249,7 @@ def test_torchvision_inception_v3_with_its_aux_head_at_batch_1(capsys):
     assert round(report.total_macs / 1e9, 3) == 5.713
     assert [r.name for r in report.rows if r.auxiliary] == ["AuxLogits"] and report.aux_macs > 0
     assert main(["profile", "torchvision.models:inception_v3", "--input", "1,3,299,299", "--meta"]) == 0
-    assert "AuxLogits (auxiliary, not in total)" in capsys.readouterr().out
+    assert "AuxLogits (auxiliary, MACs not in total)" in capsys.readouterr().out
 
 
 def test_an_input_size_the_aux_heads_cannot_take(capsys):
