@@ -139,7 +139,8 @@ class ProfileReport:
             total += f" **{format_count(self.backward_macs)}** | **{format_count(self.training_step_macs)}** |"
         lines.append(total)
         if self.budget:
-            verdict = "within" if self.within_budget else "OVER"
+            over = self.total_macs / self.budget - 1
+            verdict = "within" if self.within_budget else f"OVER by {over:.1%}"
             lines.append(f"\nBudget {self.budget / 1e9:.3g} G MACs: {verdict} ({self.total_macs / 1e9:.3f} G).")
         lines.extend(f"\n{note}" for note in self.notes)
         return "\n".join(lines)
