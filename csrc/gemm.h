@@ -113,10 +113,17 @@ inline bool set_conflicting(int64_t stride) { return stride * static_cast<int64_
 template <typename T>
 inline int64_t padded_stride(int64_t cols) { return set_conflicting<T>(cols) ? cols + 64 / sizeof(T) : cols; }
 
-// Elements of run_gemm's a_pack for blocks of `rows` rows: one K chunk of each row.
+// The most K rows of one chunk (plan_chunks): a panel's B rows within kChunkBytes, a
+// multiple of kPack so that a chunk inside a tap starts on a pair.
+template <typename T>
+constexpr int64_t chunk_k_max() {
+  return std::max<int64_t>(kPack<T>, kChunkBytes / (kNR<T> * static_cast<int64_t>(sizeof(T))) / kPack<T> * kPack<T>);
+}
+
+// Elements of run_gemm's a_pack for blocks of `rows` rows: one K chunk of each row, padded.
 template <typename T>
 inline int64_t a_pack_size(int64_t rows) {
-  return rows * (kChunkBytes / (kNR<T> * static_cast<int64_t>(sizeof(T))) + kPack<T> + 64 / static_cast<int64_t>(sizeof(T)));
+  return rows * (chunk_k_max<T>() + kPack<T> + 64 / static_cast<int64_t>(sizeof(T)));
 }
 
 // Rows of one parallel work item: enough to reuse each B chunk many times from L1, few
@@ -160,8 +167,7 @@ constexpr int64_t kSplitColumnsBelowRows = 6 * kMR;
 
 template <typename T>
 void plan_chunks(Gemm<T>& g) {
-  // A multiple of kPack, so that a chunk inside a tap starts on a pair.
-  const int64_t k_max = std::max<int64_t>(kPack<T>, kChunkBytes / (kNR<T> * sizeof(T)) / kPack<T> * kPack<T>);
+  const int64_t k_max = chunk_k_max<T>();
   const int64_t taps = static_cast<int64_t>(g.tap_offset.size());
   if (g.k_stride() <= k_max) {
     const int64_t step = k_max / g.k_stride();

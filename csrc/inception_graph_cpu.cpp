@@ -64,7 +64,7 @@ GemmDesc parse_desc(at::IntArrayRef d, int64_t buffers) {
                 "bad segment (", seg[0], ", ", seg[1], ", ", seg[2], ", ", seg[3], ") of a GEMM with ", g.cols,
                 " columns");
     TORCH_CHECK(g.stride == 1 || seg[2] == kDestOut, "a stride-2 GEMM must write the output");
-    TORCH_CHECK(seg[2] == kDestOut || !out_destination(seg[2]) || (g.source >= 0 && g.kh == 1 && g.kw == 1),
+    TORCH_CHECK(!residual_destination(seg[2]) || (g.source >= 0 && g.kh == 1 && g.kw == 1),
                 "a residual epilogue ends a 1x1 over a buffer (the concat)");
     g.segments.push_back({seg[0], seg[1], seg[2], seg[3]});
     next = seg[1];
@@ -331,7 +331,7 @@ FlatPlan parse_flat_plan(at::IntArrayRef flat) {
     for (const auto& [begin, end, dest, channel] : d.segments) {
       TORCH_CHECK(!out_destination(dest) || d.stride == p.stride, "flat_plan: GEMM ", g,
                   " writes the output at stride ", d.stride, " in a stride-", p.stride, " block");
-      if (dest != kDestOut && out_destination(dest)) p.residual = true;
+      if (residual_destination(dest)) p.residual = true;
       written.mark(out_destination(dest) ? kDestOut : dest, channel, end - begin, "flat_plan: GEMM",
                    static_cast<int64_t>(g));
       if (dest >= 0) last_write[dest] = std::max(last_write[dest], d.stage);

@@ -106,7 +106,7 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
     const int64_t* r = flat.data() + 5 + buffers + kConvRecord * i;
     table.push_back({r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]});
     const ConvRecord& t = table.back();
-    TORCH_CHECK(t.dest == kDestOut || !out_destination(t.dest), "convolution ", i, " ends in a residual epilogue: "
+    TORCH_CHECK(!residual_destination(t.dest), "convolution ", i, " ends in a residual epilogue: "
                 "the backward has none (plan_with_residual is for inference; under autograd the tail runs as ATen ops)");
     TORCH_CHECK(t.source >= kSourceAvgPoolExcludePad && t.source != kSourceMaxPoolCopy && t.source < buffers && t.dest >= kDestOut && t.dest < buffers,
                 "convolution ", i, ": source ", t.source, " or destination ", t.dest, " out of range");

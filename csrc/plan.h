@@ -28,8 +28,11 @@ enum Destination : int64_t {
   kDestOutResidualRelu = -3,  // the block's output as relu(x + sum + bias)
 };
 
+// A destination in the block's output through Inception-ResNet's tail epilogue.
+inline bool residual_destination(int64_t dest) { return dest == kDestOutResidual || dest == kDestOutResidualRelu; }
+
 // A destination in the block's output, through whichever epilogue.
-inline bool out_destination(int64_t dest) { return dest <= kDestOut && dest >= kDestOutResidualRelu; }
+inline bool out_destination(int64_t dest) { return dest == kDestOut || residual_destination(dest); }
 
 // A GEMM description: these head fields, then kSegmentFields values per segment.
 constexpr int64_t kGemmHead = 9;  // (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)

@@ -268,9 +268,14 @@ class FusedBranchGraph(DropInBlock):
         self._recompute = tuple(reductions.get(k, -1) for k in range(len(self._plan.buf_channels)))
         self._pack_caches: dict[tuple[str, torch.dtype | None, bool], TensorVersionCache] = {}
         self._op_convs = len(self._plan.convs)  # the fused op's; a residual tail's 1x1 comes after them
-        # CPU inference runs the tail as the kernel's last GEMM (plan_with_residual): a plain
-        # list, used only outside tracing, where _plans' constant lookup is not needed.
-        self._residual_flat = None if graph.residual is None else plan_with_residual(graph).flat()
+        self._adopt_residual_plan()
+
+    def _adopt_residual_plan(self) -> None:
+        # CPU inference runs the tail as the kernel's last GEMM (plan_with_residual); its flat
+        # list is a plain attribute, used only outside tracing, where _plans' constant lookup
+        # is not needed.
+        self._residual_plan = None if self.graph.residual is None else plan_with_residual(self.graph)
+        self._residual_flat = None if self._residual_plan is None else self._residual_plan.flat()
 
     def _folded(self, dtype: torch.dtype | None) -> tuple[list, list]:
         """Folded (weights, biases) in plan order, cast to autocast's dtype when one is given;
@@ -289,7 +294,7 @@ class FusedBranchGraph(DropInBlock):
                 return pack_weights(self._plan, weights[:self._op_convs], biases[:self._op_convs], backend)
             scale = self.graph.residual.scale
             n = self._op_convs
-            return pack_weights(plan_with_residual(self.graph), [*weights[:n], weights[n] * scale],
+            return pack_weights(self._residual_plan, [*weights[:n], weights[n] * scale],
                                 [*biases[:n], biases[n] * scale], backend)
 
         # num_batches_tracked: BN's kernel updates the running stats in place without bumping
@@ -363,8 +368,8 @@ class FusedBranchGraph(DropInBlock):
         # table may not hold the plan yet.
         super().__setstate__(state)
         self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
-        if "_residual_flat" not in state:  # pickled before the residual epilogue existed
-            self._residual_flat = None if self.graph.residual is None else plan_with_residual(self.graph).flat()
+        if "_residual_plan" not in state:  # pickled before the residual epilogue existed
+            self._adopt_residual_plan()
 
     @property
     def _flat_plan(self) -> list[int]:
