@@ -48,8 +48,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // How an epilogue finishes a column's sum: relu(sum + bias), or Inception-ResNet's tail
 // act(x + sum + bias) with act ReLU or none (its scale is folded into B and the bias), x read
-// at the stored pixel and channel.
-enum class Epilogue { kRelu, kResidualRelu, kResidual };
+// at the stored pixel and channel, or sum + bias as it is (kLinear: the Winograd GEMMs of
+// winograd.h, whose sums are transformed before any activation).
+enum class Epilogue { kRelu, kResidualRelu, kResidual, kLinear };
+
+inline bool has_relu(Epilogue e) { return e == Epilogue::kRelu || e == Epilogue::kResidualRelu; }
+inline bool has_residual(Epilogue e) { return e == Epilogue::kResidualRelu || e == Epilogue::kResidual; }
 
 // GEMM columns [begin, end) go to channels [channel, channel + end - begin) of `dst`.
 template <typename T>
@@ -90,6 +94,7 @@ struct Gemm {
   std::vector<int64_t> tap_offset;  // element offset of each tap from a row's window origin
   std::vector<Segment<T>> segments;
   std::vector<KChunk> chunks;       // filled by plan_chunks()
+  int64_t panel_rows = 0;           // rows from one panel of b_packed to the next; 0: k_total()
 
   int64_t panels() const { return ceil_div(cols, kNR<T>); }
   // B rows per tap: k_per_tap, rounded up to whole pairs for bf16 (a zero row pads an odd tap).
@@ -317,7 +322,7 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
               const int64_t* pix_h, const int64_t* pix_w, int64_t rows, acc_t<T>* acc, int64_t part,
               int64_t parts, T* a_pack = nullptr) {
   constexpr int NR = kNR<T>;
-  const int64_t panels = gemm.panels(), k_total = gemm.k_total();
+  const int64_t panels = gemm.panels(), k_total = gemm.panel_rows > 0 ? gemm.panel_rows : gemm.k_total();
   const int64_t p_begin = panels * part / parts, p_end = panels * (part + 1) / parts;
   if (p_begin == p_end) return;
   const int64_t row_tiles = ceil_div(rows, kMR);
@@ -333,7 +338,7 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
   auto point_rows = [&](const Segment<T>& seg, int64_t r0, int mr, int64_t col) {
     for (int i = 0; i < mr; ++i) {
       dst_rows[i] = seg.dst.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) + seg.channel + col - seg.begin;
-      if (seg.epilogue != Epilogue::kRelu)
+      if (has_residual(seg.epilogue))
         res_rows[i] =
             seg.residual.interior_row(pix_n[r0 + i], pix_h[r0 + i], pix_w[r0 + i]) + seg.channel + col - seg.begin;
     }
@@ -366,12 +371,11 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
       for (int64_t rt = 0; rt < row_tiles; ++rt) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, rows - rt * kMR));
         if (direct != nullptr) point_rows(*direct, rt * kMR, mr, p * NR);
-        const bool residual = direct != nullptr && direct->epilogue != Epilogue::kRelu;
+        const bool residual = direct != nullptr && has_residual(direct->epilogue);
         kMicroTiles<T>[mr - 1](tile_rows + rt * kMR, tap_offset, run, b,
                                acc + (rt * panels + p) * kMR * NR, c > 0,
                                direct != nullptr ? dst_rows : nullptr, gemm.bias + p * NR,
-                               residual ? res_rows : nullptr,
-                               direct == nullptr || direct->epilogue != Epilogue::kResidual);
+                               residual ? res_rows : nullptr, direct != nullptr && has_relu(direct->epilogue));
       }
     }
   }
@@ -391,13 +395,17 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
           const acc_t<T>* src = tile + i * NR - col0;
           T* dst = dst_rows[i];
           // bf16: c10's round-to-nearest-even, bf16::store's rounding bit for bit.
-          if (seg.epilogue == Epilogue::kRelu) {
-            for (int64_t j = lo; j < hi; ++j) dst[j] = static_cast<T>(relu(src[j] + gemm.bias[j]));
+          if (!has_residual(seg.epilogue)) {
+            const bool act = has_relu(seg.epilogue);
+            for (int64_t j = lo; j < hi; ++j) {
+              const acc_t<T> v = src[j] + gemm.bias[j];
+              dst[j] = static_cast<T>(act ? relu(v) : v);
+            }
           } else {
             const T* res = res_rows[i];
             for (int64_t j = lo; j < hi; ++j) {
               const acc_t<T> v = src[j] + gemm.bias[j] + static_cast<acc_t<T>>(res[j]);  // the registers' order
-              dst[j] = static_cast<T>(seg.epilogue == Epilogue::kResidualRelu ? relu(v) : v);
+              dst[j] = static_cast<T>(has_relu(seg.epilogue) ? relu(v) : v);
             }
           }
         }

@@ -63,7 +63,9 @@ class ChannelCoverage {
 // then (begin, end, destination, channel) per segment)), codes of plan.h (k >= 0: buffer
 // k). Buffer k is an (N, H + 2 border, W + 2 border, channels) NHWC intermediate with a
 // zero border. b[g] is B = W^T packed in panels of panel_width(dtype) columns,
-// (ceil(cols / width), K, width), zero-padded, K index (dy * kw + dx) * source_channels + c.
+// (ceil(cols / width), K, width), zero-padded, K index (dy * kw + dx) * source_channels + c;
+// or, for an fp32 3x3 stride-1 GEMM over a buffer, Winograd panels (ceil(cols / width),
+// 25 * source_channels, width) that run it as F(2x2, 3x3) (winograd.h).
 // stride 2: a grid-reduction block, whose output grid is (H - 3) / 2 + 1. dtypes: float32,
 // float64, bfloat16 (fp32 biases, VNNI-paired B: gemm.h), float16 (computed in fp32: B,
 // biases and the intermediates fp32, the output fp16).

@@ -10,16 +10,21 @@
 //
 // Every GEMM adds its bias, applies ReLU and stores from its epilogue straight into
 // channel slices of the output or of the intermediates the next stages read: there is
-// no concat. An Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the
+// no concat. An fp32 3x3 stride-1 stage whose B comes packed for it runs as Winograd's
+// F(2x2, 3x3) (winograd.h): its rows are then 2x2 output tiles, not pixels. An Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the
 // tail's 1x1 over the concat, whose epilogue adds x and stores act(x + sum + bias) into the
 // output. The GEMM itself is gemm.h's.
 
 #include "gemm.h"
 #include "inception_cpu.h"
 #include "plan.h"
+#include "winograd.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+
+#include <memory>
+#include <optional>
 
 namespace inception_fast {
 namespace {
@@ -88,6 +93,14 @@ void max_pool_stride2_rows(const Plane<const T>& x, int64_t c0, int64_t c1, cons
   }
 }
 
+// Whether GEMM d's packed B is laid out for winograd.h, (panels, 25 k_per_tap, width) in
+// fp32, rather than for the direct implicit GEMM, (panels, 9 k_per_tap, width): ops/backend.py
+// packs it so for an fp32 3x3 stride-1 convolution over a buffer unless told not to.
+bool winograd_b(const at::Tensor& b, const GemmDesc& d, int64_t k_per_tap) {
+  return winograd::eligible(d.source, d.kh, d.kw, d.stride, d.pad_h, d.pad_w) && b.scalar_type() == at::kFloat &&
+         b.dim() == 3 && b.size(1) == (winograd::kPositions + winograd::kTaps) * k_per_tap;
+}
+
 template <typename T>
 void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
                         const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
@@ -127,7 +140,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                                                                : Epilogue::kResidual;
       gm.segments.push_back({begin, end, out_plane, channel, epilogue, x_plane});
     }
-    if (has_weights) plan_chunks(gm);
+    if (has_weights && !winograd_b(b[g], d, k_per_tap)) plan_chunks(gm);
     gemms.push_back(std::move(gm));
     stages = std::max(stages, d.stage + 1);
     const int64_t expect_h = d.stride == 1 ? H : Ho, expect_w = d.stride == 1 ? W : Wo;
@@ -137,6 +150,27 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                 " input onto its ", expect_h, "x", expect_w, " grid");
   }
 
+  // The Winograd stages (fp32 only): one winograd::Conv each, run on 2x2 output tiles.
+  std::vector<std::optional<winograd::Conv>> wino(gemms.size());
+  int64_t wino_cin = 0, wino_panels = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (size_t g = 0; g < gemms.size(); ++g) {
+      const GemmDesc& d = descs[g];
+      if (!winograd_b(b[g], d, gemms[g].k_per_tap) || N * ceil_div(H, 2) * ceil_div(W, 2) < winograd::kMinTiles) {
+        if (winograd_b(b[g], d, gemms[g].k_per_tap)) {  // the direct part of the Winograd panels
+          gemms[g].b_packed += winograd::kPositions * gemms[g].k_per_tap * kNR<T>;
+          gemms[g].panel_rows = (winograd::kPositions + winograd::kTaps) * gemms[g].k_per_tap;
+          plan_chunks(gemms[g]);
+        }
+        continue;
+      }
+      const Plane<T>& src = planes[d.source];
+      wino[g].emplace(Plane<const float>{src.data, src.stride_n, src.stride_h, src.stride_w, src.pad}, H, W,
+                      gemms[g].k_per_tap, d.cols, gemms[g].b_packed, gemms[g].bias, gemms[g].segments);
+      wino_cin = std::max(wino_cin, gemms[g].k_per_tap);
+      wino_panels = std::max(wino_panels, gemms[g].panels());
+    }
+  }
   int64_t max_panels = 1;
   bool pools = false;
   std::vector<bool> pack_a(gemms.size(), false);  // x rows at a set_conflicting stride: copied per K chunk
@@ -157,11 +191,13 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     std::vector<acc_t<T>> acc;
     std::vector<T> pooled;
     std::vector<T> a_pack;
+    std::unique_ptr<winograd::Workspace> wino;
   };
   auto make_scratch = [&](int64_t block) {
     return Scratch{block, std::vector<int64_t>(3 * block), std::vector<const T*>(block),
                    std::vector<acc_t<T>>(ceil_div(block, kMR) * max_panels * kMR * kNR<T>),
-                   std::vector<T>(pools ? block * pooled_ld : 0), std::vector<T>(packs ? a_pack_size<T>(block) : 0)};
+                   std::vector<T>(pools ? block * pooled_ld : 0), std::vector<T>(packs ? a_pack_size<T>(block) : 0),
+                   wino_cin > 0 ? std::make_unique<winograd::Workspace>(wino_cin, wino_panels) : nullptr};
   };
   // GEMM g over one block of pixel rows of its grid, for column part `part` of `parts` (a
   // range of its weight panels; of its channels for the max-pool copy).
@@ -176,6 +212,10 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     }
     const int64_t panels = gemms[g].panels();
     if (panels * part / parts == panels * (part + 1) / parts) return;  // no panels: skip the pooling too
+    if (wino[g].has_value()) {  // rows are tiles: (n, tile row, tile column)
+      s.wino->run(*wino[g], pn, ph, pw, rows, part, parts);
+      return;
+    }
     if (pooled_source(d.source)) {
       if (d.source != kSourceMaxPool)
         avg_pool_rows(x_plane, H, W, C, pn, ph, pw, rows, s.pooled.data(), pooled_ld,
@@ -191,7 +231,12 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     }
     run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), part, parts, pack_a[g] ? s.a_pack.data() : nullptr);
   };
-  auto grid_of = [&](size_t g) { return descs[g].stride == 1 ? std::make_pair(H, W) : std::make_pair(Ho, Wo); };
+  // The grid whose rows a GEMM runs over: pixels (stride 1: x's, stride 2: the output's), or
+  // the 2x2 output tiles of a Winograd stage.
+  auto grid_of = [&](size_t g) {
+    if (wino[g].has_value()) return std::make_pair(ceil_div(H, 2), ceil_div(W, 2));
+    return descs[g].stride == 1 ? std::make_pair(H, W) : std::make_pair(Ho, Wo);
+  };
   // Rows [m0, m1) of GEMM g's grid, in blocks of at most `block` (<= s.block).
   auto for_rows = [&](size_t g, int64_t m0, int64_t m1, int64_t block, Scratch& s, int64_t part = 0,
                       int64_t parts = 1) {
@@ -383,7 +428,9 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     }
     const bool pooled_rows = pooled_source(d.source);
     const int64_t channels = d.source >= 0 ? p.buf_channels[d.source] : C;
-    const int64_t k = (pooled_rows ? 1 : d.kh * d.kw) * (bf16 ? ceil_div(channels, 2) * 2 : channels);
+    const int64_t k = winograd_b(b[g], d, channels)
+                          ? (winograd::kPositions + winograd::kTaps) * channels
+                          : (pooled_rows ? 1 : d.kh * d.kw) * (bf16 ? ceil_div(channels, 2) * 2 : channels);
     TORCH_CHECK(b[g].device().is_cpu() && bias[g].device().is_cpu(), "packed B and bias of GEMM ", g,
                 " must be CPU tensors, got ", b[g].device(), " and ", bias[g].device());
     TORCH_CHECK(b[g].scalar_type() == compute && b[g].dim() == 3 && b[g].size(0) == ceil_div(d.cols, width) &&

@@ -118,7 +118,7 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
     belongs to (by its scope) and add the batch norms folded into it, as fvcore counts
     them for the original; without it only the convolutions count.
     """
-    from .ops.plan import GraphPlan
+    from .ops.branch_graph import graph_macs
 
     def graph(inputs: list, outputs: list) -> int:
         x_shape = _shape(inputs[0])
@@ -135,10 +135,8 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
             # runs after it as an aten::addmm, which fvcore counts on its own.
             macs = sum(list(block.graph.macs_by_conv(h, w, n).values())[:block._op_convs])
         else:
-            b_shapes, flat_plan = _constant(inputs[1]), _constant(inputs[3])
-            # Rows x K x columns per GEMM, as the FlopCounterMode formula (ops/branch_graph.py).
-            macs = sum((n * h * w if g.stride == 1 else out_pixels) * shape[-2] * g.cols
-                       for shape, g in zip(b_shapes, GraphPlan.from_flat(flat_plan).gemms) if len(shape) >= 2)
+            # The FlopCounterMode formula's count (ops/branch_graph.py).
+            macs = graph_macs(x_shape, _constant(inputs[3]))
         if isinstance(block, FusedBranchGraph):
             numels = [(n * h * w if conv.stride == 1 else out_pixels) * conv.out_channels
                       for conv in block.graph.convs]

@@ -11,6 +11,10 @@ Layouts, for a convolution weight W (cout, cin, kh, kw) in PyTorch's Conv2d layo
               an even count, and rows (2j, 2j + 1) interleave, element (k, n) of a panel at
               flat index (k // 2) * 2 * width + 2 * n + k % 2, so that one 32-bit word is
               the pair (B[2j][n], B[2j + 1][n]) that an AVX512-BF16 dot product takes.
+  Winograd    (panels, 25*cin, width), fp32 3x3 stride-1 convolutions over a buffer
+              (pack_winograd): per panel, the 16 blocks U_a = (G W G^T)[a] of
+              F(2x2, 3x3), cin rows each, then the 9 taps of the CPU panels above
+              (csrc/winograd.h; the direct part serves tiles with non-finite values).
 An activation (N, C, H, W) stored channels_last is the row-major matrix of its pixel rows
 (N*H*W, C): `rows` and `image` convert between the two as views.
 """
@@ -26,12 +30,19 @@ from .._cache import tracing
 from .._checks import check_choice
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 
-__all__ = ["BACKENDS", "CPU_DTYPES", "as_gemm_b", "autocast_dtype", "cacheable", "flipped_gemm_b", "from_gemm_b", "image", "interpreting", "pack_panels",
-           "accumulator_dtype", "packed_dtype",
-           "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels"]
+__all__ = ["BACKENDS", "CPU_DTYPES", "WINOGRAD", "as_gemm_b", "autocast_dtype", "cacheable", "flipped_gemm_b",
+           "from_gemm_b", "image", "interpreting", "pack_panels", "pack_winograd", "accumulator_dtype", "packed_dtype",
+           "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels", "unpack_winograd"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3 stride-1 stages as
+# Winograd's F(2x2, 3x3). INCEPTION_FAST_WINOGRAD=0, read once at import, packs every
+# stage for the direct implicit GEMM instead: the A/B of benchmarks/winograd.py, or results
+# that do not depend on the algorithm's rounding.
+WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1") != "0"
+
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -164,6 +175,37 @@ def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int 
         raise ValueError("unpack_panels: bf16 panels need `channels` (per tap): their padding to even hides it")
     b = packed.reshape(panels, k // 2, width, 2).permute(1, 3, 0, 2).reshape(taps, k // taps, -1)
     return b[:, :channels, :cols].reshape(taps * channels, cols)
+
+
+def _winograd_g(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """G applied along `dim` (3 -> 4) of F(2x2, 3x3)'s weight transform U = G g G^T (Lavin and
+    Gray 2016), G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: elementwise ops,
+    which autograd saves nothing for."""
+    a, b, c = w.unbind(dim)
+    return torch.stack([a, (a + b + c) / 2, (a - b + c) / 2, c], dim)
+
+
+def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.Tensor:
+    """fp32 conv weights (cout, cin, 3, 3) -> the Winograd panels (panels, 25*cin, width) of
+    the module docstring: the 16 transformed blocks, then the direct 3x3 panels. U is
+    computed in float64 and rounded once. Linear, so differentiable.
+
+    gradient=True packs a weight gradient dW as the gradient of the packed tensor for
+    autograd over the bare op: zeros for the U blocks and dW's panels for the direct part.
+    Its pull-back through pack_winograd (G^T 0 G + dW) is dW, the weights' gradient."""
+    cout, cin = w.shape[:2]
+    direct = pack_panels(as_gemm_b(w), width, 9)
+    if gradient:
+        u = direct.new_zeros(direct.shape[0], 16 * cin, width)
+    else:
+        u = _winograd_g(_winograd_g(w.double(), 2), 3).to(w.dtype)  # (cout, cin, 4, 4)
+        u = pack_panels(u.permute(2, 3, 1, 0).reshape(16 * cin, cout), width)
+    return torch.cat([u, direct], dim=1)
+
+
+def unpack_winograd(packed: torch.Tensor, cols: int, cin: int) -> torch.Tensor:
+    """The GEMM B (9*cin, cols) of Winograd panels: their direct part, exactly the weights packed."""
+    return unpack_panels(packed[:, 16 * cin:], cols, 9, cin)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

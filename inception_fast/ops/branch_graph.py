@@ -28,26 +28,33 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
-from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, packed_dtype,
-                      panel_width, rows, unpack_panels)
+from . import backend as _backend
+from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, pack_winograd,
+                      packed_dtype, panel_width, rows, unpack_panels, unpack_winograd)
 from .graph_backward import graph_backward_reference
-from .plan import GraphPlan
+from .plan import GraphPlan, Source
 
 __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward", "graph_backward_reference",
-           "graph_forward", "graph_forward_inference", "graph_forward_into", "graph_forward_saving",
+           "graph_forward", "graph_forward_inference", "graph_forward_into", "graph_macs", "graph_forward_saving",
            "graph_triton_forward", "graph_triton_forward_saving", "pack_weights", "residual_tail", "unpack_weights"]
 
 
-def pack_weights(graph: GraphPlan, weights, biases, backend: str) -> tuple[list, list]:
+def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd: bool | None = None,
+                 gradient: bool = False) -> tuple[list, list]:
     """Per GEMM of `graph`: B of its convolutions (as_gemm_b, concatenated along columns) and
     their concatenated biases. backend "cpu" packs B in panels of panel_width(dtype) columns
     (csrc/gemm.h's register tiles; bf16 in VNNI pairs, with float32 biases, its
-    accumulator's type); "triton" keeps it row-major (K, cols).
+    accumulator's type), and an fp32 GEMM that GemmStep.winograd allows in Winograd panels
+    (backend.pack_winograd), unless `winograd` is False (default: backend.WINOGRAD);
+    "triton" keeps it row-major (K, cols).
 
     weights/biases: one (cout, cin, kh, kw) / (cout,) tensor per convolution of graph.convs.
-    Differentiable (a permutation plus zero padding). Raises ValueError on a count or shape
-    that does not match the plan.
+    Differentiable (a linear map: permutation, zero padding, the Winograd transform).
+    gradient=True packs weight gradients as the gradients of the packed tensors
+    (pack_winograd's `gradient`). Raises ValueError on a count or shape that does not
+    match the plan.
     """
+    winograd = _backend.WINOGRAD if winograd is None else winograd
     if len(weights) != len(graph.convs) or len(biases) != len(graph.convs):
         raise ValueError(f"need {len(graph.convs)} weights and biases (the plan's convolutions), got "
                          f"{len(weights)} and {len(biases)}")
@@ -65,7 +72,11 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str) -> tuple[list,
         bias = torch.cat([biases[i] for i in g.convs])
         if backend == "cpu":
             b = b.to(packed_dtype(b.dtype))
-            packed_b.append(pack_panels(b, panel_width(b.dtype), g.kh * g.kw))
+            if winograd and g.winograd and b.dtype == torch.float32:
+                w = torch.cat([weights[i] for i in g.convs]).to(b.dtype)
+                packed_b.append(pack_winograd(w, panel_width(b.dtype), gradient))
+            else:
+                packed_b.append(pack_panels(b, panel_width(b.dtype), g.kh * g.kw))
             packed_bias.append(bias.to(accumulator_dtype(b.dtype)).contiguous())
         else:
             packed_b.append(b.contiguous())
@@ -86,7 +97,9 @@ def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
             channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
             if channels is None and b.dtype == torch.bfloat16:
                 raise ValueError("unpack_weights: bf16 CPU panels need in_channels (x's channel count)")
-            full = unpack_panels(b, g.cols, g.kh * g.kw, channels)
+            winograd_panels = g.winograd and b.shape[1] == 25 * graph.buf_channels[g.source]
+            full = (unpack_winograd(b, g.cols, graph.buf_channels[g.source]) if winograd_panels
+                    else unpack_panels(b, g.cols, g.kh * g.kw, channels))
         for segment, i in zip(g.segments, g.convs):
             weights[i] = from_gemm_b(full[:, segment.begin:segment.end], g.kh, g.kw)
             biases[i] = bias[segment.begin:segment.end].to(b.dtype)
@@ -176,13 +189,27 @@ def _graph_fake(x, b, bias, flat_plan):
     return x.new_empty((n, p.out_channels, h, w)).contiguous(memory_format=torch.channels_last)
 
 
-def _graph_flops(x_shape, b_shapes, bias_shapes, flat_plan, out_shape=None, **kwargs) -> int:
-    """2 FLOPs per multiply-add of every GEMM: rows x K x columns, K = B's second-last dim
-    (packed CPU panels (panels, K, width) and Triton's (K, cols) alike)."""
-    n, _, h, w = x_shape
+def graph_macs(x_shape, flat_plan: list[int]) -> int:
+    """Multiply-adds of the block that `flat_plan` computes on x of `x_shape` (N, C, H, W),
+    counted as eager counts its convolutions: output pixels x kh*kw*cin x cout each,
+    whatever the kernel does (a Winograd stage multiplies 2.25x less; a bf16 tap padded to
+    even adds a zero row)."""
+    n, c, h, w = x_shape
+    p = GraphPlan.from_flat(flat_plan)
     out_pixels = n * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
-    return 2 * sum((n * h * w if g.stride == 1 else out_pixels) * shape[-2] * g.cols
-                   for shape, g in zip(b_shapes, GraphPlan.from_flat(flat_plan).gemms) if len(shape) >= 2)
+    total = 0
+    for g in p.gemms:
+        if g.source == Source.MAX_POOL_COPY:  # no multiply-adds
+            continue
+        taps = 1 if g.source < 0 and Source(g.source).pooled else g.kh * g.kw
+        channels = c if g.source < 0 else p.buf_channels[g.source]
+        total += (n * h * w if g.stride == 1 else out_pixels) * taps * channels * g.cols
+    return total
+
+
+def _graph_flops(x_shape, b_shapes, bias_shapes, flat_plan, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add of graph_macs."""
+    return 2 * graph_macs(x_shape, flat_plan)
 
 
 @torch.library.custom_op("inception_fast::graph_triton_forward", mutates_args=())
@@ -436,7 +463,9 @@ def _op_backward(backend: str):
                                graph.backward_flat(), backend)
         d_b = d_bias = None
         if needs[1]:
-            d_b, d_bias = pack_weights(graph, grads[1::2], grads[2::2], backend)
+            winograd = any(g.winograd and t.shape[1] == 25 * graph.buf_channels[g.source]
+                           for t, g in zip(b, graph.gemms))  # how the forward's b came packed
+            d_b, d_bias = pack_weights(graph, grads[1::2], grads[2::2], backend, winograd=winograd, gradient=True)
         return grads[0] if needs[0] else None, d_b, d_bias, None
 
     return backward

@@ -82,6 +82,12 @@ class GemmStep(NamedTuple):
     def flat(self) -> list[int]:
         return [int(v) for v in (*self[:8], len(self.segments), *(v for s in self.segments for v in s))]
 
+    @property
+    def winograd(self) -> bool:
+        """A 3x3, stride 1, padding 1 convolution over a zero-bordered buffer: the fp32 CPU
+        kernel can run it as Winograd's F(2x2, 3x3) (csrc/winograd.h, eligible())."""
+        return self.source >= 0 and (self.kh, self.kw, self.stride, self.pad_h, self.pad_w) == (3, 3, 1, 1, 1)
+
 
 class ConvStep(NamedTuple):
     """One convolution as the backward walks it: where it reads and where its output went."""

@@ -1,0 +1,114 @@
+"""Winograd F(2x2, 3x3) against the direct implicit GEMM, per fused block, fp32 CPU forward.
+
+    PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2] [--batch 1,32] [--reps 11]
+
+Every fused block of each swapped model (torchvision googlenet at 224, pytorch-fid's
+InceptionV3 at 299, timm inception_resnet_v2 at 299; random weights and BN statistics) is
+fed the activation it sees inside the network, and its C++ op runs twice on the same
+input: with the 3x3 stride-1 stages packed for Winograd (the default) and packed for the
+direct implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing). The two alternate in one
+process; medians of --reps. Also reported: each one's relative error against the block in
+float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs are Winograd stages.
+Blocks without a 3x3 stride-1 stage are left out (both packings are the same there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import torch
+
+import inception_fast as ifast
+from inception_fast.bench import time_alternating
+from inception_fast.fused_graph import FusedBranchGraph
+from inception_fast.ops import backend as ops_backend
+from inception_fast.ops.branch_graph import graph_forward
+
+
+def _models(names: list[str]) -> dict[str, tuple[torch.nn.Module, int]]:
+    out = {}
+    for name in names:
+        if name == "googlenet":
+            import torchvision
+
+            out[name] = (torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True), 224)
+        elif name == "fid":
+            from inception_fast.fid import fid_inception_v3
+
+            out[name] = (fid_inception_v3(), 299)
+        elif name == "irv2":
+            import timm
+
+            out[name] = (timm.create_model("inception_resnet_v2", pretrained=False), 299)
+        else:
+            raise SystemExit(f"--models: unknown model {name!r} (googlenet, fid, irv2)")
+    return out
+
+
+def _random_bn(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _packed(block: FusedBranchGraph, winograd: bool) -> tuple[list, list, list[int]]:
+    """The block's packed weights and flat plan as its CPU inference runs them."""
+    ops_backend.WINOGRAD = winograd
+    try:
+        block.invalidate_weight_caches()
+        residual = block._residual_flat is not None
+        b, bias = block._packed("cpu", None, residual=residual)
+        return b, bias, block._residual_flat if residual else block._flat_plan
+    finally:
+        ops_backend.WINOGRAD = True
+        block.invalidate_weight_caches()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="googlenet,fid,irv2")
+    parser.add_argument("--batch", default="1,32")
+    parser.add_argument("--reps", type=int, default=11)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"threads {torch.get_num_threads()}; speedup = direct time / Winograd time")
+    print("| model | block | input | batch | Winograd stages | direct ms | Winograd ms | speedup | err direct | err Winograd |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for name, (model, size) in _models(args.models.split(",")).items():
+        swapped = ifast.swap_inception(copy.deepcopy(_random_bn(model))).to(memory_format=torch.channels_last)
+        blocks = [(n, m) for n, m in swapped.named_modules() if isinstance(m, FusedBranchGraph)]
+        for batch in (int(b) for b in args.batch.split(",")):
+            inputs: dict[str, torch.Tensor] = {}
+            hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0]))
+                     for n, m in blocks]
+            with torch.no_grad():
+                swapped(torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last))
+            for h in hooks:
+                h.remove()
+            for block_name, block in blocks:
+                x = inputs[block_name]
+                stages = sum(g.winograd for g in block._plan.gemms)
+                if stages == 0:
+                    continue
+                direct, wino = _packed(block, False), _packed(block, True)
+                with torch.no_grad():
+                    y64 = copy.deepcopy(block).double()(x.double())
+                    errs = [((graph_forward(x, *p).double() - y64).norm() / y64.norm()).item() for p in (direct, wino)]
+                    t = time_alternating({"direct": lambda: graph_forward(x, *direct),
+                                          "winograd": lambda: graph_forward(x, *wino)}, reps=args.reps)
+                ratios.append(t["direct"] / t["winograd"])
+                shape = "x".join(str(s) for s in x.shape[1:])
+                print(f"| {name} | {block_name} | {shape} | {batch} | {stages} | {t['direct'] * 1e3:.2f} | "
+                      f"{t['winograd'] * 1e3:.2f} | {ratios[-1]:.2f}x | {errs[0]:.1e} | {errs[1]:.1e} |", flush=True)
+    if ratios:
+        print(f"geomean speedup over {len(ratios)} rows: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

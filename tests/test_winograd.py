@@ -1,0 +1,175 @@
+"""Winograd F(2x2, 3x3) on the CPU kernel (csrc/winograd.h): fp32 3x3 stride-1 stages.
+
+Each test runs a size with at least winograd::kMinTiles (32) 2x2 tiles, so that the
+Winograd path runs, and checks that it did: its output differs in rounding from the direct
+implicit GEMM's on the same weights.
+"""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import inception_fast as ifast
+from conftest import TOLERANCE, assert_block_matches, needs_cpu_kernel, reference_module, rel_err, small_v3_block
+from inception_fast.ops.branch_graph import graph_forward, pack_weights, unpack_weights
+from inception_fast.ops.plan import plan
+
+pytestmark = needs_cpu_kernel
+
+SPECS = [
+    pytest.param(ifast.InceptionSpec(20, 17, 33, 35, 4, 19, 21, k5=3), id="odd-channels"),
+    pytest.param(ifast.InceptionSpec(40, 16, 32, 48, 16, 32, 16, k5=3), id="lane-multiples"),
+]
+# (N, H, W): odd and even grids, a 1-pixel-wide grid, and the two schedules: image-major
+# (many images) and stage-major with the threads splitting columns (batch 1).
+SIZES = [pytest.param((8, 7, 9), id="n8-7x9"), pytest.param((1, 15, 13), id="n1-15x13"),
+         pytest.param((40, 1, 1), id="n40-1x1"), pytest.param((5, 2, 17), id="n5-2x17"),
+         pytest.param((2, 12, 12), id="n2-12x12")]
+
+
+def _winograd_stages(graph, b) -> int:
+    """GEMMs whose packed B is laid out for the Winograd kernel (backend.pack_winograd)."""
+    return sum(g.winograd and t.shape[1] == 25 * graph.buf_channels[g.source] for t, g in zip(b, graph.gemms))
+
+
+def _op_inputs(spec, x, winograd: bool):
+    ref = reference_module(spec)
+    fused = ifast.FusedInception.from_module(ref)
+    graph = plan(spec.to_graph())
+    weights, biases = fused._folded(None)
+    packed = pack_weights(graph, weights, biases, "cpu", winograd=winograd)
+    return ref, graph, packed
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("size", SIZES)
+def test_forward_within_fp32_tolerance_and_not_the_direct_path(spec, size):
+    n, h, w = size
+    x = torch.randn(n, spec.in_channels, h, w)
+    ref, graph, wino = _op_inputs(spec, x, True)
+    direct = pack_weights(graph, *ifast.FusedInception.from_module(ref)._folded(None), "cpu", winograd=False)
+    assert _winograd_stages(graph, wino[0]) == 2 and _winograd_stages(graph, direct[0]) == 0
+    out = torch.full((n, spec.out_channels, h, w), float("nan")).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = torch.ops.inception_fast.graph_forward.out(x, *wino, graph.flat(), out=out)
+        want = ref.double()(x.double())
+        y_direct = graph_forward(x, *direct, graph.flat())
+    assert rel_err(got, want) <= TOLERANCE[torch.float32]
+    assert not torch.equal(got, y_direct), "the Winograd stages did not run"
+
+
+def test_one_and_two_threads_agree_bit_for_bit():
+    spec = SPECS[0].values[0]
+    x = torch.randn(3, spec.in_channels, 11, 10)
+    _, graph, wino = _op_inputs(spec, x, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = graph_forward(x, *wino, graph.flat())
+        torch.set_num_threads(2)
+        two = graph_forward(x, *wino, graph.flat())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_non_finite_values_land_where_eager_puts_them(batch):
+    """A NaN or inf reaches a whole 2x2 tile through the transforms; such tiles are recomputed
+    directly, so NaN, +inf and -inf (0 after ReLU) land where the reference puts them."""
+    spec = SPECS[0].values[0]
+    x = torch.randn(batch, spec.in_channels, 14, 13)
+    x[0, 2, 3, 4] = float("nan")  # a tile's inside corner: the direct window misses tile pixels
+    x[-1, 5, 0, 12] = float("inf")  # the border tile of an odd width
+    x[-1, 7, 9, 0] = float("-inf")
+    x[0, :, 13, 6] = float("inf")  # every channel: inf - inf in the 1x1 reductions too
+    ref, graph, wino = _op_inputs(spec, x, True)
+    with torch.no_grad():
+        got = graph_forward(x, *wino, graph.flat())
+        want = ref(x)
+    assert torch.isnan(want).any() and torch.isposinf(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want))
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite], want[finite]) <= TOLERANCE[torch.float32]
+
+
+def test_module_forward_and_backward_match_the_reference():
+    spec = SPECS[1].values[0]
+    ref = reference_module(spec)
+    fused = ifast.FusedInception.from_module(ref)
+    assert_block_matches(fused, ref, torch.randn(4, spec.in_channels, 9, 8))
+
+
+def test_gradients_through_the_packed_weights_reach_the_convolutions():
+    """Autograd over the bare op (what jit.trace records): the packed tensor's gradient
+    pulls back through pack_weights' Winograd transform to each weight's own gradient."""
+    spec = SPECS[0].values[0]
+    x = torch.randn(4, spec.in_channels, 10, 9)
+    ref = reference_module(spec)
+    graph = plan(spec.to_graph())
+    weights, biases = ifast.FusedInception.from_module(ref)._folded(None)
+    weights = [w.detach().requires_grad_() for w in weights]
+    biases = [b.detach().requires_grad_() for b in biases]
+    b, bias = pack_weights(graph, weights, biases, "cpu", winograd=True)
+    y = graph_forward(x, b, bias, graph.flat())
+    want = ref(x)
+    grad = torch.randn_like(want)
+    y.backward(grad)
+    want.backward(grad)
+    convs = [m for m in ref.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert _winograd_stages(graph, b) == 2
+    for w, bb in zip(weights, biases):
+        match = [c for c in convs if c.weight.shape == w.shape and torch.equal(c.weight, w.detach())]
+        assert len(match) == 1
+        assert rel_err(w.grad, match[0].weight.grad) <= TOLERANCE[torch.float32]
+        assert rel_err(bb.grad, match[0].bias.grad) <= TOLERANCE[torch.float32]
+
+
+def test_unpacking_returns_the_weights_exactly():
+    spec = SPECS[0].values[0]
+    graph = plan(spec.to_graph())
+    weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw) for c in spec.to_graph().convs]
+    biases = [torch.randn(c.out_channels) for c in spec.to_graph().convs]
+    b, bias = pack_weights(graph, weights, biases, "cpu", winograd=True)
+    got_w, got_b = unpack_weights(graph, b, bias, "cpu", spec.in_channels)
+    assert all(torch.equal(u, v) for u, v in zip(got_w, weights))
+    assert all(torch.equal(u, v) for u, v in zip(got_b, biases))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_only_fp32_is_packed_for_winograd(dtype):
+    spec = SPECS[0].values[0]
+    graph = plan(spec.to_graph())
+    weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw, dtype=dtype) for c in spec.to_graph().convs]
+    biases = [torch.randn(c.out_channels, dtype=dtype) for c in spec.to_graph().convs]
+    b, _ = pack_weights(graph, weights, biases, "cpu", winograd=True)
+    assert _winograd_stages(graph, b) == 0
+
+
+def test_flop_count_is_the_convolutions_not_the_algorithms():
+    """FlopCounterMode counts the fused op as eager's convolutions, whichever way it is packed."""
+    spec = SPECS[1].values[0]
+    x = torch.randn(2, spec.in_channels, 12, 12)
+    ref, graph, wino = _op_inputs(spec, x, True)
+    direct = pack_weights(graph, *ifast.FusedInception.from_module(ref)._folded(None), "cpu", winograd=False)
+    counts = []
+    for packed in (wino, direct):
+        with FlopCounterMode(display=False) as c:
+            graph_forward(x, *packed, graph.flat())
+        counts.append(c.get_total_flops())
+    with FlopCounterMode(display=False) as c:
+        ref(x)
+    assert counts[0] == counts[1] == c.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["A", "E"])
+def test_inception_v3_blocks(name):
+    """InceptionA's double 3x3 chain and InceptionE's 3x3 before its fan-out."""
+    block = small_v3_block(name)
+    fused = ifast.swap_inception(torch.nn.Sequential(block)).to(memory_format=torch.channels_last)[0]
+    assert sum(g.winograd for g in fused._plan.gemms) >= 1
+    x = torch.randn(3, 24, 12, 11)
+    with torch.no_grad():
+        assert rel_err(fused(x), block.double()(x.double())) <= TOLERANCE[torch.float32]
