@@ -8,8 +8,10 @@ fed the activation it sees inside the network, and its C++ op runs twice on the 
 input: with the 3x3 stride-1 stages packed for Winograd (the default) and packed for the
 direct implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing). The two alternate in one
 process; medians of --reps. Also reported: each one's relative error against the block in
-float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs are Winograd stages.
-Blocks without a 3x3 stride-1 stage are left out (both packings are the same there).
+float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
+Rows where none does are left out: blocks without a 3x3 stride-1 stage, and calls below
+csrc/winograd.h's kMinTiles (32) 2x2 tiles, which run the direct part of the Winograd
+panels (GoogLeNet's 7x7 blocks and Inception-v3's 8x8 ones at batch 1).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from inception_fast.bench import time_alternating
 from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.ops import backend as ops_backend
 from inception_fast.ops.branch_graph import graph_forward
+
+
+MIN_TILES = 32  # csrc/winograd.h, kMinTiles: fewer 2x2 tiles in a call run the direct panels
 
 
 def _models(names: list[str]) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -93,7 +98,8 @@ def main() -> None:
                 h.remove()
             for block_name, block in blocks:
                 x = inputs[block_name]
-                stages = sum(g.winograd for g in block._plan.gemms)
+                tiles = x.shape[0] * -(-x.shape[2] // 2) * -(-x.shape[3] // 2)
+                stages = sum(g.winograd for g in block._plan.gemms) if tiles >= MIN_TILES else 0
                 if stages == 0:
                     continue
                 direct, wino = _packed(block, False), _packed(block, True)
