@@ -455,7 +455,11 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     TORCH_CHECK(out.sizes() == at::IntArrayRef(shape) && out.scalar_type() == x_in.scalar_type() &&
                     out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.device().is_cpu(),
                 "out must be a channels_last CPU ", x_in.scalar_type(), " tensor of shape ", at::IntArrayRef(shape));
-    at::assert_no_overlap(out, x_in);  // the kernel reads x while it writes out
+    at::assert_no_overlap(out, x_in);  // the kernel reads x, the weights and biases while it writes out
+    for (size_t g = 0; g < b.size(); ++g) {
+      if (b[g].numel() > 0) at::assert_no_overlap(out, b[g]);
+      if (bias[g].numel() > 0) at::assert_no_overlap(out, bias[g]);
+    }
   } else {
     out = at::empty(shape, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   }

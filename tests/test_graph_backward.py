@@ -354,3 +354,24 @@ def test_swapped_inception_v3_gradients_in_fp64():
     named = dict(swapped.named_parameters())
     for name, p in model.named_parameters():
         assert rel_err(named[name].grad, p.grad) <= 1e-10, name
+
+
+def test_traced_module_with_frozen_weights_gives_the_input_gradient():
+    """jit.trace records the bare forward op over the packed weights; with frozen weights its
+    backward must still answer the packed lists (None per tensor), as autograd requires."""
+    import warnings
+
+    import inception_fast as ifast
+
+    ref = randomize_(ifast.ReferenceInception(InceptionSpec(20, 17, 33, 35, 4, 19, 21, k5=3))).eval()
+    fused = ifast.FusedInception.from_module(ref)
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 20, 9, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fused, x)
+    traced(x).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    ref(x_ref).sum().backward()
+    assert rel_err(x.grad, x_ref.grad) <= 1e-5

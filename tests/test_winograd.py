@@ -173,3 +173,127 @@ def test_inception_v3_blocks(name):
     x = torch.randn(3, 24, 12, 11)
     with torch.no_grad():
         assert rel_err(fused(x), block.double()(x.double())) <= TOLERANCE[torch.float32]
+
+
+def _centre_tap_block():
+    """A block whose 3x3s use only their centre tap, negative there, with a positive bias:
+    a huge pixel's own outputs are cut by ReLU, its neighbours' never see it."""
+    spec = ifast.InceptionSpec(8, 4, 8, 8, 4, 8, 4, k5=3)
+    ref = ifast.ReferenceInception(spec).eval()
+    with torch.no_grad():
+        for conv in (ref.branch1.conv, ref.branch4[1].conv):
+            conv.weight.copy_(-0.01 * conv.weight.abs())
+            conv.bias.fill_(1.0)
+        for branch in (ref.branch2, ref.branch3):
+            branch[0].conv.weight.abs_()
+            w = branch[1].conv.weight
+            centre = w[:, :, 1, 1].abs().clone()
+            w.zero_()
+            w[:, :, 1, 1] = -0.1 * centre
+            branch[1].conv.bias.fill_(1.0)
+    return ref
+
+
+@pytest.mark.parametrize("big", [1e5, 1e10])
+def test_a_huge_value_next_to_zero_weights_stays_within_tolerance(big):
+    """The transforms spread a huge window value over the whole tile and cancel it again,
+    leaving a few ulps of it in outputs that should not see it (2e-4 relative at 1e6 before
+    the cancellation check); such (tile, panel)s are recomputed directly."""
+    ref = _centre_tap_block()
+    fused = ifast.FusedInception.from_module(ref)
+    x = torch.rand(2, 8, 8, 8)  # 32 tiles: Winograd
+    x[0, :, 3, 3] = big
+    with torch.no_grad():
+        want = ref.double()(x.double())
+        ref.float()
+        assert rel_err(fused(x), want) <= TOLERANCE[torch.float32]
+
+
+def test_threads_agree_bit_for_bit_when_a_tile_overflows_in_some_columns():
+    """Direct recomputes are decided per (tile, weight panel): the same with the threads
+    splitting panels (batch 1) as with one thread running them all."""
+    spec = ifast.InceptionSpec(8, 4, 8, 64, 4, 8, 4, k5=3)  # the 3x3 stage has two panels
+    ref = ifast.ReferenceInception(spec).eval()
+    with torch.no_grad():
+        reduce, conv = ref.branch2[0].conv, ref.branch2[1].conv
+        reduce.weight.zero_()
+        reduce.bias.zero_()
+        for i in range(8):
+            reduce.weight[i, i, 0, 0] = 1.0
+        conv.weight.normal_(0, 0.01)
+        conv.weight[:32] = 100.0  # the first panel overflows on a huge pixel, the second does not
+    fused = ifast.FusedInception.from_module(ref)
+    x = torch.rand(1, 8, 8, 15)  # 32 tiles
+    x[0, :, 4, 7] = 1e37
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = fused(x)
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            two = fused(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.isnan(), two.isnan())
+    assert torch.equal(one.nan_to_num(), two.nan_to_num())
+
+
+def _leaf_setup(spec):
+    graph = plan(spec.to_graph())
+    weights, biases = ifast.FusedInception.from_module(reference_module(spec))._folded(None)
+    return graph, [w.detach() for w in weights], [b.detach() for b in biases]
+
+
+def test_op_backward_takes_each_gemms_packing_as_it_came():
+    """One GEMM packed for Winograd, another for the direct GEMM: the bare op's backward
+    packs each gradient the way its weight came, and the weights' gradients are right."""
+    spec = SPECS[0].values[0]
+    graph, weights, biases = _leaf_setup(spec)
+    weights = [w.requires_grad_() for w in weights]
+    wino, bias = pack_weights(graph, weights, biases, "cpu", winograd=True)
+    direct, _ = pack_weights(graph, weights, biases, "cpu", winograd=False)
+    mixed = [wino[0], wino[1], direct[2], wino[3]]
+    assert _winograd_stages(graph, mixed) == 1
+    x = torch.randn(4, spec.in_channels, 9, 8)
+    graph_forward(x, mixed, bias, graph.flat()).square().sum().backward()
+    got = [w.grad.clone() for w in weights]
+    for w in weights:
+        w.grad = None
+    ref_w = [w.detach().double().requires_grad_() for w in weights]
+    ref_b, ref_bias = pack_weights(graph, ref_w, [b.double() for b in biases], "cpu")  # fp64: direct
+    graph_forward(x.double(), ref_b, ref_bias, graph.flat()).square().sum().backward()
+    for g, r in zip(got, ref_w):
+        assert rel_err(g, r.grad) <= TOLERANCE[torch.float32]
+
+
+def test_stepping_the_packed_tensor_keeps_both_paths_one_filter():
+    """The packed tensor's gradient lies in the packing's range: an SGD step on the packed
+    weights themselves changes the Winograd blocks and the direct taps alike, so calls with
+    many tiles (Winograd) and few (direct) compute the same stepped filter."""
+    spec = SPECS[0].values[0]
+    graph, weights, biases = _leaf_setup(spec)
+    b, bias = pack_weights(graph, weights, biases, "cpu", winograd=True)
+    b = [t.clone().requires_grad_() for t in b]
+    x = torch.randn(4, spec.in_channels, 9, 8)  # 80 tiles
+    graph_forward(x, b, bias, graph.flat()).square().sum().backward()
+    with torch.no_grad():
+        stepped = [t - 0.01 * t.grad if t.grad is not None and t.numel() else t for t in b]
+        w2, b2 = unpack_weights(graph, stepped, bias, "cpu", spec.in_channels)
+        repacked = pack_weights(graph, w2, b2, "cpu", winograd=True)
+        for many in (True, False):
+            xs = x if many else x[:1, :, :7, :7]  # 16 tiles: the direct part
+            got = graph_forward(xs, stepped, bias, graph.flat())
+            want = graph_forward(xs, *repacked, graph.flat())
+            assert rel_err(got, want) <= TOLERANCE[torch.float32]
+
+
+def test_out_overlapping_the_packed_weights_raises():
+    spec = SPECS[0].values[0]
+    graph, weights, biases = _leaf_setup(spec)
+    b, bias = pack_weights(graph, weights, biases, "cpu", winograd=True)
+    x = torch.randn(4, spec.in_channels, 9, 8)
+    c = spec.out_channels
+    out = torch.as_strided(b[1], (4, c, 9, 8), (c * 72, 1, 8 * c, c))
+    with pytest.raises(RuntimeError, match="memory location"):
+        torch.ops.inception_fast.graph_forward.out(x, b, bias, graph.flat(), out=out)

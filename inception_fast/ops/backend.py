@@ -38,10 +38,10 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3 stride-1 stages as
-# Winograd's F(2x2, 3x3). INCEPTION_FAST_WINOGRAD=0, read once at import, packs every
+# Winograd's F(2x2, 3x3). INCEPTION_FAST_WINOGRAD=0 (or false/off/no), read once at import, packs every
 # stage for the direct implicit GEMM instead: the A/B of benchmarks/winograd.py, or results
 # that do not depend on the algorithm's rounding.
-WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1") != "0"
+WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 
@@ -185,22 +185,35 @@ def _winograd_g(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([a, (a + b + c) / 2, (a - b + c) / 2, c], dim)
 
 
+def _winograd_gradient_preimage(dw: torch.Tensor) -> torch.Tensor:
+    """The v with P^T P v = dW, P = pack_winograd's map w -> [G w G^T; w] (per filter):
+    P^T P v = (G^T G) v (G^T G) + v, and G^T G = [[3/2, 0, 1/2], [0, 1/2, 0], [1/2, 0, 3/2]]
+    has the eigenvectors below (eigenvalues 2, 1, 1/2), so v divides dW's coordinates in
+    that basis by (l_i l_j + 1)."""
+    r = 0.5 ** 0.5
+    q = torch.tensor(((r, r, 0.0), (0.0, 0.0, 1.0), (r, -r, 0.0)), dtype=torch.float64, device=dw.device)
+    lam = torch.tensor((2.0, 1.0, 0.5), dtype=torch.float64, device=dw.device)
+    coords = q.t() @ dw.double() @ q
+    return (q @ (coords / (lam[:, None] * lam[None, :] + 1)) @ q.t()).to(dw.dtype)
+
+
 def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.Tensor:
     """fp32 conv weights (cout, cin, 3, 3) -> the Winograd panels (panels, 25*cin, width) of
     the module docstring: the 16 transformed blocks, then the direct 3x3 panels. U is
     computed in float64 and rounded once. Linear, so differentiable.
 
-    gradient=True packs a weight gradient dW as the gradient of the packed tensor for
-    autograd over the bare op: zeros for the U blocks and dW's panels for the direct part.
-    Its pull-back through pack_winograd (G^T 0 G + dW) is dW, the weights' gradient."""
-    cout, cin = w.shape[:2]
-    direct = pack_panels(as_gemm_b(w), width, 9)
+    gradient=True packs a weight gradient dW as the gradient of the packed tensor, for
+    autograd over the bare op: P(v) with P this packing and v the solution of P^T P v = dW.
+    Its pull-back through the packing, P^T P(v), is dW, the weights' gradient; and it lies in
+    P's range (it is the orthogonal projection onto that range of any gradient that pulls
+    back to dW), so an optimizer stepping the packed tensor itself keeps the U blocks and the
+    direct taps the same filter, as both paths of the kernel need."""
     if gradient:
-        u = direct.new_zeros(direct.shape[0], 16 * cin, width)
-    else:
-        u = _winograd_g(_winograd_g(w.double(), 2), 3).to(w.dtype)  # (cout, cin, 4, 4)
-        u = pack_panels(u.permute(2, 3, 1, 0).reshape(16 * cin, cout), width)
-    return torch.cat([u, direct], dim=1)
+        w = _winograd_gradient_preimage(w)
+    cout, cin = w.shape[:2]
+    u = _winograd_g(_winograd_g(w.double(), 2), 3).to(w.dtype)  # (cout, cin, 4, 4)
+    u = pack_panels(u.permute(2, 3, 1, 0).reshape(16 * cin, cout), width)
+    return torch.cat([u, pack_panels(as_gemm_b(w), width, 9)], dim=1)
 
 
 def unpack_winograd(packed: torch.Tensor, cols: int, cin: int) -> torch.Tensor:

@@ -39,13 +39,14 @@ __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward",
            "graph_triton_forward", "graph_triton_forward_saving", "pack_weights", "residual_tail", "unpack_weights"]
 
 
-def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd: bool | None = None,
+def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
                  gradient: bool = False) -> tuple[list, list]:
     """Per GEMM of `graph`: B of its convolutions (as_gemm_b, concatenated along columns) and
     their concatenated biases. backend "cpu" packs B in panels of panel_width(dtype) columns
     (csrc/gemm.h's register tiles; bf16 in VNNI pairs, with float32 biases, its
     accumulator's type), and an fp32 GEMM that GemmStep.winograd allows in Winograd panels
-    (backend.pack_winograd), unless `winograd` is False (default: backend.WINOGRAD);
+    (backend.pack_winograd), unless `winograd` is False (default: backend.WINOGRAD; a
+    list gives one flag per GEMM);
     "triton" keeps it row-major (K, cols).
 
     weights/biases: one (cout, cin, kh, kw) / (cout,) tensor per convolution of graph.convs.
@@ -55,6 +56,7 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd: bool
     match the plan.
     """
     winograd = _backend.WINOGRAD if winograd is None else winograd
+    flags = list(winograd) if isinstance(winograd, (list, tuple)) else [bool(winograd)] * len(graph.gemms)
     if len(weights) != len(graph.convs) or len(biases) != len(graph.convs):
         raise ValueError(f"need {len(graph.convs)} weights and biases (the plan's convolutions), got "
                          f"{len(weights)} and {len(biases)}")
@@ -63,7 +65,7 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd: bool
             raise ValueError(f"convolution {i} needs a (cout, cin, {conv.kh}, {conv.kw}) weight and a (cout,) "
                              f"bias, got {tuple(w.shape)} and {tuple(b.shape)}")
     packed_b, packed_bias = [], []
-    for g in graph.gemms:
+    for g, wino in zip(graph.gemms, flags):
         if not g.convs:  # the max-pool copy has no weights
             packed_b.append(weights[0].new_empty(0))
             packed_bias.append(biases[0].new_empty(0))
@@ -72,7 +74,7 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd: bool
         bias = torch.cat([biases[i] for i in g.convs])
         if backend == "cpu":
             b = b.to(packed_dtype(b.dtype))
-            if winograd and g.winograd and b.dtype == torch.float32:
+            if wino and g.winograd and b.dtype == torch.float32:
                 w = torch.cat([weights[i] for i in g.convs]).to(b.dtype)
                 packed_b.append(pack_winograd(w, panel_width(b.dtype), gradient))
             else:
@@ -461,10 +463,11 @@ def _op_backward(backend: str):
         w_list = [w for w in weights if w is not None]
         grads = graph_backward(grad_out, x, y, _interiors(buffers, x.shape[2], x.shape[3]), w_list, needs,
                                graph.backward_flat(), backend)
-        d_b = d_bias = None
+        # A list input takes a list of gradients, None where not needed.
+        d_b, d_bias = [None] * len(b), [None] * len(bias)
         if needs[1]:
-            winograd = any(g.winograd and t.shape[1] == 25 * graph.buf_channels[g.source]
-                           for t, g in zip(b, graph.gemms))  # how the forward's b came packed
+            winograd = [g.winograd and t.dim() == 3 and t.shape[1] == 25 * graph.buf_channels[g.source]
+                        for t, g in zip(b, graph.gemms)]  # how the forward's b came packed, per GEMM
             d_b, d_bias = pack_weights(graph, grads[1::2], grads[2::2], backend, winograd=winograd, gradient=True)
         return grads[0] if needs[0] else None, d_b, d_bias, None
 
