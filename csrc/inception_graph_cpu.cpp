@@ -11,9 +11,10 @@
 // Every GEMM adds its bias, applies ReLU and stores from its epilogue straight into
 // channel slices of the output or of the intermediates the next stages read: there is
 // no concat. An fp32 3x3 stride-1 stage whose B comes packed for it runs as Winograd's
-// F(2x2, 3x3) (winograd.h): its rows are then 2x2 output tiles, not pixels. An Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the
-// tail's 1x1 over the concat, whose epilogue adds x and stores act(x + sum + bias) into the
-// output. The GEMM itself is gemm.h's.
+// F(2x2, 3x3) (winograd.h): its rows are then 2x2 output tiles, not pixels. An
+// Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the tail's 1x1
+// over the concat, whose epilogue adds x and stores act(x + sum + bias) into the output.
+// The GEMM itself is gemm.h's.
 
 #include "gemm.h"
 #include "inception_cpu.h"
