@@ -118,6 +118,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
 
   // A stride-1 GEMM runs over the input grid, a stride-2 one over the output grid.
   std::vector<Gemm<T>> gemms;
+  std::vector<bool> wino_packed;  // b[g] holds Winograd panels (winograd_b)
   int64_t stages = 0;
   for (size_t g = 0; g < descs.size(); ++g) {
     const GemmDesc& d = descs[g];
@@ -141,7 +142,12 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                                                                : Epilogue::kResidual;
       gm.segments.push_back({begin, end, out_plane, channel, epilogue, x_plane});
     }
-    if (has_weights && !winograd_b(b[g], d, k_per_tap)) plan_chunks(gm);
+    wino_packed.push_back(has_weights && winograd_b(b[g], d, k_per_tap));
+    if (wino_packed.back()) {  // the direct GEMM runs over each panel's 9 direct taps
+      gm.b_packed += winograd::kPositions * k_per_tap * kNR<T>;
+      gm.panel_rows = (winograd::kPositions + winograd::kTaps) * k_per_tap;
+    }
+    if (has_weights) plan_chunks(gm);
     gemms.push_back(std::move(gm));
     stages = std::max(stages, d.stage + 1);
     const int64_t expect_h = d.stride == 1 ? H : Ho, expect_w = d.stride == 1 ? W : Wo;
@@ -151,23 +157,16 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                 " input onto its ", expect_h, "x", expect_w, " grid");
   }
 
-  // The Winograd stages (fp32 only): one winograd::Conv each, run on 2x2 output tiles.
+  // The Winograd stages (fp32 only): one winograd::Conv each, run on 2x2 output tiles. Below
+  // kMinTiles a Winograd-packed GEMM runs as the direct GEMM over its direct taps.
   std::vector<std::optional<winograd::Conv>> wino(gemms.size());
   int64_t wino_cin = 0, wino_panels = 0;
   if constexpr (std::is_same_v<T, float>) {
     for (size_t g = 0; g < gemms.size(); ++g) {
-      const GemmDesc& d = descs[g];
-      if (!winograd_b(b[g], d, gemms[g].k_per_tap) || N * ceil_div(H, 2) * ceil_div(W, 2) < winograd::kMinTiles) {
-        if (winograd_b(b[g], d, gemms[g].k_per_tap)) {  // the direct part of the Winograd panels
-          gemms[g].b_packed += winograd::kPositions * gemms[g].k_per_tap * kNR<T>;
-          gemms[g].panel_rows = (winograd::kPositions + winograd::kTaps) * gemms[g].k_per_tap;
-          plan_chunks(gemms[g]);
-        }
-        continue;
-      }
-      const Plane<T>& src = planes[d.source];
+      if (!wino_packed[g] || N * ceil_div(H, 2) * ceil_div(W, 2) < winograd::kMinTiles) continue;
+      const Plane<T>& src = planes[descs[g].source];
       wino[g].emplace(Plane<const float>{src.data, src.stride_n, src.stride_h, src.stride_w, src.pad}, H, W,
-                      gemms[g].k_per_tap, d.cols, gemms[g].b_packed, gemms[g].bias, gemms[g].segments);
+                      b[g].data_ptr<float>(), gemms[g]);
       wino_cin = std::max(wino_cin, gemms[g].k_per_tap);
       wino_panels = std::max(wino_panels, gemms[g].panels());
     }

@@ -100,27 +100,26 @@ inline void output_tile(const V (&m)[4][4], V (&y)[2][2]) {
   }
 }
 
-// One F(2x2, 3x3) convolution of the plan: its input, packed B, bias and destinations.
+// One F(2x2, 3x3) convolution of the plan: its input, the U blocks of its packed B, and the
+// 3x3 implicit GEMM over the direct part of that B (the caller's, with its bias, columns and
+// destinations), which also serves the recomputes.
 struct Conv {
   Plane<const float> src;  // (N, H + 2 border, W + 2 border, cin), border >= 1, zero border
-  int64_t H, W, cin, cols;
-  const float* b;     // (panels, 25 cin, kNR): U_alpha blocks, then the 9 direct taps
-  const float* bias;  // (cols,)
-  std::vector<gemm::Segment<float>> segments;  // as the direct GEMM's: relu(sum + bias) into slices
-  gemm::Gemm<float> direct;                    // the 3x3 implicit GEMM over the direct part of b
+  int64_t H, W;
+  const float* u;           // (panels, 25 cin, kNR): the U_alpha blocks, then direct.b_packed's taps
+  gemm::Gemm<float> direct;  // b_packed at the 9 direct taps of each panel, panel_rows 25 cin
 
-  Conv(const Plane<const float>& src_, int64_t H_, int64_t W_, int64_t cin_, int64_t cols_, const float* b_,
-       const float* bias_, std::vector<gemm::Segment<float>> segments_)
-      : src(src_), H(H_), W(W_), cin(cin_), cols(cols_), b(b_), bias(bias_), segments(std::move(segments_)),
-        direct{b_ + kPositions * cin_ * kNR<float>, bias_, cols_, cin_, {}, segments, {}} {
-    for (const auto& seg : segments)
+  Conv(const Plane<const float>& src_, int64_t H_, int64_t W_, const float* u_, gemm::Gemm<float> direct_)
+      : src(src_), H(H_), W(W_), u(u_), direct(std::move(direct_)) {
+    TORCH_CHECK(direct.panel_rows == (kPositions + kTaps) * direct.k_per_tap && direct.tap_offset.size() == kTaps,
+                "winograd: the direct GEMM must be the 3x3 over the direct part of the Winograd panels");
+    for (const auto& seg : direct.segments)
       TORCH_CHECK(seg.epilogue == gemm::Epilogue::kRelu, "winograd: a 3x3 convolution stores relu(sum + bias)");
-    for (int64_t dy = 0; dy < 3; ++dy)
-      for (int64_t dx = 0; dx < 3; ++dx) direct.tap_offset.push_back(dy * src.stride_h + dx * src.stride_w);
-    direct.panel_rows = (kPositions + kTaps) * cin;
-    gemm::plan_chunks(direct);
   }
-  int64_t panels() const { return ceil_div(cols, kNR<float>); }
+  int64_t cin() const { return direct.k_per_tap; }
+  int64_t cols() const { return direct.cols; }
+  const float* bias() const { return direct.bias; }
+  int64_t panels() const { return direct.panels(); }
 };
 
 // One thread's scratch for Conv::run: V and M of a block, the GEMMs' partial sums, row
@@ -151,15 +150,15 @@ class Workspace {
     if (p_begin == p_end) return;
     // The alpha GEMMs store M's sums as they are (kLinear, a zero bias): all their panels,
     // padding columns included (zero in B), so that every panel stores from registers.
-    gemm::Gemm<float> g{nullptr, zero_bias_.data(), conv.cols, conv.cin, {0}, {}, {}};
-    g.panel_rows = (kPositions + kTaps) * conv.cin;
+    gemm::Gemm<float> g{nullptr, zero_bias_.data(), conv.cols(), conv.cin(), {0}, {}, {}};
+    g.panel_rows = conv.direct.panel_rows;
     g.segments.push_back({0, panels * kNR<float>, Plane<float>{nullptr, 0, 0, ldm_, 0}, 0, gemm::Epilogue::kLinear});
     gemm::plan_chunks(g);
     for (int64_t t0 = 0; t0 < tiles; t0 += kMaxTiles) {
       const int64_t count = std::min(kMaxTiles, tiles - t0);
       input_transform(conv, tn + t0, th + t0, tw + t0, count);
       for (int64_t a = 0; a < kPositions; ++a) {
-        g.b_packed = conv.b + a * conv.cin * kNR<float>;
+        g.b_packed = conv.u + a * conv.cin() * kNR<float>;
         g.segments[0].dst.data = m_.data() + a * kMaxTiles * ldm_;
         const float* v = v_.data() + a * kMaxTiles * ldv_;
         for (int64_t i = 0; i < count; ++i) rows_[i] = v + i * ldv_;
@@ -176,7 +175,7 @@ class Workspace {
   void input_transform(const Conv& conv, const int64_t* tn, const int64_t* th, const int64_t* tw, int64_t count) {
     using Vec = Simd<float>::Vec;
     constexpr int L = Simd<float>::kLanes;
-    const int64_t last_h = conv.H - 1 + conv.src.pad, last_w = conv.W - 1 + conv.src.pad, C = conv.cin;
+    const int64_t last_h = conv.H - 1 + conv.src.pad, last_w = conv.W - 1 + conv.src.pad, C = conv.cin();
     const int64_t a_stride = kMaxTiles * ldv_;
     for (int64_t i = 0; i < count; ++i) {
       const float* p[4][4];
@@ -240,8 +239,8 @@ class Workspace {
       for (int64_t p = p_begin; p < p_end; ++p) {
         Vec bad{}, s_max{}, y_max{};  // bad: S - S, 0 where finite, NaN where not
         float bad1 = 0.0f, s_max1 = 0.0f, y_max1 = 0.0f;
-        for (const auto& seg : conv.segments) {
-          const int64_t lo = std::max(p * NR, seg.begin), hi = std::min({(p + 1) * NR, seg.end, conv.cols});
+        for (const auto& seg : conv.direct.segments) {
+          const int64_t lo = std::max(p * NR, seg.begin), hi = std::min({(p + 1) * NR, seg.end, conv.cols()});
           if (lo >= hi) continue;
           float* dst[2][2];
           for (int r = 0; r < rows; ++r)
@@ -255,7 +254,7 @@ class Workspace {
                 std::memcpy(&mv[r][s], m + (4 * r + s) * a_stride + j, sizeof(Vec));
                 sum += mv[r][s] < 0 ? -mv[r][s] : mv[r][s];
               }
-            std::memcpy(&bias, conv.bias + j, sizeof(Vec));
+            std::memcpy(&bias, conv.bias() + j, sizeof(Vec));
             output_tile(mv, y);
             bad += sum - sum;  // |y| <= sum: a finite sum means finite outputs
             s_max = sum > s_max ? sum : s_max;
@@ -280,7 +279,7 @@ class Workspace {
             s_max1 = std::max(s_max1, sum);
             for (int r = 0; r < rows; ++r)
               for (int s = 0; s < cols; ++s) {
-                const float v = gemm::relu(y[r][s] + conv.bias[j]);
+                const float v = gemm::relu(y[r][s] + conv.bias()[j]);
                 y_max1 = std::max(y_max1, v);
                 dst[r][s][j] = v;
               }

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import inception_fast as ifast
 from conftest import TOLERANCE, assert_block_matches, needs_cpu_kernel, reference_module, rel_err, small_v3_block
-from inception_fast.ops.branch_graph import graph_forward, pack_weights, unpack_weights
+from inception_fast.ops.branch_graph import graph_forward, pack_weights, unpack_weights, winograd_packed
 from inception_fast.ops.plan import plan
 
 pytestmark = needs_cpu_kernel
@@ -29,7 +29,7 @@ SIZES = [pytest.param((8, 7, 9), id="n8-7x9"), pytest.param((1, 15, 13), id="n1-
 
 def _winograd_stages(graph, b) -> int:
     """GEMMs whose packed B is laid out for the Winograd kernel (backend.pack_winograd)."""
-    return sum(g.winograd and t.shape[1] == 25 * graph.buf_channels[g.source] for t, g in zip(b, graph.gemms))
+    return sum(winograd_packed(graph, g, t) for t, g in zip(b, graph.gemms))
 
 
 def _op_inputs(spec, x, winograd: bool):

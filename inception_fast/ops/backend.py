@@ -44,7 +44,6 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs a convolution of x in, or None: autocast off on x's device, or
     x in float64 (autocast leaves float64 alone)."""

@@ -24,6 +24,8 @@ weights, and residual_tail, Inception-ResNet's ending after the op.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -36,7 +38,8 @@ from .plan import GraphPlan, Source
 
 __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward", "graph_backward_reference",
            "graph_forward", "graph_forward_inference", "graph_forward_into", "graph_macs", "graph_forward_saving",
-           "graph_triton_forward", "graph_triton_forward_saving", "pack_weights", "residual_tail", "unpack_weights"]
+           "graph_triton_forward", "graph_triton_forward_saving", "pack_weights", "residual_tail", "unpack_weights",
+           "winograd_packed"]
 
 
 def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
@@ -70,20 +73,26 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
             packed_b.append(weights[0].new_empty(0))
             packed_bias.append(biases[0].new_empty(0))
             continue
-        b = torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1)
         bias = torch.cat([biases[i] for i in g.convs])
-        if backend == "cpu":
-            b = b.to(packed_dtype(b.dtype))
-            if wino and g.winograd and b.dtype == torch.float32:
-                w = torch.cat([weights[i] for i in g.convs]).to(b.dtype)
-                packed_b.append(pack_winograd(w, panel_width(b.dtype), gradient))
-            else:
-                packed_b.append(pack_panels(b, panel_width(b.dtype), g.kh * g.kw))
-            packed_bias.append(bias.to(accumulator_dtype(b.dtype)).contiguous())
-        else:
-            packed_b.append(b.contiguous())
+        if backend != "cpu":
+            packed_b.append(torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1).contiguous())
             packed_bias.append(bias.contiguous())
+            continue
+        dtype = packed_dtype(functools.reduce(torch.promote_types, (weights[i].dtype for i in g.convs)))
+        if dtype == torch.float32 and wino and g.winograd:
+            b = pack_winograd(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype), gradient)
+        else:
+            b = pack_panels(torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1).to(dtype), panel_width(dtype),
+                            g.kh * g.kw)
+        packed_b.append(b)
+        packed_bias.append(bias.to(accumulator_dtype(dtype)).contiguous())
     return packed_b, packed_bias
+
+
+def winograd_packed(graph: GraphPlan, g, b: torch.Tensor) -> bool:
+    """Whether `b`, GEMM g's packed B, holds Winograd panels (backend.pack_winograd):
+    (panels, 25 * channels, width), which the C++ kernel tells apart by the same shape."""
+    return g.winograd and b.dim() == 3 and b.shape[1] == 25 * graph.buf_channels[g.source]
 
 
 def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
@@ -99,8 +108,7 @@ def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
             channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
             if channels is None and b.dtype == torch.bfloat16:
                 raise ValueError("unpack_weights: bf16 CPU panels need in_channels (x's channel count)")
-            winograd_panels = g.winograd and b.shape[1] == 25 * graph.buf_channels[g.source]
-            full = (unpack_winograd(b, g.cols, graph.buf_channels[g.source]) if winograd_panels
+            full = (unpack_winograd(b, g.cols, channels) if winograd_packed(graph, g, b)
                     else unpack_panels(b, g.cols, g.kh * g.kw, channels))
         for segment, i in zip(g.segments, g.convs):
             weights[i] = from_gemm_b(full[:, segment.begin:segment.end], g.kh, g.kw)
@@ -466,8 +474,7 @@ def _op_backward(backend: str):
         # A list input takes a list of gradients, None where not needed.
         d_b, d_bias = [None] * len(b), [None] * len(bias)
         if needs[1]:
-            winograd = [g.winograd and t.dim() == 3 and t.shape[1] == 25 * graph.buf_channels[g.source]
-                        for t, g in zip(b, graph.gemms)]  # how the forward's b came packed, per GEMM
+            winograd = [winograd_packed(graph, g, t) for t, g in zip(b, graph.gemms)]  # as the forward's b came
             d_b, d_bias = pack_weights(graph, grads[1::2], grads[2::2], backend, winograd=winograd, gradient=True)
         return grads[0] if needs[0] else None, d_b, d_bias, None
 
