@@ -1,16 +1,16 @@
-"""Winograd F(2x2, 3x3) against the direct implicit GEMM, per fused block, fp32 CPU forward.
+"""Winograd (F(2x2, 3x3), F(2, 7)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
 
     PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2] [--batch 1,32] [--reps 11]
 
 Every fused block of each swapped model (torchvision googlenet at 224, pytorch-fid's
 InceptionV3 at 299, timm inception_resnet_v2 at 299; random weights and BN statistics) is
 fed the activation it sees inside the network, and its C++ op runs twice on the same
-input: with the 3x3 stride-1 stages packed for Winograd (the default) and packed for the
+input: with the 3x3, 1x7 and 7x1 stride-1 stages packed for Winograd (the default) and packed for the
 direct implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing). The two alternate in one
 process; medians of --reps. Also reported: each one's relative error against the block in
 float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
-Rows where none does are left out: blocks without a 3x3 stride-1 stage, and calls below
-csrc/winograd.h's kMinTiles (32) 2x2 tiles, which run the direct part of the Winograd
+Rows where none does are left out: blocks without such a stage, and calls below
+csrc/winograd.h's kMinTiles (32) output tiles, which run the direct part of the Winograd
 panels (GoogLeNet's 7x7 blocks and Inception-v3's 8x8 ones at batch 1).
 """
 
@@ -29,7 +29,7 @@ from inception_fast.ops import backend as ops_backend
 from inception_fast.ops.branch_graph import graph_forward
 
 
-MIN_TILES = 32  # csrc/winograd.h, kMinTiles: fewer 2x2 tiles in a call run the direct panels
+MIN_TILES = 32  # csrc/winograd.h, kMinTiles: fewer output tiles in a call run the direct panels
 
 
 def _models(names: list[str]) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -98,8 +98,9 @@ def main() -> None:
                 h.remove()
             for block_name, block in blocks:
                 x = inputs[block_name]
-                tiles = x.shape[0] * -(-x.shape[2] // 2) * -(-x.shape[3] // 2)
-                stages = sum(g.winograd for g in block._plan.gemms) if tiles >= MIN_TILES else 0
+                n, _, h, w = x.shape
+                stages = sum(g.winograd and n * -(-h // g.winograd_tile[0]) * -(-w // g.winograd_tile[1]) >= MIN_TILES
+                             for g in block._plan.gemms)
                 if stages == 0:
                     continue
                 direct, wino = _packed(block, False), _packed(block, True)

@@ -10,8 +10,9 @@
 //
 // Every GEMM adds its bias, applies ReLU and stores from its epilogue straight into
 // channel slices of the output or of the intermediates the next stages read: there is
-// no concat. An fp32 3x3 stride-1 stage whose B comes packed for it runs as Winograd's
-// F(2x2, 3x3) (winograd.h): its rows are then 2x2 output tiles, not pixels. An
+// no concat. An fp32 3x3, 1x7 or 7x1 stride-1 stage whose B comes packed for it runs as
+// Winograd's F(2x2, 3x3) or F(2, 7) (winograd.h): its rows are then output tiles, not
+// pixels. An
 // Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the tail's 1x1
 // over the concat, whose epilogue adds x and stores act(x + sum + bias) into the output.
 // The GEMM itself is gemm.h's.
@@ -94,12 +95,16 @@ void max_pool_stride2_rows(const Plane<const T>& x, int64_t c0, int64_t c1, cons
   }
 }
 
-// Whether GEMM d's packed B is laid out for winograd.h, (panels, 25 k_per_tap, width) in
-// fp32, rather than for the direct implicit GEMM, (panels, 9 k_per_tap, width): ops/backend.py
-// packs it so for an fp32 3x3 stride-1 convolution over a buffer unless told not to.
-bool winograd_b(const at::Tensor& b, const GemmDesc& d, int64_t k_per_tap) {
-  return winograd::eligible(d.source, d.kh, d.kw, d.stride, d.pad_h, d.pad_w) && b.scalar_type() == at::kFloat &&
-         b.dim() == 3 && b.size(1) == (winograd::kPositions + winograd::kTaps) * k_per_tap;
+// The Winograd kind GEMM d's packed B is laid out for (winograd.h), (panels, (positions +
+// taps) k_per_tap, width) in fp32, or none: the direct implicit GEMM's (panels, taps k_per_tap,
+// width). ops/backend.py packs it so for an fp32 3x3, 1x7 or 7x1 stride-1 convolution over a
+// buffer unless told not to.
+std::optional<winograd::Kind> winograd_b(const at::Tensor& b, const GemmDesc& d, int64_t k_per_tap) {
+  const auto kind = winograd::kind_of(d.source, d.kh, d.kw, d.stride, d.pad_h, d.pad_w);
+  if (kind && b.scalar_type() == at::kFloat && b.dim() == 3 &&
+      b.size(1) == (winograd::positions(*kind) + winograd::taps(*kind)) * k_per_tap)
+    return kind;
+  return std::nullopt;
 }
 
 template <typename T>
@@ -118,7 +123,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
 
   // A stride-1 GEMM runs over the input grid, a stride-2 one over the output grid.
   std::vector<Gemm<T>> gemms;
-  std::vector<bool> wino_packed;  // b[g] holds Winograd panels (winograd_b)
+  std::vector<std::optional<winograd::Kind>> wino_packed;  // b[g] holds Winograd panels (winograd_b)
   int64_t stages = 0;
   for (size_t g = 0; g < descs.size(); ++g) {
     const GemmDesc& d = descs[g];
@@ -142,10 +147,10 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                                                                : Epilogue::kResidual;
       gm.segments.push_back({begin, end, out_plane, channel, epilogue, x_plane});
     }
-    wino_packed.push_back(has_weights && winograd_b(b[g], d, k_per_tap));
-    if (wino_packed.back()) {  // the direct GEMM runs over each panel's 9 direct taps
-      gm.b_packed += winograd::kPositions * k_per_tap * kNR<T>;
-      gm.panel_rows = (winograd::kPositions + winograd::kTaps) * k_per_tap;
+    wino_packed.push_back(has_weights ? winograd_b(b[g], d, k_per_tap) : std::nullopt);
+    if (const auto kind = wino_packed.back()) {  // the direct GEMM runs over each panel's direct taps
+      gm.b_packed += winograd::positions(*kind) * k_per_tap * kNR<T>;
+      gm.panel_rows = (winograd::positions(*kind) + winograd::taps(*kind)) * k_per_tap;
     }
     if (has_weights) plan_chunks(gm);
     gemms.push_back(std::move(gm));
@@ -157,16 +162,18 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                 " input onto its ", expect_h, "x", expect_w, " grid");
   }
 
-  // The Winograd stages (fp32 only): one winograd::Conv each, run on 2x2 output tiles. Below
+  // The Winograd stages (fp32 only): one winograd::Conv each, run on output tiles. Below
   // kMinTiles a Winograd-packed GEMM runs as the direct GEMM over its direct taps.
   std::vector<std::optional<winograd::Conv>> wino(gemms.size());
   int64_t wino_cin = 0, wino_panels = 0;
   if constexpr (std::is_same_v<T, float>) {
     for (size_t g = 0; g < gemms.size(); ++g) {
-      if (!wino_packed[g] || N * ceil_div(H, 2) * ceil_div(W, 2) < winograd::kMinTiles) continue;
+      if (!wino_packed[g]) continue;
       const Plane<T>& src = planes[descs[g].source];
-      wino[g].emplace(Plane<const float>{src.data, src.stride_n, src.stride_h, src.stride_w, src.pad}, H, W,
-                      b[g].data_ptr<float>(), gemms[g]);
+      winograd::Conv conv(*wino_packed[g], Plane<const float>{src.data, src.stride_n, src.stride_h, src.stride_w, src.pad},
+                          H, W, b[g].data_ptr<float>(), gemms[g]);
+      if (conv.tiles(N) < winograd::kMinTiles) continue;
+      wino[g].emplace(std::move(conv));
       wino_cin = std::max(wino_cin, gemms[g].k_per_tap);
       wino_panels = std::max(wino_panels, gemms[g].panels());
     }
@@ -232,9 +239,12 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), part, parts, pack_a[g] ? s.a_pack.data() : nullptr);
   };
   // The grid whose rows a GEMM runs over: pixels (stride 1: x's, stride 2: the output's), or
-  // the 2x2 output tiles of a Winograd stage.
+  // the output tiles of a Winograd stage.
   auto grid_of = [&](size_t g) {
-    if (wino[g].has_value()) return std::make_pair(ceil_div(H, 2), ceil_div(W, 2));
+    if (wino[g].has_value()) {
+      const auto [th, tw] = winograd::tile(wino[g]->kind);
+      return std::make_pair(ceil_div(H, th), ceil_div(W, tw));
+    }
     return descs[g].stride == 1 ? std::make_pair(H, W) : std::make_pair(Ho, Wo);
   };
   // Rows [m0, m1) of GEMM g's grid, in blocks of at most `block` (<= s.block).
@@ -428,8 +438,8 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     }
     const bool pooled_rows = pooled_source(d.source);
     const int64_t channels = d.source >= 0 ? p.buf_channels[d.source] : C;
-    const int64_t k = winograd_b(b[g], d, channels)
-                          ? (winograd::kPositions + winograd::kTaps) * channels
+    const auto kind = winograd_b(b[g], d, channels);
+    const int64_t k = kind ? (winograd::positions(*kind) + winograd::taps(*kind)) * channels
                           : (pooled_rows ? 1 : d.kh * d.kw) * (bf16 ? ceil_div(channels, 2) * 2 : channels);
     TORCH_CHECK(b[g].device().is_cpu() && bias[g].device().is_cpu(), "packed B and bias of GEMM ", g,
                 " must be CPU tensors, got ", b[g].device(), " and ", bias[g].device());

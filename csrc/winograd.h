@@ -1,42 +1,58 @@
-// Winograd's minimal filtering F(2x2, 3x3) for the CPU kernel's fp32 3x3 stride-1
-// convolutions over zero-bordered intermediates (Lavin and Gray, "Fast Algorithms for
-// Convolutional Neural Networks", CVPR 2016; cuDNN's and NNPACK's 3x3 algorithm).
+// Winograd's minimal filtering for the CPU kernel's fp32 stride-1 convolutions over
+// zero-bordered intermediates (Lavin and Gray, "Fast Algorithms for Convolutional Neural
+// Networks", CVPR 2016; cuDNN's and NNPACK's 3x3 algorithm):
+//   - F(2x2, 3x3) for 3x3 stages (GoogLeNet, Inception-v3's A and E, Inception-ResNet);
+//   - F(2, 7) for the 1x7 and 7x1 stages of Inception-v3's C and D blocks (Mixed_6b-6e,
+//     Mixed_7a), along the axis the filter spans: a 1x2 or 2x1 output tile.
 //
-// A 2x2 output tile of one (input channel, output channel) pair is
-//     Y = A^T [ (G g G^T) . (B^T d B) ] A
-// over the 4x4 input window d around it (the 3x3 windows of its four pixels): 16 multiplies
-// where the direct convolution takes 36, 2.25x fewer multiply-adds. Summed over input
-// channels, the 16 elementwise products become 16 independent GEMMs, one per position
-// alpha = 4 r + s of the transformed tile:
+// A tile of one (input channel, output channel) pair is Y = A^T [ (G g) . (B^T d) ] over the
+// input window d around it (for F(2x2, 3x3), both axes: A^T [ (G g G^T) . (B^T d B) ] A).
+// Summed over input channels, the elementwise products become independent GEMMs, one per
+// position alpha of the transformed window:
 //     M_alpha (tiles x cols) = V_alpha (tiles x cin) @ U_alpha (cin x cols),
-// run by gemm.h's register-tiled micro-kernel, and the output transform A^T M A adds the bias,
+// run by gemm.h's register-tiled micro-kernel, and the output transform adds the bias,
 // applies ReLU and stores into the GEMM's channel slices.
 //
-//   B^T = [1  0 -1  0]    G = [  1    0    0 ]    A^T = [1  1  1  0]
-//         [0  1  1  0]        [1/2  1/2  1/2]          [0  1 -1 -1]
-//         [0 -1  1  0]        [1/2 -1/2  1/2]
-//         [0  1  0 -1]        [  0    0    1 ]
+//   F(2x2, 3x3): 16 positions for 4 outputs of 9 taps, 2.25x fewer multiply-adds.
+//     B^T = [1  0 -1  0]    G = [  1    0    0 ]    A^T = [1  1  1  0]
+//           [0  1  1  0]        [1/2  1/2  1/2]          [0  1 -1 -1]
+//           [0 -1  1  0]        [1/2 -1/2  1/2]
+//           [0  1  0 -1]        [  0    0    1 ]
+//   F(2, 7): 8 positions for 2 outputs of 7 taps, 1.75x fewer. Interpolation points
+//     0, 1, -1, 2, -2, 1/2, -1/2 and infinity (the B^T of the common F(6, 3));
+//     G (8 x 7) in ops/backend.py, _WINOGRAD_G.
+//     B^T = [1    0  -21/4    0   21/4    0   -1  0]   A^T = [1  1  1  1  1   1    1   0]
+//           [0    1     1 -17/4  -17/4    1    1  0]         [0  1 -1  2 -2 1/2 -1/2   1]
+//           [0   -1     1  17/4  -17/4   -1    1  0]
+//           [0  1/2   1/4  -5/2   -5/4    2    1  0]
+//           [0 -1/2   1/4   5/2   -5/4   -2    1  0]
+//           [0    2     4  -5/2     -5  1/2    1  0]
+//           [0   -2     4   5/2     -5 -1/2    1  0]
+//           [0   -1     0  21/4      0 -21/4   0  1]
 //
-// B packing (ops/backend.py, pack_winograd): per panel of kNR columns, the 16 U_alpha blocks
-// (cin rows each, alpha-major) and then the direct implicit GEMM's 9 taps (9 cin rows), so
-// (panels, 25 cin, kNR). The direct part serves tiles whose outputs are not finite: a NaN or
-// inf in a 4x4 window reaches all four outputs through the transforms (inf - inf, 0 * inf),
-// where the direct convolution confines it to the pixels whose 3x3 window holds it. Such
-// tiles are recomputed directly, so non-finite values land where eager's convolution puts
-// them; so are tiles where the transforms cancel values far larger than the outputs
-// (kCancellation).
+// B packing (ops/backend.py, pack_winograd): per panel of kNR columns, the U_alpha blocks
+// (cin rows each, alpha-major) and then the direct implicit GEMM's taps (cin rows each), so
+// (panels, (positions + taps) cin, kNR): 25 cin for a 3x3, 15 cin for a 1x7 or 7x1. The
+// direct part serves tiles whose outputs are not finite: a NaN or inf in a window reaches the
+// whole tile through the transforms (inf - inf, 0 * inf), where the direct convolution
+// confines it to the pixels whose window holds it. Such tiles are recomputed directly, so
+// non-finite values land where eager's convolution puts them; so are tiles where the
+// transforms cancel values far larger than the outputs (Transform::kCancellation).
 //
 // fp32 only (fp16 runs the fp32 kernels): the transforms add a few roundings per output and
-// shorten the sums, and the error against float64 came out at or below the direct GEMM's on
-// every block measured (benchmarks/winograd.py). float64 keeps the direct implicit GEMM, the
-// exact path; bf16 too: transformed tiles stored in bf16 would add roundings to every
-// product, against the rule that bf16 stays within 2x eager's error (not tried).
+// shorten the sums. F(2x2, 3x3)'s error against float64 came out at or below the direct
+// GEMM's on every block measured; F(2, 7)'s larger transform constants (21/4, 17/4) leave
+// 1.5-4x the direct GEMM's, about 1e-6 of the output (benchmarks/winograd.py), 10x inside
+// the 1e-5 fp32 tolerance. float64 keeps the direct implicit GEMM, the exact path; bf16 too:
+// transformed tiles stored in bf16 would add roundings to every product, against the rule
+// that bf16 stays within 2x eager's error (not tried).
 #pragma once
 
 #include "gemm.h"
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace inception_fast::winograd {
@@ -45,81 +61,170 @@ using gemm::ceil_div;
 using gemm::kMR;
 using gemm::kNR;
 
-constexpr int64_t kPositions = 16;  // alpha: the 4x4 transformed tile
-constexpr int64_t kTaps = 9;        // the direct part of the packed B
-// Tiles per block: V and M of one block (16 x tiles x channels each) stay in a 1-2 MB L2,
-// and each L1-resident chunk of U_alpha meets 8 register tiles of rows.
+constexpr int64_t kMaxPositions = 16;  // F(2x2, 3x3)'s 4x4 transformed tile
+// Tiles per block: V and M of one block (positions x tiles x channels each) stay in a 1-2 MB
+// L2, and each L1-resident chunk of U_alpha meets 8 register tiles of rows.
 constexpr int64_t kMaxTiles = 8 * kMR;
 
-// Fewer tiles than this in a whole call (N x ceil(H/2) x ceil(W/2)) run the direct part of
-// the packed B instead: with few rows the weights dominate the traffic, and U is 16/9 of
-// them. GoogLeNet's 5b at batch 1 (7x7, 16 tiles) ran 4% slower as Winograd; 4a-4e at
+// Fewer tiles than this in a whole call (N x tile rows x tile columns) run the direct part of
+// the packed B instead: with few rows the weights dominate the traffic, and U is 16/9 (7x7:
+// 8/7) of them. GoogLeNet's 5b at batch 1 (7x7, 16 tiles) ran 4% slower as Winograd; 4a-4e at
 // batch 1 (14x14, 49 tiles) 16-22% faster.
 constexpr int64_t kMinTiles = 32;
 
-// A (tile, panel) whose outputs' pre-cancellation magnitude passes this many times its largest
-// output after ReLU is recomputed directly (Workspace::output_transform): at most ~16 x a few
-// ulps of error relative to the tile's own outputs, and never reached on real activations.
-constexpr float kCancellation = 16.0f;
+enum class Kind { k3x3, k1x7, k7x1 };
 
-// Whether a GEMM of the plan can run as F(2x2, 3x3): a 3x3, stride 1, padding 1 convolution
-// over a zero-bordered buffer (source >= 0). ops/plan.py's GemmStep.winograd says the same.
-inline bool eligible(int64_t source, int64_t kh, int64_t kw, int64_t stride, int64_t pad_h, int64_t pad_w) {
-  return source >= 0 && kh == 3 && kw == 3 && stride == 1 && pad_h == 1 && pad_w == 1;
+// F(2x2, 3x3) over a 4x4 window: d, out and m are row-major 4x4 (alpha = 4 r + s), y 2x2.
+struct F2x2_3x3 {
+  static constexpr int kTileH = 2, kTileW = 2, kWinH = 4, kWinW = 4, kPositions = 16, kTaps = 9;
+  static constexpr int kPadH = 1, kPadW = 1;
+  // max_i |A^T[i][alpha]| per position: the weights of the cancellation bound S.
+  static constexpr float kWeight[kPositions] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  // A (tile, panel) whose S passes this many times its largest output after ReLU is
+  // recomputed directly (Workspace::output_transform): at most ~16 x a few ulps of error
+  // relative to the tile's own outputs. On GoogLeNet's and pytorch-fid's Inception-v3
+  // activations (random weights) S stayed below 3.2x the largest output of every (tile, panel).
+  static constexpr float kCancellation = 16.0f;
+
+  // out = B^T d B, elementwise over V (a float, or a SIMD vector of channels).
+  template <typename V>
+  static void input_tile(const V* d, V* out) {
+    V t[4][4];
+    for (int s = 0; s < 4; ++s) {
+      t[0][s] = d[s] - d[8 + s];
+      t[1][s] = d[4 + s] + d[8 + s];
+      t[2][s] = d[8 + s] - d[4 + s];
+      t[3][s] = d[4 + s] - d[12 + s];
+    }
+    for (int r = 0; r < 4; ++r) {
+      out[4 * r + 0] = t[r][0] - t[r][2];
+      out[4 * r + 1] = t[r][1] + t[r][2];
+      out[4 * r + 2] = t[r][2] - t[r][1];
+      out[4 * r + 3] = t[r][1] - t[r][3];
+    }
+  }
+
+  // y = A^T m A: the tile's 2x2 outputs, y[2 r + s].
+  template <typename V>
+  static void output_tile(const V* m, V* y) {
+    V u[2][4];
+    for (int s = 0; s < 4; ++s) {
+      u[0][s] = m[s] + m[4 + s] + m[8 + s];
+      u[1][s] = m[4 + s] - m[8 + s] - m[12 + s];
+    }
+    for (int r = 0; r < 2; ++r) {
+      y[2 * r + 0] = u[r][0] + u[r][1] + u[r][2];
+      y[2 * r + 1] = u[r][1] - u[r][2] - u[r][3];
+    }
+  }
+};
+
+// F(2, 7) along one axis: an 8-pixel window, 2 outputs. Horizontal (1x7, padding (0, 3)) or
+// vertical (7x1, padding (3, 0)); the flat window and tile run along that axis either way.
+template <bool kVertical>
+struct F2_7 {
+  static constexpr int kTileH = kVertical ? 2 : 1, kTileW = kVertical ? 1 : 2;
+  static constexpr int kWinH = kVertical ? 8 : 1, kWinW = kVertical ? 1 : 8, kPositions = 8, kTaps = 7;
+  static constexpr int kPadH = kVertical ? 3 : 0, kPadW = kVertical ? 0 : 3;
+  static constexpr float kWeight[kPositions] = {1, 1, 1, 2, 2, 1, 1, 1};
+  // The transforms' constants make S larger for the same outputs: on random post-ReLU inputs
+  // and weights the ratio's median was 10 and its maximum 25 (3x3: 2 and 5), so the 3x3's 16
+  // would recompute a few % of tiles. On pytorch-fid's Inception-v3 (random weights, 4
+  // images) 89% of (tile, panel)s stayed below 4, and all of 93520 below 32. 64 bounds the
+  // error at ~4x the 3x3's bound.
+  static constexpr float kCancellation = 64.0f;
+
+  // out = B^T d over the 8-pixel window.
+  template <typename V>
+  static void input_tile(const V* d, V* out) {
+    const V odd1 = d[1] + d[5] - 4.25f * d[3], even1 = d[2] + d[6] - 4.25f * d[4];
+    const V odd2 = 0.5f * d[1] - 2.5f * d[3] + 2.0f * d[5], even2 = 0.25f * d[2] - 1.25f * d[4] + d[6];
+    const V odd3 = 2.0f * d[1] - 2.5f * d[3] + 0.5f * d[5], even3 = 4.0f * d[2] - 5.0f * d[4] + d[6];
+    out[0] = d[0] - d[6] + 5.25f * (d[4] - d[2]);
+    out[1] = even1 + odd1;
+    out[2] = even1 - odd1;
+    out[3] = even2 + odd2;
+    out[4] = even2 - odd2;
+    out[5] = even3 + odd3;
+    out[6] = even3 - odd3;
+    out[7] = d[7] - d[1] + 5.25f * (d[3] - d[5]);
+  }
+
+  // y = A^T m: the tile's 2 outputs.
+  template <typename V>
+  static void output_tile(const V* m, V* y) {
+    const V s12 = m[1] + m[2], s34 = m[3] + m[4], s56 = m[5] + m[6];
+    y[0] = m[0] + s12 + s34 + s56;
+    y[1] = (m[1] - m[2]) + 2.0f * (m[3] - m[4]) + 0.5f * (m[5] - m[6]) + m[7];
+  }
+};
+
+// The Winograd form of a GEMM of the plan: a 3x3 (padding 1), 1x7 (padding (0, 3)) or 7x1
+// (padding (3, 0)) convolution, stride 1, over a zero-bordered buffer (source >= 0).
+// ops/plan.py's GemmStep.winograd says the same.
+inline std::optional<Kind> kind_of(int64_t source, int64_t kh, int64_t kw, int64_t stride, int64_t pad_h,
+                                   int64_t pad_w) {
+  if (source < 0 || stride != 1) return std::nullopt;
+  if (kh == 3 && kw == 3 && pad_h == 1 && pad_w == 1) return Kind::k3x3;
+  if (kh == 1 && kw == 7 && pad_h == 0 && pad_w == 3) return Kind::k1x7;
+  if (kh == 7 && kw == 1 && pad_h == 3 && pad_w == 0) return Kind::k7x1;
+  return std::nullopt;
 }
 
-// out = B^T d B for one 4x4 window, elementwise over V (a float, or a SIMD vector of channels).
-template <typename V>
-inline void input_tile(const V (&d)[4][4], V (&out)[4][4]) {
-  V t[4][4];
-  for (int s = 0; s < 4; ++s) {
-    t[0][s] = d[0][s] - d[2][s];
-    t[1][s] = d[1][s] + d[2][s];
-    t[2][s] = d[2][s] - d[1][s];
-    t[3][s] = d[1][s] - d[3][s];
-  }
-  for (int r = 0; r < 4; ++r) {
-    out[r][0] = t[r][0] - t[r][2];
-    out[r][1] = t[r][1] + t[r][2];
-    out[r][2] = t[r][2] - t[r][1];
-    out[r][3] = t[r][1] - t[r][3];
+// Calls f with the Transform type of `kind`.
+template <typename Fn>
+decltype(auto) visit(Kind kind, Fn&& f) {
+  switch (kind) {
+    case Kind::k1x7: return f(F2_7<false>{});
+    case Kind::k7x1: return f(F2_7<true>{});
+    default: return f(F2x2_3x3{});
   }
 }
 
-// y = A^T m A: the tile's 2x2 outputs, elementwise over V.
-template <typename V>
-inline void output_tile(const V (&m)[4][4], V (&y)[2][2]) {
-  V u[2][4];
-  for (int s = 0; s < 4; ++s) {
-    u[0][s] = m[0][s] + m[1][s] + m[2][s];
-    u[1][s] = m[1][s] - m[2][s] - m[3][s];
-  }
-  for (int r = 0; r < 2; ++r) {
-    y[r][0] = u[r][0] + u[r][1] + u[r][2];
-    y[r][1] = u[r][1] - u[r][2] - u[r][3];
-  }
+// Transformed positions and direct taps of `kind`'s packed panels: (positions + taps) cin rows.
+inline int64_t positions(Kind kind) {
+  return visit(kind, [](auto t) { return int64_t{decltype(t)::kPositions}; });
+}
+inline int64_t taps(Kind kind) {
+  return visit(kind, [](auto t) { return int64_t{decltype(t)::kTaps}; });
+}
+// The output tile of `kind`: rows x columns of pixels.
+inline std::pair<int64_t, int64_t> tile(Kind kind) {
+  return visit(kind, [](auto t) { return std::make_pair(int64_t{decltype(t)::kTileH}, int64_t{decltype(t)::kTileW}); });
 }
 
-// One F(2x2, 3x3) convolution of the plan: its input, the U blocks of its packed B, and the
-// 3x3 implicit GEMM over the direct part of that B (the caller's, with its bias, columns and
-// destinations), which also serves the recomputes.
+// One Winograd convolution of the plan: its kind, its input, the U blocks of its packed B,
+// and the implicit GEMM over the direct part of that B (the caller's, with its bias, columns
+// and destinations), which also serves the recomputes.
 struct Conv {
-  Plane<const float> src;  // (N, H + 2 border, W + 2 border, cin), border >= 1, zero border
+  Kind kind;
+  Plane<const float> src;  // (N, H + 2 border, W + 2 border, cin), zero border >= the padding
   int64_t H, W;
-  const float* u;           // (panels, 25 cin, kNR): the U_alpha blocks, then direct.b_packed's taps
-  gemm::Gemm<float> direct;  // b_packed at the 9 direct taps of each panel, panel_rows 25 cin
+  const float* u;            // (panels, (positions + taps) cin, kNR): the U_alpha blocks, then the taps
+  gemm::Gemm<float> direct;  // b_packed at the direct taps of each panel, panel_rows (positions + taps) cin
 
-  Conv(const Plane<const float>& src_, int64_t H_, int64_t W_, const float* u_, gemm::Gemm<float> direct_)
-      : src(src_), H(H_), W(W_), u(u_), direct(std::move(direct_)) {
-    TORCH_CHECK(direct.panel_rows == (kPositions + kTaps) * direct.k_per_tap && direct.tap_offset.size() == kTaps,
-                "winograd: the direct GEMM must be the 3x3 over the direct part of the Winograd panels");
+  Conv(Kind kind_, const Plane<const float>& src_, int64_t H_, int64_t W_, const float* u_, gemm::Gemm<float> direct_)
+      : kind(kind_), src(src_), H(H_), W(W_), u(u_), direct(std::move(direct_)) {
+    TORCH_CHECK(direct.panel_rows == (positions(kind) + taps(kind)) * direct.k_per_tap &&
+                    static_cast<int64_t>(direct.tap_offset.size()) == taps(kind),
+                "winograd: the direct GEMM must run over the direct part of the Winograd panels");
     for (const auto& seg : direct.segments)
-      TORCH_CHECK(seg.epilogue == gemm::Epilogue::kRelu, "winograd: a 3x3 convolution stores relu(sum + bias)");
+      TORCH_CHECK(seg.epilogue == gemm::Epilogue::kRelu, "winograd: a convolution stage stores relu(sum + bias)");
+    visit(kind, [&](auto t) {
+      using Tr = decltype(t);
+      TORCH_CHECK(src.pad >= std::max(Tr::kPadH, Tr::kPadW), "winograd: the source's border ", src.pad,
+                  " is narrower than the padding");
+    });
   }
   int64_t cin() const { return direct.k_per_tap; }
   int64_t cols() const { return direct.cols; }
   const float* bias() const { return direct.bias; }
   int64_t panels() const { return direct.panels(); }
+  // Output tiles in a whole call over N images.
+  int64_t tiles(int64_t N) const {
+    const auto [th, tw] = tile(kind);
+    return N * ceil_div(H, th) * ceil_div(W, tw);
+  }
 };
 
 // One thread's scratch for Conv::run: V and M of a block, the GEMMs' partial sums, row
@@ -129,8 +234,8 @@ class Workspace {
   Workspace(int64_t max_cin, int64_t max_panels)
       : ldv_(gemm::padded_stride<float>(max_cin)),
         ldm_(gemm::padded_stride<float>(max_panels * kNR<float>)),
-        v_(kPositions * kMaxTiles * ldv_),
-        m_(kPositions * kMaxTiles * ldm_),
+        v_(kMaxPositions * kMaxTiles * ldv_),
+        m_(kMaxPositions * kMaxTiles * ldm_),
         acc_(ceil_div(kMaxTiles, kMR) * max_panels * kMR * kNR<float>),
         zero_bias_(max_panels * kNR<float>, 0.0f),
         rows_(kMaxTiles),
@@ -140,11 +245,18 @@ class Workspace {
     for (int64_t i = 0; i < kMaxTiles; ++i) iota_[i] = i;
   }
 
-  // Tiles (tn, th, tw)[i] of `conv` (output pixels (2 th, 2 tw) to (2 th + 1, 2 tw + 1) of
-  // image tn, those inside H x W), for column part `part` of `parts` (a contiguous range of
+  // Tiles (tn, th, tw)[i] of `conv` (output pixels from (tile_h th, tile_w tw) on, those
+  // inside H x W, of image tn), for column part `part` of `parts` (a contiguous range of
   // weight panels, as gemm::run_gemm cuts them).
   void run(const Conv& conv, const int64_t* tn, const int64_t* th, const int64_t* tw, int64_t tiles, int64_t part,
            int64_t parts) {
+    visit(conv.kind, [&](auto t) { run_tiles<decltype(t)>(conv, tn, th, tw, tiles, part, parts); });
+  }
+
+ private:
+  template <typename Tr>
+  void run_tiles(const Conv& conv, const int64_t* tn, const int64_t* th, const int64_t* tw, int64_t tiles,
+                 int64_t part, int64_t parts) {
     const int64_t panels = conv.panels();
     const int64_t p_begin = panels * part / parts, p_end = panels * (part + 1) / parts;
     if (p_begin == p_end) return;
@@ -156,85 +268,81 @@ class Workspace {
     gemm::plan_chunks(g);
     for (int64_t t0 = 0; t0 < tiles; t0 += kMaxTiles) {
       const int64_t count = std::min(kMaxTiles, tiles - t0);
-      input_transform(conv, tn + t0, th + t0, tw + t0, count);
-      for (int64_t a = 0; a < kPositions; ++a) {
+      input_transform<Tr>(conv, tn + t0, th + t0, tw + t0, count);
+      for (int64_t a = 0; a < Tr::kPositions; ++a) {
         g.b_packed = conv.u + a * conv.cin() * kNR<float>;
         g.segments[0].dst.data = m_.data() + a * kMaxTiles * ldm_;
         const float* v = v_.data() + a * kMaxTiles * ldv_;
         for (int64_t i = 0; i < count; ++i) rows_[i] = v + i * ldv_;
         gemm::run_gemm(g, rows_.data(), zeros_.data(), zeros_.data(), iota_.data(), count, acc_.data(), part, parts);
       }
-      output_transform(conv, tn + t0, th + t0, tw + t0, count, p_begin, p_end);
+      output_transform<Tr>(conv, tn + t0, th + t0, tw + t0, count, p_begin, p_end);
     }
   }
 
- private:
-  // V_alpha's row i = (B^T d B)[alpha] of tile i's window, which starts one pixel up and left
-  // of the tile, in the zero border. Window rows or columns past the border (odd H or W with a
-  // one-pixel border) read as zeros.
+  // V_alpha's row i = the transformed window of tile i, which starts (kPadH, kPadW) pixels up
+  // and left of the tile, in the zero border. Window pixels past the border (a grid that the
+  // tile does not divide, with a border no wider than the padding) read as zeros.
+  template <typename Tr>
   void input_transform(const Conv& conv, const int64_t* tn, const int64_t* th, const int64_t* tw, int64_t count) {
     using Vec = Simd<float>::Vec;
-    constexpr int L = Simd<float>::kLanes;
+    constexpr int L = Simd<float>::kLanes, P = Tr::kPositions;
     const int64_t last_h = conv.H - 1 + conv.src.pad, last_w = conv.W - 1 + conv.src.pad, C = conv.cin();
     const int64_t a_stride = kMaxTiles * ldv_;
     for (int64_t i = 0; i < count; ++i) {
-      const float* p[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int s = 0; s < 4; ++s) {
-          const int64_t h = 2 * th[i] - 1 + r, w = 2 * tw[i] - 1 + s;
-          p[r][s] = h <= last_h && w <= last_w ? conv.src.interior_row(tn[i], h, w) : nullptr;
+      const float* p[P];
+      for (int r = 0; r < Tr::kWinH; ++r)
+        for (int s = 0; s < Tr::kWinW; ++s) {
+          const int64_t h = Tr::kTileH * th[i] - Tr::kPadH + r, w = Tr::kTileW * tw[i] - Tr::kPadW + s;
+          p[r * Tr::kWinW + s] = h <= last_h && w <= last_w ? conv.src.interior_row(tn[i], h, w) : nullptr;
         }
       float* out = v_.data() + i * ldv_;
       int64_t c = 0;
       for (; c + L <= C; c += L) {
-        Vec d[4][4], o[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int s = 0; s < 4; ++s) {
-            if (p[r][s] != nullptr) std::memcpy(&d[r][s], p[r][s] + c, sizeof(Vec));
-            else d[r][s] = Vec{};
-          }
-        input_tile(d, o);
-        for (int r = 0; r < 4; ++r)
-          for (int s = 0; s < 4; ++s) std::memcpy(out + (4 * r + s) * a_stride + c, &o[r][s], sizeof(Vec));
+        Vec d[P], o[P];
+        for (int a = 0; a < P; ++a) {
+          if (p[a] != nullptr) std::memcpy(&d[a], p[a] + c, sizeof(Vec));
+          else d[a] = Vec{};
+        }
+        Tr::input_tile(d, o);
+        for (int a = 0; a < P; ++a) std::memcpy(out + a * a_stride + c, &o[a], sizeof(Vec));
       }
       for (; c < C; ++c) {
-        float d[4][4], o[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int s = 0; s < 4; ++s) d[r][s] = p[r][s] != nullptr ? p[r][s][c] : 0.0f;
-        input_tile(d, o);
-        for (int r = 0; r < 4; ++r)
-          for (int s = 0; s < 4; ++s) out[(4 * r + s) * a_stride + c] = o[r][s];
+        float d[P], o[P];
+        for (int a = 0; a < P; ++a) d[a] = p[a] != nullptr ? p[a][c] : 0.0f;
+        Tr::input_tile(d, o);
+        for (int a = 0; a < P; ++a) out[a * a_stride + c] = o[a];
       }
     }
   }
 
-  // The tiles' outputs for panels [p_begin, p_end): A^T M A + bias, ReLU, stored through the
+  // The tiles' outputs for panels [p_begin, p_end): A^T M (A) + bias, ReLU, stored through the
   // segments into the pixels inside the grid. Each (tile, panel) whose Winograd result cannot
   // be trusted is recomputed by the direct GEMM for that panel alone, so that the decision,
   // like every value, does not depend on how threads split the panels:
   //   - an output that is not finite (before ReLU, which would hide -inf): the transforms
   //     spread a NaN or inf to the whole tile;
-  //   - cancellation: S = sum over alpha of |M_alpha|, a bound on the magnitudes that each
-  //     output sums before the output transform cancels them (each sums 9 of the 16 with
-  //     coefficients +-1), above kCancellation times the largest output after ReLU.
-  //     Winograd's rounding error is a few ulps of S, the direct GEMM's a few ulps of the
-  //     terms that each output actually sums. They part when one window value dwarfs the
-  //     outputs it should not touch (a 1e6 pixel next to zero weights, its own output cut by
-  //     ReLU): that error reached 2e-4 of the output's norm. On GoogLeNet's and pytorch-fid's
-  //     Inception-v3 activations (random weights) S stayed below 3.2x the largest output of
-  //     every (tile, panel).
+  //   - cancellation: S = sum over alpha of w_alpha |M_alpha|, with w_alpha = max_i
+  //     |A^T[i][alpha]| (Tr::kWeight), a bound on the magnitudes that each output sums before
+  //     the output transform cancels them, above Tr::kCancellation times the largest output
+  //     after ReLU. Winograd's rounding error is a few ulps of S, the direct GEMM's a few ulps
+  //     of the terms that each output actually sums. They part when one window value dwarfs
+  //     the outputs it should not touch (a 1e6 pixel next to zero weights, its own output cut
+  //     by ReLU): that error reached 2e-4 of the output's norm.
   //   The first check rides on the second: |y| <= S, so a finite S means finite outputs.
+  template <typename Tr>
   void output_transform(const Conv& conv, const int64_t* tn, const int64_t* th, const int64_t* tw, int64_t count,
                         int64_t p_begin, int64_t p_end) {
     using Vec = Simd<float>::Vec;
-    constexpr int L = Simd<float>::kLanes;
+    constexpr int L = Simd<float>::kLanes, P = Tr::kPositions, TH = Tr::kTileH, TW = Tr::kTileW;
     constexpr int NR = kNR<float>;
     const int64_t a_stride = kMaxTiles * ldm_, panels = conv.panels();
     int64_t* pn = pix_.data();
     int64_t* ph = pn + kMaxTiles;
     int64_t* pw = ph + kMaxTiles;
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t rows = std::min<int64_t>(2, conv.H - 2 * th[i]), cols = std::min<int64_t>(2, conv.W - 2 * tw[i]);
+      const int64_t h0 = TH * th[i], w0 = TW * tw[i];
+      const int64_t rows = std::min<int64_t>(TH, conv.H - h0), cols = std::min<int64_t>(TW, conv.W - w0);
       const float* m = m_.data() + i * ldm_;
       for (int64_t p = p_begin; p < p_end; ++p) {
         Vec bad{}, s_max{}, y_max{};  // bad: S - S, 0 where finite, NaN where not
@@ -242,46 +350,45 @@ class Workspace {
         for (const auto& seg : conv.direct.segments) {
           const int64_t lo = std::max(p * NR, seg.begin), hi = std::min({(p + 1) * NR, seg.end, conv.cols()});
           if (lo >= hi) continue;
-          float* dst[2][2];
+          float* dst[TH * TW];
           for (int r = 0; r < rows; ++r)
             for (int s = 0; s < cols; ++s)
-              dst[r][s] = seg.dst.interior_row(tn[i], 2 * th[i] + r, 2 * tw[i] + s) + seg.channel - seg.begin;
+              dst[r * TW + s] = seg.dst.interior_row(tn[i], h0 + r, w0 + s) + seg.channel - seg.begin;
           int64_t j = lo;
           for (; j + L <= hi; j += L) {
-            Vec mv[4][4], y[2][2], bias, sum{};
-            for (int r = 0; r < 4; ++r)
-              for (int s = 0; s < 4; ++s) {
-                std::memcpy(&mv[r][s], m + (4 * r + s) * a_stride + j, sizeof(Vec));
-                sum += mv[r][s] < 0 ? -mv[r][s] : mv[r][s];
-              }
+            Vec mv[P], y[TH * TW], bias, sum{};
+            for (int a = 0; a < P; ++a) {
+              std::memcpy(&mv[a], m + a * a_stride + j, sizeof(Vec));
+              const Vec mag = mv[a] < 0 ? -mv[a] : mv[a];
+              sum += Tr::kWeight[a] * mag;
+            }
             std::memcpy(&bias, conv.bias() + j, sizeof(Vec));
-            output_tile(mv, y);
+            Tr::output_tile(mv, y);
             bad += sum - sum;  // |y| <= sum: a finite sum means finite outputs
             s_max = sum > s_max ? sum : s_max;
             const Vec zero{};
             for (int r = 0; r < rows; ++r)
               for (int s = 0; s < cols; ++s) {
-                Vec v = y[r][s] + bias;
+                Vec v = y[r * TW + s] + bias;
                 v = v < zero ? zero : v;  // keeps NaN, like torch.relu
                 y_max = v > y_max ? v : y_max;
-                std::memcpy(dst[r][s] + j, &v, sizeof(Vec));
+                std::memcpy(dst[r * TW + s] + j, &v, sizeof(Vec));
               }
           }
           for (; j < hi; ++j) {
-            float mv[4][4], y[2][2], sum = 0.0f;
-            for (int r = 0; r < 4; ++r)
-              for (int s = 0; s < 4; ++s) {
-                mv[r][s] = m[(4 * r + s) * a_stride + j];
-                sum += std::fabs(mv[r][s]);
-              }
-            output_tile(mv, y);
+            float mv[P], y[TH * TW], sum = 0.0f;
+            for (int a = 0; a < P; ++a) {
+              mv[a] = m[a * a_stride + j];
+              sum += Tr::kWeight[a] * std::fabs(mv[a]);
+            }
+            Tr::output_tile(mv, y);
             bad1 += sum - sum;
             s_max1 = std::max(s_max1, sum);
             for (int r = 0; r < rows; ++r)
               for (int s = 0; s < cols; ++s) {
-                const float v = gemm::relu(y[r][s] + conv.bias()[j]);
+                const float v = gemm::relu(y[r * TW + s] + conv.bias()[j]);
                 y_max1 = std::max(y_max1, v);
-                dst[r][s][j] = v;
+                dst[r * TW + s][j] = v;
               }
           }
         }
@@ -292,14 +399,14 @@ class Workspace {
           y_top = std::max(y_top, y_max[l]);
           s_top = std::max(s_top, s_max[l]);
         }
-        if (trusted && s_top <= kCancellation * y_top) continue;
+        if (trusted && s_top <= Tr::kCancellation * y_top) continue;
         int64_t n = 0;
         for (int r = 0; r < rows; ++r)
           for (int s = 0; s < cols; ++s, ++n) {
             pn[n] = tn[i];
-            ph[n] = 2 * th[i] + r;
-            pw[n] = 2 * tw[i] + s;
-            rows_[n] = conv.src.interior_row(tn[i], ph[n] - 1, pw[n] - 1);  // the 3x3 window's corner
+            ph[n] = h0 + r;
+            pw[n] = w0 + s;
+            rows_[n] = conv.src.interior_row(tn[i], ph[n] - Tr::kPadH, pw[n] - Tr::kPadW);  // the window's corner
           }
         gemm::run_gemm(conv.direct, rows_.data(), pn, ph, pw, n, acc_.data(), p, panels);
       }

@@ -11,16 +11,19 @@ Layouts, for a convolution weight W (cout, cin, kh, kw) in PyTorch's Conv2d layo
               an even count, and rows (2j, 2j + 1) interleave, element (k, n) of a panel at
               flat index (k // 2) * 2 * width + 2 * n + k % 2, so that one 32-bit word is
               the pair (B[2j][n], B[2j + 1][n]) that an AVX512-BF16 dot product takes.
-  Winograd    (panels, 25*cin, width), fp32 3x3 stride-1 convolutions over a buffer
-              (pack_winograd): per panel, the 16 blocks U_a = (G W G^T)[a] of
-              F(2x2, 3x3), cin rows each, then the 9 taps of the CPU panels above
-              (csrc/winograd.h; the direct part serves tiles with non-finite values).
+  Winograd    (panels, (positions + taps)*cin, width), fp32 stride-1 convolutions over a
+              buffer (pack_winograd): per panel, the transformed blocks U_a, cin rows
+              each, then the taps of the CPU panels above (csrc/winograd.h; the direct
+              part serves tiles with non-finite values). A 3x3 packs F(2x2, 3x3)'s 16
+              blocks (G W G^T)[a], 25*cin rows; a 1x7 or 7x1 F(2, 7)'s 8 blocks (G W)[a]
+              along the filter's axis, 15*cin rows.
 An activation (N, C, H, W) stored channels_last is the row-major matrix of its pixel rows
 (N*H*W, C): `rows` and `image` convert between the two as views.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,13 +35,14 @@ from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 
 __all__ = ["BACKENDS", "CPU_DTYPES", "WINOGRAD", "as_gemm_b", "autocast_dtype", "cacheable", "flipped_gemm_b",
            "from_gemm_b", "image", "interpreting", "pack_panels", "pack_winograd", "accumulator_dtype", "packed_dtype",
-           "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels", "unpack_winograd"]
+           "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels", "unpack_winograd",
+           "winograd_positions"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3 stride-1 stages as
-# Winograd's F(2x2, 3x3). INCEPTION_FAST_WINOGRAD=0 (or false/off/no), read once at import, packs every
+# Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3, 1x7 and 7x1 stride-1
+# stages as Winograd's F(2x2, 3x3) and F(2, 7). INCEPTION_FAST_WINOGRAD=0 (or false/off/no), read once at import, packs every
 # stage for the direct implicit GEMM instead: the A/B of benchmarks/winograd.py, or results
 # that do not depend on the algorithm's rounding.
 WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -176,30 +180,73 @@ def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int 
     return b[:, :channels, :cols].reshape(taps * channels, cols)
 
 
-def _winograd_g(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """G applied along `dim` (3 -> 4) of F(2x2, 3x3)'s weight transform U = G g G^T (Lavin and
-    Gray 2016), G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: elementwise ops,
-    which autograd saves nothing for."""
-    a, b, c = w.unbind(dim)
-    return torch.stack([a, (a + b + c) / 2, (a - b + c) / 2, c], dim)
+# Winograd weight transforms G (positions x taps), csrc/winograd.h's: F(2x2, 3x3) applies
+# G3 along both axes, F(2, 7) G7 along the filter's. G7 interpolates at 0, 1, -1, 2, -2, 1/2,
+# -1/2 and infinity (Lavin and Gray 2016's construction); its rows pair with winograd.h's B^T.
+_G3 = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+       tuple(-2 / 9 for _ in range(7)),
+       tuple(-2 / 9 * (-1) ** k for k in range(7)),
+       tuple(2 ** k / 90 for k in range(7)),
+       tuple((-2) ** k / 90 for k in range(7)),
+       tuple(2 ** (6 - k) / 90 for k in range(7)),
+       tuple((-1) ** k * 2 ** (6 - k) / 90 for k in range(7)),
+       (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+
+
+def winograd_positions(kh: int, kw: int) -> int:
+    """Transformed positions per input channel of a Winograd-packed kh x kw filter: 16
+    (3x3, F(2x2, 3x3)), 8 (1x7 or 7x1, F(2, 7)), or 0 (no Winograd form)."""
+    return {(3, 3): 16, (1, 7): 8, (7, 1): 8}.get((kh, kw), 0)
+
+
+def _apply_g(w: torch.Tensor, dim: int, g) -> torch.Tensor:
+    """G (positions x taps, Python floats) applied along `dim` of w (taps -> positions), as
+    scalar multiply-adds: autograd saves nothing for them (an einsum would save G)."""
+    taps = w.unbind(dim)
+    return torch.stack([sum(c * t for c, t in zip(row, taps) if c != 0.0) for row in g], dim)
+
+
+def _winograd_u(w: torch.Tensor) -> torch.Tensor:
+    """U = G w G^T (3x3) or G w along the filter's axis (1x7, 7x1): (cout, cin, kh, kw) ->
+    (cout, cin, positions), position-major as winograd.h reads it. Linear, so differentiable."""
+    kh, kw = (int(k) for k in w.shape[2:])  # jit.trace hands traced sizes
+    if kh == kw:
+        return _apply_g(_apply_g(w, 2, _G3), 3, _G3).flatten(2)
+    return _apply_g(w.flatten(2), 2, _G7)  # the flat filter runs along its axis
+
+
+@functools.cache
+def _gtg_eigh(square: bool) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    """eigh of G^T G (G3 if square else G7) in float64, as Python constants: computed once,
+    so a traced backward holds constants, not an eigensolver."""
+    g = torch.tensor(_G3 if square else _G7, dtype=torch.float64)
+    lam, q = torch.linalg.eigh(g.t() @ g)
+    return tuple(lam.tolist()), tuple(map(tuple, q.tolist()))
 
 
 def _winograd_gradient_preimage(dw: torch.Tensor) -> torch.Tensor:
-    """The v with P^T P v = dW, P = pack_winograd's map w -> [G w G^T; w] (per filter):
-    P^T P v = (G^T G) v (G^T G) + v, and G^T G = [[3/2, 0, 1/2], [0, 1/2, 0], [1/2, 0, 3/2]]
-    has the eigenvectors below (eigenvalues 2, 1, 1/2), so v divides dW's coordinates in
-    that basis by (l_i l_j + 1)."""
-    r = 0.5 ** 0.5
-    q = torch.tensor(((r, r, 0.0), (0.0, 0.0, 1.0), (r, -r, 0.0)), dtype=torch.float64, device=dw.device)
-    lam = torch.tensor((2.0, 1.0, 0.5), dtype=torch.float64, device=dw.device)
-    coords = q.t() @ dw.double() @ q
-    return (q @ (coords / (lam[:, None] * lam[None, :] + 1)) @ q.t()).to(dw.dtype)
+    """The v with P^T P v = dW, P = pack_winograd's map w -> [U(w); w] (per filter).
+    3x3: P^T P v = (G^T G) v (G^T G) + v; 1x7 or 7x1: (G^T G + I) v along the filter's axis.
+    G^T G = Q diag(l) Q^T (symmetric), so v divides dW's coordinates in Q's basis by
+    l_i l_j + 1 (3x3) or l_i + 1."""
+    kh, kw = (int(k) for k in dw.shape[2:])
+    lam, q = _gtg_eigh(kh == kw)
+    lam = torch.tensor(lam, dtype=torch.float64, device=dw.device)
+    q = torch.tensor(q, dtype=torch.float64, device=dw.device)
+    d = dw.double()
+    if kh == kw:
+        v = q @ ((q.t() @ d @ q) / (lam[:, None] * lam[None, :] + 1)) @ q.t()
+    else:
+        v = (((d.flatten(2) @ q) / (lam + 1)) @ q.t()).reshape(d.shape)
+    return v.to(dw.dtype)
 
 
 def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.Tensor:
-    """fp32 conv weights (cout, cin, 3, 3) -> the Winograd panels (panels, 25*cin, width) of
-    the module docstring: the 16 transformed blocks, then the direct 3x3 panels. U is
-    computed in float64 and rounded once. Linear, so differentiable.
+    """fp32 conv weights (cout, cin, kh, kw), 3x3, 1x7 or 7x1 -> the Winograd panels
+    (panels, (positions + kh*kw)*cin, width) of the module docstring: the transformed blocks,
+    then the direct panels. U is computed in float64 and rounded once. Linear, so
+    differentiable. Raises ValueError for another filter size.
 
     gradient=True packs a weight gradient dW as the gradient of the packed tensor, for
     autograd over the bare op: P(v) with P this packing and v the solution of P^T P v = dW.
@@ -207,17 +254,21 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.
     P's range (it is the orthogonal projection onto that range of any gradient that pulls
     back to dW), so an optimizer stepping the packed tensor itself keeps the U blocks and the
     direct taps the same filter, as both paths of the kernel need."""
+    cout, cin, kh, kw = (int(k) for k in w.shape)  # jit.trace hands traced sizes
+    positions = winograd_positions(kh, kw)
+    if positions == 0:
+        raise ValueError(f"pack_winograd: w must be a 3x3, 1x7 or 7x1 filter, got {kh}x{kw}")
     if gradient:
         w = _winograd_gradient_preimage(w)
-    cout, cin = w.shape[:2]
-    u = _winograd_g(_winograd_g(w.double(), 2), 3).to(w.dtype)  # (cout, cin, 4, 4)
-    u = pack_panels(u.permute(2, 3, 1, 0).reshape(16 * cin, cout), width)
-    return torch.cat([u, pack_panels(as_gemm_b(w), width, 9)], dim=1)
+    u = _winograd_u(w.double()).to(w.dtype)  # (cout, cin, positions)
+    u = pack_panels(u.permute(2, 1, 0).reshape(positions * cin, cout), width)
+    return torch.cat([u, pack_panels(as_gemm_b(w), width, kh * kw)], dim=1)
 
 
-def unpack_winograd(packed: torch.Tensor, cols: int, cin: int) -> torch.Tensor:
-    """The GEMM B (9*cin, cols) of Winograd panels: their direct part, exactly the weights packed."""
-    return unpack_panels(packed[:, 16 * cin:], cols, 9, cin)
+def unpack_winograd(packed: torch.Tensor, cols: int, cin: int, kh: int, kw: int) -> torch.Tensor:
+    """The GEMM B (kh*kw*cin, cols) of a kh x kw filter's Winograd panels: their direct part,
+    exactly the weights packed."""
+    return unpack_panels(packed[:, winograd_positions(kh, kw) * cin:], cols, kh * kw, cin)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .._extension import cpu_extension, require_cpu_extension
 from . import backend as _backend
 from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, pack_winograd,
-                      packed_dtype, panel_width, rows, unpack_panels, unpack_winograd)
+                      packed_dtype, panel_width, rows, unpack_panels, unpack_winograd, winograd_positions)
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan, Source
 
@@ -92,7 +92,8 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
 def winograd_packed(graph: GraphPlan, g, b: torch.Tensor) -> bool:
     """Whether `b`, GEMM g's packed B, holds Winograd panels (backend.pack_winograd):
     (panels, 25 * channels, width), which the C++ kernel tells apart by the same shape."""
-    return g.winograd and b.dim() == 3 and b.shape[1] == 25 * graph.buf_channels[g.source]
+    return (g.winograd and b.dim() == 3
+            and b.shape[1] == (winograd_positions(g.kh, g.kw) + g.kh * g.kw) * graph.buf_channels[g.source])
 
 
 def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
@@ -108,7 +109,7 @@ def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
             channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
             if channels is None and b.dtype == torch.bfloat16:
                 raise ValueError("unpack_weights: bf16 CPU panels need in_channels (x's channel count)")
-            full = (unpack_winograd(b, g.cols, channels) if winograd_packed(graph, g, b)
+            full = (unpack_winograd(b, g.cols, channels, g.kh, g.kw) if winograd_packed(graph, g, b)
                     else unpack_panels(b, g.cols, g.kh * g.kw, channels))
         for segment, i in zip(g.segments, g.convs):
             weights[i] = from_gemm_b(full[:, segment.begin:segment.end], g.kh, g.kw)

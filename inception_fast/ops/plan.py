@@ -83,10 +83,20 @@ class GemmStep(NamedTuple):
         return [int(v) for v in (*self[:8], len(self.segments), *(v for s in self.segments for v in s))]
 
     @property
+    def winograd_tile(self) -> tuple[int, int] | None:
+        """The output tile (rows, columns) with which the fp32 CPU kernel can run this GEMM as
+        Winograd's minimal filtering, or None: a stride-1 convolution over a zero-bordered
+        buffer, 3x3 with padding 1 (F(2x2, 3x3), 2x2 tiles), 1x7 with padding (0, 3) or 7x1
+        with padding (3, 0) (F(2, 7), 1x2 or 2x1 tiles). csrc/winograd.h, kind_of()."""
+        if self.source < 0 or self.stride != 1:
+            return None
+        return {(3, 3, 1, 1): (2, 2), (1, 7, 0, 3): (1, 2), (7, 1, 3, 0): (2, 1)}.get(
+            (self.kh, self.kw, self.pad_h, self.pad_w))
+
+    @property
     def winograd(self) -> bool:
-        """A 3x3, stride 1, padding 1 convolution over a zero-bordered buffer: the fp32 CPU
-        kernel can run it as Winograd's F(2x2, 3x3) (csrc/winograd.h, eligible())."""
-        return self.source >= 0 and (self.kh, self.kw, self.stride, self.pad_h, self.pad_w) == (3, 3, 1, 1, 1)
+        """Whether the fp32 CPU kernel can run this GEMM as Winograd's (winograd_tile)."""
+        return self.winograd_tile is not None
 
 
 class ConvStep(NamedTuple):
