@@ -3,7 +3,10 @@
 // Networks", CVPR 2016; cuDNN's and NNPACK's 3x3 algorithm):
 //   - F(2x2, 3x3) for 3x3 stages (GoogLeNet, Inception-v3's A and E, Inception-ResNet);
 //   - F(2, 7) for the 1x7 and 7x1 stages of Inception-v3's C and D blocks (Mixed_6b-6e,
-//     Mixed_7a), along the axis the filter spans: a 1x2 or 2x1 output tile.
+//     Mixed_7a), Inception-v4's B and Inception-ResNet's Block17, along the axis the filter
+//     spans: a 1x2 or 2x1 output tile;
+//   - F(2, 3) the same way for the 1x3 and 3x1 stages of Inception-v3's E blocks (Mixed_7b,
+//     7c), Inception-v4's C and Inception-ResNet's Block8.
 //
 // A tile of one (input channel, output channel) pair is Y = A^T [ (G g) . (B^T d) ] over the
 // input window d around it (for F(2x2, 3x3), both axes: A^T [ (G g G^T) . (B^T d B) ] A).
@@ -18,6 +21,8 @@
 //           [0  1  1  0]        [1/2  1/2  1/2]          [0  1 -1 -1]
 //           [0 -1  1  0]        [1/2 -1/2  1/2]
 //           [0  1  0 -1]        [  0    0    1 ]
+//   F(2, 3): 4 positions for 2 outputs of 3 taps, 1.5x fewer: the 1-D form of the above,
+//     B^T, G and A^T as written.
 //   F(2, 7): 8 positions for 2 outputs of 7 taps, 1.75x fewer. Interpolation points
 //     0, 1, -1, 2, -2, 1/2, -1/2 and infinity (the B^T of the common F(6, 3));
 //     G (8 x 7) in ops/backend.py, _WINOGRAD_G.
@@ -32,18 +37,19 @@
 //
 // B packing (ops/backend.py, pack_winograd): per panel of kNR columns, the U_alpha blocks
 // (cin rows each, alpha-major) and then the direct implicit GEMM's taps (cin rows each), so
-// (panels, (positions + taps) cin, kNR): 25 cin for a 3x3, 15 cin for a 1x7 or 7x1. The
-// direct part serves tiles whose outputs are not finite: a NaN or inf in a window reaches the
-// whole tile through the transforms (inf - inf, 0 * inf), where the direct convolution
-// confines it to the pixels whose window holds it. Such tiles are recomputed directly, so
+// (panels, (positions + taps) cin, kNR): 25 cin for a 3x3, 15 cin for a 1x7 or 7x1, 7 cin
+// for a 1x3 or 3x1. The direct part serves tiles whose outputs are not finite: a NaN or inf
+// in a window reaches the whole tile through the transforms (inf - inf, 0 * inf), where the
+// direct convolution confines it to the pixels whose window holds it. Such tiles are recomputed directly, so
 // non-finite values land where eager's convolution puts them; so are tiles where the
 // transforms cancel values far larger than the outputs (Transform::kCancellation).
 //
 // fp32 only (fp16 runs the fp32 kernels): the transforms add a few roundings per output and
-// shorten the sums. F(2x2, 3x3)'s error against float64 came out at or below the direct
-// GEMM's on every block measured; F(2, 7)'s larger transform constants (21/4, 17/4) leave
-// 1.5-4x the direct GEMM's, about 1e-6 of the output (benchmarks/winograd.py), 10x inside
-// the 1e-5 fp32 tolerance. float64 keeps the direct implicit GEMM, the exact path; bf16 too:
+// shorten the sums. Against float64, every block measured came out at or below the direct
+// GEMM's error (benchmarks/winograd.py). F(2, 7)'s larger constants (21/4, 17/4) cost more
+// on one convolution alone: simulated over 192 channels, its largest error was 3.6x the
+// direct GEMM's (1.8e-6 against 4.9e-7 of the largest output), still 5x inside the 1e-5
+// fp32 tolerance. float64 keeps the direct implicit GEMM, the exact path; bf16 too:
 // transformed tiles stored in bf16 would add roundings to every product, against the rule
 // that bf16 stays within 2x eager's error (not tried).
 #pragma once
@@ -72,7 +78,7 @@ constexpr int64_t kMaxTiles = 8 * kMR;
 // batch 1 (14x14, 49 tiles) 16-22% faster.
 constexpr int64_t kMinTiles = 32;
 
-enum class Kind { k3x3, k1x7, k7x1 };
+enum class Kind { k3x3, k1x7, k7x1, k1x3, k3x1 };
 
 // F(2x2, 3x3) over a 4x4 window: d, out and m are row-major 4x4 (alpha = 4 r + s), y 2x2.
 struct F2x2_3x3 {
@@ -119,13 +125,32 @@ struct F2x2_3x3 {
   }
 };
 
-// F(2, 7) along one axis: an 8-pixel window, 2 outputs. Horizontal (1x7, padding (0, 3)) or
-// vertical (7x1, padding (3, 0)); the flat window and tile run along that axis either way.
-template <bool kVertical>
+// The 1-D algorithms, over a flat window along the filter's axis (Along places them).
+// F(2, 3): a 4-pixel window, 2 outputs of 3 taps, 4 multiplies where direct takes 6 (1.5x);
+// the 1-D form of F(2x2, 3x3), with its B^T, G and A^T.
+struct F2_3 {
+  static constexpr int kPositions = 4, kTaps = 3, kPad = 1;
+  static constexpr float kWeight[kPositions] = {1, 1, 1, 1};
+  static constexpr float kCancellation = 16.0f;  // F(2x2, 3x3)'s: the 1-D ratio is no larger
+
+  template <typename V>
+  static void input_tile(const V* d, V* out) {
+    out[0] = d[0] - d[2];
+    out[1] = d[1] + d[2];
+    out[2] = d[2] - d[1];
+    out[3] = d[1] - d[3];
+  }
+
+  template <typename V>
+  static void output_tile(const V* m, V* y) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+  }
+};
+
+// F(2, 7): an 8-pixel window, 2 outputs of 7 taps, 8 multiplies where direct takes 14.
 struct F2_7 {
-  static constexpr int kTileH = kVertical ? 2 : 1, kTileW = kVertical ? 1 : 2;
-  static constexpr int kWinH = kVertical ? 8 : 1, kWinW = kVertical ? 1 : 8, kPositions = 8, kTaps = 7;
-  static constexpr int kPadH = kVertical ? 3 : 0, kPadW = kVertical ? 0 : 3;
+  static constexpr int kPositions = 8, kTaps = 7, kPad = 3;
   static constexpr float kWeight[kPositions] = {1, 1, 1, 2, 2, 1, 1, 1};
   // The transforms' constants make S larger for the same outputs: on random post-ReLU inputs
   // and weights the ratio's median was 10 and its maximum 25 (3x3: 2 and 5), so the 3x3's 16
@@ -159,15 +184,26 @@ struct F2_7 {
   }
 };
 
-// The Winograd form of a GEMM of the plan: a 3x3 (padding 1), 1x7 (padding (0, 3)) or 7x1
-// (padding (3, 0)) convolution, stride 1, over a zero-bordered buffer (source >= 0).
-// ops/plan.py's GemmStep.winograd says the same.
+// A 1-D algorithm along one axis: horizontal (1xK, padding (0, K/2), 1x2 tiles) or vertical
+// (Kx1, padding (K/2, 0), 2x1 tiles); the flat window and tile run along that axis either way.
+template <typename D, bool kVertical>
+struct Along : D {
+  static constexpr int kTileH = kVertical ? 2 : 1, kTileW = kVertical ? 1 : 2;
+  static constexpr int kWinH = kVertical ? D::kPositions : 1, kWinW = kVertical ? 1 : D::kPositions;
+  static constexpr int kPadH = kVertical ? D::kPad : 0, kPadW = kVertical ? 0 : D::kPad;
+};
+
+// The Winograd form of a GEMM of the plan, a stride-1 convolution over a zero-bordered
+// buffer (source >= 0): 3x3 with padding 1, or 1xK / Kx1 (K = 3, 7) with padding K/2 along
+// the filter. ops/plan.py's GemmStep.winograd_tile says the same.
 inline std::optional<Kind> kind_of(int64_t source, int64_t kh, int64_t kw, int64_t stride, int64_t pad_h,
                                    int64_t pad_w) {
   if (source < 0 || stride != 1) return std::nullopt;
   if (kh == 3 && kw == 3 && pad_h == 1 && pad_w == 1) return Kind::k3x3;
   if (kh == 1 && kw == 7 && pad_h == 0 && pad_w == 3) return Kind::k1x7;
   if (kh == 7 && kw == 1 && pad_h == 3 && pad_w == 0) return Kind::k7x1;
+  if (kh == 1 && kw == 3 && pad_h == 0 && pad_w == 1) return Kind::k1x3;
+  if (kh == 3 && kw == 1 && pad_h == 1 && pad_w == 0) return Kind::k3x1;
   return std::nullopt;
 }
 
@@ -175,8 +211,10 @@ inline std::optional<Kind> kind_of(int64_t source, int64_t kh, int64_t kw, int64
 template <typename Fn>
 decltype(auto) visit(Kind kind, Fn&& f) {
   switch (kind) {
-    case Kind::k1x7: return f(F2_7<false>{});
-    case Kind::k7x1: return f(F2_7<true>{});
+    case Kind::k1x7: return f(Along<F2_7, false>{});
+    case Kind::k7x1: return f(Along<F2_7, true>{});
+    case Kind::k1x3: return f(Along<F2_3, false>{});
+    case Kind::k3x1: return f(Along<F2_3, true>{});
     default: return f(F2x2_3x3{});
   }
 }

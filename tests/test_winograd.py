@@ -1,5 +1,5 @@
 """Winograd on the CPU kernel (csrc/winograd.h): fp32 stride-1 stages over buffers, 3x3 as
-F(2x2, 3x3) and Inception-v3's 1x7 and 7x1 as F(2, 7).
+F(2x2, 3x3), Inception-v3's 1x7 and 7x1 as F(2, 7), its 1x3 and 3x1 as F(2, 3).
 
 Each test runs a size with at least winograd::kMinTiles (32) output tiles, so that the
 Winograd path runs, and checks that it did: its output differs in rounding from the direct
@@ -302,8 +302,9 @@ def test_out_overlapping_the_packed_weights_raises():
         torch.ops.inception_fast.graph_forward.out(x, b, bias, graph.flat(), out=out)
 
 
-# F(2, 7): Inception-v3's InceptionC (1x7 and 7x1 chains, six such stages) and InceptionD
-# (a 1x7 then a 7x1 before a 3x3 stride-2 reduction), small channel counts.
+# The 1-D algorithms: F(2, 7) on Inception-v3's InceptionC (1x7 and 7x1 chains, six such
+# stages) and InceptionD (a 1x7 then a 7x1 before a 3x3 stride-2 reduction), F(2, 3) on
+# InceptionE (1x3 and 3x1 fan-outs, four stages); small channel counts.
 
 
 def _v3_op_inputs(name: str, winograd: bool):
@@ -316,25 +317,28 @@ def _v3_op_inputs(name: str, winograd: bool):
     return block, fused._plan, packed
 
 
-def _seven_tap_stages(graph) -> int:
-    return sum(g.winograd and g.kh * g.kw == 7 for g in graph.gemms)
+def _one_d_stages(graph) -> int:
+    return sum(g.winograd and 1 in (g.kh, g.kw) for g in graph.gemms)
+
+
+ONE_D_STAGES = {"C": 6, "D": 2, "E": 4}
 
 
 # (N, H, W): odd grids, a 1-pixel-wide and a 1-pixel-high grid, batch 1 (stage-major).
-SEVEN_TAP_SIZES = [pytest.param((3, 12, 11), id="n3-12x11"), pytest.param((1, 17, 17), id="n1-17x17"),
+ONE_D_SIZES = [pytest.param((3, 12, 11), id="n3-12x11"), pytest.param((1, 17, 17), id="n1-17x17"),
                    pytest.param((5, 9, 1), id="n5-9x1"), pytest.param((4, 1, 15), id="n4-1x15")]
 
 
-@pytest.mark.parametrize("size", SEVEN_TAP_SIZES)
-@pytest.mark.parametrize("name", ["C", "D"])
-def test_seven_tap_forward_within_fp32_tolerance_and_not_the_direct_path(name, size):
+@pytest.mark.parametrize("size", ONE_D_SIZES)
+@pytest.mark.parametrize("name", ["C", "D", "E"])
+def test_one_d_forward_within_fp32_tolerance_and_not_the_direct_path(name, size):
     n, h, w = size
     if name == "D" and min(h, w) < 3:
         pytest.skip("InceptionD's 3x3 stride-2 reduction needs a 3x3 grid")
     block, graph, wino = _v3_op_inputs(name, True)
     _, _, direct = _v3_op_inputs(name, False)
-    assert _seven_tap_stages(graph) == {"C": 6, "D": 2}[name]
-    assert _winograd_stages(graph, wino[0]) >= _seven_tap_stages(graph) and _winograd_stages(graph, direct[0]) == 0
+    assert _one_d_stages(graph) == ONE_D_STAGES[name]
+    assert _winograd_stages(graph, wino[0]) >= _one_d_stages(graph) and _winograd_stages(graph, direct[0]) == 0
     x = torch.randn(n, 24, h, w)
     with torch.no_grad():
         got = graph_forward(x, *wino, graph.flat())
@@ -344,8 +348,9 @@ def test_seven_tap_forward_within_fp32_tolerance_and_not_the_direct_path(name, s
     assert not torch.equal(got, y_direct), "the Winograd stages did not run"
 
 
-def test_seven_tap_one_and_two_threads_agree_bit_for_bit():
-    _, graph, wino = _v3_op_inputs("C", True)
+@pytest.mark.parametrize("name", ["C", "E"])
+def test_one_d_one_and_two_threads_agree_bit_for_bit(name):
+    _, graph, wino = _v3_op_inputs(name, True)
     x = torch.randn(1, 24, 13, 11)
     threads = torch.get_num_threads()
     try:
@@ -358,10 +363,11 @@ def test_seven_tap_one_and_two_threads_agree_bit_for_bit():
     assert torch.equal(one, two)
 
 
-def test_seven_tap_non_finite_values_land_where_eager_puts_them():
+@pytest.mark.parametrize("name", ["C", "E"])
+def test_one_d_non_finite_values_land_where_eager_puts_them(name):
     """A NaN or inf reaches both outputs of a 1x2 or 2x1 tile through the transforms; such
     tiles are recomputed directly."""
-    block, graph, wino = _v3_op_inputs("C", True)
+    block, graph, wino = _v3_op_inputs(name, True)
     x = torch.randn(2, 24, 13, 11)
     x[0, 2, 3, 4] = float("nan")
     x[1, 5, 0, 10] = float("inf")  # the border tile of an odd width
@@ -377,16 +383,20 @@ def test_seven_tap_non_finite_values_land_where_eager_puts_them():
 
 
 @pytest.mark.parametrize("big", [1e5, 1e10])
-def test_seven_tap_huge_value_next_to_zero_weights_stays_within_tolerance(big):
-    """The 3x3 test's construction for F(2, 7): every 1x7 and 7x1 filter holds only its
-    centre tap, negative, behind a positive BN shift, and the 1x1 reductions are positive, so
-    a huge pixel's own outputs are cut by ReLU and its neighbours' never see it. F(2, 7)'s
-    transforms spread it over the tile and cancel it again; the cancellation check has those
-    tiles recomputed directly."""
-    block = small_v3_block("C")
+@pytest.mark.parametrize("name", ["C", "E"])
+def test_one_d_huge_value_next_to_zero_weights_stays_within_tolerance(name, big):
+    """The 3x3 test's construction for the 1-D algorithms: every filter wider than 1x1 holds
+    only its centre tap, negative, behind a positive BN shift, the 1x1 reductions are positive
+    and the 1x1s into the output negative, so a huge pixel's own outputs are cut by ReLU and
+    its neighbours' never see it.
+    The transforms spread it over the tile and cancel it again; the cancellation check has
+    those tiles recomputed directly."""
+    block = small_v3_block(name)
     with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1):
+        for attr, m in block.named_modules():
+            if isinstance(m, torch.nn.Conv2d) and attr.startswith(("branch1x1", "branch_pool")):
+                m.weight.copy_(-m.weight.abs())  # cut at the huge pixel: it would dominate the norm
+            elif isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1):
                 m.weight.abs_()
             elif isinstance(m, torch.nn.Conv2d):
                 centre = m.weight[:, :, m.kernel_size[0] // 2, m.kernel_size[1] // 2].abs().clone()
@@ -395,30 +405,32 @@ def test_seven_tap_huge_value_next_to_zero_weights_stays_within_tolerance(big):
             elif isinstance(m, torch.nn.BatchNorm2d):
                 m.bias.fill_(1.0)
     fused = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)))[0]
-    assert _seven_tap_stages(fused._plan) == 6
+    assert _one_d_stages(fused._plan) == ONE_D_STAGES[name]
     x = torch.rand(2, 24, 9, 8)
     x[0, :, 4, 3] = big
     with torch.no_grad():
         assert rel_err(fused(x), block.double()(x.double())) <= TOLERANCE[torch.float32]
 
 
-def test_seven_tap_module_forward_and_backward_match_the_reference():
-    block = small_v3_block("C")
+@pytest.mark.parametrize("name", ["C", "E"])
+def test_one_d_module_forward_and_backward_match_the_reference(name):
+    block = small_v3_block(name)
     fused = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)))[0]
-    assert _seven_tap_stages(fused._plan) == 6
+    assert _one_d_stages(fused._plan) == ONE_D_STAGES[name]
     assert_block_matches(fused, block, torch.randn(3, 24, 9, 8))
 
 
-def test_seven_tap_weight_gradients_pull_back_through_the_transform():
-    """Autograd over the bare op: the packed tensors' gradients (F(2, 7) panels) pull back
-    through pack_weights to each 1x7 and 7x1 filter's own gradient."""
-    block = small_v3_block("C")
+@pytest.mark.parametrize("name", ["C", "E"])
+def test_one_d_weight_gradients_pull_back_through_the_transform(name):
+    """Autograd over the bare op: the packed tensors' gradients (F(2, 7) and F(2, 3) panels)
+    pull back through pack_weights to each 1xK and Kx1 filter's own gradient."""
+    block = small_v3_block(name)
     fused = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)))[0]
     graph = fused._plan
     weights, biases = (list(t.detach() for t in ts) for ts in fused._folded(None))
     leaves = [w.clone().requires_grad_() for w in weights]
     b, bias = pack_weights(graph, leaves, biases, "cpu", winograd=True)
-    assert _winograd_stages(graph, b) == 6
+    assert _winograd_stages(graph, b) >= ONE_D_STAGES[name]
     x = torch.randn(2, 24, 9, 8)
     graph_forward(x, b, bias, graph.flat()).square().sum().backward()
     ref = [w.double().requires_grad_() for w in weights]
@@ -428,8 +440,9 @@ def test_seven_tap_weight_gradients_pull_back_through_the_transform():
         assert rel_err(got.grad, want.grad) <= TOLERANCE[torch.float32]
 
 
-def test_seven_tap_sgd_on_the_packed_tensor_keeps_both_paths_one_filter():
-    _, graph, (b, bias) = _v3_op_inputs("C", True)
+@pytest.mark.parametrize("name", ["C", "E"])
+def test_one_d_sgd_on_the_packed_tensor_keeps_both_paths_one_filter(name):
+    _, graph, (b, bias) = _v3_op_inputs(name, True)
     b = [t.clone().requires_grad_() for t in b]
     x = torch.randn(2, 24, 9, 8)  # 90 tiles per 1x7 or 7x1 stage
     graph_forward(x, b, bias, graph.flat()).square().sum().backward()
@@ -438,13 +451,14 @@ def test_seven_tap_sgd_on_the_packed_tensor_keeps_both_paths_one_filter():
         stepped = [t - 1e-3 * t.grad for t in b]
         w2, b2 = unpack_weights(graph, stepped, bias, "cpu", 24)
         repacked = pack_weights(graph, w2, b2, "cpu", winograd=True)
-        for xs in (x, x[:1, :, :4, :4]):  # 8 tiles: the direct part
+        for xs in (x, x[:1, :, :4, :4]):  # 8 tiles or fewer: the direct part
             assert rel_err(graph_forward(xs, stepped, bias, graph.flat()),
                            graph_forward(xs, *repacked, graph.flat())) <= TOLERANCE[torch.float32]
 
 
-def test_seven_tap_unpacking_returns_the_weights_exactly():
-    block, graph, _ = _v3_op_inputs("C", True)
+@pytest.mark.parametrize("name", ["C", "E"])
+def test_one_d_unpacking_returns_the_weights_exactly(name):
+    block, graph, _ = _v3_op_inputs(name, True)
     convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
     weights = [torch.randn(c.out_channels, c.in_channels, *c.kernel_size) for c in convs]
     biases = [torch.randn(c.out_channels) for c in convs]

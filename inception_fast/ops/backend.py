@@ -16,7 +16,7 @@ Layouts, for a convolution weight W (cout, cin, kh, kw) in PyTorch's Conv2d layo
               each, then the taps of the CPU panels above (csrc/winograd.h; the direct
               part serves tiles with non-finite values). A 3x3 packs F(2x2, 3x3)'s 16
               blocks (G W G^T)[a], 25*cin rows; a 1x7 or 7x1 F(2, 7)'s 8 blocks (G W)[a]
-              along the filter's axis, 15*cin rows.
+              along the filter's axis, 15*cin rows; a 1x3 or 3x1 F(2, 3)'s 4, 7*cin rows.
 An activation (N, C, H, W) stored channels_last is the row-major matrix of its pixel rows
 (N*H*W, C): `rows` and `image` convert between the two as views.
 """
@@ -41,8 +41,8 @@ __all__ = ["BACKENDS", "CPU_DTYPES", "WINOGRAD", "as_gemm_b", "autocast_dtype", 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3, 1x7 and 7x1 stride-1
-# stages as Winograd's F(2x2, 3x3) and F(2, 7). INCEPTION_FAST_WINOGRAD=0 (or false/off/no), read once at import, packs every
+# Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3, 1x7, 7x1, 1x3 and 3x1
+# stride-1 stages as Winograd's F(2x2, 3x3), F(2, 7) and F(2, 3). INCEPTION_FAST_WINOGRAD=0 (or false/off/no), read once at import, packs every
 # stage for the direct implicit GEMM instead: the A/B of benchmarks/winograd.py, or results
 # that do not depend on the algorithm's rounding.
 WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -181,7 +181,7 @@ def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int 
 
 
 # Winograd weight transforms G (positions x taps), csrc/winograd.h's: F(2x2, 3x3) applies
-# G3 along both axes, F(2, 7) G7 along the filter's. G7 interpolates at 0, 1, -1, 2, -2, 1/2,
+# G3 along both axes, F(2, 3) G3 and F(2, 7) G7 along the filter's. G7 interpolates at 0, 1, -1, 2, -2, 1/2,
 # -1/2 and infinity (Lavin and Gray 2016's construction); its rows pair with winograd.h's B^T.
 _G3 = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
@@ -196,8 +196,9 @@ _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
 
 def winograd_positions(kh: int, kw: int) -> int:
     """Transformed positions per input channel of a Winograd-packed kh x kw filter: 16
-    (3x3, F(2x2, 3x3)), 8 (1x7 or 7x1, F(2, 7)), or 0 (no Winograd form)."""
-    return {(3, 3): 16, (1, 7): 8, (7, 1): 8}.get((kh, kw), 0)
+    (3x3, F(2x2, 3x3)), 8 (1x7 or 7x1, F(2, 7)), 4 (1x3 or 3x1, F(2, 3)), or 0 (no
+    Winograd form)."""
+    return {(3, 3): 16, (1, 7): 8, (7, 1): 8, (1, 3): 4, (3, 1): 4}.get((kh, kw), 0)
 
 
 def _apply_g(w: torch.Tensor, dim: int, g) -> torch.Tensor:
@@ -208,30 +209,31 @@ def _apply_g(w: torch.Tensor, dim: int, g) -> torch.Tensor:
 
 
 def _winograd_u(w: torch.Tensor) -> torch.Tensor:
-    """U = G w G^T (3x3) or G w along the filter's axis (1x7, 7x1): (cout, cin, kh, kw) ->
-    (cout, cin, positions), position-major as winograd.h reads it. Linear, so differentiable."""
+    """U = G w G^T (3x3) or G w along the filter's axis (1x7, 7x1: G7; 1x3, 3x1: G3):
+    (cout, cin, kh, kw) -> (cout, cin, positions), position-major as winograd.h reads it.
+    Linear, so differentiable."""
     kh, kw = (int(k) for k in w.shape[2:])  # jit.trace hands traced sizes
     if kh == kw:
         return _apply_g(_apply_g(w, 2, _G3), 3, _G3).flatten(2)
-    return _apply_g(w.flatten(2), 2, _G7)  # the flat filter runs along its axis
+    return _apply_g(w.flatten(2), 2, _G7 if kh * kw == 7 else _G3)  # the flat filter runs along its axis
 
 
 @functools.cache
-def _gtg_eigh(square: bool) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
-    """eigh of G^T G (G3 if square else G7) in float64, as Python constants: computed once,
-    so a traced backward holds constants, not an eigensolver."""
-    g = torch.tensor(_G3 if square else _G7, dtype=torch.float64)
+def _gtg_eigh(taps: int) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    """eigh of G^T G (G3 for 3 taps, G7 for 7) in float64, as Python constants: computed
+    once, so a traced backward holds constants, not an eigensolver."""
+    g = torch.tensor(_G3 if taps == 3 else _G7, dtype=torch.float64)
     lam, q = torch.linalg.eigh(g.t() @ g)
     return tuple(lam.tolist()), tuple(map(tuple, q.tolist()))
 
 
 def _winograd_gradient_preimage(dw: torch.Tensor) -> torch.Tensor:
     """The v with P^T P v = dW, P = pack_winograd's map w -> [U(w); w] (per filter).
-    3x3: P^T P v = (G^T G) v (G^T G) + v; 1x7 or 7x1: (G^T G + I) v along the filter's axis.
+    3x3: P^T P v = (G^T G) v (G^T G) + v; 1xK or Kx1: (G^T G + I) v along the filter's axis.
     G^T G = Q diag(l) Q^T (symmetric), so v divides dW's coordinates in Q's basis by
     l_i l_j + 1 (3x3) or l_i + 1."""
     kh, kw = (int(k) for k in dw.shape[2:])
-    lam, q = _gtg_eigh(kh == kw)
+    lam, q = _gtg_eigh(max(kh, kw))
     lam = torch.tensor(lam, dtype=torch.float64, device=dw.device)
     q = torch.tensor(q, dtype=torch.float64, device=dw.device)
     d = dw.double()
@@ -243,7 +245,7 @@ def _winograd_gradient_preimage(dw: torch.Tensor) -> torch.Tensor:
 
 
 def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.Tensor:
-    """fp32 conv weights (cout, cin, kh, kw), 3x3, 1x7 or 7x1 -> the Winograd panels
+    """fp32 conv weights (cout, cin, kh, kw), 3x3, 1x7, 7x1, 1x3 or 3x1 -> the Winograd panels
     (panels, (positions + kh*kw)*cin, width) of the module docstring: the transformed blocks,
     then the direct panels. U is computed in float64 and rounded once. Linear, so
     differentiable. Raises ValueError for another filter size.
@@ -257,7 +259,7 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.
     cout, cin, kh, kw = (int(k) for k in w.shape)  # jit.trace hands traced sizes
     positions = winograd_positions(kh, kw)
     if positions == 0:
-        raise ValueError(f"pack_winograd: w must be a 3x3, 1x7 or 7x1 filter, got {kh}x{kw}")
+        raise ValueError(f"pack_winograd: w must be a 3x3, 1x7, 7x1, 1x3 or 3x1 filter, got {kh}x{kw}")
     if gradient:
         w = _winograd_gradient_preimage(w)
     u = _winograd_u(w.double()).to(w.dtype)  # (cout, cin, positions)

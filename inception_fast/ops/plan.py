@@ -87,10 +87,12 @@ class GemmStep(NamedTuple):
         """The output tile (rows, columns) with which the fp32 CPU kernel can run this GEMM as
         Winograd's minimal filtering, or None: a stride-1 convolution over a zero-bordered
         buffer, 3x3 with padding 1 (F(2x2, 3x3), 2x2 tiles), 1x7 with padding (0, 3) or 7x1
-        with padding (3, 0) (F(2, 7), 1x2 or 2x1 tiles). csrc/winograd.h, kind_of()."""
+        with padding (3, 0) (F(2, 7), 1x2 or 2x1 tiles), 1x3 with padding (0, 1) or 3x1 with
+        padding (1, 0) (F(2, 3), 1x2 or 2x1 tiles). csrc/winograd.h, kind_of()."""
         if self.source < 0 or self.stride != 1:
             return None
-        return {(3, 3, 1, 1): (2, 2), (1, 7, 0, 3): (1, 2), (7, 1, 3, 0): (2, 1)}.get(
+        return {(3, 3, 1, 1): (2, 2), (1, 7, 0, 3): (1, 2), (7, 1, 3, 0): (2, 1), (1, 3, 0, 1): (1, 2),
+                (3, 1, 1, 0): (2, 1)}.get(
             (self.kh, self.kw, self.pad_h, self.pad_w))
 
     @property
