@@ -10,8 +10,8 @@ direct implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing). The two alternate in
 process; medians of --reps. Also reported: each one's relative error against the block in
 float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
 Rows where none does are left out: blocks without such a stage, and calls below
-csrc/winograd.h's kMinTiles (32) output tiles, which run the direct part of the Winograd
-panels (GoogLeNet's 7x7 blocks and Inception-v3's 8x8 ones at batch 1).
+csrc/winograd.h's kMinTiles output tiles (32; 1x3 and 3x1: 64), which run the direct part
+of the Winograd panels (GoogLeNet's 7x7 blocks and Inception-v3's 8x8 ones at batch 1).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from inception_fast.ops import backend as ops_backend
 from inception_fast.ops.branch_graph import graph_forward
 
 
-MIN_TILES = 32  # csrc/winograd.h, kMinTiles: fewer output tiles in a call run the direct panels
+# csrc/winograd.h, Transform::kMinTiles by filter taps: fewer output tiles in a call run the direct panels
+MIN_TILES = {9: 32, 7: 32, 3: 64}
 
 
 def _models(names: list[str]) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -99,8 +100,8 @@ def main() -> None:
             for block_name, block in blocks:
                 x = inputs[block_name]
                 n, _, h, w = x.shape
-                stages = sum(g.winograd and n * -(-h // g.winograd_tile[0]) * -(-w // g.winograd_tile[1]) >= MIN_TILES
-                             for g in block._plan.gemms)
+                stages = sum(g.winograd and n * -(-h // g.winograd_tile[0]) * -(-w // g.winograd_tile[1])
+                             >= MIN_TILES[g.kh * g.kw] for g in block._plan.gemms)
                 if stages == 0:
                     continue
                 direct, wino = _packed(block, False), _packed(block, True)

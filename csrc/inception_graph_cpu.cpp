@@ -162,8 +162,8 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                 " input onto its ", expect_h, "x", expect_w, " grid");
   }
 
-  // The Winograd stages (fp32 only): one winograd::Conv each, run on output tiles. Below
-  // kMinTiles a Winograd-packed GEMM runs as the direct GEMM over its direct taps.
+  // The Winograd stages (fp32 only): one winograd::Conv each, run on output tiles. Below its
+  // transform's kMinTiles a Winograd-packed GEMM runs as the direct GEMM over its direct taps.
   std::vector<std::optional<winograd::Conv>> wino(gemms.size());
   int64_t wino_cin = 0, wino_panels = 0;
   if constexpr (std::is_same_v<T, float>) {
@@ -172,7 +172,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
       const Plane<T>& src = planes[descs[g].source];
       winograd::Conv conv(*wino_packed[g], Plane<const float>{src.data, src.stride_n, src.stride_h, src.stride_w, src.pad},
                           H, W, b[g].data_ptr<float>(), gemms[g]);
-      if (conv.tiles(N) < winograd::kMinTiles) continue;
+      if (!conv.worth_it(N)) continue;
       wino[g].emplace(std::move(conv));
       wino_cin = std::max(wino_cin, gemms[g].k_per_tap);
       wino_panels = std::max(wino_panels, gemms[g].panels());

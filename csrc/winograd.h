@@ -72,11 +72,12 @@ constexpr int64_t kMaxPositions = 16;  // F(2x2, 3x3)'s 4x4 transformed tile
 // L2, and each L1-resident chunk of U_alpha meets 8 register tiles of rows.
 constexpr int64_t kMaxTiles = 8 * kMR;
 
-// Fewer tiles than this in a whole call (N x tile rows x tile columns) run the direct part of
-// the packed B instead: with few rows the weights dominate the traffic, and U is 16/9 (7x7:
-// 8/7) of them. GoogLeNet's 5b at batch 1 (7x7, 16 tiles) ran 4% slower as Winograd; 4a-4e at
-// batch 1 (14x14, 49 tiles) 16-22% faster.
-constexpr int64_t kMinTiles = 32;
+// Fewer tiles than Transform::kMinTiles in a whole call (N x tile rows x tile columns) run the
+// direct part of the packed B instead: with few rows the weights dominate the traffic, and U
+// is 16/9 (3x3), 8/7 (1x7) or 4/3 (1x3) of them. 3x3: GoogLeNet's 5b at batch 1 (7x7, 16
+// tiles) ran 4% slower as Winograd, 4a-4e at batch 1 (14x14, 49 tiles) 16-22% faster. 1x3:
+// pytorch-fid's Mixed_7b/7c (8x8) ran 3-5% slower at batch 1 (32 tiles), 8-9% faster at
+// batch 2 (64 tiles); F(2, 3) saves only 1.5x the multiplies.
 
 enum class Kind { k3x3, k1x7, k7x1, k1x3, k3x1 };
 
@@ -84,6 +85,7 @@ enum class Kind { k3x3, k1x7, k7x1, k1x3, k3x1 };
 struct F2x2_3x3 {
   static constexpr int kTileH = 2, kTileW = 2, kWinH = 4, kWinW = 4, kPositions = 16, kTaps = 9;
   static constexpr int kPadH = 1, kPadW = 1;
+  static constexpr int64_t kMinTiles = 32;
   // max_i |A^T[i][alpha]| per position: the weights of the cancellation bound S.
   static constexpr float kWeight[kPositions] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   // A (tile, panel) whose S passes this many times its largest output after ReLU is
@@ -130,6 +132,7 @@ struct F2x2_3x3 {
 // the 1-D form of F(2x2, 3x3), with its B^T, G and A^T.
 struct F2_3 {
   static constexpr int kPositions = 4, kTaps = 3, kPad = 1;
+  static constexpr int64_t kMinTiles = 64;
   static constexpr float kWeight[kPositions] = {1, 1, 1, 1};
   static constexpr float kCancellation = 16.0f;  // F(2x2, 3x3)'s: the 1-D ratio is no larger
 
@@ -151,6 +154,7 @@ struct F2_3 {
 // F(2, 7): an 8-pixel window, 2 outputs of 7 taps, 8 multiplies where direct takes 14.
 struct F2_7 {
   static constexpr int kPositions = 8, kTaps = 7, kPad = 3;
+  static constexpr int64_t kMinTiles = 32;
   static constexpr float kWeight[kPositions] = {1, 1, 1, 2, 2, 1, 1, 1};
   // The transforms' constants make S larger for the same outputs: on random post-ReLU inputs
   // and weights the ratio's median was 10 and its maximum 25 (3x3: 2 and 5), so the 3x3's 16
@@ -258,10 +262,14 @@ struct Conv {
   int64_t cols() const { return direct.cols; }
   const float* bias() const { return direct.bias; }
   int64_t panels() const { return direct.panels(); }
-  // Output tiles in a whole call over N images.
+  // Output tiles in a whole call over N images, and whether they are enough for Winograd
+  // (kMinTiles above).
   int64_t tiles(int64_t N) const {
     const auto [th, tw] = tile(kind);
     return N * ceil_div(H, th) * ceil_div(W, tw);
+  }
+  bool worth_it(int64_t N) const {
+    return tiles(N) >= visit(kind, [](auto t) { return decltype(t)::kMinTiles; });
   }
 };
 
