@@ -201,11 +201,33 @@ def winograd_positions(kh: int, kw: int) -> int:
     return {(3, 3): 16, (1, 7): 8, (7, 1): 8, (1, 3): 4, (3, 1): 4}.get((kh, kw), 0)
 
 
-def _apply_g(w: torch.Tensor, dim: int, g) -> torch.Tensor:
-    """G (positions x taps, Python floats) applied along `dim` of w (taps -> positions), as
-    scalar multiply-adds: autograd saves nothing for them (an einsum would save G)."""
-    taps = w.unbind(dim)
-    return torch.stack([sum(c * t for c, t in zip(row, taps) if c != 0.0) for row in g], dim)
+def _transform_matrix(kh: int, kw: int) -> tuple[tuple[float, ...], ...]:
+    """The weight transform of a kh x kw filter as one (positions, taps) matrix over its flat
+    taps: kron(G3, G3) for a 3x3 (row 4a + b, column 3r + s: U[a][b] = sum G[a][r] w[r][s]
+    G[b][s]), G7 or G3 for a 1xK or Kx1 (the flat filter runs along its axis)."""
+    if kh == kw:
+        return tuple(tuple(ga * gb for ga in _G3[a] for gb in _G3[b]) for a in range(4) for b in range(4))
+    return _G7 if kh * kw == 7 else _G3
+
+
+class _WeightTransform(torch.autograd.Function):
+    """u = w @ T^T along the last dim, T = _transform_matrix(kh, kw), a constant: one matmul
+    (a few graph nodes for torch.compile, where per-tap scalar ops took seconds to lower)
+    whose backward, grad @ T, rebuilds T from its Python constants and so saves nothing."""
+
+    @staticmethod
+    def forward(w: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+        t = torch.tensor(_transform_matrix(kh, kw), dtype=w.dtype, device=w.device)
+        return w @ t.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.shape = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        t = torch.tensor(_transform_matrix(*ctx.shape), dtype=grad.dtype, device=grad.device)
+        return grad @ t, None, None
 
 
 def _winograd_u(w: torch.Tensor) -> torch.Tensor:
@@ -213,9 +235,7 @@ def _winograd_u(w: torch.Tensor) -> torch.Tensor:
     (cout, cin, kh, kw) -> (cout, cin, positions), position-major as winograd.h reads it.
     Linear, so differentiable."""
     kh, kw = (int(k) for k in w.shape[2:])  # jit.trace hands traced sizes
-    if kh == kw:
-        return _apply_g(_apply_g(w, 2, _G3), 3, _G3).flatten(2)
-    return _apply_g(w.flatten(2), 2, _G7 if kh * kw == 7 else _G3)  # the flat filter runs along its axis
+    return _WeightTransform.apply(w.flatten(2), kh, kw)
 
 
 @functools.cache
