@@ -1,4 +1,4 @@
-"""Winograd (F(2x2, 3x3), F(2, 7)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
+"""Winograd (F(2x2, 3x3), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
 
     PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2] [--batch 1,32] [--reps 11]
 

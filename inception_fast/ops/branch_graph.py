@@ -91,7 +91,8 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
 
 def winograd_packed(graph: GraphPlan, g, b: torch.Tensor) -> bool:
     """Whether `b`, GEMM g's packed B, holds Winograd panels (backend.pack_winograd):
-    (panels, 25 * channels, width), which the C++ kernel tells apart by the same shape."""
+    (panels, (positions + kh*kw) * channels, width), 25 for a 3x3, 15 for a 1x7 or 7x1, 7
+    for a 1x3 or 3x1, which the C++ kernel tells apart by the same shape."""
     return (g.winograd and b.dim() == 3
             and b.shape[1] == (winograd_positions(g.kh, g.kw) + g.kh * g.kw) * graph.buf_channels[g.source])
 
@@ -203,7 +204,7 @@ def _graph_fake(x, b, bias, flat_plan):
 def graph_macs(x_shape, flat_plan: list[int]) -> int:
     """Multiply-adds of the block that `flat_plan` computes on x of `x_shape` (N, C, H, W),
     counted as eager counts its convolutions: output pixels x kh*kw*cin x cout each,
-    whatever the kernel does (a Winograd stage multiplies 2.25x less; a bf16 tap padded to
+    whatever the kernel does (a Winograd stage multiplies 1.5-2.25x less; a bf16 tap padded to
     even adds a zero row)."""
     n, c, h, w = x_shape
     p = GraphPlan.from_flat(flat_plan)
