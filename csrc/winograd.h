@@ -25,7 +25,7 @@
 //     B^T, G and A^T as written.
 //   F(2, 7): 8 positions for 2 outputs of 7 taps, 1.75x fewer. Interpolation points
 //     0, 1, -1, 2, -2, 1/2, -1/2 and infinity (the B^T of the common F(6, 3));
-//     G (8 x 7) in ops/backend.py, _WINOGRAD_G.
+//     G (8 x 7) in ops/backend.py, _G7.
 //     B^T = [1    0  -21/4    0   21/4    0   -1  0]   A^T = [1  1  1  1  1   1    1   0]
 //           [0    1     1 -17/4  -17/4    1    1  0]         [0  1 -1  2 -2 1/2 -1/2   1]
 //           [0   -1     1  17/4  -17/4   -1    1  0]
@@ -40,9 +40,10 @@
 // (panels, (positions + taps) cin, kNR): 25 cin for a 3x3, 15 cin for a 1x7 or 7x1, 7 cin
 // for a 1x3 or 3x1. The direct part serves tiles whose outputs are not finite: a NaN or inf
 // in a window reaches the whole tile through the transforms (inf - inf, 0 * inf), where the
-// direct convolution confines it to the pixels whose window holds it. Such tiles are recomputed directly, so
-// non-finite values land where eager's convolution puts them; so are tiles where the
-// transforms cancel values far larger than the outputs (Transform::kCancellation).
+// direct convolution confines it to the pixels whose window holds it. Such tiles are
+// recomputed directly, so non-finite values land where eager's convolution puts them; so
+// are tiles where the transforms cancel values far larger than the outputs
+// (Transform::kCancellation).
 //
 // fp32 only (fp16 runs the fp32 kernels): the transforms add a few roundings per output and
 // shorten the sums. Against float64, every block measured came out at or below the direct

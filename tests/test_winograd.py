@@ -61,18 +61,22 @@ def test_forward_within_fp32_tolerance_and_not_the_direct_path(spec, size):
     assert not torch.equal(got, y_direct), "the Winograd stages did not run"
 
 
+def _at_one_and_two_threads(fn) -> tuple[torch.Tensor, torch.Tensor]:
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        return one, fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_one_and_two_threads_agree_bit_for_bit():
     spec = SPECS[0].values[0]
     x = torch.randn(3, spec.in_channels, 11, 10)
     _, graph, wino = _op_inputs(spec, x, True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = graph_forward(x, *wino, graph.flat())
-        torch.set_num_threads(2)
-        two = graph_forward(x, *wino, graph.flat())
-    finally:
-        torch.set_num_threads(threads)
+    one, two = _at_one_and_two_threads(lambda: graph_forward(x, *wino, graph.flat()))
     assert torch.equal(one, two)
 
 
@@ -228,16 +232,8 @@ def test_threads_agree_bit_for_bit_when_a_tile_overflows_in_some_columns():
     fused = ifast.FusedInception.from_module(ref)
     x = torch.rand(1, 8, 8, 15)  # 32 tiles
     x[0, :, 4, 7] = 1e37
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            one = fused(x)
-        torch.set_num_threads(2)
-        with torch.no_grad():
-            two = fused(x)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        one, two = _at_one_and_two_threads(lambda: fused(x))
     assert torch.equal(one.isnan(), two.isnan())
     assert torch.equal(one.nan_to_num(), two.nan_to_num())
 
@@ -365,14 +361,7 @@ def test_one_d_min_tiles(name, direct):
 def test_one_d_one_and_two_threads_agree_bit_for_bit(name):
     _, graph, wino = _v3_op_inputs(name, True)
     x = torch.randn(1, 24, 13, 11)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = graph_forward(x, *wino, graph.flat())
-        torch.set_num_threads(2)
-        two = graph_forward(x, *wino, graph.flat())
-    finally:
-        torch.set_num_threads(threads)
+    one, two = _at_one_and_two_threads(lambda: graph_forward(x, *wino, graph.flat()))
     assert torch.equal(one, two)
 
 

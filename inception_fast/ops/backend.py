@@ -182,8 +182,9 @@ def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int 
 
 
 # Winograd weight transforms G (positions x taps), csrc/winograd.h's: F(2x2, 3x3) applies
-# G3 along both axes, F(2, 3) G3 and F(2, 7) G7 along the filter's. G7 interpolates at 0, 1, -1, 2, -2, 1/2,
-# -1/2 and infinity (Lavin and Gray 2016's construction); its rows pair with winograd.h's B^T.
+# G3 along both axes, F(2, 3) G3 and F(2, 7) G7 along the filter's. G7 interpolates at 0, 1,
+# -1, 2, -2, 1/2, -1/2 and infinity (Lavin and Gray 2016's construction, row 0's sign moved
+# to B^T's row 0); its rows pair with winograd.h's B^T.
 _G3 = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
        tuple(-2 / 9 for _ in range(7)),
