@@ -25,6 +25,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 
@@ -37,6 +38,13 @@ struct GemmDesc {
   int64_t stage, source, kh, kw, stride, pad_h, pad_w, cols;
   std::vector<std::array<int64_t, kSegmentFields>> segments;  // (begin, end, destination, channel)
 };
+
+// The grid a GEMM's rows run over: its convolution's output grid over the H x W input, as
+// F.conv2d's. x's own grid for 'same' padding at stride 1; the block's output grid for a
+// grid reduction (stride 2) or an unpadded ('valid') convolution, which write only the output.
+std::pair<int64_t, int64_t> gemm_grid(const GemmDesc& d, int64_t H, int64_t W) {
+  return {(H + 2 * d.pad_h - d.kh) / d.stride + 1, (W + 2 * d.pad_w - d.kw) / d.stride + 1};
+}
 
 // Limits that keep the kernels' index arithmetic (channels x pixels, borders) far from
 // int64 overflow; the plans of real blocks are orders of magnitude below them.
@@ -58,7 +66,6 @@ GemmDesc parse_desc(at::IntArrayRef d, int64_t buffers) {
                   0 <= g.pad_w && g.pad_w < g.kw,
               "GEMM kernel ", g.kh, "x", g.kw, " with padding (", g.pad_h, ", ", g.pad_w, ") out of range");
   TORCH_CHECK(1 <= g.cols && g.cols <= kMaxChannels, "GEMM columns ", g.cols, " out of range");
-  TORCH_CHECK(g.source != kSourceX || (g.pad_h == 0 && g.pad_w == 0), "a GEMM over x cannot pad (x has no border)");
   TORCH_CHECK(!pooled_source(g.source) || (g.kh == 1 && g.kw == 1 && g.stride == 1),
               "a GEMM over pooled x must be a stride-1 1x1");
   TORCH_CHECK(g.source != kSourceMaxPoolCopy || (g.kh == 3 && g.kw == 3 && g.stride == 2 && g.pad_h == 0),
@@ -107,21 +114,27 @@ std::optional<winograd::Kind> winograd_b(const at::Tensor& b, const GemmDesc& d,
   return std::nullopt;
 }
 
+// x_border: x is (N, H + 2 x_border, W + 2 x_border, C) NHWC with a zero border, for
+// convolutions over x with padding (the stems' 'same' 3x3s); 0: x as given, channels_last.
 template <typename T>
-void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
+void graph_forward_impl(const at::Tensor& x, int64_t x_border, const std::vector<int64_t>& buf_channels,
                         const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
                         at::TensorList b, at::TensorList bias, const std::vector<at::Tensor>& bufs,
                         at::Tensor& out) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t N = out.size(0), C = x_border > 0 ? x.size(3) : x.size(1);
+  const int64_t H = x_border > 0 ? x.size(1) - 2 * x_border : x.size(2);
+  const int64_t W = x_border > 0 ? x.size(2) - 2 * x_border : x.size(3), HW = H * W;
   const int64_t c_out = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
   std::vector<Plane<T>> planes;  // over bufs: (N, H + 2 border, W + 2 border, channels) each
   for (size_t k = 0; k < buf_channels.size(); ++k)
     planes.push_back(padded_plane<T>(bufs[k], H, W, buf_channels[k], buf_border[k]));
-  const Plane<const T> x_plane{x.data_ptr<T>(), HW * C, W * C, C, 0};
+  const int64_t xw = W + 2 * x_border;
+  const Plane<const T> x_plane{x.data_ptr<T>(), (H + 2 * x_border) * xw * C, xw * C, C, x_border};
   const Plane<T> out_plane{out.data_ptr<T>(), Ho * Wo * c_out, Wo * c_out, c_out, 0};
 
-  // A stride-1 GEMM runs over the input grid, a stride-2 one over the output grid.
+  // Each GEMM runs over its own grid (gemm_grid): x's, or the output's when it shrinks.
+  std::vector<std::pair<int64_t, int64_t>> grids;
   std::vector<Gemm<T>> gemms;
   std::vector<std::optional<winograd::Kind>> wino_packed;  // b[g] holds Winograd panels (winograd_b)
   int64_t stages = 0;
@@ -155,11 +168,15 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     if (has_weights) plan_chunks(gm);
     gemms.push_back(std::move(gm));
     stages = std::max(stages, d.stage + 1);
-    const int64_t expect_h = d.stride == 1 ? H : Ho, expect_w = d.stride == 1 ? W : Wo;
-    TORCH_CHECK(H + 2 * d.pad_h >= d.kh && W + 2 * d.pad_w >= d.kw &&
-                    (H + 2 * d.pad_h - d.kh) / d.stride + 1 == expect_h && (W + 2 * d.pad_w - d.kw) / d.stride + 1 == expect_w,
-                "GEMM ", g, " (", d.kh, "x", d.kw, ", stride ", d.stride, ") does not map the ", H, "x", W,
-                " input onto its ", expect_h, "x", expect_w, " grid");
+    // Buffers are x's grid; the output is (Ho, Wo), which graph_forward took from this rule.
+    grids.push_back(gemm_grid(d, H, W));
+    for (const auto& seg : d.segments) {
+      const int64_t expect_h = out_destination(seg[2]) ? Ho : H, expect_w = out_destination(seg[2]) ? Wo : W;
+      TORCH_CHECK(H + 2 * d.pad_h >= d.kh && W + 2 * d.pad_w >= d.kw && grids[g].first == expect_h &&
+                      grids[g].second == expect_w,
+                  "GEMM ", g, " (", d.kh, "x", d.kw, ", stride ", d.stride, ", padding (", d.pad_h, ", ", d.pad_w,
+                  ")) does not map the ", H, "x", W, " input onto the ", expect_h, "x", expect_w, " grid it writes");
+    }
   }
 
   // The Winograd stages (fp32 only): one winograd::Conv each, run on output tiles. Below its
@@ -169,9 +186,14 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   if constexpr (std::is_same_v<T, float>) {
     for (size_t g = 0; g < gemms.size(); ++g) {
       if (!wino_packed[g]) continue;
-      const Plane<T>& src = planes[descs[g].source];
-      winograd::Conv conv(*wino_packed[g], Plane<const float>{src.data, src.stride_n, src.stride_h, src.stride_w, src.pad},
-                          H, W, b[g].data_ptr<float>(), gemms[g]);
+      const GemmDesc& d = descs[g];
+      const Plane<const float> src = d.source == kSourceX
+                                         ? x_plane
+                                         : Plane<const float>{planes[d.source].data, planes[d.source].stride_n,
+                                                              planes[d.source].stride_h, planes[d.source].stride_w,
+                                                              planes[d.source].pad};
+      winograd::Conv conv(*wino_packed[g], src, H, W, grids[g].first, grids[g].second, d.pad_h, d.pad_w,
+                          b[g].data_ptr<float>(), gemms[g]);
       if (!conv.worth_it(N)) continue;
       wino[g].emplace(std::move(conv));
       wino_cin = std::max(wino_cin, gemms[g].k_per_tap);
@@ -238,14 +260,14 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     }
     run_gemm(gemms[g], a_rows, pn, ph, pw, rows, s.acc.data(), part, parts, pack_a[g] ? s.a_pack.data() : nullptr);
   };
-  // The grid whose rows a GEMM runs over: pixels (stride 1: x's, stride 2: the output's), or
-  // the output tiles of a Winograd stage.
+  // The grid whose rows a GEMM runs over: pixels of its grid, or the output tiles of a
+  // Winograd stage.
   auto grid_of = [&](size_t g) {
     if (wino[g].has_value()) {
       const auto [th, tw] = winograd::tile(wino[g]->kind);
-      return std::make_pair(ceil_div(H, th), ceil_div(W, tw));
+      return std::make_pair(ceil_div(grids[g].first, th), ceil_div(grids[g].second, tw));
     }
-    return descs[g].stride == 1 ? std::make_pair(H, W) : std::make_pair(Ho, Wo);
+    return grids[g];
   };
   // Rows [m0, m1) of GEMM g's grid, in blocks of at most `block` (<= s.block).
   auto for_rows = [&](size_t g, int64_t m0, int64_t m1, int64_t block, Scratch& s, int64_t part = 0,
@@ -453,11 +475,22 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
   TORCH_CHECK(!p.residual || C == p.out_channels, "flat_plan: a residual epilogue adds x to the output, so x must "
               "have its ", p.out_channels, " channels, got ", C);
   const at::Tensor x = x_in.to(compute).contiguous(at::MemoryFormat::ChannelsLast);
-  // A grid-reduction block (stride 2) ends in 3x3 stride-2 unpadded convolutions and pool.
-  const int64_t out_h = p.stride == 1 ? x.size(2) : (x.size(2) - 3) / 2 + 1;
-  const int64_t out_w = p.stride == 1 ? x.size(3) : (x.size(3) - 3) / 2 + 1;
-  TORCH_CHECK(p.stride == 1 || (x.size(2) >= 3 && x.size(3) >= 3), "a stride-2 block needs at least 3x3 input, got ",
-              x.size(2), "x", x.size(3));
+  // The output grid is that of the GEMMs writing it (gemm_grid): x's, or smaller for a grid
+  // reduction (3x3 stride-2 unpadded convolutions and pool) or unpadded convolutions.
+  int64_t out_h = -1, out_w = -1, x_border = 0;
+  for (const GemmDesc& d : p.descs) {
+    if (d.source == kSourceX) x_border = std::max({x_border, d.pad_h, d.pad_w});
+    if (std::none_of(d.segments.begin(), d.segments.end(), [](const auto& s) { return out_destination(s[2]); }))
+      continue;
+    TORCH_CHECK(x.size(2) + 2 * d.pad_h >= d.kh && x.size(3) + 2 * d.pad_w >= d.kw, "x must be at least ",
+                d.kh - 2 * d.pad_h, "x", d.kw - 2 * d.pad_w, " for the block's ", d.kh, "x", d.kw, " convolution",
+                d.pad_h + d.pad_w == 0 ? "s without padding" : "s", ", got ", x.size(2), "x", x.size(3));
+    const auto [gh, gw] = gemm_grid(d, x.size(2), x.size(3));
+    TORCH_CHECK(out_h < 0 || (gh == out_h && gw == out_w), "flat_plan: GEMMs write the output on ", out_h, "x",
+                out_w, " and ", gh, "x", gw, " grids");
+    out_h = gh;
+    out_w = gw;
+  }
   const std::vector<int64_t> shape{x.size(0), p.out_channels, out_h, out_w};
   at::Tensor out;
   if (out_opt.has_value()) {
@@ -481,8 +514,15 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     bufs.push_back(at::empty({N, H + 2 * pad, W + 2 * pad, p.buf_channels[k]}, x.options()));
   }
   if (out.numel() == 0 || x.numel() == 0) return out;
+  // A convolution over x with padding reads a zero-bordered copy of x, as the later stages
+  // read their zero-bordered intermediates: every tap an in-bounds load.
+  at::Tensor x_run = x;
+  if (x_border > 0) {
+    x_run = at::zeros({N, H + 2 * x_border, W + 2 * x_border, x.size(1)}, x.options());
+    x_run.narrow(1, x_border, H).narrow(2, x_border, W).copy_(x.permute({0, 2, 3, 1}));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "inception_graph_forward", [&] {
-    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work);
+    graph_forward_impl<scalar_t>(x_run, x_border, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work);
   });
   if (half) out.copy_(work);
   return out;

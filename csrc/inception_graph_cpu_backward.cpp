@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace inception_fast {
@@ -32,6 +34,10 @@ using namespace plan;
 
 struct ConvRecord {
   int64_t source, dest, channel, kh, kw, stride, pad_h, pad_w;
+  // Its output grid over an H x W input, as F.conv2d's (the forward's gemm_grid).
+  std::pair<int64_t, int64_t> grid(int64_t H, int64_t W) const {
+    return {(H + 2 * pad_h - kh) / stride + 1, (W + 2 * pad_w - kw) / stride + 1};
+  }
   bool shared() const {
     return (source == kSourceX && kh == 1 && kw == 1 && stride == 1) || source == kSourceAvgPool ||
            source == kSourceAvgPoolExcludePad;
@@ -91,7 +97,17 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   TORCH_CHECK(static_cast<int64_t>(intermediates.size()) == buffers, "one intermediate per buffer: need ", buffers,
               ", got ", intermediates.size());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), M = N * H * W;
-  const int64_t Ho = stride == 1 ? H : (H - 3) / 2 + 1, Wo = stride == 1 ? W : (W - 3) / 2 + 1;
+  // The output grid: that of the convolutions into it (a grid reduction's, or unpadded ones'
+  // smaller), or the grid reduction's when only its max-pool copy writes it.
+  int64_t Ho = stride == 1 ? H : (H - 3) / 2 + 1, Wo = stride == 1 ? W : (W - 3) / 2 + 1;
+  for (int64_t i = 0; i < flat[4 + buffers]; ++i) {
+    const int64_t* r = flat.data() + 5 + buffers + kConvRecord * i;
+    if (r[1] != kDestOut) continue;
+    const ConvRecord t{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
+    TORCH_CHECK(t.stride >= 1, "backward plan: convolution ", i, " has stride ", t.stride);
+    std::tie(Ho, Wo) = t.grid(H, W);
+    break;
+  }
   TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && y_in.dim() == 4 && y_in.size(0) == N && y_in.size(1) == flat[0] &&
                   y_in.size(2) == Ho && y_in.size(3) == Wo,
               "grad_out and y must have shape (", N, ", ", flat[0], ", ", Ho, ", ", Wo, "), got ", grad_out_in.sizes(),
@@ -119,7 +135,8 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
                 "convolution ", i, " over the max-pooled x must be a stride-1 1x1 over its ", C, " channels");
     TORCH_CHECK((t.stride == 1 || t.stride == 2) && 0 <= t.pad_h && t.pad_h < t.kh && 0 <= t.pad_w && t.pad_w < t.kw &&
                     weights[i].size(1) == (t.source >= 0 ? flat[4 + t.source] : C) &&
-                    (t.dest == kDestOut ? t.stride == stride : t.stride == 1),
+                    (t.dest == kDestOut ? t.stride == stride : t.stride == 1) &&
+                    t.grid(H, W) == (t.dest == kDestOut ? std::make_pair(Ho, Wo) : std::make_pair(H, W)),
                 "convolution ", i, ": a ", t.kh, "x", t.kw, " stride-", t.stride, " record with padding (", t.pad_h,
                 ", ", t.pad_w, ") does not fit its weight ", weights[i].sizes(), " and source");
   }
@@ -186,7 +203,7 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
       max_pool_conv = i;
       max_pool_g = g;
     } else if (!t.shared()) {
-      const int64_t gh = t.stride == 1 ? H : Ho, gw = t.stride == 1 ? W : Wo;
+      const auto [gh, gw] = t.grid(H, W);
       const at::Tensor src = t.source == kSourceX ? x : intermediates[t.source].permute({0, 3, 1, 2});
       const bool need_input = t.source >= 0 || needs[0];
       auto [d_src, d_w, d_b] = at::convolution_backward(

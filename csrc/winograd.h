@@ -199,12 +199,13 @@ struct Along : D {
 };
 
 // The Winograd form of a GEMM of the plan, a stride-1 convolution over a zero-bordered
-// buffer (source >= 0): 3x3 with padding 1, or 1xK / Kx1 (K = 3, 7) with padding K/2 along
-// the filter. ops/plan.py's GemmStep.winograd_tile says the same.
+// buffer (source >= 0) or x (-1; bordered by the kernel when padded): 3x3 with padding 1 or
+// none ('valid': the same tiles over a smaller grid), or 1xK / Kx1 (K = 3, 7) with padding
+// K/2 along the filter. ops/plan.py's GemmStep.winograd_tile says the same.
 inline std::optional<Kind> kind_of(int64_t source, int64_t kh, int64_t kw, int64_t stride, int64_t pad_h,
                                    int64_t pad_w) {
-  if (source < 0 || stride != 1) return std::nullopt;
-  if (kh == 3 && kw == 3 && pad_h == 1 && pad_w == 1) return Kind::k3x3;
+  if (source < -1 || stride != 1) return std::nullopt;
+  if (kh == 3 && kw == 3 && pad_h == pad_w && (pad_h == 1 || pad_h == 0)) return Kind::k3x3;
   if (kh == 1 && kw == 7 && pad_h == 0 && pad_w == 3) return Kind::k1x7;
   if (kh == 7 && kw == 1 && pad_h == 3 && pad_w == 0) return Kind::k7x1;
   if (kh == 1 && kw == 3 && pad_h == 0 && pad_w == 1) return Kind::k1x3;
@@ -242,12 +243,16 @@ inline std::pair<int64_t, int64_t> tile(Kind kind) {
 struct Conv {
   Kind kind;
   Plane<const float> src;  // (N, H + 2 border, W + 2 border, cin), zero border >= the padding
-  int64_t H, W;
+  int64_t H, W;              // the input grid
+  int64_t Ho, Wo;            // the output grid: H x W for 'same' padding, smaller unpadded
+  int64_t pad_h, pad_w;      // the transform's own padding, or 0 ('valid')
   const float* u;            // (panels, (positions + taps) cin, kNR): the U_alpha blocks, then the taps
   gemm::Gemm<float> direct;  // b_packed at the direct taps of each panel, panel_rows (positions + taps) cin
 
-  Conv(Kind kind_, const Plane<const float>& src_, int64_t H_, int64_t W_, const float* u_, gemm::Gemm<float> direct_)
-      : kind(kind_), src(src_), H(H_), W(W_), u(u_), direct(std::move(direct_)) {
+  Conv(Kind kind_, const Plane<const float>& src_, int64_t H_, int64_t W_, int64_t Ho_, int64_t Wo_, int64_t pad_h_,
+       int64_t pad_w_, const float* u_, gemm::Gemm<float> direct_)
+      : kind(kind_), src(src_), H(H_), W(W_), Ho(Ho_), Wo(Wo_), pad_h(pad_h_), pad_w(pad_w_), u(u_),
+        direct(std::move(direct_)) {
     TORCH_CHECK(direct.panel_rows == (positions(kind) + taps(kind)) * direct.k_per_tap &&
                     static_cast<int64_t>(direct.tap_offset.size()) == taps(kind),
                 "winograd: the direct GEMM must run over the direct part of the Winograd panels");
@@ -255,8 +260,11 @@ struct Conv {
       TORCH_CHECK(seg.epilogue == gemm::Epilogue::kRelu, "winograd: a convolution stage stores relu(sum + bias)");
     visit(kind, [&](auto t) {
       using Tr = decltype(t);
-      TORCH_CHECK(src.pad >= std::max(Tr::kPadH, Tr::kPadW), "winograd: the source's border ", src.pad,
-                  " is narrower than the padding");
+      TORCH_CHECK((pad_h == Tr::kPadH || pad_h == 0) && (pad_w == Tr::kPadW || pad_w == 0) &&
+                      src.pad >= std::max(pad_h, pad_w) && Ho == H + 2 * pad_h - (Tr::kWinH - Tr::kTileH) &&
+                      Wo == W + 2 * pad_w - (Tr::kWinW - Tr::kTileW),
+                  "winograd: padding (", pad_h, ", ", pad_w, ") over a border of ", src.pad, " does not map ", H, "x",
+                  W, " onto ", Ho, "x", Wo);
     });
   }
   int64_t cin() const { return direct.k_per_tap; }
@@ -267,7 +275,7 @@ struct Conv {
   // (kMinTiles above).
   int64_t tiles(int64_t N) const {
     const auto [th, tw] = tile(kind);
-    return N * ceil_div(H, th) * ceil_div(W, tw);
+    return N * ceil_div(Ho, th) * ceil_div(Wo, tw);
   }
   bool worth_it(int64_t N) const {
     return tiles(N) >= visit(kind, [](auto t) { return decltype(t)::kMinTiles; });
@@ -327,9 +335,10 @@ class Workspace {
     }
   }
 
-  // V_alpha's row i = the transformed window of tile i, which starts (kPadH, kPadW) pixels up
-  // and left of the tile, in the zero border. Window pixels past the border (a grid that the
-  // tile does not divide, with a border no wider than the padding) read as zeros.
+  // V_alpha's row i = the transformed window of tile i, which starts (pad_h, pad_w) pixels up
+  // and left of the tile (in the zero border; unpadded, at the tile). Window pixels past the
+  // input's last row or column plus its border (a grid that the tile does not divide) read
+  // as zeros: they reach only outputs past the grid, which are not stored.
   template <typename Tr>
   void input_transform(const Conv& conv, const int64_t* tn, const int64_t* th, const int64_t* tw, int64_t count) {
     using Vec = Simd<float>::Vec;
@@ -340,7 +349,7 @@ class Workspace {
       const float* p[P];
       for (int r = 0; r < Tr::kWinH; ++r)
         for (int s = 0; s < Tr::kWinW; ++s) {
-          const int64_t h = Tr::kTileH * th[i] - Tr::kPadH + r, w = Tr::kTileW * tw[i] - Tr::kPadW + s;
+          const int64_t h = Tr::kTileH * th[i] - conv.pad_h + r, w = Tr::kTileW * tw[i] - conv.pad_w + s;
           p[r * Tr::kWinW + s] = h <= last_h && w <= last_w ? conv.src.interior_row(tn[i], h, w) : nullptr;
         }
       float* out = v_.data() + i * ldv_;
@@ -389,7 +398,7 @@ class Workspace {
     int64_t* pw = ph + kMaxTiles;
     for (int64_t i = 0; i < count; ++i) {
       const int64_t h0 = TH * th[i], w0 = TW * tw[i];
-      const int64_t rows = std::min<int64_t>(TH, conv.H - h0), cols = std::min<int64_t>(TW, conv.W - w0);
+      const int64_t rows = std::min<int64_t>(TH, conv.Ho - h0), cols = std::min<int64_t>(TW, conv.Wo - w0);
       const float* m = m_.data() + i * ldm_;
       for (int64_t p = p_begin; p < p_end; ++p) {
         Vec bad{}, s_max{}, y_max{};  // bad: S - S, 0 where finite, NaN where not
@@ -453,7 +462,7 @@ class Workspace {
             pn[n] = tn[i];
             ph[n] = h0 + r;
             pw[n] = w0 + s;
-            rows_[n] = conv.src.interior_row(tn[i], ph[n] - Tr::kPadH, pw[n] - Tr::kPadW);  // the window's corner
+            rows_[n] = conv.src.interior_row(tn[i], ph[n] - conv.pad_h, pw[n] - conv.pad_w);  // the window's corner
           }
         gemm::run_gemm(conv.direct, rows_.data(), pn, ph, pw, n, acc_.data(), p, panels);
       }

@@ -257,7 +257,7 @@ def cmd_fid_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--device must be cpu or cuda (with a CUDA GPU), got {args.device!r}"
                          + (": this machine has no CUDA GPU" if args.device == "cuda" else ""))
     report = fid_bench(args.images, batch=args.batch, weights=args.weights, contenders=contenders,
-                       rounds=args.rounds, progress=print_progress, device=args.device)
+                       rounds=args.rounds, progress=print_progress, device=args.device, convs=not args.blocks_only)
     markdown = report.to_markdown()
     print(markdown)
     out = Path(args.out)
@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pytorch-fid's state dict (pt_inception-2015-12-05-6726825d.pth); default: random weights")
     p.add_argument("--rounds", type=int, default=3, help="timed passes per contender, alternating (medians)")
     p.add_argument("--no-compile", action="store_true", help="eager and swapped only")
+    p.add_argument("--blocks-only", action="store_true",
+                   help="swap the Inception blocks only (swap_inception(model)); default: the stem's conv units "
+                        "too (convs=True)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (PyTorch's TF32 flags as they are)")
     p.add_argument("--out", default=str(RESULTS_DIR / "fid"), help="folder for fid.json and fid.md")
     p.add_argument("--write-readme", action="store_true", help="also replace README.md's fid section")

@@ -38,6 +38,7 @@ counts aten ops and sees the fused op as 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from torch import nn
@@ -123,7 +124,6 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
     def graph(inputs: list, outputs: list) -> int:
         x_shape = _shape(inputs[0])
         n, _, h, w = x_shape
-        out_pixels = n * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
         block = _scope_module(model, outputs[0])
         if outputs[0].node().kind() == "prim::PythonOp":
             # BranchGraphFunction records its tensors only (x, weights, biases), not the plan
@@ -138,8 +138,7 @@ def fvcore(model: nn.Module | None = None) -> dict[str, Callable]:
             # The FlopCounterMode formula's count (ops/branch_graph.py).
             macs = graph_macs(x_shape, _constant(inputs[3]))
         if isinstance(block, FusedBranchGraph):
-            numels = [(n * h * w if conv.stride == 1 else out_pixels) * conv.out_channels
-                      for conv in block.graph.convs]
+            numels = [n * math.prod(conv.out_size(h, w)) * conv.out_channels for conv in block.graph.convs]
             macs += _bn_count(block._units, numels)
         return macs
 

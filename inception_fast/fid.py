@@ -210,6 +210,7 @@ class FidTable:
     unfused: dict[str, str]  # name -> why swap_inception left it (its log)
     fid_method: str
     rows: list[FidRow]
+    conv_units: list[str] = field(default_factory=list)  # lone conv units fused by swap_inception(convs=True)
 
     @property
     def ok(self) -> bool:
@@ -217,8 +218,10 @@ class FidTable:
         return all(r.fid_rel_diff <= FID_RTOL for r in self.rows if r.contender == "swapped")
 
     def to_markdown(self) -> str:
+        units = (f" and the {len(self.conv_units)} conv units of the stem (`convs=True`: "
+                 f"{', '.join(self.conv_units)})" if self.conv_units else "")
         lines = [f"**{self.model}** ({self.features}): swap_inception fused **{len(self.fused)} of "
-                 f"{self.blocks}** Inception blocks; FID by {self.fid_method}.", "",
+                 f"{self.blocks}** Inception blocks{units}; FID by {self.fid_method}.", "",
                  "| contender | features/s | vs eager | max rel. error of features | FID | FID rel. diff | compile s |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in self.rows:
@@ -321,15 +324,18 @@ def _unfused_log() -> Iterator[dict[str, str]]:
 
 
 def _bench_model(key: str, n: int, batch: int, weights: str | None, contenders: Sequence[str], rounds: int,
-                 seed: int, progress: Callable[[str], None], device: torch.device) -> FidTable:
+                 seed: int, progress: Callable[[str], None], device: torch.device, convs: bool = True) -> FidTable:
     title, what, build, features_of, transform = _MODELS[key]
     progress(f"[{key}] building {title} ({'weights ' + weights if weights else 'random weights'}) and swapping ...")
     original = build(weights, seed).to(device=device, memory_format=torch.channels_last)
     blocks = [name for name, m in original.named_modules() if _BLOCK_CLASS.match(type(m).__name__)]
     with _unfused_log() as unfused:
-        swapped = swap_inception(copy.deepcopy(original))
-    fused = [name for name, m in swapped.named_modules() if isinstance(m, (FusedInception, FusedBranchGraph))]
-    progress(f"[{key}] swap_inception fused {len(fused)} of {len(blocks)} Inception blocks")
+        swapped = swap_inception(copy.deepcopy(original), convs=convs)
+    fused_all = [name for name, m in swapped.named_modules() if isinstance(m, (FusedInception, FusedBranchGraph))]
+    fused = [name for name in fused_all if name in blocks]
+    conv_units = [name for name in fused_all if name not in blocks]
+    progress(f"[{key}] swap_inception fused {len(fused)} of {len(blocks)} Inception blocks"
+             + (f" and {len(conv_units)} conv units" if convs else ""))
     models = {"eager": original, "swapped": swapped}
     compile_s: dict[str, float] = {}
     example = next(_batches(n, batch, seed, transform, device))
@@ -370,17 +376,20 @@ def _bench_model(key: str, n: int, batch: int, weights: str | None, contenders: 
                            fid_rel_diff=abs(fid - ref_fid) / max(abs(ref_fid), 1e-30),
                            compile_s=compile_s.get(name), round_seconds=samples[name]))
     return FidTable(model=title, features=what, blocks=len(blocks), fused=fused, unfused=dict(unfused),
-                    fid_method=method, rows=rows)
+                    fid_method=method, rows=rows, conv_units=conv_units)
 
 
 def fid_bench(n_images: int, batch: int = 50, weights: str | None = None, contenders: Sequence[str] = CONTENDERS,
               progress: Callable[[str], None] | None = None, rounds: int = 3, seed: int = 0,
-              models: Sequence[str] = MODELS, device: str | torch.device = "cpu") -> FidBenchReport:
+              models: Sequence[str] = MODELS, device: str | torch.device = "cpu",
+              convs: bool = True) -> FidBenchReport:
     """The FID workflow in float32 on `device` ("cpu", or "cuda" under PyTorch's own TF32
     flags, which the report records): pytorch-fid's InceptionV3 pool features and
     timm's inception_v3 logits, each contender against the original model in eager mode
     (module docstring). `weights` (a pytorch-fid state dict file) applies to pytorch-fid's
     model; timm's is random. `progress` gets one line per step and per contender per round.
+    The swapped contenders are swap_inception(model, convs=convs): with True (the default)
+    the stem's conv units are fused too, False swaps the Inception blocks only.
     Raises ValueError for bad counts, contenders, models, or a device that is not there."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
@@ -394,7 +403,7 @@ def fid_bench(n_images: int, batch: int = 50, weights: str | None = None, conten
     if n_images < 2 or batch < 1 or rounds < 1:
         raise ValueError(f"need n_images >= 2, batch >= 1 and rounds >= 1, got {n_images}, {batch}, {rounds}")
     progress = progress or (lambda message: None)
-    tables = [_bench_model(key, n_images, batch, weights, contenders, rounds, seed, progress, device)
+    tables = [_bench_model(key, n_images, batch, weights, contenders, rounds, seed, progress, device, convs)
               for key in models]
     machine = machine_info(str(device))
     if device.type == "cuda":  # they decide fp32's speed and error on either side

@@ -194,17 +194,18 @@ def _parse(block: nn.Module, found=None):
     pool variant), else of any block the general parser reads (graph_parse.py); `found` is
     torchvision_graph_layout(block), when the caller already has it. A block with torchvision's
     children that computes something else goes to the general parser too; when that fails as
-    well, its reason is given if it is a near miss, torchvision's comparison's otherwise."""
+    well, its reason is given if it is a near miss, torchvision's comparison's otherwise. A
+    lone conv unit (a stem's BasicConv2d) reads as a graph of one branch of one level."""
     if found is None:
         try:
             found = torchvision_graph_layout(block)
         except NotAnInceptionBlock as torchvision_reason:
             try:
-                return parse_branch_graph(block)
+                return parse_branch_graph(block, lone=True)
             except NotAnInceptionBlock as reason:
                 raise (reason if reason.near_miss else torchvision_reason) from None
         if found is None:
-            return parse_branch_graph(block)
+            return parse_branch_graph(block, lone=True)
     (chains, pool, pool_attr, include_pad), traced = found
     units, branches = [], []
     for chain in chains:

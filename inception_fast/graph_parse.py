@@ -301,13 +301,16 @@ def _check_conv(g: _Graph, unit: _Unit, where: str, last: bool) -> Conv:
     padding = conv.padding
     if padding == "valid":
         padding = (0, 0)
+    padded = True
     if conv.stride == (1, 1):
-        if padding not in ("same", (kh // 2, kw // 2)):
-            if padding == (0, 0):
-                g.fail(f"{where}: {kernel} with padding 0 at stride 1 ('valid') shrinks the grid; the fused op "
-                       "needs zero 'same' padding at stride 1")
-            g.fail(f"{where}: {kernel} with padding {padding} at stride 1 is not 'same' padding "
-                   f"({kh // 2}, {kw // 2})")
+        if padding == (0, 0) and (kh, kw) != (1, 1):
+            if not last:
+                g.fail(f"{where}: {kernel} with padding 0 at stride 1 ('valid') shrinks the grid before its "
+                       "branch ends; the fused op's unpadded convolutions end their branch")
+            padded = False
+        elif padding not in ("same", (kh // 2, kw // 2)):
+            g.fail(f"{where}: {kernel} with padding {padding} at stride 1 is neither 'same' padding "
+                   f"({kh // 2}, {kw // 2}) nor none")
         stride = 1
     elif conv.stride == (2, 2):
         if (kh, kw) != (3, 3) or padding != (0, 0) or not last:
@@ -319,7 +322,7 @@ def _check_conv(g: _Graph, unit: _Unit, where: str, last: bool) -> Conv:
         g.fail(f"{where}: {kernel} with stride {conv.stride}; the fused op runs stride 1, or 2 in a grid reduction")
     if bn is not None and (bn.running_mean is None or bn.running_var is None):
         g.fail(f"{where}: its batch norm has no running statistics to fold")
-    return Conv(conv.in_channels, conv.out_channels, kh, kw, stride)
+    return Conv(conv.in_channels, conv.out_channels, kh, kw, stride, padded)
 
 
 def _pool_kind(g: _Graph, pool: dict, where: str, x: int) -> tuple[str, bool, int]:
@@ -341,10 +344,12 @@ def _pool_kind(g: _Graph, pool: dict, where: str, x: int) -> tuple[str, bool, in
            "the fused op pools 3x3/1 padding 1 (then a 1x1), or 3x3/2 unpadded (max, a grid reduction)")
 
 
-def parse_branch_graph(block: nn.Module, traced=None):
+def parse_branch_graph(block: nn.Module, traced=None, lone: bool = False):
     """(BranchGraphSpec, units in spec.convs order, traced graph) of a block whose traced
     forward is a branch graph (see the module docstring), or NotAnInceptionBlock with the
-    first reason it is not. `traced`: trace_block(block), when the caller already has it."""
+    first reason it is not. `traced`: trace_block(block), when the caller already has it.
+    `lone`: also read a lone conv unit over x, no concat (a stem's BasicConv2d), as a graph
+    of one branch of one level."""
     traced = traced if traced is not None else trace_block(block)
     g = _Graph(block, traced)
     inputs = [i for i, c in enumerate(g.nodes) if c.entry[0] == "placeholder"]
@@ -358,12 +363,15 @@ def parse_branch_graph(block: nn.Module, traced=None):
     parts, residual = g.cat_parts(top), None
     if parts is None:
         found = _residual_tail(g, top, x)
-        if found is None:
+        if found is not None:
+            top, residual, tail_conv, tail_nodes = found
+            g.visited.update(tail_nodes)
+            parts = g.cat_parts(top)
+        elif lone and g.is_relu(top):
+            parts, top = [top], output  # the unit itself is the one part; `top` is marked visited below
+        else:
             _not_the_output(g, top, output)
-        top, residual, tail_conv, tail_nodes = found
-        g.visited.update(tail_nodes)
-        parts = g.cat_parts(top)
-    if len(parts) < 2:
+    if len(parts) < 2 and top != output:
         g.fail(f"its forward concatenates {len(parts)} tensor", near_miss=False)
     g.visited.update((x, output, top))
 
@@ -490,11 +498,11 @@ def parse_branch_graph(block: nn.Module, traced=None):
         g.fail(f"branch {position + 1} (the pool branch) pools at stride {pool_stride} in a stride-{stride} block")
     for k, b in zip(conv_branches, specs):
         first = b.levels[0][0]
-        direct = stride == 2 and len(b.levels) == 1 and len(b.levels[0]) == 1
+        direct = len(b.levels) == 1 and len(b.levels[0]) == 1
         if (first.kh, first.kw) != (1, 1) and not direct:
             g.fail(f"branch {k + 1}, level 1 ({branches[conv_branches.index(k)][0][0].name}): a {first.kh}x"
-                   f"{first.kw} conv reads x; the fused op starts each branch with a 1x1 over x (or, in a grid "
-                   "reduction, a branch may be one 3x3/2 conv)")
+                   f"{first.kw} conv reads x; the fused op starts each branch of several levels with a 1x1 over "
+                   "x (a branch of one conv may be any over x)")
     if pool_unit is not None:
         units.append(ConvUnit(pool_unit.conv, pool_unit.bn))
     if residual is not None:

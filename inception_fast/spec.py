@@ -157,14 +157,17 @@ class InceptionSpec:
 
 @dataclass(frozen=True)
 class Conv:
-    """One convolution (+ ReLU) of a branch: stride 1 with 'same' zero padding, or (ending a
-    grid-reduction branch) stride 2 without padding."""
+    """One convolution (+ ReLU) of a branch: stride 1 with 'same' zero padding, or without
+    padding (padded=False, 'valid': the grid shrinks by kh - 1, kw - 1; it ends its branch,
+    as in timm's Mixed4a and Inception-v3's stem), or (ending a grid-reduction branch)
+    stride 2 without padding."""
 
     in_channels: int
     out_channels: int
     kh: int = 1
     kw: int = 1
     stride: int = 1
+    padded: bool = True
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "kh", "kw"):
@@ -175,10 +178,24 @@ class Conv:
             raise ValueError(f"Conv kernel must be odd for 'same' padding, got {self.kh}x{self.kw}")
         if self.stride not in (1, 2):
             raise ValueError(f"Conv.stride must be 1 or 2, got {self.stride!r}")
+        if not isinstance(self.padded, bool) or (self.stride == 2 and not self.padded):
+            raise ValueError(f"Conv.padded must be a bool, and True at stride 2 (unpadded anyway), got {self.padded!r}")
+        if (self.kh, self.kw) == (1, 1):  # a 1x1 has no padding either way: one spelling, so that equal specs compare equal
+            object.__setattr__(self, "padded", True)
 
     @property
     def padding(self) -> tuple[int, int]:
-        return (self.kh // 2, self.kw // 2) if self.stride == 1 else (0, 0)
+        return (self.kh // 2, self.kw // 2) if self.stride == 1 and self.padded else (0, 0)
+
+    @property
+    def shrinks(self) -> bool:
+        """Whether its output grid is smaller than its input's: stride 2, or unpadded."""
+        return self.stride == 2 or (not self.padded and (self.kh, self.kw) != (1, 1))
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """Its output grid over an h x w input, as F.conv2d's."""
+        ph, pw = self.padding
+        return (h + 2 * ph - self.kh) // self.stride + 1, (w + 2 * pw - self.kw) // self.stride + 1
 
     def macs_per_pixel(self) -> int:
         return self.kh * self.kw * self.in_channels * self.out_channels
@@ -214,7 +231,13 @@ class BranchGraphSpec:
     pool branch (pool=None: Inception-ResNet's Block35, 17 and 8 before their residual tail).
     stride 2, a grid reduction (InceptionB, D): every branch ends in 3x3 stride-2 unpadded
     convolutions (a branch may be that one convolution over x), and the pool branch is a
-    3x3 stride-2 max pool without projection; the output grid is (H - 3) // 2 + 1.
+    3x3 stride-2 max pool without projection, or none (a stem's lone stride-2 convolution);
+    the output grid is (H - 3) // 2 + 1. Unpadded at stride 1 (timm's Mixed4a): every branch ends in kh x kw convolutions of one
+    size without padding ('valid'), no pool branch; the output grid is (H - kh + 1, W - kw + 1).
+
+    A branch of one level may be any one convolution over x (a grid reduction's, an
+    unpadded one, or a K x K with 'same' padding: Inception-v3's stem convolutions, each a
+    block of its own); a longer branch starts with one 1x1 over x.
 
     The output concatenates the branches in order with the pool branch at `pool_index`
     among them (None, or len(branches): last, as torchvision's blocks; timm's Inception-v4
@@ -240,18 +263,17 @@ class BranchGraphSpec:
                 object.__setattr__(self, "pool_index", None)
         if self.pool not in ("avg", "max", None):
             raise ValueError(f"pool must be 'avg', 'max' or None, got {self.pool!r}")
-        if self.pool is None and (self.pool_proj is not None or self.pool_index is not None or self.stride != 1
+        if self.pool is None and (self.pool_proj is not None or self.pool_index is not None
                                   or self.count_include_pad is not True):
-            raise ValueError("pool=None (no pool branch) takes no pool_proj, pool_index or count_include_pad, "
-                             "and stride 1")
+            raise ValueError("pool=None (no pool branch) takes no pool_proj, pool_index or count_include_pad")
         if self.pool is None and not self.branches:
             raise ValueError("a branch graph without a pool branch needs at least one branch")
         if not isinstance(self.count_include_pad, bool) or (self.pool == "max" and not self.count_include_pad):
             raise ValueError(f"count_include_pad must be a bool, and True for a max pool, got {self.count_include_pad!r}")
         if self.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {self.stride!r}")
-        if self.stride == 2 and (self.pool != "max" or self.pool_proj is not None):
-            raise ValueError("a stride-2 block's pool branch is a max pool without projection")
+        if self.stride == 2 and (self.pool not in ("max", None) or self.pool_proj is not None):
+            raise ValueError("a stride-2 block's pool branch, if any, is a max pool without projection")
         if self.stride == 1 and self.pool is not None and (
                 self.pool_proj is None or self.pool_proj.in_channels != self.in_channels
                                  or (self.pool_proj.kh, self.pool_proj.kw, self.pool_proj.stride) != (1, 1, 1)):
@@ -264,6 +286,10 @@ class BranchGraphSpec:
                 raise ValueError(f"residual must be a Residual whose 1x1 maps the concat's {self.concat_channels} "
                                  f"channels back to x's {self.in_channels}, with a finite scale, in a stride-1 "
                                  f"block; got {r}")
+        valid = self.valid_kernel
+        if valid is not None and (self.stride != 1 or self.pool is not None or self.residual is not None):
+            raise ValueError("a block with unpadded stride-1 convolutions has stride 1, no pool branch and no "
+                             "residual tail")
         for i, branch in enumerate(self.branches):
             if not branch.levels or any(not level for level in branch.levels):
                 raise ValueError(f"branch {i} has an empty level")
@@ -274,8 +300,13 @@ class BranchGraphSpec:
                     if conv.stride != want or (want == 2 and (conv.kh, conv.kw) != (3, 3)):
                         raise ValueError(f"branch {i}, level {j}: a stride-{self.stride} block needs "
                                          f"{'3x3 stride-2' if want == 2 else 'stride-1'} convolutions here, got {conv}")
+                    if valid is not None and last and (conv.padded or (conv.kh, conv.kw) != valid):
+                        raise ValueError(f"branch {i}, level {j}: in a block of unpadded convolutions every branch "
+                                         f"ends in unpadded {valid[0]}x{valid[1]} ones, got {conv}")
+                    if not conv.padded and not last:
+                        raise ValueError(f"branch {i}, level {j}: an unpadded convolution ends its branch, got {conv}")
             first = branch.levels[0]
-            direct = self.stride == 2 and len(branch.levels) == 1  # one stride-2 conv over x
+            direct = len(branch.levels) == 1 and len(first) == 1  # one convolution over x
             if len(first) != 1 or first[0].in_channels != self.in_channels or (
                     not direct and (first[0].kh, first[0].kw) != (1, 1)):
                 raise ValueError(f"branch {i} must start with one 1x1 over {self.in_channels} channels, got {first}")
@@ -286,6 +317,12 @@ class BranchGraphSpec:
                 width = branch.levels[j - 1][0].out_channels
                 if any(c.in_channels != width for c in branch.levels[j]):
                     raise ValueError(f"branch {i}, level {j}: convolutions must read {width} channels")
+
+    @property
+    def valid_kernel(self) -> tuple[int, int] | None:
+        """(kh, kw) of the block's unpadded stride-1 convolutions, or None: it has none."""
+        sizes = {(c.kh, c.kw) for b in self.branches for level in b.levels for c in level if not c.padded}
+        return min(sizes) if sizes else None
 
     @property
     def convs(self) -> tuple[Conv, ...]:
@@ -326,7 +363,11 @@ class BranchGraphSpec:
         return tuple(offsets), (channel if pool_offset is None else pool_offset)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        return (h, w) if self.stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
+        """The output grid over an h x w input."""
+        if self.stride == 2:
+            return (h - 3) // 2 + 1, (w - 3) // 2 + 1
+        valid = self.valid_kernel
+        return (h, w) if valid is None else (h - valid[0] + 1, w - valid[1] + 1)
 
     def macs(self, h: int, w: int, batch: int = 1) -> int:
         """Multiply-accumulates of every convolution for a batch x H x W input."""
@@ -335,14 +376,13 @@ class BranchGraphSpec:
     def macs_by_conv(self, h: int, w: int, batch: int = 1) -> dict[str, int]:
         """MACs of each convolution, spec.convs order, labelled "branch i.j: kh×kw" (branch i,
         level j, [k] within a fan-out) and "pool proj" (the profiler's per-branch rows)."""
-        ho, wo = self.out_size(h, w)
-        pixels = lambda c: batch * (h * w if c.stride == 1 else ho * wo)  # noqa: E731
+        pixels = lambda c: batch * math.prod(c.out_size(h, w))  # noqa: E731
         out: dict[str, int] = {}
         for i, branch in enumerate(self.branches):
             for j, level in enumerate(branch.levels):
                 for k, c in enumerate(level):
                     fan = f"[{k}]" if len(level) > 1 else ""
-                    stride = "/2" if c.stride == 2 else ""
+                    stride = "/2" if c.stride == 2 else "" if c.padded else " valid"
                     out[f"branch {i + 1}.{j + 1}{fan}: {c.kh}×{c.kw}{stride}"] = c.macs_per_pixel() * pixels(c)
         if self.pool_proj is not None:
             out["pool proj"] = self.pool_proj.macs_per_pixel() * pixels(self.pool_proj)

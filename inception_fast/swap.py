@@ -40,6 +40,26 @@ def _is_candidate(module: nn.Module) -> bool:
     return sum(isinstance(m, kinds) for m in module.modules()) >= 2
 
 
+def _is_lone_candidate(module: nn.Module) -> bool:
+    """A conv unit of its own (torchvision's BasicConv2d, timm's ConvNormAct: a Conv2d and a
+    BN, ReLU in the forward) that swap_inception(convs=True) may fuse: not a container, not
+    fused, with exactly one convolution below it. Recognition is by the traced computation."""
+    if isinstance(module, (*_CONTAINERS, FusedInception, FusedBranchGraph)) or not 2 <= len(module._modules) <= 3:
+        return False
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) == 1
+
+
+def _fuse_lone(module: nn.Module, backend: str) -> nn.Module:
+    """The fused twin of a lone conv unit: one branch of one level over x, a 1x1, a K x K
+    with 'same' padding or none at stride 1 (fp32: Winograd F(2x2, 3x3) for a 3x3), or a
+    3x3/2 unpadded."""
+    parsed = parse_branch_graph(module, trace_block(module), lone=True)
+    spec = parsed[0]
+    if len(spec.branches) != 1 or spec.pool is not None or len(spec.convs) != 1:
+        raise NotAnInceptionBlock(f"{type(module).__name__}: not one conv unit over x")
+    return FusedBranchGraph(module, backend, _parsed=parsed).train(module.training)
+
+
 def _googlenet_shaped(spec) -> bool:
     """The branch graph of GoogLeNet's module, InceptionSpec.to_graph()'s shape:
     [1x1], [1x1, KxK], [1x1, KxK] and a 3x3/1 max pool with a 1x1, concatenated last."""
@@ -161,7 +181,8 @@ def _self_check(block: nn.Module, fused: nn.Module, rtol: float, fallback: bool 
             f"{detail}, so it is not the same computation")
 
 
-def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None = None) -> nn.Module:
+def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None = None,
+                   convs: bool = False) -> nn.Module:
     """Replace every Inception block of `model` in place by a fused one; return `model`.
 
     Blocks are recognised by what their torch.fx-traced forward computes, whatever their
@@ -179,6 +200,14 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
     equivalent, that carries hooks or parametrizations (prune, weight/spectral norm), or that
     a backend named by the caller cannot run is left alone, and the log says why.
 
+    convs=True also fuses lone conv units outside the blocks (conv + BN + ReLU, as
+    torchvision's BasicConv2d and timm's ConvNormAct): a 1x1, a K x K at stride 1 with
+    'same' padding or none, or a 3x3/2 unpadded (the stems of Inception-v3 and pytorch-fid's
+    FID network, Conv2d_1a to Conv2d_4a). Each becomes a FusedBranchGraph of one branch,
+    checked at swap time like a block; in fp32 on the CPU a stride-1 3x3 runs as Winograd's
+    F(2x2, 3x3). Lone units it cannot run (GoogLeNet's 7x7/2 with padding) are left alone
+    quietly (logged at debug level): they are not Inception blocks.
+
     Raises TypeError (model not a module, or itself a block) and ValueError (backend,
     verify) before touching the model.
     """
@@ -191,13 +220,15 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
         return model
     swapped, skipped = [], []
     # Collect first: replacing children while iterating named_modules is undefined.
-    candidates = [(name, m) for name, m in model.named_modules() if _is_candidate(m)]
+    candidates = [(name, m, False) for name, m in model.named_modules() if _is_candidate(m)]
+    if convs:
+        candidates += [(name, m, True) for name, m in model.named_modules() if _is_lone_candidate(m)]
     replaced: list[str] = []
-    for name, module in candidates:
+    for name, module, lone in candidates:
         if any(name.startswith(prefix + ".") for prefix in replaced):
             continue  # inside a block that is already fused
         try:
-            fused = _fuse(module, backend)
+            fused = _fuse_lone(module, backend) if lone else _fuse(module, backend)
             if not name:  # the model itself is a block: it cannot replace itself in place
                 raise TypeError("model is itself an Inception block; use FusedInception.from_module(model)")
             if (reason := _refusal(module)) is not None:
@@ -218,6 +249,9 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
                 reason = NotAnInceptionBlock(refusal, near_miss=True)
             if not name:  # the model itself: a network that does not parse as one block, no news
                 log.debug("swap_inception: the model (%s) is not one Inception block: %s", type(module).__name__, reason)
+            elif lone:
+                log.debug("swap_inception: left the conv unit %s (%s) to eager: %s", name, type(module).__name__,
+                          reason)
             elif reason.near_miss or all(hasattr(module, f"branch{i}") for i in range(1, 5)):
                 skipped.append(name)
                 log.warning("swap_inception: left %s (%s) unfused: %s", name, type(module).__name__, reason)

@@ -58,6 +58,15 @@ SPECS = {
         Branch(((Conv(3, 4, 3, 3, stride=2),),)),
         Branch(((Conv(3, 2),), (Conv(2, 3, 3, 3, stride=2),))),
     ), "max", None, stride=2, pool_index=0),
+    # Unpadded ('valid') 3x3s ending every branch (timm's Mixed4a), one straight over x.
+    "valid": BranchGraphSpec(4, (
+        Branch(((Conv(4, 3),), (Conv(3, 2, 3, 3, padded=False),))),
+        Branch(((Conv(4, 2),), (Conv(2, 3, 1, 3),), (Conv(3, 2, 3, 1),), (Conv(2, 3, 3, 3, padded=False),))),
+        Branch(((Conv(4, 2, 3, 3, padded=False),),)),
+    ), None, None),
+    # A lone convolution over x, unpadded or 'same' (Inception-v3's stem).
+    "stem-valid": BranchGraphSpec(3, (Branch(((Conv(3, 4, 3, 3, padded=False),),)),), None, None),
+    "stem-same": BranchGraphSpec(3, (Branch(((Conv(3, 4, 3, 3),),)),), None, None),
 }
 
 
@@ -99,7 +108,7 @@ def _eager(spec, x, weights, biases):
 
     def unit(t, conv):
         w, b = next(params)
-        return torch.relu(torch.nn.functional.conv2d(t, w, b, conv.stride, conv.padding))
+        return torch.relu(torch.nn.functional.conv2d(t, w, b, conv.stride, conv.padding))  # Conv.padding: F's
 
     outs = []
     for branch in spec.branches:
@@ -147,8 +156,8 @@ def test_gradcheck_fp64(name):
 def test_cpp_backward_matches_the_aten_twin(name, size, dtype):
     spec = SPECS[name]
     n, h, w = size
-    if spec.stride == 2 and min(h, w) < 3:
-        pytest.skip("a grid reduction needs 3x3 input")
+    if (spec.stride == 2 or spec.valid_kernel) and min(h, w) < 3:
+        pytest.skip("a grid reduction or an unpadded 3x3 needs 3x3 input")
     weights, biases = _params(spec, dtype)
     x = torch.randn(n, spec.in_channels, h, w, dtype=dtype).mul(1.5).round()  # ties in every pool window
     y, intermediates, graph = _saved(spec, x, weights, biases)

@@ -242,6 +242,11 @@ TIMM_SPECS = {
         Branch(((Conv(24, 24, 3, 3, 2),),)),
         Branch(((Conv(24, 12),), (Conv(12, 14, 3, 3),), (Conv(14, 16, 3, 3, 2),))),
     ), "max", None, stride=2),
+    # Unpadded ('valid') 3x3s end both branches: 9x9 in, 7x7 out.
+    "Mixed4a": BranchGraphSpec(10, (
+        Branch(((Conv(10, 4),), (Conv(4, 6, 3, 3, padded=False),))),
+        Branch(((Conv(10, 4),), (Conv(4, 4, 1, 7),), (Conv(4, 4, 7, 1),), (Conv(4, 6, 3, 3, padded=False),))),
+    ), None, None),
     "InceptionC": BranchGraphSpec(96, (
         Branch(((Conv(96, 16),),)),
         Branch(((Conv(96, 24),), (Conv(24, 16, 1, 3), Conv(24, 16, 3, 1)))),
@@ -262,10 +267,14 @@ def test_timm_inception_v4_blocks_parse_and_fuse(name):
         assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
 
 
-def test_timm_mixed4a_is_refused_for_its_valid_convolutions():
-    with pytest.raises(ifast.NotAnInceptionBlock, match=r"^Mixed4a: branch 1, level 2 \(branch0.1.conv\): 3x3 conv "
-                       r"with padding 0 at stride 1 \('valid'\) shrinks the grid"):
-        parse_branch_graph(small_timm("Mixed4a"))
+def test_a_valid_convolution_before_its_branch_ends_is_refused():
+    """Unpadded 3x3s must end their branch (the intermediates are on x's grid): one in the
+    middle of Mixed4a's second branch is named, level and unit."""
+    block = small_timm("Mixed4a")
+    block.branch1[1].conv.padding = (0, 0)  # the 1x7, unpadded: it shrinks the grid mid-branch
+    with pytest.raises(ifast.NotAnInceptionBlock, match=r"^Mixed4a: branch 2, level 2 \(branch1.1.conv\): 1x7 conv "
+                       r"with padding 0 at stride 1 \('valid'\) shrinks the grid before its branch ends"):
+        parse_branch_graph(block)
 
 
 @needs_cpu_kernel
@@ -356,16 +365,18 @@ def test_the_kernel_refuses_a_residual_epilogue_that_does_not_end_a_1x1_over_the
 
 @pytest.mark.slow
 @needs_cpu_kernel
-@pytest.mark.parametrize("name, fused_blocks, left", [
-    ("inception_v4", 18, {"Mixed4a"}),
-    ("inception_resnet_v2", 43, set()),
+@pytest.mark.parametrize("name, convs, fused_blocks, left", [
+    ("inception_v4", False, 19, set()),
+    # The stem's three conv units too: 3x3/2, 3x3 unpadded, 3x3 'same'.
+    ("inception_v4", True, 22, set()),
+    ("inception_resnet_v2", False, 43, set()),
 ])
-def test_timm_models_swap_with_logits_within_1e5(name, fused_blocks, left, caplog):
+def test_timm_models_swap_with_logits_within_1e5(name, convs, fused_blocks, left, caplog):
     timm = pytest.importorskip("timm")
     model = randomize_(timm.create_model(name, pretrained=False)).eval()
     swapped = copy.deepcopy(model)
     with caplog.at_level(logging.WARNING, logger="inception_fast"):
-        ifast.swap_inception(swapped, backend="cpu")
+        ifast.swap_inception(swapped, backend="cpu", convs=convs)
     assert sum(isinstance(m, FusedBranchGraph) for m in swapped.modules()) == fused_blocks
     refused = {r.getMessage().split("(")[1].split(")")[0] for r in caplog.records if "unfused:" in r.getMessage()}
     assert refused == left

@@ -434,6 +434,24 @@ def test_pytorch_fid_pool_branches_on_triton(name):
     assert_block_matches(fused, block, torch.randn(2, 24, 5, 6), parameters=False)
 
 
+@pytest.mark.parametrize("unit", ["valid", "same", "stride2", "Mixed4a"])
+def test_unpadded_and_stem_convolutions_on_triton(unit):
+    """Unpadded ('valid') 3x3s over the smaller output grid (the VALID slot kind: timm's
+    Mixed4a, Inception-v3's stem Conv2d_2a), a 'same' 3x3 straight over x (Conv2d_2b) and
+    a lone 3x3/2 (Conv2d_1a), forward and every gradient against the original."""
+    from torchvision.models.inception import BasicConv2d
+
+    if unit == "Mixed4a":
+        from test_graph_parse import small_timm
+
+        block, x = small_timm("Mixed4a"), torch.randn(2, 10, 6, 5)
+    else:
+        geometry = {"valid": dict(), "same": dict(padding=1), "stride2": dict(stride=2)}[unit]
+        block, x = randomize_(BasicConv2d(3, 5, kernel_size=3, **geometry)).eval(), torch.randn(2, 3, 7, 6)
+    fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
+    assert_block_matches(fused, block, x)
+
+
 @pytest.mark.parametrize("relu", [True, False])
 def test_residual_block_without_a_pool_branch_on_triton(relu):
     """Inception-ResNet's block form (no pool branch, then act(x + scale * 1x1(concat))):

@@ -16,6 +16,7 @@ import inception_fast as ifast
 from conftest import TOLERANCE, assert_block_matches, needs_cpu_kernel, reference_module, rel_err, small_v3_block
 from inception_fast.ops.branch_graph import graph_forward, pack_weights, unpack_weights, winograd_packed
 from inception_fast.ops.plan import plan
+from inception_fast.spec import Branch, BranchGraphSpec, Conv
 
 pytestmark = needs_cpu_kernel
 
@@ -30,9 +31,9 @@ SIZES = [pytest.param((8, 7, 9), id="n8-7x9"), pytest.param((1, 15, 13), id="n1-
          pytest.param((2, 12, 12), id="n2-12x12")]
 
 
-def _winograd_stages(graph, b) -> int:
+def _winograd_stages(graph, b, in_channels: int | None = None) -> int:
     """GEMMs whose packed B is laid out for the Winograd kernel (backend.pack_winograd)."""
-    return sum(winograd_packed(graph, g, t) for t, g in zip(b, graph.gemms))
+    return sum(winograd_packed(graph, g, t, in_channels) for t, g in zip(b, graph.gemms))
 
 
 def _op_inputs(spec, x, winograd: bool):
@@ -468,3 +469,64 @@ def test_one_d_unpacking_returns_the_weights_exactly(name):
     got_w, got_b = unpack_weights(graph, b, bias, "cpu", 24)
     assert sorted(tuple(w.shape) for w in got_w) == sorted(tuple(w.shape) for w in weights)
     assert all(any(torch.equal(u, v) for u in got_w) for v in weights)
+
+
+# -- Unpadded 3x3s and 3x3s straight over x (timm's Mixed4a, Inception-v3's stem) ----------
+
+UNPADDED = {
+    # Conv2d_2a / 4a: an unpadded 3x3 over x, tiles over the (H - 2) x (W - 2) output grid.
+    "stem-valid": BranchGraphSpec(6, (Branch(((Conv(6, 10, 3, 3, padded=False),),)),), None, None),
+    # Conv2d_2b: a 'same' 3x3 over x, which the kernel reads from a zero-bordered copy.
+    "stem-same": BranchGraphSpec(6, (Branch(((Conv(6, 10, 3, 3),),)),), None, None),
+    # Mixed4a: unpadded 3x3s over intermediates end both branches.
+    "mixed4a": BranchGraphSpec(12, (
+        Branch(((Conv(12, 8),), (Conv(8, 9, 3, 3, padded=False),))),
+        Branch(((Conv(12, 6),), (Conv(6, 6, 1, 7),), (Conv(6, 7, 3, 3, padded=False),))),
+    ), None, None),
+}
+
+
+def _unpadded_inputs(name, size):
+    spec = UNPADDED[name]
+    graph = plan(spec)
+    weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw) / (c.kh * c.kw * c.in_channels) ** 0.5
+               for c in spec.convs]
+    biases = [torch.randn(c.out_channels) * 0.1 for c in spec.convs]
+    return spec, graph, weights, biases, torch.randn(size[0], spec.in_channels, *size[1:])
+
+
+# Every size gives at least F(2x2, 3x3)'s 32 tiles: (40, 3, 3) unpadded is 40 1x1 outputs.
+@pytest.mark.parametrize("size", [(8, 9, 11), (1, 15, 14), (5, 3, 17), (40, 3, 3)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", list(UNPADDED))
+def test_unpadded_and_over_x_3x3s_within_fp32_tolerance_and_not_the_direct_path(name, size):
+    from test_graph_backward import _eager
+
+    spec, graph, weights, biases, x = _unpadded_inputs(name, size)
+    wino = pack_weights(graph, weights, biases, "cpu")
+    direct = pack_weights(graph, weights, biases, "cpu", winograd=False)
+    assert _winograd_stages(graph, wino[0], spec.in_channels) >= 1
+    assert _winograd_stages(graph, direct[0], spec.in_channels) == 0
+    got, y_direct = graph_forward(x, *wino, graph.flat()), graph_forward(x, *direct, graph.flat())
+    want = _eager(spec, x.double(), [w.double() for w in weights], [b.double() for b in biases])
+    assert got.shape == want.shape == (size[0], spec.out_channels, *spec.out_size(*size[1:]))
+    assert rel_err(got, want) <= TOLERANCE[torch.float32]
+    assert rel_err(y_direct, want) <= TOLERANCE[torch.float32]
+    assert not torch.equal(got, y_direct), "the Winograd stages did not run"
+
+
+@pytest.mark.parametrize("name", list(UNPADDED))
+def test_unpadded_and_over_x_3x3s_are_thread_independent_and_keep_non_finite_values_in_place(name):
+    from test_graph_backward import _eager
+
+    spec, graph, weights, biases, x = _unpadded_inputs(name, (3, 14, 13))
+    x[0, 2, 0, 0] = float("nan")  # the corner: in the zero border's window for 'same'
+    x[1, 4, 7, 12] = float("inf")  # the last column of an odd width
+    x[2, 1, 13, 5] = float("-inf")  # the last row: past the unpadded grid's last tile row
+    wino = pack_weights(graph, weights, biases, "cpu")
+    one, two = _at_one_and_two_threads(lambda: graph_forward(x, *wino, graph.flat()))
+    assert torch.equal(one.nan_to_num(), two.nan_to_num()) and torch.equal(one.isnan(), two.isnan())
+    want = _eager(spec, x, weights, biases)
+    for same in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(same(one), same(want))
+    finite = torch.isfinite(want)
+    assert rel_err(one[finite], want[finite]) <= TOLERANCE[torch.float32]

@@ -89,12 +89,17 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
     return packed_b, packed_bias
 
 
-def winograd_packed(graph: GraphPlan, g, b: torch.Tensor) -> bool:
+def winograd_packed(graph: GraphPlan, g, b: torch.Tensor, in_channels: int | None = None) -> bool:
     """Whether `b`, GEMM g's packed B, holds Winograd panels (backend.pack_winograd):
     (panels, (positions + kh*kw) * channels, width), 25 for a 3x3, 15 for a 1x7 or 7x1, 7
-    for a 1x3 or 3x1, which the C++ kernel tells apart by the same shape."""
-    return (g.winograd and b.dim() == 3
-            and b.shape[1] == (winograd_positions(g.kh, g.kw) + g.kh * g.kw) * graph.buf_channels[g.source])
+    for a 1x3 or 3x1, which the C++ kernel tells apart by the same shape. in_channels (x's)
+    is needed for a GEMM over x (a stem's 3x3); raises ValueError without it."""
+    if not g.winograd or b.dim() != 3:
+        return False
+    if g.source < 0 and in_channels is None:
+        raise ValueError("winograd_packed: a GEMM over x needs in_channels (x's channel count)")
+    channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
+    return b.shape[1] == (winograd_positions(g.kh, g.kw) + g.kh * g.kw) * channels
 
 
 def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
@@ -110,7 +115,7 @@ def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,
             channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
             if channels is None and b.dtype == torch.bfloat16:
                 raise ValueError("unpack_weights: bf16 CPU panels need in_channels (x's channel count)")
-            full = (unpack_winograd(b, g.cols, channels, g.kh, g.kw) if winograd_packed(graph, g, b)
+            full = (unpack_winograd(b, g.cols, channels, g.kh, g.kw) if winograd_packed(graph, g, b, channels)
                     else unpack_panels(b, g.cols, g.kh * g.kw, channels))
         for segment, i in zip(g.segments, g.convs):
             weights[i] = from_gemm_b(full[:, segment.begin:segment.end], g.kh, g.kw)
@@ -196,8 +201,7 @@ def _graph_fake(x, b, bias, flat_plan):
                          f"{sorted({str(t.device) for t in (*b, *bias)})}")
     p = GraphPlan.from_flat(flat_plan)
     n, _, h, w = x.shape  # symbolic under dynamic shapes
-    if p.stride == 2:
-        h, w = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+    h, w = p.out_size(h, w)
     return x.new_empty((n, p.out_channels, h, w)).contiguous(memory_format=torch.channels_last)
 
 
@@ -208,14 +212,14 @@ def graph_macs(x_shape, flat_plan: list[int]) -> int:
     even adds a zero row)."""
     n, c, h, w = x_shape
     p = GraphPlan.from_flat(flat_plan)
-    out_pixels = n * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
     total = 0
     for g in p.gemms:
         if g.source == Source.MAX_POOL_COPY:  # no multiply-adds
             continue
         taps = 1 if g.source < 0 and Source(g.source).pooled else g.kh * g.kw
         channels = c if g.source < 0 else p.buf_channels[g.source]
-        total += (n * h * w if g.stride == 1 else out_pixels) * taps * channels * g.cols
+        gh, gw = g.grid(h, w)
+        total += n * gh * gw * taps * channels * g.cols
     return total
 
 
@@ -337,12 +341,13 @@ def _graph_backward_flops(grad_out_shape, x_shape, y_shape, intermediate_shapes,
     gradient when its input needs one: always for an intermediate (it depends on weights or
     x that need gradients, or the backward would not run), for x and the pooled x only when
     needs[0]. Each is one forward's worth of multiply-adds of that convolution."""
-    _, stride, _, _, table = GraphPlan.from_backward_flat(backward_plan)
+    _, _, _, _, table = GraphPlan.from_backward_flat(backward_plan)
     n, _, h, w = x_shape
-    out_pixels = n * ((h - 3) // 2 + 1) * ((w - 3) // 2 + 1)
     total = 0
-    for (source, *_, conv_stride, _, _), shape in zip(table, weight_shapes):
-        macs = (n * h * w if conv_stride == 1 else out_pixels) * shape[0] * shape[1] * shape[2] * shape[3]
+    for conv, shape in zip(table, weight_shapes):
+        source = conv.source
+        gh, gw = conv.grid(h, w)
+        macs = n * gh * gw * shape[0] * shape[1] * shape[2] * shape[3]
         total += macs * (int(bool(needs[1])) + int(source >= 0 or bool(needs[0])))
     return 2 * total
 
@@ -476,7 +481,7 @@ def _op_backward(backend: str):
         # A list input takes a list of gradients, None where not needed.
         d_b, d_bias = [None] * len(b), [None] * len(bias)
         if needs[1]:
-            winograd = [winograd_packed(graph, g, t) for t, g in zip(b, graph.gemms)]  # as the forward's b came
+            winograd = [winograd_packed(graph, g, t, x.shape[1]) for t, g in zip(b, graph.gemms)]  # as b came
             d_b, d_bias = pack_weights(graph, grads[1::2], grads[2::2], backend, winograd=winograd, gradient=True)
         return grads[0] if needs[0] else None, d_b, d_bias, None
 

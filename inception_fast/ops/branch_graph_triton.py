@@ -12,6 +12,8 @@ compile-time kind:
 - AVG_POOL / MAX_POOL / AVG_POOL_EXCLUDE_PAD: a 1x1 whose A tile is the 3x3/1/1 pool of x
   taken while loading (the average with count_include_pad True, or False);
 - STRIDE2: a grid reduction's 3x3 stride-2 unpadded convolution over the output grid;
+- VALID: a stride-1 unpadded ('valid') kh x kw convolution over the smaller output grid
+  (timm's Mixed4a, Inception-v3's stem);
 - POOL_COPY: a grid reduction's 3x3 stride-2 max pool, copied into its output slice.
 Columns go through bias + ReLU to their destination's channel slice; slot 0 (the stage-0
 GEMM of every branch's leading 1x1) may split its columns over up to four destinations.
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from .backend import flipped_gemm_b
 from .graph_backward import graph_backward_reference
-from .plan import Destination, GraphPlan
+from .plan import Destination, GraphPlan, conv_grid
 from .triton_gemm import (
     EXACT_FP32_BLOCK_K,
     KernelConfig,
@@ -62,7 +64,7 @@ __all__ = ["DGRAD_KERNEL", "INPUT_GRAD_KERNEL", "MAX_SEGMENTS", "MAX_STAGE_GEMMS
 MAX_SEGMENTS = 4  # destinations of slot 0: the stage-0 GEMM of InceptionE has three
 MAX_STAGE_GEMMS = 4  # slots of one launch: Inception-v3's stages have at most three GEMMs
 # Slot kinds (constexpr KIND0..3 of _graph_stage_kernel).
-NONE, WINDOW, AVG_POOL, MAX_POOL, STRIDE2, POOL_COPY, AVG_POOL_EXCLUDE_PAD = 0, 1, 2, 3, 4, 5, 6
+NONE, WINDOW, AVG_POOL, MAX_POOL, STRIDE2, POOL_COPY, AVG_POOL_EXCLUDE_PAD, VALID = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 @triton.jit
@@ -113,26 +115,28 @@ def _pooled_gemm(
 
 
 @triton.jit
-def _stride2_corner(m0, rows, H, W, OH, OW):
-    """Rows of a grid reduction's tile are pixels of the (OH, OW) output grid: the first
-    image the tile touches, and each row's window corner (its top-left input pixel) as a
-    pixel index from that image's first pixel (32-bit: a tile spans a few images)."""
+def _unpadded_corner(m0, rows, H, W, OH, OW, STRIDE: tl.constexpr):
+    """Rows of an unpadded convolution's tile are pixels of the (OH, OW) output grid: the
+    first image the tile touches, and each row's window corner (its top-left input pixel,
+    STRIDE times the output pixel) as a pixel index from that image's first pixel (32-bit:
+    a tile spans a few images)."""
     img = (m0 + rows) // (OH * OW)
     r = (m0 + rows) % (OH * OW)
     img0 = m0 // (OH * OW)
-    return img0, ((img - img0) * H + (r // OW) * 2) * W + (r % OW) * 2
+    return img0, ((img - img0) * H + (r // OW) * STRIDE) * W + (r % OW) * STRIDE
 
 
 @triton.jit
-def _stride2_gemm(
+def _unpadded_gemm(
     src_ptr,  # (N, H, W, K_src) NHWC source
     w_ptr,  # (kh * kw * K_src, cols) B, row (dy * kw + dx) * K_src + c
     K_src, cols, kh, kw, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """A grid reduction's kh x kw stride-2 unpadded convolution of a tile of output pixels."""
-    img0, corner = _stride2_corner(m0, rows, H, W, OH, OW)
+    """A kh x kw unpadded convolution at STRIDE (a grid reduction's 2, a 'valid' one's 1) of
+    a tile of output pixels: every tap of every row is inside the input."""
+    img0, corner = _unpadded_corner(m0, rows, H, W, OH, OW, STRIDE)
     base = src_ptr + (img0 * H * W).to(tl.int64) * K_src  # 64-bit base, 32-bit offsets
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -166,7 +170,7 @@ def _stride2_max_pool_tile(
     output slice."""
     offs_n = pid_n * COPY_N + tl.arange(0, COPY_N)
     n_mask = offs_n < K_src
-    img0, corner = _stride2_corner(m0, rows, H, W, OH, OW)
+    img0, corner = _unpadded_corner(m0, rows, H, W, OH, OW, 2)
     base = src_ptr + (img0 * H * W).to(tl.int64) * K_src  # 64-bit base, 32-bit offsets
     mask = m_mask[:, None] & n_mask[None, :]
     best = tl.full((BLOCK_M, COPY_N), float("-inf"), tl.float32)
@@ -204,7 +208,8 @@ def _slot_tile(
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """One output tile of one GEMM of a stage: rows are pixels (of the output grid for the
-    stride-2 kinds), column tiles of a row block are consecutive programs (they share A)."""
+    stride-2 and unpadded kinds), column tiles of a row block are consecutive programs (they
+    share A)."""
     pid_m = local // tiles_n
     pid_n = local % tiles_n
     m0, rows, m_mask, h, w = pixel_rows(pid_m, M, H, W, BLOCK_M)
@@ -218,8 +223,11 @@ def _slot_tile(
             acc = window_gemm(src_tile, w_ptr, K_src, cols, kh, kw, H, W, h, w, rows, m_mask, offs_n, n_mask,
                               BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         elif KIND == 4:  # STRIDE2
-            acc = _stride2_gemm(src_ptr, w_ptr, K_src, cols, kh, kw, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
-                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+            acc = _unpadded_gemm(src_ptr, w_ptr, K_src, cols, kh, kw, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
+                                 2, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+        elif KIND == 7:  # VALID
+            acc = _unpadded_gemm(src_ptr, w_ptr, K_src, cols, kh, kw, H, W, OH, OW, m0, rows, m_mask, offs_n, n_mask,
+                                 1, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         else:  # AVG_POOL (2), MAX_POOL (3) or AVG_POOL_EXCLUDE_PAD (6)
             src_tile = src_ptr + m0.to(tl.int64) * K_src
             acc = _pooled_gemm(src_tile, w_ptr, K_src, cols, H, W, h, w, rows, m_mask, offs_n, n_mask, KIND == 3,
@@ -460,12 +468,18 @@ _POOLED = (AVG_POOL, MAX_POOL, AVG_POOL_EXCLUDE_PAD)  # a 1x1 whose A is pooled 
 
 
 def _slot_kind(gemm: list[int]) -> int:
-    _stage, source, _kh, _kw, stride, *_ = gemm
+    _stage, source, kh, kw, stride, pad_h, pad_w, *_ = gemm
     if source == -4:
         return POOL_COPY
     if source in (-2, -3, -5):
         return {-2: AVG_POOL, -3: MAX_POOL, -5: AVG_POOL_EXCLUDE_PAD}[source]
-    return STRIDE2 if stride == 2 else WINDOW
+    if stride == 2:
+        return STRIDE2
+    if (pad_h, pad_w) == (kh // 2, kw // 2):
+        return WINDOW
+    if (pad_h, pad_w) == (0, 0):
+        return VALID
+    raise ValueError(f"a {kh}x{kw} GEMM with padding ({pad_h}, {pad_w}): the Triton kernels pad 'same' or not at all")
 
 
 # The exact-fp32 (FMA dot) lists of the stage kernel, as (BLOCK_M, BLOCK_N, warps, stages)
@@ -497,7 +511,7 @@ def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> 
                    for bm, bn, warps, stages in _EXACT_STAGE_TILES[name]]
     else:
         configs = kernel_configs(name, exact_fp32)
-    if any(kind == STRIDE2 for kind, _, _ in kinds):
+    if any(kind in (STRIDE2, VALID) for kind, _, _ in kinds):
         # No 128-row tile (16 bytes of spill in fp32 on sm_80), and 8 warps for the 64x32 one
         # of the tensor-core list: on 4 warps, beside the max-pool copy, it took 254 registers
         # and spilled 40-88 bytes in tf32 with odd channel counts.
@@ -536,6 +550,7 @@ SHIPPED_STAGES = [
     ("window3", ((WINDOW, 3, 3), (WINDOW, 1, 3), (WINDOW, 3, 1)), 1),  # InceptionE stage 1
     ("stride2", ((STRIDE2, 3, 3),), 1),  # InceptionB stage 2, D stage 3
     ("stride2_window", ((STRIDE2, 3, 3), (WINDOW, 1, 7)), 1),  # InceptionD stage 1
+    ("valid", ((VALID, 3, 3),), 1),  # timm's Mixed4a stage 1 (and stage 3 beside a window); a stem's 3x3
 ]
 
 
@@ -652,7 +667,7 @@ class _StageProgram:
             copy = source == -4  # the grid reduction's max pool: no weights (x stands in, never read)
             slots.append(_Slot(0 if source < 0 else 2 + source, 0 if copy else 2 + n_bufs + i,
                                0 if copy else 2 + n_bufs + n_gemms + i, dests,
-                               n * h * w if gemm_stride == 1 else n * oh * ow,
+                               n * _prod(conv_grid(h, w, kh, kw, gemm_stride, _pad_h, _pad_w)),
                                c if source < 0 else buf_channels[source], cols, kh, kw))
         unused = MAX_STAGE_GEMMS - len(slots)
         first = slots[0]
@@ -714,13 +729,17 @@ def _programs(flat_plan: tuple[int, ...], n: int, c: int, h: int, w: int) -> tup
     m = n * h * w
     if m >= 2**31:
         raise ValueError(f"x has {m} pixels (N*H*W); the Triton kernels take fewer than 2**31")
-    oh, ow = (h, w) if p.stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
+    oh, ow = p.out_size(h, w)
     if oh <= 0 or ow <= 0:
-        raise ValueError(f"a stride-2 block needs at least 3x3 input, got {h}x{w}")
+        raise ValueError(f"the block's unpadded or stride-2 convolutions need a larger input than {h}x{w}")
     buf_channels = tuple(p.buf_channels)
     programs = tuple(_StageProgram(stage, gemms, n, c, h, w, oh, ow, buf_channels, p.out_channels,
                                    len(buf_channels), len(gemms)) for stage in launches)
     return programs, buf_channels, p.out_channels, oh, ow
+
+
+def _prod(grid: tuple[int, int]) -> int:
+    return grid[0] * grid[1]
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -48,9 +48,8 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     pool's gradient, which then computes the shared-x GEMM's dx (a and w None when no 1x1
     reads x): the Triton backward gathers that gradient in the GEMM's epilogue.
     """
-    _, stride, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
+    _, _, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
     n, c, h, w = x.shape
-    ho, wo = (h, w) if stride == 1 else ((h - 3) // 2 + 1, (w - 3) // 2 + 1)
     relu_backward = torch.ops.aten.threshold_backward
     grad_rows, y_rows, x_rows = rows(grad_out), rows(y), rows(x)
     inter_rows = [t.reshape(-1, t.shape[-1]) for t in intermediates]
@@ -90,14 +89,14 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             if needs[0]:
                 dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
                     image(g @ weight.flatten(1), n, h, w), x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
-        elif data_grad is not None and source >= 0 and conv_stride == 1:
+        elif data_grad is not None and source >= 0 and table[i].grid(h, w) == (h, w):  # 'same', stride 1
             d_inter[source], masked[source] = data_grad(g, weight, table[i], d_inter[source], intermediates[source],
                                                         consumers_left[source] == 0)
             _, d_weights[i], _ = torch.ops.aten.convolution_backward(
                 image(g, n, h, w), intermediates[source].permute(0, 3, 1, 2), weight, None, [1, 1], [pad_h, pad_w],
                 [1, 1], False, [0, 0], 1, [False, needs[1], False])
         else:
-            gh, gw = (h, w) if conv_stride == 1 else (ho, wo)
+            gh, gw = table[i].grid(h, w)
             src = x if source == Source.X else intermediates[source].permute(0, 3, 1, 2)
             need_input = source >= 0 or needs[0]
             d_src, d_weights[i], _ = torch.ops.aten.convolution_backward(

@@ -3,7 +3,8 @@ writing where. One plan drives the C++ kernels, the Triton kernels and the backw
 
 Stage 0 reads x: every 1x1 convolution that starts a branch joins one GEMM over x
 (horizontal fusion); the pooling branch's 1x1 is a GEMM over pooled rows of x made on the
-fly; a grid reduction's stride-2 convolution straight over x is a GEMM of its own. Stage
+fly; any other convolution straight over x (a grid reduction's stride-2 one, a stem's
+K x K) is a GEMM of its own. Stage
 i runs level i of every branch over the intermediates of level i-1. Each GEMM's columns
 are cut into segments, each stored (through bias + ReLU) into a channel slice of the
 output or of an intermediate buffer: there is no concat.
@@ -22,7 +23,7 @@ from typing import NamedTuple
 from ..spec import BranchGraphSpec, Conv
 
 __all__ = ["CONV_RECORD", "GEMM_HEAD", "SEGMENT_FIELDS", "ConvStep", "Destination", "GemmStep", "GraphPlan",
-           "Segment", "Source", "plan", "plan_with_residual"]
+           "Segment", "Source", "conv_grid", "out_size_of_convs", "plan", "plan_with_residual"]
 
 
 class Source(IntEnum):
@@ -55,6 +56,12 @@ SEGMENT_FIELDS = 4  # (begin, end, destination, channel)
 CONV_RECORD = 8  # (source, destination, channel, kh, kw, stride, pad_h, pad_w)
 
 
+def conv_grid(h, w, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
+    """The output grid of a kh x kw convolution over h x w, as F.conv2d's: x's grid for 'same'
+    padding at stride 1, smaller unpadded ('valid') or at stride 2. h and w may be SymInts."""
+    return (h + 2 * pad_h - kh) // stride + 1, (w + 2 * pad_w - kw) // stride + 1
+
+
 class Segment(NamedTuple):
     """GEMM columns [begin, end) go to channels [channel, channel + end - begin) of `destination`."""
 
@@ -65,8 +72,9 @@ class Segment(NamedTuple):
 
 
 class GemmStep(NamedTuple):
-    """One implicit GEMM: rows are pixels of its grid (the output grid when stride is 2), K
-    runs over kh x kw taps of `source` (padding by a zero border or masks)."""
+    """One implicit GEMM: rows are pixels of its grid (conv_grid: the output grid when it
+    shrinks, stride 2 or unpadded), K runs over kh x kw taps of `source` (padding by a zero
+    border or masks)."""
 
     stage: int
     source: int
@@ -86,14 +94,19 @@ class GemmStep(NamedTuple):
     def winograd_tile(self) -> tuple[int, int] | None:
         """The output tile (rows, columns) with which the fp32 CPU kernel can run this GEMM as
         Winograd's minimal filtering, or None: a stride-1 convolution over a zero-bordered
-        buffer, 3x3 with padding 1 (F(2x2, 3x3), 2x2 tiles), 1x7 with padding (0, 3) or 7x1
+        buffer or x (bordered by the kernel when padded), 3x3 with padding 1 or none
+        (F(2x2, 3x3), 2x2 tiles), 1x7 with padding (0, 3) or 7x1
         with padding (3, 0) (F(2, 7), 1x2 or 2x1 tiles), 1x3 with padding (0, 1) or 3x1 with
         padding (1, 0) (F(2, 3), 1x2 or 2x1 tiles). csrc/winograd.h, kind_of()."""
-        if self.source < 0 or self.stride != 1:
+        if self.source < Source.X or self.stride != 1:
             return None
-        return {(3, 3, 1, 1): (2, 2), (1, 7, 0, 3): (1, 2), (7, 1, 3, 0): (2, 1), (1, 3, 0, 1): (1, 2),
-                (3, 1, 1, 0): (2, 1)}.get(
+        return {(3, 3, 1, 1): (2, 2), (3, 3, 0, 0): (2, 2), (1, 7, 0, 3): (1, 2), (7, 1, 3, 0): (2, 1),
+                (1, 3, 0, 1): (1, 2), (3, 1, 1, 0): (2, 1)}.get(
             (self.kh, self.kw, self.pad_h, self.pad_w))
+
+    def grid(self, h, w):
+        """The (rows, columns) of pixels this GEMM runs over, for an h x w input (conv_grid)."""
+        return conv_grid(h, w, self.kh, self.kw, self.stride, self.pad_h, self.pad_w)
 
     @property
     def winograd(self) -> bool:
@@ -116,11 +129,25 @@ class ConvStep(NamedTuple):
     def flat(self) -> list[int]:
         return [int(v) for v in self]
 
+    def grid(self, h, w):
+        """Its output grid over an h x w input (conv_grid)."""
+        return conv_grid(h, w, self.kh, self.kw, self.stride, self.pad_h, self.pad_w)
+
     @property
     def over_x_1x1(self) -> bool:
         """A stride-1 1x1 over x: a column block of the stage-0 GEMM (and of the backward's
         shared-x GEMMs)."""
         return self.source == Source.X and (self.kh, self.kw, self.stride) == (1, 1, 1)
+
+
+def out_size_of_convs(convs, stride: int, h, w):
+    """The output grid of a backward plan's records (from_backward_flat) over an h x w input:
+    that of a convolution into the output, or a grid reduction's (stride 2) when only its
+    max-pool copy writes it."""
+    for c in convs:
+        if c.destination < 0:
+            return c.grid(h, w)
+    return conv_grid(h, w, 3, 3, 2, 0, 0) if stride == 2 else (h, w)
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,14 @@ class GraphPlan:
     out_channels: int
     stride: int
     pool_copy_channel: int  # the output channel where a grid reduction's max pool goes, -1 if none
+
+    def out_size(self, h, w):
+        """The output grid over an h x w input: that of the GEMMs that write the output (every
+        one the same, as the C++ kernel checks; a grid reduction's max-pool copy is one)."""
+        for g in self.gemms:
+            if any(s.destination < 0 for s in g.segments):
+                return g.grid(h, w)
+        raise ValueError("the plan writes no output")
 
     def flat(self) -> list[int]:
         """The forward's wire format: counts, then the fields in order."""
