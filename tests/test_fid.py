@@ -122,6 +122,8 @@ def test_fid_bench_two_images_swapped_fid_agrees():
                            models=("pytorch-fid",))
     (table,) = report.tables
     assert table.blocks == 11 and len(table.fused) >= 1 and len(table.fused) + len(table.unfused) == 11
+    # convs=True by default: the stem's five conv units (1a, 2a, 2b, 3b, 4a) too, each checked.
+    assert table.conv_units == [f"blocks.{i}" for i in ("0.0", "0.1", "0.2", "1.0", "1.1")]
     rows = {r.contender: r for r in table.rows}
     assert set(rows) == {"eager", "swapped"}
     for r in rows.values():
@@ -131,7 +133,7 @@ def test_fid_bench_two_images_swapped_fid_agrees():
     assert rows["swapped"].fid_rel_diff <= fid.FID_RTOL and report.ok
     assert sum("round 1/1" in line for line in lines) == 2  # one progress line per contender and round
     markdown = report.to_markdown()
-    assert f"{len(table.fused)} of 11" in markdown and "PASS" in markdown
+    assert f"{len(table.fused)} of 11" in markdown and "5 conv units of the stem" in markdown and "PASS" in markdown
     json.dumps(report.to_json_dict())
 
 

@@ -137,7 +137,10 @@ def test_plan_fuses_every_leading_1x1_into_one_gemm():
 
 @pytest.mark.parametrize("bad, words", [
     (dict(pool="lp"), "pool"),
-    (dict(branches=(Branch(((Conv(8, 4, 3, 3),),)),)), "start with one 1x1"),
+    (dict(branches=(Branch(((Conv(8, 4, 3, 3),), (Conv(4, 4),))),)), "start with one 1x1"),
+    (dict(branches=(Branch(((Conv(8, 4),), (Conv(4, 4, 3, 3, padded=False),))),)), "stride 1, no pool branch"),
+    (dict(branches=(Branch(((Conv(8, 4, 3, 3, padded=False),), (Conv(4, 4),))),), pool=None, pool_proj=None),
+     "ends its branch"),
     (dict(branches=(Branch(((Conv(8, 4),), (Conv(5, 4, 3, 3),))),)), "must read 4 channels"),
 ])
 def test_bad_specs_name_what_is_wrong(bad, words):
@@ -267,3 +270,32 @@ def test_a_timm_block_fuses_and_runs_the_original_in_train_mode():
 def test_a_non_module_is_refused_with_a_type_error():
     with pytest.raises(TypeError, match="block must be a torch.nn.Module, got str"):
         FusedBranchGraph("InceptionA")
+
+
+@needs_cpu_kernel
+def test_swap_convs_fuses_the_stem_conv_units_forward_and_backward():
+    """swap_inception(convs=True) on Inception-v3's stem: Conv2d_1a (3x3/2), 2a (unpadded
+    3x3), 2b ('same' 3x3 straight over x), 3b (1x1) and 4a (unpadded 3x3) each become a
+    one-branch graph, the max pools stay eager; output, input gradient and every parameter
+    gradient against the original with the same grad_output. Without convs nothing there
+    is fused."""
+    model = randomize_(torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)).eval()
+    names = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3")
+    stem = torch.nn.Sequential(*[getattr(model, n) for n in names])
+    assert not any(isinstance(m, FusedBranchGraph) for m in ifast.swap_inception(copy.deepcopy(stem)).modules())
+    swapped = ifast.swap_inception(copy.deepcopy(stem), convs=True)
+    fused = [m for m in swapped.modules() if isinstance(m, FusedBranchGraph)]
+    assert [(c.kh, c.stride, c.padded) for m in fused for c in m.spec.convs] == [
+        (3, 2, True), (3, 1, False), (3, 1, True), (1, 1, True), (3, 1, False)]
+    x = torch.randn(2, 3, 41, 40).contiguous(memory_format=torch.channels_last)  # 2a: 162 Winograd tiles
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [stem(xs[0]), swapped(xs[1])]
+    assert ys[1].shape == ys[0].shape == (2, 192, 6, 6)
+    assert rel_err(ys[1], ys[0]) <= TOLERANCE[torch.float32]
+    grad_out = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(grad_out)
+    assert rel_err(xs[1].grad, xs[0].grad) <= TOLERANCE[torch.float32]
+    assert list(swapped.state_dict()) == list(stem.state_dict())  # drop-in: the same keys
+    for (name, p), q in zip(stem.named_parameters(), swapped.parameters()):
+        assert rel_err(q.grad, p.grad) <= TOLERANCE[torch.float32], name
