@@ -114,23 +114,46 @@ std::optional<winograd::Kind> winograd_b(const at::Tensor& b, const GemmDesc& d,
   return std::nullopt;
 }
 
-// x_border: x is (N, H + 2 x_border, W + 2 x_border, C) NHWC with a zero border, for
-// convolutions over x with padding (the stems' 'same' 3x3s); 0: x as given, channels_last.
 template <typename T>
-void graph_forward_impl(const at::Tensor& x, int64_t x_border, const std::vector<int64_t>& buf_channels,
+void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
                         const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
                         at::TensorList b, at::TensorList bias, const std::vector<at::Tensor>& bufs,
                         at::Tensor& out) {
-  const int64_t N = out.size(0), C = x_border > 0 ? x.size(3) : x.size(1);
-  const int64_t H = x_border > 0 ? x.size(1) - 2 * x_border : x.size(2);
-  const int64_t W = x_border > 0 ? x.size(2) - 2 * x_border : x.size(3), HW = H * W;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int64_t c_out = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
   std::vector<Plane<T>> planes;  // over bufs: (N, H + 2 border, W + 2 border, channels) each
   for (size_t k = 0; k < buf_channels.size(); ++k)
     planes.push_back(padded_plane<T>(bufs[k], H, W, buf_channels[k], buf_border[k]));
+  // A convolution over x with padding (a stem's 'same' 3x3) reads x: as Winograd stages,
+  // unbordered (window loads outside read zeros); as the direct implicit GEMM, from a
+  // zero-bordered copy, as the later stages read their zero-bordered intermediates (every
+  // tap an in-bounds load). The copy cost 27 ms of 130 for Conv2d_2b at batch 50.
+  int64_t x_border = 0;
+  bool copy_x = false;
+  for (const GemmDesc& d : descs) {
+    if (d.source != kSourceX || (d.pad_h == 0 && d.pad_w == 0)) continue;
+    x_border = std::max({x_border, d.pad_h, d.pad_w});
+    bool winograd_runs = false;
+    if constexpr (std::is_same_v<T, float>) {
+      const size_t g = &d - descs.data();
+      if (const auto kind = winograd_b(b[g], d, C)) {
+        const auto [gh, gw] = gemm_grid(d, H, W);
+        winograd_runs = winograd::worth_it(*kind, N, gh, gw);
+      }
+    }
+    copy_x = copy_x || !winograd_runs;
+  }
+  at::Tensor x_copy;
+  if (copy_x) {
+    x_copy = at::zeros({N, H + 2 * x_border, W + 2 * x_border, C}, x.options());
+    x_copy.narrow(1, x_border, H).narrow(2, x_border, W).copy_(x.permute({0, 2, 3, 1}));
+  } else {
+    x_border = 0;
+  }
   const int64_t xw = W + 2 * x_border;
-  const Plane<const T> x_plane{x.data_ptr<T>(), (H + 2 * x_border) * xw * C, xw * C, C, x_border};
+  const Plane<const T> x_plane{copy_x ? x_copy.data_ptr<T>() : x.data_ptr<T>(), (H + 2 * x_border) * xw * C,
+                               xw * C, C, x_border};
   const Plane<T> out_plane{out.data_ptr<T>(), Ho * Wo * c_out, Wo * c_out, c_out, 0};
 
   // Each GEMM runs over its own grid (gemm_grid): x's, or the output's when it shrinks.
@@ -477,9 +500,8 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
   const at::Tensor x = x_in.to(compute).contiguous(at::MemoryFormat::ChannelsLast);
   // The output grid is that of the GEMMs writing it (gemm_grid): x's, or smaller for a grid
   // reduction (3x3 stride-2 unpadded convolutions and pool) or unpadded convolutions.
-  int64_t out_h = -1, out_w = -1, x_border = 0;
+  int64_t out_h = -1, out_w = -1;
   for (const GemmDesc& d : p.descs) {
-    if (d.source == kSourceX) x_border = std::max({x_border, d.pad_h, d.pad_w});
     if (std::none_of(d.segments.begin(), d.segments.end(), [](const auto& s) { return out_destination(s[2]); }))
       continue;
     TORCH_CHECK(x.size(2) + 2 * d.pad_h >= d.kh && x.size(3) + 2 * d.pad_w >= d.kw, "x must be at least ",
@@ -514,15 +536,8 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     bufs.push_back(at::empty({N, H + 2 * pad, W + 2 * pad, p.buf_channels[k]}, x.options()));
   }
   if (out.numel() == 0 || x.numel() == 0) return out;
-  // A convolution over x with padding reads a zero-bordered copy of x, as the later stages
-  // read their zero-bordered intermediates: every tap an in-bounds load.
-  at::Tensor x_run = x;
-  if (x_border > 0) {
-    x_run = at::zeros({N, H + 2 * x_border, W + 2 * x_border, x.size(1)}, x.options());
-    x_run.narrow(1, x_border, H).narrow(2, x_border, W).copy_(x.permute({0, 2, 3, 1}));
-  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "inception_graph_forward", [&] {
-    graph_forward_impl<scalar_t>(x_run, x_border, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work);
+    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work);
   });
   if (half) out.copy_(work);
   return out;

@@ -240,19 +240,32 @@ inline std::pair<int64_t, int64_t> tile(Kind kind) {
 // One Winograd convolution of the plan: its kind, its input, the U blocks of its packed B,
 // and the implicit GEMM over the direct part of that B (the caller's, with its bias, columns
 // and destinations), which also serves the recomputes.
+// Whether a Winograd stage of `kind` over an Ho x Wo output grid and N images runs as
+// Winograd (Transform::kMinTiles), rather than as the direct GEMM over its direct taps.
+inline bool worth_it(Kind kind, int64_t N, int64_t Ho, int64_t Wo) {
+  return visit(kind, [&](auto t) {
+    using Tr = decltype(t);
+    return N * ceil_div(Ho, int64_t{Tr::kTileH}) * ceil_div(Wo, int64_t{Tr::kTileW}) >= Tr::kMinTiles;
+  });
+}
+
 struct Conv {
   Kind kind;
-  Plane<const float> src;  // (N, H + 2 border, W + 2 border, cin), zero border >= the padding
+  // (N, H + 2 border, W + 2 border, cin). A border narrower than the padding (x itself, which
+  // the stem's 'same' 3x3s read unbordered): window pixels outside read as zeros, and the
+  // recomputes run over a zero-padded copy of the window (patch_direct).
+  Plane<const float> src;
   int64_t H, W;              // the input grid
   int64_t Ho, Wo;            // the output grid: H x W for 'same' padding, smaller unpadded
   int64_t pad_h, pad_w;      // the transform's own padding, or 0 ('valid')
   const float* u;            // (panels, (positions + taps) cin, kNR): the U_alpha blocks, then the taps
   gemm::Gemm<float> direct;  // b_packed at the direct taps of each panel, panel_rows (positions + taps) cin
+  gemm::Gemm<float> patch_direct;  // direct, its taps offset within a (kWinH, kWinW, cin) window copy
 
   Conv(Kind kind_, const Plane<const float>& src_, int64_t H_, int64_t W_, int64_t Ho_, int64_t Wo_, int64_t pad_h_,
        int64_t pad_w_, const float* u_, gemm::Gemm<float> direct_)
       : kind(kind_), src(src_), H(H_), W(W_), Ho(Ho_), Wo(Wo_), pad_h(pad_h_), pad_w(pad_w_), u(u_),
-        direct(std::move(direct_)) {
+        direct(std::move(direct_)), patch_direct(direct) {
     TORCH_CHECK(direct.panel_rows == (positions(kind) + taps(kind)) * direct.k_per_tap &&
                     static_cast<int64_t>(direct.tap_offset.size()) == taps(kind),
                 "winograd: the direct GEMM must run over the direct part of the Winograd panels");
@@ -260,11 +273,13 @@ struct Conv {
       TORCH_CHECK(seg.epilogue == gemm::Epilogue::kRelu, "winograd: a convolution stage stores relu(sum + bias)");
     visit(kind, [&](auto t) {
       using Tr = decltype(t);
-      TORCH_CHECK((pad_h == Tr::kPadH || pad_h == 0) && (pad_w == Tr::kPadW || pad_w == 0) &&
-                      src.pad >= std::max(pad_h, pad_w) && Ho == H + 2 * pad_h - (Tr::kWinH - Tr::kTileH) &&
-                      Wo == W + 2 * pad_w - (Tr::kWinW - Tr::kTileW),
-                  "winograd: padding (", pad_h, ", ", pad_w, ") over a border of ", src.pad, " does not map ", H, "x",
-                  W, " onto ", Ho, "x", Wo);
+      TORCH_CHECK((pad_h == Tr::kPadH || pad_h == 0) && (pad_w == Tr::kPadW || pad_w == 0) && src.pad >= 0 &&
+                      Ho == H + 2 * pad_h - (Tr::kWinH - Tr::kTileH) && Wo == W + 2 * pad_w - (Tr::kWinW - Tr::kTileW),
+                  "winograd: padding (", pad_h, ", ", pad_w, ") does not map ", H, "x", W, " onto ", Ho, "x", Wo);
+      const int64_t taps_w = Tr::kWinW - Tr::kTileW + 1;  // the filter's width
+      for (size_t t = 0; t < patch_direct.tap_offset.size(); ++t)
+        patch_direct.tap_offset[t] = (static_cast<int64_t>(t) / taps_w * Tr::kWinW + static_cast<int64_t>(t) % taps_w) *
+                                     cin();
     });
   }
   int64_t cin() const { return direct.k_per_tap; }
@@ -277,9 +292,9 @@ struct Conv {
     const auto [th, tw] = tile(kind);
     return N * ceil_div(Ho, th) * ceil_div(Wo, tw);
   }
-  bool worth_it(int64_t N) const {
-    return tiles(N) >= visit(kind, [](auto t) { return decltype(t)::kMinTiles; });
-  }
+  bool worth_it(int64_t N) const { return winograd::worth_it(kind, N, Ho, Wo); }
+  // Whether the source's border covers the padding: every window pixel an in-bounds load.
+  bool bordered() const { return src.pad >= std::max(pad_h, pad_w); }
 };
 
 // One thread's scratch for Conv::run: V and M of a block, the GEMMs' partial sums, row
@@ -296,7 +311,8 @@ class Workspace {
         rows_(kMaxTiles),
         pix_(3 * kMaxTiles),
         zeros_(kMaxTiles, 0),
-        iota_(kMaxTiles) {
+        iota_(kMaxTiles),
+        patch_(kMaxPositions * max_cin) {
     for (int64_t i = 0; i < kMaxTiles; ++i) iota_[i] = i;
   }
 
@@ -344,13 +360,16 @@ class Workspace {
     using Vec = Simd<float>::Vec;
     constexpr int L = Simd<float>::kLanes, P = Tr::kPositions;
     const int64_t last_h = conv.H - 1 + conv.src.pad, last_w = conv.W - 1 + conv.src.pad, C = conv.cin();
+    const int64_t first = -conv.src.pad;  // above and left of the border: x read unbordered
     const int64_t a_stride = kMaxTiles * ldv_;
     for (int64_t i = 0; i < count; ++i) {
       const float* p[P];
       for (int r = 0; r < Tr::kWinH; ++r)
         for (int s = 0; s < Tr::kWinW; ++s) {
           const int64_t h = Tr::kTileH * th[i] - conv.pad_h + r, w = Tr::kTileW * tw[i] - conv.pad_w + s;
-          p[r * Tr::kWinW + s] = h <= last_h && w <= last_w ? conv.src.interior_row(tn[i], h, w) : nullptr;
+          p[r * Tr::kWinW + s] = h >= first && w >= first && h <= last_h && w <= last_w
+                                     ? conv.src.interior_row(tn[i], h, w)
+                                     : nullptr;
         }
       float* out = v_.data() + i * ldv_;
       int64_t c = 0;
@@ -456,23 +475,44 @@ class Workspace {
           s_top = std::max(s_top, s_max[l]);
         }
         if (trusted && s_top <= Tr::kCancellation * y_top) continue;
+        // Unbordered: the tile's window copied with zeros outside the source, each pixel's
+        // taps at its corner in the copy.
+        if (!conv.bordered()) window_patch<Tr>(conv, tn[i], h0 - conv.pad_h, w0 - conv.pad_w);
         int64_t n = 0;
         for (int r = 0; r < rows; ++r)
           for (int s = 0; s < cols; ++s, ++n) {
             pn[n] = tn[i];
             ph[n] = h0 + r;
             pw[n] = w0 + s;
-            rows_[n] = conv.src.interior_row(tn[i], ph[n] - conv.pad_h, pw[n] - conv.pad_w);  // the window's corner
+            rows_[n] = conv.bordered() ? conv.src.interior_row(tn[i], ph[n] - conv.pad_h, pw[n] - conv.pad_w)
+                                       : patch_.data() + (r * Tr::kWinW + s) * conv.cin();  // the window's corner
           }
-        gemm::run_gemm(conv.direct, rows_.data(), pn, ph, pw, n, acc_.data(), p, panels);
+        gemm::run_gemm(conv.bordered() ? conv.direct : conv.patch_direct, rows_.data(), pn, ph, pw, n, acc_.data(), p,
+                       panels);
       }
     }
+  }
+
+  // patch_ = the (kWinH, kWinW, cin) window of image n from (h, w) on, zeros outside the source.
+  template <typename Tr>
+  void window_patch(const Conv& conv, int64_t n, int64_t h, int64_t w) {
+    const int64_t C = conv.cin();
+    for (int r = 0; r < Tr::kWinH; ++r)
+      for (int s = 0; s < Tr::kWinW; ++s) {
+        float* dst = patch_.data() + (r * Tr::kWinW + s) * C;
+        const int64_t y = h + r, x = w + s;
+        if (y >= -conv.src.pad && x >= -conv.src.pad && y < conv.H + conv.src.pad && x < conv.W + conv.src.pad)
+          std::memcpy(dst, conv.src.interior_row(n, y, x), C * sizeof(float));
+        else
+          std::fill(dst, dst + C, 0.0f);
+      }
   }
 
   int64_t ldv_, ldm_;  // row strides of V_alpha and M_alpha, clear of 4 KB set conflicts
   std::vector<float> v_, m_, acc_, zero_bias_;
   std::vector<const float*> rows_;
   std::vector<int64_t> pix_, zeros_, iota_;
+  std::vector<float> patch_;
 };
 
 }  // namespace inception_fast::winograd
