@@ -38,14 +38,22 @@ KINDS = {
     "googlenet-plain": lambda: reference_module(SPEC),  # the paper's conv + bias + ReLU
     "v3": lambda: small_v3_block("A", 8),  # torchvision's InceptionA
     "residual": small_residual_block,  # Inception-ResNet's form: no pool branch, then act(x + s * 1x1(concat))
+    # A lone stem unit (swap_inception(convs=True)): torchvision's BasicConv2d, an unpadded 3x3 over x.
+    "stem": lambda: _stem_unit(),
 }
+
+
+def _stem_unit() -> nn.Module:
+    from torchvision.models.inception import BasicConv2d
+
+    return randomize_(BasicConv2d(8, 6, kernel_size=3)).eval()
 
 
 @pytest.fixture(params=list(KINDS))
 def pair(request):
     """(original one-block model, swapped deep copy), fp64, eval mode."""
     original = nn.Sequential(KINDS[request.param]()).double().eval()
-    swapped = ifast.swap_inception(copy.deepcopy(original))
+    swapped = ifast.swap_inception(copy.deepcopy(original), convs=request.param == "stem")
     assert isinstance(swapped[0], DropInBlock)
     return original, swapped
 
@@ -603,7 +611,7 @@ def test_bn_eps_changed_after_the_first_call(pair):
 def test_conv_geometry_changed_after_the_swap_raises(pair):
     _, swapped = pair
     conv = next(m for m in swapped.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
-    conv.padding = (0, 0)
+    conv.padding = (0, 0) if conv.padding != (0, 0) else (1, 1)  # the stem's unpadded 3x3 gains padding
     with pytest.raises(RuntimeError, match="stride, padding, dilation or groups changed after the swap"):
         swapped(_x())
 
