@@ -140,7 +140,14 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            fields = dict(line.split(":", 1) for line in f if ":" in line and not line.startswith("flags"))
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        # "AMD EPYC" alone names two CPUs here that differ 2x in fp32 FMA throughput (Zen 4
+        # runs a 512-bit FMA as two halves, Zen 5 has two full 512-bit FMA pipes).
+        if "cpu family" in fields:
+            zen = {"25": "Zen 3/4", "26": "Zen 5"}.get(fields["cpu family"], "") if "AMD" in cpu else ""
+            cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')}{', ' + zen if zen else ''})"
     ext = cpu_extension()
     return {
         "cpu": cpu,
@@ -454,8 +461,10 @@ _NETWORKS = {  # name -> (constructor, input size)
 def bench_networks(
     batches: list[int], with_compile: bool = True, reps: int = 5, progress: Callable[[str], None] | None = None,
     model: str = "torchvision googlenet", device: str = "cpu", dtype: torch.dtype = torch.float32,
+    convs: bool = False,
 ) -> list[dict]:
-    """A whole torchvision network (random weights, eval): swapped against eager and compile."""
+    """A whole torchvision network (random weights, eval): swapped against eager and compile.
+    convs: swap with swap_inception(model, convs=True), the stem's conv units fused too."""
     from .swap import swap_inception
 
     make, size = _NETWORKS[model]
@@ -464,7 +473,7 @@ def bench_networks(
         if progress:
             progress(f"{model}, batch {batch}")
         original = make().to(device=device, dtype=dtype, memory_format=torch.channels_last)
-        swapped = swap_inception(copy.deepcopy(original))
+        swapped = swap_inception(copy.deepcopy(original), convs=convs)
         x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         providers = {"fused": lambda: swapped(x), "eager_channels_last": lambda: original(x)}
         compile_s = {}
@@ -477,7 +486,8 @@ def bench_networks(
                 providers[name] = lambda compiled=compiled: compiled(x)
         with torch.no_grad():
             seconds = time_alternating(providers, reps=reps, device=device)
-        rows.append({"model": model, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+        rows.append({"model": model + (", convs=True" if convs else ""), "batch": batch,
+                     "dtype": str(dtype).removeprefix("torch."),
                      "ms": {k: v * 1e3 for k, v in seconds.items()}, "compile_s": compile_s,
                      "speedup": {k: v / seconds["fused"] for k, v in seconds.items() if k != "fused"}})
     return rows

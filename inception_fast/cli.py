@@ -170,7 +170,7 @@ def _bench_whole_networks(args: argparse.Namespace) -> int:
         raise UsageError("--whole-networks runs on the CPU in float32: drop --device and --dtype")
     rows = []
     for model, batches in (("torchvision googlenet", [1, 16]), ("torchvision inception_v3", [1, 8])):
-        rows += bench_networks(batches, reps=args.reps, progress=print_progress, model=model)
+        rows += bench_networks(batches, reps=args.reps, progress=print_progress, model=model, convs=args.convs)
     markdown = networks_markdown(rows)
     print(markdown)
     out = Path(args.out)
@@ -179,7 +179,7 @@ def _bench_whole_networks(args: argparse.Namespace) -> int:
     (out / "networks.md").write_text(markdown + "\n")
     print(f"wrote {out}/networks.json, networks.md", file=sys.stderr)
     if args.write_readme:
-        _write_readme_section(Path("README.md"), "networks", markdown)
+        _write_readme_section(Path("README.md"), "networks-convs" if args.convs else "networks", markdown)
     return 0
 
 
@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-networks", action="store_true",
                    help="only whole networks: googlenet (batch 1, 16) and inception_v3 (1, 8), eager, fused, "
                         "compile(model) and compile(swap(model))")
+    p.add_argument("--convs", action="store_true",
+                   help="with --whole-networks: swap_inception(model, convs=True), the stem's conv units fused too")
     p.add_argument("--v3", action="store_true",
                    help="Inception-v3's fused blocks (InceptionA/C/E) instead of GoogLeNet's; with --networks, "
                         "the whole swapped inception_v3")
