@@ -224,6 +224,7 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
     if convs:
         candidates += [(name, m, True) for name, m in model.named_modules() if _is_lone_candidate(m)]
     replaced: list[str] = []
+    units = 0  # lone conv units among `swapped`
     for name, module, lone in candidates:
         if any(name.startswith(prefix + ".") for prefix in replaced):
             continue  # inside a block that is already fused
@@ -262,7 +263,12 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
         setattr(model.get_submodule(parent_name), child, fused)
         swapped.append(name)
         replaced.append(name)
-    log.info("swap_inception: swapped %d block(s), left %d unfused", len(swapped), len(skipped))
+        units += lone
+    if convs:
+        log.info("swap_inception: swapped %d block(s) and %d conv unit(s), left %d unfused", len(swapped) - units,
+                 units, len(skipped))
+    else:
+        log.info("swap_inception: swapped %d block(s), left %d unfused", len(swapped), len(skipped))
     placements = {(p.device.type, p.dtype) for name in swapped for p in model.get_submodule(name).parameters()}
     if (note := _precision_note(placements, backend)) is not None:
         log.warning("swap_inception: %s", note)

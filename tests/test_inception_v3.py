@@ -1,6 +1,7 @@
 """Inception-v3's blocks (torchvision InceptionA to E) on the branch-graph kernel."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -273,7 +274,7 @@ def test_a_non_module_is_refused_with_a_type_error():
 
 
 @needs_cpu_kernel
-def test_swap_convs_fuses_the_stem_conv_units_forward_and_backward():
+def test_swap_convs_fuses_the_stem_conv_units_forward_and_backward(caplog):
     """swap_inception(convs=True) on Inception-v3's stem: Conv2d_1a (3x3/2), 2a (unpadded
     3x3), 2b ('same' 3x3 straight over x), 3b (1x1) and 4a (unpadded 3x3) each become a
     one-branch graph, the max pools stay eager; output, input gradient and every parameter
@@ -283,7 +284,9 @@ def test_swap_convs_fuses_the_stem_conv_units_forward_and_backward():
     names = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3")
     stem = torch.nn.Sequential(*[getattr(model, n) for n in names])
     assert not any(isinstance(m, FusedBranchGraph) for m in ifast.swap_inception(copy.deepcopy(stem)).modules())
-    swapped = ifast.swap_inception(copy.deepcopy(stem), convs=True)
+    with caplog.at_level(logging.INFO, logger="inception_fast"):
+        swapped = ifast.swap_inception(copy.deepcopy(stem), convs=True)
+    assert "swapped 0 block(s) and 5 conv unit(s), left 0 unfused" in caplog.text
     fused = [m for m in swapped.modules() if isinstance(m, FusedBranchGraph)]
     assert [(c.kh, c.stride, c.padded) for m in fused for c in m.spec.convs] == [
         (3, 2, True), (3, 1, False), (3, 1, True), (1, 1, True), (3, 1, False)]
