@@ -60,13 +60,15 @@ class ChannelCoverage {
 // format; returns (N, out_channels, H', W') channels_last. flat_plan = GraphPlan.flat():
 // (buffers, buf_channels..., buf_border..., out_channels, stride, gemms, then per GEMM its
 // record length and record (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments,
-// then (begin, end, destination, channel) per segment)), codes of plan.h (k >= 0: buffer
-// k). Buffer k is an (N, H + 2 border, W + 2 border, channels) NHWC intermediate with a
-// zero border. b[g] is B = W^T packed in panels of panel_width(dtype) columns,
-// (ceil(cols / width), K, width), zero-padded, K index (dy * kw + dx) * source_channels + c;
-// or, for an fp32 3x3 stride-1 GEMM over a buffer, Winograd panels (ceil(cols / width),
-// 25 * source_channels, width) that run it as F(2x2, 3x3) (winograd.h).
-// stride 2: a grid-reduction block, whose output grid is (H - 3) / 2 + 1. dtypes: float32,
+// then (begin, end, destination, channel) per segment), then x's channel count), codes of
+// plan.h (k >= 0: buffer k). Buffer k is an (N, H + 2 border, W + 2 border, channels) NHWC
+// intermediate with a zero border. b[g] is B = W^T packed in panels of panel_width(dtype)
+// columns, (ceil(cols / width), K, width), zero-padded, K index (dy * kw + dx) *
+// source_channels + c; or, for an fp32 stride-1 3x3 (1xK, Kx1) GEMM, Winograd panels
+// (ceil(cols / width), (positions + taps) * source_channels, width) (winograd.h).
+// Each GEMM runs over its convolution's output grid over H x W (F.conv2d's); the output's
+// grid is that of the GEMMs writing it: x's, (H - 3) / 2 + 1 for a grid reduction
+// (stride 2), H - kh + 1 for unpadded stride-1 convolutions. dtypes: float32,
 // float64, bfloat16 (fp32 biases, VNNI-paired B: gemm.h), float16 (computed in fp32: B,
 // biases and the intermediates fp32, the output fp16).
 at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,

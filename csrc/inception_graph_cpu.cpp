@@ -385,10 +385,10 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
 }
 
 // GraphPlan.flat() (inception_fast/ops/plan.py): (buffers, buf_channels..., buf_border...,
-// out_channels, stride, gemms, then per GEMM its record length and record).
+// out_channels, stride, gemms, then per GEMM its record length and record, then x's channels).
 struct FlatPlan {
   std::vector<int64_t> buf_channels, buf_border;
-  int64_t out_channels, stride;
+  int64_t out_channels, stride, in_channels = 0;
   std::vector<GemmDesc> descs;
   bool residual = false;  // some output goes through a residual epilogue: x has out_channels channels
 };
@@ -417,7 +417,10 @@ FlatPlan parse_flat_plan(at::IntArrayRef flat) {
     p.descs.push_back(parse_desc(flat.slice(i + 1, flat[i]), buffers));
     i += 1 + flat[i];
   }
-  TORCH_CHECK(i == size, "flat_plan: ", size - i, " values after the last GEMM");
+  TORCH_CHECK(i == size - 1, "flat_plan: ", size - i, " values after the last GEMM, not one (x's channels)");
+  p.in_channels = flat[i];
+  TORCH_CHECK(1 <= p.in_channels && p.in_channels <= kMaxChannels, "flat_plan: in_channels ", p.in_channels,
+              " out of range");
 
   // The plan as a whole: every channel of the output and of each buffer written exactly
   // once (nothing returned or read is left unwritten), the output only at the block's
@@ -454,7 +457,8 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
                          const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
-  TORCH_CHECK(x_in.size(1) >= 1, "x must have at least one channel, got ", x_in.sizes());
+  TORCH_CHECK(x_in.size(1) == p.in_channels, "x must have the plan's ", p.in_channels, " channels, got ",
+              x_in.sizes());
   TORCH_CHECK(p.descs.size() == b_in.size() && b_in.size() == bias_in.size(),
               "one packed B and one bias per GEMM of the plan, got ", p.descs.size(), ", ", b_in.size(),
               " and ", bias_in.size());

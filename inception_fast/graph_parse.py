@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import ConvUnit, NotAnInceptionBlock, canonical_graph, trace_block
-from .spec import Branch, BranchGraphSpec, Conv, Residual
+from .spec import MAX_KERNEL, Branch, BranchGraphSpec, Conv, Residual
 
 __all__ = ["parse_branch_graph"]
 
@@ -296,6 +296,8 @@ def _check_conv(g: _Graph, unit: _Unit, where: str, last: bool) -> Conv:
         g.fail(f"{where}: dilated {kernel} (dilation {conv.dilation}); the fused op runs undilated convolutions")
     if kh % 2 == 0 or kw % 2 == 0:
         g.fail(f"{where}: even kernel {kh}x{kw}; 'same' padding needs odd kernels")
+    if max(kh, kw) > MAX_KERNEL:
+        g.fail(f"{where}: {kernel}; the fused op's kernels are at most {MAX_KERNEL}x{MAX_KERNEL}")
     if conv.padding_mode != "zeros":
         g.fail(f"{where}: {kernel} pads with {conv.padding_mode!r}, not zeros")
     padding = conv.padding

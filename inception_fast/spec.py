@@ -155,6 +155,9 @@ class InceptionSpec:
 # -- the general block: a graph of branches ------------------------------------------
 
 
+MAX_KERNEL = 31  # the largest kh, kw the C++ kernel takes (csrc/inception_graph_cpu.cpp, kMaxKernel)
+
+
 @dataclass(frozen=True)
 class Conv:
     """One convolution (+ ReLU) of a branch: stride 1 with 'same' zero padding, or without
@@ -176,6 +179,9 @@ class Conv:
                 raise ValueError(f"Conv.{name} must be a positive int, got {value!r}")
         if self.kh % 2 == 0 or self.kw % 2 == 0:
             raise ValueError(f"Conv kernel must be odd for 'same' padding, got {self.kh}x{self.kw}")
+        if max(self.kh, self.kw) > MAX_KERNEL:
+            raise ValueError(f"Conv kernel must be at most {MAX_KERNEL}x{MAX_KERNEL} (the kernels' limit), got "
+                             f"{self.kh}x{self.kw}")
         if self.stride not in (1, 2):
             raise ValueError(f"Conv.stride must be 1 or 2, got {self.stride!r}")
         if not isinstance(self.padded, bool) or (self.stride == 2 and not self.padded):

@@ -147,7 +147,11 @@ def _self_check(block: nn.Module, fused: nn.Module, rtol: float, fallback: bool 
     param = next(block.parameters())
     # A private generator: swapping must not move the user's random stream.
     generator = torch.Generator(param.device).manual_seed(0)
-    x = torch.randn(2, fused.spec.in_channels, 7, 7, device=param.device, dtype=param.dtype, generator=generator)
+    # 7x7, or larger where an unpadded kernel needs it (a 9x9 'valid' conv takes at least 9x9).
+    graph = getattr(fused, "graph", None)
+    size = max([7] + [max(c.kh, c.kw) + 2 for c in (graph.convs if graph is not None else ())])
+    x = torch.randn(2, fused.spec.in_channels, size, size, device=param.device, dtype=param.dtype,
+                    generator=generator)
     twin = copy.deepcopy(block).eval()  # eval: BN folded; the copy keeps block's mode and stats
     fused_twin = type(fused).from_module(twin, fused.backend).eval()
     with torch.no_grad():
@@ -231,7 +235,8 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
         try:
             fused = _fuse_lone(module, backend) if lone else _fuse(module, backend)
             if not name:  # the model itself is a block: it cannot replace itself in place
-                raise TypeError("model is itself an Inception block; use FusedInception.from_module(model)")
+                raise TypeError(f"model is itself {'a conv unit' if lone else 'an Inception block'}; use "
+                                f"{type(fused).__name__}.from_module(model)")
             if (reason := _refusal(module)) is not None:
                 raise NotAnInceptionBlock(reason, near_miss=True)
             param = next(module.parameters())
@@ -242,8 +247,13 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
             rtol = min(SELF_CHECK_RTOL.get(param.dtype, 1e-4), verify or float("inf"))
             if param.is_meta:  # nothing to compute with: the traced structure is the proof
                 log.debug("swap_inception: %s is on the meta device: not checked numerically", name)
-            elif (mismatch := _self_check(module, fused, rtol, fallback=verify is None)) is not None:  # NaN fails
-                raise NotAnInceptionBlock(mismatch, near_miss=True)
+            else:
+                try:
+                    mismatch = _self_check(module, fused, rtol, fallback=verify is None)  # NaN fails
+                except (RuntimeError, ValueError, TypeError) as failed:  # not proven: left alone, never half-swapped
+                    mismatch = f"the swap-time check could not run it ({type(failed).__name__}: {failed})"
+                if mismatch is not None:
+                    raise NotAnInceptionBlock(mismatch, near_miss=True)
         except NotAnInceptionBlock as reason:
             # A hook or parametrization also changes what tracing sees: say that, not its effect.
             if reason.near_miss and (refusal := _refusal(module)) is not None:

@@ -47,25 +47,31 @@ def traffic(spec: InceptionSpec | BranchGraphSpec, height: int, width: int, batc
         spec = spec.to_graph()
     if not isinstance(spec, BranchGraphSpec):
         raise TypeError(f"spec must be an InceptionSpec or a BranchGraphSpec, got {type(spec).__name__}")
-    ho, wo = spec.out_size(height, width)
+    out_grid = spec.out_size(height, width)
 
-    def act(channels: int, stride: int = 1) -> int:  # one activation tensor, at its grid
-        return batch * (height * width if stride == 1 else ho * wo) * channels * bytes_per_element
+    def act(channels: int, grid: tuple[int, int] = (height, width)) -> int:  # one activation tensor, at its grid
+        return batch * grid[0] * grid[1] * channels * bytes_per_element
 
     weights = sum((c.kh * c.kw * c.in_channels + 1) * c.out_channels for c in spec.convs) * bytes_per_element
-    x, out = act(spec.in_channels), act(spec.out_channels, spec.stride)
+    x, out = act(spec.in_channels), act(spec.out_channels, out_grid)
     minimum = x + weights + out
     intermediates = [c.out_channels for b in spec.branches for level in b.levels[:-1] for c in level]
     fused = minimum + 2 * sum(act(c) for c in intermediates)
     convs = [c for b in spec.branches for level in b.levels for c in level]
-    finals = [(c.out_channels, c.stride) for b in spec.branches for c in b.levels[-1]]
-    pooled = act(spec.in_channels, spec.stride)
+    # Each convolution's output at its own grid (x's, or smaller: stride 2 or unpadded).
+    finals = [act(c.out_channels, c.out_size(height, width)) for b in spec.branches for c in b.levels[-1]]
+    proj = spec.pool_proj
+    pool, pool_out = 0, 0
+    if spec.pool is not None:
+        pooled = act(spec.in_channels, out_grid)
+        pool = x + pooled + (pooled + 3 * act(proj.out_channels) if proj else 0)  # pool reads x, writes; the 1x1 reads
+        pool_out = act(proj.out_channels) if proj else pooled
+    parts = len(finals) + (spec.pool is not None)
     eager = (
         weights
-        + sum(act(c.in_channels) + 3 * act(c.out_channels, c.stride) for c in convs)  # conv, then in-place ReLU
-        + x + pooled  # the pool reads x and writes its output ...
-        + (pooled + 3 * act(spec.pool_proj.out_channels) if spec.pool_proj else 0)  # ... which the projection reads
-        + sum(act(c, s) for c, s in finals)  # torch.cat reads every branch output ...
-        + (act(spec.pool_proj.out_channels) if spec.pool_proj else pooled) + out  # ... and writes out
+        + sum(act(c.in_channels) + 3 * act(c.out_channels, c.out_size(height, width)) for c in convs)  # conv, ReLU
+        + pool
+        # torch.cat reads every branch output and writes out; a lone convolution has no concat
+        + (sum(finals) + pool_out + out if parts > 1 else 0)
     )
     return Traffic(minimum=minimum, fused=fused, eager=eager)

@@ -172,6 +172,11 @@ BAD_CALLS = {
     "x without channels": ("googlenet", lambda x, b, bias, f: (
         torch.randn(2, 0, 5, 5), [torch.randn(1, 0, 32), *b[1:3], torch.randn(1, 0, 32)], bias, f)),
     "a weight on the meta device": ("googlenet", lambda x, b, bias, f: (x, [b[0].to("meta"), *b[1:]], bias, f)),
+    # The plan's last value is x's channel count: weights packed for another x must not run
+    # (a 3x3 over x packed for Winograd for 9 channels has the rows of a direct one for 25).
+    "x with other channels than the plan's": ("googlenet", lambda x, b, bias, f: (
+        torch.randn(2, x.shape[1] + 1, 5, 5), b, bias, f)),
+    "in_channels missing from the plan": ("googlenet", lambda x, b, bias, f: (x, b, bias, f[:-1])),
 }
 
 
@@ -201,3 +206,21 @@ def test_the_unedited_calls_run(block):
     x, b, bias, flat = _graph_op_case(block)
     y = torch.ops.inception_fast.graph_forward(x, b, bias, flat)
     assert torch.isfinite(y).all() and y.shape[1] == flat[1 + 2 * flat[0]]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_inputs_too_small_for_an_unpadded_kernel_raise_on_the_kernel_and_the_shape_function(device):
+    """One pixel short of a 5x5 'valid' convolution: the C++ kernel and the fake (meta)
+    implementation that torch.compile traces with both raise, as eager's convolution does,
+    instead of an empty output."""
+    from inception_fast.ops.branch_graph import pack_weights
+    from inception_fast.ops.plan import plan
+    from inception_fast.spec import Branch, BranchGraphSpec, Conv
+
+    graph = plan(BranchGraphSpec(3, (Branch(((Conv(3, 4, 5, 5, padded=False),),)),), None, None))
+    b, bias = pack_weights(graph, [torch.randn(4, 3, 5, 5)], [torch.zeros(4)], "cpu")
+    x = torch.randn(1, 3, 4, 4, device=device)
+    with pytest.raises(RuntimeError, match="smaller than the block's unpadded|at least 5x5"):
+        torch.ops.inception_fast.graph_forward(x, [t.to(device) for t in b], [t.to(device) for t in bias],
+                                               graph.flat())

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import inception_fast as ifast
 from inception_fast.models import googlenet_paper
@@ -293,3 +294,28 @@ def test_to_dtype_and_memory_format_keep_working_after_a_swap():
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     with torch.no_grad():
         assert model(x).dtype == torch.float64
+
+
+@needs_cpu_kernel
+def test_convs_true_checks_large_unpadded_units_and_leaves_kernels_past_31_alone(caplog):
+    """The swap-time check's input grows with an unpadded kernel (a 9x9 'valid' unit needs
+    9x9: on 7x7 the original itself raised, out of the walk, leaving the model half
+    swapped); a kernel past the C++ limit (31) is refused with its reason, and the rest of
+    the model is still swapped."""
+    from torchvision.models.inception import BasicConv2d
+
+    model = nn.Sequential(randomize_(BasicConv2d(4, 6, kernel_size=9)).eval(),
+                          randomize_(BasicConv2d(6, 5, kernel_size=33, padding=16)).eval(),
+                          randomize_(BasicConv2d(5, 3, kernel_size=3)).eval())
+    original = copy.deepcopy(model)
+    with caplog.at_level(logging.DEBUG, logger="inception_fast"):
+        ifast.swap_inception(model, convs=True)
+    assert [type(m).__name__ for m in model] == ["FusedBranchGraph", "BasicConv2d", "FusedBranchGraph"]
+    assert "33x33 conv; the fused op's kernels are at most 31x31" in caplog.text
+    x = torch.randn(2, 4, 40, 41)
+    with torch.no_grad():
+        assert rel_err(model(x), original(x)) <= 1e-5
+    with pytest.raises(ifast.NotAnInceptionBlock, match="at most 31x31"):
+        ifast.FusedBranchGraph.from_module(original[1])
+    with pytest.raises(TypeError, match="model is itself a conv unit; use FusedBranchGraph.from_module"):
+        ifast.swap_inception(original[0], convs=True)

@@ -25,3 +25,16 @@ def test_fused_moves_less_than_eager_and_no_less_than_the_minimum(name, batch):
         s = block.spec
         expected = 1 + 2 * (s.ch3x3red + s.ch5x5red) / (s.in_channels + s.out_channels)
         assert t.fused_ratio == pytest.approx(expected, rel=0.02)
+
+
+def test_a_lone_unpadded_convolution_counts_its_smaller_output_and_no_concat():
+    """A stem's lone 5x5 unpadded unit: x (2 x 8 x 9 x 9), out on the 5x5 grid; eager is the
+    convolution (reads x, writes out) and its in-place ReLU (reads and writes out): no pool,
+    no concat."""
+    from inception_fast.spec import Branch, BranchGraphSpec, Conv
+
+    spec = BranchGraphSpec(8, (Branch(((Conv(8, 6, 5, 5, padded=False),),)),), None, None)
+    t = traffic(spec, 9, 9, batch=2, bytes_per_element=4)
+    x, out, weights = 2 * 81 * 8 * 4, 2 * 25 * 6 * 4, (25 * 8 + 1) * 6 * 4
+    assert t.minimum == t.fused == x + weights + out
+    assert t.eager == weights + x + 3 * out

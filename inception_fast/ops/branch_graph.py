@@ -200,9 +200,14 @@ def _graph_fake(x, b, bias, flat_plan):
         raise ValueError(f"b and bias must be on x's device ({x.device}), got "
                          f"{sorted({str(t.device) for t in (*b, *bias)})}")
     p = GraphPlan.from_flat(flat_plan)
-    n, _, h, w = x.shape  # symbolic under dynamic shapes
-    h, w = p.out_size(h, w)
-    return x.new_empty((n, p.out_channels, h, w)).contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape  # symbolic under dynamic shapes
+    torch._check(c == p.in_channels, lambda: f"x must have the plan's {p.in_channels} channels, got {c}")
+    oh, ow = p.out_size(h, w)
+    # As the kernels check (eager's convolution too): a shape error here, not an empty or
+    # negative output under torch.compile.
+    torch._check(oh >= 1 and ow >= 1, lambda: f"x ({h}x{w}) is smaller than the block's unpadded or stride-2 "
+                                              "convolutions take")
+    return x.new_empty((n, p.out_channels, oh, ow)).contiguous(memory_format=torch.channels_last)
 
 
 def graph_macs(x_shape, flat_plan: list[int]) -> int:

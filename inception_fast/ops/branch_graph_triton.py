@@ -726,6 +726,8 @@ def _programs(flat_plan: tuple[int, ...], n: int, c: int, h: int, w: int) -> tup
     """(stage programs, buffer channels, output channels, OH, OW) of a problem, with its
     size checks: worked out on the first call of each (plan, N, C, H, W)."""
     p, gemms, launches = _host_plan(flat_plan, c)
+    if c != p.in_channels:
+        raise ValueError(f"x must have the plan's {p.in_channels} channels, got {c}")
     m = n * h * w
     if m >= 2**31:
         raise ValueError(f"x has {m} pixels (N*H*W); the Triton kernels take fewer than 2**31")

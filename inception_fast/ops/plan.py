@@ -159,6 +159,9 @@ class GraphPlan:
     out_channels: int
     stride: int
     pool_copy_channel: int  # the output channel where a grid reduction's max pool goes, -1 if none
+    # x's channels: the kernels check x against it (a 3x3 over x packed for Winograd for 9
+    # channels has as many rows as one packed direct for 25: without it, no check could tell).
+    in_channels: int
 
     def out_size(self, h, w):
         """The output grid over an h x w input: that of the GEMMs that write the output (every
@@ -169,13 +172,13 @@ class GraphPlan:
         raise ValueError("the plan writes no output")
 
     def flat(self) -> list[int]:
-        """The forward's wire format: counts, then the fields in order."""
+        """The forward's wire format: counts, then the fields in order, x's channel count last."""
         flat = [len(self.buf_channels), *self.buf_channels, *self.buf_border, self.out_channels, self.stride,
                 len(self.gemms)]
         for g in self.gemms:
             step = g.flat()
             flat += [len(step), *step]
-        return flat
+        return flat + [self.in_channels]
 
     @classmethod
     def from_flat(cls, flat: list[int]) -> GraphPlan:
@@ -198,7 +201,7 @@ class GraphPlan:
                 indices = tuple(range(len(convs), len(convs) + len(segments)))
                 convs += [ConvStep(source, s.destination, s.channel, kh, kw, g_stride, pad_h, pad_w) for s in segments]
             gemms.append(GemmStep(stage, source, kh, kw, g_stride, pad_h, pad_w, cols, segments, indices))
-        return cls(buf_channels, buf_border, tuple(gemms), tuple(convs), out_channels, stride, copy_channel)
+        return cls(buf_channels, buf_border, tuple(gemms), tuple(convs), out_channels, stride, copy_channel, flat[i])
 
     def backward_flat(self) -> list[int]:
         """The backward's wire format: per convolution, where it reads and writes."""
@@ -282,7 +285,7 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
         copy_channel = pool_offset
     border = tuple(max((max(c.padding) for c in consumers), default=0) for consumers in buf_consumers)
     return GraphPlan(tuple(buf_channels), border, tuple(gemms), tuple(convs), spec.concat_channels, spec.stride,
-                     copy_channel)
+                     copy_channel, spec.in_channels)
 
 
 def plan_with_residual(spec: BranchGraphSpec) -> GraphPlan:
@@ -312,4 +315,4 @@ def plan_with_residual(spec: BranchGraphSpec) -> GraphPlan:
                           (len(convs),)))
     convs.append(ConvStep(concat, int(out), 0, 1, 1, 1, 0, 0))
     return GraphPlan((*base.buf_channels, spec.concat_channels), (*base.buf_border, 0), tuple(gemms), tuple(convs),
-                     c, 1, -1)
+                     c, 1, -1, c)
