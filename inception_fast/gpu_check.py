@@ -113,7 +113,10 @@ OFFSET_SIZE = 28
 OFFSET_ELEMENTS = 2**31
 
 # One Inception-v3 block of each type: A, B (grid reduction), C, D (grid reduction), E.
-V3_FIRST_OF_EACH = ("Mixed_5b", "Mixed_6a", "Mixed_6b", "Mixed_7a", "Mixed_7b")
+V3_FIRST_OF_EACH = ("Mixed_5b", "Mixed_6a", "Mixed_6b", "Mixed_7a", "Mixed_7b", "Conv2d_2a_3x3", "Conv2d_2b_3x3")
+# Inception-v3's stem conv units that swap_inception(convs=True) fuses, with their input grids:
+# an unpadded 3x3 (the VALID slot), a 'same' 3x3 straight over x, an unpadded 3x3 over 80.
+V3_STEM_UNITS = {"Conv2d_2a_3x3": 149, "Conv2d_2b_3x3": 147, "Conv2d_4a_3x3": 73}
 
 
 # -- plans ---------------------------------------------------------------------------------
@@ -630,10 +633,13 @@ class GpuCheck:
             small = {"A": tv.InceptionA(24, pool_features=8), "B": tv.InceptionB(24),
                      "C": tv.InceptionC(24, channels_7x7=16), "D": tv.InceptionD(24), "E": tv.InceptionE(24)}
             return [(k, f"Inception{k} (1/8 wide)", _randomize_bn_(_narrow(block, 24, 8)).eval(), (5, 9))
-                    for k, block in small.items()]
+                    for k, block in small.items()] + [
+                ("stem", "stem unit (unpadded 3x3, 4 -> 6)", _randomize_bn_(tv.BasicConv2d(4, 6, kernel_size=3)).eval(),
+                 (5, 9))]
         model = _randomize_bn_(_inception_v3())
         return [(n, f"{n} ({type(getattr(model, n)).__name__[-1]})", getattr(model, n), (V3_BLOCKS[n],) * 2)
-                for n in V3_BLOCKS]
+                for n in V3_BLOCKS] + [(n, f"{n} (stem unit)", getattr(model, n), (size,) * 2)
+                                       for n, size in V3_STEM_UNITS.items()]
 
     def _section_v3(self) -> None:
         blocks = self._v3_blocks()
