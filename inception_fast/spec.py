@@ -186,7 +186,7 @@ class Conv:
             raise ValueError(f"Conv.stride must be 1 or 2, got {self.stride!r}")
         if not isinstance(self.padded, bool) or (self.stride == 2 and not self.padded):
             raise ValueError(f"Conv.padded must be a bool, and True at stride 2 (unpadded anyway), got {self.padded!r}")
-        if (self.kh, self.kw) == (1, 1):  # a 1x1 has no padding either way: one spelling, so that equal specs compare equal
+        if (self.kh, self.kw) == (1, 1):  # no padding either way: one spelling, so that equal specs compare equal
             object.__setattr__(self, "padded", True)
 
     @property
@@ -238,8 +238,9 @@ class BranchGraphSpec:
     stride 2, a grid reduction (InceptionB, D): every branch ends in 3x3 stride-2 unpadded
     convolutions (a branch may be that one convolution over x), and the pool branch is a
     3x3 stride-2 max pool without projection, or none (a stem's lone stride-2 convolution);
-    the output grid is (H - 3) // 2 + 1. Unpadded at stride 1 (timm's Mixed4a): every branch ends in kh x kw convolutions of one
-    size without padding ('valid'), no pool branch; the output grid is (H - kh + 1, W - kw + 1).
+    the output grid is (H - 3) // 2 + 1. Unpadded at stride 1 (timm's Mixed4a): every
+    branch ends in kh x kw convolutions of one size without padding ('valid'), no pool
+    branch; the output grid is (H - kh + 1, W - kw + 1).
 
     A branch of one level may be any one convolution over x (a grid reduction's, an
     unpadded one, or a K x K with 'same' padding: Inception-v3's stem convolutions, each a
