@@ -231,7 +231,8 @@ def _parse(block: nn.Module, found=None):
 class FusedBranchGraph(DropInBlock):
     """A block on the fused branch-graph op (ops/branch_graph.py: C++ on CPUs, Triton on GPUs),
     forward and backward: Inception-v3's InceptionA to E as built here, any block the
-    general parser reads (graph_parse.py: timm's Inception-v4 blocks, a user's own), and
+    general parser reads (graph_parse.py: timm's Inception-v4 blocks, a user's own), a lone
+    conv unit (a stem's BasicConv2d or ConvNormAct, as one branch of one convolution), and
     (FusedInception) GoogLeNet's module. Calls the fused kernel cannot honour run the original block
     (_dropin.py): train-mode BN, FX tracing, ONNX export, torch.func, hooks, autocast on
     the C++ kernel, backend "reference" (the original is the reference).
