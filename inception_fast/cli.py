@@ -134,6 +134,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--dtype float16 on the CPU: the fp16 GEMM ceiling did not finish in 15 minutes on a CPU "
                          "without AVX512-FP16, nor do the eager fp16 peers run fast; "
                          "benchmarks/half_precision_cpu.py fp16 times the fused fp16 blocks")
+    if args.convs and not args.whole_networks:
+        raise UsageError("--convs applies to --whole-networks only (the block benchmarks swap blocks)")
     if args.v3:
         return _bench_v3(args)
     if args.whole_networks:

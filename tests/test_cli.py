@@ -25,6 +25,7 @@ def test_help_lists_the_subcommands():
         (["profile", "no.such.module:factory"], "does not import"),
         (["verify", "notamodel"], "MODEL must be one of"),
         (["bench", "--dtype", "float16", "--device", "cpu", "--blocks", "3a", "--batch", "1"], "AVX512-FP16"),
+        (["bench", "--convs", "--blocks", "3a", "--batch", "1"], "--convs applies to --whole-networks only"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
