@@ -162,7 +162,7 @@ def test_aoti_package_of_a_swapped_model_runs_in_a_fresh_process(model, tmp_path
 
 
 @pytest.mark.slow  # make test: tests/test_dropin.py::test_compile_fullgraph, eval mode, one block
-@pytest.mark.parametrize("model", ["tiny", "googlenet"])
+@pytest.mark.parametrize("model", ["tiny", "googlenet", "googlenet-convs"])  # -convs: its conv2, conv3 fused too
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_compiled_swapped_model_is_one_graph_without_recompiles(model, train):
     """fullgraph=True (a graph break raises) and error_on_recompile (a recompile raises) over
@@ -175,9 +175,11 @@ def test_compiled_swapped_model_is_one_graph_without_recompiles(model, train):
     original = _tiny_net() if model == "tiny" else randomize_(
         torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)).eval()
     original.train(train)
-    if model == "googlenet":
+    if model != "tiny":
         original.dropout.p = 0.0  # train mode: a random mask would differ between the two models
-    swapped = ifast.swap_inception(copy.deepcopy(original))
+    swapped = ifast.swap_inception(copy.deepcopy(original), convs=model == "googlenet-convs")
+    fused = {"tiny": 1, "googlenet": 9, "googlenet-convs": 11}[model]  # googlenet's conv1 is a 7x7/2: it stays eager
+    assert sum(isinstance(m, (ifast.FusedInception, ifast.FusedBranchGraph)) for m in swapped.modules()) == fused
     x = torch.randn(2, 3, 16, 16) if model == "tiny" else torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()
     compiled = torch.compile(swapped, fullgraph=True)
