@@ -39,11 +39,11 @@ struct GemmDesc {
   std::vector<std::array<int64_t, kSegmentFields>> segments;  // (begin, end, destination, channel)
 };
 
-// The grid a GEMM's rows run over: its convolution's output grid over the H x W input, as
-// F.conv2d's. x's own grid for 'same' padding at stride 1; the block's output grid for a
-// grid reduction (stride 2) or an unpadded ('valid') convolution, which write only the output.
+// The grid a GEMM's rows run over (plan.h's conv_grid): x's own for 'same' padding at stride
+// 1; the block's output grid for a grid reduction (stride 2) or an unpadded ('valid')
+// convolution, which write only the output.
 std::pair<int64_t, int64_t> gemm_grid(const GemmDesc& d, int64_t H, int64_t W) {
-  return {(H + 2 * d.pad_h - d.kh) / d.stride + 1, (W + 2 * d.pad_w - d.kw) / d.stride + 1};
+  return conv_grid(H, W, d.kh, d.kw, d.stride, d.pad_h, d.pad_w);
 }
 
 // Limits that keep the kernels' index arithmetic (channels x pixels, borders) far from
@@ -125,24 +125,30 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   std::vector<Plane<T>> planes;  // over bufs: (N, H + 2 border, W + 2 border, channels) each
   for (size_t k = 0; k < buf_channels.size(); ++k)
     planes.push_back(padded_plane<T>(bufs[k], H, W, buf_channels[k], buf_border[k]));
+  // Per GEMM: its grid (gemm_grid: x's, or the output's when it shrinks), the Winograd kind
+  // its packed B is laid out for (winograd_b: fp32 only), and whether this call runs it as
+  // Winograd (at least the transform's kMinTiles output tiles; below, the direct GEMM over
+  // the panels' direct taps).
+  std::vector<std::pair<int64_t, int64_t>> grids;
+  std::vector<std::optional<winograd::Kind>> wino_packed;
+  std::vector<bool> wino_runs;
+  for (size_t g = 0; g < descs.size(); ++g) {
+    const GemmDesc& d = descs[g];
+    grids.push_back(gemm_grid(d, H, W));
+    wino_packed.push_back(winograd_b(b[g], d, d.source >= 0 ? buf_channels[d.source] : C));
+    wino_runs.push_back(wino_packed[g] && winograd::worth_it(*wino_packed[g], N, grids[g].first, grids[g].second));
+  }
   // A convolution over x with padding (a stem's 'same' 3x3) reads x: as Winograd stages,
   // unbordered (window loads outside read zeros); as the direct implicit GEMM, from a
   // zero-bordered copy, as the later stages read their zero-bordered intermediates (every
   // tap an in-bounds load). The copy cost 27 ms of 130 for Conv2d_2b at batch 50.
   int64_t x_border = 0;
   bool copy_x = false;
-  for (const GemmDesc& d : descs) {
+  for (size_t g = 0; g < descs.size(); ++g) {
+    const GemmDesc& d = descs[g];
     if (d.source != kSourceX || (d.pad_h == 0 && d.pad_w == 0)) continue;
     x_border = std::max({x_border, d.pad_h, d.pad_w});
-    bool winograd_runs = false;
-    if constexpr (std::is_same_v<T, float>) {
-      const size_t g = &d - descs.data();
-      if (const auto kind = winograd_b(b[g], d, C)) {
-        const auto [gh, gw] = gemm_grid(d, H, W);
-        winograd_runs = winograd::worth_it(*kind, N, gh, gw);
-      }
-    }
-    copy_x = copy_x || !winograd_runs;
+    copy_x = copy_x || !wino_runs[g];
   }
   at::Tensor x_copy;
   if (copy_x) {
@@ -156,10 +162,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                                xw * C, C, x_border};
   const Plane<T> out_plane{out.data_ptr<T>(), Ho * Wo * c_out, Wo * c_out, c_out, 0};
 
-  // Each GEMM runs over its own grid (gemm_grid): x's, or the output's when it shrinks.
-  std::vector<std::pair<int64_t, int64_t>> grids;
   std::vector<Gemm<T>> gemms;
-  std::vector<std::optional<winograd::Kind>> wino_packed;  // b[g] holds Winograd panels (winograd_b)
   int64_t stages = 0;
   for (size_t g = 0; g < descs.size(); ++g) {
     const GemmDesc& d = descs[g];
@@ -183,8 +186,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
                                                                : Epilogue::kResidual;
       gm.segments.push_back({begin, end, out_plane, channel, epilogue, x_plane});
     }
-    wino_packed.push_back(has_weights ? winograd_b(b[g], d, k_per_tap) : std::nullopt);
-    if (const auto kind = wino_packed.back()) {  // the direct GEMM runs over each panel's direct taps
+    if (const auto kind = wino_packed[g]) {  // the direct GEMM runs over each panel's direct taps
       gm.b_packed += winograd::positions(*kind) * k_per_tap * kNR<T>;
       gm.panel_rows = (winograd::positions(*kind) + winograd::taps(*kind)) * k_per_tap;
     }
@@ -192,7 +194,6 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     gemms.push_back(std::move(gm));
     stages = std::max(stages, d.stage + 1);
     // Buffers are x's grid; the output is (Ho, Wo), which graph_forward took from this rule.
-    grids.push_back(gemm_grid(d, H, W));
     for (const auto& seg : d.segments) {
       const int64_t expect_h = out_destination(seg[2]) ? Ho : H, expect_w = out_destination(seg[2]) ? Wo : W;
       TORCH_CHECK(H + 2 * d.pad_h >= d.kh && W + 2 * d.pad_w >= d.kw && grids[g].first == expect_h &&
@@ -208,17 +209,15 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   int64_t wino_cin = 0, wino_panels = 0;
   if constexpr (std::is_same_v<T, float>) {
     for (size_t g = 0; g < gemms.size(); ++g) {
-      if (!wino_packed[g]) continue;
+      if (!wino_runs[g]) continue;
       const GemmDesc& d = descs[g];
       const Plane<const float> src = d.source == kSourceX
                                          ? x_plane
                                          : Plane<const float>{planes[d.source].data, planes[d.source].stride_n,
                                                               planes[d.source].stride_h, planes[d.source].stride_w,
                                                               planes[d.source].pad};
-      winograd::Conv conv(*wino_packed[g], src, H, W, grids[g].first, grids[g].second, d.pad_h, d.pad_w,
-                          b[g].data_ptr<float>(), gemms[g]);
-      if (!conv.worth_it(N)) continue;
-      wino[g].emplace(std::move(conv));
+      wino[g].emplace(*wino_packed[g], src, H, W, grids[g].first, grids[g].second, d.pad_h, d.pad_w,
+                      b[g].data_ptr<float>(), gemms[g]);
       wino_cin = std::max(wino_cin, gemms[g].k_per_tap);
       wino_panels = std::max(wino_panels, gemms[g].panels());
     }

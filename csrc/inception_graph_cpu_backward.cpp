@@ -34,9 +34,9 @@ using namespace plan;
 
 struct ConvRecord {
   int64_t source, dest, channel, kh, kw, stride, pad_h, pad_w;
-  // Its output grid over an H x W input, as F.conv2d's (the forward's gemm_grid).
+  // Its output grid over an H x W input (plan.h's conv_grid).
   std::pair<int64_t, int64_t> grid(int64_t H, int64_t W) const {
-    return {(H + 2 * pad_h - kh) / stride + 1, (W + 2 * pad_w - kw) / stride + 1};
+    return conv_grid(H, W, kh, kw, stride, pad_h, pad_w);
   }
   bool shared() const {
     return (source == kSourceX && kh == 1 && kw == 1 && stride == 1) || source == kSourceAvgPool ||

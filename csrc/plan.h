@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 namespace inception_fast::plan {
 
@@ -33,6 +34,15 @@ inline bool residual_destination(int64_t dest) { return dest == kDestOutResidual
 
 // A destination in the block's output, through whichever epilogue.
 inline bool out_destination(int64_t dest) { return dest == kDestOut || residual_destination(dest); }
+
+// The output grid of a kh x kw convolution over H x W, as F.conv2d's (ops/plan.py and
+// spec.py's conv_grid): x's grid for 'same' padding at stride 1, smaller unpadded or at
+// stride 2. A GEMM's rows run over it; buffers are x's grid, the output that of the GEMMs
+// writing it.
+inline std::pair<int64_t, int64_t> conv_grid(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t stride,
+                                             int64_t pad_h, int64_t pad_w) {
+  return {(H + 2 * pad_h - kh) / stride + 1, (W + 2 * pad_w - kw) / stride + 1};
+}
 
 // A GEMM description: these head fields, then kSegmentFields values per segment.
 constexpr int64_t kGemmHead = 9;  // (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)

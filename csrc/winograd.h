@@ -286,13 +286,6 @@ struct Conv {
   int64_t cols() const { return direct.cols; }
   const float* bias() const { return direct.bias; }
   int64_t panels() const { return direct.panels(); }
-  // Output tiles in a whole call over N images, and whether they are enough for Winograd
-  // (kMinTiles above).
-  int64_t tiles(int64_t N) const {
-    const auto [th, tw] = tile(kind);
-    return N * ceil_div(Ho, th) * ceil_div(Wo, tw);
-  }
-  bool worth_it(int64_t N) const { return winograd::worth_it(kind, N, Ho, Wo); }
   // Whether the source's border covers the padding: every window pixel an in-bounds load.
   bool bordered() const { return src.pad >= std::max(pad_h, pad_w); }
 };

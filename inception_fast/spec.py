@@ -158,6 +158,13 @@ class InceptionSpec:
 MAX_KERNEL = 31  # the largest kh, kw the C++ kernel takes (csrc/inception_graph_cpu.cpp, kMaxKernel)
 
 
+def conv_grid(h, w, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
+    """The output grid of a kh x kw convolution over h x w, as F.conv2d's: x's grid for 'same'
+    padding at stride 1, smaller unpadded ('valid') or at stride 2. h and w may be SymInts.
+    csrc/plan.h's conv_grid is the same rule."""
+    return (h + 2 * pad_h - kh) // stride + 1, (w + 2 * pad_w - kw) // stride + 1
+
+
 @dataclass(frozen=True)
 class Conv:
     """One convolution (+ ReLU) of a branch: stride 1 with 'same' zero padding, or without
@@ -193,15 +200,9 @@ class Conv:
     def padding(self) -> tuple[int, int]:
         return (self.kh // 2, self.kw // 2) if self.stride == 1 and self.padded else (0, 0)
 
-    @property
-    def shrinks(self) -> bool:
-        """Whether its output grid is smaller than its input's: stride 2, or unpadded."""
-        return self.stride == 2 or (not self.padded and (self.kh, self.kw) != (1, 1))
-
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        """Its output grid over an h x w input, as F.conv2d's."""
-        ph, pw = self.padding
-        return (h + 2 * ph - self.kh) // self.stride + 1, (w + 2 * pw - self.kw) // self.stride + 1
+        """Its output grid over an h x w input (conv_grid)."""
+        return conv_grid(h, w, self.kh, self.kw, self.stride, *self.padding)
 
     def macs_per_pixel(self) -> int:
         return self.kh * self.kw * self.in_channels * self.out_channels

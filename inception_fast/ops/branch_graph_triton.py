@@ -26,6 +26,7 @@ Verified under TRITON_INTERPRET=1 and by ahead-of-time compilation (triton_aot.p
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -667,7 +668,7 @@ class _StageProgram:
             copy = source == -4  # the grid reduction's max pool: no weights (x stands in, never read)
             slots.append(_Slot(0 if source < 0 else 2 + source, 0 if copy else 2 + n_bufs + i,
                                0 if copy else 2 + n_bufs + n_gemms + i, dests,
-                               n * _prod(conv_grid(h, w, kh, kw, gemm_stride, _pad_h, _pad_w)),
+                               n * math.prod(conv_grid(h, w, kh, kw, gemm_stride, _pad_h, _pad_w)),
                                c if source < 0 else buf_channels[source], cols, kh, kw))
         unused = MAX_STAGE_GEMMS - len(slots)
         first = slots[0]
@@ -738,10 +739,6 @@ def _programs(flat_plan: tuple[int, ...], n: int, c: int, h: int, w: int) -> tup
     programs = tuple(_StageProgram(stage, gemms, n, c, h, w, oh, ow, buf_channels, p.out_channels,
                                    len(buf_channels), len(gemms)) for stage in launches)
     return programs, buf_channels, p.out_channels, oh, ow
-
-
-def _prod(grid: tuple[int, int]) -> int:
-    return grid[0] * grid[1]
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
-from ..spec import BranchGraphSpec, Conv
+from ..spec import BranchGraphSpec, Conv, conv_grid
 
 __all__ = ["CONV_RECORD", "GEMM_HEAD", "SEGMENT_FIELDS", "ConvStep", "Destination", "GemmStep", "GraphPlan",
-           "Segment", "Source", "conv_grid", "out_size_of_convs", "plan", "plan_with_residual"]
+           "Segment", "Source", "conv_grid", "plan", "plan_with_residual"]
 
 
 class Source(IntEnum):
@@ -54,12 +54,6 @@ class Destination(IntEnum):
 GEMM_HEAD = 9  # (stage, source, kh, kw, stride, pad_h, pad_w, cols, segments)
 SEGMENT_FIELDS = 4  # (begin, end, destination, channel)
 CONV_RECORD = 8  # (source, destination, channel, kh, kw, stride, pad_h, pad_w)
-
-
-def conv_grid(h, w, kh: int, kw: int, stride: int, pad_h: int, pad_w: int):
-    """The output grid of a kh x kw convolution over h x w, as F.conv2d's: x's grid for 'same'
-    padding at stride 1, smaller unpadded ('valid') or at stride 2. h and w may be SymInts."""
-    return (h + 2 * pad_h - kh) // stride + 1, (w + 2 * pad_w - kw) // stride + 1
 
 
 class Segment(NamedTuple):
@@ -138,16 +132,6 @@ class ConvStep(NamedTuple):
         """A stride-1 1x1 over x: a column block of the stage-0 GEMM (and of the backward's
         shared-x GEMMs)."""
         return self.source == Source.X and (self.kh, self.kw, self.stride) == (1, 1, 1)
-
-
-def out_size_of_convs(convs, stride: int, h, w):
-    """The output grid of a backward plan's records (from_backward_flat) over an h x w input:
-    that of a convolution into the output, or a grid reduction's (stride 2) when only its
-    max-pool copy writes it."""
-    for c in convs:
-        if c.destination < 0:
-            return c.grid(h, w)
-    return conv_grid(h, w, 3, 3, 2, 0, 0) if stride == 2 else (h, w)
 
 
 @dataclass(frozen=True)
