@@ -1,12 +1,16 @@
-"""Winograd (F(2x2, 3x3), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
+"""Winograd (F(4x4, 3x3) or F(2x2, 3x3), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
 
     PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2] [--batch 1,32] [--reps 11]
+        [--baseline direct|f2x2]
 
 Every fused block of each swapped model (torchvision googlenet at 224, pytorch-fid's
 InceptionV3 at 299, timm inception_resnet_v2 at 299; random weights and BN statistics) is
 fed the activation it sees inside the network, and its C++ op runs twice on the same
-input: with the 3x3, 1x7 and 7x1 stride-1 stages packed for Winograd (the default) and packed for the
-direct implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing). The two alternate in one
+input: with the 3x3, 1x7 and 7x1 stride-1 stages packed for Winograd (the default: a 3x3's
+tile by its grid, ops/backend.py winograd_3x3_tile) and packed for the baseline: the direct
+implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing), or with --baseline f2x2 every 3x3 as
+F(2x2, 3x3) (INCEPTION_FAST_WINOGRAD_3X3=2's; rows without an F(4x4, 3x3) stage are left
+out). The two alternate in one
 process; medians of --reps. Also reported: each one's relative error against the block in
 float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
 Rows where none does are left out: blocks without such a stage, and calls below
@@ -62,17 +66,30 @@ def _random_bn(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _packed(block: FusedBranchGraph, winograd: bool) -> tuple[list, list, list[int]]:
-    """The block's packed weights and flat plan as its CPU inference runs them."""
-    ops_backend.WINOGRAD = winograd
+def _packed(block: FusedBranchGraph, grid: tuple[int, int], winograd: bool = True,
+            tile_3x3: int | None = None) -> tuple[list, list, list[int]]:
+    """The block's packed weights and flat plan as its CPU inference runs them on an x of
+    `grid`, with Winograd off, or its 3x3s' tile forced."""
+    before = ops_backend.WINOGRAD, ops_backend.WINOGRAD_3X3_TILE
+    ops_backend.WINOGRAD, ops_backend.WINOGRAD_3X3_TILE = winograd, tile_3x3 or before[1]
     try:
         block.invalidate_weight_caches()
+        block._winograd_flags.clear()
         residual = block._residual_flat is not None
-        b, bias = block._packed("cpu", None, residual=residual)
+        b, bias = block._packed("cpu", None, residual, grid)
         return b, bias, block._residual_flat if residual else block._flat_plan
     finally:
-        ops_backend.WINOGRAD = True
+        ops_backend.WINOGRAD, ops_backend.WINOGRAD_3X3_TILE = before
         block.invalidate_weight_caches()
+        block._winograd_flags.clear()
+
+
+def _tile(g, h: int, w: int) -> tuple[int, int]:
+    """GEMM g's Winograd output tile at an h x w input, as the default packing picks it."""
+    if (g.kh, g.kw) == (3, 3):
+        t = ops_backend.winograd_3x3_tile(*g.grid(h, w))
+        return t, t
+    return g.winograd_tile
 
 
 def main() -> None:
@@ -80,10 +97,13 @@ def main() -> None:
     parser.add_argument("--models", default="googlenet,fid,irv2")
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--baseline", choices=("direct", "f2x2"), default="direct")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"threads {torch.get_num_threads()}; speedup = direct time / Winograd time")
-    print("| model | block | input | batch | Winograd stages | direct ms | Winograd ms | speedup | err direct | err Winograd |")
+    base = args.baseline
+    print(f"threads {torch.get_num_threads()}; speedup = {base} time / Winograd time")
+    print(f"| model | block | input | batch | Winograd stages | {base} ms | Winograd ms | speedup | err {base} | "
+          f"err Winograd |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
     for name, (model, size) in _models(args.models.split(",")).items():
@@ -100,11 +120,13 @@ def main() -> None:
             for block_name, block in blocks:
                 x = inputs[block_name]
                 n, _, h, w = x.shape
-                stages = sum(g.winograd and n * -(-h // g.winograd_tile[0]) * -(-w // g.winograd_tile[1])
-                             >= MIN_TILES[g.kh * g.kw] for g in block._plan.gemms)
-                if stages == 0:
+                runs = [g for g in block._plan.gemms if g.winograd and n * -(-h // _tile(g, h, w)[0])
+                        * -(-w // _tile(g, h, w)[1]) >= MIN_TILES[g.kh * g.kw]]
+                stages = len(runs)
+                if stages == 0 or (base == "f2x2" and all(_tile(g, h, w)[0] != 4 for g in runs)):
                     continue
-                direct, wino = _packed(block, False), _packed(block, True)
+                direct = _packed(block, (h, w), False) if base == "direct" else _packed(block, (h, w), tile_3x3=2)
+                wino = _packed(block, (h, w))
                 with torch.no_grad():
                     y64 = copy.deepcopy(block).double()(x.double())
                     errs = [((graph_forward(x, *p).double() - y64).norm() / y64.norm()).item() for p in (direct, wino)]

@@ -1,7 +1,8 @@
 // Winograd's minimal filtering for the CPU kernel's fp32 stride-1 convolutions over
 // zero-bordered intermediates (Lavin and Gray, "Fast Algorithms for Convolutional Neural
 // Networks", CVPR 2016; cuDNN's and NNPACK's 3x3 algorithm):
-//   - F(2x2, 3x3) for 3x3 stages (GoogLeNet, Inception-v3's A and E, Inception-ResNet);
+//   - F(2x2, 3x3) or F(4x4, 3x3) for 3x3 stages (GoogLeNet, Inception-v3's stem, A and E,
+//     Inception-ResNet), whichever the weights were packed for (ops/backend.py);
 //   - F(2, 7) for the 1x7 and 7x1 stages of Inception-v3's C and D blocks (Mixed_6b-6e,
 //     Mixed_7a), Inception-v4's B and Inception-ResNet's Block17, along the axis the filter
 //     spans: a 1x2 or 2x1 output tile;
@@ -9,7 +10,7 @@
 //     7c), Inception-v4's C and Inception-ResNet's Block8.
 //
 // A tile of one (input channel, output channel) pair is Y = A^T [ (G g) . (B^T d) ] over the
-// input window d around it (for F(2x2, 3x3), both axes: A^T [ (G g G^T) . (B^T d B) ] A).
+// input window d around it (for the 3x3s, both axes: A^T [ (G g G^T) . (B^T d B) ] A).
 // Summed over input channels, the elementwise products become independent GEMMs, one per
 // position alpha of the transformed window:
 //     M_alpha (tiles x cols) = V_alpha (tiles x cin) @ U_alpha (cin x cols),
@@ -21,6 +22,9 @@
 //           [0  1  1  0]        [1/2  1/2  1/2]          [0  1 -1 -1]
 //           [0 -1  1  0]        [1/2 -1/2  1/2]
 //           [0  1  0 -1]        [  0    0    1 ]
+//   F(4x4, 3x3): 36 positions for 16 outputs, 4x fewer (its matrices at F4x4_3x3 below).
+//     ops/backend.py packs a 3x3 for it where 4x4 tiles cover the output grid well
+//     (winograd_3x3_tile: the stems, 28x28 and 35x35 blocks), else for F(2x2, 3x3).
 //   F(2, 3): 4 positions for 2 outputs of 3 taps, 1.5x fewer: the 1-D form of the above,
 //     B^T, G and A^T as written.
 //   F(2, 7): 8 positions for 2 outputs of 7 taps, 1.75x fewer. Interpolation points
@@ -68,10 +72,18 @@ using gemm::ceil_div;
 using gemm::kMR;
 using gemm::kNR;
 
-constexpr int64_t kMaxPositions = 16;  // F(2x2, 3x3)'s 4x4 transformed tile
+constexpr int64_t kMaxPositions = 36;  // F(4x4, 3x3)'s 6x6 transformed tile
 // Tiles per block: V and M of one block (positions x tiles x channels each) stay in a 1-2 MB
-// L2, and each L1-resident chunk of U_alpha meets 8 register tiles of rows.
+// L2, and each L1-resident chunk of U_alpha meets 8 register tiles of rows (F(2x2, 3x3)'s
+// 16 positions; a transform with more positions takes proportionally fewer tiles, tiles<>,
+// one with fewer no more).
 constexpr int64_t kMaxTiles = 8 * kMR;
+constexpr int64_t kBlockValues = 16 * kMaxTiles;  // positions x tiles of one block
+template <typename Tr>
+constexpr int64_t tiles() {
+  const int64_t t = kBlockValues / Tr::kPositions / kMR * kMR;
+  return t < kMR ? kMR : t > kMaxTiles ? kMaxTiles : t;
+}
 
 // Fewer tiles than Transform::kMinTiles in a whole call (N x tile rows x tile columns) run the
 // direct part of the packed B instead: with few rows the weights dominate the traffic, and U
@@ -80,7 +92,7 @@ constexpr int64_t kMaxTiles = 8 * kMR;
 // pytorch-fid's Mixed_7b/7c (8x8) ran 3-5% slower at batch 1 (32 tiles), 8-9% faster at
 // batch 2 (64 tiles); F(2, 3) saves only 1.5x the multiplies.
 
-enum class Kind { k3x3, k1x7, k7x1, k1x3, k3x1 };
+enum class Kind { k3x3, k3x3_4x4, k1x7, k7x1, k1x3, k3x1 };
 
 // F(2x2, 3x3) over a 4x4 window: d, out and m are row-major 4x4 (alpha = 4 r + s), y 2x2.
 struct F2x2_3x3 {
@@ -125,6 +137,75 @@ struct F2x2_3x3 {
       y[2 * r + 0] = u[r][0] + u[r][1] + u[r][2];
       y[2 * r + 1] = u[r][1] - u[r][2] - u[r][3];
     }
+  }
+};
+
+// F(4x4, 3x3) over a 6x6 window: 36 positions for 16 outputs of 9 taps, 4x fewer
+// multiply-adds (F(2x2, 3x3): 2.25x), and 2.25 transformed values per output where
+// F(2x2, 3x3) has 4, so its transforms cost less per output too. Interpolation points 0,
+// 1/2, -1/2, 2, -2 and infinity: simulated over 32-832 channels of post-ReLU inputs, its
+// error against float64 was 1.5e-6 of the output's norm, against 2.3e-6 with Lavin and
+// Gray's 0, 1, -1, 2, -2 (F(2x2, 3x3): 2-4e-7, the direct GEMM 1.6e-7; the fp32 bound is 1e-5).
+// G (6 x 3) in ops/backend.py, _G3_F4. Applied along both axes:
+//   B^T = [1    0  -17/4     0  1  0]   A^T = [1    1     1  1   1  0]
+//         [0   -2     -4   1/2  1  0]         [0  1/2  -1/2  2  -2  0]
+//         [0    2     -4  -1/2  1  0]         [0  1/4   1/4  4   4  0]
+//         [0 -1/2   -1/4     2  1  0]         [0  1/8  -1/8  8  -8  1]
+//         [0  1/2   -1/4    -2  1  0]
+//         [0    1      0 -17/4  0  1]
+struct F4x4_3x3 {
+  static constexpr int kTileH = 4, kTileW = 4, kWinH = 6, kWinW = 6, kPositions = 36, kTaps = 9;
+  static constexpr int kPadH = 1, kPadW = 1;
+  static constexpr int64_t kMinTiles = 32;
+  // max_i |A^T[i][alpha]| per position: the product of the 1-D column maxima 1, 1, 1, 8, 8, 1.
+  static constexpr float kWeight[kPositions] = {1, 1, 1, 8,  8,  1, 1, 1, 1, 8,  8,  1, 1, 1, 1, 8,  8,  1,
+                                                8, 8, 8, 64, 64, 8, 8, 8, 8, 64, 64, 8, 1, 1, 1, 8,  8,  1};
+  // With weights up to 64, S runs ~12x F(2x2, 3x3)'s for the same outputs: on pytorch-fid's
+  // Inception-v3 (random weights, 2 images; its stem and 35x35 and 8x8 blocks) the ratio's
+  // median was 42-53 and its maximum 136 (F(2x2, 3x3): 2.5-4.5 and 13.5). 64 recomputed a
+  // third of the stem's tiles (the stem ran 25% slower than F(2x2, 3x3)); 256 leaves 1.9x
+  // headroom above the largest ratio seen (F(2x2, 3x3)'s 16: 1.2x). The error it lets through
+  // is then ~256 ulps of the tile's largest output at worst, ~1.5e-5 of it.
+  static constexpr float kCancellation = 256.0f;
+
+  // out[0..6) = B^T d, d and out strided.
+  template <typename V>
+  static void input_1d(const V* d, int ds, V* out, int os) {
+    const V a = d[4 * ds] - 4.0f * d[2 * ds], b = 0.5f * d[3 * ds] - 2.0f * d[ds];
+    const V c = d[4 * ds] - 0.25f * d[2 * ds], e = 2.0f * d[3 * ds] - 0.5f * d[ds];
+    out[0] = d[0] - 4.25f * d[2 * ds] + d[4 * ds];
+    out[os] = a + b;
+    out[2 * os] = a - b;
+    out[3 * os] = c + e;
+    out[4 * os] = c - e;
+    out[5 * os] = d[ds] - 4.25f * d[3 * ds] + d[5 * ds];
+  }
+
+  // out = B^T d B over the row-major 6x6 window (alpha = 6 r + s).
+  template <typename V>
+  static void input_tile(const V* d, V* out) {
+    V t[36];
+    for (int s = 0; s < 6; ++s) input_1d(d + s, 6, t + s, 6);
+    for (int r = 0; r < 6; ++r) input_1d(t + 6 * r, 1, out + 6 * r, 1);
+  }
+
+  // y[0..4) = A^T m, m and y strided.
+  template <typename V>
+  static void output_1d(const V* m, int ms, V* y, int ys) {
+    const V p12 = m[ms] + m[2 * ms], m12 = m[ms] - m[2 * ms];
+    const V p34 = m[3 * ms] + m[4 * ms], m34 = m[3 * ms] - m[4 * ms];
+    y[0] = m[0] + p12 + p34;
+    y[ys] = 0.5f * m12 + 2.0f * m34;
+    y[2 * ys] = 0.25f * p12 + 4.0f * p34;
+    y[3 * ys] = 0.125f * m12 + 8.0f * m34 + m[5 * ms];
+  }
+
+  // y = A^T m A: the tile's 4x4 outputs, y[4 r + s].
+  template <typename V>
+  static void output_tile(const V* m, V* y) {
+    V u[24];  // 4 x 6
+    for (int s = 0; s < 6; ++s) output_1d(m + s, 6, u + s, 6);
+    for (int r = 0; r < 4; ++r) output_1d(u + 6 * r, 1, y + 4 * r, 1);
   }
 };
 
@@ -221,6 +302,7 @@ decltype(auto) visit(Kind kind, Fn&& f) {
     case Kind::k7x1: return f(Along<F2_7, true>{});
     case Kind::k1x3: return f(Along<F2_3, false>{});
     case Kind::k3x1: return f(Along<F2_3, true>{});
+    case Kind::k3x3_4x4: return f(F4x4_3x3{});
     default: return f(F2x2_3x3{});
   }
 }
@@ -231,6 +313,17 @@ inline int64_t positions(Kind kind) {
 }
 inline int64_t taps(Kind kind) {
   return visit(kind, [](auto t) { return int64_t{decltype(t)::kTaps}; });
+}
+// The kind that panels of `rows` rows over `cin` channels are packed for, given kind_of's
+// kind of the convolution: a 3x3 packs for F(2x2, 3x3) (25 cin rows) or F(4x4, 3x3) (45 cin),
+// the others for their one transform; none when the rows match no Winograd layout (the
+// direct implicit GEMM's panels).
+inline std::optional<Kind> packed_kind(Kind kind, int64_t rows, int64_t cin) {
+  for (const Kind k : {kind, Kind::k3x3_4x4}) {
+    if (k == Kind::k3x3_4x4 && kind != Kind::k3x3) break;
+    if (rows == (positions(k) + taps(k)) * cin) return k;
+  }
+  return std::nullopt;
 }
 // The output tile of `kind`: rows x columns of pixels.
 inline std::pair<int64_t, int64_t> tile(Kind kind) {
@@ -297,8 +390,8 @@ class Workspace {
   Workspace(int64_t max_cin, int64_t max_panels)
       : ldv_(gemm::padded_stride<float>(max_cin)),
         ldm_(gemm::padded_stride<float>(max_panels * kNR<float>)),
-        v_(kMaxPositions * kMaxTiles * ldv_),
-        m_(kMaxPositions * kMaxTiles * ldm_),
+        v_(kBlockValues * ldv_),
+        m_(kBlockValues * ldm_),
         acc_(ceil_div(kMaxTiles, kMR) * max_panels * kMR * kNR<float>),
         zero_bias_(max_panels * kNR<float>, 0.0f),
         rows_(kMaxTiles),
@@ -330,13 +423,14 @@ class Workspace {
     g.panel_rows = conv.direct.panel_rows;
     g.segments.push_back({0, panels * kNR<float>, Plane<float>{nullptr, 0, 0, ldm_, 0}, 0, gemm::Epilogue::kLinear});
     gemm::plan_chunks(g);
-    for (int64_t t0 = 0; t0 < tiles; t0 += kMaxTiles) {
-      const int64_t count = std::min(kMaxTiles, tiles - t0);
+    constexpr int64_t block = winograd::tiles<Tr>();
+    for (int64_t t0 = 0; t0 < tiles; t0 += block) {
+      const int64_t count = std::min(block, tiles - t0);
       input_transform<Tr>(conv, tn + t0, th + t0, tw + t0, count);
       for (int64_t a = 0; a < Tr::kPositions; ++a) {
         g.b_packed = conv.u + a * conv.cin() * kNR<float>;
-        g.segments[0].dst.data = m_.data() + a * kMaxTiles * ldm_;
-        const float* v = v_.data() + a * kMaxTiles * ldv_;
+        g.segments[0].dst.data = m_.data() + a * block * ldm_;
+        const float* v = v_.data() + a * block * ldv_;
         for (int64_t i = 0; i < count; ++i) rows_[i] = v + i * ldv_;
         gemm::run_gemm(g, rows_.data(), zeros_.data(), zeros_.data(), iota_.data(), count, acc_.data(), part, parts);
       }
@@ -354,7 +448,7 @@ class Workspace {
     constexpr int L = Simd<float>::kLanes, P = Tr::kPositions;
     const int64_t last_h = conv.H - 1 + conv.src.pad, last_w = conv.W - 1 + conv.src.pad, C = conv.cin();
     const int64_t first = -conv.src.pad;  // above and left of the border: x read unbordered
-    const int64_t a_stride = kMaxTiles * ldv_;
+    const int64_t a_stride = winograd::tiles<Tr>() * ldv_;
     for (int64_t i = 0; i < count; ++i) {
       const float* p[P];
       for (int r = 0; r < Tr::kWinH; ++r)
@@ -404,7 +498,7 @@ class Workspace {
     using Vec = Simd<float>::Vec;
     constexpr int L = Simd<float>::kLanes, P = Tr::kPositions, TH = Tr::kTileH, TW = Tr::kTileW;
     constexpr int NR = kNR<float>;
-    const int64_t a_stride = kMaxTiles * ldm_, panels = conv.panels();
+    const int64_t a_stride = winograd::tiles<Tr>() * ldm_, panels = conv.panels();
     int64_t* pn = pix_.data();
     int64_t* ph = pn + kMaxTiles;
     int64_t* pw = ph + kMaxTiles;

@@ -25,7 +25,7 @@ from ._dropin import DropInBlock, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
-from .ops.branch_graph import apply_graph, graph_forward_inference, pack_weights, residual_tail
+from .ops.branch_graph import apply_graph, graph_forward_inference, pack_weights, residual_tail, winograd_tiles
 from .ops.plan import plan, plan_with_residual
 from .spec import Branch, BranchGraphSpec, Conv
 
@@ -268,7 +268,8 @@ class FusedBranchGraph(DropInBlock):
         self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
         reductions = self._plan.reductions() if self.recompute_reductions else {}
         self._recompute = tuple(reductions.get(k, -1) for k in range(len(self._plan.buf_channels)))
-        self._pack_caches: dict[tuple[str, torch.dtype | None, bool], TensorVersionCache] = {}
+        self._pack_caches: dict[tuple[str, torch.dtype | None, bool, tuple | None], TensorVersionCache] = {}
+        self._winograd_flags: dict[tuple[bool, int, int], tuple] = {}
         self._op_convs = len(self._plan.convs)  # the fused op's; a residual tail's 1x1 comes after them
         self._adopt_residual_plan()
 
@@ -286,18 +287,32 @@ class FusedBranchGraph(DropInBlock):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
         return [cast(w) for w, _ in folded], [cast(b) for _, b in folded]
 
-    def _packed(self, backend: str, dtype: torch.dtype | None = None, residual: bool = False) -> tuple[list, list]:
-        """The kernel layout of the folded weights: cached per (backend, dtype) while no
-        parameter or BN statistic changes, packed in the graph when traced. With `residual`,
-        for plan_with_residual: the tail's 1x1 too, its weight and bias times its scale."""
+    def _winograd(self, residual: bool, h: int, w: int) -> tuple:
+        """pack_weights's Winograd flags for an h x w input (winograd_tiles: a 3x3's tile
+        follows its grid), memoised per grid."""
+        key = (residual, h, w)
+        flags = self._winograd_flags.get(key)
+        if flags is None:
+            flags = self._winograd_flags[key] = winograd_tiles(self._residual_plan if residual else self._plan, h, w)
+        return flags
+
+    def _packed(self, backend: str, dtype: torch.dtype | None = None, residual: bool = False,
+                grid: tuple[int, int] = (0, 0)) -> tuple[list, list]:
+        """The kernel layout of the folded weights: cached per (backend, dtype, Winograd tiles)
+        while no parameter or BN statistic changes, packed in the graph when traced. With
+        `residual`, for plan_with_residual: the tail's 1x1 too, its weight and bias times its
+        scale. grid: x's (H, W), which picks the 3x3s' Winograd tiles on the CPU (a model run
+        at one resolution packs once)."""
+        flags = self._winograd(residual, *grid) if backend == "cpu" else None
+
         def build():
             weights, biases = self._folded(dtype)
             if not residual:
-                return pack_weights(self._plan, weights[:self._op_convs], biases[:self._op_convs], backend)
+                return pack_weights(self._plan, weights[:self._op_convs], biases[:self._op_convs], backend, flags)
             scale = self.graph.residual.scale
             n = self._op_convs
             return pack_weights(self._residual_plan, [*weights[:n], weights[n] * scale],
-                                [*biases[:n], biases[n] * scale], backend)
+                                [*biases[:n], biases[n] * scale], backend, flags)
 
         # num_batches_tracked: BN's kernel updates the running stats in place without bumping
         # their version counter, but bumps this one on every train-mode forward.
@@ -307,7 +322,7 @@ class FusedBranchGraph(DropInBlock):
                    for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
         if not cacheable(sources[0]):
             return build()
-        cache = self._pack_caches.setdefault((backend, dtype, residual), TensorVersionCache())
+        cache = self._pack_caches.setdefault((backend, dtype, residual, flags), TensorVersionCache())
         with torch.no_grad():  # a cached value must never hold on to an autograd graph
             return cache.get(sources, build, extra=tuple(bn.eps for bn in self._bns))
 
@@ -328,8 +343,9 @@ class FusedBranchGraph(DropInBlock):
             if tracing() or (torch.is_grad_enabled() and (x_run.requires_grad or any(
                     p.requires_grad for p in self.parameters()))):
                 weights, biases = self._folded(dtype)
-                packed = (pack_weights(self._plan, weights[:n], biases[:n], backend) if tracing()
-                          else self._packed(backend, dtype))
+                packed = (pack_weights(self._plan, weights[:n], biases[:n], backend,
+                                       winograd_tiles(self._plan, *x.shape[2:]) if backend == "cpu" else None)
+                          if tracing() else self._packed(backend, dtype, grid=tuple(x.shape[2:])))
                 flat_plan, backward_plan = _plans(self)
                 y = apply_graph(x_run, backend, flat_plan, backward_plan, self._recompute, weights[:n],
                                 biases[:n], packed)
@@ -338,11 +354,13 @@ class FusedBranchGraph(DropInBlock):
                 # Inference of a residual block on the CPU: the tail is the kernel's last GEMM,
                 # with x added in its epilogue. Not under autocast, where eager adds the tail to
                 # x in x's own (wider) dtype.
-                y = graph_forward_inference(x_run, *self._packed(backend, None, residual=True), self._residual_flat,
+                y = graph_forward_inference(x_run, *self._packed(backend, None, True, tuple(x.shape[2:])),
+                                            self._residual_flat,
                                             backend)
                 return match_memory_format(x, y)
             else:  # inference on cached packed weights: no fold, no autograd
-                y = graph_forward_inference(x_run, *self._packed(backend, dtype), _plans(self)[0], backend)
+                y = graph_forward_inference(x_run, *self._packed(backend, dtype, grid=tuple(x.shape[2:])),
+                                            _plans(self)[0], backend)
                 tail = None
             if self.graph.residual is not None:
                 # The tail's 1x1 has no BN (the parser checks): its own weight and bias.
@@ -372,6 +390,8 @@ class FusedBranchGraph(DropInBlock):
         self._plan_id = _plan_id(self._plan.flat(), self._plan.backward_flat())
         if "_residual_plan" not in state:  # pickled before the residual epilogue existed
             self._adopt_residual_plan()
+        if "_winograd_flags" not in state:  # pickled before the 3x3s' tile followed the grid
+            self._winograd_flags = {}
 
     @property
     def _flat_plan(self) -> list[int]:

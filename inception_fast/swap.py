@@ -51,7 +51,8 @@ def _is_lone_candidate(module: nn.Module) -> bool:
 
 def _fuse_lone(module: nn.Module, backend: str) -> nn.Module:
     """The fused twin of a lone conv unit: one branch of one level over x, a 1x1, a K x K
-    with 'same' padding or none at stride 1 (fp32: Winograd F(2x2, 3x3) for a 3x3), or a
+    with 'same' padding or none at stride 1 (fp32: Winograd F(4x4, 3x3) or F(2x2, 3x3) for a
+    3x3, by its grid), or a
     3x3/2 unpadded."""
     parsed = parse_branch_graph(module, trace_block(module), lone=True)
     spec = parsed[0]
@@ -209,7 +210,7 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
     'same' padding or none, or a 3x3/2 unpadded (the stems of Inception-v3 and pytorch-fid's
     FID network, Conv2d_1a to Conv2d_4a). Each becomes a FusedBranchGraph of one branch,
     checked at swap time like a block; in fp32 on the CPU a stride-1 3x3 runs as Winograd's
-    F(2x2, 3x3). Lone units it cannot run (GoogLeNet's 7x7/2 with padding) are left alone
+    F(4x4, 3x3) (the stems' large grids) or F(2x2, 3x3). Lone units it cannot run (GoogLeNet's 7x7/2 with padding) are left alone
     quietly (logged at debug level): they are not Inception blocks.
 
     Raises TypeError (model not a module, or itself a block) and ValueError (backend,

@@ -14,9 +14,10 @@ Layouts, for a convolution weight W (cout, cin, kh, kw) in PyTorch's Conv2d layo
   Winograd    (panels, (positions + taps)*cin, width), fp32 stride-1 convolutions over a
               buffer (pack_winograd): per panel, the transformed blocks U_a, cin rows
               each, then the taps of the CPU panels above (csrc/winograd.h; the direct
-              part serves tiles with non-finite values). A 3x3 packs F(2x2, 3x3)'s 16
-              blocks (G W G^T)[a], 25*cin rows; a 1x7 or 7x1 F(2, 7)'s 8 blocks (G W)[a]
-              along the filter's axis, 15*cin rows; a 1x3 or 3x1 F(2, 3)'s 4, 7*cin rows.
+              part serves tiles with non-finite values). A 3x3 packs F(4x4, 3x3)'s 36
+              blocks (G W G^T)[a], 45*cin rows, or F(2x2, 3x3)'s 16, 25*cin rows; a 1x7
+              or 7x1 F(2, 7)'s 8 blocks (G W)[a] along the filter's axis, 15*cin rows; a
+              1x3 or 3x1 F(2, 3)'s 4, 7*cin rows. The kernel tells them apart by the rows.
 An activation (N, C, H, W) stored channels_last is the row-major matrix of its pixel rows
 (N*H*W, C): `rows` and `image` convert between the two as views.
 """
@@ -36,7 +37,7 @@ from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 __all__ = ["BACKENDS", "CPU_DTYPES", "WINOGRAD", "as_gemm_b", "autocast_dtype", "cacheable", "flipped_gemm_b",
            "from_gemm_b", "image", "interpreting", "pack_panels", "pack_winograd", "accumulator_dtype", "packed_dtype",
            "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels", "unpack_winograd",
-           "winograd_positions"]
+           "WINOGRAD_3X3_TILE", "winograd_3x3_tile", "winograd_positions"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -47,6 +48,37 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # instead: the A/B of benchmarks/winograd.py, or results that do not depend on the
 # algorithm's rounding.
 WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _winograd_3x3_tile() -> int | None:
+    value = os.environ.get("INCEPTION_FAST_WINOGRAD_3X3", "auto").strip().lower()
+    if value not in ("auto", "2", "4"):
+        raise ValueError(f"INCEPTION_FAST_WINOGRAD_3X3 must be auto, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), "
+                         f"got {value!r}")
+    return None if value == "auto" else int(value)
+
+
+# The output tile of the 3x3 stages' Winograd form: F(4x4, 3x3) (4) does 4x fewer
+# multiply-adds than the direct GEMM and has cheaper transforms per output, at ~1.5e-6
+# relative error against float64 (the fp32 bound is 1e-5); F(2x2, 3x3) (2) does 2.25x fewer,
+# at ~3e-7. None (INCEPTION_FAST_WINOGRAD_3X3=auto, the default) picks per convolution by its
+# output grid (winograd_3x3_tile); 2 or 4 force one everywhere (read once at import).
+WINOGRAD_3X3_TILE = _winograd_3x3_tile()
+
+
+def winograd_3x3_tile(ho: int, wo: int) -> int:
+    """The Winograd output tile, 4 or 2, for a 3x3 convolution whose output grid is ho x wo
+    (WINOGRAD_3X3_TILE unless None). 4 where its 4x4 tiles cover the grid with at most 10%
+    more outputs than 2x2 tiles do, and at least 16 of them per image. Measured on a Zen 5
+    core against F(2x2, 3x3) (same process, alternating): Inception-v3's stem 1.31x (147x147,
+    71x71), its 35x35 blocks 1.11-1.15x, GoogLeNet's 28x28 blocks 1.13-1.16x at batch 16 and
+    even at batch 1; but 0.92-0.95x on 14x14 grids (16x16 outputs computed for 14x14: 1.31x
+    the work, against 1.0x for 2x2 tiles) and slower on 7x7 and 8x8 at small batches."""
+    if WINOGRAD_3X3_TILE is not None:
+        return WINOGRAD_3X3_TILE
+    t4 = -(-ho // 4) * -(-wo // 4)
+    t2 = -(-ho // 2) * -(-wo // 2)
+    return 4 if t4 >= 16 and 16 * t4 * 10 <= 4 * t2 * 11 else 2
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -186,6 +218,14 @@ def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int 
 # -1, 2, -2, 1/2, -1/2 and infinity (Lavin and Gray 2016's construction, row 0's sign moved
 # to B^T's row 0); its rows pair with winograd.h's B^T.
 _G3 = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# F(4x4, 3x3)'s G (6 x 3), applied along both axes: interpolation at 0, 1/2, -1/2, 2, -2 and
+# infinity, row j the point p's (1, p, p^2) over prod_{l != j} (p - p_l).
+_G3_F4 = ((1.0, 0.0, 0.0),
+          (-8 / 15, -4 / 15, -2 / 15),
+          (-8 / 15, 4 / 15, -2 / 15),
+          (1 / 30, 1 / 15, 2 / 15),
+          (1 / 30, -1 / 15, 2 / 15),
+          (0.0, 0.0, 1.0))
 _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
        tuple(-2 / 9 for _ in range(7)),
        tuple(-2 / 9 * (-1) ** k for k in range(7)),
@@ -196,30 +236,39 @@ _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0))
 
 
-def winograd_positions(kh: int, kw: int) -> int:
+def winograd_positions(kh: int, kw: int, tile: int = 2) -> int:
     """Transformed positions per input channel of a Winograd-packed kh x kw filter: 16
-    (3x3, F(2x2, 3x3)), 8 (1x7 or 7x1, F(2, 7)), 4 (1x3 or 3x1, F(2, 3)), or 0 (no
-    Winograd form)."""
+    (3x3, F(2x2, 3x3)) or 36 (3x3 with tile 4, F(4x4, 3x3)), 8 (1x7 or 7x1, F(2, 7)), 4
+    (1x3 or 3x1, F(2, 3)), or 0 (no Winograd form)."""
+    if (kh, kw) == (3, 3) and tile == 4:
+        return 36
     return {(3, 3): 16, (1, 7): 8, (7, 1): 8, (1, 3): 4, (3, 1): 4}.get((kh, kw), 0)
 
 
-def _transform_matrix(kh: int, kw: int) -> tuple[tuple[float, ...], ...]:
+def _g(taps: int, tile: int) -> tuple[tuple[float, ...], ...]:
+    """The 1-D weight transform G (positions x taps) of a filter of `taps` taps."""
+    return _G7 if taps == 7 else _G3_F4 if tile == 4 else _G3
+
+
+def _transform_matrix(kh: int, kw: int, tile: int = 2) -> tuple[tuple[float, ...], ...]:
     """The weight transform of a kh x kw filter as one (positions, taps) matrix over its flat
-    taps: kron(G3, G3) for a 3x3 (row 4a + b, column 3r + s: U[a][b] = sum G[a][r] w[r][s]
-    G[b][s]), G7 or G3 for a 1xK or Kx1 (the flat filter runs along its axis)."""
+    taps: kron(G, G) for a 3x3 (G3, or G3_F4 with tile 4; row p a + b, column 3r + s:
+    U[a][b] = sum G[a][r] w[r][s] G[b][s]), G7 or G3 for a 1xK or Kx1 (the flat filter runs
+    along its axis)."""
+    g = _g(max(kh, kw), tile)
     if kh == kw:
-        return tuple(tuple(ga * gb for ga in _G3[a] for gb in _G3[b]) for a in range(4) for b in range(4))
-    return _G7 if kh * kw == 7 else _G3
+        return tuple(tuple(ga * gb for ga in g[a] for gb in g[b]) for a in range(len(g)) for b in range(len(g)))
+    return g
 
 
 class _WeightTransform(torch.autograd.Function):
-    """u = w @ T^T along the last dim, T = _transform_matrix(kh, kw), a constant: one matmul
+    """u = w @ T^T along the last dim, T = _transform_matrix(kh, kw, tile), a constant: one matmul
     (a few graph nodes for torch.compile, where per-tap scalar ops took seconds to lower)
     whose backward, grad @ T, rebuilds T from its Python constants and so saves nothing."""
 
     @staticmethod
-    def forward(w: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-        t = torch.tensor(_transform_matrix(kh, kw), dtype=w.dtype, device=w.device)
+    def forward(w: torch.Tensor, kh: int, kw: int, tile: int) -> torch.Tensor:
+        t = torch.tensor(_transform_matrix(kh, kw, tile), dtype=w.dtype, device=w.device)
         return w @ t.t()
 
     @staticmethod
@@ -229,33 +278,33 @@ class _WeightTransform(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         t = torch.tensor(_transform_matrix(*ctx.shape), dtype=grad.dtype, device=grad.device)
-        return grad @ t, None, None
+        return grad @ t, None, None, None
 
 
-def _winograd_u(w: torch.Tensor) -> torch.Tensor:
+def _winograd_u(w: torch.Tensor, tile: int) -> torch.Tensor:
     """U = G w G^T (3x3) or G w along the filter's axis (1x7, 7x1: G7; 1x3, 3x1: G3):
     (cout, cin, kh, kw) -> (cout, cin, positions), position-major as winograd.h reads it.
     Linear, so differentiable."""
     kh, kw = (int(k) for k in w.shape[2:])  # jit.trace hands traced sizes
-    return _WeightTransform.apply(w.flatten(2), kh, kw)
+    return _WeightTransform.apply(w.flatten(2), kh, kw, tile)
 
 
 @functools.cache
-def _gtg_eigh(taps: int) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
-    """eigh of G^T G (G3 for 3 taps, G7 for 7) in float64, as Python constants: computed
-    once, so a traced backward holds constants, not an eigensolver."""
-    g = torch.tensor(_G3 if taps == 3 else _G7, dtype=torch.float64)
+def _gtg_eigh(taps: int, tile: int) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    """eigh of G^T G (_g(taps, tile)) in float64, as Python constants: computed once, so a
+    traced backward holds constants, not an eigensolver."""
+    g = torch.tensor(_g(taps, tile), dtype=torch.float64)
     lam, q = torch.linalg.eigh(g.t() @ g)
     return tuple(lam.tolist()), tuple(map(tuple, q.tolist()))
 
 
-def _winograd_gradient_preimage(dw: torch.Tensor) -> torch.Tensor:
+def _winograd_gradient_preimage(dw: torch.Tensor, tile: int) -> torch.Tensor:
     """The v with P^T P v = dW, P = pack_winograd's map w -> [U(w); w] (per filter).
     3x3: P^T P v = (G^T G) v (G^T G) + v; 1xK or Kx1: (G^T G + I) v along the filter's axis.
     G^T G = Q diag(l) Q^T (symmetric), so v divides dW's coordinates in Q's basis by
     l_i l_j + 1 (3x3) or l_i + 1."""
     kh, kw = (int(k) for k in dw.shape[2:])
-    lam, q = _gtg_eigh(max(kh, kw))
+    lam, q = _gtg_eigh(max(kh, kw), tile)
     lam = torch.tensor(lam, dtype=torch.float64, device=dw.device)
     q = torch.tensor(q, dtype=torch.float64, device=dw.device)
     d = dw.double()
@@ -266,11 +315,16 @@ def _winograd_gradient_preimage(dw: torch.Tensor) -> torch.Tensor:
     return v.to(dw.dtype)
 
 
-def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.Tensor:
+def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int | None = None) -> torch.Tensor:
     """fp32 conv weights (cout, cin, kh, kw), 3x3, 1x7, 7x1, 1x3 or 3x1 -> the Winograd panels
     (panels, (positions + kh*kw)*cin, width) of the module docstring: the transformed blocks,
     then the direct panels. U is computed in float64 and rounded once. Linear, so
-    differentiable. Raises ValueError for another filter size.
+    differentiable. Raises ValueError for another filter size, or a tile other than 2 or 4
+    (4: a 3x3 only).
+
+    tile: a 3x3's output tile, 4 (F(4x4, 3x3)) or 2 (F(2x2, 3x3)); default
+    WINOGRAD_3X3_TILE, or 2 where that is None (the grid is not known here: modules pick by
+    it, winograd_3x3_tile). The 1-D forms have 2.
 
     gradient=True packs a weight gradient dW as the gradient of the packed tensor, for
     autograd over the bare op: P(v) with P this packing and v the solution of P^T P v = dW.
@@ -279,20 +333,23 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False) -> torch.
     back to dW), so an optimizer stepping the packed tensor itself keeps the U blocks and the
     direct taps the same filter, as both paths of the kernel need."""
     cout, cin, kh, kw = (int(k) for k in w.shape)  # jit.trace hands traced sizes
-    positions = winograd_positions(kh, kw)
+    tile = (WINOGRAD_3X3_TILE or 2 if (kh, kw) == (3, 3) else 2) if tile is None else tile
+    positions = winograd_positions(kh, kw, tile)
     if positions == 0:
         raise ValueError(f"pack_winograd: w must be a 3x3, 1x7, 7x1, 1x3 or 3x1 filter, got {kh}x{kw}")
+    if tile not in (2, 4) or (tile == 4 and (kh, kw) != (3, 3)):
+        raise ValueError(f"pack_winograd: tile must be 2, or 4 for a 3x3 filter, got {tile} for a {kh}x{kw}")
     if gradient:
-        w = _winograd_gradient_preimage(w)
-    u = _winograd_u(w.double()).to(w.dtype)  # (cout, cin, positions)
+        w = _winograd_gradient_preimage(w, tile)
+    u = _winograd_u(w.double(), tile).to(w.dtype)  # (cout, cin, positions)
     u = pack_panels(u.permute(2, 1, 0).reshape(positions * cin, cout), width)
     return torch.cat([u, pack_panels(as_gemm_b(w), width, kh * kw)], dim=1)
 
 
 def unpack_winograd(packed: torch.Tensor, cols: int, cin: int, kh: int, kw: int) -> torch.Tensor:
-    """The GEMM B (kh*kw*cin, cols) of a kh x kw filter's Winograd panels: their direct part,
-    exactly the weights packed."""
-    return unpack_panels(packed[:, winograd_positions(kh, kw) * cin:], cols, kh * kw, cin)
+    """The GEMM B (kh*kw*cin, cols) of a kh x kw filter's Winograd panels (either tile): their
+    direct part, the last kh*kw*cin rows, exactly the weights packed."""
+    return unpack_panels(packed[:, packed.shape[1] - kh * kw * cin:], cols, kh * kw, cin)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from .plan import GraphPlan, Source
 __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward", "graph_backward_reference",
            "graph_forward", "graph_forward_inference", "graph_forward_into", "graph_macs", "graph_forward_saving",
            "graph_triton_forward", "graph_triton_forward_saving", "pack_weights", "residual_tail", "unpack_weights",
-           "winograd_packed"]
+           "winograd_packed", "winograd_tiles"]
 
 
 def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
@@ -49,7 +49,8 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
     (csrc/gemm.h's register tiles; bf16 in VNNI pairs, with float32 biases, its
     accumulator's type), and an fp32 GEMM that GemmStep.winograd allows in Winograd panels
     (backend.pack_winograd), unless `winograd` is False (default: backend.WINOGRAD; a
-    list gives one flag per GEMM);
+    list gives one flag per GEMM; a flag may also be a 3x3's output tile, 2 or 4, as
+    winograd_packed returns it, where True takes backend.WINOGRAD_3X3_TILE);
     "triton" keeps it row-major (K, cols).
 
     weights/biases: one (cout, cin, kh, kw) / (cout,) tensor per convolution of graph.convs.
@@ -80,7 +81,8 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
             continue
         dtype = packed_dtype(functools.reduce(torch.promote_types, (weights[i].dtype for i in g.convs)))
         if dtype == torch.float32 and wino and g.winograd:
-            b = pack_winograd(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype), gradient)
+            tile = None if wino is True else int(wino)
+            b = pack_winograd(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype), gradient, tile)
         else:
             b = pack_panels(torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1).to(dtype), panel_width(dtype),
                             g.kh * g.kw)
@@ -89,17 +91,32 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
     return packed_b, packed_bias
 
 
-def winograd_packed(graph: GraphPlan, g, b: torch.Tensor, in_channels: int | None = None) -> bool:
-    """Whether `b`, GEMM g's packed B, holds Winograd panels (backend.pack_winograd):
-    (panels, (positions + kh*kw) * channels, width), 25 for a 3x3, 15 for a 1x7 or 7x1, 7
-    for a 1x3 or 3x1, which the C++ kernel tells apart by the same shape. in_channels (x's)
-    is needed for a GEMM over x (a stem's 3x3); raises ValueError without it."""
+def winograd_tiles(graph: GraphPlan, h: int, w: int) -> tuple:
+    """pack_weights's per-GEMM `winograd` flags for an h x w input x: a 3x3 Winograd GEMM's
+    tile by its output grid (backend.winograd_3x3_tile), True for the others (their one
+    form, or none), all False when backend.WINOGRAD is off."""
+    if not _backend.WINOGRAD:
+        return (False,) * len(graph.gemms)
+    return tuple(_backend.winograd_3x3_tile(*g.grid(h, w)) if g.winograd and (g.kh, g.kw) == (3, 3) else True
+                 for g in graph.gemms)
+
+
+def winograd_packed(graph: GraphPlan, g, b: torch.Tensor, in_channels: int | None = None) -> int:
+    """The output tile (2 or 4, truthy) whose Winograd panels `b`, GEMM g's packed B, holds
+    (backend.pack_winograd), or 0 for the direct GEMM's panels: (panels, (positions + kh*kw)
+    * channels, width), 45 (F(4x4, 3x3)) or 25 (F(2x2, 3x3)) for a 3x3, 15 for a 1x7 or 7x1,
+    7 for a 1x3 or 3x1, which the C++ kernel tells apart by the same shape. in_channels
+    (x's) is needed for a GEMM over x (a stem's 3x3); raises ValueError without it."""
     if not g.winograd or b.dim() != 3:
-        return False
+        return 0
     if g.source < 0 and in_channels is None:
         raise ValueError("winograd_packed: a GEMM over x needs in_channels (x's channel count)")
     channels = in_channels if g.source < 0 else graph.buf_channels[g.source]
-    return b.shape[1] == (winograd_positions(g.kh, g.kw) + g.kh * g.kw) * channels
+    for tile in (2, 4):
+        positions = winograd_positions(g.kh, g.kw, tile)
+        if positions and b.shape[1] == (positions + g.kh * g.kw) * channels:
+            return tile
+    return 0
 
 
 def unpack_weights(graph: GraphPlan, packed_b, packed_bias, backend: str,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .._checks import check_input, check_out, check_same_dtype_device
 from ..spec import InceptionSpec
 from .backend import BACKENDS, autocast_dtype, resolve_backend
-from .branch_graph import BranchGraphFunction, apply_graph, graph_forward_into, pack_weights
+from .branch_graph import BranchGraphFunction, apply_graph, graph_forward_into, pack_weights, winograd_tiles
 from .plan import GraphPlan, plan
 
 __all__ = ["BACKENDS", "InceptionFunction", "InceptionWeights", "fused_forward", "inception", "preset"]
@@ -163,11 +163,12 @@ def fused_forward(x: torch.Tensor, weights: InceptionWeights, backend: str = "au
         if backend == "reference":
             return out.copy_(_forward_reference(x, weights))
         p = preset(spec)
-        packed = packed if packed is not None else pack_weights(p.plan, weights.weights, weights.biases, backend)
+        packed = packed if packed is not None else pack_weights(p.plan, weights.weights, weights.biases, backend,
+                                                                winograd_tiles(p.plan, *x.shape[2:]))
         return graph_forward_into(out, x, *packed, p.flat, backend)
     if backend == "reference":
         return _forward_reference(x, weights)
     p = preset(spec)
     if packed is None:
-        packed = pack_weights(p.plan, weights.weights, weights.biases, backend)
+        packed = pack_weights(p.plan, weights.weights, weights.biases, backend, winograd_tiles(p.plan, *x.shape[2:]))
     return apply_graph(x, backend, p.flat, p.backward_flat, p.recompute, weights.weights, weights.biases, packed)
