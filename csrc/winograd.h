@@ -143,42 +143,49 @@ struct F2x2_3x3 {
 // F(4x4, 3x3) over a 6x6 window: 36 positions for 16 outputs of 9 taps, 4x fewer
 // multiply-adds (F(2x2, 3x3): 2.25x), and 2.25 transformed values per output where
 // F(2x2, 3x3) has 4, so its transforms cost less per output too. Interpolation points 0,
-// 1/2, -1/2, 2, -2 and infinity: simulated over 32-832 channels of post-ReLU inputs, its
-// error against float64 was 1.5e-6 of the output's norm, against 2.3e-6 with Lavin and
-// Gray's 0, 1, -1, 2, -2 (F(2x2, 3x3): 2-4e-7, the direct GEMM 1.6e-7; the fp32 bound is 1e-5).
+// 2/3, -2/3, 3/2, -3/2 and infinity, the best of the symmetric sets 0, +-a, +-b tried:
+// simulated over 32-192 channels of post-ReLU inputs, its error against float64 was
+// 0.5-1.1e-6 of the output's norm, against 0.7-1.6e-6 with 0, +-1/2, +-2 and 1.2-2.3e-6 with
+// Lavin and Gray's 0, +-1, +-2 (F(2x2, 3x3): 2-4e-7, the direct GEMM 1.6e-7; the fp32
+// bound is 1e-5). Its constants are rounded to fp32 (2/3, 4/9, 8/27, 97/36), as simulated.
 // G (6 x 3) in ops/backend.py, _G3_F4. Applied along both axes:
-//   B^T = [1    0  -17/4     0  1  0]   A^T = [1    1     1  1   1  0]
-//         [0   -2     -4   1/2  1  0]         [0  1/2  -1/2  2  -2  0]
-//         [0    2     -4  -1/2  1  0]         [0  1/4   1/4  4   4  0]
-//         [0 -1/2   -1/4     2  1  0]         [0  1/8  -1/8  8  -8  1]
-//         [0  1/2   -1/4    -2  1  0]
-//         [0    1      0 -17/4  0  1]
+//   B^T = [1     0  -97/36     0  1  0]   A^T = [1    1     1     1      1  0]
+//         [0  -3/2    -9/4   2/3  1  0]         [0  2/3  -2/3   3/2   -3/2  0]
+//         [0   3/2    -9/4  -2/3  1  0]         [0  4/9   4/9   9/4    9/4  0]
+//         [0  -2/3    -4/9   3/2  1  0]         [0 8/27 -8/27  27/8  -27/8  1]
+//         [0   2/3    -4/9  -3/2  1  0]
+//         [0     1       0 -97/36 0  1]
 struct F4x4_3x3 {
   static constexpr int kTileH = 4, kTileW = 4, kWinH = 6, kWinW = 6, kPositions = 36, kTaps = 9;
   static constexpr int kPadH = 1, kPadW = 1;
   static constexpr int64_t kMinTiles = 32;
-  // max_i |A^T[i][alpha]| per position: the product of the 1-D column maxima 1, 1, 1, 8, 8, 1.
-  static constexpr float kWeight[kPositions] = {1, 1, 1, 8,  8,  1, 1, 1, 1, 8,  8,  1, 1, 1, 1, 8,  8,  1,
-                                                8, 8, 8, 64, 64, 8, 8, 8, 8, 64, 64, 8, 1, 1, 1, 8,  8,  1};
-  // With weights up to 64, S runs ~12x F(2x2, 3x3)'s for the same outputs: on pytorch-fid's
-  // Inception-v3 (random weights, 2 images; its stem and 35x35 and 8x8 blocks) the ratio's
-  // median was 42-53 and its maximum 136 (F(2x2, 3x3): 2.5-4.5 and 13.5). 64 recomputed a
-  // third of the stem's tiles (the stem ran 25% slower than F(2x2, 3x3)); 256 leaves 1.9x
-  // headroom above the largest ratio seen (F(2x2, 3x3)'s 16: 1.2x). The error it lets through
-  // is then ~256 ulps of the tile's largest output at worst, ~1.5e-5 of it.
-  static constexpr float kCancellation = 256.0f;
+  // max_i |A^T[i][alpha]| per position: the product of the 1-D column maxima 1, 1, 1, 27/8,
+  // 27/8, 1.
+  static constexpr float kW = 3.375f, kWW = kW * kW;
+  static constexpr float kWeight[kPositions] = {1,  1,  1,  kW,  kW,  1,  1,  1,  1,  kW,  kW,  1,
+                                                1,  1,  1,  kW,  kW,  1,  kW, kW, kW, kWW, kWW, kW,
+                                                kW, kW, kW, kWW, kWW, kW, 1,  1,  1,  kW,  kW,  1};
+  // With weights up to 11.4, S runs ~6x F(2x2, 3x3)'s for the same outputs: on pytorch-fid's
+  // Inception-v3 (random weights, 2 images; its stem, a 35x35 and an 8x8 block) the ratio's
+  // median was 14-29 and its maximum 70 (F(2x2, 3x3): 2.5-4.5 and 13.5). 128 leaves 1.8x
+  // headroom above the largest ratio seen (F(2x2, 3x3)'s 16: 1.2x); a bound that natural
+  // activations cross recomputes tiles by the thousand (at 64 with the points 0, +-1/2, +-2,
+  // whose ratios ran twice these, the stem ran 25% slower than F(2x2, 3x3)). The error it
+  // lets through is then at worst ~128 ulps of the tile's largest output, ~8e-6 of it.
+  static constexpr float kCancellation = 128.0f;
 
   // out[0..6) = B^T d, d and out strided.
   template <typename V>
   static void input_1d(const V* d, int ds, V* out, int os) {
-    const V a = d[4 * ds] - 4.0f * d[2 * ds], b = 0.5f * d[3 * ds] - 2.0f * d[ds];
-    const V c = d[4 * ds] - 0.25f * d[2 * ds], e = 2.0f * d[3 * ds] - 0.5f * d[ds];
-    out[0] = d[0] - 4.25f * d[2 * ds] + d[4 * ds];
+    constexpr float k97_36 = 97.0f / 36.0f, k2_3 = 2.0f / 3.0f, k4_9 = 4.0f / 9.0f;
+    const V a = d[4 * ds] - 2.25f * d[2 * ds], b = k2_3 * d[3 * ds] - 1.5f * d[ds];
+    const V c = d[4 * ds] - k4_9 * d[2 * ds], e = 1.5f * d[3 * ds] - k2_3 * d[ds];
+    out[0] = d[0] - k97_36 * d[2 * ds] + d[4 * ds];
     out[os] = a + b;
     out[2 * os] = a - b;
     out[3 * os] = c + e;
     out[4 * os] = c - e;
-    out[5 * os] = d[ds] - 4.25f * d[3 * ds] + d[5 * ds];
+    out[5 * os] = d[ds] - k97_36 * d[3 * ds] + d[5 * ds];
   }
 
   // out = B^T d B over the row-major 6x6 window (alpha = 6 r + s).
@@ -192,12 +199,13 @@ struct F4x4_3x3 {
   // y[0..4) = A^T m, m and y strided.
   template <typename V>
   static void output_1d(const V* m, int ms, V* y, int ys) {
+    constexpr float k2_3 = 2.0f / 3.0f, k4_9 = 4.0f / 9.0f, k8_27 = 8.0f / 27.0f;
     const V p12 = m[ms] + m[2 * ms], m12 = m[ms] - m[2 * ms];
     const V p34 = m[3 * ms] + m[4 * ms], m34 = m[3 * ms] - m[4 * ms];
     y[0] = m[0] + p12 + p34;
-    y[ys] = 0.5f * m12 + 2.0f * m34;
-    y[2 * ys] = 0.25f * p12 + 4.0f * p34;
-    y[3 * ys] = 0.125f * m12 + 8.0f * m34 + m[5 * ms];
+    y[ys] = k2_3 * m12 + 1.5f * m34;
+    y[2 * ys] = k4_9 * p12 + 2.25f * p34;
+    y[3 * ys] = k8_27 * m12 + 3.375f * m34 + m[5 * ms];
   }
 
   // y = A^T m A: the tile's 4x4 outputs, y[4 r + s].

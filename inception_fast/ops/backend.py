@@ -218,13 +218,13 @@ def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int 
 # -1, 2, -2, 1/2, -1/2 and infinity (Lavin and Gray 2016's construction, row 0's sign moved
 # to B^T's row 0); its rows pair with winograd.h's B^T.
 _G3 = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# F(4x4, 3x3)'s G (6 x 3), applied along both axes: interpolation at 0, 1/2, -1/2, 2, -2 and
-# infinity, row j the point p's (1, p, p^2) over prod_{l != j} (p - p_l).
+# F(4x4, 3x3)'s G (6 x 3), applied along both axes: interpolation at 0, 2/3, -2/3, 3/2, -3/2
+# and infinity, row j the point p's (1, p, p^2) over prod_{l != j} (p - p_l).
 _G3_F4 = ((1.0, 0.0, 0.0),
-          (-8 / 15, -4 / 15, -2 / 15),
-          (-8 / 15, 4 / 15, -2 / 15),
-          (1 / 30, 1 / 15, 2 / 15),
-          (1 / 30, -1 / 15, 2 / 15),
+          (-81 / 130, -27 / 65, -18 / 65),
+          (-81 / 130, 27 / 65, -18 / 65),
+          (8 / 65, 12 / 65, 18 / 65),
+          (8 / 65, -12 / 65, 18 / 65),
           (0.0, 0.0, 1.0))
 _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
        tuple(-2 / 9 for _ in range(7)),
