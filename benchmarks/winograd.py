@@ -1,7 +1,7 @@
 """Winograd (F(4x4, 3x3) or F(2x2, 3x3), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
 
     PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2] [--batch 1,32] [--reps 11]
-        [--baseline direct|f2x2]
+        [--baseline direct|f2x2] [--convs]
 
 Every fused block of each swapped model (torchvision googlenet at 224, pytorch-fid's
 InceptionV3 at 299, timm inception_resnet_v2 at 299; random weights and BN statistics) is
@@ -10,7 +10,7 @@ input: with the 3x3, 1x7 and 7x1 stride-1 stages packed for Winograd (the defaul
 tile by its grid, ops/backend.py winograd_3x3_tile) and packed for the baseline: the direct
 implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing), or with --baseline f2x2 every 3x3 as
 F(2x2, 3x3) (INCEPTION_FAST_WINOGRAD_3X3=2's; rows without an F(4x4, 3x3) stage are left
-out). The two alternate in one
+out). --convs swaps with convs=True: the stems' lone conv units too. The two alternate in one
 process; medians of --reps. Also reported: each one's relative error against the block in
 float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
 Rows where none does are left out: blocks without such a stage, and calls below
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--baseline", choices=("direct", "f2x2"), default="direct")
+    parser.add_argument("--convs", action="store_true", help="also the stems' conv units (swap_inception(convs=True))")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = args.baseline
@@ -107,7 +108,8 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
     for name, (model, size) in _models(args.models.split(",")).items():
-        swapped = ifast.swap_inception(copy.deepcopy(_random_bn(model))).to(memory_format=torch.channels_last)
+        swapped = ifast.swap_inception(copy.deepcopy(_random_bn(model)), convs=args.convs).to(
+            memory_format=torch.channels_last)
         blocks = [(n, m) for n, m in swapped.named_modules() if isinstance(m, FusedBranchGraph)]
         for batch in (int(b) for b in args.batch.split(",")):
             inputs: dict[str, torch.Tensor] = {}
@@ -129,7 +131,9 @@ def main() -> None:
                 wino = _packed(block, (h, w))
                 with torch.no_grad():
                     y64 = copy.deepcopy(block).double()(x.double())
-                    errs = [((graph_forward(x, *p).double() - y64).norm() / y64.norm()).item() for p in (direct, wino)]
+                    ys = [graph_forward(x, *p) for p in (direct, wino)]
+                    assert not torch.equal(*ys), f"{block_name}: both packings computed the same output"
+                    errs = [((y.double() - y64).norm() / y64.norm()).item() for y in ys]
                     t = time_alternating({"direct": lambda: graph_forward(x, *direct),
                                           "winograd": lambda: graph_forward(x, *wino)}, reps=args.reps)
                 ratios.append(t["direct"] / t["winograd"])
