@@ -354,13 +354,12 @@ class FusedBranchGraph(DropInBlock):
                 # Inference of a residual block on the CPU: the tail is the kernel's last GEMM,
                 # with x added in its epilogue. Not under autocast, where eager adds the tail to
                 # x in x's own (wider) dtype.
-                y = graph_forward_inference(x_run, *self._packed(backend, None, True, tuple(x.shape[2:])),
-                                            self._residual_flat,
-                                            backend)
+                packed = self._packed(backend, None, True, tuple(x.shape[2:]))
+                y = graph_forward_inference(x_run, *packed, self._residual_flat, backend)
                 return match_memory_format(x, y)
             else:  # inference on cached packed weights: no fold, no autograd
-                y = graph_forward_inference(x_run, *self._packed(backend, dtype, grid=tuple(x.shape[2:])),
-                                            _plans(self)[0], backend)
+                packed = self._packed(backend, dtype, grid=tuple(x.shape[2:]))
+                y = graph_forward_inference(x_run, *packed, _plans(self)[0], backend)
                 tail = None
             if self.graph.residual is not None:
                 # The tail's 1x1 has no BN (the parser checks): its own weight and bias.

@@ -341,6 +341,24 @@ def test_a_module_packs_its_3x3s_for_the_grid_it_is_called_on(monkeypatch):
     assert len(fused._pack_caches) == 2
 
 
+
+def test_an_export_with_a_dynamic_grid_runs_on_other_grids(monkeypatch):
+    """torch.export with dynamic H and W: the tile is not chosen by the symbolic grid (that
+    would guard the program on it, and a 14x14 input after a 28x28 example would fail)."""
+    monkeypatch.setattr(backend, "WINOGRAD_3X3_TILE", None)
+    spec = SPECS[1].values[0]
+    ref = reference_module(spec)
+    fused = ifast.FusedInception.from_module(ref)
+    dims = {2: torch.export.Dim("h", min=4, max=64), 3: torch.export.Dim("w", min=4, max=64)}
+    program = torch.export.export(fused, (torch.randn(2, spec.in_channels, 28, 28),), dynamic_shapes=(dims,))
+    for h, w in ((14, 14), (28, 28), (9, 30)):
+        x = torch.randn(2, spec.in_channels, h, w)
+        with torch.no_grad():
+            got = program.module()(x)
+            want = ref.double()(x.double())
+            ref.float()
+        assert rel_err(got, want) <= TOLERANCE[torch.float32]
+
 def test_f4x4_error_on_a_googlenet_block():
     """F(4x4, 3x3) on GoogLeNet's 3a shape (28x28; 96 -> 128 and 16 -> 32 channels) against
     float64: 4.8e-7 measured (F(2x2, 3x3) 2.7e-7, the direct GEMM 3.1e-7), held to 2e-6, 5x

@@ -81,7 +81,7 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
             continue
         dtype = packed_dtype(functools.reduce(torch.promote_types, (weights[i].dtype for i in g.convs)))
         if dtype == torch.float32 and wino and g.winograd:
-            tile = None if wino is True else int(wino)
+            tile = int(wino) if wino in (2, 4) else None  # True (== 1): the default tile
             b = pack_winograd(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype), gradient, tile)
         else:
             b = pack_panels(torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1).to(dtype), panel_width(dtype),
@@ -94,9 +94,13 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
 def winograd_tiles(graph: GraphPlan, h: int, w: int) -> tuple:
     """pack_weights's per-GEMM `winograd` flags for an h x w input x: a 3x3 Winograd GEMM's
     tile by its output grid (backend.winograd_3x3_tile), True for the others (their one
-    form, or none), all False when backend.WINOGRAD is off."""
+    form, or none), all False when backend.WINOGRAD is off. Symbolic sizes (torch.export
+    or torch.compile with dynamic H and W) take the default tile, True: a choice by the grid
+    would guard the graph on it, and an exported program would refuse other grids."""
     if not _backend.WINOGRAD:
         return (False,) * len(graph.gemms)
+    if not (isinstance(h, int) and isinstance(w, int)):
+        return (True,) * len(graph.gemms)
     return tuple(_backend.winograd_3x3_tile(*g.grid(h, w)) if g.winograd and (g.kh, g.kw) == (3, 3) else True
                  for g in graph.gemms)
 
