@@ -313,10 +313,11 @@ def test_out_overlapping_the_packed_weights_raises():
 
 @pytest.mark.parametrize(("grid", "want"), [((28, 28), 4), ((35, 35), 4), ((147, 147), 4), ((71, 71), 4),
                                             ((56, 56), 4), ((14, 14), 2), ((7, 7), 2), ((8, 8), 2), ((17, 17), 2),
-                                            ((2, 70), 2), ((16, 16), 4)])
+                                            ((2, 70), 2), ((16, 16), 2), ((22, 22), 2), ((24, 24), 4)])
 def test_the_3x3_tile_follows_the_grid(monkeypatch, grid, want):
     """4x4 tiles where they cover the grid with at most 10% more outputs than 2x2 tiles and
-    number at least 16 per image; 2x2 tiles elsewhere (14x14: 16x16 computed, 1.31x)."""
+    number at least 32 per image (the kernel's kMinTiles: batch 1 runs as Winograd too); 2x2
+    tiles elsewhere (14x14: 16x16 computed, 1.31x; 16x16 and 22x22: 16 and 25 tiles)."""
     monkeypatch.setattr(backend, "WINOGRAD_3X3_TILE", None)
     assert backend.winograd_3x3_tile(*grid) == want
     monkeypatch.setattr(backend, "WINOGRAD_3X3_TILE", 2)

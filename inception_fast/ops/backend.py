@@ -69,7 +69,10 @@ WINOGRAD_3X3_TILE = _winograd_3x3_tile()
 def winograd_3x3_tile(ho: int, wo: int) -> int:
     """The Winograd output tile, 4 or 2, for a 3x3 convolution whose output grid is ho x wo
     (WINOGRAD_3X3_TILE unless None). 4 where its 4x4 tiles cover the grid with at most 10%
-    more outputs than 2x2 tiles do, and at least 16 of them per image. Measured on a Zen 5
+    more outputs than 2x2 tiles do, and number at least 32 per image, the kernel's kMinTiles
+    (csrc/winograd.h), so that a call at batch 1 runs as Winograd too (with fewer, F(4x4, 3x3)
+    panels run the direct GEMM where F(2x2, 3x3) would have run as Winograd: a 256-channel
+    3x3 at 16x16 took 1.28 ms against 0.72; at 24x24, 36 tiles, 0.95 against 1.43). Measured on a Zen 5
     core against F(2x2, 3x3) (same process, alternating): Inception-v3's stem 1.31x (147x147,
     71x71), its 35x35 blocks 1.11-1.15x, GoogLeNet's 28x28 blocks 1.13-1.16x at batch 16 and
     even at batch 1; but 0.92-0.95x on 14x14 grids (16x16 outputs computed for 14x14: 1.31x
@@ -78,7 +81,7 @@ def winograd_3x3_tile(ho: int, wo: int) -> int:
         return WINOGRAD_3X3_TILE
     t4 = -(-ho // 4) * -(-wo // 4)
     t2 = -(-ho // 2) * -(-wo // 2)
-    return 4 if t4 >= 16 and 16 * t4 * 10 <= 4 * t2 * 11 else 2
+    return 4 if t4 >= 32 and 16 * t4 * 10 <= 4 * t2 * 11 else 2
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
