@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <memory>
 #include <optional>
+#include <string>
 
 namespace inception_fast {
 namespace {
@@ -489,10 +490,21 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
                           : (pooled_rows ? 1 : d.kh * d.kw) * (bf16 ? ceil_div(channels, 2) * 2 : channels);
     TORCH_CHECK(b[g].device().is_cpu() && bias[g].device().is_cpu(), "packed B and bias of GEMM ", g,
                 " must be CPU tensors, got ", b[g].device(), " and ", bias[g].device());
+    // A convolution that has Winograd forms may come packed for one of them instead (fp32).
+    std::string winograd_rows;
+    if (const auto shape = winograd::kind_of(d.source, d.kh, d.kw, d.stride, d.pad_h, d.pad_w);
+        shape && compute == at::kFloat && !kind) {
+      for (const auto form : {*shape, winograd::Kind::k3x3_4x4}) {
+        if (form == winograd::Kind::k3x3_4x4 && *shape != winograd::Kind::k3x3) break;
+        winograd_rows += " or " + std::to_string((winograd::positions(form) + winograd::taps(form)) * channels);
+      }
+      winograd_rows += " (Winograd panels)";
+    }
     TORCH_CHECK(b[g].scalar_type() == compute && b[g].dim() == 3 && b[g].size(0) == ceil_div(d.cols, width) &&
                     b[g].size(1) == k && b[g].size(2) == width,
-                "packed B of GEMM ", g, " must be a (", ceil_div(d.cols, width), ", ", k, ", ", width, ") tensor of ",
-                compute, " (x's dtype", half ? ", widened" : "", "), got ", b[g].sizes(), " of ", b[g].scalar_type());
+                "packed B of GEMM ", g, " must be a (", ceil_div(d.cols, width), ", ", k, winograd_rows, ", ", width,
+                ") tensor of ", compute, " (x's dtype", half ? ", widened" : "", "), got ", b[g].sizes(), " of ",
+                b[g].scalar_type());
     TORCH_CHECK(bias[g].scalar_type() == bias_type && bias[g].dim() == 1 && bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of ", bias_type, " (x's accumulator type)");
   }

@@ -303,7 +303,10 @@ class FusedBranchGraph(DropInBlock):
         `residual`, for plan_with_residual: the tail's 1x1 too, its weight and bias times its
         scale. grid: x's (H, W), which picks the 3x3s' Winograd tiles on the CPU (a model run
         at one resolution packs once)."""
-        flags = self._winograd(residual, *grid) if backend == "cpu" else None
+        # The tiles matter to fp32 packings only (fp16 packs fp32; bf16 and fp64 run direct).
+        weight_dtype = dtype if dtype is not None else self._units[0].conv.weight.dtype
+        fp32 = weight_dtype in (torch.float32, torch.float16)
+        flags = self._winograd(residual, *grid) if backend == "cpu" and fp32 else None
 
         def build():
             weights, biases = self._folded(dtype)

@@ -81,7 +81,7 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
             continue
         dtype = packed_dtype(functools.reduce(torch.promote_types, (weights[i].dtype for i in g.convs)))
         if dtype == torch.float32 and wino and g.winograd:
-            tile = int(wino) if wino in (2, 4) else None  # True (== 1): the default tile
+            tile = None if wino is True or wino == 1 else int(wino)  # pack_winograd refuses tiles but 2, 4
             b = pack_winograd(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype), gradient, tile)
         else:
             b = pack_panels(torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1).to(dtype), panel_width(dtype),
