@@ -59,7 +59,7 @@ def _winograd_3x3_tile() -> int | None:
 
 
 # The output tile of the 3x3 stages' Winograd form: F(4x4, 3x3) (4) does 4x fewer
-# multiply-adds than the direct GEMM and has cheaper transforms per output, at ~1.5e-6
+# multiply-adds than the direct GEMM and has cheaper transforms per output, at ~1e-6
 # relative error against float64 (the fp32 bound is 1e-5); F(2x2, 3x3) (2) does 2.25x fewer,
 # at ~3e-7. None (INCEPTION_FAST_WINOGRAD_3X3=auto, the default) picks per convolution by its
 # output grid (winograd_3x3_tile); 2 or 4 force one everywhere (read once at import).
@@ -72,10 +72,10 @@ def winograd_3x3_tile(ho: int, wo: int) -> int:
     more outputs than 2x2 tiles do, and number at least 32 per image, the kernel's kMinTiles
     (csrc/winograd.h), so that a call at batch 1 runs as Winograd too (with fewer, F(4x4, 3x3)
     panels run the direct GEMM where F(2x2, 3x3) would have run as Winograd: a 256-channel
-    3x3 at 16x16 took 1.28 ms against 0.72; at 24x24, 36 tiles, 0.95 against 1.43). Measured on a Zen 5
-    core against F(2x2, 3x3) (same process, alternating): Inception-v3's stem 1.31x (147x147,
-    71x71), its 35x35 blocks 1.11-1.15x, GoogLeNet's 28x28 blocks 1.13-1.16x at batch 16 and
-    even at batch 1; but 0.92-0.95x on 14x14 grids (16x16 outputs computed for 14x14: 1.31x
+    3x3 at 16x16 took 1.28 ms against 0.72; at 24x24, 36 tiles, 0.95 against 1.43). Measured
+    on a Zen 5 core against F(2x2, 3x3) (same process, alternating): Inception-v3's stem
+    1.3-1.9x (147x147, 71x71), its 35x35 blocks 1.03-1.15x, GoogLeNet's 28x28 blocks
+    1.11-1.17x at batch 16-32 and 1.07-1.09x at batch 1; but 0.92-0.95x on 14x14 grids (16x16 outputs computed for 14x14: 1.31x
     the work, against 1.0x for 2x2 tiles) and slower on 7x7 and 8x8 at small batches."""
     if WINOGRAD_3X3_TILE is not None:
         return WINOGRAD_3X3_TILE
