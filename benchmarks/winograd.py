@@ -30,7 +30,7 @@ import inception_fast as ifast
 from inception_fast.bench import time_alternating
 from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.ops import backend as ops_backend
-from inception_fast.ops.branch_graph import graph_forward
+from inception_fast.ops.branch_graph import graph_forward, winograd_tiles
 
 
 # csrc/winograd.h, Transform::kMinTiles by filter taps: fewer output tiles in a call run the direct panels
@@ -84,12 +84,19 @@ def _packed(block: FusedBranchGraph, grid: tuple[int, int], winograd: bool = Tru
         block._winograd_flags.clear()
 
 
-def _tile(g, h: int, w: int) -> tuple[int, int]:
-    """GEMM g's Winograd output tile at an h x w input, as the default packing picks it."""
-    if (g.kh, g.kw) == (3, 3):
-        t = ops_backend.winograd_3x3_tile(*g.grid(h, w))
-        return t, t
-    return g.winograd_tile
+def _winograd_runs(block: FusedBranchGraph, n: int, h: int, w: int) -> list:
+    """(GEMM, tile) of the block's GEMMs that run as Winograd on an (n, h, w) input as the
+    default packing has them (winograd_tiles: a 3x3's tile by its grid): those with at least
+    kMinTiles output tiles."""
+    runs = []
+    for g, flag in zip(block._plan.gemms, winograd_tiles(block._plan, h, w)):
+        if not g.winograd:
+            continue
+        th, tw = (flag, flag) if flag in (2, 4) else g.winograd_tile
+        gh, gw = g.grid(h, w)
+        if n * -(-gh // th) * -(-gw // tw) >= MIN_TILES[g.kh * g.kw]:
+            runs.append((g, th))
+    return runs
 
 
 def main() -> None:
@@ -122,10 +129,9 @@ def main() -> None:
             for block_name, block in blocks:
                 x = inputs[block_name]
                 n, _, h, w = x.shape
-                runs = [g for g in block._plan.gemms if g.winograd and n * -(-h // _tile(g, h, w)[0])
-                        * -(-w // _tile(g, h, w)[1]) >= MIN_TILES[g.kh * g.kw]]
+                runs = _winograd_runs(block, n, h, w)
                 stages = len(runs)
-                if stages == 0 or (base == "f2x2" and all(_tile(g, h, w)[0] != 4 for g in runs)):
+                if stages == 0 or (base == "f2x2" and all(tile != 4 for _, tile in runs)):
                     continue
                 direct = _packed(block, (h, w), False) if base == "direct" else _packed(block, (h, w), tile_3x3=2)
                 wino = _packed(block, (h, w))

@@ -187,7 +187,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     }
     if (const auto kind = wino_packed[g]) {  // the direct GEMM runs over each panel's direct taps
       gm.b_packed += winograd::positions(*kind) * k_per_tap * kNR<T>;
-      gm.panel_rows = (winograd::positions(*kind) + winograd::taps(*kind)) * k_per_tap;
+      gm.panel_rows = winograd::packed_rows(*kind, k_per_tap);
     }
     if (has_weights) plan_chunks(gm);
     gemms.push_back(std::move(gm));
@@ -486,7 +486,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     const bool pooled_rows = pooled_source(d.source);
     const int64_t channels = d.source >= 0 ? p.buf_channels[d.source] : C;
     const auto kind = winograd_b(b[g], d, channels);
-    const int64_t k = kind ? (winograd::positions(*kind) + winograd::taps(*kind)) * channels
+    const int64_t k = kind ? winograd::packed_rows(*kind, channels)
                           : (pooled_rows ? 1 : d.kh * d.kw) * (bf16 ? ceil_div(channels, 2) * 2 : channels);
     TORCH_CHECK(b[g].device().is_cpu() && bias[g].device().is_cpu(), "packed B and bias of GEMM ", g,
                 " must be CPU tensors, got ", b[g].device(), " and ", bias[g].device());
@@ -494,10 +494,8 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     std::string winograd_rows;
     if (const auto shape = winograd::kind_of(d.source, d.kh, d.kw, d.stride, d.pad_h, d.pad_w);
         shape && compute == at::kFloat && !kind) {
-      for (const auto form : {*shape, winograd::Kind::k3x3_4x4}) {
-        if (form == winograd::Kind::k3x3_4x4 && *shape != winograd::Kind::k3x3) break;
-        winograd_rows += " or " + std::to_string((winograd::positions(form) + winograd::taps(form)) * channels);
-      }
+      for (const auto form : winograd::packings(*shape))
+        winograd_rows += " or " + std::to_string(winograd::packed_rows(form, channels));
       winograd_rows += " (Winograd panels)";
     }
     TORCH_CHECK(b[g].scalar_type() == compute && b[g].dim() == 3 && b[g].size(0) == ceil_div(d.cols, width) &&

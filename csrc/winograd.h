@@ -322,15 +322,19 @@ inline int64_t positions(Kind kind) {
 inline int64_t taps(Kind kind) {
   return visit(kind, [](auto t) { return int64_t{decltype(t)::kTaps}; });
 }
-// The kind that panels of `rows` rows over `cin` channels are packed for, given kind_of's
-// kind of the convolution: a 3x3 packs for F(2x2, 3x3) (25 cin rows) or F(4x4, 3x3) (45 cin),
-// the others for their one transform; none when the rows match no Winograd layout (the
-// direct implicit GEMM's panels).
+// Rows per panel of `kind`'s packed B over cin channels: the U blocks, then the direct taps.
+inline int64_t packed_rows(Kind kind, int64_t cin) { return (positions(kind) + taps(kind)) * cin; }
+// The kinds a convolution of kind_of's `kind` may come packed for: a 3x3 for F(2x2, 3x3) or
+// F(4x4, 3x3) (ops/backend.py picks by the grid), the others for their one transform.
+inline std::vector<Kind> packings(Kind kind) {
+  return kind == Kind::k3x3 ? std::vector<Kind>{Kind::k3x3, Kind::k3x3_4x4} : std::vector<Kind>{kind};
+}
+// The kind that panels of `rows` rows over `cin` channels are packed for (25 cin rows for
+// F(2x2, 3x3), 45 for F(4x4, 3x3), ...), or none when the rows match no Winograd layout of
+// the convolution (the direct implicit GEMM's panels).
 inline std::optional<Kind> packed_kind(Kind kind, int64_t rows, int64_t cin) {
-  for (const Kind k : {kind, Kind::k3x3_4x4}) {
-    if (k == Kind::k3x3_4x4 && kind != Kind::k3x3) break;
-    if (rows == (positions(k) + taps(k)) * cin) return k;
-  }
+  for (const Kind k : packings(kind))
+    if (rows == packed_rows(k, cin)) return k;
   return std::nullopt;
 }
 // The output tile of `kind`: rows x columns of pixels.
@@ -338,9 +342,6 @@ inline std::pair<int64_t, int64_t> tile(Kind kind) {
   return visit(kind, [](auto t) { return std::make_pair(int64_t{decltype(t)::kTileH}, int64_t{decltype(t)::kTileW}); });
 }
 
-// One Winograd convolution of the plan: its kind, its input, the U blocks of its packed B,
-// and the implicit GEMM over the direct part of that B (the caller's, with its bias, columns
-// and destinations), which also serves the recomputes.
 // Whether a Winograd stage of `kind` over an Ho x Wo output grid and N images runs as
 // Winograd (Transform::kMinTiles), rather than as the direct GEMM over its direct taps.
 inline bool worth_it(Kind kind, int64_t N, int64_t Ho, int64_t Wo) {
@@ -350,6 +351,9 @@ inline bool worth_it(Kind kind, int64_t N, int64_t Ho, int64_t Wo) {
   });
 }
 
+// One Winograd convolution of the plan: its kind, its input, the U blocks of its packed B,
+// and the implicit GEMM over the direct part of that B (the caller's, with its bias, columns
+// and destinations), which also serves the recomputes.
 struct Conv {
   Kind kind;
   // (N, H + 2 border, W + 2 border, cin). A border narrower than the padding (x itself, which
@@ -367,7 +371,7 @@ struct Conv {
        int64_t pad_w_, const float* u_, gemm::Gemm<float> direct_)
       : kind(kind_), src(src_), H(H_), W(W_), Ho(Ho_), Wo(Wo_), pad_h(pad_h_), pad_w(pad_w_), u(u_),
         direct(std::move(direct_)), patch_direct(direct) {
-    TORCH_CHECK(direct.panel_rows == (positions(kind) + taps(kind)) * direct.k_per_tap &&
+    TORCH_CHECK(direct.panel_rows == packed_rows(kind, direct.k_per_tap) &&
                     static_cast<int64_t>(direct.tap_offset.size()) == taps(kind),
                 "winograd: the direct GEMM must run over the direct part of the Winograd panels");
     for (const auto& seg : direct.segments)

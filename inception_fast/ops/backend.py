@@ -336,7 +336,8 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int
     back to dW), so an optimizer stepping the packed tensor itself keeps the U blocks and the
     direct taps the same filter, as both paths of the kernel need."""
     cout, cin, kh, kw = (int(k) for k in w.shape)  # jit.trace hands traced sizes
-    tile = (WINOGRAD_3X3_TILE or 2 if (kh, kw) == (3, 3) else 2) if tile is None else tile
+    if tile is None:
+        tile = (WINOGRAD_3X3_TILE or 2) if (kh, kw) == (3, 3) else 2
     positions = winograd_positions(kh, kw, tile)
     if positions == 0:
         raise ValueError(f"pack_winograd: w must be a 3x3, 1x7, 7x1, 1x3 or 3x1 filter, got {kh}x{kw}")
