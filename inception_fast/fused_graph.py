@@ -274,7 +274,7 @@ class FusedBranchGraph(DropInBlock):
         self._adopt_residual_plan()
 
     def _adopt_residual_plan(self) -> None:
-        # CPU inference runs the tail as the kernel's last GEMM (plan_with_residual); its flat
+        # Inference runs the tail as the kernel's last GEMM (plan_with_residual); its flat
         # list is a plain attribute, used only outside tracing, where _plans' constant lookup
         # is not needed.
         self._residual_plan = None if self.graph.residual is None else plan_with_residual(self.graph)
@@ -353,10 +353,10 @@ class FusedBranchGraph(DropInBlock):
                 y = apply_graph(x_run, backend, flat_plan, backward_plan, self._recompute, weights[:n],
                                 biases[:n], packed)
                 tail = (weights[n], biases[n]) if len(weights) > n else None
-            elif self._residual_flat is not None and backend == "cpu" and dtype is None:
-                # Inference of a residual block on the CPU: the tail is the kernel's last GEMM,
-                # with x added in its epilogue. Not under autocast, where eager adds the tail to
-                # x in x's own (wider) dtype.
+            elif self._residual_flat is not None and dtype is None:
+                # Inference of a residual block: the tail is the kernel's last GEMM (C++ or
+                # Triton), with x added in its epilogue. Not under autocast, where eager adds
+                # the tail to x in x's own (wider) dtype.
                 packed = self._packed(backend, None, True, tuple(x.shape[2:]))
                 y = graph_forward_inference(x_run, *packed, self._residual_flat, backend)
                 return match_memory_format(x, y)

@@ -8,7 +8,9 @@ nothing here needs the C++ extension. Sections, in order (`--sections` picks som
   awkward    odd channel counts, K3 = 5, K5 = 3/7, grids 1x1 to 13x13: the same checks
              (in tf32 and fp16 on the 2x5x9 grid only)
   v3         Inception-v3's ten distinct blocks (torchvision InceptionA to E, the grid
-             reductions B and D included) at batches 1 and 8: forward, and the fused
+             reductions B and D included) and, with timm installed, Inception-ResNet-v2's
+             Block35, Block17 and Block8 (with and without its ReLU: the residual tail as
+             the last launch's epilogue) at batches 1 and 8: forward, and the fused
              backward's dx and every conv's dW, db (tf32, fp16: one block of each type)
   networks   logits of a swapped torchvision googlenet and inception_v3
   offset     a forward whose x and output pass 2**31 elements (64-bit tile bases)
@@ -113,7 +115,8 @@ OFFSET_SIZE = 28
 OFFSET_ELEMENTS = 2**31
 
 # One Inception-v3 block of each type: A, B (grid reduction), C, D (grid reduction), E.
-V3_FIRST_OF_EACH = ("Mixed_5b", "Mixed_6a", "Mixed_6b", "Mixed_7a", "Mixed_7b", "Conv2d_2a_3x3", "Conv2d_2b_3x3")
+V3_FIRST_OF_EACH = ("Mixed_5b", "Mixed_6a", "Mixed_6b", "Mixed_7a", "Mixed_7b", "Conv2d_2a_3x3", "Conv2d_2b_3x3",
+                    "Block35", "Block8_no_relu")
 # Inception-v3's stem conv units that swap_inception(convs=True) fuses, with their input grids:
 # an unpadded 3x3 (the VALID slot), a 'same' 3x3 straight over x, an unpadded 3x3 over 80.
 V3_STEM_UNITS = {"Conv2d_2a_3x3": 149, "Conv2d_2b_3x3": 147, "Conv2d_4a_3x3": 73}
@@ -147,10 +150,10 @@ class Plan:
     offset: bool
     speed: SpeedPlan
     time_limit_s: float | None
-    # v3 block types (torchvision class name's last letter) whose module path is also run
-    # end to end through autograd, and whose launches are counted
-    v3_module_types: str = "ABCDE"
-    v3_launch_types: str = "ABCDE"
+    # v3 block kinds (_block_kind) whose module path is also run end to end through
+    # autograd, and whose launches are counted
+    v3_module_types: tuple[str, ...] = ("A", "B", "C", "D", "E", "Block35", "Block17", "Block8")
+    v3_launch_types: tuple[str, ...] = ("A", "B", "C", "D", "E", "Block35", "Block17", "Block8")
 
 
 def make_plan(mode: str) -> Plan:
@@ -184,7 +187,7 @@ def make_plan(mode: str) -> Plan:
         return Plan(mode, tiny, (1, 2), ("fp32",), [(label, spec, size, ("fp32",)) for label, spec, size, _ in awkward
                                                       if label == "k5=3 n=1 1x1"],
                     [(None, (1,), ("fp32",))], ("fp32",), offset=False, speed=speed, time_limit_s=None,
-                    v3_module_types="E", v3_launch_types="A")
+                    v3_module_types=("E", "Block35"), v3_launch_types=("A", "Block35"))
     raise ValueError(f"mode must be 'full', 'quick' or 'tiny', got {mode!r}")
 
 
@@ -330,6 +333,12 @@ def _dyadic_(module: nn.Module) -> nn.Module:
         for p in module.parameters():
             p.copy_(_dyadic(p.shape, p.device, p.dtype, -2, 3, 1 / 8))
     return module
+
+
+def _block_kind(block: nn.Module) -> str:
+    """A torchvision InceptionA-E's letter, else the class name (BasicConv2d, Block35, ...)."""
+    name = type(block).__name__
+    return name[-1] if name.startswith("Inception") else name
 
 
 def _narrow(block: nn.Module, in_channels: int, factor: int) -> nn.Module:
@@ -622,7 +631,7 @@ class GpuCheck:
 
     def _v3_blocks(self) -> list[tuple[str, str, nn.Module, tuple[int, int]]] | None:
         """(name, label, block in eval mode with random BN statistics, input H x W), or None
-        without torchvision."""
+        without torchvision; Inception-ResNet-v2's residual blocks too where timm is installed."""
         try:
             from torchvision.models import inception as tv
         except ImportError:
@@ -635,11 +644,29 @@ class GpuCheck:
             return [(k, f"Inception{k} (1/8 wide)", _randomize_bn_(_narrow(block, 24, 8)).eval(), (5, 9))
                     for k, block in small.items()] + [
                 ("stem", "stem unit (unpadded 3x3, 4 -> 6)", _randomize_bn_(tv.BasicConv2d(4, 6, kernel_size=3)).eval(),
-                 (5, 9))]
+                 (5, 9))] + self._residual_blocks()[:1]
         model = _randomize_bn_(_inception_v3())
         return [(n, f"{n} ({type(getattr(model, n)).__name__[-1]})", getattr(model, n), (V3_BLOCKS[n],) * 2)
                 for n in V3_BLOCKS] + [(n, f"{n} (stem unit)", getattr(model, n), (size,) * 2)
-                                       for n, size in V3_STEM_UNITS.items()]
+                                       for n, size in V3_STEM_UNITS.items()] + self._residual_blocks()
+
+    def _residual_blocks(self) -> list[tuple[str, str, nn.Module, tuple[int, int]]]:
+        """timm's Inception-ResNet-v2 Block35 (35x35), Block17 (17x17) and Block8 with and
+        without its ReLU (8x8; the tiny mode takes Block35 on 5x9), as _v3_blocks lists
+        them; none without timm. Their inference runs the tail as the residual epilogue."""
+        import importlib
+
+        try:  # the module: timm.models' attribute of that name is the model's factory
+            irv2 = importlib.import_module("timm.models.inception_resnet_v2")
+        except ImportError:
+            return []
+        from .cli import _randomize_bn_
+
+        blocks = [("Block35", irv2.Block35(scale=0.17), 35), ("Block17", irv2.Block17(scale=0.10), 17),
+                  ("Block8", irv2.Block8(scale=0.20), 8), ("Block8_no_relu", irv2.Block8(no_relu=True), 8)]
+        grid = (lambda size: (5, 9)) if self.plan.mode == "tiny" else (lambda size: (size, size))  # noqa: E731
+        return [(name, f"{name} (Inception-ResNet-v2)", _randomize_bn_(block).eval(), grid(size))
+                for name, block, size in blocks]
 
     def _section_v3(self) -> None:
         blocks = self._v3_blocks()
@@ -676,11 +703,12 @@ class GpuCheck:
                 eager = None if prec == "fp32" else copy.deepcopy(block).to(memory_format=torch.channels_last)(x)
             self.compare("v3", label, prec, "forward", got, want, eager)
 
-            # Backward from the same saved x, y, intermediates and grad_output.
+            # Backward from the same saved x, y, intermediates and grad_output, of the fused
+            # op alone (a residual block's tail runs as ATen ops under autograd).
             with torch.no_grad():
                 b, bias = fused._packed("triton", None)
                 y, inter = graph_triton_forward_saving(x, b, bias, fused._plan.flat())
-                weights = [fold_conv_bn(u)[0] for u in fused._units]
+                weights = [fold_conv_bn(u)[0] for u in fused._units][:fused._op_convs]
             grad = torch.randn(y.shape, device=dev).to(dtype)
             plan = fused._plan.backward_flat()
             self.warm(lambda: graph_backward_triton(grad, x, y, inter, weights, [True, True], plan))
@@ -695,12 +723,13 @@ class GpuCheck:
             for i, (name, g, wnt) in enumerate(zip(names, got, want)):
                 self.compare("v3", label, prec, name, g, wnt, None if twin is None else twin[i])
 
-            if prec == "fp32" and type(block).__name__[-1] in self.plan.v3_module_types:
+            if prec == "fp32" and _block_kind(block) in self.plan.v3_module_types:
                 # The module path end to end: every parameter gets a finite gradient.
                 module = FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
                 xg = x.clone().requires_grad_()
                 with poisoned_allocations():
-                    module(xg).backward(grad)
+                    out = module(xg)
+                    out.backward(torch.randn_like(out))
                 grads = [xg.grad, *(p.grad for p in module.parameters())]
                 bad = sum(g is None or not bool(torch.isfinite(g).all()) for g in grads)
                 note = f"{bad} of {len(grads)} missing or not finite" if bad else ""
@@ -828,7 +857,7 @@ class GpuCheck:
             return
         seen = set()
         for _, label, block, (h, w) in blocks:
-            kind = type(block).__name__[-1]
+            kind = _block_kind(block)
             if kind in seen or kind not in self.plan.v3_launch_types:
                 continue
             seen.add(kind)
@@ -842,14 +871,14 @@ class GpuCheck:
                 self.warm(lambda: (fused(x), eager(x)))
                 with count_launches() as names:
                     fused(x)
-                # One grouped launch per stage of the plan.
-                stages = stage_launches(fused._plan.flat(), fused.spec.in_channels)
+                # One grouped launch per stage of the plan (a residual block's: the tail's too).
+                stages = stage_launches((fused._residual_plan or fused._plan).flat(), fused.spec.in_channels)
                 expected = ["_graph_stage_kernel"] * len(stages)
                 self._launch_row(f"{label} forward", names, expected, fused=lambda: fused(x),
                                  eager=lambda: eager(x))
                 b, bias = fused._packed("triton", None)
                 y, inter = graph_triton_forward_saving(x, b, bias, fused._plan.flat())
-                weights = [fold_conv_bn(u)[0] for u in fused._units]
+                weights = [fold_conv_bn(u)[0] for u in fused._units][:fused._op_convs]
                 plan = fused._plan.backward_flat()
                 grad = torch.randn_like(y)
                 self.warm(lambda: graph_backward_triton(grad, x, y, inter, weights, [True, True], plan))

@@ -107,27 +107,36 @@ def test_more_than_2_31_pixels_is_refused_before_any_allocation():
 
 
 def test_real_plans_launch_only_the_stage_variants_checked_here():
-    """Each stage launch of GoogLeNet's nine blocks (as branch graphs) and Inception-v3's
-    five block types has the compile-time variant and config list of an entry of
+    """Each stage launch of GoogLeNet's nine blocks (as branch graphs), Inception-v3's five
+    block types and Inception-ResNet-v2's residual blocks (with their tail's epilogue, both
+    activations) has the compile-time variant and config list of an entry of
     branch_graph_triton.SHIPPED_STAGES, the stage kernels KERNELS compiles above."""
     from torchvision.models import inception as tv
 
     from inception_fast.fused_graph import FusedBranchGraph
     from inception_fast.ops import branch_graph_triton as graph
-    from inception_fast.ops.plan import plan
+    from inception_fast.ops.plan import plan, plan_with_residual
+    from inception_fast.spec import Residual
 
     specs = [block.spec.to_graph() for block in ifast.GOOGLENET_INCEPTION.values()]
     specs += [FusedBranchGraph.from_module(make().eval(), backend="cpu").spec for make in (
         lambda: tv.InceptionA(192, pool_features=32), lambda: tv.InceptionB(288),
         lambda: tv.InceptionC(768, channels_7x7=128), lambda: tv.InceptionD(768), lambda: tv.InceptionE(1280))]
+    plans = [(plan(spec), spec.in_channels) for spec in specs]
+    irv2 = pytest.importorskip("timm.models.inception_resnet_v2")
+    for make in (lambda: irv2.Block35(scale=0.17), lambda: irv2.Block17(scale=0.1), lambda: irv2.Block8(scale=0.2),
+                 lambda: irv2.Block8(no_relu=True)):
+        spec = FusedBranchGraph.from_module(make().eval(), backend="cpu").graph
+        plans.append((plan_with_residual(spec), spec.in_channels))
+    assert {p.gemms[-1].segments[0].destination for p, _ in plans[-4:]} == {-2, -3}  # both epilogues
 
-    def shape(kinds, segments, exact):
-        return graph.stage_constexprs(kinds, segments), graph.stage_configs(kinds, exact)
+    def shape(kinds, segments, epilogue, exact):
+        return graph.stage_constexprs(kinds, segments, epilogue), graph.stage_configs(kinds, exact)
 
-    shipped = [shape(kinds, segments, exact) for _, kinds, segments in graph.SHIPPED_STAGES for exact in (False, True)]
-    for spec in specs:
-        stages = graph.stage_launches(plan(spec).flat(), spec.in_channels)
-        assert len(stages) == len({g[0] for g in plan(spec).gemms})  # one launch per stage
+    shipped = [shape(*stage[1:], exact) for stage in graph.SHIPPED_STAGES for exact in (False, True)]
+    for p, in_channels in plans:
+        stages = graph.stage_launches(p.flat(), in_channels)
+        assert len(stages) == len({g[0] for g in p.gemms})  # one launch per stage
         for stage in stages:
             for exact in (False, True):
-                assert shape(stage.kinds, stage.segments, exact) in shipped, (spec, stage)
+                assert shape(stage.kinds, stage.segments, stage.epilogue, exact) in shipped, (p, stage)

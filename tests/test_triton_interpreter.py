@@ -625,12 +625,91 @@ def test_tf32_results_do_not_change_when_the_dots_truncate_as_a_gpu_does(kind, t
         assert torch.equal(a, b), i
 
 
-def test_a_residual_epilogue_plan_is_refused_not_run():
-    from inception_fast.ops.branch_graph_triton import stage_launches
-    from inception_fast.ops.plan import plan_with_residual
-    from inception_fast.spec import Branch, BranchGraphSpec, Conv, Residual
+def _recording_stage_kernel(monkeypatch) -> list[dict]:
+    """Wrap _graph_stage_kernel so that each launch's compile-time arguments are recorded."""
+    import inception_fast.ops.branch_graph_triton as bgt
 
-    spec = BranchGraphSpec(8, (Branch(((Conv(8, 4),),)), Branch(((Conv(8, 3),), (Conv(3, 5, 3, 3),)))), None, None,
-                           residual=Residual(Conv(9, 8), 0.3))
-    with pytest.raises(ValueError, match="no residual epilogue"):
-        stage_launches(plan_with_residual(spec).flat(), 8)
+    real, launches = bgt._graph_stage_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(bgt, "_graph_stage_kernel", Recording())
+    return launches
+
+
+# Inference runs Inception-ResNet's tail as the stage kernel's last launch, x added in its
+# epilogue: 40 channels make a full 32-wide column tile and a partial one; NaN in x reaches
+# the output through the branches and through the residual add alone.
+@pytest.mark.parametrize("size", [(1, 5, 6), (3, 8, 7)], ids=["1x5x6", "3x8x7"])
+@pytest.mark.parametrize("dtype", dtype_params(*DTYPES))
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-act"])
+def test_residual_tail_is_the_stage_kernels_epilogue_in_inference(relu, dtype, size, monkeypatch):
+    import inception_fast.fused_graph as fg
+
+    block = small_residual_block(relu, channels=40)
+    fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block).to(dtype), backend="triton").eval()
+    monkeypatch.setattr(fg, "residual_tail", lambda *a: pytest.fail("the tail ran as ATen ops"))
+    launches = _recording_stage_kernel(monkeypatch)
+    x = torch.randn(size[0], 40, *size[1:], dtype=torch.float64)
+    x[0, 3, 2, 2] = float("nan")
+    with torch.no_grad():
+        got, want = fused(x.to(dtype)), block.double()(x)
+    assert [k["EPILOGUE0"] for k in launches] == [0, 0, 2 if relu else 1]  # stage 0, the 3x3, the tail
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert rel_err(got[finite], want[finite]) <= TOLERANCE[dtype]
+
+
+def _residual_op(relu=True):
+    """(block, x, packed B and bias, flat plan_with_residual) of a small residual block."""
+    from inception_fast.ops.branch_graph import pack_weights
+    from inception_fast.ops.plan import plan_with_residual
+
+    block = small_residual_block(relu, channels=8)
+    fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(block), backend="triton").eval()
+    graph = plan_with_residual(fused.graph)
+    weights, biases = fused._folded(None)
+    n = len(weights) - 1  # the tail's 1x1 last, its scale folded as FusedBranchGraph._packed does
+    scale = fused.graph.residual.scale
+    packed = pack_weights(graph, [*weights[:n], weights[n] * scale], [*biases[:n], biases[n] * scale], "triton")
+    return block, torch.randn(2, 8, 5, 6), [t.detach() for t in packed[0]], [t.detach() for t in packed[1]], graph
+
+
+def test_residual_epilogue_writes_every_output_element():
+    """Into a NaN-filled out=: the tail's launch stores each pixel and channel."""
+    from inception_fast.ops.branch_graph_triton import graph_forward_triton
+
+    block, x, b, bias, graph = _residual_op()
+    out = torch.full((2, 8, 5, 6), float("nan")).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = graph_forward_triton(x, b, bias, graph.flat(), out=out)
+        want = block(x)
+    assert got.data_ptr() == out.data_ptr()
+    assert rel_err(got, want) <= TOLERANCE[torch.float32]
+
+
+def test_a_residual_epilogue_that_does_not_end_a_1x1_over_the_concat_is_refused():
+    """A flat plan whose residual epilogue ends a GEMM over x (not the concat buffer) is
+    refused before any launch; and the bare op's own autograd says it has no residual
+    backward instead of computing one."""
+    from inception_fast.ops.branch_graph import graph_triton_forward
+    from inception_fast.ops.branch_graph_triton import stage_launches
+    from inception_fast.ops.plan import Destination
+
+    _, x, b, bias, graph = _residual_op()
+    flat = graph.flat()
+    assert [s.epilogue for s in stage_launches(flat, 8)] == [0, 0, 2]
+    tail = flat.index(Destination.OUT_RESIDUAL_RELU) - 2 - 9  # the tail GEMM's record: head, then its segment
+    bad = flat[:tail + 1] + [-1] + flat[tail + 2:]  # its source: x instead of the concat buffer
+    with pytest.raises(ValueError, match="a residual epilogue .* ends a stride-1 1x1 over a buffer"):
+        graph_triton_forward(x, b, bias, bad)
+    y = graph_triton_forward(x, [t.requires_grad_() for t in b], bias, flat)
+    with pytest.raises(ValueError, match="the backward has none"):
+        y.sum().backward()

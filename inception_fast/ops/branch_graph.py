@@ -467,8 +467,8 @@ def residual_tail(x: torch.Tensor, concat: torch.Tensor, weight: torch.Tensor, b
     (C, K, 1, 1), bias (C,) or None. Returns (N, C, H, W) channels_last. x's pixel rows plus
     the scaled bias, then one GEMM accumulating into them (addmm_, scale as its alpha: no
     scaled copy of the weight), then the ReLU in place: plain ATen ops, so autograd, tracing
-    and compile see through them. This is the tail under autograd, tracing, autocast and on
-    Triton; CPU inference runs it as the C++ kernel's last GEMM instead, x added in its
+    and compile see through them. This is the tail under autograd, tracing and autocast;
+    inference runs it as the kernel's last GEMM instead (C++ or Triton), x added in its
     epilogue (plan.plan_with_residual).
     """
     n, _, h, w = x.shape

@@ -17,6 +17,10 @@ compile-time kind:
 - POOL_COPY: a grid reduction's 3x3 stride-2 max pool, copied into its output slice.
 Columns go through bias + ReLU to their destination's channel slice; slot 0 (the stage-0
 GEMM of every branch's leading 1x1) may split its columns over up to four destinations.
+Slot 0 may instead end in Inception-ResNet's residual epilogue (EPILOGUE0, from
+plan_with_residual: the tail's 1x1 over the concat buffer, its weight and bias already
+times the tail's scale): act(x + acc + bias), x read at the same pixel and channel, act
+the identity or ReLU, stored straight into the output.
 So GoogLeNet's block takes two launches ([1x1 | 3x3red | 5x5red] over x with the pool
 projection over max-pooled x; then K3 and K5), Inception-v3's one per stage.
 
@@ -66,6 +70,10 @@ MAX_SEGMENTS = 4  # destinations of slot 0: the stage-0 GEMM of InceptionE has t
 MAX_STAGE_GEMMS = 4  # slots of one launch: Inception-v3's stages have at most three GEMMs
 # Slot kinds (constexpr KIND0..3 of _graph_stage_kernel).
 NONE, WINDOW, AVG_POOL, MAX_POOL, STRIDE2, POOL_COPY, AVG_POOL_EXCLUDE_PAD, VALID = 0, 1, 2, 3, 4, 5, 6, 7
+# Slot 0's epilogue (constexpr EPILOGUE0): relu(acc + bias), or the residual tail's
+# x + acc + bias, then ReLU or not (plan.Destination.OUT_RESIDUAL / OUT_RESIDUAL_RELU).
+RELU, RESIDUAL, RESIDUAL_RELU = 0, 1, 2
+_EPILOGUE_OF = {-2: RESIDUAL, -3: RESIDUAL_RELU}  # Destination code -> epilogue
 
 
 @triton.jit
@@ -201,10 +209,11 @@ def _slot_tile(
     w_ptr,  # (kh * kw * K_src, cols) B (unread by POOL_COPY)
     b_ptr,  # (cols,) bias (unread by POOL_COPY)
     d0_ptr, d1_ptr, d2_ptr, d3_ptr,  # (rows, ch_i) NHWC destinations of the column segments
+    res_ptr,  # (N, H, W, ch0) NHWC x, added by a residual EPILOGUE (unread otherwise)
     M, H, W, OH, OW, K_src, cols, kh, kw, tiles_n,
     seg1, seg2, seg3,  # where segments 1..3 begin (segment i ends where i + 1 begins; the last at cols)
     ch0, ch1, ch2, ch3, at0, at1, at2, at3,  # each destination's channels and first channel
-    KIND: tl.constexpr, SEGMENTS: tl.constexpr,
+    KIND: tl.constexpr, SEGMENTS: tl.constexpr, EPILOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -234,9 +243,17 @@ def _slot_tile(
             acc = _pooled_gemm(src_tile, w_ptr, K_src, cols, H, W, h, w, rows, m_mask, offs_n, n_mask, KIND == 3,
                                KIND == 6, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
-        y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
-        if INPUT_PRECISION == "tf32":  # the next dot reads it: TF32-exact, so nothing is truncated
+        y = acc + bias[None, :]
+        if EPILOGUE != 0:  # RESIDUAL(_RELU): one segment, every output channel; x added in fp32
+            res_tile = res_ptr + m0.to(tl.int64) * ch0 + at0  # 64-bit base, 32-bit offsets
+            y += tl.load(res_tile + rows[:, None] * ch0 + offs_n[None, :],
+                         mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        if EPILOGUE != 1:
+            # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        if INPUT_PRECISION == "tf32" and EPILOGUE == 0:
+            # The next dot may read it: TF32-exact, so nothing is truncated (a residual
+            # epilogue's output is the block's: no dot reads it, no rounding).
             y = round_tf32(y)
         y = y.to(d0_ptr.dtype.element_ty)
         col = offs_n[None, :]
@@ -267,6 +284,7 @@ def _graph_stage_kernel(
     w0_ptr,  # (kh0 * kw0 * K0, cols0) B, row (dy * kw0 + dx) * K0 + c
     b0_ptr,  # (cols0,) bias
     out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr,  # (rows, ch0x) NHWC destinations of its column segments
+    res0_ptr,  # (N, H, W, ch0) NHWC x for slot 0's residual EPILOGUE0 (unread by the others)
     # pointers of slots 1..3, as slot 0's with one destination each
     src1_ptr, w1_ptr, b1_ptr, out1_ptr,  # (N, H, W, K1), (kh1 * kw1 * K1, cols1), (cols1,), (rows, ch1)
     src2_ptr, w2_ptr, b2_ptr, out2_ptr,  # (N, H, W, K2), (kh2 * kw2 * K2, cols2), (cols2,), (rows, ch2)
@@ -283,6 +301,7 @@ def _graph_stage_kernel(
     ch1, at1, ch2, at2, ch3, at3,
     # meta-parameters
     KIND0: tl.constexpr, KIND1: tl.constexpr, KIND2: tl.constexpr, KIND3: tl.constexpr, SEGMENTS: tl.constexpr,
+    EPILOGUE0: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -292,25 +311,25 @@ def _graph_stage_kernel(
     the ahead-of-time table), registers are about the largest slot's, not the sum."""
     pid = tl.program_id(0)
     if pid < end0:
-        _slot_tile(pid, src0_ptr, w0_ptr, b0_ptr, out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr,
+        _slot_tile(pid, src0_ptr, w0_ptr, b0_ptr, out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr, res0_ptr,
                    M0, H, W, OH, OW, K0, cols0, kh0, kw0, tiles_n0, seg0b, seg0c, seg0d,
                    ch0, ch0b, ch0c, ch0d, at0, at0b, at0c, at0d,
-                   KIND0, SEGMENTS, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                   KIND0, SEGMENTS, EPILOGUE0, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     if KIND1 != 0:
         if (pid >= end0) & (pid < end1):
-            _slot_tile(pid - end0, src1_ptr, w1_ptr, b1_ptr, out1_ptr, out1_ptr, out1_ptr, out1_ptr,
+            _slot_tile(pid - end0, src1_ptr, w1_ptr, b1_ptr, out1_ptr, out1_ptr, out1_ptr, out1_ptr, res0_ptr,
                        M1, H, W, OH, OW, K1, cols1, kh1, kw1, tiles_n1, 0, 0, 0, ch1, ch1, ch1, ch1, at1, at1, at1, at1,
-                       KIND1, 1, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                       KIND1, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     if KIND2 != 0:
         if (pid >= end1) & (pid < end2):
-            _slot_tile(pid - end1, src2_ptr, w2_ptr, b2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr,
+            _slot_tile(pid - end1, src2_ptr, w2_ptr, b2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr, res0_ptr,
                        M2, H, W, OH, OW, K2, cols2, kh2, kw2, tiles_n2, 0, 0, 0, ch2, ch2, ch2, ch2, at2, at2, at2, at2,
-                       KIND2, 1, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                       KIND2, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     if KIND3 != 0:
         if pid >= end2:
-            _slot_tile(pid - end2, src3_ptr, w3_ptr, b3_ptr, out3_ptr, out3_ptr, out3_ptr, out3_ptr,
+            _slot_tile(pid - end2, src3_ptr, w3_ptr, b3_ptr, out3_ptr, out3_ptr, out3_ptr, out3_ptr, res0_ptr,
                        M3, H, W, OH, OW, K3, cols3, kh3, kw3, tiles_n3, 0, 0, 0, ch3, ch3, ch3, ch3, at3, at3, at3, at3,
-                       KIND3, 1, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                       KIND3, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit(do_not_specialize=["kh", "kw"])
@@ -494,6 +513,9 @@ def _slot_kind(gemm: list[int]) -> int:
 # kernels' tiles, hence bit-identical outputs).
 _EXACT_STAGE_TILES = {
     "pointwise": [(64, 64, 8, 3), (64, 32, 4, 2)],
+    # A stage of one 1x1 (Inception-ResNet's tail over the concat): 64x64 on 3 stages had a
+    # 16-byte stack frame on sm_80 with channel counts divisible by 16; on 2 stages, none.
+    "pointwise_alone": [(64, 64, 8, 2), (64, 32, 4, 2)],
     "spatial": [(64, 64, 8, 2), (64, 128, 8, 3), (64, 32, 4, 3)],
 }
 
@@ -508,8 +530,8 @@ def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> 
                     for kind, kh, kw in kinds)
     name = "pointwise" if pooled or pointwise else "spatial"
     if exact_fp32:
-        configs = [KernelConfig(bm, bn, EXACT_FP32_BLOCK_K, warps, stages)
-                   for bm, bn, warps, stages in _EXACT_STAGE_TILES[name]]
+        tiles = _EXACT_STAGE_TILES["pointwise_alone" if name == "pointwise" and len(kinds) == 1 else name]
+        configs = [KernelConfig(bm, bn, EXACT_FP32_BLOCK_K, warps, stages) for bm, bn, warps, stages in tiles]
     else:
         configs = kernel_configs(name, exact_fp32)
     if any(kind in (STRIDE2, VALID) for kind, _, _ in kinds):
@@ -520,10 +542,11 @@ def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> 
     return configs
 
 
-def stage_constexprs(kinds: tuple[tuple[int, int, int], ...], segments: int) -> dict:
-    """_graph_stage_kernel's compile-time arguments for slots of these (kind, kh, kw)."""
+def stage_constexprs(kinds: tuple[tuple[int, int, int], ...], segments: int, epilogue: int = RELU) -> dict:
+    """_graph_stage_kernel's compile-time arguments for slots of these (kind, kh, kw), slot
+    0 with `segments` destinations and `epilogue` (RELU, RESIDUAL or RESIDUAL_RELU)."""
     padded = [kind for kind, _, _ in kinds] + [NONE] * (MAX_STAGE_GEMMS - len(kinds))
-    return {**{f"KIND{i}": kind for i, kind in enumerate(padded)}, "SEGMENTS": segments}
+    return {**{f"KIND{i}": kind for i, kind in enumerate(padded)}, "SEGMENTS": segments, "EPILOGUE0": epilogue}
 
 
 def stage_channel_args(kinds: tuple[tuple[int, int, int], ...], segments: int) -> tuple[str, ...]:
@@ -537,21 +560,27 @@ def stage_channel_args(kinds: tuple[tuple[int, int, int], ...], segments: int) -
     return tuple(names)
 
 
-# The stages GoogLeNet's and Inception-v3's plans launch, as (name, slot (kind, kh, kw),
-# slot-0 segments); a representative window (kh, kw) per WINDOW slot. triton_aot.KERNELS
-# compiles each with its config list; tests check that the real plans launch no other.
+# The stages GoogLeNet's, Inception-v3's and Inception-ResNet's plans launch, as (name,
+# slot (kind, kh, kw), slot-0 segments, slot-0 epilogue); a representative window (kh, kw)
+# per WINDOW slot. triton_aot.KERNELS compiles each with its config list; tests check that
+# the real plans launch no other.
 SHIPPED_STAGES = [
-    ("x1x1_maxpool", ((WINDOW, 1, 1), (MAX_POOL, 1, 1)), 3),  # GoogLeNet stage 0
-    ("x1x1_avgpool", ((WINDOW, 1, 1), (AVG_POOL, 1, 1)), 3),  # InceptionA, C, E stage 0
-    ("x1x1_avgpool_exclude_pad", ((WINDOW, 1, 1), (AVG_POOL_EXCLUDE_PAD, 1, 1)), 3),  # pytorch-fid's A, C, E_1
-    ("x1x1_copy", ((WINDOW, 1, 1), (POOL_COPY, 3, 3)), 2),  # InceptionD stage 0
-    ("stride2_x1x1_copy", ((STRIDE2, 3, 3), (WINDOW, 1, 1), (POOL_COPY, 3, 3)), 1),  # InceptionB stage 0
-    ("window", ((WINDOW, 3, 3),), 1),  # a one-GEMM stage: A 2, B 1, C 3, C 4, D 2
-    ("window2", ((WINDOW, 5, 5), (WINDOW, 3, 3)), 1),  # GoogLeNet 1, A 1, C 1, C 2, E 2
-    ("window3", ((WINDOW, 3, 3), (WINDOW, 1, 3), (WINDOW, 3, 1)), 1),  # InceptionE stage 1
-    ("stride2", ((STRIDE2, 3, 3),), 1),  # InceptionB stage 2, D stage 3
-    ("stride2_window", ((STRIDE2, 3, 3), (WINDOW, 1, 7)), 1),  # InceptionD stage 1
-    ("valid", ((VALID, 3, 3),), 1),  # timm's Mixed4a stage 1 (and stage 3 beside a window); a stem's 3x3
+    ("x1x1_maxpool", ((WINDOW, 1, 1), (MAX_POOL, 1, 1)), 3, RELU),  # GoogLeNet stage 0
+    ("x1x1_avgpool", ((WINDOW, 1, 1), (AVG_POOL, 1, 1)), 3, RELU),  # InceptionA, C, E stage 0
+    ("x1x1_avgpool_exclude_pad", ((WINDOW, 1, 1), (AVG_POOL_EXCLUDE_PAD, 1, 1)), 3, RELU),  # pytorch-fid's A, C, E_1
+    ("x1x1_copy", ((WINDOW, 1, 1), (POOL_COPY, 3, 3)), 2, RELU),  # InceptionD stage 0
+    ("stride2_x1x1_copy", ((STRIDE2, 3, 3), (WINDOW, 1, 1), (POOL_COPY, 3, 3)), 1, RELU),  # InceptionB stage 0
+    ("window", ((WINDOW, 3, 3),), 1, RELU),  # a one-GEMM stage: A 2, B 1, C 3, C 4, D 2
+    ("window2", ((WINDOW, 5, 5), (WINDOW, 3, 3)), 1, RELU),  # GoogLeNet 1, A 1, C 1, C 2, E 2
+    ("window3", ((WINDOW, 3, 3), (WINDOW, 1, 3), (WINDOW, 3, 1)), 1, RELU),  # InceptionE stage 1
+    ("stride2", ((STRIDE2, 3, 3),), 1, RELU),  # InceptionB stage 2, D stage 3
+    ("stride2_window", ((STRIDE2, 3, 3), (WINDOW, 1, 7)), 1, RELU),  # InceptionD stage 1
+    ("valid", ((VALID, 3, 3),), 1, RELU),  # timm's Mixed4a stage 1 (and stage 3 beside a window); a stem's 3x3
+    ("x1x1_3", ((WINDOW, 1, 1),), 3, RELU),  # Inception-ResNet's Block35 stage 0 (no pool branch)
+    ("x1x1_2", ((WINDOW, 1, 1),), 2, RELU),  # Block17 and Block8 stage 0
+    # Inception-ResNet's tail (plan_with_residual): Block35 and Block17, and Block8 but the last
+    ("residual_relu", ((WINDOW, 1, 1),), 1, RESIDUAL_RELU),
+    ("residual", ((WINDOW, 1, 1),), 1, RESIDUAL),  # the last Block8: no activation
 ]
 
 
@@ -565,11 +594,12 @@ def _tile_cost(gemm: list[int], k_src: int) -> int:
 
 class StageLaunch(NamedTuple):
     """One launch of _graph_stage_kernel: the plan's GEMMs it runs, in slot order, each
-    slot's (kind, kh, kw), and slot 0's destination count."""
+    slot's (kind, kh, kw), slot 0's destination count and its epilogue."""
 
     gemms: tuple[int, ...]
     kinds: tuple[tuple[int, int, int], ...]
     segments: int
+    epilogue: int = RELU
 
 
 def stage_launches(flat_plan: list[int], in_channels: int) -> list[StageLaunch]:
@@ -586,22 +616,40 @@ def _host_plan(flat_plan: tuple[int, ...], in_channels: int) -> tuple[GraphPlan,
     a flat plan, parsed once per plan and input width: the custom op receives the wire
     format on every call, and a launch-bound forward must not parse it there."""
     p = GraphPlan.from_flat(list(flat_plan))
-    if any(s.destination < Destination.OUT for g in p.gemms for s in g.segments):
-        raise ValueError("flat_plan: the Triton kernels have no residual epilogue (Destination.OUT_RESIDUAL*, "
-                         "plan_with_residual is for the C++ forward); run the tail after the op")
+    epilogue = [_residual_epilogue(p, g) for g in p.gemms]
     gemms = [g.flat() for g in p.gemms]
     launches = []
     for stage in sorted({g[0] for g in gemms}):
         members = [i for i, g in enumerate(gemms) if g[0] == stage]
         k = {i: in_channels if gemms[i][1] < 0 else p.buf_channels[gemms[i][1]] for i in members}
-        members.sort(key=lambda i: (gemms[i][8] == 1, -_tile_cost(gemms[i], k[i]), i))
-        if sum(gemms[i][8] > 1 for i in members) > 1:
-            raise ValueError(f"stage {stage} has two GEMMs with several destinations; a launch takes one")
+        # Slot 0 holds a GEMM with several destinations or a residual epilogue: one per stage.
+        members.sort(key=lambda i: (gemms[i][8] == 1 and not epilogue[i], -_tile_cost(gemms[i], k[i]), i))
+        if sum(gemms[i][8] > 1 or epilogue[i] != RELU for i in members) > 1:
+            raise ValueError(f"stage {stage} has two GEMMs with several destinations or a residual epilogue; "
+                             "a launch takes one, in its slot 0")
         for j in range(0, len(members), MAX_STAGE_GEMMS):
             chunk = tuple(members[j:j + MAX_STAGE_GEMMS])
             launches.append(StageLaunch(chunk, tuple((_slot_kind(gemms[i]), gemms[i][2], gemms[i][3]) for i in chunk),
-                                        gemms[chunk[0]][8]))
+                                        gemms[chunk[0]][8], epilogue[chunk[0]]))
     return p, gemms, tuple(launches)
+
+
+def _residual_epilogue(p: GraphPlan, g) -> int:
+    """RELU, or the epilogue of a GEMM that stores through Destination.OUT_RESIDUAL*:
+    checked to be what plan_with_residual makes, a stride-1 1x1 over a buffer (the concat)
+    whose one segment is the whole output, x's channels (the epilogue reads x at the
+    output's pixel and channel). Raises ValueError otherwise."""
+    codes = [s.destination for s in g.segments if s.destination < Destination.OUT]
+    if not codes:
+        return RELU
+    s = g.segments[0]
+    if not (len(g.segments) == 1 and s.destination in _EPILOGUE_OF and g.source >= 0 and (g.kh, g.kw, g.stride) == (
+            1, 1, 1) and (s.begin, s.end, s.channel) == (0, g.cols, 0) and g.cols == p.out_channels == p.in_channels):
+        raise ValueError(f"flat_plan: a residual epilogue (Destination.OUT_RESIDUAL*) ends a stride-1 1x1 over a "
+                         f"buffer (the concat) writing all {p.in_channels} channels of x into the output; got "
+                         f"{g.kh}x{g.kw}/{g.stride} from source {g.source} with segments {list(g.segments)} "
+                         f"into {p.out_channels} output channels")
+    return _EPILOGUE_OF[s.destination]
 
 
 def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
@@ -612,7 +660,7 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     written in full instead of a new one."""
     n, c, h, w = x.shape
     programs, buf_channels, out_channels, oh, ow = _programs(tuple(flat_plan), n, c, h, w)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = residual = x.contiguous(memory_format=torch.channels_last)
     if input_precision(x.dtype) == "tf32":  # operands TF32-exact before the dots (round_tf32_host)
         x = round_tf32_host(x)
         b = [round_tf32_host(t) for t in b]
@@ -625,14 +673,14 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
         keep += bufs
     if n * h * w == 0:
         return out
-    pool = [x, out, *bufs, *b, *bias]  # what _StageProgram.refs index
+    pool = [x, out, *bufs, *b, *bias, residual]  # what _StageProgram.refs index
     for program in programs:
         program.run(pool, x)
     return out
 
 
 class _Slot(NamedTuple):
-    src: int  # index into the call's tensor pool: x, out, buffers, B's, biases
+    src: int  # index into the call's tensor pool: x, out, buffers, B's, biases, x unrounded
     weight: int  # its B, (kh * kw * k_src, cols)
     bias: int  # its bias, (cols,)
     dests: list  # per column segment: (tensor index, first column, its channels, its first channel)
@@ -675,7 +723,9 @@ class _StageProgram:
         # Slot 0's destinations, padded (SEGMENTS masks the unused ones: never stored to).
         dests = first.dests + [first.dests[0]] * (MAX_SEGMENTS - len(first.dests))
         seg_begins = [d[1] for d in first.dests[1:]] + [first.cols] * (MAX_SEGMENTS - len(first.dests))
-        refs = [first.src, first.weight, first.bias, *(d[0] for d in dests)]
+        # x itself (the call pool's last tensor, unrounded) for a residual epilogue
+        refs = [first.src, first.weight, first.bias, *(d[0] for d in dests),
+                2 + n_bufs + 2 * n_gemms if stage.epilogue != RELU else 0]
         for slot in slots[1:] + [first] * unused:  # unused slots (kind NONE) are not compiled
             refs += [slot.src, slot.weight, slot.bias, slot.dests[0][0]]
         channel_args = [*seg_begins, *(d[2] for d in dests), *(d[3] for d in dests)]
@@ -686,7 +736,7 @@ class _StageProgram:
         self.slots, self.kinds, self.unused = slots, stage.kinds, unused
         self.spatial = (h, w, oh, ow)
         self.channel_args = tuple(channel_args)
-        self.constexprs = stage_constexprs(stage.kinds, len(first.dests))
+        self.constexprs = stage_constexprs(stage.kinds, len(first.dests), stage.epilogue)
         self.problem = (tuple(tuple(gemms[i]) for i in stage.gemms), tuple(s.k_src for s in slots), n, h, w)
         self.rows, self.cols = max(s.rows for s in slots), max(s.cols for s in slots)
         self._tuned_keys: dict[tuple, tuple] = {}  # (dtype, dot precision, device) -> autotune's key

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import image, rows
-from .plan import GraphPlan, Source
+from .plan import Destination, GraphPlan, Source
 
 __all__ = ["graph_backward_reference"]
 
@@ -49,6 +49,10 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     reads x): the Triton backward gathers that gradient in the GEMM's epilogue.
     """
     _, _, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
+    for i, step in enumerate(table):
+        if step.destination < Destination.OUT:  # as the C++ backward refuses it
+            raise ValueError(f"convolution {i} ends in a residual epilogue: the backward has none "
+                             "(plan_with_residual is for inference; under autograd the tail runs as ATen ops)")
     n, c, h, w = x.shape
     relu_backward = torch.ops.aten.threshold_backward
     grad_rows, y_rows, x_rows = rows(grad_out), rows(y), rows(x)

@@ -46,7 +46,7 @@ class Destination(IntEnum):
 
     OUT = -1
     # The output through Inception-ResNet's tail epilogue, act(x + sum + bias) with x read at
-    # the same pixel and channel: act the identity, or ReLU (plan_with_residual; C++ only).
+    # the same pixel and channel: act the identity, or ReLU (plan_with_residual; forward only).
     OUT_RESIDUAL = -2
     OUT_RESIDUAL_RELU = -3
 
@@ -274,15 +274,19 @@ def plan(spec: BranchGraphSpec) -> GraphPlan:
 
 
 def plan_with_residual(spec: BranchGraphSpec) -> GraphPlan:
-    """plan(spec) with Inception-ResNet's tail (spec.residual) as its last GEMM, for the C++
-    forward: the branches store into one more buffer, the concat (border 0), instead of the
-    output, and a 1x1 GEMM over it stores act(x + sum + bias) into the output through the
-    residual epilogue (Destination.OUT_RESIDUAL*). Its convs end with the tail's 1x1, whose
-    packed weight and bias must carry the tail's scale: scale * (W @ concat + b).
+    """plan(spec) with Inception-ResNet's tail (spec.residual) as its last GEMM, for the
+    forward kernels (C++ and Triton): the branches store into one more buffer, the concat
+    (border 0), instead of the output, and a 1x1 GEMM over it stores act(x + sum + bias)
+    into the output through the residual epilogue (Destination.OUT_RESIDUAL*). Its convs
+    end with the tail's 1x1, whose packed weight and bias must carry the tail's scale:
+    scale * (W @ concat + b).
 
-    In the image-major schedule a group of images' concat is written and read by one thread,
-    stage after stage, so it stays in that thread's cache. Neither the backward nor the
-    Triton kernels take this plan. Raises ValueError for a spec without a residual tail.
+    On the CPU, in the image-major schedule, a group of images' concat is written and read
+    by one thread, stage after stage, so it stays in that thread's cache. On Triton the
+    tail is the last stage's launch: the concat is written once and read once (by then
+    partly in L2), and the tail's output, x and the activation never make a pass of their
+    own. The backward does not take this plan (it raises). Raises ValueError for a spec
+    without a residual tail.
     """
     if spec.residual is None or spec.stride != 1:
         raise ValueError(f"plan_with_residual needs a stride-1 spec with a residual tail, got {spec!r}")

@@ -71,14 +71,14 @@ def _configs(configs_of, **variant) -> list[AotConfig]:
 
 
 def _graph_kernels() -> dict:
-    """Every launch shape of branch_graph_triton.py: each stage variant that GoogLeNet's and
-    Inception-v3's plans launch (graph.SHIPPED_STAGES), the backward's data gradient (as a
+    """Every launch shape of branch_graph_triton.py: each stage variant that GoogLeNet's,
+    Inception-v3's and Inception-ResNet's plans launch (graph.SHIPPED_STAGES), the backward's data gradient (as a
     fan-out's last consumer: accumulate + mask, the most registers) and the fused max-pool
     backward's two kernels; each with channel counts divisible by 16 (real networks) and
     with odd ones (name + ODD_CHANNELS)."""
     kernels = {}
-    for name, kinds, segments in graph.SHIPPED_STAGES:
-        constexprs = graph.stage_constexprs(kinds, segments)
+    for name, kinds, segments, epilogue in graph.SHIPPED_STAGES:
+        constexprs = graph.stage_constexprs(kinds, segments, epilogue)
         kernels[f"graph_stage_{name}"] = (graph.STAGE_KERNEL, _configs(
             lambda exact, kinds=kinds: graph.stage_configs(kinds, exact), constexprs=constexprs,
             divisible=graph.stage_channel_args(kinds, segments)))
