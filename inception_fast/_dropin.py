@@ -15,7 +15,9 @@ construction:
   custom ops have no batching or forward-mode rules;
 * any forward/backward hook or parametrization on an inner module (added after
   the swap: the swap refuses blocks that already have them), and any global
-  module hook: the original, so that every hook fires as it would;
+  module hook: the original, so that every hook fires as it would. Under
+  torch.compile the hooks are read as dynamo reads the original model's: when it
+  traces, unguarded unless torch._dynamo.config.skip_nnmodule_hook_guards is False;
 * autocast where the fused kernel lacks the autocast dtype (autocast to a dtype no
   kernel takes): the original, which autocast runs as usual;
 * forward-mode AD (inside torch.autograd.forward_ad.dual_level): the original;
@@ -73,6 +75,16 @@ def _global_module_hooks() -> bool:
     m = _module_globals
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
                 or m._global_backward_pre_hooks)
+
+
+@torch._dynamo.assume_constant_result
+def _hooks_when_traced(block: "DropInBlock") -> bool | None:
+    """Called by dynamo at trace time, its result a constant of the graph (no guards): whether
+    a module below `block` has hooks, or None where dynamo guards nn.Module hooks
+    (torch._dynamo.config.skip_nnmodule_hook_guards False), and so must the caller."""
+    if not torch._dynamo.config.skip_nnmodule_hook_guards:
+        return None
+    return block._walk_tree(hooks=True)
 
 
 def autocast_off(x: torch.Tensor, dtype: torch.dtype | None):
@@ -144,19 +156,30 @@ class DropInBlock(nn.Module):
                 raise RuntimeError(
                     f"{type(self).__name__}: a convolution's stride, padding, dilation or groups changed after the "
                     "swap, so the fused plan no longer describes the block; swap the block again")
-        # One pass over the tree on every call: identity and dict-truthiness tests only.
+        # Under torch.compile, hooks are read as dynamo reads the original model's: once, when
+        # traced, without guards (skip_nnmodule_hook_guards, its default); each hook dict read
+        # here would otherwise be a guard, ~5 per submodule, and a whole swapped googlenet's
+        # guards took twice the original's time at batch 1. Replacements stay guarded.
+        traced = _hooks_when_traced(self) if compiling else None
+        if self._walk_tree(hooks=traced is None) or traced:
+            return "hooks"
+        return None
+
+    def _walk_tree(self, hooks: bool) -> bool:
+        """Raise if a submodule was replaced since the swap; with `hooks`, whether any module
+        below this one (or a global module hook) has a hook or parametrization. One pass:
+        identity and dict-truthiness tests only."""
         for parent, name, child in self._tree:
             if parent._modules.get(name) is not child:
                 raise RuntimeError(
                     f"{type(self).__name__}: submodule {name!r} of {type(parent).__name__} was replaced after "
                     "the swap, so the fused weights no longer describe the block; swap the new block again "
                     "(swap_inception / from_module)")
-            if child is not None and (child._forward_hooks or child._forward_pre_hooks or child._backward_hooks
-                                      or child._backward_pre_hooks or "parametrizations" in child._modules):
-                return "hooks"  # hooks_or_parametrizations, inlined
-        if _global_module_hooks():
-            return "hooks"
-        return None
+            if hooks and child is not None and (child._forward_hooks or child._forward_pre_hooks
+                                                or child._backward_hooks or child._backward_pre_hooks
+                                                or "parametrizations" in child._modules):
+                return True  # hooks_or_parametrizations, inlined
+        return hooks and _global_module_hooks()
 
     def _kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None] | None:
         """(x as the fused kernel takes it, autocast's dtype or None), or None when only the

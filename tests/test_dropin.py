@@ -279,6 +279,43 @@ def test_hook_added_after_the_swap_fires_and_is_honoured(pair):
     assert len(fired) == 2
 
 
+@pytest.mark.parametrize("guarded", [False, True], ids=["dynamo-default", "hook-guards"])
+def test_under_compile_a_hook_added_later_is_seen_as_by_the_compiled_original(pair, guarded):
+    """torch.compile guards nn.Module hooks only with skip_nnmodule_hook_guards=False: by
+    default a hook added after compiling is not seen by the compiled original, and neither by
+    the compiled swapped model (whose hook checks dynamo evaluates once, when it traces, not
+    as ~5 guards per submodule); with the guards, both retrace and run it. A child replaced
+    after compiling still raises (that stays guarded)."""
+    original, swapped = pair
+    x = _x()
+    name = _first_conv_path(original)
+    fired = {id(original): 0, id(swapped): 0}
+    outputs = {}
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=not guarded), torch.no_grad():
+        for model in (original, swapped):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="eager")
+            compiled(x)
+
+            def double(module, args, out, key=id(model)):
+                fired[key] += 1
+                return out * 2
+
+            model.get_submodule(name).register_forward_hook(double)
+            outputs[id(model)] = compiled(x)
+    _same(outputs[id(swapped)], outputs[id(original)])
+    assert fired[id(swapped)] == fired[id(original)] == (1 if guarded else 0)
+    block = swapped[0]
+    child_name, child = next(iter(block.named_children()))
+    torch._dynamo.reset()
+    compiled = torch.compile(swapped, backend="eager")
+    with torch.no_grad():
+        compiled(x)
+        setattr(block, child_name, copy.deepcopy(child))
+        with pytest.raises(RuntimeError, match=f"submodule '{child_name}' .* was replaced after the swap"):
+            compiled(x)
+
+
 def test_global_module_hook_is_honoured(pair):
     original, swapped = pair
     x = _x()
