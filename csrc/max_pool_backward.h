@@ -106,7 +106,10 @@ inline void pool_pixel(const T* const* x, typename PoolLanes<T>::Acc* const* dx,
 // are (image, channel block) pairs: no two write the same element of dx, whatever the
 // thread count, so the scatter needs no atomics and is deterministic. Each item computes
 // its own block of d_pooled = gp @ Wp (one image's rows, one block of columns): it stays
-// in L2 instead of making a round trip through memory as a full (M, C) tensor.
+// in L2 instead of making a round trip through memory as a full (M, C) tensor; unless the
+// caller passes that tensor made already (`dp_full`: fp32, where oneDNN's 1x1 convolution
+// makes it faster than the per-item at::mm calls run on AMD's Zen 5, whose MKL takes these
+// small GEMMs at ~40 GMAC/s).
 // (Measured and rejected: items that own a channel block across all images, so that dx
 // and pooled never exist in full either; the many small GEMMs that needs ran at a third
 // of MKL's speed and the whole step got 1.7x slower.)
@@ -118,7 +121,8 @@ inline void pool_pixel(const T* const* x, typename PoolLanes<T>::Acc* const* dx,
 template <typename T>
 void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /* (M, cp) */,
                           const at::Tensor& wp /* (cp, C) */, T* dx /* (N, H, W, C) or null, accumulated into */,
-                          T* pooled /* (N, H, W, C) */, int64_t N, int64_t H, int64_t W, int64_t C) {
+                          T* pooled /* (N, H, W, C) */, int64_t N, int64_t H, int64_t W, int64_t C,
+                          const T* dp_full = nullptr /* (N, H, W, C) gp @ Wp, or null: made per item */) {
   using P = PoolLanes<T>;
   using Acc = typename P::Acc;
   constexpr bool kWide = !std::is_same_v<Acc, T>;
@@ -129,7 +133,7 @@ void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /*
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t n = item / blocks, c0 = (item % blocks) * kBlock, cb = std::min(C, c0 + kBlock) - c0;
       at::Tensor dp_block;  // (HW, cb): this item's d_pooled
-      if (dx != nullptr) dp_block = at::mm(gp.narrow(0, n * HW, HW), wp.narrow(1, c0, cb));
+      if (dx != nullptr && dp_full == nullptr) dp_block = at::mm(gp.narrow(0, n * HW, HW), wp.narrow(1, c0, cb));
       if (!wide.empty()) std::fill(wide.begin(), wide.begin() + HW * cb, Acc(0));
       // Where pixel (hh, ww)'s channel c0 of dx is summed: dx itself, or its row of `wide`.
       auto dx_at = [&](int64_t hh, int64_t ww) -> Acc* {
@@ -147,7 +151,9 @@ void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /*
               dx_rows[taps++] = dx != nullptr ? dx_at(hh, ww) : nullptr;
             }
           const int64_t p = h * W + w;
-          const T* dp = dx != nullptr ? dp_block.data_ptr<T>() + p * cb : nullptr;
+          const T* dp = dx == nullptr        ? nullptr
+                        : dp_full != nullptr ? dp_full + (n * HW + p) * C + c0
+                                             : dp_block.data_ptr<T>() + p * cb;
           T* out = pooled + (n * HW + p) * C + c0;
           if (taps == 9)
             pool_pixel<T, 9>(x_rows, dx_rows, out, dp, taps, cb);

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
@@ -395,7 +396,14 @@ def _recomputed(x: torch.Tensor, weights, biases, recompute) -> dict[int, torch.
         return {}
     n, _, h, w = x.shape
     w_cat = torch.cat([weights[i].flatten(1) for _, i in pairs])
-    t = torch.relu(torch.addmm(torch.cat([biases[i] for _, i in pairs]), rows(x), w_cat.t()))
+    b_cat = torch.cat([biases[i] for _, i in pairs])
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        # As a 1x1 convolution, oneDNN's: 2.2x faster than addmm (MKL's sgemm) on AMD's Zen 5
+        # (GoogLeNet's 5b at batch 32: 1.3 against 2.9 ms).
+        t = torch.relu(rows(F.conv2d(x.contiguous(memory_format=torch.channels_last),
+                                     w_cat.reshape(*w_cat.shape, 1, 1), b_cat)))
+    else:
+        t = torch.relu(torch.addmm(b_cat, rows(x), w_cat.t()))
     parts = t.split([weights[i].shape[0] for _, i in pairs], dim=1)
     return {k: part.reshape(n, h, w, -1) for (k, _), part in zip(pairs, parts)}
 
