@@ -342,15 +342,20 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     bool first_region = true;
     for (int64_t stage = 0; stage < stages; ++stage) {
       std::vector<size_t> members;  // the stage's GEMMs
-      int64_t max_rows = 0;
+      int64_t max_rows = 0, max_pixels = 0;
       for (size_t g = 0; g < gemms.size(); ++g) {
         if (descs[g].stage != stage) continue;
         members.push_back(g);
         const auto [gh, gw] = grid_of(g);
         max_rows = std::max(max_rows, N * gh * gw);
+        max_pixels = std::max(max_pixels, N * grids[g].first * grids[g].second);
       }
       if (members.empty()) continue;
-      const bool split_columns = max_rows < threads * kSplitColumnsBelowRows;
+      // Split by pixels, not by a Winograd stage's tile rows: each tile is a window's worth
+      // of pixels, and a column split makes every thread transform every tile (and left a
+      // 96- or 32-column 3x3 as 1 panel against 2, or 0 against 1: a 35x35 or 28x28 grid
+      // at batch 1 as F(4x4, 3x3) has 81 or 49 tile rows, under the column-split bound).
+      const bool split_columns = max_pixels < threads * kSplitColumnsBelowRows;
       const int64_t parts = split_columns ? threads : 1;
       const int64_t blocks = block_count(max_rows, split_columns ? 1 : threads);
       const int64_t gemm_count = static_cast<int64_t>(members.size());
