@@ -244,14 +244,14 @@ def _slot_tile(
                                KIND == 6, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         y = acc + bias[None, :]
-        if EPILOGUE != 0:  # RESIDUAL(_RELU): one segment, every output channel; x added in fp32
+        if EPILOGUE != 0:  # RESIDUAL (1) or RESIDUAL_RELU (2): one segment, all of out; x added in fp32
             res_tile = res_ptr + m0.to(tl.int64) * ch0 + at0  # 64-bit base, 32-bit offsets
             y += tl.load(res_tile + rows[:, None] * ch0 + offs_n[None, :],
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        if EPILOGUE != 1:
+        if EPILOGUE != 1:  # RELU (0) or RESIDUAL_RELU (2)
             # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
             y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        if INPUT_PRECISION == "tf32" and EPILOGUE == 0:
+        if INPUT_PRECISION == "tf32" and EPILOGUE == 0:  # RELU
             # The next dot may read it: TF32-exact, so nothing is truncated (a residual
             # epilogue's output is the block's: no dot reads it, no rounding).
             y = round_tf32(y)
@@ -513,8 +513,9 @@ def _slot_kind(gemm: list[int]) -> int:
 # kernels' tiles, hence bit-identical outputs).
 _EXACT_STAGE_TILES = {
     "pointwise": [(64, 64, 8, 3), (64, 32, 4, 2)],
-    # A stage of one 1x1 (Inception-ResNet's tail over the concat): 64x64 on 3 stages had a
-    # 16-byte stack frame on sm_80 with channel counts divisible by 16; on 2 stages, none.
+    # A stage of one 1x1 GEMM (Inception-ResNet's stage 0 over x, its tail over the concat):
+    # 64x64 on 3 pipeline stages had a 16-byte stack frame on sm_80 with channel counts
+    # divisible by 16; on 2, none.
     "pointwise_alone": [(64, 64, 8, 2), (64, 32, 4, 2)],
     "spatial": [(64, 64, 8, 2), (64, 128, 8, 3), (64, 32, 4, 3)],
 }
