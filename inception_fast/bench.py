@@ -149,15 +149,40 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
             zen = {"25": "Zen 3/4", "26": "Zen 5"}.get(fields["cpu family"], "") if "AMD" in cpu else ""
             cpu += f" (family {fields['cpu family']}, model {fields.get('model', '?')}{', ' + zen if zen else ''})"
     ext = cpu_extension()
+    busy = other_processes_busy()
     return {
         "cpu": cpu,
         "threads": str(torch.get_num_threads()),
+        # Cores other processes kept busy just before timing: "" where /proc is missing.
+        "busy_cores": "" if busy is None else f"{busy:.2f}",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
         # How the C++ kernel multiplies bf16 on this build: AVX512-BF16 or widened fp32.
         "bf16_kernel": ext.bf16_path() if ext is not None else "none (extension not built)",
     }
+
+
+def other_processes_busy(seconds: float = 0.5) -> float | None:
+    """Cores' worth of CPU time that other processes used over `seconds` of this process
+    sleeping (Linux /proc/stat minus /proc/self/stat), or None without /proc. Timings taken
+    while it is well above 0 compare contenders under load: a fresh-clone `make demo` next
+    to another job once timed every block at batch 1 30x slower than on a quiet machine."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return user + nice + system + irq + softirq + steal, int(fields[11]) + int(fields[12])  # utime, stime
+
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        (all0, own0), t0 = ticks(), time.perf_counter()
+        time.sleep(seconds)
+        (all1, own1), t1 = ticks(), time.perf_counter()
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, ((all1 - all0) - (own1 - own0)) / hz / (t1 - t0))
 
 
 @contextlib.contextmanager
@@ -289,6 +314,9 @@ class BenchReport:
         lines.append(f"\nGEMM ceiling (GMAC/s, same run, 2048³, the better of before and after the cases): {ceil}. "
                      f"Machine: {self.machine['cpu']}, {self.machine['threads']} threads, "
                      f"torch {self.machine['torch']}, {self.machine['date']}."
+                     + (f" **Other processes kept {busy} cores busy when this run began: these timings compare "
+                        "contenders under load and are not reliable.**"
+                        if (busy := self.machine.get("busy_cores")) and float(busy) >= 0.25 else "")
                      + (f" bf16 kernel: {self.machine['bf16_kernel']}." if any(c.dtype == "bfloat16" for c in self.cases)
                         and "bf16_kernel" in self.machine else "")
                      + (" GMAC/s count the convolutions' multiply-adds as eager does; the fp32 CPU kernel runs 3×3 "

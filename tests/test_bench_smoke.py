@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,28 @@ def test_cuda_report_adds_tflops_and_percent_of_device_peak(monkeypatch):
     text = report.to_markdown()
     assert "TFLOP/s | % of device peak" in text
     assert "| 3a | 256 | 4.00 | 250000.0 | 62% | 500.0 | 51% | 2.00× |" in text
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc (Linux)")
+def test_a_report_taken_under_load_says_its_timings_are_not_reliable():
+    """other_processes_busy sees a spinning child process (about one core while this one
+    sleeps), and a report whose run began with a core busy says so under its table."""
+    from inception_fast import bench
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)  # the interpreter's start-up
+        assert bench.other_processes_busy(1.0) >= 0.4
+    finally:
+        spin.kill()
+        spin.wait()
+    case = bench.CaseResult(block="3a", batch=1, dtype="float32", backend="cpu", macs=10**8,
+                            ms={"fused": 1.0, "eager_channels_last": 2.0})
+    machine = {"cpu": "x", "threads": "2", "torch": "x", "date": "d"}
+    quiet = bench.BenchReport(machine={**machine, "busy_cores": "0.02"}, ceiling_gmacs={"mm": 100.0}, cases=[case])
+    loaded = bench.BenchReport(machine={**machine, "busy_cores": "1.01"}, ceiling_gmacs={"mm": 100.0}, cases=[case])
+    assert "not reliable" not in quiet.to_markdown()
+    assert "Other processes kept 1.01 cores busy when this run began" in loaded.to_markdown()
 
 
 def test_networks_table_has_every_contender_and_the_compile_times():
