@@ -87,6 +87,14 @@ def _hooks_when_traced(block: "DropInBlock") -> bool | None:
     return block._walk_tree(hooks=True)
 
 
+@torch._dynamo.assume_constant_result
+def _global_hooks_when_traced() -> bool:
+    """Global module hooks, read when dynamo traces: it does not guard them for the original
+    model either, whatever skip_nnmodule_hook_guards says (a global hook registered after
+    compiling fires on the compiled model's outer module only)."""
+    return _global_module_hooks()
+
+
 def autocast_off(x: torch.Tensor, dtype: torch.dtype | None):
     """Around a fused kernel that already runs in autocast's dtype: autocast off on x's
     device (its packing ops must not be cast again); nothing to do without autocast."""
@@ -157,18 +165,21 @@ class DropInBlock(nn.Module):
                     f"{type(self).__name__}: a convolution's stride, padding, dilation or groups changed after the "
                     "swap, so the fused plan no longer describes the block; swap the block again")
         # Under torch.compile, hooks are read as dynamo reads the original model's: once, when
-        # traced, without guards (skip_nnmodule_hook_guards, its default); each hook dict read
-        # here would otherwise be a guard, ~5 per submodule, and a whole swapped googlenet's
-        # guards took twice the original's time at batch 1. Replacements stay guarded.
-        traced = _hooks_when_traced(self) if compiling else None
-        if self._walk_tree(hooks=traced is None) or traced:
+        # traced, without guards (inner modules' hooks unless skip_nnmodule_hook_guards is
+        # False; global module hooks always); each hook dict read here would otherwise be a
+        # guard, ~5 per submodule, and a whole swapped googlenet's guards took twice the
+        # original's time at batch 1. Replacements stay guarded.
+        if not compiling:
+            return "hooks" if self._walk_tree(hooks=True) or _global_module_hooks() else None
+        traced = _hooks_when_traced(self)
+        if self._walk_tree(hooks=traced is None) or traced or _global_hooks_when_traced():
             return "hooks"
         return None
 
     def _walk_tree(self, hooks: bool) -> bool:
         """Raise if a submodule was replaced since the swap; with `hooks`, whether any module
-        below this one (or a global module hook) has a hook or parametrization. One pass:
-        identity and dict-truthiness tests only."""
+        below this one has a hook or parametrization. One pass: identity and dict-truthiness
+        tests only."""
         for parent, name, child in self._tree:
             if parent._modules.get(name) is not child:
                 raise RuntimeError(
@@ -179,7 +190,7 @@ class DropInBlock(nn.Module):
                                                 or child._backward_hooks or child._backward_pre_hooks
                                                 or "parametrizations" in child._modules):
                 return True  # hooks_or_parametrizations, inlined
-        return hooks and _global_module_hooks()
+        return False
 
     def _kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None] | None:
         """(x as the fused kernel takes it, autocast's dtype or None), or None when only the

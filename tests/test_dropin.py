@@ -316,6 +316,29 @@ def test_under_compile_a_hook_added_later_is_seen_as_by_the_compiled_original(pa
             compiled(x)
 
 
+@pytest.mark.parametrize("guarded", [False, True], ids=["dynamo-default", "hook-guards"])
+def test_under_compile_a_global_hook_added_later_fires_as_on_the_compiled_original(pair, guarded):
+    """dynamo does not guard global module hooks, whatever skip_nnmodule_hook_guards says: one
+    registered after compiling fires on the compiled model's outer module only. The swapped
+    model's blocks read them at trace time too, so the same calls happen (they did not: with
+    the hook guards on, the swapped model recompiled and ran its original branches, 25 calls
+    against 1)."""
+    calls = {}
+    x = _x()
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=not guarded), torch.no_grad():
+        for name, model in zip(("original", "swapped"), pair):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="eager")
+            compiled(x)
+            fired = calls[name] = []
+            handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o, f=fired: f.append(type(m)))
+            try:
+                compiled(x)
+            finally:
+                handle.remove()
+    assert len(calls["swapped"]) == len(calls["original"])
+
+
 def test_global_module_hook_is_honoured(pair):
     original, swapped = pair
     x = _x()
