@@ -62,3 +62,44 @@ def test_googlenet_preset_plan():
         (0, P.Source.MAX_POOL, s.pool_proj)]
     assert graph.buf_channels == (s.ch3x3red, s.ch5x5red) and graph.buf_border == (s.k3 // 2, s.k5 // 2)
     assert graph.reductions() == {0: 1, 1: 3}  # t3 from w3r, t5 from w5r: recomputable from x
+
+
+def _residual_plan():
+    from conftest import small_residual_block
+    from inception_fast.fused_graph import FusedBranchGraph
+
+    return P.plan_with_residual(FusedBranchGraph.from_module(small_residual_block()).graph)
+
+
+@pytest.mark.parametrize("name, spec", list(_specs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_real_plans_validate(name, spec):
+    assert P.plan(spec).validate() is not None
+
+
+def _edited(graph: P.GraphPlan, gemm: int, **change) -> P.GraphPlan:
+    """graph with fields of GEMM `gemm` (or of its first segment, under seg_*) replaced."""
+    g = graph.gemms[gemm]
+    seg = {k[4:]: v for k, v in change.items() if k.startswith("seg_")}
+    g = g._replace(**{k: v for k, v in change.items() if not k.startswith("seg_")})
+    if seg:
+        g = g._replace(segments=(g.segments[0]._replace(**seg), *g.segments[1:]))
+    return graph.__class__(**{**graph.__dict__, "gemms": graph.gemms[:gemm] + (g,) + graph.gemms[gemm + 1:]})
+
+
+# What GraphPlan.validate (the Triton host's check, the C++ parser's rules) refuses: plans of
+# a flat list of any origin, each of which would have read or written outside its tensors
+# or returned memory nothing wrote (found by an adversarial review of the Triton host).
+@pytest.mark.parametrize("edit, words", [
+    (lambda g: _edited(g, 2, stage=1), "reads buffer 1 before stage 1 has written it"),  # the tail beside its concat
+    (lambda g: g.__class__(**{**g.__dict__, "buf_channels": (g.buf_channels[0], 6)}), "writes past the 6 channels"),
+    (lambda g: g.__class__(**{**g.__dict__, "buf_channels": (g.buf_channels[0], 12)}), "channel 9 of buffer 1 is "
+     "written 0 times"),
+    (lambda g: _edited(g, 0, seg_begin=1), "bad segment"),
+    (lambda g: _edited(g, 1, stride=2), "must write the output"),
+    (lambda g: _edited(g, 0, source=7), "out of range"),
+], ids=["read-before-write", "short-buffer", "unwritten-channel", "gap-in-columns", "stride-2-into-buffer",
+        "bad-source"])
+def test_validate_refuses_a_corrupted_plan(edit, words):
+    graph = _residual_plan().validate()
+    with pytest.raises(ValueError, match=words):
+        edit(graph).validate()

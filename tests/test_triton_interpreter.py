@@ -713,3 +713,24 @@ def test_a_residual_epilogue_that_does_not_end_a_1x1_over_the_concat_is_refused(
     y = graph_triton_forward(x, [t.requires_grad_() for t in b], bias, flat)
     with pytest.raises(ValueError, match="the backward has none"):
         y.sum().backward()
+
+
+def test_a_corrupted_plan_or_wrong_weights_raise_before_any_launch(monkeypatch):
+    """The Triton host validates the plan (GraphPlan.validate) and the packed weights' shapes,
+    dtype and device, once per plan: a concat buffer declared too short made the kernels
+    write past it (the process aborted), and the tail placed in its concat's stage read the
+    concat before it was written (3.7e31 off), both without a word."""
+    from inception_fast.ops.branch_graph import graph_triton_forward
+
+    launches = _recording_stage_kernel(monkeypatch)
+    _, x, b, bias, graph = _residual_op()
+    short = graph.__class__(**{**graph.__dict__, "buf_channels": (graph.buf_channels[0], 6)})
+    with pytest.raises(ValueError, match="writes past the 6 channels"):
+        graph_triton_forward(x, b, bias, short.flat())
+    with pytest.raises(ValueError, match=r"GEMM 1: b must be \(27, 5\)"):
+        graph_triton_forward(x, [b[0], b[1][:-1], b[2]], bias, graph.flat())
+    with pytest.raises(ValueError, match="GEMM 0: b must be"):
+        graph_triton_forward(x, [b[0].double(), *b[1:]], bias, graph.flat())
+    with pytest.raises(ValueError, match="one tensor per GEMM"):
+        graph_triton_forward(x, b[:2], bias[:2], graph.flat())
+    assert not launches

@@ -612,11 +612,16 @@ def stage_launches(flat_plan: list[int], in_channels: int) -> list[StageLaunch]:
 
 
 @functools.lru_cache(maxsize=256)
-def _host_plan(flat_plan: tuple[int, ...], in_channels: int) -> tuple[GraphPlan, list[list[int]], tuple]:
-    """(plan, raw GEMM records (stage, source, kh, kw, stride, ..., segments), launches) of
-    a flat plan, parsed once per plan and input width: the custom op receives the wire
-    format on every call, and a launch-bound forward must not parse it there."""
-    p = GraphPlan.from_flat(list(flat_plan))
+def _host_plan(flat_plan: tuple[int, ...], in_channels: int) -> tuple[GraphPlan, list[list[int]], tuple, tuple]:
+    """(plan, raw GEMM records (stage, source, kh, kw, stride, ..., segments), launches,
+    packed weight shapes) of a flat plan, parsed and validated (GraphPlan.validate) once
+    per plan and input width: the custom op receives the wire format on every call, and a
+    launch-bound forward must not parse it there."""
+    try:
+        p = GraphPlan.from_flat(list(flat_plan))
+    except (IndexError, TypeError, ValueError) as bad:
+        raise ValueError(f"flat_plan is not a GraphPlan.flat() list ({type(bad).__name__}: {bad})") from None
+    p.validate()
     epilogue = [_residual_epilogue(p, g) for g in p.gemms]
     gemms = [g.flat() for g in p.gemms]
     launches = []
@@ -632,7 +637,24 @@ def _host_plan(flat_plan: tuple[int, ...], in_channels: int) -> tuple[GraphPlan,
             chunk = tuple(members[j:j + MAX_STAGE_GEMMS])
             launches.append(StageLaunch(chunk, tuple((_slot_kind(gemms[i]), gemms[i][2], gemms[i][3]) for i in chunk),
                                         gemms[chunk[0]][8], epilogue[chunk[0]]))
-    return p, gemms, tuple(launches)
+    # Per GEMM, the (B, bias) shapes the kernels index: (kh * kw * K_src, cols) and (cols,);
+    # None for the max-pool copy, which reads no weights.
+    shapes = tuple(None if not g.convs else ((g.kh * g.kw * (in_channels if g.source < 0 else p.buf_channels[g.source]),
+                                              g.cols), (g.cols,)) for g in p.gemms)
+    return p, gemms, tuple(launches), shapes
+
+
+def _check_weights(x: torch.Tensor, b: list, bias: list, shapes: tuple) -> None:
+    """Raise ValueError unless b and bias are the plan's packed weights (pack_weights with
+    backend "triton") on x's device in x's dtype: the kernels index them by the plan's
+    shapes, and a pointer of another dtype would be read as x's."""
+    if len(b) != len(shapes) or len(bias) != len(shapes):
+        raise ValueError(f"b and bias need one tensor per GEMM of the plan ({len(shapes)}), got {len(b)} and {len(bias)}")
+    for i, (want, t, tb) in enumerate(zip(shapes, b, bias)):
+        if want is not None and (tuple(t.shape) != want[0] or tuple(tb.shape) != want[1] or t.dtype != x.dtype
+                                 or tb.dtype != x.dtype or t.device != x.device or tb.device != x.device):
+            raise ValueError(f"GEMM {i}: b must be {want[0]} and bias {want[1]}, {x.dtype} on {x.device} (x's), got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device} and {tuple(tb.shape)} {tb.dtype} on {tb.device}")
 
 
 def _residual_epilogue(p: GraphPlan, g) -> int:
@@ -660,7 +682,8 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     `out`, a channels_last tensor of the output's shape (checked by the caller), is
     written in full instead of a new one."""
     n, c, h, w = x.shape
-    programs, buf_channels, out_channels, oh, ow = _programs(tuple(flat_plan), n, c, h, w)
+    programs, buf_channels, out_channels, oh, ow, shapes = _programs(tuple(flat_plan), n, c, h, w)
+    _check_weights(x, b, bias, shapes)
     x = residual = x.contiguous(memory_format=torch.channels_last)
     if input_precision(x.dtype) == "tf32":  # operands TF32-exact before the dots (round_tf32_host)
         x = round_tf32_host(x)
@@ -775,9 +798,9 @@ class _StageProgram:
 
 @functools.lru_cache(maxsize=512)
 def _programs(flat_plan: tuple[int, ...], n: int, c: int, h: int, w: int) -> tuple:
-    """(stage programs, buffer channels, output channels, OH, OW) of a problem, with its
-    size checks: worked out on the first call of each (plan, N, C, H, W)."""
-    p, gemms, launches = _host_plan(flat_plan, c)
+    """(stage programs, buffer channels, output channels, OH, OW, packed weight shapes) of a
+    problem, with its size checks: worked out on the first call of each (plan, N, C, H, W)."""
+    p, gemms, launches, shapes = _host_plan(flat_plan, c)
     if c != p.in_channels:
         raise ValueError(f"x must have the plan's {p.in_channels} channels, got {c}")
     m = n * h * w
@@ -789,7 +812,7 @@ def _programs(flat_plan: tuple[int, ...], n: int, c: int, h: int, w: int) -> tup
     buf_channels = tuple(p.buf_channels)
     programs = tuple(_StageProgram(stage, gemms, n, c, h, w, oh, ow, buf_channels, p.out_channels,
                                    len(buf_channels), len(gemms)) for stage in launches)
-    return programs, buf_channels, p.out_channels, oh, ow
+    return programs, buf_channels, p.out_channels, oh, ow, shapes
 
 
 def _cdiv(a: int, b: int) -> int:

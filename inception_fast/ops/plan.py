@@ -188,6 +188,62 @@ class GraphPlan:
             gemms.append(GemmStep(stage, source, kh, kw, g_stride, pad_h, pad_w, cols, segments, indices))
         return cls(buf_channels, buf_border, tuple(gemms), tuple(convs), out_channels, stride, copy_channel, flat[i])
 
+    def validate(self) -> GraphPlan:
+        """Raise ValueError unless this plan is one the kernels may run, as the C++ kernel's
+        parser checks a flat list (csrc/inception_graph_cpu.cpp, parse_flat_plan): every
+        GEMM's segments cover its columns in order, each into channels its destination has;
+        every channel of the output and of each buffer written exactly once; the output
+        written at the block's stride; each buffer read only in a later stage than every
+        GEMM writing it (the C++ parser also checks the buffers' zero borders, which the
+        Triton kernels do without). The Triton host runs it once per plan: a plan from a
+        flat list of any origin must raise there, never launch a kernel that writes past a
+        tensor or returns memory nothing wrote. Returns self."""
+        def fail(why: str):
+            raise ValueError(f"flat_plan: {why}")
+
+        if self.stride not in (1, 2):
+            fail(f"stride must be 1 or 2, got {self.stride}")
+        if min((self.out_channels, self.in_channels, *self.buf_channels), default=1) < 1:
+            fail("channel counts must be positive")
+        written = {k: [0] * c for k, c in
+                   ((Destination.OUT, self.out_channels), *enumerate(self.buf_channels))}
+        last_write = [-1] * len(self.buf_channels)
+        for i, g in enumerate(self.gemms):
+            if not (Source.AVG_POOL_EXCLUDE_PAD <= g.source < len(self.buf_channels)) or g.stride not in (1, 2) or not (
+                    0 <= g.pad_h < g.kh and 0 <= g.pad_w < g.kw) or g.cols < 1:
+                fail(f"GEMM {i} ({g.kh}x{g.kw}/{g.stride}, padding ({g.pad_h}, {g.pad_w}), source {g.source}, "
+                     f"{g.cols} columns) is out of range")
+            end = 0
+            for s in g.segments:
+                dest = Destination.OUT if s.destination < Destination.OUT else s.destination
+                if s.begin != end or not s.begin < s.end <= g.cols or not (
+                        Destination.OUT_RESIDUAL_RELU <= s.destination < len(self.buf_channels)) or s.channel < 0:
+                    fail(f"bad segment {tuple(s)} of GEMM {i} ({g.cols} columns)")
+                if dest == Destination.OUT and g.stride != self.stride:
+                    fail(f"GEMM {i} writes the output at stride {g.stride} in a stride-{self.stride} block")
+                if dest != Destination.OUT and g.stride != 1:
+                    fail(f"GEMM {i}, stride {g.stride}, must write the output")
+                channels = written[dest]
+                if s.channel + s.end - s.begin > len(channels):
+                    fail(f"GEMM {i} writes past the {len(channels)} channels of its destination {int(dest)}")
+                for c in range(s.channel, s.channel + s.end - s.begin):
+                    channels[c] += 1
+                if dest >= 0:
+                    last_write[dest] = max(last_write[dest], g.stage)
+                end = s.end
+            if end != g.cols:
+                fail(f"the segments of GEMM {i} must cover its {g.cols} columns")
+        for dest, channels in written.items():
+            if any(n != 1 for n in channels):
+                c = next(c for c, n in enumerate(channels) if n != 1)
+                fail(f"channel {c} of {'the output' if dest == Destination.OUT else f'buffer {dest}'} is written "
+                     f"{channels[c]} times, not once")
+        for i, g in enumerate(self.gemms):
+            if g.source >= 0 and g.stage <= last_write[g.source]:
+                fail(f"GEMM {i} (stage {g.stage}) reads buffer {g.source} before stage {last_write[g.source]} "
+                     "has written it")
+        return self
+
     def backward_flat(self) -> list[int]:
         """The backward's wire format: per convolution, where it reads and writes."""
         return [self.out_channels, self.stride, self.pool_copy_channel, len(self.buf_channels), *self.buf_channels,
