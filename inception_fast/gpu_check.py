@@ -152,8 +152,8 @@ class Plan:
     time_limit_s: float | None
     # v3 block kinds (_block_kind) whose module path is also run end to end through
     # autograd, and whose launches are counted
-    v3_module_types: tuple[str, ...] = ("A", "B", "C", "D", "E", "Block35", "Block17", "Block8")
-    v3_launch_types: tuple[str, ...] = ("A", "B", "C", "D", "E", "Block35", "Block17", "Block8")
+    v3_module_types: tuple[str, ...] = ("A", "B", "C", "D", "E", "Block35", "Block17", "Block8", "ResidualBlock")
+    v3_launch_types: tuple[str, ...] = ("A", "B", "C", "D", "E", "Block35", "Block17", "Block8", "ResidualBlock")
 
 
 def make_plan(mode: str) -> Plan:
@@ -187,7 +187,7 @@ def make_plan(mode: str) -> Plan:
         return Plan(mode, tiny, (1, 2), ("fp32",), [(label, spec, size, ("fp32",)) for label, spec, size, _ in awkward
                                                       if label == "k5=3 n=1 1x1"],
                     [(None, (1,), ("fp32",))], ("fp32",), offset=False, speed=speed, time_limit_s=None,
-                    v3_module_types=("E", "Block35"), v3_launch_types=("A", "Block35"))
+                    v3_module_types=("E", "Block35", "ResidualBlock"), v3_launch_types=("A", "Block35", "ResidualBlock"))
     raise ValueError(f"mode must be 'full', 'quick' or 'tiny', got {mode!r}")
 
 
@@ -333,6 +333,32 @@ def _dyadic_(module: nn.Module) -> nn.Module:
         for p in module.parameters():
             p.copy_(_dyadic(p.shape, p.device, p.dtype, -2, 3, 1 / 8))
     return module
+
+
+class ResidualBlock(nn.Module):
+    """An Inception-ResNet block (Szegedy et al., 2016, "Inception-v4, Inception-ResNet and
+    the Impact of Residual Connections") without timm: branches of conv + BN + ReLU units,
+    each unit (out channels, kh, kw) with 'same' padding, concatenated, then
+    act(x + scale * (1x1 conv with bias)(concat)), act ReLU or none. What swap_inception
+    sees is the structure (graph_parse.py), so it fuses as timm's Block35/17/8 do."""
+
+    def __init__(self, channels: int, branches: list[list[tuple[int, int, int]]], scale: float, relu: bool = True):
+        super().__init__()
+
+        def unit(cin: int, cout: int, kh: int, kw: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, (kh, kw), padding=(kh // 2, kw // 2), bias=False),
+                                 nn.BatchNorm2d(cout, eps=1e-3), nn.ReLU())
+
+        self.branches = nn.ModuleList()
+        for units in branches:
+            cins = [channels] + [cout for cout, _, _ in units[:-1]]
+            self.branches.append(nn.Sequential(*(unit(cin, cout, kh, kw) for cin, (cout, kh, kw) in zip(cins, units))))
+        self.conv2d = nn.Conv2d(sum(units[-1][0] for units in branches), channels, 1)
+        self.scale, self.relu = scale, nn.ReLU() if relu else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2d(torch.cat([branch(x) for branch in self.branches], 1)) * self.scale + x
+        return self.relu(out) if self.relu is not None else out
 
 
 def _block_kind(block: nn.Module) -> str:
@@ -651,21 +677,31 @@ class GpuCheck:
                                        for n, size in V3_STEM_UNITS.items()] + self._residual_blocks()
 
     def _residual_blocks(self) -> list[tuple[str, str, nn.Module, tuple[int, int]]]:
-        """timm's Inception-ResNet-v2 Block35 (35x35), Block17 (17x17) and Block8 with and
+        """Inception-ResNet-v2's Block35 (35x35), Block17 (17x17) and Block8 with and
         without its ReLU (8x8; the tiny mode takes Block35 on 5x9), as _v3_blocks lists
-        them; none without timm. Their inference runs the tail as the residual epilogue."""
+        them: timm's, or where timm is not installed (a GPU machine's image) the same
+        shapes built here (ResidualBlock). Their inference runs the tail as the residual
+        epilogue."""
         import importlib
 
-        try:  # the module: timm.models' attribute of that name is the model's factory
-            irv2 = importlib.import_module("timm.models.inception_resnet_v2")
-        except ImportError:
-            return []
         from .cli import _randomize_bn_
 
-        blocks = [("Block35", irv2.Block35(scale=0.17), 35), ("Block17", irv2.Block17(scale=0.10), 17),
-                  ("Block8", irv2.Block8(scale=0.20), 8), ("Block8_no_relu", irv2.Block8(no_relu=True), 8)]
+        where = "Inception-ResNet-v2"
+        try:  # the module: timm.models' attribute of that name is the model's factory
+            irv2 = importlib.import_module("timm.models.inception_resnet_v2")
+            made = (irv2.Block35(scale=0.17), irv2.Block17(scale=0.10), irv2.Block8(scale=0.20),
+                    irv2.Block8(no_relu=True))
+        except ImportError:
+            where += ", without timm"
+            made = (ResidualBlock(320, [[(32, 1, 1)], [(32, 1, 1), (32, 3, 3)], [(32, 1, 1), (48, 3, 3), (64, 3, 3)]],
+                                  0.17),
+                    ResidualBlock(1088, [[(192, 1, 1)], [(128, 1, 1), (160, 1, 7), (192, 7, 1)]], 0.10),
+                    ResidualBlock(2080, [[(192, 1, 1)], [(192, 1, 1), (224, 1, 3), (256, 3, 1)]], 0.20),
+                    ResidualBlock(2080, [[(192, 1, 1)], [(192, 1, 1), (224, 1, 3), (256, 3, 1)]], 1.0, relu=False))
+        blocks = [(name, block, size) for name, block, size in zip(
+            ("Block35", "Block17", "Block8", "Block8_no_relu"), made, (35, 17, 8, 8))]
         grid = (lambda size: (5, 9)) if self.plan.mode == "tiny" else (lambda size: (size, size))  # noqa: E731
-        return [(name, f"{name} (Inception-ResNet-v2)", _randomize_bn_(block).eval(), grid(size))
+        return [(name, f"{name} ({where})", _randomize_bn_(block).eval(), grid(size))
                 for name, block, size in blocks]
 
     def _section_v3(self) -> None:

@@ -170,3 +170,21 @@ def test_fp32_is_held_to_eager_only_where_eager_itself_misses_the_limit(tmp_path
     assert not check.compare("s", "c", "fp32", "dw5", off(1.0), want, want * float("inf"), **cudnn).ok
     # Without an absolute limit, eager's error bounds fp32 as any precision.
     assert not check.compare("s", "c", "fp32", "q", off(0.5), want, off(1e-7), absolute=False).ok
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_the_residual_blocks_built_without_timm_fuse_as_residual_blocks(relu):
+    """A GPU machine's image has no timm: the v3 section then builds Inception-ResNet's
+    blocks itself (gpu_check.ResidualBlock), which must parse as residual blocks and match."""
+    import copy
+
+    from inception_fast.cli import _randomize_bn_
+    from inception_fast.fused_graph import FusedBranchGraph
+    from inception_fast.gpu_check import ResidualBlock
+
+    block = _randomize_bn_(ResidualBlock(12, [[(4, 1, 1)], [(3, 1, 1), (5, 1, 3), (6, 3, 1)]], 0.3, relu=relu)).eval()
+    fused = FusedBranchGraph.from_module(copy.deepcopy(block)).eval()
+    assert fused.graph.residual is not None and fused.graph.residual.relu == relu and fused.graph.residual.scale == 0.3
+    x = torch.randn(2, 12, 5, 4)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), block(x), rtol=1e-5, atol=1e-6)
