@@ -374,9 +374,9 @@ void run_gemm(const Gemm<T>& gemm, const T* const* a_rows, const int64_t* pix_n,
       // The next panel's chunk, fetched into L2 a slice per row tile while this one runs:
       // at batch 1 in a network the weights come cold from memory, and the hardware
       // prefetcher does not follow the jump from one panel's chunk to the next's (Zen 5:
-      // inception_v3 at batch 1 compiled 1.00x -> 1.04x of compile(model), googlenet's
-      // blocks table 1.55x -> 1.62x of eager; a block called over and over with its weights
-      // hot got ~4% slower).
+      // inception_v3 at batch 1 compiled 1.00x -> 1.04-1.07x of compile(model), googlenet's
+      // blocks table 1.55x -> 1.62-1.66x of eager; a block called over and over with its
+      // weights hot got ~4% slower).
       const char* next_b = p + 1 < p_end ? reinterpret_cast<const char*>(b + k_total * NR) : nullptr;
       const int64_t per_tile = ceil_div(chunk_lines, row_tiles);
       for (int64_t rt = 0; rt < row_tiles; ++rt) {

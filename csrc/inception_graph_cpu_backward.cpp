@@ -225,12 +225,14 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   // The shared-x GEMMs: weight gradients of every 1x1 over x (and the average-pool
   // projection's), then dx as (M, C) NHWC rows, into which every other contribution is
   // added in place.
+  // fp32 runs these GEMMs as 1x1 convolutions' backward, which is oneDNN's: on AMD's Zen 5,
+  // at::mm (MKL's sgemm) ran these shapes at ~105 GMAC/s on 2 threads and oneDNN's 1x1
+  // convolution at ~220 (GoogLeNet's 5b at batch 32: 15.1 against 7.1 ms for the shared
+  // pair). bf16 and fp64 keep at::mm.
+  const bool onednn = x.scalar_type() == at::kFloat;
   at::Tensor d_shared, dx_rows;
-  if (k0 > 0 && x.scalar_type() == at::kFloat && (needs[0] || needs[1])) {
-    // fp32: both as one 1x1 convolution's backward (A the gradient of K0 output channels),
-    // which is oneDNN's: on AMD's Zen 5, at::mm (MKL's sgemm) ran these shapes at ~105
-    // GMAC/s on 2 threads and oneDNN's 1x1 convolution at ~220 (GoogLeNet's 5b at batch 32:
-    // 15.1 against 7.1 ms for the pair).
+  if (k0 > 0 && onednn && (needs[0] || needs[1])) {
+    // Both as one 1x1 convolution's backward, A the gradient of its K0 output channels.
     auto [d_x, d_w, d_b] = at::convolution_backward(
         as_image(a, N, H, W), x, at::cat(shared_weights).view({k0, C, 1, 1}), std::nullopt, {1, 1}, {0, 0}, {1, 1},
         false, {0, 0}, 1, {needs[0], needs[1], false});
@@ -250,11 +252,11 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   if (max_pool_conv >= 0 && (needs[0] || needs[1])) {
     const at::Tensor pooled = at::empty({M, C}, x.options());
     const at::Tensor& weight = weights[max_pool_conv];
-    at::Tensor dp_full;  // fp32: d_pooled = gp @ Wp in full, as the 1x1's data gradient (oneDNN's)
-    if (needs[0] && x.scalar_type() == at::kFloat) {
-      dp_full = as_rows(std::get<0>(at::convolution_backward(
-          as_image(max_pool_g.contiguous(), N, H, W), x, weight, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-          {true, false, false})));
+    const at::Tensor gp_image = as_image(max_pool_g, N, H, W);  // max_pool_g: contiguous (M, cp) rows
+    at::Tensor dp_full;  // fp32: d_pooled = gp @ Wp in full, as the 1x1's data gradient
+    if (needs[0] && onednn) {
+      dp_full = as_rows(std::get<0>(at::convolution_backward(gp_image, x, weight, std::nullopt, {1, 1}, {0, 0}, {1, 1},
+                                                             false, {0, 0}, 1, {true, false, false})));
     }
     {
       RECORD_FUNCTION("inception_fast::max_pool3x3_backward", std::vector<c10::IValue>());
@@ -264,10 +266,10 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
                                        N, H, W, C, dp_full.defined() ? dp_full.data_ptr<scalar_t>() : nullptr);
       });
     }
-    if (needs[1] && x.scalar_type() == at::kFloat) {  // oneDNN's weight gradient, as above
+    if (needs[1] && onednn) {
       d_weights[max_pool_conv] = std::get<1>(at::convolution_backward(
-          as_image(max_pool_g.contiguous(), N, H, W), as_image(pooled, N, H, W), weight, std::nullopt, {1, 1}, {0, 0},
-          {1, 1}, false, {0, 0}, 1, {false, true, false})).contiguous();
+          gp_image, as_image(pooled, N, H, W), weight, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+          {false, true, false})).contiguous();
     } else if (needs[1]) {
       d_weights[max_pool_conv] = at::mm(max_pool_g.t(), pooled).view(weight.sizes());
     }
