@@ -17,6 +17,8 @@ TORCH_LIBRARY(inception_fast, m) {
   m.def("graph_forward(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> Tensor");
   m.def("graph_forward.out(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan, *, Tensor(a!) out) -> Tensor(a!)");
   m.def("graph_forward_saving(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> (Tensor, Tensor[])");
+  m.def("graph_forward_bn_train(Tensor x, Tensor[] b, Tensor[] bias, Tensor[] bn_params, int[] flat_plan) -> "
+        "(Tensor, Tensor[], Tensor[], Tensor[])");
   m.def("graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
         "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]");
 }
@@ -25,6 +27,7 @@ TORCH_LIBRARY_IMPL(inception_fast, CPU, m) {
   m.impl("graph_forward", &inception_fast::inception_graph_forward);
   m.impl("graph_forward.out", &inception_fast::inception_graph_forward_out);
   m.impl("graph_forward_saving", &inception_fast::inception_graph_forward_saving);
+  m.impl("graph_forward_bn_train", &inception_fast::inception_graph_forward_bn_train);
   m.impl("graph_backward_cpu", &inception_fast::inception_graph_backward);
 }
 

@@ -84,6 +84,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> inception_graph_forward_saving(c
                                                                                at::TensorList bias,
                                                                                at::IntArrayRef flat_plan);
 
+// inception_graph_forward with train-mode batch norm after every convolution (Conv2d, then
+// BatchNorm2d on batch statistics, then ReLU): b and bias the unfolded convolutions' (bias
+// zeros without one); bn_params per destination, the output first, then each buffer: a
+// (3, channels) tensor of x's dtype, rows gamma, beta, eps, in the destination's channel
+// order. The stages run one after another with each one's statistics in between
+// (batch_norm_train.h). Returns (output, buffers (normalised, bordered), z (the pre-BN sums
+// of each GEMM segment with weights, in plan order: (N, grid, segment channels) NHWC,
+// contiguous), stats (per destination (3, channels): mean, biased var, invstd)). float32 and
+// float64 only; no residual epilogue.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::TensorList bias,
+                                 at::TensorList bn_params, at::IntArrayRef flat_plan);
+
 // Gradients [dx, dW_0, db_0, dW_1, db_1, ...] of a branch-graph block (weights in Conv2d
 // layout, spec order), empty where not needed, from the saved x, output y and
 // intermediates ((N, H, W, channels) NHWC, any strides). plan = GraphPlan.backward_flat():

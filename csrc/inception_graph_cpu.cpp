@@ -17,6 +17,7 @@
 // over the concat, whose epilogue adds x and stores act(x + sum + bias) into the output.
 // The GEMM itself is gemm.h's.
 
+#include "batch_norm_train.h"
 #include "gemm.h"
 #include "inception_cpu.h"
 #include "plan.h"
@@ -113,17 +114,31 @@ std::optional<winograd::Kind> winograd_b(const at::Tensor& b, const GemmDesc& d,
   return winograd::packed_kind(*kind, b.size(1), k_per_tap);
 }
 
+// Train-mode batch norm after every convolution (batch_norm_train.h): per GEMM segment with
+// weights, in plan order, its pre-BN sums z ((N, grid, channels) NHWC, contiguous: ATen's
+// batch-norm backward takes them as they are); per destination, the output first, then
+// each buffer, the (3, channels) gamma / beta / eps rows and the (3, channels) mean /
+// biased var / invstd rows written.
+struct BatchNormTrain {
+  std::vector<at::Tensor> z, params, stats;
+};
+
 template <typename T>
 void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
                         const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
                         at::TensorList b, at::TensorList bias, const std::vector<at::Tensor>& bufs,
-                        at::Tensor& out) {
+                        at::Tensor& out, BatchNormTrain* bn = nullptr) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int64_t c_out = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
   std::vector<Plane<T>> planes;  // over bufs: (N, H + 2 border, W + 2 border, channels) each
   for (size_t k = 0; k < buf_channels.size(); ++k)
     planes.push_back(padded_plane<T>(bufs[k], H, W, buf_channels[k], buf_border[k]));
+  // With batch norm in training, every GEMM segment stores its sums as they are into its
+  // own z, which normalize_stage turns into the real destination.
+  std::vector<Plane<T>> z_planes;
+  if (bn != nullptr)
+    for (const at::Tensor& z : bn->z) z_planes.push_back({z.data_ptr<T>(), z.stride(0), z.stride(1), z.stride(2), 0});
   // Per GEMM: its grid (gemm_grid: x's, or the output's when it shrinks), the Winograd kind
   // its packed B is laid out for (winograd_b: fp32 only), and whether this call runs it as
   // Winograd (at least the transform's kMinTiles output tiles; below, the direct GEMM over
@@ -162,8 +177,11 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   const Plane<T> out_plane{out.data_ptr<T>(), Ho * Wo * c_out, Wo * c_out, c_out, 0};
 
   std::vector<Gemm<T>> gemms;
+  std::vector<size_t> first_z;  // per GEMM, the index in z_planes of its first segment's
   int64_t stages = 0;
-  for (size_t g = 0; g < descs.size(); ++g) {
+  for (size_t g = 0, zi = 0; g < descs.size(); ++g) {
+    first_z.push_back(zi);
+    if (descs[g].source != kSourceMaxPoolCopy) zi += descs[g].segments.size();
     const GemmDesc& d = descs[g];
     const int64_t k_per_tap = d.source >= 0 ? buf_channels[d.source] : C;
     const bool has_weights = d.source != kSourceMaxPoolCopy;
@@ -176,6 +194,11 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
     for (int64_t dy = 0; dy < (pooled_rows ? 1 : d.kh); ++dy)
       for (int64_t dx = 0; dx < (pooled_rows ? 1 : d.kw); ++dx) gm.tap_offset.push_back(dy * sh + dx * sw);
     for (const auto& [begin, end, dest, channel] : d.segments) {
+      if (bn != nullptr && has_weights) {
+        TORCH_CHECK(dest >= kDestOut, "a train-mode batch-norm forward has no residual epilogue");
+        gm.segments.push_back({begin, end, z_planes[first_z[g] + gm.segments.size()], 0, Epilogue::kLinear});
+        continue;
+      }
       if (!out_destination(dest)) {
         gm.segments.push_back({begin, end, planes[dest], channel});
         continue;
@@ -304,9 +327,41 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   auto zero_borders = [&](int64_t n) {
     for (size_t k = 0; k < planes.size(); ++k) zero_border(planes[k], n, H, W, buf_channels[k]);
   };
+  // A stage's batch-norm slices: each segment of its GEMMs with weights, from z into its destination.
+  using Acc = acc_t<T>;
+  auto bn_stage = [&](int64_t stage) {
+    if constexpr (!std::is_same_v<T, Acc>) {
+      TORCH_CHECK(false, "batch norm in training runs in float32 or float64");  // graph_forward checks first
+    } else {
+    std::vector<bn_train::Slice<T, Acc>> slices;
+    for (size_t g = 0; g < descs.size(); ++g) {
+      const GemmDesc& d = descs[g];
+      if (d.stage != stage || d.source == kSourceMaxPoolCopy) continue;
+      for (size_t j = 0; j < d.segments.size(); ++j) {
+        const auto& [begin, end, dest, channel] = d.segments[j];
+        const Plane<T>& zp = z_planes[first_z[g] + j];
+        bn_train::Slice<T, Acc> slice;
+        slice.z = Plane<const T>{zp.data, zp.stride_n, zp.stride_h, zp.stride_w, 0};
+        slice.dst = dest == kDestOut ? out_plane : planes[dest];
+        slice.channel = channel;
+        slice.count = end - begin;
+        slice.N = N;
+        slice.gh = grids[g].first;
+        slice.gw = grids[g].second;
+        slice.params = bn->params[dest + 1].template data_ptr<Acc>();
+        slice.stats = bn->stats[dest + 1].template data_ptr<Acc>();
+        slice.C = bn->params[dest + 1].size(1);
+        slices.push_back(slice);
+      }
+    }
+    bn_train::normalize_stage(slices);
+    }
+  };
   const int64_t threads = at::get_num_threads();
   const int64_t group = images_per_group(HW), groups = ceil_div(N, group);
-  if (image_major(groups, threads)) {
+  // Batch norm in training needs every image's sums of a stage before the next stage reads
+  // them: stage after stage, then, whatever the batch.
+  if (bn == nullptr && image_major(groups, threads)) {
     // Image-major: a thread runs every stage on a group of whole images, so their
     // intermediates pass from stage to stage through its cache. The images are cut into a
     // multiple of `threads` groups of near-equal size (at most `group` each): at::parallel_for
@@ -383,6 +438,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
         }
       });
       first_region = false;
+      if (bn != nullptr) bn_stage(stage);
     }
   }
 }
@@ -457,7 +513,8 @@ FlatPlan parse_flat_plan(at::IntArrayRef flat) {
 
 // The forward into `out` (or a new tensor); the intermediates are left in `bufs`.
 at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorList b_in, at::TensorList bias_in,
-                         const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs) {
+                         const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs,
+                         BatchNormTrain* bn = nullptr) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
   TORCH_CHECK(x_in.size(1) == p.in_channels, "x must have the plan's ", p.in_channels, " channels, got ",
@@ -551,15 +608,46 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     const int64_t pad = p.buf_border[k];
     bufs.push_back(at::empty({N, H + 2 * pad, W + 2 * pad, p.buf_channels[k]}, x.options()));
   }
+  if (bn != nullptr) {
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+                "batch norm in training runs in float32 or float64, got x of ", x_in.scalar_type());
+    TORCH_CHECK(bn->params.size() == p.buf_channels.size() + 1, "bn_params: one (3, channels) tensor for the output "
+                "and one per buffer, ", p.buf_channels.size() + 1, " in all, got ", bn->params.size());
+    for (size_t d = 0; d < bn->params.size(); ++d) {
+      const int64_t channels = d == 0 ? p.out_channels : p.buf_channels[d - 1];
+      at::Tensor& params = bn->params[d];
+      TORCH_CHECK(params.scalar_type() == x.scalar_type() && params.dim() == 2 && params.size(0) == 3 &&
+                      params.size(1) == channels && params.device().is_cpu(),
+                  "bn_params[", d, "] (gamma, beta, eps rows) must be a (3, ", channels, ") CPU tensor of ",
+                  x.scalar_type(), ", got ", params.sizes(), " of ", params.scalar_type());
+      params = params.contiguous();
+      bn->stats.push_back(at::zeros({3, channels}, x.options()));
+    }
+    for (const GemmDesc& d : p.descs) {
+      if (d.source == kSourceMaxPoolCopy) continue;
+      for (const auto& [begin, end, dest, channel] : d.segments)
+        bn->z.push_back(dest == kDestOut ? at::empty({N, out_h, out_w, end - begin}, x.options())
+                                         : at::empty({N, H, W, end - begin}, x.options()));
+    }
+  }
   if (out.numel() == 0 || x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "inception_graph_forward", [&] {
-    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work);
+    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work, bn);
   });
   if (half) out.copy_(work);
   return out;
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::TensorList bias,
+                                 at::TensorList bn_params, at::IntArrayRef flat_plan) {
+  std::vector<at::Tensor> bufs;
+  BatchNormTrain bn{{}, bn_params.vec(), {}};
+  at::Tensor out = graph_forward(x, parse_flat_plan(flat_plan), b, bias, std::nullopt, bufs, &bn);
+  return {out, bufs, bn.z, bn.stats};
+}
 
 at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,
                                    at::IntArrayRef flat_plan) {

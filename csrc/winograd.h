@@ -101,7 +101,8 @@ struct F2x2_3x3 {
   static constexpr int64_t kMinTiles = 32;
   // max_i |A^T[i][alpha]| per position: the weights of the cancellation bound S.
   static constexpr float kWeight[kPositions] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-  // A (tile, panel) whose S passes this many times its largest output after ReLU is
+  // A (tile, panel) whose S passes this many times its largest output magnitude (after
+  // ReLU, where the stage has one) is
   // recomputed directly (Workspace::output_transform): at most ~16 x a few ulps of error
   // relative to the tile's own outputs. On GoogLeNet's and pytorch-fid's Inception-v3
   // activations (random weights) S stayed below 3.2x the largest output of every (tile, panel).
@@ -366,6 +367,7 @@ struct Conv {
   const float* u;            // (panels, (positions + taps) cin, kNR): the U_alpha blocks, then the taps
   gemm::Gemm<float> direct;  // b_packed at the direct taps of each panel, panel_rows (positions + taps) cin
   gemm::Gemm<float> patch_direct;  // direct, its taps offset within a (kWinH, kWinW, cin) window copy
+  bool relu = true;                // the epilogue: relu(sum + bias), or sum + bias (Epilogue::kLinear)
 
   Conv(Kind kind_, const Plane<const float>& src_, int64_t H_, int64_t W_, int64_t Ho_, int64_t Wo_, int64_t pad_h_,
        int64_t pad_w_, const float* u_, gemm::Gemm<float> direct_)
@@ -374,8 +376,11 @@ struct Conv {
     TORCH_CHECK(direct.panel_rows == packed_rows(kind, direct.k_per_tap) &&
                     static_cast<int64_t>(direct.tap_offset.size()) == taps(kind),
                 "winograd: the direct GEMM must run over the direct part of the Winograd panels");
+    // relu(sum + bias), or sum + bias as it is (the pre-BN sums of a train-mode forward).
+    relu = direct.segments.empty() || direct.segments[0].epilogue == gemm::Epilogue::kRelu;
     for (const auto& seg : direct.segments)
-      TORCH_CHECK(seg.epilogue == gemm::Epilogue::kRelu, "winograd: a convolution stage stores relu(sum + bias)");
+      TORCH_CHECK(seg.epilogue == (relu ? gemm::Epilogue::kRelu : gemm::Epilogue::kLinear),
+                  "winograd: a convolution stage stores relu(sum + bias) or sum + bias, the same for every segment");
     visit(kind, [&](auto t) {
       using Tr = decltype(t);
       TORCH_CHECK((pad_h == Tr::kPadH || pad_h == 0) && (pad_w == Tr::kPadW || pad_w == 0) && src.pad >= 0 &&
@@ -499,7 +504,7 @@ class Workspace {
   //   - cancellation: S = sum over alpha of w_alpha |M_alpha|, with w_alpha = max_i
   //     |A^T[i][alpha]| (Tr::kWeight), a bound on the magnitudes that each output sums before
   //     the output transform cancels them, above Tr::kCancellation times the largest output
-  //     after ReLU. Winograd's rounding error is a few ulps of S, the direct GEMM's a few ulps
+  //     magnitude (after ReLU, where the stage has one). Winograd's rounding error is a few ulps of S, the direct GEMM's a few ulps
   //     of the terms that each output actually sums. They part when one window value dwarfs
   //     the outputs it should not touch (a 1e6 pixel next to zero weights, its own output cut
   //     by ReLU): that error reached 2e-4 of the output's norm.
@@ -544,8 +549,9 @@ class Workspace {
             for (int r = 0; r < rows; ++r)
               for (int s = 0; s < cols; ++s) {
                 Vec v = y[r * TW + s] + bias;
-                v = v < zero ? zero : v;  // keeps NaN, like torch.relu
-                y_max = v > y_max ? v : y_max;
+                if (conv.relu) v = v < zero ? zero : v;  // keeps NaN, like torch.relu
+                const Vec mag = v < zero ? -v : v;  // the largest output's magnitude, after any ReLU
+                y_max = mag > y_max ? mag : y_max;
                 std::memcpy(dst[r * TW + s] + j, &v, sizeof(Vec));
               }
           }
@@ -560,8 +566,9 @@ class Workspace {
             s_max1 = std::max(s_max1, sum);
             for (int r = 0; r < rows; ++r)
               for (int s = 0; s < cols; ++s) {
-                const float v = gemm::relu(y[r * TW + s] + conv.bias()[j]);
-                y_max1 = std::max(y_max1, v);
+                const float sum_bias = y[r * TW + s] + conv.bias()[j];
+                const float v = conv.relu ? gemm::relu(sum_bias) : sum_bias;
+                y_max1 = std::max(y_max1, std::fabs(v));
                 dst[r * TW + s][j] = v;
               }
           }

@@ -22,7 +22,9 @@ construction:
   kernel takes): the original, which autocast runs as usual;
 * forward-mode AD (inside torch.autograd.forward_ad.dual_level): the original;
 * any BN in train mode, or without running statistics (a BN cannot be folded then):
-  the original, which also updates the running statistics.
+  FusedBranchGraph's train-mode BN form where it applies (every convolution followed
+  by a BN on batch statistics, float32 or float64 on the C++ kernel, not traced;
+  fused_graph.py), else the original; both update the running statistics.
 
 A child replaced, a convolution's geometry changed, or the module shallow-copied
 (nn.DataParallel's replicate) after the swap makes the fused weights describe another
@@ -154,11 +156,10 @@ class DropInBlock(nn.Module):
                 return "torch.func"
             if _forward_ad._current_level >= 0:  # inside forward_ad.dual_level(): dual tensors may flow
                 return "forward AD"
-        # A BN folds only in eval mode with running statistics (a BN switched to train mode
-        # or to batch statistics inside an eval model: the original, with its stat updates).
-        for bn in self._bns:
-            if bn.training or bn.running_mean is None or bn.running_var is None:
-                return "batch statistics"
+        # A BN folds only in eval mode with running statistics; one on batch statistics (train
+        # mode, or no running statistics) takes the train-mode BN form of the op, or the
+        # original (which updates its running statistics), after the checks below.
+        batch_statistics = any(bn.training or bn.running_mean is None or bn.running_var is None for bn in self._bns)
         for unit, geometry in zip(self._units, self._geometry):
             if _conv_geometry(unit.conv) != geometry:
                 raise RuntimeError(
@@ -170,11 +171,13 @@ class DropInBlock(nn.Module):
         # guard, ~5 per submodule, and a whole swapped googlenet's guards took twice the
         # original's time at batch 1. Replacements stay guarded.
         if not compiling:
-            return "hooks" if self._walk_tree(hooks=True) or _global_module_hooks() else None
+            if self._walk_tree(hooks=True) or _global_module_hooks():
+                return "hooks"
+            return "batch statistics" if batch_statistics else None
         traced = _hooks_when_traced(self)
         if self._walk_tree(hooks=traced is None) or traced or _global_hooks_when_traced():
             return "hooks"
-        return None
+        return "batch statistics" if batch_statistics else None
 
     def _walk_tree(self, hooks: bool) -> bool:
         """Raise if a submodule was replaced since the swap; with `hooks`, whether any module

@@ -21,11 +21,12 @@ from torch import nn
 
 from ._cache import TensorVersionCache, tracing
 from ._checks import check_choice, check_input, check_same_dtype_device
-from ._dropin import DropInBlock, autocast_off, match_memory_format
+from ._dropin import DropInBlock, autocast_dtype, autocast_off, match_memory_format
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
 from .ops.branch_graph import apply_graph, graph_forward_inference, pack_weights, residual_tail, winograd_tiles
+from .ops.branch_graph_bn_train import BatchNormTrain, apply_graph_bn_train
 from .ops.plan import plan, plan_with_residual
 from .spec import Branch, BranchGraphSpec, Conv
 
@@ -272,6 +273,14 @@ class FusedBranchGraph(DropInBlock):
         self._winograd_flags: dict[tuple[bool, int, int], tuple] = {}
         self._op_convs = len(self._plan.convs)  # the fused op's; a residual tail's 1x1 comes after them
         self._adopt_residual_plan()
+        self._bn_train = self._bn_train_form()
+
+    def _bn_train_form(self) -> bool:
+        """Whether the train-mode BN form can run this block: every convolution of the op
+        followed by a BN with nn.BatchNorm2d's own forward (a subclass that overrides it may
+        compute something else), and no residual tail."""
+        return self.graph.residual is None and all(
+            u.bn is not None and type(u.bn).forward is nn.BatchNorm2d.forward for u in self._units)
 
     def _adopt_residual_plan(self) -> None:
         # Inference runs the tail as the kernel's last GEMM (plan_with_residual); its flat
@@ -331,7 +340,10 @@ class FusedBranchGraph(DropInBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.graph.in_channels)
-        run = self._kernel_input(x) if self._unfused_reason(x) is None else None
+        reason = self._unfused_reason(x)
+        if reason == "batch statistics" and self._bn_train_applies(x):
+            return self._forward_bn_train(x)
+        run = self._kernel_input(x) if reason is None else None
         backend = None if run is None else resolve_backend(self.backend, run[0])
         if backend not in ("cpu", "triton"):
             return self._run_original(x)
@@ -385,6 +397,41 @@ class FusedBranchGraph(DropInBlock):
                     y = torch.cat([y[:, :c0], torch.nn.functional.max_pool2d(x, 3, 2), y[:, c1:]], 1)
         return match_memory_format(x, y)
 
+    def _bn_train_applies(self, x: torch.Tensor) -> bool:
+        """Whether this call, with a BN on batch statistics, can take the op's train-mode BN
+        form (ops/branch_graph_bn_train.py): every convolution followed by a plain
+        BatchNorm2d, every one on batch statistics (a mix of folded and batch statistics
+        runs the original), float32 or float64 on the C++ kernel, no autocast, not traced."""
+        if not self._bn_train or tracing() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if any(not (bn.training or bn.running_mean is None or bn.running_var is None) for bn in self._bns):
+            return False
+        if autocast_dtype(x) is not None or self._units[0].conv.weight.dtype != x.dtype:
+            return False
+        try:
+            return resolve_backend(self.backend, x) == "cpu"
+        except (TypeError, ValueError, RuntimeError):  # a backend that cannot run x: the original decides
+            return False
+
+    def _forward_bn_train(self, x: torch.Tensor) -> torch.Tensor:
+        """The block in train mode with batch norm, on the fused op's train-mode BN form: the
+        running statistics and num_batches_tracked change as nn.BatchNorm2d's forward
+        changes them (torch/nn/modules/batchnorm.py, _BatchNorm.forward)."""
+        bns = []
+        for bn in self._bns:
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            # F.batch_norm's choice: running statistics are passed, and so updated, in
+            # training only with track_running_stats.
+            update = bn.training and bn.running_mean is not None and bn.running_var is not None
+            bns.append(BatchNormTrain(bn.weight, bn.bias, bn.eps,
+                                      (bn.running_mean, bn.running_var, factor) if update else None))
+        y = apply_graph_bn_train(x, self._plan, _plans(self)[1], [u.conv.weight for u in self._units],
+                                 [u.conv.bias for u in self._units], bns)
+        return match_memory_format(x, y)
+
     def __setstate__(self, state: dict) -> None:
         # Unpickled (torch.load of a whole model, deepcopy, a spawned worker): this process's
         # table may not hold the plan yet.
@@ -394,6 +441,8 @@ class FusedBranchGraph(DropInBlock):
             self._adopt_residual_plan()
         if "_winograd_flags" not in state:  # pickled before the 3x3s' tile followed the grid
             self._winograd_flags = {}
+        if "_bn_train" not in state:  # pickled before the train-mode BN form
+            self._bn_train = self._bn_train_form()
 
     @property
     def _flat_plan(self) -> list[int]:

@@ -29,7 +29,8 @@ __all__ = ["graph_backward_reference"]
 def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                              intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
                              backward_plan: list[int], data_grad=None,
-                             max_pool_grad=None) -> list[torch.Tensor | None]:
+                             max_pool_grad=None, batch_norm=None,
+                             conv_1x1: bool = False) -> list[torch.Tensor | None]:
     """[dx, dW_0, db_0, dW_1, db_1, ...] (spec.convs order; None where not needed) as ATen
     calls, on any device: the algorithm the C++ backward (csrc/inception_graph_cpu_backward.cpp)
     and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides.
@@ -47,6 +48,16 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     pool_dx (None unless need_dx) a function (a, w) -> the (M, C) rows of a @ w plus the max
     pool's gradient, which then computes the shared-x GEMM's dx (a and w None when no 1x1
     reads x): the Triton backward gathers that gradient in the GEMM's epilogue.
+
+    batch_norm, if given, is train-mode batch norm between each convolution and its ReLU
+    (ops/branch_graph_bn_train.py): batch_norm(i, g) -> the (M, cout) gradient of
+    convolution i's output from g, the masked gradient of its normalised output; it keeps
+    gamma's and beta's gradients itself. The biases' gradients are then those of the
+    convolutions' own biases.
+
+    conv_1x1 runs the 1x1 GEMM pairs (the shared-x GEMMs, the max-pool branch's
+    projection) as 1x1 convolution backwards instead of matrix products: on CPUs that is
+    oneDNN, 2.2x MKL's sgemm on AMD's Zen 5.
     """
     _, _, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
     for i, step in enumerate(table):
@@ -73,6 +84,8 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             g = relu_backward(grad_rows[:, channel:channel + co], y_rows[:, channel:channel + co], 0)
         else:
             g = d_inter[dest] if masked[dest] else relu_backward(d_inter[dest], inter_rows[dest], 0)
+        if batch_norm is not None:
+            g = batch_norm(i, g)
         d_biases[i] = g.sum(0)
         if source >= 0:
             consumers_left[source] -= 1
@@ -89,10 +102,16 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             d_weights[i] = (g.t() @ pooled).reshape(weight.shape) if needs[1] else None
         elif source == Source.MAX_POOL:
             pooled, indices = F.max_pool2d(x, 3, 1, 1, return_indices=True)
-            d_weights[i] = (g.t() @ rows(pooled)).reshape(weight.shape) if needs[1] else None
+            if conv_1x1:
+                d_pooled, d_weights[i], _ = torch.ops.aten.convolution_backward(
+                    image(g, n, h, w), pooled, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                    [needs[0], needs[1], False])
+            else:
+                d_weights[i] = (g.t() @ rows(pooled)).reshape(weight.shape) if needs[1] else None
+                d_pooled = image(g @ weight.flatten(1), n, h, w) if needs[0] else None
             if needs[0]:
                 dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
-                    image(g @ weight.flatten(1), n, h, w), x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
+                    d_pooled, x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
         elif data_grad is not None and source >= 0 and table[i].grid(h, w) == (h, w):  # 'same', stride 1
             d_inter[source], masked[source] = data_grad(g, weight, table[i], d_inter[source], intermediates[source],
                                                         consumers_left[source] == 0)
@@ -117,6 +136,17 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             grad_out[:, copy_channel:copy_channel + c], x, [3, 3], [2, 2], [0, 0], [1, 1], False, indices))
     order = sorted(shared)
     a = w_shared = None
+    if order and conv_1x1 and pool_dx is None:
+        w_cat = torch.cat([weights[i].reshape(weights[i].shape[0], -1, 1, 1) for i in order])
+        d_x, d_w, _ = torch.ops.aten.convolution_backward(
+            image(torch.cat([shared[i] for i in order], dim=1), n, h, w), x, w_cat, None, [1, 1], [0, 0], [1, 1],
+            False, [0, 0], 1, [needs[0], needs[1], False])
+        if needs[1]:
+            for i, d in zip(order, d_w.split([weights[i].shape[0] for i in order])):
+                d_weights[i] = d.reshape(weights[i].shape).clone()
+        if needs[0]:
+            dx_terms.append(d_x)
+        order = []
     if order:
         a = torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
         w_shared = torch.cat([weights[i].flatten(1) for i in order])  # (K0, C)

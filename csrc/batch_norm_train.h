@@ -1,0 +1,139 @@
+// Train-mode batch norm between the stages of the fused forward (inception_graph_cpu.cpp,
+// graph_forward_bn_train). A stage's GEMMs store their pre-BN sums z (Epilogue::kLinear)
+// into unbordered NHWC tensors, one per segment; before the next stage reads them, each
+// segment's channels get their batch statistics over every (image, pixel) of its grid, and
+// y = relu(z * alpha + shift), alpha = gamma * invstd, shift = beta - mean * alpha (the form
+// of ATen's CPU batch norm), goes into the real destination: a zero-bordered buffer that
+// the next stage reads, or the block's output. z stays for the backward, as eager batch
+// norm keeps its input.
+//
+// Statistics: per channel, sums of z - k and (z - k)^2 in double, k the channel's value at
+// the slice's first pixel (a shift against cancellation when |mean| >> std), over a fixed
+// number of pixel chunks summed in a fixed order: the result does not depend on the thread
+// count. var is the biased variance, as batch norm normalises with; the caller makes the
+// unbiased one for the running statistics.
+#pragma once
+
+#include "nhwc.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace inception_fast::bn_train {
+
+// One GEMM segment, channels [channel, channel + count) of its destination, over the
+// N x gh x gw pixels of its grid.
+template <typename T, typename Acc>
+struct Slice {
+  Plane<const T> z;    // the segment's pre-BN sums: its own count channels, unbordered
+  Plane<T> dst;        // where relu(BN(z)) goes, at `channel`
+  int64_t channel, count;
+  int64_t N, gh, gw;
+  const Acc* params;  // (3, C) of the destination: rows gamma, beta, eps
+  Acc* stats;         // (3, C) of the destination: rows mean, biased var, invstd (written)
+  int64_t C;          // the destination's channels: the row length of params and stats
+};
+
+inline constexpr int64_t kChunks = 32;  // pixel chunks per slice: fixed, so sums never follow threads
+
+// (n, h, w) of pixel m of an N x gh x gw grid.
+inline void pixel_of(int64_t m, int64_t gh, int64_t gw, int64_t& n, int64_t& h, int64_t& w) {
+  n = m / (gh * gw);
+  h = m / gw % gh;
+  w = m % gw;
+}
+
+// Batch statistics of every slice, then its normalised, rectified output: two parallel
+// regions (statistics, normalisation) for all slices of a stage together.
+template <typename T, typename Acc>
+void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
+  if (slices.empty()) return;
+  const int64_t jobs = static_cast<int64_t>(slices.size());
+  std::vector<int64_t> offset(jobs + 1, 0);  // into the per-chunk sums: 2 * count doubles per chunk
+  for (int64_t j = 0; j < jobs; ++j) offset[j + 1] = offset[j] + kChunks * 2 * slices[j].count;
+  std::vector<double> sums(offset[jobs], 0.0);
+  auto chunk = [](const Slice<T, Acc>& s, int64_t c) {
+    const int64_t m = s.N * s.gh * s.gw;
+    return std::make_pair(m * c / kChunks, m * (c + 1) / kChunks);
+  };
+  at::parallel_for(0, jobs * kChunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Slice<T, Acc>& s = slices[i / kChunks];
+      const auto [m0, m1] = chunk(s, i % kChunks);
+      double* s1 = sums.data() + offset[i / kChunks] + (i % kChunks) * 2 * s.count;
+      double* s2 = s1 + s.count;
+      const T* k = s.z.interior_row(0, 0, 0);
+      int64_t n, h, w;
+      pixel_of(m0, s.gh, s.gw, n, h, w);
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* z = s.z.interior_row(n, h, w);
+        for (int64_t c = 0; c < s.count; ++c) {
+          const double d = static_cast<double>(z[c]) - static_cast<double>(k[c]);
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+        if (++w == s.gw) {
+          w = 0;
+          if (++h == s.gh) h = 0, ++n;
+        }
+      }
+    }
+  });
+  // Per slice and channel: alpha and shift of the normalisation, stats written for the caller.
+  std::vector<std::vector<Acc>> alpha(jobs), shift(jobs);
+  for (int64_t j = 0; j < jobs; ++j) {
+    const Slice<T, Acc>& s = slices[j];
+    const double count = static_cast<double>(s.N * s.gh * s.gw);
+    TORCH_CHECK(count > 1, "batch norm in training needs more than 1 value per channel, got ", s.N, "x", s.gh, "x",
+                s.gw);
+    alpha[j].resize(s.count);
+    shift[j].resize(s.count);
+    const T* k = s.z.interior_row(0, 0, 0);
+    for (int64_t c = 0; c < s.count; ++c) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t ch = 0; ch < kChunks; ++ch) {
+        s1 += sums[offset[j] + ch * 2 * s.count + c];
+        s2 += sums[offset[j] + ch * 2 * s.count + s.count + c];
+      }
+      const double mean_shifted = s1 / count;
+      const double var = std::max(s2 / count - mean_shifted * mean_shifted, 0.0);
+      const int64_t at = s.channel + c;
+      const Acc mean = static_cast<Acc>(static_cast<double>(k[c]) + mean_shifted);
+      const Acc eps = s.params[2 * s.C + at];
+      const Acc invstd = Acc(1) / std::sqrt(static_cast<Acc>(var) + eps);
+      s.stats[at] = mean;
+      s.stats[s.C + at] = static_cast<Acc>(var);
+      s.stats[2 * s.C + at] = invstd;
+      alpha[j][c] = s.params[at] * invstd;
+      shift[j][c] = s.params[s.C + at] - mean * alpha[j][c];
+    }
+  }
+  at::parallel_for(0, jobs * kChunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Slice<T, Acc>& s = slices[i / kChunks];
+      const Acc* a = alpha[i / kChunks].data();
+      const Acc* b = shift[i / kChunks].data();
+      const auto [m0, m1] = chunk(s, i % kChunks);
+      int64_t n, h, w;
+      pixel_of(m0, s.gh, s.gw, n, h, w);
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* z = s.z.interior_row(n, h, w);
+        T* y = s.dst.interior_row(n, h, w) + s.channel;
+        for (int64_t c = 0; c < s.count; ++c) {
+          const Acc v = static_cast<Acc>(z[c]) * a[c] + b[c];
+          y[c] = static_cast<T>(v < Acc(0) ? Acc(0) : v);  // keeps NaN, like torch.relu
+        }
+        if (++w == s.gw) {
+          w = 0;
+          if (++h == s.gh) h = 0, ++n;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace inception_fast::bn_train

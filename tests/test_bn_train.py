@@ -1,0 +1,235 @@
+"""The train-mode BN form of the fused op (ops/branch_graph_bn_train.py) against eager
+nn.BatchNorm2d: outputs, every gradient (x, conv weights, gamma, beta) with one
+grad_output, running statistics and num_batches_tracked, on torchvision's GoogLeNet and
+Inception-v3 blocks; and where the form does not apply, the original runs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import inception_fast as ifast
+from inception_fast.fused_graph import FusedBranchGraph
+
+from conftest import needs_cpu_kernel, randomize_, rel_err, small_v3_block
+
+pytestmark = needs_cpu_kernel
+
+# The issue's table for this form: fp64 to 1e-10, fp32 to 1e-5 relative (norm-wise).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def googlenet_block(in_channels: int = 10) -> nn.Module:
+    from torchvision.models.googlenet import Inception
+
+    return randomize_(Inception(in_channels, 4, 5, 7, 3, 6, 5)).eval()
+
+
+BLOCKS = {
+    "googlenet": (googlenet_block, 10),
+    **{f"v3-{k}": ((lambda k=k: small_v3_block(k, 12)), 12) for k in "ABCDE"},
+}
+
+
+def _pair(kind: str, dtype: torch.dtype):
+    make, channels = BLOCKS[kind]
+    original = make().to(dtype).train()
+    fused = _swapped(original)
+    # Every call below must take the fused form: the original never runs.
+    fused._original[0].register_forward_pre_hook(lambda *a: pytest.fail("the original block ran"))
+    return original, fused, channels
+
+
+def _swapped(block: nn.Module) -> FusedBranchGraph:
+    """The block as swap_inception fuses it (GoogLeNet's as FusedInception), in its mode."""
+    fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(block)))[0]
+    assert isinstance(fused, FusedBranchGraph)
+    return fused.train(block.training)
+
+
+def _grads(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.backward(grad_out)
+    return y, x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_buffers(original: nn.Module, fused: nn.Module, tol: float):
+    ob, fb = dict(original.named_buffers()), dict(fused.named_buffers())
+    assert ob.keys() == fb.keys()
+    for name, want in ob.items():
+        if want.is_floating_point():
+            assert rel_err(fb[name], want) <= tol, name
+        else:
+            assert torch.equal(fb[name], want), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", list(BLOCKS))
+@pytest.mark.parametrize("shape", [(3, 7, 7), (2, 6, 5), (1, 9, 4)], ids=["3x7x7", "2x6x5", "1x9x4"])
+def test_forward_backward_and_running_stats_match_eager(kind, dtype, shape):
+    original, fused, channels = _pair(kind, dtype)
+    n, h, w = shape
+    x = torch.randn(n, channels, h, w, dtype=dtype)
+    grad_out = torch.randn_like(original(x.clone()))  # the original's first step, mirrored below
+    with torch.no_grad():
+        fused(x)
+    y0, dx0, g0 = _grads(original, x, grad_out)
+    y1, dx1, g1 = _grads(fused, x, grad_out)
+    tol = TOL[dtype]
+    assert rel_err(y1, y0) <= tol
+    assert rel_err(dx1, dx0) <= tol
+    assert g0.keys() == g1.keys() and any(".bn." in k for k in g0)
+    for name, want in g0.items():
+        assert rel_err(g1[name], want) <= tol, name
+    _assert_buffers(original, fused, tol)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+def test_output_has_eager_memory_format(memory_format):
+    original, fused, channels = _pair("googlenet", torch.float32)
+    x = torch.randn(2, channels, 6, 6).contiguous(memory_format=memory_format)
+    want, got = original(x), fused(x)
+    assert got.is_contiguous(memory_format=memory_format) and want.is_contiguous(memory_format=memory_format)
+    assert rel_err(got, want) <= TOL[torch.float32]
+
+
+def test_momentum_none_is_the_cumulative_average_over_steps():
+    original, fused, channels = _pair("v3-A", torch.float64)
+    for model in (original, fused):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+    for step in range(3):
+        x = torch.randn(2, channels, 5, 5, dtype=torch.float64) * (step + 1)
+        with torch.no_grad():
+            assert rel_err(fused(x), original(x)) <= TOL[torch.float64]
+    _assert_buffers(original, fused, TOL[torch.float64])
+    assert fused.branch1x1.bn.num_batches_tracked.item() == 3
+
+
+def test_affine_false_bns_train_their_convolutions():
+    original = googlenet_block().double()
+    for m in original.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.affine, m.weight, m.bias = False, None, None
+    original.train()
+    fused = _swapped(original)
+    x = torch.randn(2, 10, 5, 5, dtype=torch.float64)
+    grad_out = torch.randn(2, 4 + 7 + 6 + 5, 5, 5, dtype=torch.float64)
+    y0, dx0, g0 = _grads(original, x, grad_out)
+    y1, dx1, g1 = _grads(fused, x, grad_out)
+    assert rel_err(y1, y0) <= 1e-10 and rel_err(dx1, dx0) <= 1e-10
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) <= 1e-10, name
+
+
+def test_one_value_per_channel_raises_as_eager_does():
+    """Batch 1 through a grid reduction onto a 1x1 grid: eager's BN raises ValueError."""
+    original, fused, channels = _pair("v3-B", torch.float32)
+    x = torch.randn(1, channels, 3, 3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as eager:
+        original(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
+        fused(x)
+    assert str(ours.value) == str(eager.value)
+
+
+def test_nan_poisons_the_same_outputs_as_eager():
+    """A NaN in x reaches every 1x1 over x, so every BN's statistics: all NaN, as eager.
+    A NaN in one weight row poisons only that convolution's channel (its statistics) and
+    what reads it."""
+    original, fused, channels = _pair("v3-A", torch.float32)
+    x = torch.randn(2, channels, 6, 6)
+    poisoned = x.clone()
+    poisoned[1, 3, 2, 4] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(fused(poisoned)).all() and torch.isnan(original(poisoned)).all()
+        for model in (original, fused):
+            model.branch5x5_1.conv.weight[2, 0] = float("nan")
+        want, got = original(x), fused(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = ~torch.isnan(want)
+    assert torch.isnan(want).any() and finite.any()
+    assert rel_err(got[finite], want[finite]) <= TOL[torch.float32]
+
+
+def test_mixed_bn_modes_run_the_original():
+    """One BN frozen (eval) among train-mode ones: neither the fold nor the train form."""
+    block = googlenet_block().train()
+    fused = _swapped(block)
+    block.branch1.bn.eval(), fused.branch1.bn.eval()
+    calls = []
+    fused._original[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 10, 5, 5)
+    assert rel_err(fused(x), block(x)) <= TOL[torch.float32] and calls
+
+
+def test_a_bn_subclass_with_its_own_forward_is_left_alone(caplog):
+    """A BN subclass outside torch.nn is traced through, so the swap reads its forward
+    (here it fails to: BN's forward branches on its flags) and never assumes BN's math."""
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    block = googlenet_block()
+    block.branch1.bn = Scaled(4, eps=0.001).eval()
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        model = ifast.swap_inception(nn.Sequential(copy.deepcopy(block)))
+    assert not isinstance(model[0], FusedBranchGraph) and "unfused" in caplog.text
+
+
+def test_sync_batch_norm_is_refused_at_swap_time(caplog):
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(googlenet_block()))
+    with caplog.at_level(logging.WARNING, logger="inception_fast"):
+        swapped = ifast.swap_inception(model)
+    assert not isinstance(swapped[0], FusedBranchGraph)
+    assert "(SyncBatchNorm) is not a plain nn.BatchNorm2d" in caplog.text
+
+
+def test_under_compile_train_mode_runs_the_original_and_matches():
+    original, fused, channels = _pair("googlenet", torch.float32)
+    fused._original[0]._forward_pre_hooks.clear()  # the original is what runs under tracing
+    compiled = torch.compile(fused, backend="eager", fullgraph=False)
+    x = torch.randn(2, channels, 5, 5)
+    assert rel_err(compiled(x), original(x)) <= TOL[torch.float32]
+    _assert_buffers(original, fused, TOL[torch.float32])
+
+
+def test_twenty_sgd_steps_of_torchvision_googlenet_track_eager():
+    """A whole torchvision GoogLeNet with BN trained in train mode: each step's loss stays
+    with eager's (the same dropout masks) and the model really learns. In float64: in
+    float32 the trajectories of this memorisation task are chaotic, since a ReLU output
+    within rounding of 0 moves a max pool's argmax, and eager float32 itself left eager
+    float64's curve by up to 29% within 20 steps (batch 8, 96x96, lr 0.01). Each step's
+    float32 gradients are held to 1e-5 per block above."""
+    from torchvision.models import googlenet
+
+    torch.manual_seed(0)
+    ref = googlenet(weights=None, aux_logits=False, init_weights=True, num_classes=10).train().double()
+    fused = ifast.swap_inception(copy.deepcopy(ref), backend="cpu")
+    assert sum(isinstance(m, FusedBranchGraph) for m in fused.modules()) == 9
+    x, y = torch.randn(4, 3, 64, 64, dtype=torch.float64), torch.randint(0, 10, (4,))
+    curves = []
+    for model in (ref, fused):
+        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        curve = []
+        for step in range(20):
+            torch.manual_seed(step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves.append(curve)
+    ref_curve, fused_curve = curves
+    assert fused_curve[-1] < 0.5 * fused_curve[0]
+    for step, (a, b) in enumerate(zip(ref_curve, fused_curve)):
+        assert abs(a - b) <= 1e-8 * abs(a), f"step {step}: eager {a}, fused {b}"
+    _assert_buffers(ref, fused, 1e-8)
