@@ -19,6 +19,9 @@ TORCH_LIBRARY(inception_fast, m) {
   m.def("graph_forward_saving(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> (Tensor, Tensor[])");
   m.def("graph_forward_bn_train(Tensor x, Tensor[] b, Tensor[] bias, Tensor[] bn_params, int[] flat_plan) -> "
         "(Tensor, Tensor[], Tensor[], Tensor[])");
+  m.def("relu_batch_norm_backward(Tensor grad, Tensor y, Tensor z, Tensor mean, Tensor invstd, Tensor? weight) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("max_pool3x3_scatter(Tensor x, Tensor? d_pooled, Tensor(a!)? dx) -> Tensor");
   m.def("graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
         "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]");
 }
@@ -28,6 +31,8 @@ TORCH_LIBRARY_IMPL(inception_fast, CPU, m) {
   m.impl("graph_forward.out", &inception_fast::inception_graph_forward_out);
   m.impl("graph_forward_saving", &inception_fast::inception_graph_forward_saving);
   m.impl("graph_forward_bn_train", &inception_fast::inception_graph_forward_bn_train);
+  m.impl("relu_batch_norm_backward", &inception_fast::relu_batch_norm_backward);
+  m.impl("max_pool3x3_scatter", &inception_fast::max_pool3x3_scatter);
   m.impl("graph_backward_cpu", &inception_fast::inception_graph_backward);
 }
 

@@ -97,6 +97,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
 inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::TensorList bias,
                                  at::TensorList bn_params, at::IntArrayRef flat_plan);
 
+// The backward of relu(BN(z)) on batch statistics (batch_norm_train.h, relu_bn_backward):
+// grad, y (the ReLU's output, its mask) and z as (M, channels) rows with contiguous
+// channels, any row stride; mean, invstd and weight (None without affine) per channel.
+// Returns (dz (M, channels) contiguous, d_gamma, d_beta). float32 and float64.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(const at::Tensor& grad, const at::Tensor& y,
+                                                                     const at::Tensor& z, const at::Tensor& mean,
+                                                                     const at::Tensor& invstd,
+                                                                     const std::optional<at::Tensor>& weight);
+
+// A 3x3/1 max pool (padding 1) of x and, given d_pooled, its backward scattered into dx in
+// place: each output pixel's d_pooled goes to its window's first maximum in a row-major
+// scan, torch's rule (max_pool_backward.h, one pass, no index tensor). x, d_pooled and dx
+// (N, C, H, W) channels_last. Returns the pooled x.
+at::Tensor max_pool3x3_scatter(const at::Tensor& x, const std::optional<at::Tensor>& d_pooled,
+                               const std::optional<at::Tensor>& dx);
+
 // Gradients [dx, dW_0, db_0, dW_1, db_1, ...] of a branch-graph block (weights in Conv2d
 // layout, spec order), empty where not needed, from the saved x, output y and
 // intermediates ((N, H, W, channels) NHWC, any strides). plan = GraphPlan.backward_flat():

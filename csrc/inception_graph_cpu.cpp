@@ -649,6 +649,35 @@ inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::Tens
   return {out, bufs, bn.z, bn.stats};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(const at::Tensor& grad, const at::Tensor& y,
+                                                                     const at::Tensor& z, const at::Tensor& mean,
+                                                                     const at::Tensor& invstd,
+                                                                     const std::optional<at::Tensor>& weight) {
+  const int64_t rows = z.size(0), count = z.size(1);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad", &grad}, {"y", &y}, {"z", &z}})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == count && t->stride(1) == 1 &&
+                    t->stride(0) >= count && t->scalar_type() == z.scalar_type() && t->device().is_cpu(),
+                "relu_batch_norm_backward: ", name, " must be (", rows, ", ", count, ") CPU rows of ", z.scalar_type(),
+                " with contiguous channels, got ", t->sizes(), " strides ", t->strides());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "relu_batch_norm_backward runs in float32 or float64, got ", z.scalar_type());
+  const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  for (const at::Tensor* t : {&m, &is, &w})
+    TORCH_CHECK(!t->defined() || (t->numel() == count && t->scalar_type() == z.scalar_type()),
+                "relu_batch_norm_backward: mean, invstd and weight must be (", count, ",) tensors of ", z.scalar_type());
+  at::Tensor dz = at::empty({rows, count}, z.options());
+  at::Tensor d_gamma = at::empty({count}, z.options()), d_beta = at::empty({count}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_batch_norm_backward", [&] {
+    bn_train::relu_bn_backward<scalar_t, scalar_t>(
+        grad.data_ptr<scalar_t>(), grad.stride(0), y.data_ptr<scalar_t>(), y.stride(0), z.data_ptr<scalar_t>(),
+        z.stride(0), rows, count, m.data_ptr<scalar_t>(), is.data_ptr<scalar_t>(),
+        w.defined() ? w.data_ptr<scalar_t>() : nullptr, dz.data_ptr<scalar_t>(), d_gamma.data_ptr<scalar_t>(),
+        d_beta.data_ptr<scalar_t>());
+  });
+  return {dz, d_gamma, d_beta};
+}
+
 at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,
                                    at::IntArrayRef flat_plan) {
   std::vector<at::Tensor> bufs;

@@ -296,4 +296,26 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   return grads;
 }
 
+at::Tensor max_pool3x3_scatter(const at::Tensor& x, const std::optional<at::Tensor>& d_pooled,
+                               const std::optional<at::Tensor>& dx) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(cl),
+              "max_pool3x3_scatter: x must be a channels_last 4-D CPU tensor, got ", x.sizes());
+  TORCH_CHECK(d_pooled.has_value() == dx.has_value(), "max_pool3x3_scatter: d_pooled and dx come together");
+  for (const auto* t : {&d_pooled, &dx})
+    TORCH_CHECK(!t->has_value() || ((*t)->sizes() == x.sizes() && (*t)->scalar_type() == x.scalar_type() &&
+                                    (*t)->is_contiguous(cl) && (*t)->device().is_cpu()),
+                "max_pool3x3_scatter: d_pooled and dx must be channels_last like x ", x.sizes(), " of ",
+                x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor pooled = at::empty_like(x, x.options().memory_format(cl));
+  if (x.numel() == 0) return pooled;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "max_pool3x3_scatter", [&] {
+    max_pool3x3_backward<scalar_t>(x.data_ptr<scalar_t>(), at::Tensor(), at::Tensor(),
+                                   dx.has_value() ? dx->data_ptr<scalar_t>() : nullptr, pooled.data_ptr<scalar_t>(), N,
+                                   H, W, C, d_pooled.has_value() ? d_pooled->data_ptr<scalar_t>() : nullptr);
+  });
+  return pooled;
+}
+
 }  // namespace inception_fast

@@ -130,6 +130,40 @@ def test_affine_false_bns_train_their_convolutions():
         assert rel_err(g1[name], g0[name]) <= 1e-10, name
 
 
+class BiasedBlock(nn.Module):
+    """A user's block whose convolutions keep their biases before BN: eager's BN cancels
+    them in the output, not in their own gradients (the sums of dz, ~0)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def unit(cin, cout, k):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.a = unit(6, 5, 1)
+        self.b = nn.Sequential(unit(6, 4, 1), unit(4, 7, 3))
+        self.pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), unit(6, 3, 1))
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x), self.pool(x)], 1)
+
+
+def test_convolution_biases_before_bn():
+    original = randomize_(BiasedBlock()).double().train()
+    fused = _swapped(original)
+    fused._original[0].register_forward_pre_hook(lambda *a: pytest.fail("the original block ran"))
+    x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    grad_out = torch.randn(3, 15, 5, 5, dtype=torch.float64)
+    y0, dx0, g0 = _grads(original, x, grad_out)
+    y1, dx1, g1 = _grads(fused, x, grad_out)
+    assert rel_err(y1, y0) <= 1e-10 and rel_err(dx1, dx0) <= 1e-10
+    for name in g0:
+        if name.endswith("0.bias") and g0[name].abs().max() < 1e-12:  # a conv bias: sum of dz, ~0 both
+            assert g1[name].abs().max() < 1e-12, name
+        else:
+            assert rel_err(g1[name], g0[name]) <= 1e-10, name
+
+
 def test_one_value_per_channel_raises_as_eager_does():
     """Batch 1 through a grid reduction onto a 1x1 grid: eager's BN raises ValueError."""
     original, fused, channels = _pair("v3-B", torch.float32)

@@ -32,8 +32,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .._extension import cpu_extension, require_cpu_extension
 from . import backend as _backend
-from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_panels, pack_winograd,
-                      packed_dtype, panel_width, rows, unpack_panels, unpack_winograd, winograd_positions)
+from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_conv_panels, pack_panels,
+                      pack_winograd, packed_dtype, panel_width, rows, unpack_panels, unpack_winograd,
+                      winograd_positions)
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan, Source
 
@@ -84,6 +85,8 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
         if dtype == torch.float32 and wino and g.winograd:
             tile = None if wino is True or wino == 1 else int(wino)  # pack_winograd refuses tiles but 2, 4
             b = pack_winograd(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype), gradient, tile)
+        elif dtype != torch.bfloat16:
+            b = pack_conv_panels(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype))
         else:
             b = pack_panels(torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1).to(dtype), panel_width(dtype),
                             g.kh * g.kw)

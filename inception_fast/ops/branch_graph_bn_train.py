@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import torch
 
-from .backend import image, rows
 from .branch_graph import _interiors, pack_weights, winograd_tiles
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
@@ -74,6 +73,22 @@ def _out_channels(graph: GraphPlan, conv) -> int:
     raise ValueError(f"no GEMM of the plan writes {conv}")
 
 
+# Training repacks the weights every step, and a 3x3's Winograd panels cost ~5 ns per
+# weight to make against ~3 ps per weight and pixel saved in the GEMM: below ~2,000 pixels
+# (N x grid) the direct GEMM wins. GoogLeNet's blocks at batch 16, forward with packing
+# (Zen 5, 2 threads): 5b (7x7) 8.9 ms Winograd against 6.6 direct, 4a (14x14) 7.1 against
+# 6.8, 4e 12.8 against 13.4, 3a (28x28) 10.0 against 11.6.
+WINOGRAD_MIN_PIXELS = 2048
+
+
+def _winograd_flags(graph: GraphPlan, n: int, h: int, w: int):
+    """pack_weights's Winograd flags for a training step: winograd_tiles where the GEMM's
+    grid holds at least WINOGRAD_MIN_PIXELS pixels over the batch, else direct."""
+    tiles = winograd_tiles(graph, h, w)
+    return [t if n * g.grid(h, w)[0] * g.grid(h, w)[1] >= WINOGRAD_MIN_PIXELS else False
+            for g, t in zip(graph.gemms, tiles)]
+
+
 class BranchGraphBatchNormFunction(torch.autograd.Function):
     """The train-mode BN form of the fused op on the CPU, over Conv2d-layout weights.
 
@@ -90,8 +105,7 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         weights, biases = params[:n_conv], params[n_conv:2 * n_conv]
         n, _, h, w = x.shape
         biases = [b if b is not None else wt.new_zeros(wt.shape[0]) for wt, b in zip(weights, biases)]
-        packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu",
-                                             winograd_tiles(graph, h, w) if x.dtype == torch.float32 else False)
+        packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
         y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(
             x, packed_b, packed_bias, _bn_params(graph, x, bns), graph.flat())
         for conv, bn in zip(graph.convs, bns):
@@ -129,19 +143,21 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         for k, i in enumerate(i for g in ctx.graph.gemms for i in g.convs):
             z_of[i] = k
 
-        def batch_norm(i, g):
+        def batch_norm(i, grad, act):
             conv = ctx.graph.convs[i]
             c = slice(conv.channel, conv.channel + weights[i].shape[0])
-            gh, gw = conv.grid(h, w)
             s = stats[conv.destination + 1]
-            dz, d_gamma[i], d_beta[i] = torch.ops.aten.native_batch_norm_backward(
-                image(g, n, gh, gw), z[z_of[i]].permute(0, 3, 1, 2), gammas[i], None, None, s[0, c], s[2, c], True,
-                ctx.eps[i], [True, needs_gamma[i], needs_beta[i]])
-            return rows(dz)
+            dz, dg, db = torch.ops.inception_fast.relu_batch_norm_backward(
+                grad, act, z[z_of[i]].reshape(grad.shape), s[0, c], s[2, c], gammas[i])
+            d_gamma[i] = dg if needs_gamma[i] else None
+            d_beta[i] = db if needs_beta[i] else None
+            return dz
 
         needs = [ctx.needs_input_grad[0], any(needs_weight) or any(needs_bias)]
         grads = graph_backward_reference(grad_out, x, y, list(inter), list(weights), needs, ctx.backward_plan,
-                                         batch_norm=batch_norm, conv_1x1=True)
+                                         batch_norm=batch_norm, conv_1x1=True,
+                                         max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter,
+                                         bias_grads=any(needs_bias))
         d_w = [g if want else None for g, want in zip(grads[1::2], needs_weight)]
         d_b = [g if want else None for g, want in zip(grads[2::2], needs_bias)]
         return (grads[0], None, None, None, *d_w, *d_b, *d_gamma, *d_beta)

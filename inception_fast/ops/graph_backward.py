@@ -29,8 +29,8 @@ __all__ = ["graph_backward_reference"]
 def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                              intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
                              backward_plan: list[int], data_grad=None,
-                             max_pool_grad=None, batch_norm=None,
-                             conv_1x1: bool = False) -> list[torch.Tensor | None]:
+                             max_pool_grad=None, batch_norm=None, conv_1x1: bool = False,
+                             max_pool_scatter=None, bias_grads: bool = True) -> list[torch.Tensor | None]:
     """[dx, dW_0, db_0, dW_1, db_1, ...] (spec.convs order; None where not needed) as ATen
     calls, on any device: the algorithm the C++ backward (csrc/inception_graph_cpu_backward.cpp)
     and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides.
@@ -50,14 +50,23 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     reads x): the Triton backward gathers that gradient in the GEMM's epilogue.
 
     batch_norm, if given, is train-mode batch norm between each convolution and its ReLU
-    (ops/branch_graph_bn_train.py): batch_norm(i, g) -> the (M, cout) gradient of
-    convolution i's output from g, the masked gradient of its normalised output; it keeps
+    (ops/branch_graph_bn_train.py): batch_norm(i, grad, act) -> the (M, cout) gradient of
+    convolution i's output, from grad, the gradient of its activation act = relu(BN(conv)),
+    (M, cout) rows both (the ReLU's mask is the hook's, fused with BN's backward); it keeps
     gamma's and beta's gradients itself. The biases' gradients are then those of the
     convolutions' own biases.
 
     conv_1x1 runs the 1x1 GEMM pairs (the shared-x GEMMs, the max-pool branch's
     projection) as 1x1 convolution backwards instead of matrix products: on CPUs that is
     oneDNN, 2.2x MKL's sgemm on AMD's Zen 5.
+
+    max_pool_scatter, if given (with conv_1x1), takes the stride-1 max-pool branch:
+    max_pool_scatter(x, d_pooled, dx) -> the pooled x, with d_pooled (None when dx is not
+    needed) scattered into dx in place (the C++ max_pool3x3_scatter: one pass, where ATen
+    recomputes the pool with indices, zeroes a buffer, scatters and adds it).
+
+    bias_grads=False leaves the biases' gradients None (convolutions without bias: their
+    column sums cost a pass over every output gradient).
     """
     _, _, copy_channel, _, table = GraphPlan.from_backward_flat(backward_plan)
     for i, step in enumerate(table):
@@ -76,17 +85,19 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     shared: dict[int, torch.Tensor] = {}  # conv index -> its columns of the shared-x GEMM
     dx_terms: list[torch.Tensor] = []  # logical (N, C, H, W)
     pool_dx = None  # from max_pool_grad: the shared-x GEMM's dx with the max pool's gradient
+    pending_pool = None  # (conv index, g, weight) of the max-pool branch, for max_pool_scatter
     for i in reversed(range(len(table))):
         source, dest, channel, kh, kw, conv_stride, pad_h, pad_w = table[i]
         weight = weights[i]
         co = weight.shape[0]
-        if dest < 0:
-            g = relu_backward(grad_rows[:, channel:channel + co], y_rows[:, channel:channel + co], 0)
-        else:
-            g = d_inter[dest] if masked[dest] else relu_backward(d_inter[dest], inter_rows[dest], 0)
+        # The gradient of the convolution's activation, and that activation (its ReLU mask).
+        raw, act = ((grad_rows[:, channel:channel + co], y_rows[:, channel:channel + co]) if dest < 0
+                    else (d_inter[dest], inter_rows[dest]))
         if batch_norm is not None:
-            g = batch_norm(i, g)
-        d_biases[i] = g.sum(0)
+            g = batch_norm(i, raw, act)
+        else:
+            g = raw if dest >= 0 and masked[dest] else relu_backward(raw, act, 0)
+        d_biases[i] = g.sum(0) if bias_grads else None
         if source >= 0:
             consumers_left[source] -= 1
         if source == Source.X and (kh, kw, conv_stride) == (1, 1, 1):
@@ -97,6 +108,8 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             # S(x) / count, S the self-adjoint 3x3 sum pool: its adjoint is S(g / count).
             count = F.avg_pool2d(x.new_ones(1, 1, h, w), 3, 1, 1, divisor_override=1)
             shared[i] = rows(F.avg_pool2d(image(g, n, h, w) / count, 3, 1, 1, divisor_override=1))
+        elif source == Source.MAX_POOL and max_pool_scatter is not None and conv_1x1:
+            pending_pool = (i, g, weight)  # scattered into dx once the shared-x GEMM has made it
         elif source == Source.MAX_POOL and max_pool_grad is not None:
             pooled, pool_dx = max_pool_grad(g, weight, needs[0])
             d_weights[i] = (g.t() @ pooled).reshape(weight.shape) if needs[1] else None
@@ -147,6 +160,23 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
         if needs[0]:
             dx_terms.append(d_x)
         order = []
+    if pending_pool is not None:
+        i, g, weight = pending_pool
+        g_img = image(g, n, h, w)
+        d_pooled = acc = None
+        if needs[0]:
+            d_pooled = torch.ops.aten.convolution_backward(
+                g_img, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+            d_pooled = d_pooled.contiguous(memory_format=torch.channels_last)
+            if dx_terms and dx_terms[-1].is_contiguous(memory_format=torch.channels_last):
+                acc = dx_terms[-1]  # the shared-x GEMM's dx, ours to add into
+            else:
+                acc = torch.zeros_like(x, memory_format=torch.channels_last)
+                dx_terms.append(acc)
+        pooled = max_pool_scatter(x.contiguous(memory_format=torch.channels_last), d_pooled, acc)
+        if needs[1]:
+            d_weights[i] = torch.ops.aten.convolution_backward(
+                g_img, pooled, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1]
     if order:
         a = torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
         w_shared = torch.cat([weights[i].flatten(1) for i in order])  # (K0, C)
