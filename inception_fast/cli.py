@@ -136,6 +136,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          "benchmarks/half_precision_cpu.py fp16 times the fused fp16 blocks")
     if args.convs and not args.whole_networks:
         raise UsageError("--convs applies to --whole-networks only (the block benchmarks swap blocks)")
+    if args.train:
+        return _bench_train(args)
     if args.v3:
         return _bench_v3(args)
     if args.whole_networks:
@@ -182,6 +184,29 @@ def _bench_whole_networks(args: argparse.Namespace) -> int:
     print(f"wrote {out}/networks.json, networks.md", file=sys.stderr)
     if args.write_readme:
         _write_readme_section(Path("README.md"), "networks-convs" if args.convs else "networks", markdown)
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    """Training with batch norm: torchvision GoogLeNet's blocks forward + backward (batch 32)
+    and whole train steps of googlenet (batches 16, 32) and inception_v3 (8)."""
+    from .bench_train import bench_train_blocks, bench_train_steps, train_steps_markdown
+    from .bench import print_progress
+
+    if args.device != "cpu" or args.dtype != "float32" or args.v3 or args.whole_networks or args.backward:
+        raise UsageError("--train runs on the CPU in float32, alone: drop --device, --dtype, --v3, "
+                         "--whole-networks and --backward")
+    blocks = args.blocks or (["3a", "4a", "5b"] if args.quick else list(_block_names()))
+    batches = args.batch or ([8] if args.quick else [32])
+    report = bench_train_blocks(blocks, batches, reps=3 if args.quick else args.reps, progress=print_progress)
+    steps = [("torchvision googlenet", 16)] if args.quick else [
+        ("torchvision googlenet", 16), ("torchvision googlenet", 32), ("torchvision inception_v3", 8)]
+    rows = bench_train_steps(steps, reps=3 if args.quick else max(3, args.reps // 2), progress=print_progress)
+    markdown = (report.to_markdown() + "\n\nWhole train step (zero_grad, forward, cross-entropy, backward), "
+                "same process and method:\n\n" + train_steps_markdown(rows))
+    print(markdown)
+    data = report.to_json_dict() | {"train_steps": rows}
+    _write_results(args, report, data, markdown, "train")
     return 0
 
 
@@ -397,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "compile(model) and compile(swap(model))")
     p.add_argument("--convs", action="store_true",
                    help="with --whole-networks: swap_inception(model, convs=True), the stem's conv units fused too")
+    p.add_argument("--train", action="store_true",
+                   help="training with batch norm: torchvision GoogLeNet's blocks forward+backward (train mode) and "
+                        "whole train steps of googlenet and inception_v3, swapped against eager")
     p.add_argument("--v3", action="store_true",
                    help="Inception-v3's fused blocks (InceptionA/C/E) instead of GoogLeNet's; with --networks, "
                         "the whole swapped inception_v3")

@@ -35,9 +35,9 @@ from .._checks import check_choice
 from .._extension import cpu_extension, require_cpu_extension, warn_cpu_fallback
 
 __all__ = ["BACKENDS", "CPU_DTYPES", "WINOGRAD", "as_gemm_b", "autocast_dtype", "cacheable", "flipped_gemm_b",
-           "from_gemm_b", "image", "interpreting", "pack_conv_panels", "pack_panels", "pack_winograd", "accumulator_dtype", "packed_dtype",
-           "panel_width", "resolve_backend", "rows", "triton_available", "unpack_panels", "unpack_winograd",
-           "WINOGRAD_3X3_TILE", "winograd_3x3_tile", "winograd_positions"]
+           "from_gemm_b", "image", "interpreting", "pack_conv_panels", "pack_panels", "pack_winograd",
+           "accumulator_dtype", "packed_dtype", "panel_width", "resolve_backend", "rows", "triton_available",
+           "unpack_panels", "unpack_winograd", "WINOGRAD_3X3_TILE", "winograd_3x3_tile", "winograd_positions"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

@@ -1,0 +1,121 @@
+"""Training benchmarks with batch norm (`python -m inception_fast bench --train`): torchvision's
+GoogLeNet blocks forward + backward in train mode, and whole train steps (forward,
+cross-entropy, backward) of torchvision's googlenet and inception_v3, the swapped model
+(the fused op's train-mode BN form, ops/branch_graph_bn_train.py) against eager
+channels_last, alternating in one process, medians (bench.time_alternating).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from .bench import BenchReport, CaseResult, _better_ceiling, gemm_ceiling, machine_info, time_alternating
+
+__all__ = ["bench_train_blocks", "bench_train_steps", "train_steps_markdown"]
+
+# torchvision googlenet's Inception modules and their input grids at 224x224.
+GOOGLENET_GRIDS = {"3a": 28, "3b": 28, "4a": 14, "4b": 14, "4c": 14, "4d": 14, "4e": 14, "5a": 7, "5b": 7}
+
+
+def _googlenet(num_classes: int = 1000) -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, num_classes=num_classes)
+
+
+def _inception_v3(num_classes: int = 1000) -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True,
+                                           num_classes=num_classes)
+
+
+_MODELS = {"torchvision googlenet": (_googlenet, 224), "torchvision inception_v3": (_inception_v3, 299)}
+
+
+def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], object]:
+    x = x.detach().requires_grad_()
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).backward(grad)
+
+    return step
+
+
+def bench_train_blocks(blocks: list[str], batches: list[int], reps: int = 10,
+                       progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Each torchvision GoogLeNet block (conv + BN + ReLU units, random weights), train mode,
+    forward + backward from one grad_output: the swapped block against eager
+    channels_last and eager NCHW. MACs count the forward's three times (data and weight
+    gradients)."""
+    from .swap import swap_inception
+
+    model = _googlenet()
+    ceiling = gemm_ceiling()
+    cases = []
+    total = len(blocks) * len(batches)
+    for i, name in enumerate(blocks):
+        size = GOOGLENET_GRIDS[name]
+        for j, batch in enumerate(batches):
+            if progress:
+                progress(f"[{i * len(batches) + j + 1}/{total}] train block {name}, batch {batch}")
+            block = copy.deepcopy(getattr(model, f"inception{name}")).train()
+            block_cl = copy.deepcopy(block).to(memory_format=torch.channels_last)
+            fused = swap_inception(torch.nn.Sequential(copy.deepcopy(block)))[0].train()
+            x = torch.randn(batch, fused.spec.in_channels, size, size)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                grad = torch.randn_like(block(x))
+            grad_cl = grad.contiguous(memory_format=torch.channels_last)
+            providers = {"fused": _fwd_bwd(fused, x_cl, grad_cl), "eager_channels_last": _fwd_bwd(block_cl, x_cl, grad_cl),
+                         "eager_nchw": _fwd_bwd(block, x, grad)}
+            seconds = time_alternating(providers, reps=reps)
+            macs = fused.spec.macs(size, size, batch)
+            cases.append(CaseResult(block=name, batch=batch, dtype="float32", backend="cpu",
+                                    macs=3 * getattr(macs, "total", macs),
+                                    ms={k: v * 1e3 for k, v in seconds.items()}))
+    return BenchReport(machine=machine_info("cpu"), ceiling_gmacs=_better_ceiling(ceiling, torch.float32, "cpu"),
+                       cases=cases)
+
+
+def bench_train_steps(cases: list[tuple[str, int]], reps: int = 6,
+                      progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One train step (zero_grad, forward, cross-entropy, backward) of each (model, batch):
+    swap_inception(model) against the model itself, both channels_last, random weights, the
+    same labels; each step re-seeds the dropout masks alike."""
+    from .swap import swap_inception
+
+    rows = []
+    for model_name, batch in cases:
+        if progress:
+            progress(f"train step: {model_name}, batch {batch}")
+        make, size = _MODELS[model_name]
+        torch.manual_seed(0)
+        original = make().train().to(memory_format=torch.channels_last)
+        swapped = swap_inception(copy.deepcopy(original))
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 1000, (batch,))
+
+        def step(model):
+            def run():
+                torch.manual_seed(1)
+                model.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), target).backward()
+            return run
+
+        seconds = time_alternating({"fused": step(swapped), "eager_channels_last": step(original)}, reps=reps)
+        rows.append({"model": model_name, "batch": batch, "ms": {k: v * 1e3 for k, v in seconds.items()},
+                     "speedup": seconds["eager_channels_last"] / seconds["fused"]})
+    return rows
+
+
+def train_steps_markdown(rows: list[dict]) -> str:
+    lines = ["| model | batch | eager CL ms | swapped ms | swapped vs eager CL |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']['eager_channels_last']:.0f} | {r['ms']['fused']:.0f} | "
+                     f"{r['speedup']:.2f}× |")
+    return "\n".join(lines)
