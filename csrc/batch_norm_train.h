@@ -49,6 +49,13 @@ inline void pixel_of(int64_t m, int64_t gh, int64_t gw, int64_t& n, int64_t& h, 
   w = m % gw;
 }
 
+// BN's output before ReLU, z * alpha + shift: one function for the forward and for the
+// backward's ReLU mask, so that both round alike (one fused multiply-add).
+template <typename V>
+inline V bn_affine(V z, V alpha, V shift) {
+  return z * alpha + shift;
+}
+
 template <typename T>
 inline typename Simd<T>::Vec vload(const T* p) {
   typename Simd<T>::Vec v;
@@ -138,11 +145,13 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
       const Acc mean = static_cast<Acc>(static_cast<double>(k[c]) + mean_shifted);
       const Acc eps = s.params[2 * s.C + at];
       const Acc invstd = Acc(1) / std::sqrt(static_cast<Acc>(var) + eps);
+      alpha[j][c] = s.params[at] * invstd;
+      shift[j][c] = s.params[s.C + at] - mean * alpha[j][c];
       s.stats[at] = mean;
       s.stats[s.C + at] = static_cast<Acc>(var);
       s.stats[2 * s.C + at] = invstd;
-      alpha[j][c] = s.params[at] * invstd;
-      shift[j][c] = s.params[s.C + at] - mean * alpha[j][c];
+      s.stats[3 * s.C + at] = alpha[j][c];  // the backward's ReLU mask: z * alpha + shift > 0
+      s.stats[4 * s.C + at] = shift[j][c];
     }
   }
   at::parallel_for(0, jobs * kChunks, 1, [&](int64_t i0, int64_t i1) {
@@ -161,11 +170,11 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
         const V zero{};
         int64_t c = 0;
         for (; c + L <= s.count; c += L) {
-          const V v = vload(z + c) * vload(a + c) + vload(b + c);
+          const V v = bn_affine(vload(z + c), vload(a + c), vload(b + c));
           vstore(y + c, v < zero ? zero : v);  // keeps NaN, like torch.relu
         }
         for (; c < s.count; ++c) {
-          const Acc v = z[c] * a[c] + b[c];
+          const Acc v = bn_affine(z[c], a[c], b[c]);
           y[c] = v < Acc(0) ? Acc(0) : v;
         }
         if (++w == s.gw) {
@@ -183,7 +192,9 @@ namespace inception_fast::bn_train {
 
 // The backward of relu(BN(z)) on batch statistics over M rows (pixels) of `count`
 // channels, rows of each input `ld` elements apart (channels contiguous), dz contiguous:
-//   g = grad where y > 0 (ReLU's subgradient: none where y == 0, as torch.relu),
+//   g = grad where y > 0 (ReLU's subgradient: none where y == 0, as torch.relu), y the
+//       activation, or without it bn_affine(z, alpha, shift) as the forward computed it
+//       (the block's output need not be kept for the masks),
 //   d_beta = sum g, d_gamma = invstd * sum g (z - mean),
 //   dz = gamma invstd (g - d_beta / M - (z - mean) invstd^2 sum g (z - mean) / M),
 // ATen's CPU batch-norm backward formula. Two passes: the sums, storing g into dz; then dz
@@ -193,7 +204,7 @@ namespace inception_fast::bn_train {
 template <typename T, typename Acc>
 void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, const T* z, int64_t ld_z,
                       int64_t rows, int64_t count, const Acc* mean, const Acc* invstd, const Acc* gamma, T* dz,
-                      Acc* d_gamma, Acc* d_beta) {
+                      Acc* d_gamma, Acc* d_beta, const Acc* alpha = nullptr, const Acc* shift_z = nullptr) {
   static_assert(std::is_same_v<T, Acc>, "float32 and float64 only");
   using V = typename Simd<T>::Vec;
   constexpr int64_t L = Simd<T>::kLanes;
@@ -210,18 +221,22 @@ void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, 
         std::fill(acc.begin(), acc.end(), Acc(0));
         for (int64_t m = r0; m < std::min(r0 + kAccRows, m_end); ++m) {
           const T* __restrict__ gr = grad + m * ld_grad;
-          const T* __restrict__ yr = y + m * ld_y;
           const T* __restrict__ zr = z + m * ld_z;
           T* __restrict__ out = dz + m * count;
+          // The activation: y itself, or remade from z as the forward made it.
+          const T* __restrict__ yr = y != nullptr ? y + m * ld_y : nullptr;
+          auto act = [&](int64_t c) { return yr != nullptr ? vload(yr + c)
+                                                           : bn_affine(vload(zr + c), vload(alpha + c), vload(shift_z + c)); };
+          auto act1 = [&](int64_t c) { return yr != nullptr ? yr[c] : bn_affine(zr[c], alpha[c], shift_z[c]); };
           int64_t c = 0;
           for (; c + L <= count; c += L) {
-            const V g = vload(yr + c) > zero ? vload(gr + c) : zero;
+            const V g = act(c) > zero ? vload(gr + c) : zero;
             vstore(out + c, g);
             vstore(a_g + c, vload(a_g + c) + g);
             vstore(a_gz + c, vload(a_gz + c) + g * (vload(zr + c) - vload(mean + c)));
           }
           for (; c < count; ++c) {
-            const Acc g = yr[c] > T(0) ? gr[c] : Acc(0);
+            const Acc g = act1(c) > T(0) ? gr[c] : Acc(0);
             out[c] = g;
             a_g[c] += g;
             a_gz[c] += g * (zr[c] - mean[c]);

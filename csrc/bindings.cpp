@@ -19,8 +19,8 @@ TORCH_LIBRARY(inception_fast, m) {
   m.def("graph_forward_saving(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> (Tensor, Tensor[])");
   m.def("graph_forward_bn_train(Tensor x, Tensor[] b, Tensor[] bias, Tensor[] bn_params, int[] flat_plan) -> "
         "(Tensor, Tensor[], Tensor[], Tensor[])");
-  m.def("relu_batch_norm_backward(Tensor grad, Tensor y, Tensor z, Tensor mean, Tensor invstd, Tensor? weight) -> "
-        "(Tensor, Tensor, Tensor)");
+  m.def("relu_batch_norm_backward(Tensor grad, Tensor? y, Tensor z, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor? alpha=None, Tensor? shift=None) -> (Tensor, Tensor, Tensor)");
   m.def("max_pool3x3_scatter(Tensor x, Tensor? d_pooled, Tensor(a!)? dx) -> Tensor");
   m.def("graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
         "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]");

@@ -91,7 +91,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> inception_graph_forward_saving(c
 // order. The stages run one after another with each one's statistics in between
 // (batch_norm_train.h). Returns (output, buffers (normalised, bordered), z (the pre-BN sums
 // of each GEMM segment with weights, in plan order: (N, grid, segment channels) NHWC,
-// contiguous), stats (per destination (3, channels): mean, biased var, invstd)). float32 and
+// contiguous), stats (per destination (5, channels): mean, biased var, invstd, and the
+// normalisation's alpha = gamma invstd and shift = beta - mean alpha)). float32 and
 // float64 only; no residual epilogue.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::TensorList bias,
@@ -99,12 +100,13 @@ inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::Tens
 
 // The backward of relu(BN(z)) on batch statistics (batch_norm_train.h, relu_bn_backward):
 // grad, y (the ReLU's output, its mask) and z as (M, channels) rows with contiguous
-// channels, any row stride; mean, invstd and weight (None without affine) per channel.
+// channels, any row stride; mean, invstd and weight (None without affine) per channel;
+// without y, the mask is z * alpha + shift > 0 (the forward's stats rows 3 and 4).
 // Returns (dz (M, channels) contiguous, d_gamma, d_beta). float32 and float64.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(const at::Tensor& grad, const at::Tensor& y,
-                                                                     const at::Tensor& z, const at::Tensor& mean,
-                                                                     const at::Tensor& invstd,
-                                                                     const std::optional<at::Tensor>& weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
+    const std::optional<at::Tensor>& shift);
 
 // A 3x3/1 max pool (padding 1) of x and, given d_pooled, its backward scattered into dx in
 // place: each output pixel's d_pooled goes to its window's first maximum in a row-major

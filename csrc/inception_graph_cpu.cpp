@@ -115,10 +115,9 @@ std::optional<winograd::Kind> winograd_b(const at::Tensor& b, const GemmDesc& d,
 }
 
 // Train-mode batch norm after every convolution (batch_norm_train.h): per GEMM segment with
-// weights, in plan order, its pre-BN sums z ((N, grid, channels) NHWC, contiguous: ATen's
-// batch-norm backward takes them as they are); per destination, the output first, then
-// each buffer, the (3, channels) gamma / beta / eps rows and the (3, channels) mean /
-// biased var / invstd rows written.
+// weights, in plan order, its pre-BN sums z ((N, grid, channels) NHWC, contiguous); per
+// destination, the output first, then each buffer, the (3, channels) gamma / beta / eps
+// rows and the (5, channels) mean / biased var / invstd / alpha / shift rows written.
 struct BatchNormTrain {
   std::vector<at::Tensor> z, params, stats;
 };
@@ -621,7 +620,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
                   "bn_params[", d, "] (gamma, beta, eps rows) must be a (3, ", channels, ") CPU tensor of ",
                   x.scalar_type(), ", got ", params.sizes(), " of ", params.scalar_type());
       params = params.contiguous();
-      bn->stats.push_back(at::zeros({3, channels}, x.options()));
+      bn->stats.push_back(at::zeros({5, channels}, x.options()));
     }
     for (const GemmDesc& d : p.descs) {
       if (d.source == kSourceMaxPoolCopy) continue;
@@ -649,11 +648,14 @@ inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::Tens
   return {out, bufs, bn.z, bn.stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(const at::Tensor& grad, const at::Tensor& y,
-                                                                     const at::Tensor& z, const at::Tensor& mean,
-                                                                     const at::Tensor& invstd,
-                                                                     const std::optional<at::Tensor>& weight) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& y_opt, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha_opt,
+    const std::optional<at::Tensor>& shift_opt) {
   const int64_t rows = z.size(0), count = z.size(1);
+  TORCH_CHECK(y_opt.has_value() || (alpha_opt.has_value() && shift_opt.has_value()),
+              "relu_batch_norm_backward: the ReLU mask needs y, or alpha and shift");
+  const at::Tensor y = y_opt.has_value() ? *y_opt : z;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad", &grad}, {"y", &y}, {"z", &z}})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == count && t->stride(1) == 1 &&
                     t->stride(0) >= count && t->scalar_type() == z.scalar_type() && t->device().is_cpu(),
@@ -663,17 +665,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(const at
               "relu_batch_norm_backward runs in float32 or float64, got ", z.scalar_type());
   const at::Tensor m = mean.contiguous(), is = invstd.contiguous();
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  for (const at::Tensor* t : {&m, &is, &w})
+  const at::Tensor a = alpha_opt.has_value() ? alpha_opt->contiguous() : at::Tensor();
+  const at::Tensor sh = shift_opt.has_value() ? shift_opt->contiguous() : at::Tensor();
+  for (const at::Tensor* t : {&m, &is, &w, &a, &sh})
     TORCH_CHECK(!t->defined() || (t->numel() == count && t->scalar_type() == z.scalar_type()),
                 "relu_batch_norm_backward: mean, invstd and weight must be (", count, ",) tensors of ", z.scalar_type());
   at::Tensor dz = at::empty({rows, count}, z.options());
   at::Tensor d_gamma = at::empty({count}, z.options()), d_beta = at::empty({count}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_batch_norm_backward", [&] {
     bn_train::relu_bn_backward<scalar_t, scalar_t>(
-        grad.data_ptr<scalar_t>(), grad.stride(0), y.data_ptr<scalar_t>(), y.stride(0), z.data_ptr<scalar_t>(),
-        z.stride(0), rows, count, m.data_ptr<scalar_t>(), is.data_ptr<scalar_t>(),
+        grad.data_ptr<scalar_t>(), grad.stride(0), y_opt.has_value() ? y.data_ptr<scalar_t>() : nullptr, y.stride(0),
+        z.data_ptr<scalar_t>(), z.stride(0), rows, count, m.data_ptr<scalar_t>(), is.data_ptr<scalar_t>(),
         w.defined() ? w.data_ptr<scalar_t>() : nullptr, dz.data_ptr<scalar_t>(), d_gamma.data_ptr<scalar_t>(),
-        d_beta.data_ptr<scalar_t>());
+        d_beta.data_ptr<scalar_t>(), y_opt.has_value() ? nullptr : a.data_ptr<scalar_t>(),
+        y_opt.has_value() ? nullptr : sh.data_ptr<scalar_t>());
   });
   return {dz, d_gamma, d_beta};
 }

@@ -103,16 +103,17 @@ def autocast_off(x: torch.Tensor, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, enabled=False)
 
 
-def match_memory_format(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def match_memory_format(x: torch.Tensor, y: torch.Tensor, saved: bool = True) -> torch.Tensor:
     """y (channels_last from the kernels) in the memory format eager convolution gives for x:
     channels_last for a channels_last input, contiguous NCHW otherwise (so `y.view(n, -1)`
     works wherever it worked on the original).
 
     Under autograd the fused backward saves y for its ReLU masks, so the caller gets its own
     copy: an in-place op on the output (ReLU(inplace=True), a residual add_) works as it
-    does on the original's concat, instead of failing the backward's version check."""
+    does on the original's concat, instead of failing the backward's version check.
+    saved=False: the backward keeps no reference to y (the train-mode BN form), no copy."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return y.clone() if y.requires_grad else y
+        return y.clone() if y.requires_grad and saved else y
     return y.contiguous()
 
 

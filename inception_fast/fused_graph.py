@@ -430,7 +430,7 @@ class FusedBranchGraph(DropInBlock):
                                       (bn.running_mean, bn.running_var, factor) if update else None))
         y = apply_graph_bn_train(x, self._plan, _plans(self)[1], [u.conv.weight for u in self._units],
                                  [u.conv.bias for u in self._units], bns)
-        return match_memory_format(x, y)
+        return match_memory_format(x, y, saved=False)
 
     def __setstate__(self, state: dict) -> None:
         # Unpickled (torch.load of a whole model, deepcopy, a spawned worker): this process's

@@ -96,7 +96,8 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
     GraphPlan of the block (convolutions in spec order), backward_plan its backward_flat();
     bns one BatchNormTrain per convolution (its running statistics are updated here);
     biases None for a convolution without one, gammas and betas None without affine.
-    Saves x, the output, the normalised intermediates, the pre-BN sums and the statistics.
+    Saves x, the normalised intermediates, the pre-BN sums and the statistics (not the
+    output: its ReLU masks are remade from the sums).
     """
 
     @staticmethod
@@ -120,7 +121,10 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         # Contiguous, as ATen's convolution backward takes its input fast (a bordered
         # interior view cost the backward ~3x on GoogLeNet's 3x3s).
         inter = [t.contiguous() for t in _interiors(buffers, h, w)]
-        ctx.save_for_backward(x, y, *weights, *params[2 * n_conv:3 * n_conv], *inter, *z, *stats)
+        # Not y: the output's ReLU masks are remade from z (stats rows 3 and 4), so the caller
+        # owns y outright (an in-place op on it, as on eager's concat, breaks no backward)
+        # and no copy of it is made or kept.
+        ctx.save_for_backward(x, *weights, *params[2 * n_conv:3 * n_conv], *inter, *z, *stats)
         ctx.graph, ctx.backward_plan, ctx.eps = graph, backward_plan, [bn.eps for bn in bns]
         ctx.counts = (n_conv, len(inter), len(z))
         return y
@@ -128,7 +132,7 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         n_conv, n_inter, n_dest = ctx.counts
-        x, y, *rest = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
         weights, gammas = rest[:n_conv], rest[n_conv:2 * n_conv]
         inter = rest[2 * n_conv:2 * n_conv + n_inter]
         z = rest[2 * n_conv + n_inter:2 * n_conv + n_inter + n_dest]
@@ -147,14 +151,15 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
             conv = ctx.graph.convs[i]
             c = slice(conv.channel, conv.channel + weights[i].shape[0])
             s = stats[conv.destination + 1]
+            # The output's activations are not kept (act None): the mask comes from z.
             dz, dg, db = torch.ops.inception_fast.relu_batch_norm_backward(
-                grad, act, z[z_of[i]].reshape(grad.shape), s[0, c], s[2, c], gammas[i])
+                grad, act, z[z_of[i]].reshape(grad.shape), s[0, c], s[2, c], gammas[i], s[3, c], s[4, c])
             d_gamma[i] = dg if needs_gamma[i] else None
             d_beta[i] = db if needs_beta[i] else None
             return dz
 
         needs = [ctx.needs_input_grad[0], any(needs_weight) or any(needs_bias)]
-        grads = graph_backward_reference(grad_out, x, y, list(inter), list(weights), needs, ctx.backward_plan,
+        grads = graph_backward_reference(grad_out, x, None, list(inter), list(weights), needs, ctx.backward_plan,
                                          batch_norm=batch_norm, conv_1x1=True,
                                          max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter,
                                          bias_grads=any(needs_bias))
