@@ -19,6 +19,12 @@ from conftest import needs_cpu_kernel, randomize_, rel_err, small_v3_block
 
 pytestmark = needs_cpu_kernel
 
+@pytest.fixture(autouse=True)
+def fuse_every_call(monkeypatch):
+    """These tests' grids are small: fuse them anyway (bn_train_min_pixels, tested below)."""
+    monkeypatch.setattr(FusedBranchGraph, "bn_train_min_pixels", 0)
+
+
 # The issue's table for this form: fp64 to 1e-10, fp32 to 1e-5 relative (norm-wise).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -282,3 +288,19 @@ def test_an_in_place_op_on_the_output_keeps_gradients_right():
         y.sum().backward()
         grads.append(xx.grad)
     assert rel_err(grads[1], grads[0]) <= TOL[torch.float64]
+
+
+def test_below_the_pixel_threshold_the_original_runs(monkeypatch):
+    """bn_train_min_pixels: under it (N x H x W of x) the original block runs, with the same
+    batch statistics and running-stat updates; at it, the fused form."""
+    monkeypatch.setattr(FusedBranchGraph, "bn_train_min_pixels", 2 * 6 * 6)
+    block = googlenet_block().train()
+    fused = _swapped(block)
+    calls = []
+    fused._original[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    for n, ran_original in ((1, True), (2, False)):
+        calls.clear()
+        x = torch.randn(n, 10, 6, 6)
+        assert rel_err(fused(x), block(x)) <= TOL[torch.float32]
+        assert bool(calls) == ran_original
+    _assert_buffers(block, fused, TOL[torch.float32])

@@ -102,10 +102,11 @@ def test_next_forward_sees_optimizer_step_and_load_state_dict():
         assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32]
 
 
-def test_gradients_in_eval_mode_take_the_fused_backward():
+def test_gradients_in_eval_mode_take_the_fused_backward(monkeypatch):
     """With autograd on in eval mode the fused forward and backward run (the original
     branches are never called), and in train mode the train-mode BN form (the original
-    only without the C++ kernel)."""
+    only without the C++ kernel, or under FusedBranchGraph.bn_train_min_pixels)."""
+    monkeypatch.setattr(FusedBranchGraph, "bn_train_min_pixels", 0)
     block, _ = _block("A")
     fused = FusedBranchGraph.from_module(copy.deepcopy(block))
     calls = []
