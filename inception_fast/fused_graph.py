@@ -410,20 +410,21 @@ class FusedBranchGraph(DropInBlock):
         """Whether this call, with a BN on batch statistics, can take the op's train-mode BN
         form (ops/branch_graph_bn_train.py): every convolution followed by a plain
         BatchNorm2d, every one on batch statistics (a mix of folded and batch statistics
-        runs the original), float32 or float64 on the C++ kernel, no autocast, not traced,
-        and at least bn_train_min_pixels input pixels."""
-        if not self._bn_train or tracing() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return False
-        if x.shape[0] * x.shape[2] * x.shape[3] < self.bn_train_min_pixels:
+        runs the original), float32 or float64 on the C++ kernel (from bn_train_min_pixels
+        input pixels on) or float32 on Triton, no autocast, not traced."""
+        if not self._bn_train or tracing() or x.dtype not in (torch.float32, torch.float64):
             return False
         if any(not (bn.training or bn.running_mean is None or bn.running_var is None) for bn in self._bns):
             return False
         if autocast_dtype(x) is not None or self._units[0].conv.weight.dtype != x.dtype:
             return False
         try:
-            return resolve_backend(self.backend, x) == "cpu"
+            backend = resolve_backend(self.backend, x)
         except (TypeError, ValueError, RuntimeError):  # a backend that cannot run x: the original decides
             return False
+        if backend == "cpu":  # the threshold was measured on the CPU kernel
+            return x.device.type == "cpu" and x.shape[0] * x.shape[2] * x.shape[3] >= self.bn_train_min_pixels
+        return backend == "triton" and x.dtype == torch.float32
 
     def _forward_bn_train(self, x: torch.Tensor) -> torch.Tensor:
         """The block in train mode with batch norm, on the fused op's train-mode BN form: the
@@ -441,7 +442,7 @@ class FusedBranchGraph(DropInBlock):
             bns.append(BatchNormTrain(bn.weight, bn.bias, bn.eps,
                                       (bn.running_mean, bn.running_var, factor) if update else None))
         y = apply_graph_bn_train(x, self._plan, _plans(self)[1], [u.conv.weight for u in self._units],
-                                 [u.conv.bias for u in self._units], bns)
+                                 [u.conv.bias for u in self._units], bns, resolve_backend(self.backend, x))
         return match_memory_format(x, y, saved=False)
 
     def __setstate__(self, state: dict) -> None:

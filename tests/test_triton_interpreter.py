@@ -734,3 +734,42 @@ def test_a_corrupted_plan_or_wrong_weights_raise_before_any_launch(monkeypatch):
     with pytest.raises(ValueError, match="one tensor per GEMM"):
         graph_triton_forward(x, b[:2], bias[:2], graph.flat())
     assert not launches
+
+
+def _train_block(kind: str) -> torch.nn.Module:
+    from torchvision.models import inception as tv
+    from torchvision.models.googlenet import Inception
+
+    make = {"googlenet": lambda: Inception(10, 4, 5, 7, 3, 6, 5), "A": lambda: tv.InceptionA(10, 8),
+            "B": lambda: tv.InceptionB(10), "C": lambda: tv.InceptionC(10, 12), "D": lambda: tv.InceptionD(10),
+            "E": lambda: tv.InceptionE(10)}[kind]
+    return randomize_(make()).train()
+
+
+@pytest.mark.parametrize("kind", ["googlenet", "B", *(pytest.param(k, marks=pytest.mark.slow) for k in "ACDE")])
+def test_train_mode_bn_form_on_triton_matches_eager(kind):
+    """Train-mode BN on the Triton kernels (LINEAR stage epilogues, statistics between the
+    launches): output, every gradient and the running statistics against eager, fp32."""
+    from inception_fast.fused_graph import FusedBranchGraph
+
+    original = _train_block(kind)
+    fused = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(original)), backend="triton")[0].train()
+    assert isinstance(fused, FusedBranchGraph)
+    fused._original[0].register_forward_pre_hook(lambda *a: pytest.fail("the original block ran"))
+    x = torch.randn(2, 10, 7, 6)
+    grad_out = None
+    results = []
+    for model in (original, fused):
+        model.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        y = model(xx)
+        grad_out = torch.randn_like(y) if grad_out is None else grad_out
+        y.backward(grad_out)
+        results.append((y, xx.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (y0, dx0, g0), (y1, dx1, g1) = results
+    assert rel_err(y1, y0) <= 1e-5 and rel_err(dx1, dx0) <= 1e-5
+    for name, want in g0.items():
+        assert rel_err(g1[name], want) <= 1e-5, name
+    fb = dict(fused.named_buffers())
+    for name, want in original.named_buffers():
+        assert (rel_err(fb[name], want) <= 1e-5) if want.is_floating_point() else torch.equal(fb[name], want), name

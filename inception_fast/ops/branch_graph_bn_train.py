@@ -1,19 +1,20 @@
 """The fused op in training with batch norm: every convolution of the block followed by
-BatchNorm2d on the batch's statistics, then ReLU (torchvision's BasicConv2d in train mode),
-on the CPU.
+BatchNorm2d on the batch's statistics, then ReLU (torchvision's BasicConv2d in train mode).
 
-Forward (csrc/batch_norm_train.h): the C++ kernel runs the plan's stages one after
-another, every GEMM storing its pre-BN sums z (the convolution's, with its own bias if it
-has one); between stages, each stored slice gets its batch statistics (per channel over
-every image and pixel of its grid, shifted sums in float64) and
-relu(BN(z)) goes where the next stage reads it, or into the output: the concat and the
-separate BN and ReLU passes of eager never happen. A folded eval kernel cannot do this,
-as the stage after a reduction needs the reduction's statistics over the whole batch.
+Forward: the plan's stages run one after another, every GEMM storing its pre-BN sums z
+(the convolution's, with its own bias if it has one); between stages, each stored slice
+gets its batch statistics (per channel over every image and pixel of its grid) and
+relu(BN(z)) goes where the next stage reads it, or into the output: no concat, no separate
+BN and ReLU passes. A folded eval kernel cannot do this: the stage after a reduction needs
+the reduction's statistics over the whole batch. On the CPU it is one C++ call
+(csrc/batch_norm_train.h: shifted sums in float64); on Triton (_triton_forward), the stage
+launches with the LINEAR epilogue and torch.var_mean between them.
 
 Backward: the plan's reference walk (graph_backward.py) with BN's backward between each
-ReLU mask and its convolution's backward: ATen's native_batch_norm_backward on the saved
-z, mean and invstd, as eager's BN backward. The convolution backwards are the walk's
-(one GEMM pair for every 1x1 over x).
+ReLU mask and its convolution's backward, on the saved z, mean and invstd: on the CPU one
+C++ pass pair per convolution (relu_batch_norm_backward) and the max-pool branch's
+scatter (max_pool3x3_scatter); elsewhere ATen's threshold_backward and
+native_batch_norm_backward. The output is not saved: its ReLU masks are remade from z.
 
 Running statistics are updated as nn.BatchNorm2d updates them (momentum, or the cumulative
 average for momentum=None; the unbiased variance); the module around the op
@@ -26,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from .backend import image, rows
 from .branch_graph import _interiors, pack_weights, winograd_tiles
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
@@ -90,9 +92,10 @@ def _winograd_flags(graph: GraphPlan, n: int, h: int, w: int):
 
 
 class BranchGraphBatchNormFunction(torch.autograd.Function):
-    """The train-mode BN form of the fused op on the CPU, over Conv2d-layout weights.
+    """The train-mode BN form of the fused op, over Conv2d-layout weights.
 
-    apply(x, graph, backward_plan, bns, *weights, *biases, *gammas, *betas): graph the
+    apply(x, backend, graph, backward_plan, bns, *weights, *biases, *gammas, *betas):
+    backend "cpu" (the C++ kernel) or "triton" (_triton_forward); graph the
     GraphPlan of the block (convolutions in spec order), backward_plan its backward_flat();
     bns one BatchNormTrain per convolution (its running statistics are updated here);
     biases None for a convolution without one, gammas and betas None without affine.
@@ -101,14 +104,17 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, graph: GraphPlan, backward_plan, bns, *params):
+    def forward(ctx, x, backend: str, graph: GraphPlan, backward_plan, bns, *params):
         n_conv = len(graph.convs)
         weights, biases = params[:n_conv], params[n_conv:2 * n_conv]
         n, _, h, w = x.shape
         biases = [b if b is not None else wt.new_zeros(wt.shape[0]) for wt, b in zip(weights, biases)]
-        packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
-        y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(
-            x, packed_b, packed_bias, _bn_params(graph, x, bns), graph.flat())
+        if backend == "triton":
+            y, buffers, z, stats = _triton_forward(x, graph, list(weights), biases, bns)
+        else:
+            packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
+            y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(
+                x, packed_b, packed_bias, _bn_params(graph, x, bns), graph.flat())
         for conv, bn in zip(graph.convs, bns):
             if bn.running is None:
                 continue
@@ -125,7 +131,7 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         # owns y outright (an in-place op on it, as on eager's concat, breaks no backward)
         # and no copy of it is made or kept.
         ctx.save_for_backward(x, *weights, *params[2 * n_conv:3 * n_conv], *inter, *z, *stats)
-        ctx.graph, ctx.backward_plan, ctx.eps = graph, backward_plan, [bn.eps for bn in bns]
+        ctx.graph, ctx.backward_plan, ctx.eps, ctx.backend = graph, backward_plan, [bn.eps for bn in bns], backend
         ctx.counts = (n_conv, len(inter), len(z))
         return y
 
@@ -138,22 +144,37 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         z = rest[2 * n_conv + n_inter:2 * n_conv + n_inter + n_dest]
         stats = rest[2 * n_conv + n_inter + n_dest:]
         n, _, h, w = x.shape
-        needs_weight, needs_bias = ctx.needs_input_grad[4:4 + n_conv], ctx.needs_input_grad[4 + n_conv:4 + 2 * n_conv]
-        needs_gamma = ctx.needs_input_grad[4 + 2 * n_conv:4 + 3 * n_conv]
-        needs_beta = ctx.needs_input_grad[4 + 3 * n_conv:4 + 4 * n_conv]
+        first = 5  # x, backend, graph, backward_plan, bns
+        needs_weight = ctx.needs_input_grad[first:first + n_conv]
+        needs_bias = ctx.needs_input_grad[first + n_conv:first + 2 * n_conv]
+        needs_gamma = ctx.needs_input_grad[first + 2 * n_conv:first + 3 * n_conv]
+        needs_beta = ctx.needs_input_grad[first + 3 * n_conv:first + 4 * n_conv]
         d_gamma, d_beta = [None] * n_conv, [None] * n_conv
 
         z_of = [0] * n_conv  # convolution -> its GEMM segment's z
         for k, i in enumerate(i for g in ctx.graph.gemms for i in g.convs):
             z_of[i] = k
 
+        cpu = ctx.backend == "cpu"
+
         def batch_norm(i, grad, act):
             conv = ctx.graph.convs[i]
             c = slice(conv.channel, conv.channel + weights[i].shape[0])
             s = stats[conv.destination + 1]
+            zi = z[z_of[i]].reshape(grad.shape)
             # The output's activations are not kept (act None): the mask comes from z.
-            dz, dg, db = torch.ops.inception_fast.relu_batch_norm_backward(
-                grad, act, z[z_of[i]].reshape(grad.shape), s[0, c], s[2, c], gammas[i], s[3, c], s[4, c])
+            if cpu:
+                dz, dg, db = torch.ops.inception_fast.relu_batch_norm_backward(
+                    grad, act, zi, s[0, c], s[2, c], gammas[i], s[3, c], s[4, c])
+            else:  # ATen's pair, on any device
+                if act is None:
+                    act = _bn_affine(zi, s[3, c], s[4, c])
+                g = torch.ops.aten.threshold_backward(grad, act, 0)
+                gh, gw = conv.grid(h, w)
+                dz, dg, db = torch.ops.aten.native_batch_norm_backward(
+                    image(g, n, gh, gw), image(zi, n, gh, gw), gammas[i], None, None, s[0, c], s[2, c], True,
+                    ctx.eps[i], [True, needs_gamma[i], needs_beta[i]])
+                dz = rows(dz)
             d_gamma[i] = dg if needs_gamma[i] else None
             d_beta[i] = db if needs_beta[i] else None
             return dz
@@ -161,17 +182,65 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         needs = [ctx.needs_input_grad[0], any(needs_weight) or any(needs_bias)]
         grads = graph_backward_reference(grad_out, x, None, list(inter), list(weights), needs, ctx.backward_plan,
                                          batch_norm=batch_norm, conv_1x1=True,
-                                         max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter,
+                                         max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter if cpu else None,
                                          bias_grads=any(needs_bias))
         d_w = [g if want else None for g, want in zip(grads[1::2], needs_weight)]
         d_b = [g if want else None for g, want in zip(grads[2::2], needs_bias)]
-        return (grads[0], None, None, None, *d_w, *d_b, *d_gamma, *d_beta)
+        return (grads[0], None, None, None, None, *d_w, *d_b, *d_gamma, *d_beta)
+
+
+def _bn_affine(z: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """BN's output before ReLU on the Triton path: one expression for the forward and for
+    the backward's ReLU mask, so that both round alike."""
+    return z * alpha + shift
+
+
+def _triton_forward(x: torch.Tensor, graph: GraphPlan, weights: list, biases: list, bns: list[BatchNormTrain]):
+    """The form on the Triton kernels: the plan's stage launches with the LINEAR epilogue
+    (every GEMM stores conv + bias), and between stages each segment's batch statistics
+    (torch.var_mean in float32 or wider) and relu(z alpha + shift) in place, as the C++
+    kernel's normalize_stage. Returns what graph_forward_bn_train returns: (output,
+    buffers, z per GEMM segment in plan order, stats per destination (5, channels))."""
+    from .branch_graph_triton import graph_forward_triton
+    from .triton_gemm import input_precision, round_tf32_host
+
+    n, _, h, w = x.shape
+    params = _bn_params(graph, x, bns)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = [x.new_zeros(5, c, dtype=acc) for c in (graph.out_channels, *graph.buf_channels)]
+    jobs = [(g.stage, s.destination, s.channel, s.end - s.begin) for g in graph.gemms if g.convs for s in g.segments]
+    z: list[torch.Tensor | None] = [None] * len(jobs)
+    tf32 = input_precision(x.dtype) == "tf32"
+
+    def normalize(stage: int, out: torch.Tensor, bufs: list) -> None:
+        for k, (st, dest, ch, co) in enumerate(jobs):
+            if st != stage:
+                continue
+            view = (rows(out) if dest < 0 else bufs[dest].reshape(-1, bufs[dest].shape[-1]))[:, ch:ch + co]
+            zk = view.clone()
+            var, mean = torch.var_mean(zk.to(acc), dim=0, unbiased=False)
+            p = params[dest + 1][:, ch:ch + co].to(acc)
+            invstd = torch.rsqrt(var + p[2])
+            alpha = p[0] * invstd
+            shift = p[1] - mean * alpha
+            for row, value in enumerate((mean, var, invstd, alpha, shift)):
+                stats[dest + 1][row, ch:ch + co] = value
+            y = torch.relu(_bn_affine(zk, alpha, shift)).to(x.dtype)
+            # A buffer is the next stage's dot operand: TF32-exact, as the RELU epilogue leaves it.
+            view.copy_(round_tf32_host(y) if tf32 and dest >= 0 else y)
+            z[k] = zk.reshape(n, *(graph.out_size(h, w) if dest < 0 else (h, w)), co)
+
+    packed_b, packed_bias = pack_weights(graph, weights, biases, "triton")
+    bufs: list[torch.Tensor] = []
+    y = graph_forward_triton(x, packed_b, packed_bias, graph.flat(), keep=bufs, between_stages=normalize)
+    return y, bufs, z, stats
 
 
 def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[int], weights: list, biases: list,
-                         bns: list[BatchNormTrain]) -> torch.Tensor:
-    """x (N, C, H, W) float32 or float64 CPU tensor through the block with train-mode batch
-    norm after every convolution: (N, out_channels, H', W') channels_last, differentiable in
+                         bns: list[BatchNormTrain], backend: str = "cpu") -> torch.Tensor:
+    """x (N, C, H, W) through the block with train-mode batch norm after every convolution,
+    on backend "cpu" (float32, float64) or "triton" (float32; CUDA tensors, or CPU ones
+    under TRITON_INTERPRET=1): (N, out_channels, H', W') channels_last, differentiable in
     x, the weights and biases (None without one) and the BNs' affine parameters. Updates the
     BNs' running statistics (not num_batches_tracked: the caller's, as nn.BatchNorm2d's
     forward increments it before its kernel). Raises ValueError, as eager batch norm does,
@@ -183,4 +252,4 @@ def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[
             raise ValueError("Expected more than 1 value per channel when training, got input size "
                              f"{torch.Size((n, _out_channels(graph, conv), gh, gw))}")
     params = (*weights, *biases, *(bn.weight for bn in bns), *(bn.bias for bn in bns))
-    return BranchGraphBatchNormFunction.apply(x, graph, backward_plan, bns, *params)
+    return BranchGraphBatchNormFunction.apply(x, backend, graph, backward_plan, bns, *params)

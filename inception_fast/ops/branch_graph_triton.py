@@ -60,7 +60,7 @@ from .triton_gemm import (
     window_inside,
 )
 
-__all__ = ["DGRAD_KERNEL", "INPUT_GRAD_KERNEL", "MAX_SEGMENTS", "MAX_STAGE_GEMMS", "POOL_GRAD_KERNEL",
+__all__ = ["DGRAD_KERNEL", "INPUT_GRAD_KERNEL", "LINEAR", "MAX_SEGMENTS", "MAX_STAGE_GEMMS", "POOL_GRAD_KERNEL",
            "SHIPPED_STAGES", "STAGE_KERNEL", "StageLaunch", "graph_backward_triton", "graph_configs",
            "graph_forward_triton", "max_pool_backward_configs", "stage_channel_args",
            "stage_configs", "stage_constexprs", "stage_launches"]
@@ -72,7 +72,9 @@ MAX_STAGE_GEMMS = 4  # slots of one launch: Inception-v3's stages have at most t
 NONE, WINDOW, AVG_POOL, MAX_POOL, STRIDE2, POOL_COPY, AVG_POOL_EXCLUDE_PAD, VALID = 0, 1, 2, 3, 4, 5, 6, 7
 # Slot 0's epilogue (constexpr EPILOGUE0): relu(acc + bias), or the residual tail's
 # x + acc + bias, then ReLU or not (plan.Destination.OUT_RESIDUAL / OUT_RESIDUAL_RELU).
-RELU, RESIDUAL, RESIDUAL_RELU = 0, 1, 2
+# LINEAR (the train-mode BN form, branch_graph_bn_train.py): every slot stores acc + bias
+# as it is, BN and ReLU coming after the stage's batch statistics.
+RELU, RESIDUAL, RESIDUAL_RELU, LINEAR = 0, 1, 2, 3
 _EPILOGUE_OF = {-2: RESIDUAL, -3: RESIDUAL_RELU}  # Destination code -> epilogue
 
 
@@ -244,11 +246,11 @@ def _slot_tile(
                                KIND == 6, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         y = acc + bias[None, :]
-        if EPILOGUE != 0:  # RESIDUAL (1) or RESIDUAL_RELU (2): one segment, all of out; x added in fp32
+        if (EPILOGUE == 1) or (EPILOGUE == 2):  # RESIDUAL or RESIDUAL_RELU: one segment, all of out; x in fp32
             res_tile = res_ptr + m0.to(tl.int64) * ch0 + at0  # 64-bit base, 32-bit offsets
             y += tl.load(res_tile + rows[:, None] * ch0 + offs_n[None, :],
                          mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        if EPILOGUE != 1:  # RELU (0) or RESIDUAL_RELU (2)
+        if (EPILOGUE == 0) or (EPILOGUE == 2):  # RELU or RESIDUAL_RELU (LINEAR stores acc + bias)
             # ReLU that keeps NaN, like torch.relu (a plain maximum would turn NaN into 0).
             y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if INPUT_PRECISION == "tf32" and EPILOGUE == 0:  # RELU
@@ -308,7 +310,8 @@ def _graph_stage_kernel(
     """One stage of a plan: programs [0, end0) take slot 0's tiles, [end0, end1) slot 1's,
     and so on; a slot of kind NONE (0) is not compiled. Each slot's code sits in its own
     branch: shared memory is reused across them (a three-slot stage takes one slot's, in
-    the ahead-of-time table), registers are about the largest slot's, not the sum."""
+    the ahead-of-time table), registers are about the largest slot's, not the sum.
+    EPILOGUE0 LINEAR applies to every slot (the others are RELU otherwise)."""
     pid = tl.program_id(0)
     if pid < end0:
         _slot_tile(pid, src0_ptr, w0_ptr, b0_ptr, out0_ptr, out0b_ptr, out0c_ptr, out0d_ptr, res0_ptr,
@@ -319,17 +322,17 @@ def _graph_stage_kernel(
         if (pid >= end0) & (pid < end1):
             _slot_tile(pid - end0, src1_ptr, w1_ptr, b1_ptr, out1_ptr, out1_ptr, out1_ptr, out1_ptr, res0_ptr,
                        M1, H, W, OH, OW, K1, cols1, kh1, kw1, tiles_n1, 0, 0, 0, ch1, ch1, ch1, ch1, at1, at1, at1, at1,
-                       KIND1, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                       KIND1, 1, (EPILOGUE0 // 3) * 3, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     if KIND2 != 0:
         if (pid >= end1) & (pid < end2):
             _slot_tile(pid - end1, src2_ptr, w2_ptr, b2_ptr, out2_ptr, out2_ptr, out2_ptr, out2_ptr, res0_ptr,
                        M2, H, W, OH, OW, K2, cols2, kh2, kw2, tiles_n2, 0, 0, 0, ch2, ch2, ch2, ch2, at2, at2, at2, at2,
-                       KIND2, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                       KIND2, 1, (EPILOGUE0 // 3) * 3, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
     if KIND3 != 0:
         if pid >= end2:
             _slot_tile(pid - end2, src3_ptr, w3_ptr, b3_ptr, out3_ptr, out3_ptr, out3_ptr, out3_ptr, res0_ptr,
                        M3, H, W, OH, OW, K3, cols3, kh3, kw3, tiles_n3, 0, 0, 0, ch3, ch3, ch3, ch3, at3, at3, at3, at3,
-                       KIND3, 1, 0, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
+                       KIND3, 1, (EPILOGUE0 // 3) * 3, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit(do_not_specialize=["kh", "kw"])
@@ -545,7 +548,8 @@ def stage_configs(kinds: tuple[tuple[int, int, int], ...], exact_fp32: bool) -> 
 
 def stage_constexprs(kinds: tuple[tuple[int, int, int], ...], segments: int, epilogue: int = RELU) -> dict:
     """_graph_stage_kernel's compile-time arguments for slots of these (kind, kh, kw), slot
-    0 with `segments` destinations and `epilogue` (RELU, RESIDUAL or RESIDUAL_RELU)."""
+    0 with `segments` destinations and `epilogue` (RELU, RESIDUAL or RESIDUAL_RELU; LINEAR
+    for every slot)."""
     padded = [kind for kind, _, _ in kinds] + [NONE] * (MAX_STAGE_GEMMS - len(kinds))
     return {**{f"KIND{i}": kind for i, kind in enumerate(padded)}, "SEGMENTS": segments, "EPILOGUE0": epilogue}
 
@@ -676,13 +680,18 @@ def _residual_epilogue(p: GraphPlan, g) -> int:
 
 
 def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[int],
-                         keep: list | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                         keep: list | None = None, out: torch.Tensor | None = None,
+                         between_stages=None) -> torch.Tensor:
     """The plan's stages, one grouped launch each (stage_launches); x (N, C, H, W) any
     layout. With `keep`, the intermediates ((N, H, W, channels) NHWC each) are appended;
     `out`, a channels_last tensor of the output's shape (checked by the caller), is
-    written in full instead of a new one."""
+    written in full instead of a new one. With `between_stages`, every GEMM stores
+    acc + bias (the LINEAR epilogue) and between_stages(stage, out, buffers) runs after
+    each stage's launches, before the next stage reads its buffers (the train-mode BN
+    form normalises there)."""
     n, c, h, w = x.shape
-    programs, buf_channels, out_channels, oh, ow, shapes = _programs(tuple(flat_plan), n, c, h, w)
+    programs, buf_channels, out_channels, oh, ow, shapes = _programs(tuple(flat_plan), n, c, h, w,
+                                                                     between_stages is not None)
     _check_weights(x, b, bias, shapes)
     x = residual = x.contiguous(memory_format=torch.channels_last)
     if input_precision(x.dtype) == "tf32":  # operands TF32-exact before the dots (round_tf32_host)
@@ -698,8 +707,10 @@ def graph_forward_triton(x: torch.Tensor, b: list, bias: list, flat_plan: list[i
     if n * h * w == 0:
         return out
     pool = [x, out, *bufs, *b, *bias, residual]  # what _StageProgram.refs index
-    for program in programs:
+    for i, program in enumerate(programs):
         program.run(pool, x)
+        if between_stages is not None and (i + 1 == len(programs) or programs[i + 1].stage != program.stage):
+            between_stages(program.stage, out, bufs)
     return out
 
 
@@ -749,7 +760,7 @@ class _StageProgram:
         seg_begins = [d[1] for d in first.dests[1:]] + [first.cols] * (MAX_SEGMENTS - len(first.dests))
         # x itself (the call pool's last tensor, unrounded) for a residual epilogue
         refs = [first.src, first.weight, first.bias, *(d[0] for d in dests),
-                2 + n_bufs + 2 * n_gemms if stage.epilogue != RELU else 0]
+                2 + n_bufs + 2 * n_gemms if stage.epilogue in (RESIDUAL, RESIDUAL_RELU) else 0]
         for slot in slots[1:] + [first] * unused:  # unused slots (kind NONE) are not compiled
             refs += [slot.src, slot.weight, slot.bias, slot.dests[0][0]]
         channel_args = [*seg_begins, *(d[2] for d in dests), *(d[3] for d in dests)]
@@ -757,6 +768,7 @@ class _StageProgram:
             channel_args += [slot.dests[0][2], slot.dests[0][3]]
         channel_args += [0, 0] * unused
         self.refs = tuple(refs)
+        self.stage = gemms[stage.gemms[0]][0]  # the plan's stage this launch belongs to
         self.slots, self.kinds, self.unused = slots, stage.kinds, unused
         self.spatial = (h, w, oh, ow)
         self.channel_args = tuple(channel_args)
@@ -797,10 +809,15 @@ class _StageProgram:
 
 
 @functools.lru_cache(maxsize=512)
-def _programs(flat_plan: tuple[int, ...], n: int, c: int, h: int, w: int) -> tuple:
+def _programs(flat_plan: tuple[int, ...], n: int, c: int, h: int, w: int, linear: bool = False) -> tuple:
     """(stage programs, buffer channels, output channels, OH, OW, packed weight shapes) of a
-    problem, with its size checks: worked out on the first call of each (plan, N, C, H, W)."""
+    problem, with its size checks: worked out on the first call of each (plan, N, C, H, W).
+    linear: every launch with the LINEAR epilogue (no residual epilogue allowed)."""
     p, gemms, launches, shapes = _host_plan(flat_plan, c)
+    if linear:
+        if any(stage.epilogue != RELU for stage in launches):
+            raise ValueError("the train-mode BN form has no residual epilogue")
+        launches = tuple(stage._replace(epilogue=LINEAR) for stage in launches)
     if c != p.in_channels:
         raise ValueError(f"x must have the plan's {p.in_channels} channels, got {c}")
     m = n * h * w
