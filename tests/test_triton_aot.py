@@ -108,8 +108,9 @@ def test_more_than_2_31_pixels_is_refused_before_any_allocation():
 
 def test_real_plans_launch_only_the_stage_variants_checked_here():
     """Each stage launch of GoogLeNet's nine blocks (as branch graphs), Inception-v3's five
-    block types and Inception-ResNet-v2's residual blocks (with their tail's epilogue, both
-    activations) has the compile-time variant and config list of an entry of
+    block types (both also with the train-mode BN form's LINEAR epilogue) and
+    Inception-ResNet-v2's residual blocks (with their tail's epilogue, both activations)
+    has the compile-time variant and config list of an entry of
     branch_graph_triton.SHIPPED_STAGES, the stage kernels KERNELS compiles above."""
     from torchvision.models import inception as tv
 
@@ -134,9 +135,13 @@ def test_real_plans_launch_only_the_stage_variants_checked_here():
         return graph.stage_constexprs(kinds, segments, epilogue), graph.stage_configs(kinds, exact)
 
     shipped = [shape(*stage[1:], exact) for stage in graph.SHIPPED_STAGES for exact in (False, True)]
-    for p, in_channels in plans:
+    for i, (p, in_channels) in enumerate(plans):
         stages = graph.stage_launches(p.flat(), in_channels)
         assert len(stages) == len({g[0] for g in p.gemms})  # one launch per stage
+        # GoogLeNet's and Inception-v3's also launch in training with BN, every slot LINEAR.
+        trained = i < len(specs)
         for stage in stages:
             for exact in (False, True):
                 assert shape(stage.kinds, stage.segments, stage.epilogue, exact) in shipped, (p, stage)
+                if trained:
+                    assert shape(stage.kinds, stage.segments, graph.LINEAR, exact) in shipped, (p, stage)

@@ -587,6 +587,12 @@ SHIPPED_STAGES = [
     ("residual_relu", ((WINDOW, 1, 1),), 1, RESIDUAL_RELU),
     ("residual", ((WINDOW, 1, 1),), 1, RESIDUAL),  # the last Block8: no activation
 ]
+# Training with batch norm (branch_graph_bn_train.py) launches GoogLeNet's and
+# Inception-v3's stages with the LINEAR epilogue in every slot.
+_TRAINED = ("x1x1_maxpool", "x1x1_avgpool", "x1x1_copy", "stride2_x1x1_copy", "window", "window2", "window3",
+            "stride2", "stride2_window")
+SHIPPED_STAGES += [(f"{name}_linear", kinds, segments, LINEAR) for name, kinds, segments, _ in SHIPPED_STAGES
+                   if name in _TRAINED]
 
 
 def _tile_cost(gemm: list[int], k_src: int) -> int:
