@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m inception_fast bench --v3 --backward --batch 8 --reps 5 --out benchmarks/results/inception_v3_backward --write-readme
 	$(PY) -m inception_fast bench --whole-networks --reps 12 --out benchmarks/results/networks --write-readme
 	$(PY) -m inception_fast bench --whole-networks --convs --reps 12 --out benchmarks/results/networks_convs --write-readme
+	$(PY) -m inception_fast bench --train --reps 10 --out benchmarks/results/train --write-readme
 
 aot-table: $(STAMP)
 	INCEPTION_FAST_AOT_TABLE=benchmarks/results/aot_resources.md $(PY) -m pytest -q tests/test_triton_aot.py
