@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backend import image, rows
 from .branch_graph import _interiors, pack_weights, winograd_tiles
@@ -136,6 +137,7 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # its C++ passes have no derivatives: a second order raises, never drops terms
     def backward(ctx, grad_out):
         n_conv, n_inter, n_dest = ctx.counts
         x, *rest = ctx.saved_tensors
