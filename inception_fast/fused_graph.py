@@ -26,7 +26,7 @@ from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
 from .ops.branch_graph import apply_graph, graph_forward_inference, pack_weights, residual_tail, winograd_tiles
-from .ops.branch_graph_bn_train import BatchNormTrain, apply_graph_bn_train
+from .ops.branch_graph_bn_train import BatchNormTrain, apply_graph_bn_train, check_batch_size
 from .ops.plan import plan, plan_with_residual
 from .spec import Branch, BranchGraphSpec, Conv
 
@@ -429,7 +429,9 @@ class FusedBranchGraph(DropInBlock):
     def _forward_bn_train(self, x: torch.Tensor) -> torch.Tensor:
         """The block in train mode with batch norm, on the fused op's train-mode BN form: the
         running statistics and num_batches_tracked change as nn.BatchNorm2d's forward
-        changes them (torch/nn/modules/batchnorm.py, _BatchNorm.forward)."""
+        changes them (torch/nn/modules/batchnorm.py, _BatchNorm.forward). A batch of one
+        value per channel raises first, with nothing updated."""
+        check_batch_size(self._plan, x)
         bns = []
         for bn in self._bns:
             factor = 0.0 if bn.momentum is None else bn.momentum

@@ -176,9 +176,11 @@ def test_one_value_per_channel_raises_as_eager_does():
     x = torch.randn(1, channels, 3, 3)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as eager:
         original(x)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
         fused(x)
     assert str(ours.value) == str(eager.value)
+    assert all(torch.equal(v, before[k]) for k, v in fused.state_dict().items())  # raised before any update
 
 
 def test_nan_poisons_the_same_outputs_as_eager():

@@ -33,7 +33,7 @@ from .branch_graph import _interiors, pack_weights, winograd_tiles
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
-__all__ = ["BatchNormTrain", "apply_graph_bn_train"]
+__all__ = ["BatchNormTrain", "apply_graph_bn_train", "check_batch_size"]
 
 
 class BatchNormTrain(NamedTuple):
@@ -238,6 +238,18 @@ def _triton_forward(x: torch.Tensor, graph: GraphPlan, weights: list, biases: li
     return y, bufs, z, stats
 
 
+def check_batch_size(graph: GraphPlan, x: torch.Tensor) -> None:
+    """Raise eager batch norm's ValueError (F.batch_norm's _verify_batch_size, same words)
+    where a convolution of the block would have a single value per channel over x: batch 1
+    onto a 1x1 grid."""
+    n, _, h, w = x.shape
+    for conv in graph.convs:
+        gh, gw = conv.grid(h, w)
+        if n * gh * gw == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size((n, _out_channels(graph, conv), gh, gw))}")
+
+
 def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[int], weights: list, biases: list,
                          bns: list[BatchNormTrain], backend: str = "cpu") -> torch.Tensor:
     """x (N, C, H, W) through the block with train-mode batch norm after every convolution,
@@ -246,12 +258,7 @@ def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[
     x, the weights and biases (None without one) and the BNs' affine parameters. Updates the
     BNs' running statistics (not num_batches_tracked: the caller's, as nn.BatchNorm2d's
     forward increments it before its kernel). Raises ValueError, as eager batch norm does,
-    where a convolution's output has a single value per channel."""
-    n, _, h, w = x.shape
-    for conv in graph.convs:
-        gh, gw = conv.grid(h, w)
-        if n * gh * gw == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{torch.Size((n, _out_channels(graph, conv), gh, gw))}")
+    where a convolution's output has a single value per channel (check_batch_size)."""
+    check_batch_size(graph, x)
     params = (*weights, *biases, *(bn.weight for bn in bns), *(bn.bias for bn in bns))
     return BranchGraphBatchNormFunction.apply(x, backend, graph, backward_plan, bns, *params)
