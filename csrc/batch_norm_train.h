@@ -8,7 +8,7 @@
 // norm keeps its input.
 //
 // Statistics: per channel, sums of z - k and (z - k)^2 in double, k the channel's value at
-// the slice's first pixel (a shift against cancellation when |mean| >> std), over a fixed
+// the slice's first pixel if finite (a shift against cancellation when |mean| >> std), over a fixed
 // number of pixel chunks summed in a fixed order: the result does not depend on the thread
 // count. var is the biased variance, as batch norm normalises with; the caller makes the
 // unbiased one for the running statistics.
@@ -107,6 +107,14 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
   std::vector<int64_t> offset(jobs + 1, 0);  // into the per-chunk sums: 2 * count doubles per chunk
   for (int64_t j = 0; j < jobs; ++j) offset[j + 1] = offset[j] + kChunks * 2 * slices[j].count;
   std::vector<double> sums(offset[jobs], 0.0);
+  // Each channel's shift: its value at the slice's first pixel, or 0 where that is not
+  // finite (an inf there made every sum inf - inf, a NaN mean where eager's is inf).
+  std::vector<std::vector<T>> shifts(jobs);
+  for (int64_t j = 0; j < jobs; ++j) {
+    const T* first = slices[j].z.data;
+    shifts[j].resize(slices[j].count);
+    for (int64_t c = 0; c < slices[j].count; ++c) shifts[j][c] = std::isfinite(first[c]) ? first[c] : T(0);
+  }
   auto chunk = [](const Slice<T, Acc>& s, int64_t c) {
     const int64_t m = s.N * s.gh * s.gw;
     return std::make_pair(m * c / kChunks, m * (c + 1) / kChunks);
@@ -117,7 +125,7 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
       const Slice<T, Acc>& s = slices[i / kChunks];
       const auto [m0, m1] = chunk(s, i % kChunks);
       double* s1 = sums.data() + offset[i / kChunks] + (i % kChunks) * 2 * s.count;
-      const T* __restrict__ k = s.z.data;  // z is the segment's own contiguous tensor: row m at m * count
+      const T* __restrict__ k = shifts[i / kChunks].data();  // z: the segment's own contiguous tensor
       acc.resize(2 * s.count);
       for (int64_t r0 = m0; r0 < m1; r0 += kAccRows)
         accumulate_rows(s.z.data + r0 * s.count, k, std::min(kAccRows, m1 - r0), s.count, acc.data(), s1);
@@ -132,7 +140,7 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
                 s.gw);
     alpha[j].resize(s.count);
     shift[j].resize(s.count);
-    const T* k = s.z.interior_row(0, 0, 0);
+    const T* k = shifts[j].data();
     for (int64_t c = 0; c < s.count; ++c) {
       double s1 = 0.0, s2 = 0.0;
       for (int64_t ch = 0; ch < kChunks; ++ch) {
@@ -257,10 +265,11 @@ void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, 
     d_beta[c] = static_cast<Acc>(s_g);
     d_gamma[c] = static_cast<Acc>(s_gz * is);
     const double w = gamma != nullptr ? static_cast<double>(gamma[c]) : 1.0;
-    // dz = scale g - k (z - mean) - shift
+    // dz = scale (g - mean_g - (z - mean) proj), ATen's factoring: invstd^3 in one
+    // product overflowed (or underflowed) where invstd passes ~1e100 in float64.
     scale[c] = static_cast<Acc>(w * is);
-    k[c] = static_cast<Acc>(w * is * is * is * s_gz / static_cast<double>(rows));
-    shift[c] = static_cast<Acc>(w * is * s_g / static_cast<double>(rows));
+    k[c] = static_cast<Acc>(is * is * s_gz / static_cast<double>(rows));
+    shift[c] = static_cast<Acc>(s_g / static_cast<double>(rows));
   }
   at::parallel_for(0, rows, 256, [&](int64_t m0, int64_t m1) {
     const Acc* __restrict__ sc = scale.data();
@@ -271,9 +280,9 @@ void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, 
       T* __restrict__ out = dz + m * count;
       int64_t c = 0;
       for (; c + L <= count; c += L)
-        vstore(out + c, vload(sc + c) * vload(out + c) - vload(kk + c) * (vload(zr + c) - vload(mean + c)) -
-                            vload(sh + c));
-      for (; c < count; ++c) out[c] = sc[c] * out[c] - kk[c] * (zr[c] - mean[c]) - sh[c];
+        vstore(out + c, vload(sc + c) * (vload(out + c) - vload(sh + c) -
+                                         (vload(zr + c) - vload(mean + c)) * vload(kk + c)));
+      for (; c < count; ++c) out[c] = sc[c] * (out[c] - sh[c] - (zr[c] - mean[c]) * kk[c]);
     }
   });
 }

@@ -253,6 +253,9 @@ class FusedBranchGraph(DropInBlock):
     # 4a-4e at batch 32, 6,272 pixels, 1.02-1.04x; 3a, 25,088 pixels, 1.19x). 0 fuses
     # every call: the form saves ~45% of the bytes eager keeps for the backward.
     bn_train_min_pixels = 4096
+    # False: train mode with BN always runs the original block (second-order gradients, or
+    # bitwise eager results); per class or per block.
+    fuse_train_bn = True
 
     def __init__(self, block: nn.Module, backend: str = "auto", *, _layout=None, _parsed=None):
         super().__init__()
@@ -355,6 +358,11 @@ class FusedBranchGraph(DropInBlock):
         run = self._kernel_input(x) if reason is None else None
         backend = None if run is None else resolve_backend(self.backend, run[0])
         if backend not in ("cpu", "triton"):
+            if reason == "batch statistics":
+                # The original updates BN's running statistics in place, and the version
+                # counters the packed-weight cache watches move only through
+                # num_batches_tracked, which a BN may lack.
+                self.invalidate_weight_caches()
             return self._run_original(x)
         if self.graph.stride == 2 and not torch.jit.is_tracing() and min(x.shape[2], x.shape[3]) < 3:
             raise ValueError(f"x must be at least 3x3 for {self.source}'s 3x3 stride-2 grid reduction, "
@@ -411,10 +419,15 @@ class FusedBranchGraph(DropInBlock):
         form (ops/branch_graph_bn_train.py): every convolution followed by a plain
         BatchNorm2d, every one on batch statistics (a mix of folded and batch statistics
         runs the original), float32 or float64 on the C++ kernel (from bn_train_min_pixels
-        input pixels on) or float32 on Triton, no autocast, not traced."""
-        if not self._bn_train or tracing() or x.dtype not in (torch.float32, torch.float64):
+        input pixels on) or float32 on Triton, no autocast, not traced, a non-empty batch,
+        fuse_train_bn set."""
+        if not (self._bn_train and self.fuse_train_bn) or tracing() or x.dtype not in (torch.float32, torch.float64):
             return False
-        if any(not (bn.training or bn.running_mean is None or bn.running_var is None) for bn in self._bns):
+        if x.numel() == 0:  # an empty batch: the original's (no statistics, stats untouched)
+            return False
+        # Every BN on batch statistics, with BN's own forward (not one set on the instance).
+        if any(not (bn.training or bn.running_mean is None or bn.running_var is None) or "forward" in bn.__dict__
+               for bn in self._bns):
             return False
         if autocast_dtype(x) is not None or self._units[0].conv.weight.dtype != x.dtype:
             return False
@@ -438,9 +451,11 @@ class FusedBranchGraph(DropInBlock):
             if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
                 factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            # F.batch_norm's choice: running statistics are passed, and so updated, in
-            # training only with track_running_stats.
-            update = bn.training and bn.running_mean is not None and bn.running_var is not None
+            # _BatchNorm.forward's choice: running statistics are passed to F.batch_norm, and so
+            # updated, in training only with track_running_stats (set False after construction,
+            # the buffers remain and stay untouched).
+            update = (bn.training and bn.track_running_stats and bn.running_mean is not None
+                      and bn.running_var is not None)
             bns.append(BatchNormTrain(bn.weight, bn.bias, bn.eps,
                                       (bn.running_mean, bn.running_var, factor) if update else None))
         y = apply_graph_bn_train(x, self._plan, _plans(self)[1], [u.conv.weight for u in self._units],

@@ -275,9 +275,105 @@ def test_below_the_pixel_threshold_the_original_runs(monkeypatch):
     _assert_buffers(block, fused, TOL[torch.float32])
 
 
-def test_second_order_gradients_raise():
+def test_second_order_gradients_raise_and_fuse_train_bn_false_gives_eager():
+    """A gradient penalty (WGAN-GP): create_graph=True through the form raises, even where
+    grad_out needs no grad (once_differentiable alone then dropped the block's terms in
+    silence); with fuse_train_bn False the block runs the original, eager's gradients."""
     original, fused, channels = _pair("googlenet", torch.float64)
     x = torch.randn(2, channels, 5, 5, dtype=torch.float64, requires_grad=True)
-    (dx,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
-        dx.sum().backward()
+    with pytest.raises(RuntimeError, match="second-order gradients.*fuse_train_bn = False"):
+        torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+    fused._original[0]._forward_pre_hooks.clear()
+    fused.fuse_train_bn = False
+    penalties = []
+    for model in (original, fused):
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (y.mean() + 10 * (gx.norm() - 1) ** 2).backward()
+        penalties.append(model.branch1.conv.weight.grad)
+    assert rel_err(penalties[1], penalties[0]) <= TOL[torch.float64]
+
+
+def test_track_running_stats_switched_off_after_the_swap_leaves_the_buffers():
+    original, fused, channels = _pair("v3-A", torch.float64)
+    for model in (original, fused):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats = False  # the buffers stay; eager's train forward skips them
+    x = torch.randn(2, channels, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(fused(x), original(x)) <= TOL[torch.float64]
+    _assert_buffers(original, fused, 0.0)
+
+
+def test_an_empty_batch_runs_the_original():
+    original, fused, channels = _pair("googlenet", torch.float64)
+    fused._original[0]._forward_pre_hooks.clear()
+    x = torch.randn(0, channels, 5, 7, dtype=torch.float64, requires_grad=True)
+    y = fused(x)
+    y.sum().backward()
+    assert y.shape == original(x.detach()).shape and x.grad.shape == x.shape
+    _assert_buffers(original, fused, 0.0)
+
+
+@pytest.mark.parametrize("scale, eps", [(1e150, 1e-3), (1e-120, 1e-250)], ids=["huge", "tiny"])
+def test_float64_at_extreme_magnitudes(scale, eps):
+    """invstd passes 1e100 or z 1e150: the backward factors as ATen's (invstd^3 in one
+    product overflowed or underflowed)."""
+    original, fused, channels = _pair("googlenet", torch.float64)
+    for model in (original, fused):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = eps
+    x = torch.randn(2, channels, 5, 7, dtype=torch.float64) * scale
+    grad_out = torch.randn(2, 22, 5, 7, dtype=torch.float64)
+    y0, dx0, _ = _grads(original, x, grad_out)
+    y1, dx1, _ = _grads(fused, x, grad_out)
+    assert rel_err(y1, y0) <= TOL[torch.float64] and rel_err(dx1 * scale, dx0 * scale) <= TOL[torch.float64]
+
+
+def test_an_infinite_first_value_gives_eager_running_mean():
+    """The statistics' shift is a channel's first value, or 0 where it is infinite (inf - inf
+    made the mean NaN where eager's is inf)."""
+    original, fused, channels = _pair("v3-B", torch.float64)
+    with torch.no_grad():
+        for model in (original, fused):
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.abs_()
+    x = torch.rand(2, channels, 5, 7, dtype=torch.float64)
+    x[0, :, 0, 0] = float("inf")
+    with torch.no_grad():
+        original(x), fused(x)
+    want, got = original.branch3x3dbl_1.bn.running_mean, fused.branch3x3dbl_1.bn.running_mean
+    assert torch.isinf(want).all() and torch.equal(got, want)
+
+
+def test_a_forward_set_on_a_bn_instance_runs_the_original():
+    original = googlenet_block().train()
+    fused = _swapped(original)
+    for model in (original, fused):
+        bn = model.branch1.bn
+        bn.forward = lambda x, bn=bn: 2 * nn.BatchNorm2d.forward(bn, x)
+    x = torch.randn(2, 10, 5, 5)
+    assert rel_err(fused(x), original(x)) <= TOL[torch.float32]
+
+
+def test_eval_after_a_train_step_of_the_original_sees_the_new_statistics():
+    """BNs without num_batches_tracked (a checkpoint without it): the original's train step
+    updates the running statistics in place, bumping no version the packed-weight cache
+    watches; the block forgets its packed weights then."""
+    original = googlenet_block().double()
+    for m in original.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked = None
+    fused = _swapped(original)
+    fused.fuse_train_bn = False
+    x = torch.randn(2, 10, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        for model in (original, fused):
+            model.eval()(x)
+            model.train()(x + 1)
+            model.eval()
+        assert rel_err(fused(x), original(x)) <= TOL[torch.float64]

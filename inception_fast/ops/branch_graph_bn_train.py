@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .backend import image, rows
 from .branch_graph import _interiors, pack_weights, winograd_tiles
@@ -137,8 +136,20 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # its C++ passes have no derivatives: a second order raises, never drops terms
     def backward(ctx, grad_out):
+        # Its C++ passes have no derivatives. once_differentiable alone is not enough: where
+        # grad_out needs no grad, or autograd.grad skips its error node, a second order
+        # through it would silently lose every term of this block (a gradient penalty's
+        # weight gradients came out 0.02 against eager's 558).
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "inception_fast: second-order gradients (create_graph=True) through a fused block in train mode "
+                "with batch norm are not supported; set FusedBranchGraph.fuse_train_bn = False (or on the "
+                "block) to run such blocks unfused in train mode")
+        return BranchGraphBatchNormFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         n_conv, n_inter, n_dest = ctx.counts
         x, *rest = ctx.saved_tensors
         weights, gammas = rest[:n_conv], rest[n_conv:2 * n_conv]
@@ -220,7 +231,9 @@ def _triton_forward(x: torch.Tensor, graph: GraphPlan, weights: list, biases: li
                 continue
             view = (rows(out) if dest < 0 else bufs[dest].reshape(-1, bufs[dest].shape[-1]))[:, ch:ch + co]
             zk = view.clone()
-            var, mean = torch.var_mean(zk.to(acc), dim=0, unbiased=False)
+            wide = zk.to(acc)
+            # mean() as eager's sum / count: an infinite value gives an infinite mean, not var_mean's NaN
+            mean, var = wide.mean(dim=0), wide.var(dim=0, unbiased=False)
             p = params[dest + 1][:, ch:ch + co].to(acc)
             invstd = torch.rsqrt(var + p[2])
             alpha = p[0] * invstd
