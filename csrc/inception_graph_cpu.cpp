@@ -15,7 +15,9 @@
 // are then output tiles, not pixels. An
 // Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the tail's 1x1
 // over the concat, whose epilogue adds x and stores act(x + sum + bias) into the output.
-// The GEMM itself is gemm.h's.
+// In training with batch norm (graph_forward_bn_train), every GEMM stores its sums as they
+// are and the stages run one after another with each one's batch statistics in between
+// (batch_norm_train.h). The GEMM itself is gemm.h's.
 
 #include "batch_norm_train.h"
 #include "gemm.h"
@@ -329,31 +331,31 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   // A stage's batch-norm slices: each segment of its GEMMs with weights, from z into its destination.
   using Acc = acc_t<T>;
   auto bn_stage = [&](int64_t stage) {
-    if constexpr (!std::is_same_v<T, Acc>) {
-      TORCH_CHECK(false, "batch norm in training runs in float32 or float64");  // graph_forward checks first
-    } else {
-    std::vector<bn_train::Slice<T, Acc>> slices;
-    for (size_t g = 0; g < descs.size(); ++g) {
-      const GemmDesc& d = descs[g];
-      if (d.stage != stage || d.source == kSourceMaxPoolCopy) continue;
-      for (size_t j = 0; j < d.segments.size(); ++j) {
-        const auto& [begin, end, dest, channel] = d.segments[j];
-        const Plane<T>& zp = z_planes[first_z[g] + j];
-        bn_train::Slice<T, Acc> slice;
-        slice.z = Plane<const T>{zp.data, zp.stride_n, zp.stride_h, zp.stride_w, 0};
-        slice.dst = dest == kDestOut ? out_plane : planes[dest];
-        slice.channel = channel;
-        slice.count = end - begin;
-        slice.N = N;
-        slice.gh = grids[g].first;
-        slice.gw = grids[g].second;
-        slice.params = bn->params[dest + 1].template data_ptr<Acc>();
-        slice.stats = bn->stats[dest + 1].template data_ptr<Acc>();
-        slice.C = bn->params[dest + 1].size(1);
-        slices.push_back(slice);
+    if constexpr (std::is_same_v<T, Acc>) {  // float32 and float64: graph_forward refuses the others
+      std::vector<bn_train::Slice<T, Acc>> slices;
+      for (size_t g = 0; g < descs.size(); ++g) {
+        const GemmDesc& d = descs[g];
+        if (d.stage != stage || d.source == kSourceMaxPoolCopy) continue;
+        for (size_t j = 0; j < d.segments.size(); ++j) {
+          const auto& [begin, end, dest, channel] = d.segments[j];
+          const Plane<T>& zp = z_planes[first_z[g] + j];
+          bn_train::Slice<T, Acc> slice;
+          slice.z = Plane<const T>{zp.data, zp.stride_n, zp.stride_h, zp.stride_w, 0};
+          slice.dst = dest == kDestOut ? out_plane : planes[dest];
+          slice.channel = channel;
+          slice.count = end - begin;
+          slice.N = N;
+          slice.gh = grids[g].first;
+          slice.gw = grids[g].second;
+          slice.params = bn->params[dest + 1].template data_ptr<Acc>();
+          slice.stats = bn->stats[dest + 1].template data_ptr<Acc>();
+          slice.C = bn->params[dest + 1].size(1);
+          slices.push_back(slice);
+        }
       }
-    }
-    bn_train::normalize_stage(slices);
+      bn_train::normalize_stage(slices);
+    } else {
+      TORCH_CHECK(false, "batch norm in training runs in float32 or float64");
     }
   };
   const int64_t threads = at::get_num_threads();
