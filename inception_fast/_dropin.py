@@ -127,6 +127,9 @@ class DropInBlock(nn.Module):
         # Tuples and object.__setattr__: plain attributes, not registered as submodules twice.
         self._original = (block,)
         object.__setattr__(self, "_traced", traced)
+        # The train-mode trace (trace_block): a norm traced through (timm's BatchNormAct2d)
+        # has its mode baked into the graph as F.batch_norm's `training` argument.
+        object.__setattr__(self, "_traced_train", getattr(traced, "train_twin", None))
         # (parent, name, child) of every module below this one: a replaced child is seen per
         # call with one identity test each.
         self._tree = tuple((parent, name, child) for parent in self.modules()
@@ -216,8 +219,11 @@ class DropInBlock(nn.Module):
     def _run_original(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy) and self._traced is not None:
             # Replay the original's graph: its call_module nodes reach the shared children,
-            # which the outer tracer finds under this module's path.
-            return torch.fx.Interpreter(self._traced).run(x)
+            # which the outer tracer finds under this module's path. The one traced in this
+            # mode: an inlined BN replayed from the eval graph in train mode would normalise
+            # by its running statistics (create_feature_extractor traces both modes).
+            train = getattr(self, "_traced_train", None)
+            return torch.fx.Interpreter(train if self.training and train is not None else self._traced).run(x)
         return self._original[0](x)
 
     def train(self, mode: bool = True) -> "DropInBlock":

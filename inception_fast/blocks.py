@@ -132,12 +132,18 @@ def _relu_node(node, modules: dict[str, nn.Module]) -> bool:
 def trace_block(block: nn.Module):
     """fx.symbolic_trace(block), traced in eval and in train mode (every module's flag is
     restored after): a forward whose Python control flow reads self.training would
-    otherwise have one branch frozen into the graph that recognition reads. Raises
-    NotAnInceptionBlock when the block does not trace, or traces differently by mode."""
+    otherwise have one branch frozen into the graph that recognition reads. Returns the
+    eval graph, the train one as its `train_twin` attribute. Raises NotAnInceptionBlock
+    when the block does not trace, or traces differently by mode."""
     import torch.fx as fx
 
     name = type(block).__name__
     flags = [(m, m.training) for m in block.modules()]
+    # Tracing in train mode through a norm module's forward (timm's BatchNormAct2d) runs
+    # its num_batches_tracked.add_(1) on the real buffer: restored after, or the swap would
+    # change the model's state (and momentum=None's cumulative average) by one step.
+    counters = [(m.num_batches_tracked, m.num_batches_tracked.clone()) for m in block.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None]
     graphs = []
     try:
         for mode in (False, True):
@@ -148,9 +154,16 @@ def trace_block(block: nn.Module):
     finally:
         for m, flag in flags:
             m.training = flag
+        with torch.no_grad():
+            for counter, before in counters:
+                if not counter.is_meta and not torch.equal(counter, before):
+                    counter.copy_(before)
     if graph_signature(graphs[0], root=block) != graph_signature(graphs[1], training=True, root=block):
         raise NotAnInceptionBlock(f"{name}'s forward computes something else in train mode than in eval mode",
                                   near_miss=True)
+    # The train-mode graph rides along (a plain attribute, not a submodule) for FX replays
+    # in train mode (DropInBlock._run_original).
+    object.__setattr__(graphs[0], "train_twin", graphs[1])
     return graphs[0]
 
 

@@ -289,10 +289,14 @@ class FusedBranchGraph(DropInBlock):
 
     def _bn_train_form(self) -> bool:
         """Whether the train-mode BN form can run this block: every convolution of the op
-        followed by a BN with nn.BatchNorm2d's own forward (a subclass that overrides it may
-        compute something else), and no residual tail."""
-        return self.graph.residual is None and all(
-            u.bn is not None and type(u.bn).forward is nn.BatchNorm2d.forward for u in self._units)
+        followed by a BatchNorm2d, and no residual tail. The swap has already checked what
+        each BN computes in train mode: a torchvision layout's are plain nn.BatchNorm2d leaves
+        (exact type), and the general parser traced the block in train and eval mode and
+        read a norm traced through (timm's BatchNormAct2d) as BatchNorm2d's own F.batch_norm
+        call, momentum, training flag and num_batches_tracked increment included, then its
+        ReLU (blocks.trace_block). A BN subclass that computes anything else is refused
+        there."""
+        return self.graph.residual is None and all(isinstance(u.bn, nn.BatchNorm2d) for u in self._units)
 
     def _adopt_residual_plan(self) -> None:
         # Inference runs the tail as the kernel's last GEMM (plan_with_residual); its flat

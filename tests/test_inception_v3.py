@@ -255,20 +255,54 @@ def test_timm_inception_v3_fuses_every_block_and_keeps_its_logits():
         assert rel_err(swapped(x), model(x)) <= 1e-5
 
 
-def test_a_timm_block_fuses_and_runs_the_original_in_train_mode():
+@pytest.mark.parametrize("min_pixels", [0, 4096], ids=["train_form", "original"])
+def test_a_timm_block_fuses_and_trains_with_its_batch_norm_act(min_pixels, monkeypatch):
+    """timm's units are ConvNormAct with BatchNormAct2d, which the swap reads by tracing
+    through it (in both modes): in train mode the train-mode BN form runs (or, under
+    bn_train_min_pixels, the original), with eager's outputs, gradients and statistics."""
     timm = pytest.importorskip("timm")
     from timm.models.inception_v3 import InceptionA
 
-    block = randomize_(InceptionA(24, pool_features=8)).eval()
+    monkeypatch.setattr(FusedBranchGraph, "bn_train_min_pixels", min_pixels)
+    block = randomize_(InceptionA(24, pool_features=8)).eval().double()
     swapped = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)), backend="cpu")[0]
-    assert isinstance(swapped, FusedBranchGraph)
-    x = torch.randn(2, 24, 6, 5)
+    assert isinstance(swapped, FusedBranchGraph) and swapped._bn_train
+    x = torch.randn(2, 24, 6, 5, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(swapped(x), block(x)) <= TOLERANCE[torch.float32]
+        assert rel_err(swapped(x), block(x)) <= TOLERANCE[torch.float64]
     swapped.train()
     block.train()
-    assert rel_err(swapped(x), block(x)) <= TOLERANCE[torch.float32]  # batch statistics: the original
-    assert torch.equal(swapped.branch1x1.bn.running_mean, block.branch1x1.bn.running_mean)
+    calls = []
+    swapped._original[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    grads = []
+    for model in (block, swapped):
+        xx = x.clone().requires_grad_()
+        model(xx).square().sum().backward()
+        grads.append((xx.grad, model.branch1x1.conv.weight.grad, model.branch_pool.bn.weight.grad))
+    assert bool(calls) == (min_pixels > 0)
+    for want, got in zip(*grads):
+        assert rel_err(got, want) <= 1e-10
+    for (name, want), got in zip(block.named_buffers(), swapped.buffers()):
+        assert rel_err(got, want) <= 1e-10 if want.is_floating_point() else torch.equal(got, want), name
+
+
+def test_swapping_a_timm_model_leaves_its_state_and_fx_replays_the_mode_traced():
+    """Tracing timm's blocks in train mode (the swap's check) runs BatchNormAct2d's
+    num_batches_tracked.add_(1) on the real buffers: restored, so the swap changes no state.
+    An FX trace of the swapped model in train mode (create_feature_extractor) replays the
+    train-mode trace, whose BNs use batch statistics (the eval one gave 44x wrong features)."""
+    timm = pytest.importorskip("timm")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = randomize_(timm.create_model("inception_v3", pretrained=False, num_classes=10)).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swapped = ifast.swap_inception(copy.deepcopy(model))
+    assert all(torch.equal(v, before[k]) for k, v in swapped.state_dict().items())
+    x = torch.randn(2, 3, 107, 107, dtype=torch.float64)
+    for train in (True, False):
+        want = create_feature_extractor(copy.deepcopy(model).train(train), {"Mixed_5b": "f"}).train(train)(x)["f"]
+        got = create_feature_extractor(copy.deepcopy(swapped).train(train), {"Mixed_5b": "f"}).train(train)(x)["f"]
+        assert rel_err(got, want) <= 1e-12, train
 
 
 def test_a_non_module_is_refused_with_a_type_error():
