@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import math
 import os
 import platform
@@ -359,6 +360,16 @@ def _step(module: Callable, x: torch.Tensor, grad: torch.Tensor | None) -> Calla
     return lambda: module(x).backward(grad)
 
 
+def each_case(names: list[str], batches: list[int], progress: Callable[[str], None] | None, what: str):
+    """Every (name, batch) in order, each announced through `progress` as
+    "[k/total] what name, batch b"."""
+    total = len(names) * len(batches)
+    for k, (name, batch) in enumerate(itertools.product(names, batches)):
+        if progress:
+            progress(f"[{k + 1}/{total}] {what} {name}, batch {batch}")
+        yield name, batch
+
+
 def bench_blocks(
     blocks: list[str],
     batches: list[int],
@@ -377,47 +388,43 @@ def bench_blocks(
     """
     ceiling = gemm_ceiling(dtype, device=device)
     cases = []
-    total = len(blocks) * len(batches)
-    for i, name in enumerate(blocks):
+    for name, batch in each_case(blocks, batches, progress, "block"):
         block = GOOGLENET_INCEPTION[name]
-        for j, batch in enumerate(batches):
-            if progress:
-                progress(f"[{i * len(batches) + j + 1}/{total}] block {name}, batch {batch}")
-            ref = ReferenceInception(block.spec).to(device=device, dtype=dtype).train(backward)
-            ref_cl = ReferenceInception(block.spec).to(device=device, dtype=dtype).train(backward)
-            ref_cl.load_state_dict(ref.state_dict())
-            ref_cl = ref_cl.to(memory_format=torch.channels_last)
-            fused = FusedInception.from_module(copy.deepcopy(ref), backend=backend)
-            x = torch.randn(batch, block.spec.in_channels, block.size, block.size, device=device, dtype=dtype)
-            x_cl = x.contiguous(memory_format=torch.channels_last)
-            modules = {"fused": (fused, x_cl), "eager_nchw": (ref, x), "eager_channels_last": (ref_cl, x_cl)}
-            if with_compile:
-                # Freezing is for inference only: training compiles without it.
-                modules["compile" if backward else "compile_freezing"] = (
-                    _compiled(ref_cl, x_cl, freezing=not backward), x_cl)
-            grad = torch.randn(batch, block.spec.out_channels, block.size, block.size, device=device, dtype=dtype)
-            # Each provider gets grad_output in its own output's layout, as the layer above
-            # it in a network of that layout would hand it over.
-            grad_cl = grad.contiguous(memory_format=torch.channels_last)
-            providers = {name: _step(m, inp, (grad if inp is x else grad_cl) if backward else None)
-                         for name, (m, inp) in modules.items()}
-            with torch.set_grad_enabled(backward):
-                seconds = time_alternating(providers, reps=reps, device=device)
-            memory = {}
-            if torch.device(device).type == "cpu":  # CUDA would read torch.cuda.max_memory_allocated
-                memory = {
-                    "fused_peak": peak_forward_bytes(lambda: fused(x_cl)),
-                    "eager_peak": peak_forward_bytes(lambda: ref_cl(x_cl)),
-                    "fused_saved": saved_tensor_bytes(fused.train(), x_cl),
-                    "eager_saved": saved_tensor_bytes(ref_cl.train(), x_cl),
-                }
-                fused.train(backward), ref_cl.train(backward)
-            cases.append(CaseResult(
-                block=name, batch=batch, dtype=str(dtype).removeprefix("torch."), backend=backend,
-                # A backward costs two forwards (data and weight gradients): 3x in all.
-                macs=(3 if backward else 1) * block.spec.macs(block.size, block.size, batch).total,
-                ms={k: v * 1e3 for k, v in seconds.items()}, memory=memory,
-            ))
+        ref = ReferenceInception(block.spec).to(device=device, dtype=dtype).train(backward)
+        ref_cl = ReferenceInception(block.spec).to(device=device, dtype=dtype).train(backward)
+        ref_cl.load_state_dict(ref.state_dict())
+        ref_cl = ref_cl.to(memory_format=torch.channels_last)
+        fused = FusedInception.from_module(copy.deepcopy(ref), backend=backend)
+        x = torch.randn(batch, block.spec.in_channels, block.size, block.size, device=device, dtype=dtype)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        modules = {"fused": (fused, x_cl), "eager_nchw": (ref, x), "eager_channels_last": (ref_cl, x_cl)}
+        if with_compile:
+            # Freezing is for inference only: training compiles without it.
+            modules["compile" if backward else "compile_freezing"] = (
+                _compiled(ref_cl, x_cl, freezing=not backward), x_cl)
+        grad = torch.randn(batch, block.spec.out_channels, block.size, block.size, device=device, dtype=dtype)
+        # Each provider gets grad_output in its own output's layout, as the layer above
+        # it in a network of that layout would hand it over.
+        grad_cl = grad.contiguous(memory_format=torch.channels_last)
+        providers = {name: _step(m, inp, (grad if inp is x else grad_cl) if backward else None)
+                     for name, (m, inp) in modules.items()}
+        with torch.set_grad_enabled(backward):
+            seconds = time_alternating(providers, reps=reps, device=device)
+        memory = {}
+        if torch.device(device).type == "cpu":  # CUDA would read torch.cuda.max_memory_allocated
+            memory = {
+                "fused_peak": peak_forward_bytes(lambda: fused(x_cl)),
+                "eager_peak": peak_forward_bytes(lambda: ref_cl(x_cl)),
+                "fused_saved": saved_tensor_bytes(fused.train(), x_cl),
+                "eager_saved": saved_tensor_bytes(ref_cl.train(), x_cl),
+            }
+            fused.train(backward), ref_cl.train(backward)
+        cases.append(CaseResult(
+            block=name, batch=batch, dtype=str(dtype).removeprefix("torch."), backend=backend,
+            # A backward costs two forwards (data and weight gradients): 3x in all.
+            macs=(3 if backward else 1) * block.spec.macs(block.size, block.size, batch).total,
+            ms={k: v * 1e3 for k, v in seconds.items()}, memory=memory,
+        ))
     return BenchReport(machine=machine_info(device, dtype), ceiling_gmacs=_better_ceiling(ceiling, dtype, device),
                        cases=cases)
 
@@ -454,28 +461,25 @@ def bench_v3_blocks(
     model = _inception_v3()
     ceiling = gemm_ceiling()
     cases = []
-    total = len(V3_BLOCKS) * len(batches)
-    for i, (name, size) in enumerate(V3_BLOCKS.items()):
-        for j, batch in enumerate(batches):
-            if progress:
-                progress(f"[{i * len(batches) + j + 1}/{total}] inception_v3 {name}, batch {batch}")
-            block = copy.deepcopy(getattr(model, name)).to(memory_format=torch.channels_last)
-            fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
-            x = torch.randn(batch, fused.spec.in_channels, size, size).contiguous(memory_format=torch.channels_last)
-            grad = None
-            if backward:
-                with torch.no_grad():
-                    grad = torch.randn_like(block(x))  # channels_last, as both outputs are
-            modules = {"fused": fused, "eager_channels_last": block}
-            if with_compile:
-                peer = "compile" if backward else "compile_freezing"
-                modules[peer] = _compiled(copy.deepcopy(block), x, freezing=not backward)
-            providers = {k: _step(m, x, grad) for k, m in modules.items()}
-            with torch.set_grad_enabled(backward):
-                seconds = time_alternating(providers, reps=reps)
-            cases.append(CaseResult(block=f"{name} ({fused.source[-1]})", batch=batch, dtype="float32", backend="cpu",
-                                    macs=(3 if backward else 1) * fused.spec.macs(size, size, batch),
-                                    ms={k: v * 1e3 for k, v in seconds.items()}))
+    for name, batch in each_case(list(V3_BLOCKS), batches, progress, "inception_v3"):
+        size = V3_BLOCKS[name]
+        block = copy.deepcopy(getattr(model, name)).to(memory_format=torch.channels_last)
+        fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").eval()
+        x = torch.randn(batch, fused.spec.in_channels, size, size).contiguous(memory_format=torch.channels_last)
+        grad = None
+        if backward:
+            with torch.no_grad():
+                grad = torch.randn_like(block(x))  # channels_last, as both outputs are
+        modules = {"fused": fused, "eager_channels_last": block}
+        if with_compile:
+            peer = "compile" if backward else "compile_freezing"
+            modules[peer] = _compiled(copy.deepcopy(block), x, freezing=not backward)
+        providers = {k: _step(m, x, grad) for k, m in modules.items()}
+        with torch.set_grad_enabled(backward):
+            seconds = time_alternating(providers, reps=reps)
+        cases.append(CaseResult(block=f"{name} ({fused.source[-1]})", batch=batch, dtype="float32", backend="cpu",
+                                macs=(3 if backward else 1) * fused.spec.macs(size, size, batch),
+                                ms={k: v * 1e3 for k, v in seconds.items()}))
     return BenchReport(machine=machine_info("cpu"), ceiling_gmacs=_better_ceiling(ceiling, torch.float32, "cpu"),
                        cases=cases)
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .bench import BenchReport, CaseResult, _better_ceiling, gemm_ceiling, machine_info, time_alternating
+from .bench import BenchReport, CaseResult, _better_ceiling, each_case, gemm_ceiling, machine_info, time_alternating
 
 __all__ = ["bench_train_blocks", "bench_train_steps", "train_steps_markdown"]
 
@@ -57,27 +57,23 @@ def bench_train_blocks(blocks: list[str], batches: list[int], reps: int = 10,
     model = _googlenet()
     ceiling = gemm_ceiling()
     cases = []
-    total = len(blocks) * len(batches)
-    for i, name in enumerate(blocks):
+    for name, batch in each_case(blocks, batches, progress, "train block"):
         size = GOOGLENET_GRIDS[name]
-        for j, batch in enumerate(batches):
-            if progress:
-                progress(f"[{i * len(batches) + j + 1}/{total}] train block {name}, batch {batch}")
-            block = copy.deepcopy(getattr(model, f"inception{name}")).train()
-            block_cl = copy.deepcopy(block).to(memory_format=torch.channels_last)
-            fused = swap_inception(torch.nn.Sequential(copy.deepcopy(block)))[0].train()
-            x = torch.randn(batch, fused.spec.in_channels, size, size)
-            x_cl = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                grad = torch.randn_like(block(x))
-            grad_cl = grad.contiguous(memory_format=torch.channels_last)
-            providers = {"fused": _fwd_bwd(fused, x_cl, grad_cl), "eager_channels_last": _fwd_bwd(block_cl, x_cl, grad_cl),
-                         "eager_nchw": _fwd_bwd(block, x, grad)}
-            seconds = time_alternating(providers, reps=reps)
-            macs = fused.spec.macs(size, size, batch)
-            cases.append(CaseResult(block=name, batch=batch, dtype="float32", backend="cpu",
-                                    macs=3 * getattr(macs, "total", macs),
-                                    ms={k: v * 1e3 for k, v in seconds.items()}))
+        block = copy.deepcopy(getattr(model, f"inception{name}")).train()
+        block_cl = copy.deepcopy(block).to(memory_format=torch.channels_last)
+        fused = swap_inception(torch.nn.Sequential(copy.deepcopy(block)))[0].train()
+        x = torch.randn(batch, fused.spec.in_channels, size, size)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            grad = torch.randn_like(block(x))
+        grad_cl = grad.contiguous(memory_format=torch.channels_last)
+        providers = {"fused": _fwd_bwd(fused, x_cl, grad_cl), "eager_channels_last": _fwd_bwd(block_cl, x_cl, grad_cl),
+                     "eager_nchw": _fwd_bwd(block, x, grad)}
+        seconds = time_alternating(providers, reps=reps)
+        macs = fused.spec.macs(size, size, batch)
+        cases.append(CaseResult(block=name, batch=batch, dtype="float32", backend="cpu",
+                                macs=3 * getattr(macs, "total", macs),
+                                ms={k: v * 1e3 for k, v in seconds.items()}))
     return BenchReport(machine=machine_info("cpu"), ceiling_gmacs=_better_ceiling(ceiling, torch.float32, "cpu"),
                        cases=cases)
 

@@ -93,3 +93,22 @@ def test_networks_table_has_every_contender_and_the_compile_times():
 def test_whole_networks_refuses_other_devices_and_dtypes(capsys):
     assert main(["bench", "--whole-networks", "--dtype", "float64"]) == 2
     assert "--whole-networks runs on the CPU in float32" in capsys.readouterr().err
+
+
+def test_train_bench_times_blocks_and_steps(monkeypatch):
+    """bench --train's two parts on the smallest cases: a 7x7 block (the original runs
+    there, by bn_train_min_pixels) and one googlenet step at batch 2, every contender."""
+    from inception_fast import bench_train
+
+    monkeypatch.setattr(bench_train, "gemm_ceiling", lambda *a, **k: {"mm": 1.0})
+    report = bench_train.bench_train_blocks(["5b"], [2], reps=1)
+    (case,) = report.cases
+    assert set(case.ms) == {"fused", "eager_channels_last", "eager_nchw"} and case.macs > 0
+    rows = bench_train.bench_train_steps([("torchvision googlenet", 2)], reps=1)
+    table = bench_train.train_steps_markdown(rows)
+    assert "| torchvision googlenet | 2 |" in table and rows[0]["speedup"] > 0
+
+
+def test_train_bench_refuses_other_modes(capsys):
+    assert main(["bench", "--train", "--v3"]) == 2
+    assert "--train runs on the CPU in float32, alone" in capsys.readouterr().err
