@@ -52,6 +52,7 @@ def bench_train_blocks(blocks: list[str], batches: list[int], reps: int = 10,
     forward + backward from one grad_output: the swapped block against eager
     channels_last and eager NCHW. MACs count the forward's three times (data and weight
     gradients)."""
+    from .fused_graph import FusedBranchGraph
     from .swap import swap_inception
 
     model = _googlenet()
@@ -71,7 +72,10 @@ def bench_train_blocks(blocks: list[str], batches: list[int], reps: int = 10,
                      "eager_nchw": _fwd_bwd(block, x, grad)}
         seconds = time_alternating(providers, reps=reps)
         macs = fused.spec.macs(size, size, batch)
-        cases.append(CaseResult(block=name, batch=batch, dtype="float32", backend="cpu",
+        # Under the threshold the swapped block runs the original: say so in its row.
+        below = batch * size * size < FusedBranchGraph.bn_train_min_pixels
+        cases.append(CaseResult(block=f"{name} (original: below bn_train_min_pixels)" if below else name,
+                                batch=batch, dtype="float32", backend="cpu",
                                 macs=3 * getattr(macs, "total", macs),
                                 ms={k: v * 1e3 for k, v in seconds.items()}))
     return BenchReport(machine=machine_info("cpu"), ceiling_gmacs=_better_ceiling(ceiling, torch.float32, "cpu"),

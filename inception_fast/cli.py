@@ -404,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_traffic)
 
     p = sub.add_parser("bench", help="fused blocks against eager and torch.compile, as ratios")
-    p.add_argument("--quick", action="store_true", help="three blocks, batch 1 and 8, 5 reps")
+    p.add_argument("--quick", action="store_true",
+                   help="three blocks, batch 1 and 8, 5 reps (with --train: batch 8, 3 reps, one googlenet step at "
+                        "batch 16)")
     p.add_argument("--blocks", type=_csv(str, tuple(_block_names())), default=None)
     p.add_argument("--batch", type=_csv(int), default=None)
     p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32")

@@ -69,5 +69,5 @@ class FusedInception(FusedBranchGraph):
         self.batch_norm = units[0].bn is not None
 
     def extra_repr(self) -> str:
-        mode = "original block in train mode (batch norm), " if self.batch_norm else ""
+        mode = f"{self._train_mode_repr()}, " if self.batch_norm else ""
         return f"spec={self.spec}, backend={self.backend!r}, {mode}from={self.source}"

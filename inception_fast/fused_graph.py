@@ -497,4 +497,11 @@ class FusedBranchGraph(DropInBlock):
                 f" + residual 1x1 (scale {self.graph.residual.scale:g}{', ReLU' if self.graph.residual.relu else ''})")
         return (f"{self.source}: {len(self.graph.branches)} branches + {pool}{tail}, "
                 f"in_channels={self.graph.in_channels}, out_channels={self.graph.out_channels}, "
-                f"backend={self.backend!r}" + (", original block in train mode (batch norm)" if self._bns else ""))
+                f"backend={self.backend!r}" + (f", {self._train_mode_repr()}" if self._bns else ""))
+
+    def _train_mode_repr(self) -> str:
+        """What train mode runs, for extra_repr."""
+        if not (self._bn_train and self.fuse_train_bn):
+            return "train mode with batch norm: the original block"
+        return (f"train mode with batch norm: fused (Triton; the C++ kernel from bn_train_min_pixels="
+                f"{self.bn_train_min_pixels} input pixels N*H*W, the original below)")

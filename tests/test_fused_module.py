@@ -67,7 +67,7 @@ def test_state_dict_keys_are_the_original_blocks():
 def test_repr_says_what_runs():
     text = repr(ifast.FusedInception.from_module(reference_module(SPEC, batch_norm=True), backend="cpu"))
     assert text.startswith("FusedInception(")
-    assert "backend='cpu'" in text and "original block in train mode" in text and "in_channels=13" in text
+    assert "backend='cpu'" in text and "train mode with batch norm: fused" in text and "in_channels=13" in text
 
 
 def test_from_module_refuses_what_it_cannot_prove():
