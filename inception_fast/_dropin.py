@@ -117,6 +117,12 @@ def match_memory_format(x: torch.Tensor, y: torch.Tensor, saved: bool = True) ->
     return y.contiguous()
 
 
+def _inlines_batch_norm(graph: torch.fx.GraphModule) -> bool:
+    """Whether a traced block calls F.batch_norm itself (a norm module traced through),
+    rather than BatchNorm2d modules that read their own mode when run."""
+    return any(n.op == "call_function" and n.target is torch.nn.functional.batch_norm for n in graph.graph.nodes)
+
+
 class DropInBlock(nn.Module):
     """Base of the fused modules: adoption of the original block and the per-call choice
     between the fused kernel and the original forward (see the module docstring)."""
@@ -223,7 +229,15 @@ class DropInBlock(nn.Module):
             # mode: an inlined BN replayed from the eval graph in train mode would normalise
             # by its running statistics (create_feature_extractor traces both modes).
             train = getattr(self, "_traced_train", None)
-            return torch.fx.Interpreter(train if self.training and train is not None else self._traced).run(x)
+            graph = train if self.training and train is not None else self._traced
+            if any(bn.training != self.training for bn in self._bns) and _inlines_batch_norm(graph):
+                # A norm traced through (timm's BatchNormAct2d) has its mode baked into the
+                # graph: with BNs in another mode than the block, neither trace is right.
+                raise RuntimeError(
+                    f"{type(self).__name__}: torch.fx tracing of a block whose batch norms are in another mode "
+                    "than the block itself (some train, some eval) is not supported when the norms are traced "
+                    "through (timm's BatchNormAct2d); put the block and its norms in one mode")
+            return torch.fx.Interpreter(graph).run(x)
         return self._original[0](x)
 
     def train(self, mode: bool = True) -> "DropInBlock":

@@ -339,3 +339,19 @@ def test_swap_convs_fuses_the_stem_conv_units_forward_and_backward(caplog):
     assert list(swapped.state_dict()) == list(stem.state_dict())  # drop-in: the same keys
     for (name, p), q in zip(stem.named_parameters(), swapped.parameters()):
         assert rel_err(q.grad, p.grad) <= TOLERANCE[torch.float32], name
+
+
+def test_fx_tracing_a_timm_block_with_mixed_bn_modes_raises():
+    """timm's norms are traced through, their mode baked into the graph: with some BNs in
+    another mode than the block, no trace replays what the block computes."""
+    timm = pytest.importorskip("timm")
+    import torch.fx as fx
+    from timm.models.inception_v3 import InceptionA
+
+    swapped = ifast.swap_inception(torch.nn.Sequential(randomize_(InceptionA(24, pool_features=8))))
+    swapped.train()
+    swapped[0].branch1x1.bn.eval()
+    with pytest.raises(RuntimeError, match="batch norms are in another mode than the block"):
+        fx.symbolic_trace(swapped)
+    swapped[0].branch1x1.bn.train()
+    fx.symbolic_trace(swapped)  # one mode: the train-mode trace replays
