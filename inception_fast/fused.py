@@ -24,9 +24,9 @@ class FusedInception(FusedBranchGraph):
     Modes:
       * no batch norm, train or eval: fully fused, forward and backward;
       * batch norm, eval: BN folded into the convolutions, fully fused;
-      * batch norm, train: BN needs the batch statistics of each convolution's output,
-        which a folded kernel cannot produce: the original block runs (running stats
-        update the same way).
+      * batch norm, train: the op's train-mode BN form (batch statistics between its
+        stages, running stats updated as nn.BatchNorm2d does; FusedBranchGraph's
+        bn_train_min_pixels and fuse_train_bn say where), else the original block.
     The backward recomputes the 3x3 and 5x5 reductions from x instead of saving them.
     x (N, in_channels, H, W) float; returns (N, out_channels, H, W) in the memory format
     eager convolution gives x (channels_last in, channels_last out: no transposes).

@@ -6,8 +6,9 @@ block is read by the general parser, graph_parse.py). A thin module: parse, fold
 It keeps the original block's children under their own names (state_dict unchanged). In
 eval mode it folds each BN into its convolution and runs the fused kernel, and with
 autograd on the fused backward too (gradients reach the convs and BNs through the
-folding); in train mode with BN it runs the original block (BN needs batch statistics,
-and running stats update exactly as before).
+folding). In train mode with BN it runs the op's train-mode BN form
+(ops/branch_graph_bn_train.py: batch statistics between the stages, running statistics
+updated as nn.BatchNorm2d does), or the original block where that form does not apply.
 """
 
 from __future__ import annotations
@@ -235,8 +236,9 @@ class FusedBranchGraph(DropInBlock):
     general parser reads (graph_parse.py: timm's Inception-v4 blocks, a user's own), a lone
     conv unit (a stem's BasicConv2d or ConvNormAct, as one branch of one convolution), and
     (FusedInception) GoogLeNet's module. Calls the fused kernel cannot honour run the original block
-    (_dropin.py): train-mode BN, FX tracing, ONNX export, torch.func, hooks, autocast on
-    the C++ kernel, backend "reference" (the original is the reference).
+    (_dropin.py): FX tracing, ONNX export, torch.func, hooks, autocast to a dtype no kernel
+    takes, backend "reference" (the original is the reference), and train-mode BN where
+    the train-mode BN form does not apply (_bn_train_applies).
 
     x (N, C, H, W) float; the output has the memory format eager convolution gives x.
     `recompute_reductions`: the backward recomputes the intermediates made by 1x1s over x
