@@ -7,11 +7,12 @@
 // the next stage reads, or the block's output. z stays for the backward, as eager batch
 // norm keeps its input.
 //
-// Statistics: per channel, sums of z - k and (z - k)^2 in double, k the channel's value at
-// the slice's first pixel if finite (a shift against cancellation when |mean| >> std), over a fixed
-// number of pixel chunks summed in a fixed order: the result does not depend on the thread
-// count. var is the biased variance, as batch norm normalises with; the caller makes the
-// unbiased one for the running statistics.
+// Statistics: per channel, sums of z - k and (z - k)^2, k the channel's value at the
+// slice's first pixel if finite (a shift against cancellation when |mean| >> std), in the
+// accumulator type over runs of kAccRows rows, each run flushed into double; over a fixed
+// number of pixel chunks summed in a fixed order, so the result does not depend on the
+// thread count. var is the biased variance, as batch norm normalises with; the caller makes
+// the unbiased one for the running statistics.
 #pragma once
 
 #include "nhwc.h"
@@ -36,7 +37,7 @@ struct Slice {
   int64_t channel, count;
   int64_t N, gh, gw;
   const Acc* params;  // (3, C) of the destination: rows gamma, beta, eps
-  Acc* stats;         // (3, C) of the destination: rows mean, biased var, invstd (written)
+  Acc* stats;         // (5, C) of the destination, written: rows mean, biased var, invstd, alpha, shift
   int64_t C;          // the destination's channels: the row length of params and stats
 };
 
