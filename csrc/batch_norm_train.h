@@ -32,7 +32,7 @@ namespace inception_fast::bn_train {
 // N x gh x gw pixels of its grid.
 template <typename T, typename Acc>
 struct Slice {
-  Plane<const T> z;    // the segment's pre-BN sums: its own count channels, unbordered
+  const T* z;          // (N, gh, gw, count): the segment's pre-BN sums, contiguous (row m at m * count)
   Plane<T> dst;        // where relu(BN(z)) goes, at `channel`
   int64_t channel, count;
   int64_t N, gh, gw;
@@ -112,7 +112,7 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
   // finite (an inf there made every sum inf - inf, a NaN mean where eager's is inf).
   std::vector<std::vector<T>> shifts(jobs);
   for (int64_t j = 0; j < jobs; ++j) {
-    const T* first = slices[j].z.data;
+    const T* first = slices[j].z;
     shifts[j].resize(slices[j].count);
     for (int64_t c = 0; c < slices[j].count; ++c) shifts[j][c] = std::isfinite(first[c]) ? first[c] : T(0);
   }
@@ -126,10 +126,10 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
       const Slice<T, Acc>& s = slices[i / kChunks];
       const auto [m0, m1] = chunk(s, i % kChunks);
       double* s1 = sums.data() + offset[i / kChunks] + (i % kChunks) * 2 * s.count;
-      const T* __restrict__ k = shifts[i / kChunks].data();  // z: the segment's own contiguous tensor
+      const T* __restrict__ k = shifts[i / kChunks].data();
       acc.resize(2 * s.count);
       for (int64_t r0 = m0; r0 < m1; r0 += kAccRows)
-        accumulate_rows(s.z.data + r0 * s.count, k, std::min(kAccRows, m1 - r0), s.count, acc.data(), s1);
+        accumulate_rows(s.z + r0 * s.count, k, std::min(kAccRows, m1 - r0), s.count, acc.data(), s1);
     }
   });
   // Per slice and channel: alpha and shift of the normalisation, stats written for the caller.
@@ -172,7 +172,7 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
       int64_t n, h, w;
       pixel_of(m0, s.gh, s.gw, n, h, w);
       for (int64_t m = m0; m < m1; ++m) {
-        const T* __restrict__ z = s.z.data + m * s.count;  // the segment's own contiguous z
+        const T* __restrict__ z = s.z + m * s.count;
         T* __restrict__ y = s.dst.interior_row(n, h, w) + s.channel;
         using V = typename Simd<T>::Vec;
         constexpr int64_t L = Simd<T>::kLanes;
@@ -195,9 +195,6 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
   });
 }
 
-}  // namespace inception_fast::bn_train
-
-namespace inception_fast::bn_train {
 
 // The backward of relu(BN(z)) on batch statistics over M rows (pixels) of `count`
 // channels, rows of each input `ld` elements apart (channels contiguous), dz contiguous:

@@ -338,9 +338,8 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
         if (d.stage != stage || d.source == kSourceMaxPoolCopy) continue;
         for (size_t j = 0; j < d.segments.size(); ++j) {
           const auto& [begin, end, dest, channel] = d.segments[j];
-          const Plane<T>& zp = z_planes[first_z[g] + j];
           bn_train::Slice<T, Acc> slice;
-          slice.z = Plane<const T>{zp.data, zp.stride_n, zp.stride_h, zp.stride_w, 0};
+          slice.z = z_planes[first_z[g] + j].data;
           slice.dst = dest == kDestOut ? out_plane : planes[dest];
           slice.channel = channel;
           slice.count = end - begin;
@@ -671,7 +670,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
   const at::Tensor sh = shift_opt.has_value() ? shift_opt->contiguous() : at::Tensor();
   for (const at::Tensor* t : {&m, &is, &w, &a, &sh})
     TORCH_CHECK(!t->defined() || (t->numel() == count && t->scalar_type() == z.scalar_type()),
-                "relu_batch_norm_backward: mean, invstd and weight must be (", count, ",) tensors of ", z.scalar_type());
+                "relu_batch_norm_backward: mean, invstd, weight, alpha and shift must be (", count, ",) tensors of ",
+                z.scalar_type());
   at::Tensor dz = at::empty({rows, count}, z.options());
   at::Tensor d_gamma = at::empty({count}, z.options()), d_beta = at::empty({count}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_batch_norm_backward", [&] {

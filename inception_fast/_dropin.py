@@ -43,7 +43,8 @@ from torch.nn.modules import module as _module_globals  # where register_module_
 
 from .ops.backend import autocast_dtype, resolve_backend
 
-__all__ = ["DropInBlock", "autocast_dtype", "autocast_off", "hooks_or_parametrizations", "match_memory_format"]
+__all__ = ["DropInBlock", "autocast_dtype", "autocast_off", "hooks_or_parametrizations", "match_memory_format",
+           "uses_batch_statistics"]
 
 log = logging.getLogger("inception_fast")
 
@@ -117,6 +118,12 @@ def match_memory_format(x: torch.Tensor, y: torch.Tensor, saved: bool = True) ->
     return y.contiguous()
 
 
+def uses_batch_statistics(bn: nn.Module) -> bool:
+    """Whether a BN normalises by the batch's statistics (train mode, or no running
+    statistics), as _BatchNorm.forward decides: then it cannot be folded."""
+    return bn.training or bn.running_mean is None or bn.running_var is None
+
+
 def _inlines_batch_norm(graph: torch.fx.GraphModule) -> bool:
     """Whether a traced block calls F.batch_norm itself (a norm module traced through),
     rather than BatchNorm2d modules that read their own mode when run."""
@@ -169,7 +176,7 @@ class DropInBlock(nn.Module):
         # A BN folds only in eval mode with running statistics; one on batch statistics (train
         # mode, or no running statistics) takes the train-mode BN form of the op, or the
         # original (which updates its running statistics), after the checks below.
-        batch_statistics = any(bn.training or bn.running_mean is None or bn.running_var is None for bn in self._bns)
+        batch_statistics = any(map(uses_batch_statistics, self._bns))
         for unit, geometry in zip(self._units, self._geometry):
             if _conv_geometry(unit.conv) != geometry:
                 raise RuntimeError(

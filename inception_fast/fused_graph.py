@@ -22,7 +22,7 @@ from torch import nn
 
 from ._cache import TensorVersionCache, tracing
 from ._checks import check_choice, check_input, check_same_dtype_device
-from ._dropin import DropInBlock, autocast_dtype, autocast_off, match_memory_format
+from ._dropin import DropInBlock, autocast_dtype, autocast_off, match_memory_format, uses_batch_statistics
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
@@ -238,7 +238,7 @@ class FusedBranchGraph(DropInBlock):
     (FusedInception) GoogLeNet's module. Calls the fused kernel cannot honour run the original block
     (_dropin.py): FX tracing, ONNX export, torch.func, hooks, autocast to a dtype no kernel
     takes, backend "reference" (the original is the reference), and train-mode BN where
-    the train-mode BN form does not apply (_bn_train_applies).
+    the train-mode BN form does not apply (_bn_train_backend).
 
     x (N, C, H, W) float; the output has the memory format eager convolution gives x.
     `recompute_reductions`: the backward recomputes the intermediates made by 1x1s over x
@@ -359,8 +359,8 @@ class FusedBranchGraph(DropInBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.graph.in_channels)
         reason = self._unfused_reason(x)
-        if reason == "batch statistics" and self._bn_train_applies(x):
-            return self._forward_bn_train(x)
+        if reason == "batch statistics" and (train_backend := self._bn_train_backend(x)) is not None:
+            return self._forward_bn_train(x, train_backend)
         run = self._kernel_input(x) if reason is None else None
         backend = None if run is None else resolve_backend(self.backend, run[0])
         if backend not in ("cpu", "triton"):
@@ -420,32 +420,33 @@ class FusedBranchGraph(DropInBlock):
                     y = torch.cat([y[:, :c0], torch.nn.functional.max_pool2d(x, 3, 2), y[:, c1:]], 1)
         return match_memory_format(x, y)
 
-    def _bn_train_applies(self, x: torch.Tensor) -> bool:
-        """Whether this call, with a BN on batch statistics, can take the op's train-mode BN
-        form (ops/branch_graph_bn_train.py): every convolution followed by a plain
-        BatchNorm2d, every one on batch statistics (a mix of folded and batch statistics
-        runs the original), float32 or float64 on the C++ kernel (from bn_train_min_pixels
-        input pixels on) or float32 on Triton, no autocast, not traced, a non-empty batch,
-        fuse_train_bn set."""
+    def _bn_train_backend(self, x: torch.Tensor) -> str | None:
+        """The backend ("cpu" or "triton") on which this call, with a BN on batch statistics,
+        takes the op's train-mode BN form (ops/branch_graph_bn_train.py), or None: every
+        convolution followed by a BatchNorm2d, every one on batch statistics (a mix of
+        folded and batch statistics runs the original), float32 or float64 on the C++
+        kernel (from bn_train_min_pixels input pixels on) or float32 on Triton, no
+        autocast, not traced, a non-empty batch, fuse_train_bn set."""
         if not (self._bn_train and self.fuse_train_bn) or tracing() or x.dtype not in (torch.float32, torch.float64):
-            return False
+            return None
         if x.numel() == 0:  # an empty batch: the original's (no statistics, stats untouched)
-            return False
+            return None
         # Every BN on batch statistics, with BN's own forward (not one set on the instance).
-        if any(not (bn.training or bn.running_mean is None or bn.running_var is None) or "forward" in bn.__dict__
-               for bn in self._bns):
-            return False
+        if not all(uses_batch_statistics(bn) and "forward" not in bn.__dict__ for bn in self._bns):
+            return None
         if autocast_dtype(x) is not None or self._units[0].conv.weight.dtype != x.dtype:
-            return False
+            return None
         try:
             backend = resolve_backend(self.backend, x)
         except (TypeError, ValueError, RuntimeError):  # a backend that cannot run x: the original decides
-            return False
+            return None
         if backend == "cpu":  # the threshold was measured on the CPU kernel
-            return x.device.type == "cpu" and x.shape[0] * x.shape[2] * x.shape[3] >= self.bn_train_min_pixels
-        return backend == "triton" and x.dtype == torch.float32
+            fused = x.device.type == "cpu" and x.shape[0] * x.shape[2] * x.shape[3] >= self.bn_train_min_pixels
+        else:
+            fused = backend == "triton" and x.dtype == torch.float32
+        return backend if fused else None
 
-    def _forward_bn_train(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_bn_train(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         """The block in train mode with batch norm, on the fused op's train-mode BN form: the
         running statistics and num_batches_tracked change as nn.BatchNorm2d's forward
         changes them (torch/nn/modules/batchnorm.py, _BatchNorm.forward). A batch of one
@@ -465,7 +466,7 @@ class FusedBranchGraph(DropInBlock):
             bns.append(BatchNormTrain(bn.weight, bn.bias, bn.eps,
                                       (bn.running_mean, bn.running_var, factor) if update else None))
         y = apply_graph_bn_train(x, self._plan, _plans(self)[1], [u.conv.weight for u in self._units],
-                                 [u.conv.bias for u in self._units], bns, resolve_backend(self.backend, x))
+                                 [u.conv.bias for u in self._units], bns, backend)
         return match_memory_format(x, y, saved=False)
 
     def __setstate__(self, state: dict) -> None:

@@ -23,6 +23,7 @@ average for momentum=None; the unbiased variance); the module around the op
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -56,9 +57,9 @@ def _bn_params(graph: GraphPlan, x: torch.Tensor, bns: list[BatchNormTrain]) -> 
         t = x.new_empty(3, channels)
         t[0], t[1], t[2] = 1, 0, 1
         params.append(t)
-    for conv, bn in zip(graph.convs, bns):
+    for conv, bn, width in zip(graph.convs, bns, _segments(graph).widths):
         p = params[conv.destination + 1]
-        c = slice(conv.channel, conv.channel + _out_channels(graph, conv))
+        c = slice(conv.channel, conv.channel + width)
         if bn.weight is not None:
             p[0, c] = bn.weight
             p[1, c] = bn.bias
@@ -66,13 +67,25 @@ def _bn_params(graph: GraphPlan, x: torch.Tensor, bns: list[BatchNormTrain]) -> 
     return params
 
 
-def _out_channels(graph: GraphPlan, conv) -> int:
-    """Convolution `conv`'s output channels: its GEMM segment's width."""
+class _Segments(NamedTuple):
+    """Where each convolution of a plan stores (plan.convs order): its output channels (its
+    GEMM segment's width) and the index of its segment's z among the segments of GEMMs with
+    weights, in plan order (what the forward returns)."""
+
+    widths: tuple[int, ...]
+    z_index: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _segments(graph: GraphPlan) -> _Segments:
+    """_Segments of a plan, worked out once per plan (every training step asks)."""
+    widths, z_index = [0] * len(graph.convs), [0] * len(graph.convs)
+    k = 0
     for g in graph.gemms:
-        for s in g.segments:
-            if s.destination == conv.destination and s.channel == conv.channel:
-                return s.end - s.begin
-    raise ValueError(f"no GEMM of the plan writes {conv}")
+        for i, seg in zip(g.convs, g.segments):
+            widths[i], z_index[i] = seg.end - seg.begin, k
+            k += 1
+    return _Segments(tuple(widths), tuple(z_index))
 
 
 # Training repacks the weights every step, and a 3x3's Winograd panels cost ~5 ns per
@@ -115,11 +128,11 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
             packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
             y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(
                 x, packed_b, packed_bias, _bn_params(graph, x, bns), graph.flat())
-        for conv, bn in zip(graph.convs, bns):
+        for conv, bn, width in zip(graph.convs, bns, _segments(graph).widths):
             if bn.running is None:
                 continue
             running_mean, running_var, factor = bn.running
-            s = stats[conv.destination + 1][:, conv.channel:conv.channel + _out_channels(graph, conv)]
+            s = stats[conv.destination + 1][:, conv.channel:conv.channel + width]
             gh, gw = conv.grid(h, w)
             count = n * gh * gw
             running_mean.copy_(factor * s[0] + (1 - factor) * running_mean)
@@ -164,9 +177,7 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         needs_beta = ctx.needs_input_grad[first + 3 * n_conv:first + 4 * n_conv]
         d_gamma, d_beta = [None] * n_conv, [None] * n_conv
 
-        z_of = [0] * n_conv  # convolution -> its GEMM segment's z
-        for k, i in enumerate(i for g in ctx.graph.gemms for i in g.convs):
-            z_of[i] = k
+        z_of = _segments(ctx.graph).z_index
 
         cpu = ctx.backend == "cpu"
 
@@ -256,11 +267,11 @@ def check_batch_size(graph: GraphPlan, x: torch.Tensor) -> None:
     where a convolution of the block would have a single value per channel over x: batch 1
     onto a 1x1 grid."""
     n, _, h, w = x.shape
-    for conv in graph.convs:
+    for conv, width in zip(graph.convs, _segments(graph).widths):
         gh, gw = conv.grid(h, w)
         if n * gh * gw == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{torch.Size((n, _out_channels(graph, conv), gh, gw))}")
+                             f"{torch.Size((n, width, gh, gw))}")
 
 
 def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[int], weights: list, biases: list,
