@@ -16,6 +16,7 @@ TORCH_LIBRARY(inception_fast, m) {
   m.set_python_module("inception_fast.ops.branch_graph");
   m.def("graph_forward(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> Tensor");
   m.def("graph_forward.out(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("graph_forward_linear(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> Tensor");
   m.def("graph_forward_saving(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> (Tensor, Tensor[])");
   m.def("graph_forward_bn_train(Tensor x, Tensor[] b, Tensor[] bias, Tensor[] bn_params, int[] flat_plan) -> "
         "(Tensor, Tensor[], Tensor[], Tensor[])");
@@ -29,6 +30,7 @@ TORCH_LIBRARY(inception_fast, m) {
 TORCH_LIBRARY_IMPL(inception_fast, CPU, m) {
   m.impl("graph_forward", &inception_fast::inception_graph_forward);
   m.impl("graph_forward.out", &inception_fast::inception_graph_forward_out);
+  m.impl("graph_forward_linear", &inception_fast::inception_graph_forward_linear);
   m.impl("graph_forward_saving", &inception_fast::inception_graph_forward_saving);
   m.impl("graph_forward_bn_train", &inception_fast::inception_graph_forward_bn_train);
   m.impl("relu_batch_norm_backward", &inception_fast::relu_batch_norm_backward);

@@ -74,6 +74,13 @@ class ChannelCoverage {
 at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,
                                    at::IntArrayRef flat_plan);
 
+// inception_graph_forward with every epilogue sum + bias, no ReLU. A one-convolution plan
+// of a 'same' stride-1 convolution over the output gradient, with the flipped, transposed
+// weight, is that convolution's data gradient: the fp32 Winograd forms then serve the
+// backward too (ops/branch_graph_bn_train.py). No residual epilogue.
+at::Tensor inception_graph_forward_linear(const at::Tensor& x, at::TensorList b, at::TensorList bias,
+                                          at::IntArrayRef flat_plan);
+
 // inception_graph_forward into `out`: that shape and dtype, channels_last.
 at::Tensor& inception_graph_forward_out(const at::Tensor& x, at::TensorList b, at::TensorList bias,
                                         at::IntArrayRef flat_plan, at::Tensor& out);

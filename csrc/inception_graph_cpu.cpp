@@ -128,7 +128,7 @@ template <typename T>
 void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_channels,
                         const std::vector<int64_t>& buf_border, const std::vector<GemmDesc>& descs,
                         at::TensorList b, at::TensorList bias, const std::vector<at::Tensor>& bufs,
-                        at::Tensor& out, BatchNormTrain* bn = nullptr) {
+                        at::Tensor& out, BatchNormTrain* bn = nullptr, bool linear = false) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int64_t c_out = out.size(1), Ho = out.size(2), Wo = out.size(3);
 
@@ -201,10 +201,11 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
         continue;
       }
       if (!out_destination(dest)) {
-        gm.segments.push_back({begin, end, planes[dest], channel});
+        gm.segments.push_back({begin, end, planes[dest], channel, linear ? Epilogue::kLinear : Epilogue::kRelu});
         continue;
       }
-      const Epilogue epilogue = dest == kDestOut ? Epilogue::kRelu
+      const Epilogue epilogue = linear ? Epilogue::kLinear
+                                : dest == kDestOut ? Epilogue::kRelu
                                 : dest == kDestOutResidualRelu ? Epilogue::kResidualRelu
                                                                : Epilogue::kResidual;
       gm.segments.push_back({begin, end, out_plane, channel, epilogue, x_plane});
@@ -514,7 +515,7 @@ FlatPlan parse_flat_plan(at::IntArrayRef flat) {
 // The forward into `out` (or a new tensor); the intermediates are left in `bufs`.
 at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorList b_in, at::TensorList bias_in,
                          const std::optional<at::Tensor>& out_opt, std::vector<at::Tensor>& bufs,
-                         BatchNormTrain* bn = nullptr) {
+                         BatchNormTrain* bn = nullptr, bool linear = false) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "x must be a 4-D CPU tensor, got ", x_in.sizes(),
               " on ", x_in.device());
   TORCH_CHECK(x_in.size(1) == p.in_channels, "x must have the plan's ", p.in_channels, " channels, got ",
@@ -568,6 +569,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     TORCH_CHECK(bias[g].scalar_type() == bias_type && bias[g].dim() == 1 && bias[g].size(0) == d.cols,
                 "bias of GEMM ", g, " must be a (", d.cols, ",) tensor of ", bias_type, " (x's accumulator type)");
   }
+  TORCH_CHECK(!linear || !p.residual, "graph_forward_linear: a plan with a residual epilogue has no linear form");
   TORCH_CHECK(!p.residual || C == p.out_channels, "flat_plan: a residual epilogue adds x to the output, so x must "
               "have its ", p.out_channels, " channels, got ", C);
   const at::Tensor x = x_in.to(compute).contiguous(at::MemoryFormat::ChannelsLast);
@@ -632,7 +634,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
   }
   if (out.numel() == 0 || x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "inception_graph_forward", [&] {
-    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work, bn);
+    graph_forward_impl<scalar_t>(x, p.buf_channels, p.buf_border, p.descs, b, bias, bufs, work, bn, linear);
   });
   if (half) out.copy_(work);
   return out;
@@ -689,6 +691,12 @@ at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::Te
                                    at::IntArrayRef flat_plan) {
   std::vector<at::Tensor> bufs;
   return graph_forward(x, parse_flat_plan(flat_plan), b, bias, std::nullopt, bufs);
+}
+
+at::Tensor inception_graph_forward_linear(const at::Tensor& x, at::TensorList b, at::TensorList bias,
+                                          at::IntArrayRef flat_plan) {
+  std::vector<at::Tensor> bufs;
+  return graph_forward(x, parse_flat_plan(flat_plan), b, bias, std::nullopt, bufs, nullptr, true);
 }
 
 at::Tensor& inception_graph_forward_out(const at::Tensor& x, at::TensorList b, at::TensorList bias,

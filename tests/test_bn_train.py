@@ -96,6 +96,42 @@ def test_forward_backward_and_running_stats_match_eager(kind, dtype, shape):
     _assert_buffers(original, fused, tol)
 
 
+def _stem_unit() -> nn.Module:
+    from torchvision.models.googlenet import BasicConv2d
+
+    return randomize_(BasicConv2d(10, 24, kernel_size=3, padding=1)).eval()
+
+
+@pytest.mark.parametrize("kind", ["googlenet", "v3-E", "stem"])
+def test_winograd_data_gradients_match_eager(kind, monkeypatch):
+    """fp32 3x3 data gradients through the forward kernel's Winograd form (graph_forward_linear
+    over the output gradient with the flipped, transposed weight): over intermediates, and
+    over x for a stem's conv unit (swap_inception(convs=True)). Thresholds off, so that
+    these small grids take it; a spy checks that they did."""
+    from inception_fast.ops import branch_graph_bn_train as bn_train
+
+    monkeypatch.setattr(bn_train, "DATA_GRAD_MIN_MACS", 0)
+    monkeypatch.setattr(bn_train, "WINOGRAD_MIN_PIXELS", 0)
+    planned = []
+    plan_of = bn_train._data_grad_plan
+    monkeypatch.setattr(bn_train, "_data_grad_plan", lambda *shape: planned.append(shape) or plan_of(*shape))
+    if kind == "stem":
+        original, channels = _stem_unit().train(), 10
+        fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(original)), convs=True)[0].train()
+        assert isinstance(fused, FusedBranchGraph)
+    else:
+        original, fused, channels = _pair(kind, torch.float32)
+    x = torch.randn(2, channels, 12, 12)  # F(2x2, 3x3): 72 tiles, over the kernel's 64
+    grad_out = torch.randn_like(original(x.clone()))
+    y0, dx0, g0 = _grads(original, x, grad_out)
+    y1, dx1, g1 = _grads(fused, x, grad_out)
+    assert planned and all(shape[2:] == (3, 3) for shape in planned)
+    assert rel_err(y1, y0) <= TOL[torch.float32]
+    assert rel_err(dx1, dx0) <= TOL[torch.float32]
+    for name, want in g0.items():
+        assert rel_err(g1[name], want) <= TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
 def test_output_has_eager_memory_format(memory_format):
     original, fused, channels = _pair("googlenet", torch.float32)

@@ -311,6 +311,38 @@ def test_out_overlapping_the_packed_weights_raises():
 
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 7), (5, 5)], ids=["3x3", "1x7", "5x5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_linear_forward_is_the_convolution_without_relu(kernel, dtype):
+    """graph_forward_linear of one 'same' convolution over x: F.conv2d plus bias, its negative
+    outputs kept (the train-mode backward's data gradients run through it), on Winograd panels
+    where fp32 has them and on the direct GEMM otherwise; a residual plan has no such form."""
+    kh, kw = kernel
+    graph = plan(BranchGraphSpec(in_channels=13, branches=(Branch(levels=((Conv(13, 21, kh, kw),),)),),
+                                 pool=None, pool_proj=None))
+    w, b = torch.randn(21, 13, kh, kw, dtype=dtype) * 0.2, torch.randn(21, dtype=dtype)
+    x = torch.randn(3, 13, 14, 15, dtype=dtype)
+    packed = pack_weights(graph, [w], [b], "cpu", winograd=True)
+    assert _winograd_stages(graph, packed[0], 13) == (dtype == torch.float32 and kernel != (5, 5))
+    got = torch.ops.inception_fast.graph_forward_linear(x, *packed, graph.flat())
+    want = torch.nn.functional.conv2d(x, w, b, padding=(kh // 2, kw // 2))
+    assert (want < 0).any() and got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(got, want) <= TOLERANCE[dtype]
+
+
+def test_linear_forward_refuses_a_residual_plan():
+    from inception_fast.ops.plan import plan_with_residual
+    from inception_fast.spec import Residual
+
+    spec = BranchGraphSpec(in_channels=8, branches=(Branch(levels=((Conv(8, 4),),)),), pool=None, pool_proj=None,
+                           residual=Residual(Conv(4, 8)))
+    graph = plan_with_residual(spec)
+    ws = [torch.randn(4, 8, 1, 1), torch.randn(8, 4, 1, 1)]  # the branch's 1x1, the tail's
+    packed = pack_weights(graph, ws, [torch.zeros(w.shape[0]) for w in ws], "cpu")
+    with pytest.raises(RuntimeError, match="residual epilogue has no linear form"):
+        torch.ops.inception_fast.graph_forward_linear(torch.randn(1, 8, 4, 4), *packed, graph.flat())
+
+
 @pytest.mark.parametrize(("grid", "want"), [((28, 28), 4), ((35, 35), 4), ((147, 147), 4), ((71, 71), 4),
                                             ((56, 56), 4), ((14, 14), 2), ((7, 7), 2), ((8, 8), 2), ((17, 17), 2),
                                             ((2, 70), 2), ((16, 16), 2), ((22, 22), 2), ((24, 24), 4)])

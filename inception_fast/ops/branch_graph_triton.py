@@ -897,7 +897,9 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
         return pooled, pool_dx
 
     def data_grad(g, weight, record, d_so_far, intermediate, last):
-        _source, _dest, _channel, kh, kw, *_ = record
+        source, _dest, _channel, kh, kw, *_ = record
+        if source < 0:  # a K x K over x: ATen's
+            return None
         t = intermediate.contiguous()
         cols, k_g = weight.shape[1], weight.shape[0]
         d = torch.empty_like(t) if d_so_far is None else d_so_far.reshape(t.shape)
