@@ -96,17 +96,18 @@ def test_forward_backward_and_running_stats_match_eager(kind, dtype, shape):
     _assert_buffers(original, fused, tol)
 
 
-def _stem_unit() -> nn.Module:
+def _stem_unit(padding: int) -> nn.Module:
     from torchvision.models.googlenet import BasicConv2d
 
-    return randomize_(BasicConv2d(10, 24, kernel_size=3, padding=1)).eval()
+    return randomize_(BasicConv2d(10, 24, kernel_size=3, padding=padding)).eval()
 
 
-@pytest.mark.parametrize("kind", ["googlenet", "v3-E", "stem"])
+@pytest.mark.parametrize("kind", ["googlenet", "v3-E", "stem", "stem-unpadded"])
 def test_winograd_data_gradients_match_eager(kind, monkeypatch):
     """fp32 3x3 data gradients through the forward kernel's Winograd form (graph_forward_linear
     over the output gradient with the flipped, transposed weight): over intermediates, and
-    over x for a stem's conv unit (swap_inception(convs=True)). Thresholds off, so that
+    over x for a stem's conv units (swap_inception(convs=True)), 'same' and unpadded (Inception-v3's
+    Conv2d_2a and 4a: the 'full' correlation of the bordered gradient). Thresholds off, so that
     these small grids take it; a spy checks that they did."""
     from inception_fast.ops import branch_graph_bn_train as bn_train
 
@@ -115,8 +116,8 @@ def test_winograd_data_gradients_match_eager(kind, monkeypatch):
     planned = []
     plan_of = bn_train._data_grad_plan
     monkeypatch.setattr(bn_train, "_data_grad_plan", lambda *shape: planned.append(shape) or plan_of(*shape))
-    if kind == "stem":
-        original, channels = _stem_unit().train(), 10
+    if kind.startswith("stem"):
+        original, channels = _stem_unit(0 if kind == "stem-unpadded" else 1).train(), 10
         fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(original)), convs=True)[0].train()
         assert isinstance(fused, FusedBranchGraph)
     else:
@@ -125,7 +126,7 @@ def test_winograd_data_gradients_match_eager(kind, monkeypatch):
     grad_out = torch.randn_like(original(x.clone()))
     y0, dx0, g0 = _grads(original, x, grad_out)
     y1, dx1, g1 = _grads(fused, x, grad_out)
-    assert planned and all(shape[2:] == (3, 3) for shape in planned)
+    assert planned and all(shape[2:4] == (3, 3) for shape in planned)
     assert rel_err(y1, y0) <= TOL[torch.float32]
     assert rel_err(dx1, dx0) <= TOL[torch.float32]
     for name, want in g0.items():

@@ -119,28 +119,37 @@ DATA_GRAD_MIN_MACS = 400_000_000
 
 
 @functools.lru_cache(maxsize=256)
-def _data_grad_plan(cout: int, cin: int, kh: int, kw: int) -> GraphPlan:
-    """The plan of one kh x kw 'same' convolution from cout to cin channels: its linear
+def _data_grad_plan(cout: int, cin: int, kh: int, kw: int, padded: bool = True) -> GraphPlan:
+    """The plan of one kh x kw stride-1 convolution from cout to cin channels whose linear
     forward (graph_forward_linear) over a convolution's output gradient, with that
-    convolution's flipped, transposed weight, is the convolution's data gradient."""
-    return plan(BranchGraphSpec(in_channels=cout, branches=(Branch(levels=((Conv(cout, cin, kh, kw),),)),),
+    convolution's flipped, transposed weight, is the convolution's data gradient: 'same'
+    for a 'same' convolution; unpadded over the gradient with a (kh - 1, kw - 1) zero
+    border (the 'full' correlation) for an unpadded one."""
+    return plan(BranchGraphSpec(in_channels=cout, branches=(Branch(levels=((Conv(cout, cin, kh, kw, padded=padded),),)),),
                                 pool=None, pool_proj=None))
 
 
 def _winograd_data_grad(n: int, h: int, w: int):
     """graph_backward_reference's data_grad hook for the CPU: the Winograd data gradient of
-    each fp32 3x3 'same' convolution (over an intermediate, or over x: a stem's conv unit)
-    where it pays (WINOGRAD_MIN_PIXELS, DATA_GRAD_MIN_MACS); None, ATen's convolution
-    backward, for the others."""
+    each fp32 3x3 stride-1 convolution, 'same' or unpadded, over an intermediate or over x
+    (a stem's conv unit), where it pays (WINOGRAD_MIN_PIXELS, DATA_GRAD_MIN_MACS); None,
+    ATen's convolution backward, for the others."""
     def data_grad(g, weight, step, d_so_far, intermediate, last):
         cout, cin, kh, kw = weight.shape
+        gh, gw = step.grid(h, w)
         if (not _backend.WINOGRAD or weight.dtype != torch.float32 or (kh, kw) != (3, 3)
-                or n * h * w < WINOGRAD_MIN_PIXELS or n * h * w * weight.numel() < DATA_GRAD_MIN_MACS):
+                or n * gh * gw < WINOGRAD_MIN_PIXELS or n * gh * gw * weight.numel() < DATA_GRAD_MIN_MACS):
             return None
-        graph = _data_grad_plan(cout, cin, kh, kw)
+        padded = (gh, gw) == (h, w)
+        graph = _data_grad_plan(cout, cin, kh, kw, padded)
+        g_image = image(g, n, gh, gw)
+        if not padded:
+            bordered = g.new_zeros(n, h + kh - 1, w + kw - 1, cout)
+            bordered[:, kh - 1:kh - 1 + gh, kw - 1:kw - 1 + gw] = g.view(n, gh, gw, cout)
+            g_image = bordered.permute(0, 3, 1, 2)
         b, bias = pack_weights(graph, [weight.flip(2, 3).transpose(0, 1)], [weight.new_zeros(cin)], "cpu",
-                               winograd_tiles(graph, h, w))
-        d = rows(torch.ops.inception_fast.graph_forward_linear(image(g, n, h, w), b, bias, graph.flat()))
+                               winograd_tiles(graph, *g_image.shape[2:]))
+        d = rows(torch.ops.inception_fast.graph_forward_linear(g_image, b, bias, graph.flat()))
         # d_so_far: the sum of the intermediate's other consumers, a fresh tensor of the walk.
         return (d if d_so_far is None else d_so_far.add_(d)), False
 

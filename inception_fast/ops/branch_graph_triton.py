@@ -897,8 +897,8 @@ def graph_backward_triton(grad_out, x, y, intermediates: list, weights: list, ne
         return pooled, pool_dx
 
     def data_grad(g, weight, record, d_so_far, intermediate, last):
-        source, _dest, _channel, kh, kw, *_ = record
-        if source < 0:  # a K x K over x: ATen's
+        source, _dest, _channel, kh, kw, _stride, pad_h, pad_w = record
+        if source < 0 or (pad_h, pad_w) != (kh // 2, kw // 2):  # over x, or unpadded: ATen's
             return None
         t = intermediate.contiguous()
         cols, k_g = weight.shape[1], weight.shape[0]

@@ -35,8 +35,8 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     calls, on any device: the algorithm the C++ backward (csrc/inception_graph_cpu_backward.cpp)
     and the Triton one implement. intermediates: (N, H, W, channels) NHWC, any strides.
 
-    data_grad, if given, computes the data gradient of each 'same' stride-1 convolution
-    instead of ATen: data_grad(g, weight, record, d_so_far, intermediate, last) -> (d,
+    data_grad, if given, computes the data gradient of each stride-1 convolution ('same'
+    or unpadded) instead of ATen: data_grad(g, weight, record, d_so_far, intermediate, last) -> (d,
     masked), g the (M, cout) masked gradient of its output, d the (M, cin) rows of the
     gradient of its input: for one over an intermediate, d_so_far the sum over the
     intermediate's other consumers (None for the first), last whether no consumer is left,
@@ -129,17 +129,17 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             if needs[0]:
                 dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
                     d_pooled, x, [3, 3], [1, 1], [1, 1], [1, 1], False, indices))
-        elif data_grad is not None and table[i].grid(h, w) == (h, w) and (source >= 0 or needs[0]) and (
+        elif data_grad is not None and conv_stride == 1 and (source >= 0 or needs[0]) and (
                 taken := data_grad(g, weight, table[i], d_inter[source] if source >= 0 else None,
                                    intermediates[source] if source >= 0 else None,
-                                   source >= 0 and consumers_left[source] == 0)) is not None:  # 'same', stride 1
+                                   source >= 0 and consumers_left[source] == 0)) is not None:
             if source >= 0:
                 d_inter[source], masked[source] = taken
             else:
                 dx_terms.append(image(taken[0], n, h, w))
             _, d_weights[i], _ = torch.ops.aten.convolution_backward(
-                image(g, n, h, w), x if source == Source.X else intermediates[source].permute(0, 3, 1, 2), weight,
-                None, [1, 1], [pad_h, pad_w], [1, 1], False, [0, 0], 1, [False, needs[1], False])
+                image(g, n, *table[i].grid(h, w)), x if source == Source.X else intermediates[source].permute(0, 3, 1, 2),
+                weight, None, [1, 1], [pad_h, pad_w], [1, 1], False, [0, 0], 1, [False, needs[1], False])
         else:
             gh, gw = table[i].grid(h, w)
             src = x if source == Source.X else intermediates[source].permute(0, 3, 1, 2)
