@@ -85,8 +85,9 @@ def bench_train_blocks(blocks: list[str], batches: list[int], reps: int = 10,
 def bench_train_steps(cases: list[tuple[str, int]], reps: int = 6,
                       progress: Callable[[str], None] | None = None) -> list[dict]:
     """One train step (zero_grad, forward, cross-entropy, backward) of each (model, batch):
-    swap_inception(model) against the model itself, both channels_last, random weights, the
-    same labels; each step re-seeds the dropout masks alike."""
+    swap_inception(model) and swap_inception(model, convs=True) (the stem's conv units fused
+    too) against the model itself, all channels_last, random weights, the same labels; each
+    step re-seeds the dropout masks alike."""
     from .swap import swap_inception
 
     rows = []
@@ -97,6 +98,7 @@ def bench_train_steps(cases: list[tuple[str, int]], reps: int = 6,
         torch.manual_seed(0)
         original = make().train().to(memory_format=torch.channels_last)
         swapped = swap_inception(copy.deepcopy(original))
+        swapped_convs = swap_inception(copy.deepcopy(original), convs=True)
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, 1000, (batch,))
 
@@ -107,15 +109,19 @@ def bench_train_steps(cases: list[tuple[str, int]], reps: int = 6,
                 torch.nn.functional.cross_entropy(model(x), target).backward()
             return run
 
-        seconds = time_alternating({"fused": step(swapped), "eager_channels_last": step(original)}, reps=reps)
+        seconds = time_alternating({"fused": step(swapped), "fused_convs": step(swapped_convs),
+                                    "eager_channels_last": step(original)}, reps=reps)
+        eager = seconds["eager_channels_last"]
         rows.append({"model": model_name, "batch": batch, "ms": {k: v * 1e3 for k, v in seconds.items()},
-                     "speedup": seconds["eager_channels_last"] / seconds["fused"]})
+                     "speedup": eager / seconds["fused"], "speedup_convs": eager / seconds["fused_convs"]})
     return rows
 
 
 def train_steps_markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | eager CL ms | swapped ms | swapped vs eager CL |", "|---|---|---:|---:|---:|"]
+    lines = ["| model | batch | eager CL ms | swapped ms | swapped, convs=True ms | swapped vs eager CL | "
+             "convs=True vs eager CL |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']['eager_channels_last']:.0f} | {r['ms']['fused']:.0f} | "
-                     f"{r['speedup']:.2f}× |")
+        ms = r["ms"]
+        lines.append(f"| {r['model']} | {r['batch']} | {ms['eager_channels_last']:.0f} | {ms['fused']:.0f} | "
+                     f"{ms['fused_convs']:.0f} | {r['speedup']:.2f}× | {r['speedup_convs']:.2f}× |")
     return "\n".join(lines)

@@ -106,7 +106,8 @@ def test_train_bench_times_blocks_and_steps(monkeypatch):
     assert set(case.ms) == {"fused", "eager_channels_last", "eager_nchw"} and case.macs > 0
     rows = bench_train.bench_train_steps([("torchvision googlenet", 2)], reps=1)
     table = bench_train.train_steps_markdown(rows)
-    assert "| torchvision googlenet | 2 |" in table and rows[0]["speedup"] > 0
+    assert set(rows[0]["ms"]) == {"fused", "fused_convs", "eager_channels_last"}
+    assert "| torchvision googlenet | 2 |" in table and rows[0]["speedup"] > 0 and rows[0]["speedup_convs"] > 0
 
 
 def test_train_bench_refuses_other_modes(capsys):
