@@ -75,9 +75,10 @@ at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::Te
                                    at::IntArrayRef flat_plan);
 
 // inception_graph_forward with every epilogue sum + bias, no ReLU. A one-convolution plan
-// of a 'same' stride-1 convolution over the output gradient, with the flipped, transposed
-// weight, is that convolution's data gradient: the fp32 Winograd forms then serve the
-// backward too (ops/branch_graph_bn_train.py). No residual epilogue.
+// over a stride-1 convolution's output gradient, with its flipped, transposed weight, is
+// that convolution's data gradient ('same' for a 'same' one; unpadded over the gradient
+// with a (kh - 1, kw - 1) zero border for an unpadded one): the fp32 Winograd forms then
+// serve the backward too (ops/branch_graph_bn_train.py). No residual epilogue.
 at::Tensor inception_graph_forward_linear(const at::Tensor& x, at::TensorList b, at::TensorList bias,
                                           at::IntArrayRef flat_plan);
 
