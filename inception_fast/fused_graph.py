@@ -506,5 +506,8 @@ class FusedBranchGraph(DropInBlock):
         """What train mode runs, for extra_repr."""
         if not (self._bn_train and self.fuse_train_bn):
             return "train mode with batch norm: the original block"
-        return (f"train mode with batch norm: fused (Triton; the C++ kernel from bn_train_min_pixels="
-                f"{self.bn_train_min_pixels} input pixels N*H*W, the original below)")
+        cpu = (f"on CPU tensors the C++ kernel from bn_train_min_pixels={self.bn_train_min_pixels} input pixels "
+               "N*H*W, the original below")
+        where = {"cpu": cpu, "triton": "Triton"}.get(self.backend, f"{cpu}; Triton on CUDA tensors")
+        return f"train mode with batch norm: fused ({where})"
+
