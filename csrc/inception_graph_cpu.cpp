@@ -660,7 +660,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
               "relu_batch_norm_backward: the ReLU mask needs y, or alpha and shift");
   const at::Tensor y = y_opt.has_value() ? *y_opt : z;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad", &grad}, {"y", &y}, {"z", &z}})
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == count && t->stride(1) == 1 &&
+    // One channel: its stride is never stepped (the rows of an NCHW (N, 1, H, W) tensor have
+    // stride H*W there, and row stride 1).
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == count && (t->stride(1) == 1 || count == 1) &&
                     t->stride(0) >= count && t->scalar_type() == z.scalar_type() && t->device().is_cpu(),
                 "relu_batch_norm_backward: ", name, " must be (", rows, ", ", count, ") CPU rows of ", z.scalar_type(),
                 " with contiguous channels, got ", t->sizes(), " strides ", t->strides());

@@ -133,6 +133,25 @@ def test_winograd_data_gradients_match_eager(kind, monkeypatch):
         assert rel_err(g1[name], want) <= TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_one_output_channel_with_an_nchw_grad_output(kernel):
+    """A unit of one output channel, its grad_output plain NCHW: that channel's rows have
+    stride H*W in a dimension of size 1, which the C++ BN backward once refused."""
+    from torchvision.models.googlenet import BasicConv2d
+
+    original = randomize_(BasicConv2d(3, 1, kernel_size=kernel, padding=kernel // 2)).train()
+    fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(original)), convs=True)[0].train()
+    assert isinstance(fused, FusedBranchGraph)
+    x = torch.randn(2, 3, 8, 8)
+    grad_out = torch.randn(2, 1, 8, 8)
+    y0, dx0, g0 = _grads(original, x, grad_out)
+    y1, dx1, g1 = _grads(fused, x, grad_out)
+    assert y1.grad_fn is not None and rel_err(y1, y0) <= TOL[torch.float32]
+    assert rel_err(dx1, dx0) <= TOL[torch.float32]
+    for name, want in g0.items():
+        assert rel_err(g1[name], want) <= TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
 def test_output_has_eager_memory_format(memory_format):
     original, fused, channels = _pair("googlenet", torch.float32)
