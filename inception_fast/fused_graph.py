@@ -426,8 +426,11 @@ class FusedBranchGraph(DropInBlock):
         convolution followed by a BatchNorm2d, every one on batch statistics (a mix of
         folded and batch statistics runs the original), float32 or float64 on the C++
         kernel (from bn_train_min_pixels input pixels on) or float32 on Triton, no
-        autocast, not traced, a non-empty batch, fuse_train_bn set."""
-        if not (self._bn_train and self.fuse_train_bn) or tracing() or x.dtype not in (torch.float32, torch.float64):
+        autocast, a non-empty batch, fuse_train_bn set; not traced, but under torch.compile
+        on the C++ kernel (as custom ops: ops/branch_graph_bn_train.py's graph_bn_train)."""
+        compiling = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+        if not (self._bn_train and self.fuse_train_bn) or (tracing() and not compiling) \
+                or x.dtype not in (torch.float32, torch.float64):
             return None
         if x.numel() == 0:  # an empty batch: the original's (no statistics, stats untouched)
             return None
@@ -439,6 +442,8 @@ class FusedBranchGraph(DropInBlock):
         try:
             backend = resolve_backend(self.backend, x)
         except (TypeError, ValueError, RuntimeError):  # a backend that cannot run x: the original decides
+            return None
+        if compiling and backend != "cpu":
             return None
         if backend == "cpu":  # the threshold was measured on the CPU kernel
             fused = x.device.type == "cpu" and x.shape[0] * x.shape[2] * x.shape[3] >= self.bn_train_min_pixels
@@ -457,7 +462,12 @@ class FusedBranchGraph(DropInBlock):
             factor = 0.0 if bn.momentum is None else bn.momentum
             if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
-                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+                if bn.momentum is not None:
+                    factor = bn.momentum
+                elif torch.compiler.is_compiling():  # a tensor: float() would break the graph
+                    factor = torch.reciprocal(bn.num_batches_tracked.double())
+                else:
+                    factor = 1.0 / float(bn.num_batches_tracked)
             # _BatchNorm.forward's choice: running statistics are passed to F.batch_norm, and so
             # updated, in training only with track_running_stats (set False after construction,
             # the buffers remain and stay untouched).

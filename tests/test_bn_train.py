@@ -291,14 +291,57 @@ def test_sync_batch_norm_is_refused_at_swap_time(caplog):
     assert "(SyncBatchNorm) is not a plain nn.BatchNorm2d" in caplog.text
 
 
-def test_under_compile_train_mode_runs_the_original_and_matches():
-    original, fused, channels = _pair("googlenet", torch.float32)
-    fused._original[0]._forward_pre_hooks.clear()  # the original is what runs under tracing
-    compiled = torch.compile(fused, backend="eager", fullgraph=False)
-    x = torch.randn(2, channels, 5, 5)
-    assert rel_err(compiled(x), original(x)) <= TOL[torch.float32]
-    _assert_buffers(original, fused, TOL[torch.float32])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_under_compile_train_mode_runs_the_form_as_one_graph(momentum, monkeypatch):
+    """torch.compile(fullgraph=True) of a swapped block in train mode: the form runs as the
+    graph_bn_train custom op (a spy on its body), three steps match eager (output, every
+    gradient, running statistics, num_batches_tracked) with no recompile, and momentum=None
+    (the cumulative average, a tensor factor under compile) too."""
+    from inception_fast.ops import branch_graph_bn_train as bn_train
 
+    torch._dynamo.reset()
+    original, fused, channels = _pair("googlenet", torch.float32)
+    for model in (original, fused):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(3, channels, 7, 7)
+    grad_out = torch.randn_like(original(x.clone()))
+    with torch.no_grad():
+        fused(x)  # the eager form's first step, as the original's above
+    ran = []  # graph_bn_train's body (the eager form's forward reads _interiors too, so only from here)
+    interiors = bn_train._interiors
+    monkeypatch.setattr(bn_train, "_interiors", lambda *a: ran.append(1) or interiors(*a))
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step in range(3):
+        y0, dx0, g0 = _grads(original, x * (step + 1), grad_out)
+        y1, dx1, g1 = _grads(compiled, x * (step + 1), grad_out)
+        assert rel_err(y1, y0) <= TOL[torch.float32] and rel_err(dx1, dx0) <= TOL[torch.float32]
+        for name, want in g0.items():
+            assert rel_err(g1["_orig_mod." + name], want) <= TOL[torch.float32], name
+        _assert_buffers(original, fused, TOL[torch.float32])
+    assert len(ran) == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1  # no recompile
+
+
+def test_the_compile_ops_pass_opcheck():
+    """The custom ops' fake kernels and autograd against their real ones
+    (torch.library.opcheck: schema, fake tensor shapes and strides, autograd registration)."""
+    from inception_fast.ops import branch_graph_bn_train as bn_train
+    from inception_fast.ops.branch_graph import pack_weights
+
+    original, fused, channels = _pair("googlenet", torch.float32)
+    graph = fused._plan
+    x = torch.randn(2, channels, 6, 5, requires_grad=True)
+    weights = [u.conv.weight.detach().clone().requires_grad_() for u in fused._units]
+    biases = [w.new_zeros(w.shape[0]).requires_grad_() for w in weights]
+    bns = [bn_train.BatchNormTrain(bn.weight, bn.bias, bn.eps, None) for bn in fused._bns]
+    b, bias = pack_weights(graph, weights, biases, "cpu", False)
+    params = [p.detach().requires_grad_() for p in bn_train._bn_params(graph, x, bns)]
+    args = (x, [t.detach() for t in b], [t.detach() for t in bias], params, weights, biases, graph.flat(),
+            fused._backward_plan, list(bn_train._segments(graph).z_index))
+    torch.library.opcheck(bn_train.graph_bn_train, args)
 
 def test_an_in_place_op_on_the_output_keeps_gradients_right():
     """The backward keeps no reference to the output (its ReLU masks come from the pre-BN

@@ -78,9 +78,13 @@ class _Segments(NamedTuple):
     z_index: tuple[int, ...]
 
 
-@functools.lru_cache(maxsize=256)
 def _segments(graph: GraphPlan) -> _Segments:
-    """_Segments of a plan, worked out once per plan (every training step asks)."""
+    """_Segments of a plan, worked out once per plan (every training step asks); under
+    torch.compile, where dynamo traces around an lru_cache (and warns), each trace."""
+    return _plan_segments(graph) if torch.compiler.is_compiling() else _cached_segments(graph)
+
+
+def _plan_segments(graph: GraphPlan) -> _Segments:
     widths, z_index = [0] * len(graph.convs), [0] * len(graph.convs)
     k = 0
     for g in graph.gemms:
@@ -88,6 +92,9 @@ def _segments(graph: GraphPlan) -> _Segments:
             widths[i], z_index[i] = seg.end - seg.begin, k
             k += 1
     return _Segments(tuple(widths), tuple(z_index))
+
+
+_cached_segments = functools.lru_cache(maxsize=256)(_plan_segments)
 
 
 # Training repacks the weights every step, and a 3x3's Winograd panels cost ~5 ns per
@@ -180,15 +187,7 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
             packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
             y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(
                 x, packed_b, packed_bias, _bn_params(graph, x, bns), graph.flat())
-        for conv, bn, width in zip(graph.convs, bns, _segments(graph).widths):
-            if bn.running is None:
-                continue
-            running_mean, running_var, factor = bn.running
-            s = stats[conv.destination + 1][:, conv.channel:conv.channel + width]
-            gh, gw = conv.grid(h, w)
-            count = n * gh * gw
-            running_mean.copy_(factor * s[0] + (1 - factor) * running_mean)
-            running_var.copy_(factor * s[1] * (count / (count - 1)) + (1 - factor) * running_var)
+        _update_running_stats(graph, bns, stats, n, h, w)
         # Contiguous, as ATen's convolution backward takes its input fast (a bordered
         # interior view cost the backward ~3x on GoogLeNet's 3x3s).
         inter = [t.contiguous() for t in _interiors(buffers, h, w)]
@@ -221,49 +220,76 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         inter = rest[2 * n_conv:2 * n_conv + n_inter]
         z = rest[2 * n_conv + n_inter:2 * n_conv + n_inter + n_dest]
         stats = rest[2 * n_conv + n_inter + n_dest:]
-        n, _, h, w = x.shape
         first = 5  # x, backend, graph, backward_plan, bns
-        needs_weight = ctx.needs_input_grad[first:first + n_conv]
-        needs_bias = ctx.needs_input_grad[first + n_conv:first + 2 * n_conv]
-        needs_gamma = ctx.needs_input_grad[first + 2 * n_conv:first + 3 * n_conv]
-        needs_beta = ctx.needs_input_grad[first + 3 * n_conv:first + 4 * n_conv]
-        d_gamma, d_beta = [None] * n_conv, [None] * n_conv
+        needs = ctx.needs_input_grad
+        dx, d_w, d_b, d_gamma, d_beta = _walk_backward(
+            grad_out, x, list(weights), list(gammas), ctx.eps, list(inter), list(z), list(stats), ctx.backward_plan,
+            _segments(ctx.graph).z_index, ctx.backend, needs[0], needs[first:first + n_conv],
+            needs[first + n_conv:first + 2 * n_conv], needs[first + 2 * n_conv:first + 3 * n_conv],
+            needs[first + 3 * n_conv:first + 4 * n_conv])
+        return (dx, None, None, None, None, *d_w, *d_b, *d_gamma, *d_beta)
 
-        z_of = _segments(ctx.graph).z_index
 
-        cpu = ctx.backend == "cpu"
+def _update_running_stats(graph: GraphPlan, bns: list[BatchNormTrain], stats: list[torch.Tensor], n: int, h: int,
+                          w: int) -> None:
+    """Each BN's running mean and unbiased running variance, as nn.BatchNorm2d's kernel
+    updates them, from the forward's stats rows (mean, biased variance)."""
+    for conv, bn, width in zip(graph.convs, bns, _segments(graph).widths):
+        if bn.running is None:
+            continue
+        running_mean, running_var, factor = bn.running
+        s = stats[conv.destination + 1][:, conv.channel:conv.channel + width]
+        gh, gw = conv.grid(h, w)
+        count = n * gh * gw
+        running_mean.copy_(factor * s[0] + (1 - factor) * running_mean)
+        running_var.copy_(factor * s[1] * (count / (count - 1)) + (1 - factor) * running_var)
 
-        def batch_norm(i, grad, act):
-            conv = ctx.graph.convs[i]
-            c = slice(conv.channel, conv.channel + weights[i].shape[0])
-            s = stats[conv.destination + 1]
-            zi = z[z_of[i]].reshape(grad.shape)
-            # The output's activations are not kept (act None): the mask comes from z.
-            if cpu:
-                dz, dg, db = torch.ops.inception_fast.relu_batch_norm_backward(
-                    grad, act, zi, s[0, c], s[2, c], gammas[i], s[3, c], s[4, c])
-            else:  # ATen's pair, on any device
-                if act is None:
-                    act = _bn_affine(zi, s[3, c], s[4, c])
-                g = torch.ops.aten.threshold_backward(grad, act, 0)
-                gh, gw = conv.grid(h, w)
-                dz, dg, db = torch.ops.aten.native_batch_norm_backward(
-                    image(g, n, gh, gw), image(zi, n, gh, gw), gammas[i], None, None, s[0, c], s[2, c], True,
-                    ctx.eps[i], [True, needs_gamma[i], needs_beta[i]])
-                dz = rows(dz)
-            d_gamma[i] = dg if needs_gamma[i] else None
-            d_beta[i] = db if needs_beta[i] else None
-            return dz
 
-        needs = [ctx.needs_input_grad[0], any(needs_weight) or any(needs_bias)]
-        grads = graph_backward_reference(grad_out, x, None, list(inter), list(weights), needs, ctx.backward_plan,
-                                         data_grad=_winograd_data_grad(n, h, w) if cpu else None,
-                                         batch_norm=batch_norm, conv_1x1=True,
-                                         max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter if cpu else None,
-                                         bias_grads=any(needs_bias))
-        d_w = [g if want else None for g, want in zip(grads[1::2], needs_weight)]
-        d_b = [g if want else None for g, want in zip(grads[2::2], needs_bias)]
-        return (grads[0], None, None, None, None, *d_w, *d_b, *d_gamma, *d_beta)
+def _walk_backward(grad_out, x, weights: list, gammas: list, eps: list, inter: list, z: list, stats: list,
+                   backward_plan: list[int], z_index, backend: str, needs_x: bool, needs_weight, needs_bias,
+                   needs_gamma, needs_beta):
+    """The form's backward: graph_backward_reference's walk with BN's backward between each
+    ReLU mask and its convolution. gammas per convolution (None without affine), eps its
+    BN's (the ATen path's), inter / z / stats as the forward returns them, z_index each
+    convolution's z (_Segments), needs_* one flag per convolution. Returns (dx, [dW], [db],
+    [dgamma], [dbeta]), None where not needed."""
+    n, _, h, w = x.shape
+    steps = GraphPlan.from_backward_flat(backward_plan)[4]  # spec order: destination, channel, grid
+    n_conv = len(weights)
+    d_gamma, d_beta = [None] * n_conv, [None] * n_conv
+    cpu = backend == "cpu"
+
+    def batch_norm(i, grad, act):
+        conv = steps[i]
+        c = slice(conv.channel, conv.channel + weights[i].shape[0])
+        s = stats[conv.destination + 1]
+        zi = z[z_index[i]].reshape(grad.shape)
+        # The output's activations are not kept (act None): the mask comes from z.
+        if cpu:
+            dz, dg, db = torch.ops.inception_fast.relu_batch_norm_backward(
+                grad, act, zi, s[0, c], s[2, c], gammas[i], s[3, c], s[4, c])
+        else:  # ATen's pair, on any device
+            if act is None:
+                act = _bn_affine(zi, s[3, c], s[4, c])
+            g = torch.ops.aten.threshold_backward(grad, act, 0)
+            gh, gw = conv.grid(h, w)
+            dz, dg, db = torch.ops.aten.native_batch_norm_backward(
+                image(g, n, gh, gw), image(zi, n, gh, gw), gammas[i], None, None, s[0, c], s[2, c], True,
+                eps[i], [True, needs_gamma[i], needs_beta[i]])
+            dz = rows(dz)
+        d_gamma[i] = dg if needs_gamma[i] else None
+        d_beta[i] = db if needs_beta[i] else None
+        return dz
+
+    needs = [needs_x, any(needs_weight) or any(needs_bias)]
+    grads = graph_backward_reference(grad_out, x, None, inter, weights, needs, backward_plan,
+                                     data_grad=_winograd_data_grad(n, h, w) if cpu else None,
+                                     batch_norm=batch_norm, conv_1x1=True,
+                                     max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter if cpu else None,
+                                     bias_grads=any(needs_bias))
+    d_w = [g if want else None for g, want in zip(grads[1::2], needs_weight)]
+    d_b = [g if want else None for g, want in zip(grads[2::2], needs_bias)]
+    return grads[0], d_w, d_b, d_gamma, d_beta
 
 
 def _bn_affine(z: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -337,5 +363,121 @@ def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[
     forward increments it before its kernel). Raises ValueError, as eager batch norm does,
     where a convolution's output has a single value per channel (check_batch_size)."""
     check_batch_size(graph, x)
+    if backend == "cpu" and torch.compiler.is_compiling():
+        return _compiled_graph_bn_train(x, graph, backward_plan, weights, biases, bns)
     params = (*weights, *biases, *(bn.weight for bn in bns), *(bn.bias for bn in bns))
     return BranchGraphBatchNormFunction.apply(x, backend, graph, backward_plan, bns, *params)
+
+
+# Under torch.compile the form runs as two custom ops, opaque to inductor: the forward
+# (graph_forward_bn_train, plus the intermediates' interiors the backward reads) and its
+# backward (_walk_backward). The weights are packed, the (3, channels) BN rows built and the
+# running statistics updated around them in traced code. The ops take the Conv2d-layout
+# weights and biases as inputs of their own, so that the weight gradients come straight from
+# the walk (a packed Winograd B has no cheap gradient), and the BN rows' gradient carries
+# gamma's and beta's.
+@torch.library.custom_op("inception_fast::graph_bn_train", mutates_args=())
+def graph_bn_train(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tensor], bn_params: list[torch.Tensor],
+                   weights: list[torch.Tensor], biases: list[torch.Tensor], flat_plan: list[int],
+                   backward_plan: list[int], z_index: list[int]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The train-mode BN forward on the C++ kernel: (output (N, C', H', W') channels_last,
+    intermediates' interiors (N, H, W, channels) contiguous, z per GEMM segment, stats per
+    destination), as graph_forward_bn_train; weights, biases, backward_plan and z_index are
+    for the backward only."""
+    y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(x, b, bias, bn_params, flat_plan)
+    return y, [t.contiguous() for t in _interiors(buffers, x.shape[2], x.shape[3])], z, stats
+
+
+@graph_bn_train.register_fake
+def _graph_bn_train_fake(x, b, bias, bn_params, weights, biases, flat_plan, backward_plan, z_index):
+    graph = GraphPlan.from_flat(list(flat_plan))
+    n, _, h, w = x.shape
+    ho, wo = graph.out_size(h, w)
+    y = torch.empty((n, graph.out_channels, ho, wo), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    inter = [x.new_empty((n, h, w, c)) for c in graph.buf_channels]
+    z = [x.new_empty((n, *((ho, wo) if s.destination < 0 else (h, w)), s.end - s.begin))
+         for g in graph.gemms if g.convs for s in g.segments]
+    return y, inter, z, [x.new_empty((5, c)) for c in (graph.out_channels, *graph.buf_channels)]
+
+
+@torch.library.custom_op("inception_fast::graph_bn_train_backward", mutates_args=())
+def graph_bn_train_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                            bn_params: list[torch.Tensor], inter: list[torch.Tensor], z: list[torch.Tensor],
+                            stats: list[torch.Tensor], backward_plan: list[int], z_index: list[int],
+                            needs: list[bool]) -> list[torch.Tensor]:
+    """graph_bn_train's backward on the C++ kernels: [dx, dW..., db..., d_bn_params...] (an
+    empty tensor where not needed; needs = (x, weights, biases, bn_params)); d_bn_params per
+    destination (3, channels): gamma's gradients in row 0, beta's in row 1."""
+    steps = GraphPlan.from_backward_flat(backward_plan)[4]
+    n_conv = len(weights)
+    gammas = [bn_params[c.destination + 1][0, c.channel:c.channel + wt.shape[0]] for c, wt in zip(steps, weights)]
+    flags = [[flag] * n_conv for flag in needs[1:]]
+    dx, d_w, d_b, d_gamma, d_beta = _walk_backward(
+        grad_out.contiguous(memory_format=torch.channels_last), x, list(weights), gammas, [0.0] * n_conv, list(inter),
+        list(z), list(stats), list(backward_plan), list(z_index), "cpu", needs[0], *flags, flags[2])
+    d_params = [torch.zeros_like(p) for p in bn_params] if needs[3] else []
+    for c, wt, dg, db in zip(steps, weights, d_gamma, d_beta):
+        if dg is not None:
+            d_params[c.destination + 1][0, c.channel:c.channel + wt.shape[0]] = dg
+            d_params[c.destination + 1][1, c.channel:c.channel + wt.shape[0]] = db
+    def given(g, memory_format=torch.contiguous_format):
+        # The fake's layout; a fresh empty tensor for each one not needed (outputs never alias).
+        return g.contiguous(memory_format=memory_format) if g is not None else x.new_empty(0)
+
+    return ([given(dx if needs[0] else None, torch.channels_last)] + [given(g) for g in d_w]
+            + [given(g) for g in d_b] + (d_params or [given(None) for _ in bn_params]))
+
+
+@graph_bn_train_backward.register_fake
+def _graph_bn_train_backward_fake(grad_out, x, weights, bn_params, inter, z, stats, backward_plan, z_index, needs):
+    return ([torch.empty_like(x, memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
+            + [wt.new_empty(wt.shape if needs[1] else (0,)) for wt in weights]
+            + [wt.new_empty(wt.shape[:1] if needs[2] else (0,)) for wt in weights]
+            + [p.new_empty(p.shape if needs[3] else (0,)) for p in bn_params])
+
+
+def _setup_bn_train_context(ctx, inputs, output):
+    x, b, bias, bn_params, weights, biases, flat_plan, backward_plan, z_index = inputs
+    _, inter, z, stats = output
+    ctx.save_for_backward(x, *weights, *bn_params, *inter, *z, *stats)
+    ctx.counts = (len(weights), len(bn_params), len(inter), len(z))
+    ctx.backward_plan, ctx.z_index, ctx.n_gemms = list(backward_plan), list(z_index), len(b)
+
+
+def _bn_train_op_backward(ctx, grad_out, _grad_inter, _grad_z, _grad_stats):
+    n_conv, n_dest, n_inter, n_z = ctx.counts
+    x, *rest = ctx.saved_tensors
+    weights, rest = rest[:n_conv], rest[n_conv:]
+    bn_params, rest = rest[:n_dest], rest[n_dest:]
+    inter, z, stats = rest[:n_inter], rest[n_inter:n_inter + n_z], rest[n_inter + n_z:]
+    # One flag per tensor of a list input.
+    needs_input = ctx.needs_input_grad
+    needs = [bool(needs_input[0]), any(needs_input[4]), any(needs_input[5]), any(needs_input[3])]
+    none_b = [None] * ctx.n_gemms
+    if grad_out is None or not any(needs):
+        return None, none_b, none_b, [None] * n_dest, [None] * n_conv, [None] * n_conv, None, None, None
+    grads = graph_bn_train_backward(grad_out, x, list(weights), list(bn_params), list(inter), list(z), list(stats),
+                                    ctx.backward_plan, ctx.z_index, needs)
+    d_w, d_b = grads[1:1 + n_conv], grads[1 + n_conv:1 + 2 * n_conv]
+    d_params = grads[1 + 2 * n_conv:]
+    return (grads[0] if needs[0] else None, none_b, none_b, d_params if needs[3] else [None] * n_dest,
+            d_w if needs[1] else [None] * n_conv, d_b if needs[2] else [None] * n_conv, None, None, None)
+
+
+graph_bn_train.register_autograd(_bn_train_op_backward, setup_context=_setup_bn_train_context)
+
+
+def _compiled_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[int], weights: list,
+                             biases: list, bns: list[BatchNormTrain]) -> torch.Tensor:
+    """apply_graph_bn_train under torch.compile, on the C++ kernel: graph_bn_train between
+    traced packing and running-statistics updates."""
+    n, _, h, w = x.shape
+    biases = [bb if bb is not None else wt.new_zeros(wt.shape[0]) for wt, bb in zip(weights, biases)]
+    packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
+    y, _, _, stats = graph_bn_train(x, packed_b, packed_bias, _bn_params(graph, x, bns), list(weights), biases,
+                                    graph.flat(), list(backward_plan), list(_segments(graph).z_index))
+    with torch.no_grad():
+        _update_running_stats(graph, bns, stats, n, h, w)
+    return y
