@@ -223,8 +223,8 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         first = 5  # x, backend, graph, backward_plan, bns
         needs = ctx.needs_input_grad
         dx, d_w, d_b, d_gamma, d_beta = _walk_backward(
-            grad_out, x, list(weights), list(gammas), ctx.eps, list(inter), list(z), list(stats), ctx.backward_plan,
-            _segments(ctx.graph).z_index, ctx.backend, needs[0], needs[first:first + n_conv],
+            grad_out, x, list(weights), list(gammas), ctx.eps, list(inter), list(z), list(stats), ctx.graph.convs,
+            ctx.backward_plan, _segments(ctx.graph).z_index, ctx.backend, needs[0], needs[first:first + n_conv],
             needs[first + n_conv:first + 2 * n_conv], needs[first + 2 * n_conv:first + 3 * n_conv],
             needs[first + 3 * n_conv:first + 4 * n_conv])
         return (dx, None, None, None, None, *d_w, *d_b, *d_gamma, *d_beta)
@@ -246,15 +246,15 @@ def _update_running_stats(graph: GraphPlan, bns: list[BatchNormTrain], stats: li
 
 
 def _walk_backward(grad_out, x, weights: list, gammas: list, eps: list, inter: list, z: list, stats: list,
-                   backward_plan: list[int], z_index, backend: str, needs_x: bool, needs_weight, needs_bias,
+                   steps, backward_plan: list[int], z_index, backend: str, needs_x: bool, needs_weight, needs_bias,
                    needs_gamma, needs_beta):
     """The form's backward: graph_backward_reference's walk with BN's backward between each
     ReLU mask and its convolution. gammas per convolution (None without affine), eps its
-    BN's (the ATen path's), inter / z / stats as the forward returns them, z_index each
-    convolution's z (_Segments), needs_* one flag per convolution. Returns (dx, [dW], [db],
-    [dgamma], [dbeta]), None where not needed."""
+    BN's (the ATen path's), inter / z / stats as the forward returns them, steps the
+    convolutions' ConvSteps in spec order (GraphPlan.convs, or from_backward_flat's),
+    z_index each one's z (_Segments), needs_* one flag per convolution. Returns (dx, [dW],
+    [db], [dgamma], [dbeta]), None where not needed."""
     n, _, h, w = x.shape
-    steps = GraphPlan.from_backward_flat(backward_plan)[4]  # spec order: destination, channel, grid
     n_conv = len(weights)
     d_gamma, d_beta = [None] * n_conv, [None] * n_conv
     cpu = backend == "cpu"
@@ -416,7 +416,7 @@ def graph_bn_train_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: li
     flags = [[flag] * n_conv for flag in needs[1:]]
     dx, d_w, d_b, d_gamma, d_beta = _walk_backward(
         grad_out.contiguous(memory_format=torch.channels_last), x, list(weights), gammas, [0.0] * n_conv, list(inter),
-        list(z), list(stats), list(backward_plan), list(z_index), "cpu", needs[0], *flags, flags[2])
+        list(z), list(stats), steps, list(backward_plan), list(z_index), "cpu", needs[0], *flags, flags[2])
     d_params = [torch.zeros_like(p) for p in bn_params] if needs[3] else []
     for c, wt, dg, db in zip(steps, weights, d_gamma, d_beta):
         if dg is not None:
