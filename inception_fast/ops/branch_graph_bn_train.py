@@ -19,6 +19,10 @@ native_batch_norm_backward. The output is not saved: its ReLU masks are remade f
 Running statistics are updated as nn.BatchNorm2d updates them (momentum, or the cumulative
 average for momentum=None; the unbiased variance); the module around the op
 (fused_graph.py) increments num_batches_tracked and picks each BN's factor.
+
+Eager calls go through BranchGraphBatchNormFunction; under torch.compile (C++ kernel) the
+same forward and backward run as the custom ops graph_bn_train and graph_bn_train_backward,
+with the packing and the running-statistics updates traced around them.
 """
 
 from __future__ import annotations
@@ -361,7 +365,8 @@ def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[
     x, the weights and biases (None without one) and the BNs' affine parameters. Updates the
     BNs' running statistics (not num_batches_tracked: the caller's, as nn.BatchNorm2d's
     forward increments it before its kernel). Raises ValueError, as eager batch norm does,
-    where a convolution's output has a single value per channel (check_batch_size)."""
+    where a convolution's output has a single value per channel (check_batch_size). Under
+    torch.compile on "cpu", the custom ops graph_bn_train and graph_bn_train_backward."""
     check_batch_size(graph, x)
     if backend == "cpu" and torch.compiler.is_compiling():
         return _compiled_graph_bn_train(x, graph, backward_plan, weights, biases, bns)
