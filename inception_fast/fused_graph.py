@@ -520,4 +520,3 @@ class FusedBranchGraph(DropInBlock):
                "N*H*W, the original below")
         where = {"cpu": cpu, "triton": "Triton"}.get(self.backend, f"{cpu}; Triton on CUDA tensors")
         return f"train mode with batch norm: fused ({where})"
-

@@ -427,6 +427,7 @@ def graph_bn_train_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: li
         if dg is not None:
             d_params[c.destination + 1][0, c.channel:c.channel + wt.shape[0]] = dg
             d_params[c.destination + 1][1, c.channel:c.channel + wt.shape[0]] = db
+
     def given(g, memory_format=torch.contiguous_format):
         # The fake's layout; a fresh empty tensor for each one not needed (outputs never alias).
         return g.contiguous(memory_format=memory_format) if g is not None else x.new_empty(0)
