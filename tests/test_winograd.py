@@ -698,3 +698,41 @@ def test_unpadded_and_over_x_3x3s_are_thread_independent_and_keep_non_finite_val
         assert torch.equal(same(one), same(want))
     finite = torch.isfinite(want)
     assert rel_err(one[finite], want[finite]) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["googlenet", "A", "B", "E", "stem", "stem-unpadded"])  # C, D: no stride-1 3x3
+def test_eval_backward_takes_the_winograd_data_gradient_walk(kind, monkeypatch):
+    """The eval form's CPU backward (BN folded) runs graph_backward_reference's walk with the
+    Winograd data gradients where enough 3x3s that pay run as F(4x4, 3x3) (branch_graph's
+    _walk_backward_pays): thresholds off and the tile forced to 4, so that these small
+    grids take it (a spy on the data-gradient plans), against the eager block: dx and every
+    parameter's gradient (BN's too, through the fold)."""
+    from torchvision.models.googlenet import BasicConv2d, Inception
+
+    from conftest import randomize_
+    from inception_fast.ops import branch_graph
+
+    monkeypatch.setattr(branch_graph, "DATA_GRAD_MIN_MACS", 0)
+    monkeypatch.setattr(branch_graph, "DATA_GRAD_MIN_PIXELS", 0)
+    monkeypatch.setattr(branch_graph, "WALK_MIN_MACS", 0)
+    monkeypatch.setattr(backend, "WINOGRAD_3X3_TILE", 4)
+    planned = []
+    plan_of = branch_graph._data_grad_plan
+    monkeypatch.setattr(branch_graph, "_data_grad_plan", lambda *shape: planned.append(shape) or plan_of(*shape))
+    if kind == "googlenet":
+        original, channels = randomize_(Inception(10, 4, 5, 7, 3, 6, 5)).eval(), 10
+    elif kind.startswith("stem"):
+        original, channels = randomize_(BasicConv2d(10, 24, kernel_size=3, padding=0 if "unpadded" in kind else 1)).eval(), 10
+    else:
+        original, channels = small_v3_block(kind, 12), 12
+    fused = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(original)), convs=True)[0]
+    x = torch.randn(2, channels, 12, 12)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y0, y1 = original(xs[0]), fused(xs[1])
+    grad_out = torch.randn_like(y0)
+    y0.backward(grad_out)
+    y1.backward(grad_out)
+    assert planned, "the walk with Winograd data gradients did not run"
+    assert rel_err(y1, y0) <= TOLERANCE[torch.float32] and rel_err(xs[1].grad, xs[0].grad) <= TOLERANCE[torch.float32]
+    for (name, p0), p1 in zip(original.named_parameters(), fused.parameters()):
+        assert rel_err(p1.grad, p0.grad) <= TOLERANCE[torch.float32], name

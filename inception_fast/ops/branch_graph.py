@@ -36,12 +36,13 @@ from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, ima
                       pack_winograd, packed_dtype, panel_width, rows, unpack_panels, unpack_winograd,
                       winograd_positions)
 from .graph_backward import graph_backward_reference
-from .plan import GraphPlan, Source
+from ..spec import Branch, BranchGraphSpec, Conv
+from .plan import GraphPlan, Source, plan
 
 __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward", "graph_backward_reference",
            "graph_forward", "graph_forward_inference", "graph_forward_into", "graph_macs", "graph_forward_saving",
            "graph_triton_forward", "graph_triton_forward_saving", "pack_weights", "residual_tail", "unpack_weights",
-           "winograd_packed", "winograd_tiles"]
+           "winograd_data_grad", "winograd_packed", "winograd_tiles"]
 
 
 def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
@@ -340,6 +341,11 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
             grad_out.float(), x.float(), y.float(), [t.float() for t in intermediates], [w.float() for w in weights],
             needs[0], needs[1], backward_plan)
         grads = [g.half() for g in grads]
+    elif (x.device.type == "cpu" and x.dtype == torch.float32 and cpu_extension() is not None
+          and _walk_backward_pays(x, list(weights), list(backward_plan))):
+        grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
+                                         list(backward_plan), data_grad=winograd_data_grad(*x.shape[:1], *x.shape[2:]),
+                                         conv_1x1=True, max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter)
     elif x.device.type == "cpu" and x.dtype in CPU_DTYPES and cpu_extension() is not None:
         grads = torch.ops.inception_fast.graph_backward_cpu(grad_out, x, y, intermediates, weights, needs[0],
                                                             needs[1], backward_plan)
@@ -383,6 +389,91 @@ def _graph_backward_flops(grad_out_shape, x_shape, y_shape, intermediate_shapes,
 
 
 register_flop_formula(torch.ops.inception_fast.graph_backward)(_graph_backward_flops)
+
+
+# The data gradient of a stride-1 3x3 convolution is the 3x3 convolution of its output
+# gradient with the flipped, transposed weight: the forward kernel's Winograd form runs it
+# with fewer multiplies than oneDNN's direct backward, where repacking the weights (every
+# call) pays. Measured on Zen 5, 2 threads, packing included, against oneDNN's data
+# gradient: GoogLeNet's 3a 3x3 (128 -> 96 channels, 28x28) at batch 32 6.5 ms against 10.9,
+# 3b's 11.3 against 21.3, 4a's 3.4 against 4.2 (14x14), v3's 35x35 1.5 against 2.1 at
+# batch 8; below ~0.4 G multiply-adds it lost (3a's 32 -> 16 channels 0.73 against 0.53,
+# 4e's 128 -> 32 at 14x14 1.19 against 0.90), and below ~2,000 pixels packing costs more
+# than it saves (as for the train-mode form's Winograd forward). Inception-v3's 1x7 / 7x1
+# (F(2, 7), 1.75x fewer multiplies) lost: 2.2 against 2.0 ms at 17x17, batch 8.
+DATA_GRAD_MIN_MACS = 400_000_000
+DATA_GRAD_MIN_PIXELS = 2048
+
+
+@functools.lru_cache(maxsize=256)
+def _data_grad_plan(cout: int, cin: int, kh: int, kw: int, padded: bool = True) -> GraphPlan:
+    """The plan of one kh x kw stride-1 convolution from cout to cin channels whose linear
+    forward (graph_forward_linear) over a convolution's output gradient, with that
+    convolution's flipped, transposed weight, is the convolution's data gradient: 'same'
+    for a 'same' convolution; unpadded over the gradient with a (kh - 1, kw - 1) zero
+    border (the 'full' correlation) for an unpadded one."""
+    return plan(BranchGraphSpec(in_channels=cout, branches=(Branch(levels=((Conv(cout, cin, kh, kw, padded=padded),),)),),
+                                pool=None, pool_proj=None))
+
+
+def data_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> bool:
+    """Whether winograd_data_grad takes convolution `step` (a ConvStep) of weight `weight`
+    over an n x h x w input: an fp32 3x3 at stride 1 from DATA_GRAD_MIN_PIXELS output pixels
+    and DATA_GRAD_MIN_MACS multiply-adds, with Winograd on (backend.WINOGRAD)."""
+    gh, gw = step.grid(h, w)
+    return (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
+            and step.stride == 1 and n * gh * gw >= DATA_GRAD_MIN_PIXELS
+            and n * gh * gw * weight.numel() >= DATA_GRAD_MIN_MACS)
+
+
+def winograd_data_grad(n: int, h: int, w: int):
+    """graph_backward_reference's data_grad hook for the CPU: the Winograd data gradient of
+    each convolution that data_grad_pays for ('same' or unpadded, over an intermediate or
+    over x: a stem's conv unit), through graph_forward_linear; None, ATen's convolution
+    backward, for the others."""
+    def data_grad(g, weight, step, d_so_far, intermediate, last):
+        if not data_grad_pays(n, h, w, step, weight):
+            return None
+        cout, cin, kh, kw = weight.shape
+        gh, gw = step.grid(h, w)
+        padded = (gh, gw) == (h, w)
+        graph = _data_grad_plan(cout, cin, kh, kw, padded)
+        g_image = image(g, n, gh, gw)
+        if not padded:
+            bordered = g.new_zeros(n, h + kh - 1, w + kw - 1, cout)
+            bordered[:, kh - 1:kh - 1 + gh, kw - 1:kw - 1 + gw] = g.view(n, gh, gw, cout)
+            g_image = bordered.permute(0, 3, 1, 2)
+        b, bias = pack_weights(graph, [weight.flip(2, 3).transpose(0, 1)], [weight.new_zeros(cin)], "cpu",
+                               winograd_tiles(graph, *g_image.shape[2:]))
+        d = rows(torch.ops.inception_fast.graph_forward_linear(g_image, b, bias, graph.flat()))
+        # d_so_far: the sum of the intermediate's other consumers, a fresh tensor of the walk.
+        return (d if d_so_far is None else d_so_far.add_(d)), False
+
+    return data_grad
+
+
+# The eval form's CPU backward takes the walk with Winograd data gradients from this many
+# multiply-adds of F(4x4, 3x3) data gradients. Forward + backward, eval form, against the
+# C++ backward (Zen 5, 2 threads, alternating, 10 reps): GoogLeNet's 3b at batch 32 (5.5 G)
+# 1.11x, Inception-v3's Mixed_5b at 32 (5.4 G) 1.04x; 3a at 32 (2.8 G) 0.97x and Mixed_5b at
+# 8 (1.4 G) 1.02x, within noise. The C++ backward's in-place column writes save ~1 ms a
+# block over the walk; the 14x14 blocks (F(2x2, 3x3)) gained nothing.
+WALK_MIN_MACS = 4_000_000_000
+
+
+def _walk_backward_pays(x: torch.Tensor, weights: list[torch.Tensor], backward_plan: list[int]) -> bool:
+    """Whether the eval-form CPU backward runs graph_backward_reference's walk with the
+    Winograd data gradients instead of the C++ backward (inception_graph_cpu_backward.cpp):
+    from WALK_MIN_MACS multiply-adds of data gradients that data_grad_pays takes and that
+    run as F(4x4, 3x3)."""
+    n, _, h, w = x.shape
+    steps = GraphPlan.from_backward_flat(backward_plan)[4]
+    macs = 0
+    for step, wt in zip(steps, weights):
+        gh, gw = step.grid(h, w)
+        if data_grad_pays(n, h, w, step, wt) and _backend.winograd_3x3_tile(gh, gw) == 4:
+            macs += n * gh * gw * wt.numel()
+    return macs >= WALK_MIN_MACS
 
 
 def _interiors(buffers: list[torch.Tensor], h: int, w: int) -> list[torch.Tensor]:

@@ -32,12 +32,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..spec import Branch, BranchGraphSpec, Conv
-from . import backend as _backend
 from .backend import image, rows
-from .branch_graph import _interiors, pack_weights, winograd_tiles
+from .branch_graph import _interiors, pack_weights, winograd_data_grad, winograd_tiles
 from .graph_backward import graph_backward_reference
-from .plan import GraphPlan, plan
+from .plan import GraphPlan
 
 __all__ = ["BatchNormTrain", "apply_graph_bn_train", "check_batch_size"]
 
@@ -115,56 +113,6 @@ def _winograd_flags(graph: GraphPlan, n: int, h: int, w: int):
     tiles = winograd_tiles(graph, h, w)
     return [t if n * g.grid(h, w)[0] * g.grid(h, w)[1] >= WINOGRAD_MIN_PIXELS else False
             for g, t in zip(graph.gemms, tiles)]
-
-
-# The data gradient of a 3x3 'same' convolution is the 3x3 convolution of its output
-# gradient with the flipped, transposed weight: the forward kernel's Winograd form runs it
-# with fewer multiplies than oneDNN's direct backward, where the weights' repacking (every
-# step) pays. Measured on Zen 5, 2 threads, packing included, against oneDNN's data
-# gradient: GoogLeNet's 3a 3x3 (128 -> 96 channels, 28x28) at batch 32 6.5 ms against 10.9,
-# 3b's 11.3 against 21.3, 4a's 3.4 against 4.2 (14x14), v3's 35x35 1.5 against 2.1 at
-# batch 8; below ~0.4 G multiply-adds it lost (3a's 32 -> 16 channels 0.73 against 0.53,
-# 4e's 128 -> 32 at 14x14 1.19 against 0.90). Inception-v3's 1x7 / 7x1 (F(2, 7), 1.75x
-# fewer multiplies) lost: 2.2 against 2.0 ms at 17x17, batch 8.
-DATA_GRAD_MIN_MACS = 400_000_000
-
-
-@functools.lru_cache(maxsize=256)
-def _data_grad_plan(cout: int, cin: int, kh: int, kw: int, padded: bool = True) -> GraphPlan:
-    """The plan of one kh x kw stride-1 convolution from cout to cin channels whose linear
-    forward (graph_forward_linear) over a convolution's output gradient, with that
-    convolution's flipped, transposed weight, is the convolution's data gradient: 'same'
-    for a 'same' convolution; unpadded over the gradient with a (kh - 1, kw - 1) zero
-    border (the 'full' correlation) for an unpadded one."""
-    return plan(BranchGraphSpec(in_channels=cout, branches=(Branch(levels=((Conv(cout, cin, kh, kw, padded=padded),),)),),
-                                pool=None, pool_proj=None))
-
-
-def _winograd_data_grad(n: int, h: int, w: int):
-    """graph_backward_reference's data_grad hook for the CPU: the Winograd data gradient of
-    each fp32 3x3 stride-1 convolution, 'same' or unpadded, over an intermediate or over x
-    (a stem's conv unit), where it pays (WINOGRAD_MIN_PIXELS, DATA_GRAD_MIN_MACS); None,
-    ATen's convolution backward, for the others."""
-    def data_grad(g, weight, step, d_so_far, intermediate, last):
-        cout, cin, kh, kw = weight.shape
-        gh, gw = step.grid(h, w)
-        if (not _backend.WINOGRAD or weight.dtype != torch.float32 or (kh, kw) != (3, 3)
-                or n * gh * gw < WINOGRAD_MIN_PIXELS or n * gh * gw * weight.numel() < DATA_GRAD_MIN_MACS):
-            return None
-        padded = (gh, gw) == (h, w)
-        graph = _data_grad_plan(cout, cin, kh, kw, padded)
-        g_image = image(g, n, gh, gw)
-        if not padded:
-            bordered = g.new_zeros(n, h + kh - 1, w + kw - 1, cout)
-            bordered[:, kh - 1:kh - 1 + gh, kw - 1:kw - 1 + gw] = g.view(n, gh, gw, cout)
-            g_image = bordered.permute(0, 3, 1, 2)
-        b, bias = pack_weights(graph, [weight.flip(2, 3).transpose(0, 1)], [weight.new_zeros(cin)], "cpu",
-                               winograd_tiles(graph, *g_image.shape[2:]))
-        d = rows(torch.ops.inception_fast.graph_forward_linear(g_image, b, bias, graph.flat()))
-        # d_so_far: the sum of the intermediate's other consumers, a fresh tensor of the walk.
-        return (d if d_so_far is None else d_so_far.add_(d)), False
-
-    return data_grad
 
 
 class BranchGraphBatchNormFunction(torch.autograd.Function):
@@ -287,7 +235,7 @@ def _walk_backward(grad_out, x, weights: list, gammas: list, eps: list, inter: l
 
     needs = [needs_x, any(needs_weight) or any(needs_bias)]
     grads = graph_backward_reference(grad_out, x, None, inter, weights, needs, backward_plan,
-                                     data_grad=_winograd_data_grad(n, h, w) if cpu else None,
+                                     data_grad=winograd_data_grad(n, h, w) if cpu else None,
                                      batch_norm=batch_norm, conv_1x1=True,
                                      max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter if cpu else None,
                                      bias_grads=any(needs_bias))
