@@ -165,3 +165,17 @@ def assert_block_matches(fused, block, x: torch.Tensor, parameters: bool = True,
     if parameters:
         for (name, p), q in zip(fused.named_parameters(), block.parameters()):
             assert rel_err(p.grad, q.grad) <= tol, name
+
+
+@pytest.fixture
+def data_grad_spy(monkeypatch):
+    """Winograd data gradients on every grid (branch_graph's thresholds off) and the list of
+    the data-gradient plans made: a spy, so that a test can assert the path ran."""
+    from inception_fast.ops import branch_graph
+
+    for name in ("DATA_GRAD_MIN_MACS", "DATA_GRAD_MIN_PIXELS", "WALK_MIN_MACS"):
+        monkeypatch.setattr(branch_graph, name, 0)
+    planned = []
+    plan_of = branch_graph._data_grad_plan
+    monkeypatch.setattr(branch_graph, "_data_grad_plan", lambda *shape: planned.append(shape) or plan_of(*shape))
+    return planned

@@ -103,20 +103,16 @@ def _stem_unit(padding: int) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["googlenet", "v3-E", "stem", "stem-unpadded"])
-def test_winograd_data_gradients_match_eager(kind, monkeypatch):
+def test_winograd_data_gradients_match_eager(kind, monkeypatch, data_grad_spy):
     """fp32 3x3 data gradients through the forward kernel's Winograd form (graph_forward_linear
     over the output gradient with the flipped, transposed weight): over intermediates, and
     over x for a stem's conv units (swap_inception(convs=True)), 'same' and unpadded (Inception-v3's
     Conv2d_2a and 4a: the 'full' correlation of the bordered gradient). Thresholds off, so that
     these small grids take it; a spy checks that they did."""
-    from inception_fast.ops import branch_graph, branch_graph_bn_train as bn_train
+    from inception_fast.ops import branch_graph_bn_train as bn_train
 
-    monkeypatch.setattr(branch_graph, "DATA_GRAD_MIN_MACS", 0)
-    monkeypatch.setattr(branch_graph, "DATA_GRAD_MIN_PIXELS", 0)
     monkeypatch.setattr(bn_train, "WINOGRAD_MIN_PIXELS", 0)
-    planned = []
-    plan_of = branch_graph._data_grad_plan
-    monkeypatch.setattr(branch_graph, "_data_grad_plan", lambda *shape: planned.append(shape) or plan_of(*shape))
+    planned = data_grad_spy
     if kind.startswith("stem"):
         original, channels = _stem_unit(0 if kind == "stem-unpadded" else 1).train(), 10
         fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(original)), convs=True)[0].train()

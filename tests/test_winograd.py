@@ -701,7 +701,7 @@ def test_unpadded_and_over_x_3x3s_are_thread_independent_and_keep_non_finite_val
 
 
 @pytest.mark.parametrize("kind", ["googlenet", "A", "B", "E", "stem", "stem-unpadded"])  # C, D: no stride-1 3x3
-def test_eval_backward_takes_the_winograd_data_gradient_walk(kind, monkeypatch):
+def test_eval_backward_takes_the_winograd_data_gradient_walk(kind, monkeypatch, data_grad_spy):
     """The eval form's CPU backward (BN folded) runs graph_backward_reference's walk with the
     Winograd data gradients where enough 3x3s that pay run as F(4x4, 3x3) (branch_graph's
     _walk_backward_pays): thresholds off and the tile forced to 4, so that these small
@@ -710,15 +710,9 @@ def test_eval_backward_takes_the_winograd_data_gradient_walk(kind, monkeypatch):
     from torchvision.models.googlenet import BasicConv2d, Inception
 
     from conftest import randomize_
-    from inception_fast.ops import branch_graph
 
-    monkeypatch.setattr(branch_graph, "DATA_GRAD_MIN_MACS", 0)
-    monkeypatch.setattr(branch_graph, "DATA_GRAD_MIN_PIXELS", 0)
-    monkeypatch.setattr(branch_graph, "WALK_MIN_MACS", 0)
     monkeypatch.setattr(backend, "WINOGRAD_3X3_TILE", 4)
-    planned = []
-    plan_of = branch_graph._data_grad_plan
-    monkeypatch.setattr(branch_graph, "_data_grad_plan", lambda *shape: planned.append(shape) or plan_of(*shape))
+    planned = data_grad_spy
     if kind == "googlenet":
         original, channels = randomize_(Inception(10, 4, 5, 7, 3, 6, 5)).eval(), 10
     elif kind.startswith("stem"):
