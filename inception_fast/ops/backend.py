@@ -204,14 +204,26 @@ def pack_panels(b: torch.Tensor, width: int, taps: int = 1) -> torch.Tensor:
     return b.permute(2, 0, 3, 1).reshape(panels, -1, width).contiguous()
 
 
+def _pad_to_panels(w: torch.Tensor, width: int) -> torch.Tensor:
+    """(cout, ...) -> a new (whole panels of width, ...) tensor, zero rows appended (a copy
+    even when cout is whole: what is packed never aliases the weights)."""
+    cout = int(w.shape[0])  # jit.trace hands traced sizes
+    return F.pad(w, (0, 0) * (w.dim() - 1) + (0, -(-cout // width) * width - cout))
+
+
+def _panel_view(w: torch.Tensor, width: int) -> torch.Tensor:
+    """(panels * width, cin, kh, kw), padded (_pad_to_panels) -> its (panels, kh * kw, cin,
+    width) view: the panel layout, before the one copy that makes it contiguous."""
+    rows, cin, kh, kw = (int(k) for k in w.shape)
+    return w.view(rows // width, width, cin, kh * kw).permute(0, 3, 2, 1)
+
+
 def pack_conv_panels(w: torch.Tensor, width: int) -> torch.Tensor:
     """Conv weights (cout, cin, kh, kw) -> pack_panels(as_gemm_b(w), width, kh * kw) for any
     dtype but bf16, in one strided pass after padding cout to whole panels (the GEMM-row
     route makes three more full copies: training repacks every step). Differentiable."""
-    cout, cin, kh, kw = (int(k) for k in w.shape)
-    panels = -(-cout // width)
-    w = F.pad(w, (0, 0, 0, 0, 0, 0, 0, panels * width - cout))
-    return w.view(panels, width, cin, kh * kw).permute(0, 3, 2, 1).reshape(panels, kh * kw * cin, width)
+    view = _panel_view(_pad_to_panels(w, width), width)
+    return view.reshape(view.shape[0], -1, width)
 
 
 def unpack_panels(packed: torch.Tensor, cols: int, taps: int = 1, channels: int | None = None) -> torch.Tensor:
@@ -345,7 +357,7 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int
     P's range (it is the orthogonal projection onto that range of any gradient that pulls
     back to dW), so an optimizer stepping the packed tensor itself keeps the U blocks and the
     direct taps the same filter, as both paths of the kernel need."""
-    cout, cin, kh, kw = (int(k) for k in w.shape)  # jit.trace hands traced sizes
+    kh, kw = (int(k) for k in w.shape[2:])  # jit.trace hands traced sizes
     if tile is None:
         tile = (WINOGRAD_3X3_TILE or 2) if (kh, kw) == (3, 3) else 2
     positions = winograd_positions(kh, kw, tile)
@@ -355,15 +367,14 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int
         raise ValueError(f"pack_winograd: tile must be 2, or 4 for a 3x3 filter, got {tile} for a {kh}x{kw}")
     if gradient:
         w = _winograd_gradient_preimage(w, tile)
-    # Straight into the panel layout, (panels, positions + taps, cin, width): U's and the
-    # taps' columns padded to whole panels first, then one strided pass each. Permuting U
+    # Straight into the panel layout, (panels, positions + taps, cin, width): U (as a filter
+    # of `positions` taps) and the taps, each a padded strided view, in one copy. Permuting U
     # to GEMM rows and packing those took 3.9 ms for GoogLeNet's 5b 3x3, repacked per
     # step in training; this takes ~1.
-    panels = -(-cout // width)
-    w = F.pad(w, (0, 0, 0, 0, 0, 0, 0, panels * width - cout))
+    w = _pad_to_panels(w, width)  # before U: U of the zero rows is zero, and U needs no padding of its own
     u = _winograd_u(w.double(), tile).to(w.dtype)  # (panels * width, cin, positions)
-    return torch.cat([u.view(panels, width, cin, positions).permute(0, 3, 2, 1),
-                      w.view(panels, width, cin, kh * kw).permute(0, 3, 2, 1)], dim=1).reshape(panels, -1, width)
+    packed = torch.cat([_panel_view(u.unsqueeze(-1), width), _panel_view(w, width)], dim=1)
+    return packed.reshape(packed.shape[0], -1, width)
 
 
 def unpack_winograd(packed: torch.Tensor, cols: int, cin: int, kh: int, kw: int) -> torch.Tensor:
