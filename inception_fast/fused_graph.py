@@ -462,11 +462,9 @@ class FusedBranchGraph(DropInBlock):
             factor = 0.0 if bn.momentum is None else bn.momentum
             if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
-                if bn.momentum is not None:
-                    factor = bn.momentum
-                elif torch.compiler.is_compiling():  # a tensor: float() would break the graph
+                if bn.momentum is None and torch.compiler.is_compiling():  # a tensor: float() breaks the graph
                     factor = torch.reciprocal(bn.num_batches_tracked.double())
-                else:
+                elif bn.momentum is None:
                     factor = 1.0 / float(bn.num_batches_tracked)
             # _BatchNorm.forward's choice: running statistics are passed to F.batch_norm, and so
             # updated, in training only with track_running_stats (set False after construction,

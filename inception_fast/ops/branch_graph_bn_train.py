@@ -115,6 +115,26 @@ def _winograd_flags(graph: GraphPlan, n: int, h: int, w: int):
             for g, t in zip(graph.gemms, tiles)]
 
 
+def _cpu_pack(graph: GraphPlan, x: torch.Tensor, weights: list, biases: list) -> tuple[list, list]:
+    """The form's packed weights on the C++ kernel, Winograd by _winograd_flags for x's grid."""
+    n, _, h, w = x.shape
+    return pack_weights(graph, list(weights), list(biases), "cpu", _winograd_flags(graph, n, h, w))
+
+
+def _cpu_run(x: torch.Tensor, packed_b: list, packed_bias: list, bn_params: list, flat_plan: list[int]):
+    """graph_forward_bn_train, with the intermediates' interiors made contiguous (ATen's
+    convolution backward takes its input fast: a bordered interior view cost the backward
+    ~3x on GoogLeNet's 3x3s). Returns (output, interiors, z per GEMM segment, stats per
+    destination)."""
+    y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(x, packed_b, packed_bias, bn_params,
+                                                                          flat_plan)
+    return y, _contiguous_interiors(buffers, x.shape[2], x.shape[3]), z, stats
+
+
+def _contiguous_interiors(buffers: list[torch.Tensor], h: int, w: int) -> list[torch.Tensor]:
+    return [t.contiguous() for t in _interiors(buffers, h, w)]
+
+
 class BranchGraphBatchNormFunction(torch.autograd.Function):
     """The train-mode BN form of the fused op, over Conv2d-layout weights.
 
@@ -122,7 +142,7 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
     backend "cpu" (the C++ kernel) or "triton" (_triton_forward); graph the
     GraphPlan of the block (convolutions in spec order), backward_plan its backward_flat();
     bns one BatchNormTrain per convolution (its running statistics are updated here);
-    biases None for a convolution without one, gammas and betas None without affine.
+    biases zeros for a convolution without one, gammas and betas None without affine.
     Saves x, the normalised intermediates, the pre-BN sums and the statistics (not the
     output: its ReLU masks are remade from the sums).
     """
@@ -132,17 +152,13 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
         n_conv = len(graph.convs)
         weights, biases = params[:n_conv], params[n_conv:2 * n_conv]
         n, _, h, w = x.shape
-        biases = [b if b is not None else wt.new_zeros(wt.shape[0]) for wt, b in zip(weights, biases)]
         if backend == "triton":
-            y, buffers, z, stats = _triton_forward(x, graph, list(weights), biases, bns)
+            y, buffers, z, stats = _triton_forward(x, graph, list(weights), list(biases), bns)
+            inter = _contiguous_interiors(buffers, h, w)
         else:
-            packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
-            y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(
-                x, packed_b, packed_bias, _bn_params(graph, x, bns), graph.flat())
+            y, inter, z, stats = _cpu_run(x, *_cpu_pack(graph, x, weights, biases), _bn_params(graph, x, bns),
+                                          graph.flat())
         _update_running_stats(graph, bns, stats, n, h, w)
-        # Contiguous, as ATen's convolution backward takes its input fast (a bordered
-        # interior view cost the backward ~3x on GoogLeNet's 3x3s).
-        inter = [t.contiguous() for t in _interiors(buffers, h, w)]
         # Not y: the output's ReLU masks are remade from z (stats rows 3 and 4), so the caller
         # owns y outright (an in-place op on it, as on eager's concat, breaks no backward)
         # and no copy of it is made or kept.
@@ -316,6 +332,7 @@ def apply_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[
     where a convolution's output has a single value per channel (check_batch_size). Under
     torch.compile on "cpu", the custom ops graph_bn_train and graph_bn_train_backward."""
     check_batch_size(graph, x)
+    biases = [b if b is not None else wt.new_zeros(wt.shape[0]) for wt, b in zip(weights, biases)]
     if backend == "cpu" and torch.compiler.is_compiling():
         return _compiled_graph_bn_train(x, graph, backward_plan, weights, biases, bns)
     params = (*weights, *biases, *(bn.weight for bn in bns), *(bn.bias for bn in bns))
@@ -338,8 +355,7 @@ def graph_bn_train(x: torch.Tensor, b: list[torch.Tensor], bias: list[torch.Tens
     intermediates' interiors (N, H, W, channels) contiguous, z per GEMM segment, stats per
     destination), as graph_forward_bn_train; weights, biases, backward_plan and z_index are
     for the backward only."""
-    y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(x, b, bias, bn_params, flat_plan)
-    return y, [t.contiguous() for t in _interiors(buffers, x.shape[2], x.shape[3])], z, stats
+    return _cpu_run(x, b, bias, bn_params, flat_plan)
 
 
 @graph_bn_train.register_fake
@@ -426,12 +442,11 @@ graph_bn_train.register_autograd(_bn_train_op_backward, setup_context=_setup_bn_
 def _compiled_graph_bn_train(x: torch.Tensor, graph: GraphPlan, backward_plan: list[int], weights: list,
                              biases: list, bns: list[BatchNormTrain]) -> torch.Tensor:
     """apply_graph_bn_train under torch.compile, on the C++ kernel: graph_bn_train between
-    traced packing and running-statistics updates."""
-    n, _, h, w = x.shape
-    biases = [bb if bb is not None else wt.new_zeros(wt.shape[0]) for wt, bb in zip(weights, biases)]
-    packed_b, packed_bias = pack_weights(graph, list(weights), biases, "cpu", _winograd_flags(graph, n, h, w))
-    y, _, _, stats = graph_bn_train(x, packed_b, packed_bias, _bn_params(graph, x, bns), list(weights), biases,
+    traced packing and running-statistics updates (biases zeros for a convolution without
+    one)."""
+    packed_b, packed_bias = _cpu_pack(graph, x, weights, biases)
+    y, _, _, stats = graph_bn_train(x, packed_b, packed_bias, _bn_params(graph, x, bns), list(weights), list(biases),
                                     graph.flat(), list(backward_plan), list(_segments(graph).z_index))
     with torch.no_grad():
-        _update_running_stats(graph, bns, stats, n, h, w)
+        _update_running_stats(graph, bns, stats, *x.shape[:1], *x.shape[2:])
     return y
