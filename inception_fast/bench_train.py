@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from .bench import BenchReport, CaseResult, _better_ceiling, each_case, gemm_ceiling, machine_info, time_alternating
+from .bench import (BenchReport, CaseResult, _better_ceiling, _inception_v3, each_case, gemm_ceiling, machine_info,
+                    time_alternating)
 
 __all__ = ["bench_train_blocks", "bench_train_steps", "train_steps_markdown"]
 
@@ -20,17 +21,10 @@ __all__ = ["bench_train_blocks", "bench_train_steps", "train_steps_markdown"]
 GOOGLENET_GRIDS = {"3a": 28, "3b": 28, "4a": 14, "4b": 14, "4c": 14, "4d": 14, "4e": 14, "5a": 7, "5b": 7}
 
 
-def _googlenet(num_classes: int = 1000) -> torch.nn.Module:
+def _googlenet() -> torch.nn.Module:
     import torchvision
 
-    return torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, num_classes=num_classes)
-
-
-def _inception_v3(num_classes: int = 1000) -> torch.nn.Module:
-    import torchvision
-
-    return torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True,
-                                           num_classes=num_classes)
+    return torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True)
 
 
 _MODELS = {"torchvision googlenet": (_googlenet, 224), "torchvision inception_v3": (_inception_v3, 299)}
