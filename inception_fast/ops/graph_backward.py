@@ -178,7 +178,7 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
                 g_img, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
             d_pooled = d_pooled.contiguous(memory_format=torch.channels_last)
             if dx_terms and dx_terms[-1].is_contiguous(memory_format=torch.channels_last):
-                acc = dx_terms[-1]  # the shared-x GEMM's dx, ours to add into
+                acc = dx_terms[-1]  # a fresh term of this walk (the shared-x GEMM's dx): ours to add into
             else:
                 acc = torch.zeros_like(x, memory_format=torch.channels_last)
                 dx_terms.append(acc)
