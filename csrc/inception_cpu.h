@@ -123,6 +123,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
 at::Tensor max_pool3x3_scatter(const at::Tensor& x, const std::optional<at::Tensor>& d_pooled,
                                const std::optional<at::Tensor>& dx);
 
+// The weight gradient (cout, cin, 3, 3) of a stride-1 3x3 convolution with padding 1 or 0
+// from its input x (N, cin, H, W) and output gradient grad (N, cout, Ho, Wo), float32,
+// channels contiguous (else copied channels_last), by Winograd's F(tile x tile, 3x3), tile 2
+// or 4 (winograd_weight_grad.cpp). NaN throughout where an input was not finite.
+at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile);
+
 // Gradients [dx, dW_0, db_0, dW_1, db_1, ...] of a branch-graph block (weights in Conv2d
 // layout, spec order), empty where not needed, from the saved x, output y and
 // intermediates ((N, H, W, channels) NHWC, any strides). plan = GraphPlan.backward_flat():

@@ -139,6 +139,42 @@ struct F2x2_3x3 {
       y[2 * r + 1] = u[r][1] - u[r][2] - u[r][3];
     }
   }
+
+  // The weight gradient's transforms (winograd_weight_grad.cpp), the transposes of the
+  // output and weight transforms: out = A g A^T over a 2x2 tile g of the output gradient
+  // (A = [1 0; 1 1; 1 -1; 0 -1]), and w = G^T m G, a 3x3 tap gradient from 4x4 sums m.
+  template <typename V>
+  static void grad_tile(const V* g, V* out) {
+    V t[4][2];
+    for (int s = 0; s < 2; ++s) {
+      t[0][s] = g[s];
+      t[1][s] = g[s] + g[2 + s];
+      t[2][s] = g[s] - g[2 + s];
+      t[3][s] = -g[2 + s];
+    }
+    for (int r = 0; r < 4; ++r) {
+      out[4 * r + 0] = t[r][0];
+      out[4 * r + 1] = t[r][0] + t[r][1];
+      out[4 * r + 2] = t[r][0] - t[r][1];
+      out[4 * r + 3] = -t[r][1];
+    }
+  }
+  template <typename V>
+  static void weight_tile(const V* m, V* w) {
+    V u[3][4];
+    for (int s = 0; s < 4; ++s) {
+      const V p = 0.5f * (m[4 + s] + m[8 + s]);
+      u[0][s] = m[s] + p;
+      u[1][s] = 0.5f * (m[4 + s] - m[8 + s]);
+      u[2][s] = p + m[12 + s];
+    }
+    for (int r = 0; r < 3; ++r) {
+      const V p = 0.5f * (u[r][1] + u[r][2]);
+      w[3 * r + 0] = u[r][0] + p;
+      w[3 * r + 1] = 0.5f * (u[r][1] - u[r][2]);
+      w[3 * r + 2] = p + u[r][3];
+    }
+  }
 };
 
 // F(4x4, 3x3) over a 6x6 window: 36 positions for 16 outputs of 9 taps, 4x fewer
@@ -215,6 +251,46 @@ struct F4x4_3x3 {
     V u[24];  // 4 x 6
     for (int s = 0; s < 6; ++s) output_1d(m + s, 6, u + s, 6);
     for (int r = 0; r < 4; ++r) output_1d(u + 6 * r, 1, y + 4 * r, 1);
+  }
+
+  // The weight gradient's transforms (winograd_weight_grad.cpp), the transposes of the
+  // output and weight transforms. out[0..6) = A g (A = (A^T)^T, 6 x 4), g and out strided.
+  template <typename V>
+  static void grad_1d(const V* g, int gs, V* out, int os) {
+    constexpr float k2_3 = 2.0f / 3.0f, k4_9 = 4.0f / 9.0f, k8_27 = 8.0f / 27.0f;
+    const V e1 = g[0] + k4_9 * g[2 * gs], o1 = k2_3 * g[gs] + k8_27 * g[3 * gs];
+    const V e2 = g[0] + 2.25f * g[2 * gs], o2 = 1.5f * g[gs] + 3.375f * g[3 * gs];
+    out[0] = g[0];
+    out[os] = e1 + o1;
+    out[2 * os] = e1 - o1;
+    out[3 * os] = e2 + o2;
+    out[4 * os] = e2 - o2;
+    out[5 * os] = g[3 * gs];
+  }
+  // out = A g A^T over a 4x4 tile g of the output gradient (row-major), out 6x6.
+  template <typename V>
+  static void grad_tile(const V* g, V* out) {
+    V t[24];  // 6 x 4
+    for (int s = 0; s < 4; ++s) grad_1d(g + s, 4, t + s, 4);
+    for (int r = 0; r < 6; ++r) grad_1d(t + 4 * r, 1, out + 6 * r, 1);
+  }
+  // w[0..3) = G^T m, m and w strided; G (6 x 3) is ops/backend.py's _G3_F4.
+  template <typename V>
+  static void weight_1d(const V* m, int ms, V* w, int ws) {
+    constexpr float a = 81.0f / 130.0f, b = 27.0f / 65.0f, c = 18.0f / 65.0f;
+    constexpr float d = 8.0f / 65.0f, e = 12.0f / 65.0f;
+    const V p12 = m[ms] + m[2 * ms], m12 = m[ms] - m[2 * ms];
+    const V p34 = m[3 * ms] + m[4 * ms], m34 = m[3 * ms] - m[4 * ms];
+    w[0] = m[0] - a * p12 + d * p34;
+    w[ws] = e * m34 - b * m12;
+    w[2 * ws] = c * p34 - c * p12 + m[5 * ms];
+  }
+  // w = G^T m G: a 3x3 tap gradient (row-major) from 6x6 sums m.
+  template <typename V>
+  static void weight_tile(const V* m, V* w) {
+    V u[18];  // 3 x 6
+    for (int s = 0; s < 6; ++s) weight_1d(m + s, 6, u + s, 6);
+    for (int r = 0; r < 3; ++r) weight_1d(u + 6 * r, 1, w + 3 * r, 1);
   }
 };
 

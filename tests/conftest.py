@@ -179,3 +179,19 @@ def data_grad_spy(monkeypatch):
     plan_of = branch_graph._data_grad_plan
     monkeypatch.setattr(branch_graph, "_data_grad_plan", lambda *shape: planned.append(shape) or plan_of(*shape))
     return planned
+
+
+@pytest.fixture(params=[4, 2], ids=["wgrad-F4x4", "wgrad-F2x2"])
+def weight_grad_spy(request, monkeypatch):
+    """Winograd weight gradients on every grid, as F(4x4, 3x3) or F(2x2, 3x3) (branch_graph's
+    thresholds set so), and the list of the tiles they ran with: a spy, so that a test can
+    assert the path ran."""
+    from inception_fast.ops import branch_graph
+
+    monkeypatch.setattr(branch_graph, "WEIGHT_GRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(branch_graph, "WEIGHT_GRAD_MIN_TILES", 0)
+    monkeypatch.setattr(branch_graph, "WEIGHT_GRAD_F4_MIN_TILES", 0 if request.param == 4 else 2 ** 62)
+    used = []
+    pick = branch_graph.weight_grad_tile
+    monkeypatch.setattr(branch_graph, "weight_grad_tile", lambda *shape: used.append(tile := pick(*shape)) or tile)
+    return used

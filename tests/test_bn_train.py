@@ -103,12 +103,13 @@ def _stem_unit(padding: int) -> nn.Module:
 
 
 @pytest.mark.parametrize("kind", ["googlenet", "v3-E", "stem", "stem-unpadded"])
-def test_winograd_data_gradients_match_eager(kind, monkeypatch, data_grad_spy):
+def test_winograd_data_gradients_match_eager(kind, monkeypatch, data_grad_spy, weight_grad_spy):
     """fp32 3x3 data gradients through the forward kernel's Winograd form (graph_forward_linear
-    over the output gradient with the flipped, transposed weight): over intermediates, and
+    over the output gradient with the flipped, transposed weight), and weight gradients
+    through winograd_weight_grad (each tile): over intermediates, and
     over x for a stem's conv units (swap_inception(convs=True)), 'same' and unpadded (Inception-v3's
     Conv2d_2a and 4a: the 'full' correlation of the bordered gradient). Thresholds off, so that
-    these small grids take it; a spy checks that they did."""
+    these small grids take it; spies check that they did."""
     from inception_fast.ops import branch_graph_bn_train as bn_train
 
     monkeypatch.setattr(bn_train, "WINOGRAD_MIN_PIXELS", 0)
@@ -124,6 +125,7 @@ def test_winograd_data_gradients_match_eager(kind, monkeypatch, data_grad_spy):
     y0, dx0, g0 = _grads(original, x, grad_out)
     y1, dx1, g1 = _grads(fused, x, grad_out)
     assert planned and all(shape[2:4] == (3, 3) for shape in planned)
+    assert weight_grad_spy and all(t is not None for t in weight_grad_spy)
     assert rel_err(y1, y0) <= TOL[torch.float32]
     assert rel_err(dx1, dx0) <= TOL[torch.float32]
     for name, want in g0.items():

@@ -701,12 +701,12 @@ def test_unpadded_and_over_x_3x3s_are_thread_independent_and_keep_non_finite_val
 
 
 @pytest.mark.parametrize("kind", ["googlenet", "A", "B", "E", "stem", "stem-unpadded"])  # C, D: no stride-1 3x3
-def test_eval_backward_takes_the_winograd_data_gradient_walk(kind, monkeypatch, data_grad_spy):
+def test_eval_backward_takes_the_winograd_data_gradient_walk(kind, monkeypatch, data_grad_spy, weight_grad_spy):
     """The eval form's CPU backward (BN folded) runs graph_backward_reference's walk with the
     Winograd data gradients where enough 3x3s that pay run as F(4x4, 3x3) (branch_graph's
     _walk_backward_pays): thresholds off and the tile forced to 4, so that these small
-    grids take it (a spy on the data-gradient plans), against the eager block: dx and every
-    parameter's gradient (BN's too, through the fold)."""
+    grids take it (spies on the data-gradient plans and the weight gradients' tiles), against
+    the eager block: dx and every parameter's gradient (BN's too, through the fold)."""
     from torchvision.models.googlenet import BasicConv2d, Inception
 
     from conftest import randomize_
@@ -727,6 +727,7 @@ def test_eval_backward_takes_the_winograd_data_gradient_walk(kind, monkeypatch, 
     y0.backward(grad_out)
     y1.backward(grad_out)
     assert planned, "the walk with Winograd data gradients did not run"
+    assert weight_grad_spy, "the walk's Winograd weight gradients did not run"
     assert rel_err(y1, y0) <= TOLERANCE[torch.float32] and rel_err(xs[1].grad, xs[0].grad) <= TOLERANCE[torch.float32]
     for (name, p0), p1 in zip(original.named_parameters(), fused.parameters()):
         assert rel_err(p1.grad, p0.grad) <= TOLERANCE[torch.float32], name

@@ -42,7 +42,7 @@ from .plan import GraphPlan, Source, plan
 __all__ = ["BranchGraphFunction", "apply_graph", "forward_op", "graph_backward", "graph_backward_reference",
            "graph_forward", "graph_forward_inference", "graph_forward_into", "graph_macs", "graph_forward_saving",
            "graph_triton_forward", "graph_triton_forward_saving", "pack_weights", "residual_tail", "unpack_weights",
-           "winograd_data_grad", "winograd_packed", "winograd_tiles"]
+           "winograd_data_grad", "winograd_packed", "winograd_tiles", "winograd_weight_grad"]
 
 
 def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
@@ -345,7 +345,7 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
           and _walk_backward_pays(x, list(weights), list(backward_plan))):
         grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
                                          list(backward_plan), data_grad=winograd_data_grad(*x.shape[:1], *x.shape[2:]),
-                                         conv_1x1=True, max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter)
+                                         weight_grad=winograd_weight_grad, conv_1x1=True, max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter)
     elif x.device.type == "cpu" and x.dtype in CPU_DTYPES and cpu_extension() is not None:
         grads = torch.ops.inception_fast.graph_backward_cpu(grad_out, x, y, intermediates, weights, needs[0],
                                                             needs[1], backward_plan)
@@ -363,6 +363,11 @@ def _graph_backward_fake(grad_out, x, y, intermediates, weights, needs, backward
     for wt in weights:
         grads += [wt.new_empty(wt.shape), wt.new_empty(wt.shape[:1])] if needs[1] else [x.new_empty(0)] * 2
     return grads
+
+
+@torch.library.register_fake("inception_fast::winograd_weight_grad")
+def _winograd_weight_grad_fake(x, grad, padding, tile):
+    return x.new_empty(grad.shape[1], x.shape[1], 3, 3)
 
 
 @torch.library.register_fake("inception_fast::graph_backward_cpu")
@@ -450,6 +455,55 @@ def winograd_data_grad(n: int, h: int, w: int):
         return (d if d_so_far is None else d_so_far.add_(d)), False
 
     return data_grad
+
+
+# The weight gradient of a stride-1 3x3 convolution by Winograd (winograd_weight_grad.cpp):
+# per position of the transformed tile, one GEMM that reduces over every tile of the batch.
+# Measured on Zen 5, 2 threads, medians of 9 alternating calls, against oneDNN's weight
+# gradient (convolution_backward), F(4x4, 3x3) / F(2x2, 3x3):
+#   - googlenet's stem conv3 (64 -> 192 at 56x56), batch 16: 8.5 against 25.7 ms (3.0x);
+#   - GoogLeNet 3b's 3x3 (128 -> 192 at 28x28), batch 16: 5.7 against 11.7 (2.0x);
+#   - 4e's (160 -> 320 at 14x14), batch 16: 3.5 against 6.2; batch 4: 1.59x as F(2x2) and
+#     1.25x as F(4x4), whose 64 tiles give each GEMM too short a sum for its 36 x 320 x 160
+#     sums; 5b's (192 -> 384 at 7x7), batch 32: 1.29x as F(2x2), 1.03x as F(4x4);
+#   - Inception-v3's 35x35 3x3s (64 -> 96, 96 -> 96), batch 8: 1.45-1.59x; its stem
+#     Conv2d_2a (32 -> 32, unpadded at 149x149): 1.09x; 3a's 16 -> 32 at 28x28: 0.6-0.7x (the
+#     transforms, linear in cin + cout, outweigh GEMMs that are small in cin x cout).
+# Hence F(4x4, 3x3) from WEIGHT_GRAD_F4_MIN_TILES of its tiles, F(2x2, 3x3) from
+# WEIGHT_GRAD_MIN_TILES of its own, and neither where cin cout / (cin + cout) is below
+# WEIGHT_GRAD_MIN_CHANNELS (16 -> 32: 10.7; 48 -> 64: 27.4, 1.18x).
+WEIGHT_GRAD_F4_MIN_TILES = 192
+WEIGHT_GRAD_MIN_TILES = 32
+WEIGHT_GRAD_MIN_CHANNELS = 24
+
+
+def weight_grad_tile(n: int, gh: int, gw: int, cin: int, cout: int) -> int | None:
+    """The Winograd output tile (4 or 2) that winograd_weight_grad runs the weight gradient
+    of a 3x3 stride-1 convolution from cin to cout channels with an n x gh x gw output grid
+    in, or None where oneDNN's direct weight gradient is faster (the thresholds above)."""
+    if cin * cout < WEIGHT_GRAD_MIN_CHANNELS * (cin + cout):
+        return None
+    if n * -(-gh // 4) * -(-gw // 4) >= WEIGHT_GRAD_F4_MIN_TILES:
+        return 4
+    return 2 if n * -(-gh // 2) * -(-gw // 2) >= WEIGHT_GRAD_MIN_TILES else None
+
+
+def winograd_weight_grad(g: torch.Tensor, src: torch.Tensor, weight: torch.Tensor, step) -> torch.Tensor | None:
+    """graph_backward_reference's weight_grad hook for the CPU: the Winograd weight gradient
+    of an fp32 3x3 stride-1 convolution ('same' or unpadded) where weight_grad_tile picks a
+    tile, with Winograd on (backend.WINOGRAD); None, ATen's convolution backward, for the
+    others, and where an input was not finite (the C++ op then returns NaN throughout: the
+    direct backward puts each non-finite value where eager's convolution does)."""
+    if not (_backend.WINOGRAD and weight.dtype == torch.float32 and src.dtype == torch.float32
+            and g.device.type == "cpu" and tuple(weight.shape[2:]) == (3, 3) and step.stride == 1
+            and step.pad_h == step.pad_w and step.pad_h in (0, 1)):
+        return None
+    n, cout, gh, gw = g.shape
+    tile = weight_grad_tile(n, gh, gw, weight.shape[1], cout)
+    if tile is None:
+        return None
+    d = torch.ops.inception_fast.winograd_weight_grad(src, g, step.pad_h, tile)
+    return d if bool(torch.isfinite(d).all()) else None
 
 
 # The eval form's CPU backward takes the walk with Winograd data gradients from this many

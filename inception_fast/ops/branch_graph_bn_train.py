@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .backend import image, rows
-from .branch_graph import _interiors, pack_weights, winograd_data_grad, winograd_tiles
+from .branch_graph import _interiors, pack_weights, winograd_data_grad, winograd_tiles, winograd_weight_grad
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
 
@@ -252,6 +252,7 @@ def _walk_backward(grad_out, x, weights: list, gammas: list, eps: list, inter: l
     needs = [needs_x, any(needs_weight) or any(needs_bias)]
     grads = graph_backward_reference(grad_out, x, None, inter, weights, needs, backward_plan,
                                      data_grad=winograd_data_grad(n, h, w) if cpu else None,
+                                     weight_grad=winograd_weight_grad if cpu else None,
                                      batch_norm=batch_norm, conv_1x1=True,
                                      max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter if cpu else None,
                                      bias_grads=any(needs_bias))

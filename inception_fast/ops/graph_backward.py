@@ -26,9 +26,14 @@ from .plan import Destination, GraphPlan, Source
 __all__ = ["graph_backward_reference"]
 
 
+def _conv_input(x: torch.Tensor, intermediates: list[torch.Tensor], source: int) -> torch.Tensor:
+    """A convolution's input as (N, C, H, W): x, or an NHWC intermediate's channels-last view."""
+    return x if source == Source.X else intermediates[source].permute(0, 3, 1, 2)
+
+
 def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                              intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
-                             backward_plan: list[int], data_grad=None,
+                             backward_plan: list[int], data_grad=None, weight_grad=None,
                              max_pool_grad=None, batch_norm=None, conv_1x1: bool = False,
                              max_pool_scatter=None, bias_grads: bool = True) -> list[torch.Tensor | None]:
     """[dx, dW_0, db_0, dW_1, db_1, ...] (spec.convs order; None where not needed) as ATen
@@ -44,6 +49,11 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     applies it in its epilogue); for one over x (a K x K: the 1x1s over x join the shared
     GEMM), d_so_far and intermediate None, last False, and d a term of dx. It may return
     None instead, leaving that convolution to ATen's convolution backward.
+
+    weight_grad, if given, computes the weight gradient of each K x K convolution (not the
+    1x1s over x, which share one GEMM) instead of ATen: weight_grad(g, src, weight, step) ->
+    dW, g the (N, cout, gh, gw) masked gradient of its output and src its input (N, cin, H,
+    W), both channels-last views; or None, leaving it to ATen's convolution backward.
 
     max_pool_grad, if given, takes the stride-1 max-pool branch instead of ATen:
     max_pool_grad(g, weight, need_dx) -> (pooled, pool_dx), g the (M, cout) masked gradient
@@ -137,16 +147,25 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
                 d_inter[source], masked[source] = taken
             else:
                 dx_terms.append(image(taken[0], n, h, w))
-            _, d_weights[i], _ = torch.ops.aten.convolution_backward(
-                image(g, n, *table[i].grid(h, w)), x if source == Source.X else intermediates[source].permute(0, 3, 1, 2),
-                weight, None, [1, 1], [pad_h, pad_w], [1, 1], False, [0, 0], 1, [False, needs[1], False])
+            if needs[1]:
+                g_img, src = image(g, n, *table[i].grid(h, w)), _conv_input(x, intermediates, source)
+                d_weights[i] = weight_grad(g_img, src, weight, table[i]) if weight_grad is not None else None
+                if d_weights[i] is None:
+                    d_weights[i] = torch.ops.aten.convolution_backward(
+                        g_img, src, weight, None, [1, 1], [pad_h, pad_w], [1, 1], False, [0, 0], 1,
+                        [False, True, False])[1]
         else:
             gh, gw = table[i].grid(h, w)
-            src = x if source == Source.X else intermediates[source].permute(0, 3, 1, 2)
+            g_img, src = image(g, n, gh, gw), _conv_input(x, intermediates, source)
             need_input = source >= 0 or needs[0]
-            d_src, d_weights[i], _ = torch.ops.aten.convolution_backward(
-                image(g, n, gh, gw), src, weight, None, [conv_stride] * 2, [pad_h, pad_w], [1, 1], False, [0, 0], 1,
-                [need_input, needs[1], False])
+            if needs[1] and weight_grad is not None:
+                d_weights[i] = weight_grad(g_img, src, weight, table[i])
+            need_weight = needs[1] and d_weights[i] is None
+            d_src, d_w, _ = torch.ops.aten.convolution_backward(
+                g_img, src, weight, None, [conv_stride] * 2, [pad_h, pad_w], [1, 1], False, [0, 0], 1,
+                [need_input, need_weight, False]) if need_input or need_weight else (None, None, None)
+            if need_weight:
+                d_weights[i] = d_w
             if source >= 0:
                 d_src = rows(d_src)
                 d_inter[source] = d_src if d_inter[source] is None else d_inter[source] + d_src

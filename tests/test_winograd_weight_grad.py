@@ -1,0 +1,114 @@
+"""The Winograd weight gradient of fp32 stride-1 3x3 convolutions (csrc/winograd_weight_grad.cpp,
+torch.ops.inception_fast.winograd_weight_grad) and its hook in the backward walk
+(branch_graph.winograd_weight_grad): against float64 ATen, over awkward shapes and
+layouts, tiles 2 and 4; non-finite inputs and bad arguments."""
+
+import pytest
+import torch
+
+from conftest import TOLERANCE, needs_cpu_kernel, rel_err
+from inception_fast.ops import backend, branch_graph
+from inception_fast.ops.plan import plan
+from inception_fast.spec import Branch, BranchGraphSpec, Conv
+
+pytestmark = needs_cpu_kernel
+
+
+def _op(x, grad, padding, tile):
+    return torch.ops.inception_fast.winograd_weight_grad(x, grad, padding, tile)
+
+
+def _want(x, grad, padding):
+    w = torch.empty(grad.shape[1], x.shape[1], 3, 3, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(grad.double(), x.double(), w, None, [1, 1], [padding] * 2, [1, 1],
+                                               False, [0, 0], 1, [False, True, False])[1]
+
+
+def _inputs(n, cin, cout, h, w, padding, layout="cl"):
+    x = torch.randn(n, cin, h, w).relu_()
+    grad = torch.randn(n, cout, h + 2 * padding - 2, w + 2 * padding - 2)
+    if layout == "cl":
+        return x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    if layout == "nchw":  # copied channels-last by the op
+        return x, grad
+    # An NHWC buffer's interior (the walk's intermediates): pixel strides of a bordered plane.
+    bordered = torch.zeros(n, h + 2, w + 2, cin + 3)
+    bordered[:, 1:-1, 1:-1, 2:2 + cin] = x.permute(0, 2, 3, 1)
+    return bordered[:, 1:-1, 1:-1, 2:2 + cin].permute(0, 3, 1, 2), grad.contiguous(memory_format=torch.channels_last)
+
+
+# (N, cin, cout, H, W): channel counts off the 16-lane and 12-row register tiles, grids that
+# the tiles do not divide, a 1-pixel output (3x3 unpadded), more tiles than one 256-tile chunk.
+SHAPES = [(2, 17, 33, 11, 11), (1, 5, 7, 9, 6), (3, 40, 24, 14, 14), (2, 16, 12, 3, 3), (1, 1, 1, 5, 8),
+          (5, 32, 48, 30, 29)]
+
+
+@pytest.mark.parametrize("layout", ["cl", "nchw", "interior"])
+@pytest.mark.parametrize("padding", [1, 0], ids=["same", "unpadded"])
+@pytest.mark.parametrize("tile", [2, 4], ids=["F2x2", "F4x4"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}-{}to{}-{}x{}".format(*s))
+def test_matches_float64(shape, tile, padding, layout):
+    x, grad = _inputs(*shape, padding, layout)
+    got = _op(x, grad, padding, tile)
+    assert got.shape == (shape[2], shape[1], 3, 3) and got.dtype == torch.float32 and got.is_contiguous()
+    assert rel_err(got, _want(x, grad, padding)) <= TOLERANCE[torch.float32]
+
+
+def test_differs_from_direct_in_rounding():
+    """The op is not a disguised direct convolution backward: fp32 results differ in rounding
+    between the tiles and from oneDNN's, all within the tolerance of float64."""
+    x, grad = _inputs(4, 32, 48, 28, 28, 1)
+    f2, f4 = _op(x, grad, 1, 2), _op(x, grad, 1, 4)
+    direct = torch.ops.aten.convolution_backward(grad, x, torch.empty(48, 32, 3, 3), None, [1, 1], [1, 1], [1, 1],
+                                                 False, [0, 0], 1, [False, True, False])[1]
+    assert not torch.equal(f2, f4) and not torch.equal(f4, direct)
+
+
+def test_empty_batch_is_zero():
+    x, grad = torch.zeros(0, 4, 6, 6), torch.zeros(0, 5, 6, 6)
+    assert torch.equal(_op(x, grad, 1, 4), torch.zeros(5, 4, 3, 3))
+
+
+@pytest.mark.parametrize("where", ["x", "grad"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_gives_nan_and_the_hook_declines(where, value):
+    """Non-finite inputs: NaN throughout, so that the hook returns None and the walk runs the
+    direct backward, which puts the non-finite values where eager does."""
+    x, grad = _inputs(2, 16, 24, 12, 12, 1)
+    (x if where == "x" else grad)[1, 3, 5, 7] = value
+    assert torch.isnan(_op(x, grad, 1, 4)).all()
+    step = plan(BranchGraphSpec(in_channels=16, branches=(Branch(levels=((Conv(16, 24, 3, 3),),)),),
+                                pool=None, pool_proj=None)).convs[0]
+    assert branch_graph.winograd_weight_grad(grad, x, torch.empty(24, 16, 3, 3), step) is None
+
+
+def test_hook_picks_the_tile_and_declines_what_does_not_pay(monkeypatch):
+    """weight_grad_tile's rules: F(4x4, 3x3) with enough 4x4 tiles, F(2x2, 3x3) with fewer,
+    none for few channels or tiny grids; the hook honours backend.WINOGRAD and float32 only."""
+    assert branch_graph.weight_grad_tile(16, 56, 56, 64, 192) == 4
+    assert branch_graph.weight_grad_tile(4, 14, 14, 160, 320) == 2
+    assert branch_graph.weight_grad_tile(1, 7, 7, 192, 384) is None  # 16 tiles of 2x2
+    assert branch_graph.weight_grad_tile(32, 28, 28, 16, 32) is None  # few channels
+    step = plan(BranchGraphSpec(in_channels=64, branches=(Branch(levels=((Conv(64, 96, 3, 3),),)),),
+                                pool=None, pool_proj=None)).convs[0]
+    x, grad = _inputs(4, 64, 96, 28, 28, 1)
+    weight = torch.empty(96, 64, 3, 3)
+    got = branch_graph.winograd_weight_grad(grad, x, weight, step)
+    assert got is not None and rel_err(got, _want(x, grad, 1)) <= TOLERANCE[torch.float32]
+    assert branch_graph.winograd_weight_grad(grad.double(), x.double(), weight.double(), step) is None
+    monkeypatch.setattr(backend, "WINOGRAD", False)
+    assert branch_graph.winograd_weight_grad(grad, x, weight, step) is None
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x, g: (x.double(), g.double(), 1, 4), "float32"),
+    (lambda x, g: (x, g[:, :, :-1], 1, 4), "maps 8x8 onto 8x8"),
+    (lambda x, g: (x, g, 2, 4), "padding must be 1"),
+    (lambda x, g: (x, g, 1, 3), "tile must be 2"),
+    (lambda x, g: (x[0], g, 1, 4), "4-D"),
+    (lambda x, g: (x[:1], g, 1, 4), "same batch"),
+])
+def test_bad_arguments_raise(bad, match):
+    x, grad = _inputs(2, 4, 5, 8, 8, 1)
+    with pytest.raises(RuntimeError, match=match):
+        _op(*bad(x, grad))
