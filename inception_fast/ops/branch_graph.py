@@ -488,45 +488,52 @@ def weight_grad_tile(n: int, gh: int, gw: int, cin: int, cout: int) -> int | Non
     return 2 if n * -(-gh // 2) * -(-gw // 2) >= WEIGHT_GRAD_MIN_TILES else None
 
 
+def weight_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> int | None:
+    """The tile winograd_weight_grad runs convolution `step` (a ConvStep) of weight `weight`
+    over an n x h x w input with: an fp32 3x3 at stride 1, 'same' or unpadded, where
+    weight_grad_tile picks one, with Winograd on (backend.WINOGRAD); else None."""
+    if not (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
+            and step.stride == 1 and step.pad_h == step.pad_w and step.pad_h in (0, 1)):
+        return None
+    return weight_grad_tile(n, *step.grid(h, w), weight.shape[1], weight.shape[0])
+
+
 def winograd_weight_grad(g: torch.Tensor, src: torch.Tensor, weight: torch.Tensor, step) -> torch.Tensor | None:
     """graph_backward_reference's weight_grad hook for the CPU: the Winograd weight gradient
-    of an fp32 3x3 stride-1 convolution ('same' or unpadded) where weight_grad_tile picks a
-    tile, with Winograd on (backend.WINOGRAD); None, ATen's convolution backward, for the
-    others, and where an input was not finite (the C++ op then returns NaN throughout: the
-    direct backward puts each non-finite value where eager's convolution does)."""
-    if not (_backend.WINOGRAD and weight.dtype == torch.float32 and src.dtype == torch.float32
-            and g.device.type == "cpu" and tuple(weight.shape[2:]) == (3, 3) and step.stride == 1
-            and step.pad_h == step.pad_w and step.pad_h in (0, 1)):
-        return None
-    n, cout, gh, gw = g.shape
-    tile = weight_grad_tile(n, gh, gw, weight.shape[1], cout)
+    of each convolution that weight_grad_pays for (over an intermediate or over x); None,
+    ATen's convolution backward, for the others, and where an input was not finite (the
+    C++ op then returns NaN throughout: the direct backward puts each non-finite value
+    where eager's convolution does)."""
+    n, _, h, w = src.shape
+    tile = weight_grad_pays(n, h, w, step, weight) if src.dtype == torch.float32 and g.device.type == "cpu" else None
     if tile is None:
         return None
     d = torch.ops.inception_fast.winograd_weight_grad(src, g, step.pad_h, tile)
     return d if bool(torch.isfinite(d).all()) else None
 
 
-# The eval form's CPU backward takes the walk with Winograd data gradients from this many
-# multiply-adds of F(4x4, 3x3) data gradients. Forward + backward, eval form, against the
-# C++ backward (Zen 5, 2 threads, alternating, 10 reps): GoogLeNet's 3b at batch 32 (5.5 G)
-# 1.11x, Inception-v3's Mixed_5b at 32 (5.4 G) 1.04x; 3a at 32 (2.8 G) 0.97x and Mixed_5b at
-# 8 (1.4 G) 1.02x, within noise. The C++ backward's in-place column writes save ~1 ms a
-# block over the walk; the 14x14 blocks (F(2x2, 3x3)) gained nothing.
-WALK_MIN_MACS = 4_000_000_000
+# The eval form's CPU backward takes the walk with Winograd gradients from this many
+# multiply-adds of 3x3 data and weight gradients that Winograd takes (data_grad_pays,
+# weight_grad_tile). Forward + backward, eval form, walk against the C++ backward (Zen 5,
+# 2 threads, alternating, 8 reps): GoogLeNet's 3a at batch 32 (5.5 G) 1.17x, 4e at 32 (5.8 G)
+# 1.13x, 4a at 32 (2.3 G) 1.04x, Inception-v3's Mixed_5b at 8 (2.7 G) 1.05x; below, the C++
+# backward's in-place column writes (~1 ms a block) win: 3a at 8 (1.4 G) 0.93x, 4e at 8
+# (1.5 G) 1.01x, Mixed_5b at 2 (0.7 G) 0.97x.
+WALK_MIN_MACS = 2_000_000_000
 
 
 def _walk_backward_pays(x: torch.Tensor, weights: list[torch.Tensor], backward_plan: list[int]) -> bool:
     """Whether the eval-form CPU backward runs graph_backward_reference's walk with the
-    Winograd data gradients instead of the C++ backward (inception_graph_cpu_backward.cpp):
-    from WALK_MIN_MACS multiply-adds of data gradients that data_grad_pays takes and that
-    run as F(4x4, 3x3)."""
+    Winograd data and weight gradients instead of the C++ backward
+    (inception_graph_cpu_backward.cpp): from WALK_MIN_MACS multiply-adds of gradients that
+    Winograd takes."""
     n, _, h, w = x.shape
     steps = GraphPlan.from_backward_flat(backward_plan)[4]
     macs = 0
     for step, wt in zip(steps, weights):
         gh, gw = step.grid(h, w)
-        if data_grad_pays(n, h, w, step, wt) and _backend.winograd_3x3_tile(gh, gw) == 4:
-            macs += n * gh * gw * wt.numel()
+        conv_macs = n * gh * gw * wt.numel()
+        macs += conv_macs * (data_grad_pays(n, h, w, step, wt) + (weight_grad_pays(n, h, w, step, wt) is not None))
     return macs >= WALK_MIN_MACS
 
 
