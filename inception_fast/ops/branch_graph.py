@@ -467,14 +467,15 @@ def winograd_data_grad(n: int, h: int, w: int):
 #     1.25x as F(4x4), whose 64 tiles give each GEMM too short a sum for its 36 x 320 x 160
 #     sums; 5b's (192 -> 384 at 7x7), batch 32: 1.29x as F(2x2), 1.03x as F(4x4);
 #   - Inception-v3's 35x35 3x3s (64 -> 96, 96 -> 96), batch 8: 1.45-1.59x; its stem
-#     Conv2d_2a (32 -> 32, unpadded at 149x149): 1.09x; 3a's 16 -> 32 at 28x28: 0.6-0.7x (the
+#     Conv2d_2b (32 -> 64 at 147x147): 1.19x; Conv2d_2a (32 -> 32, unpadded at 149x149):
+#     1.04-1.09x; 3a's 16 -> 32 at 28x28: 0.6-0.7x, 24 -> 32 at 56x56: 0.65x (the
 #     transforms, linear in cin + cout, outweigh GEMMs that are small in cin x cout).
 # Hence F(4x4, 3x3) from WEIGHT_GRAD_F4_MIN_TILES of its tiles, F(2x2, 3x3) from
 # WEIGHT_GRAD_MIN_TILES of its own, and neither where cin cout / (cin + cout) is below
-# WEIGHT_GRAD_MIN_CHANNELS (16 -> 32: 10.7; 48 -> 64: 27.4, 1.18x).
+# WEIGHT_GRAD_MIN_CHANNELS (24 -> 32: 13.7; 32 -> 32: 16, a gain within noise; 32 -> 64: 21.3).
 WEIGHT_GRAD_F4_MIN_TILES = 192
 WEIGHT_GRAD_MIN_TILES = 32
-WEIGHT_GRAD_MIN_CHANNELS = 24
+WEIGHT_GRAD_MIN_CHANNELS = 20
 
 
 def weight_grad_tile(n: int, gh: int, gw: int, cin: int, cout: int) -> int | None:
