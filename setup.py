@@ -61,7 +61,7 @@ setup(
         CppExtension(
             "inception_fast._C",
             sources=["csrc/inception_graph_cpu.cpp", "csrc/inception_graph_cpu_backward.cpp",
-                     "csrc/winograd_weight_grad.cpp", "csrc/bindings.cpp"],
+                     "csrc/winograd_weight_grad.cpp", "csrc/pack_winograd.cpp", "csrc/bindings.cpp"],
             extra_compile_args=["-O3", "-std=c++20", "-fopenmp", "-Wno-psabi", *arch_flags],
             extra_link_args=["-fopenmp"],
         )

@@ -23,6 +23,7 @@ TORCH_LIBRARY(inception_fast, m) {
   m.def("relu_batch_norm_backward(Tensor grad, Tensor? y, Tensor z, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? alpha=None, Tensor? shift=None) -> (Tensor, Tensor, Tensor)");
   m.def("max_pool3x3_scatter(Tensor x, Tensor? d_pooled, Tensor(a!)? dx) -> Tensor");
+  m.def("pack_winograd_cpu(Tensor w, Tensor transform, int width, bool flip) -> Tensor");
   m.def("winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile) -> Tensor");
   m.def("graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
         "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]");
@@ -36,6 +37,7 @@ TORCH_LIBRARY_IMPL(inception_fast, CPU, m) {
   m.impl("graph_forward_bn_train", &inception_fast::inception_graph_forward_bn_train);
   m.impl("relu_batch_norm_backward", &inception_fast::relu_batch_norm_backward);
   m.impl("max_pool3x3_scatter", &inception_fast::max_pool3x3_scatter);
+  m.impl("pack_winograd_cpu", &inception_fast::pack_winograd_cpu);
   m.impl("winograd_weight_grad", &inception_fast::winograd_weight_grad);
   m.impl("graph_backward_cpu", &inception_fast::inception_graph_backward);
 }

@@ -123,6 +123,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
 at::Tensor max_pool3x3_scatter(const at::Tensor& x, const std::optional<at::Tensor>& d_pooled,
                                const std::optional<at::Tensor>& dx);
 
+// fp32 weights (cout, cin, kh, kw), any strides, -> the Winograd panels (ceil(cout / width),
+// (positions + kh kw) cin, width) that winograd.h reads: U = transform (positions, kh kw,
+// float64) applied to each filter's taps in double, rounded once, then the taps
+// (pack_winograd.cpp). flip reverses each filter's taps (with w the transposed weight: the
+// data gradient's filter).
+at::Tensor pack_winograd_cpu(const at::Tensor& w, const at::Tensor& transform, int64_t width, bool flip);
+
 // The weight gradient (cout, cin, 3, 3) of a stride-1 3x3 convolution with padding 1 or 0
 // from its input x (N, cin, H, W) and output gradient grad (N, cout, Ho, Wo), float32,
 // channels contiguous (else copied channels_last), by Winograd's F(tile x tile, 3x3), tile 2

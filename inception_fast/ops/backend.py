@@ -367,6 +367,8 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int
         raise ValueError(f"pack_winograd: tile must be 2, or 4 for a 3x3 filter, got {tile} for a {kh}x{kw}")
     if gradient:
         w = _winograd_gradient_preimage(w, tile)
+    if _one_pass_packing(w):
+        return torch.ops.inception_fast.pack_winograd_cpu(w, _transform_tensor(kh, kw, tile), width, False)
     # Straight into the panel layout, (panels, positions + taps, cin, width): U (as a filter
     # of `positions` taps) and the taps, each a padded strided view, in one copy. Permuting U
     # to GEMM rows and packing those took 3.9 ms for GoogLeNet's 5b 3x3, repacked per
@@ -375,6 +377,31 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int
     u = _winograd_u(w.double(), tile).to(w.dtype)  # (panels * width, cin, positions)
     packed = torch.cat([_panel_view(u.unsqueeze(-1), width), _panel_view(w, width)], dim=1)
     return packed.reshape(packed.shape[0], -1, width)
+
+
+def pack_winograd_flipped(w: torch.Tensor, width: int, tile: int) -> torch.Tensor:
+    """pack_winograd of the flipped, transposed weight w.flip(2, 3).transpose(0, 1) (the data
+    gradient's filter, from cout to cin channels), without making it: in one pass on the
+    C++ kernel where no gradient is taken."""
+    if _one_pass_packing(w):
+        kh, kw = (int(k) for k in w.shape[2:])
+        return torch.ops.inception_fast.pack_winograd_cpu(w.transpose(0, 1), _transform_tensor(kh, kw, tile), width,
+                                                          True)
+    return pack_winograd(w.flip(2, 3).transpose(0, 1), width, tile=tile)
+
+
+def _one_pass_packing(w: torch.Tensor) -> bool:
+    """Whether pack_winograd runs the C++ one-pass packer (pack_winograd.cpp): fp32 CPU
+    weights, no gradient taken through the packing (the ATen path is the differentiable
+    one), not under tracing (the compiled train form traces its packing), extension built."""
+    return (w.dtype == torch.float32 and w.device.type == "cpu" and not (torch.is_grad_enabled() and w.requires_grad)
+            and not tracing() and cpu_extension() is not None)
+
+
+@functools.cache
+def _transform_tensor(kh: int, kw: int, tile: int) -> torch.Tensor:
+    """_transform_matrix as a float64 CPU tensor, made once (read-only by the packer)."""
+    return torch.tensor(_transform_matrix(kh, kw, tile), dtype=torch.float64)
 
 
 def unpack_winograd(packed: torch.Tensor, cols: int, cin: int, kh: int, kw: int) -> torch.Tensor:

@@ -33,8 +33,8 @@ from torch.utils.flop_counter import register_flop_formula
 from .._extension import cpu_extension, require_cpu_extension
 from . import backend as _backend
 from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_conv_panels, pack_panels,
-                      pack_winograd, packed_dtype, panel_width, rows, unpack_panels, unpack_winograd,
-                      winograd_positions)
+                      pack_winograd, pack_winograd_flipped, packed_dtype, panel_width, rows, unpack_panels,
+                      unpack_winograd, winograd_positions)
 from .graph_backward import graph_backward_reference
 from ..spec import Branch, BranchGraphSpec, Conv
 from .plan import GraphPlan, Source, plan
@@ -83,11 +83,13 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
             packed_bias.append(bias.contiguous())
             continue
         dtype = packed_dtype(functools.reduce(torch.promote_types, (weights[i].dtype for i in g.convs)))
+        # The packers copy: one convolution's weight needs no concatenated copy first.
+        w_cat = weights[g.convs[0]] if len(g.convs) == 1 else torch.cat([weights[i] for i in g.convs])
         if dtype == torch.float32 and wino and g.winograd:
             tile = None if wino is True or wino == 1 else int(wino)  # pack_winograd refuses tiles but 2, 4
-            b = pack_winograd(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype), gradient, tile)
+            b = pack_winograd(w_cat.to(dtype), panel_width(dtype), gradient, tile)
         elif dtype != torch.bfloat16:
-            b = pack_conv_panels(torch.cat([weights[i] for i in g.convs]).to(dtype), panel_width(dtype))
+            b = pack_conv_panels(w_cat.to(dtype), panel_width(dtype))
         else:
             b = pack_panels(torch.cat([as_gemm_b(weights[i]) for i in g.convs], dim=1).to(dtype), panel_width(dtype),
                             g.kh * g.kw)
@@ -160,6 +162,8 @@ _CPP_SCHEMAS = (
     "graph_forward_saving(Tensor x, Tensor[] b, Tensor[] bias, int[] flat_plan) -> (Tensor, Tensor[])",
     "graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
     "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]",
+    "pack_winograd_cpu(Tensor w, Tensor transform, int width, bool flip) -> Tensor",
+    "winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile) -> Tensor",
 )
 if cpu_extension() is None:
     _fallback_library = torch.library.Library("inception_fast", "FRAGMENT")
@@ -365,6 +369,11 @@ def _graph_backward_fake(grad_out, x, y, intermediates, weights, needs, backward
     return grads
 
 
+@torch.library.register_fake("inception_fast::pack_winograd_cpu")
+def _pack_winograd_cpu_fake(w, transform, width, flip):
+    return w.new_empty(-(-w.shape[0] // width), (transform.shape[0] + w.shape[2] * w.shape[3]) * w.shape[1], width)
+
+
 @torch.library.register_fake("inception_fast::winograd_weight_grad")
 def _winograd_weight_grad_fake(x, grad, padding, tile):
     return x.new_empty(grad.shape[1], x.shape[1], 3, 3)
@@ -448,9 +457,8 @@ def winograd_data_grad(n: int, h: int, w: int):
             bordered = g.new_zeros(n, h + kh - 1, w + kw - 1, cout)
             bordered[:, kh - 1:kh - 1 + gh, kw - 1:kw - 1 + gw] = g.view(n, gh, gw, cout)
             g_image = bordered.permute(0, 3, 1, 2)
-        b, bias = pack_weights(graph, [weight.flip(2, 3).transpose(0, 1)], [weight.new_zeros(cin)], "cpu",
-                               winograd_tiles(graph, *g_image.shape[2:]))
-        d = rows(torch.ops.inception_fast.graph_forward_linear(g_image, b, bias, graph.flat()))
+        b = pack_winograd_flipped(weight, panel_width(torch.float32), winograd_tiles(graph, *g_image.shape[2:])[0])
+        d = rows(torch.ops.inception_fast.graph_forward_linear(g_image, [b], [weight.new_zeros(cin)], graph.flat()))
         # d_so_far: the sum of the intermediate's other consumers, a fresh tensor of the walk.
         return (d if d_so_far is None else d_so_far.add_(d)), False
 
