@@ -248,13 +248,14 @@ class FusedBranchGraph(DropInBlock):
     recompute_reductions = False
     # Train mode with BN: the fused train-mode BN form runs from this many input pixels
     # (N x H x W) on; below, the original block (the same batch statistics and updates).
-    # Training repacks the weights every step, and below ~4,000 pixels that and the
-    # statistics passes cost more than the kernel saves (2 Zen 5 threads, train forward +
-    # backward against eager channels_last: GoogLeNet 5b at batch 32, 1,568 pixels, 0.95x;
-    # Inception-v3's 17x17 and 8x8 blocks at batch 8, 2,312 and 512 pixels, 0.92-0.96x;
-    # 4a-4e at batch 32, 6,272 pixels, 1.02-1.04x; 3a, 25,088 pixels, 1.19x). 0 fuses
+    # Training repacks the weights every step, and on small grids that and the statistics
+    # passes cost about what the kernel saves. Train forward + backward against eager
+    # channels_last, 2 Zen 5 threads, with the Winograd weight gradients and the one-pass
+    # packer: GoogLeNet's 4a-4e at batch 8 (1,568 pixels) 0.98-0.99x, at 12 (2,352)
+    # 1.03-1.06x, at 16 (3,136) 1.05-1.11x; 5a and 5b at batch 32 (1,568) 0.96-0.99x;
+    # Inception-v3's 17x17 blocks at batch 8 (2,312) 0.96-1.01x, at 12-16 0.98-1.04x. 0 fuses
     # every call: the form saves ~45% of the bytes eager keeps for the backward.
-    bn_train_min_pixels = 4096
+    bn_train_min_pixels = 2400
     # False: train mode with BN always runs the original block (second-order gradients, or
     # bitwise eager results); per class or per block.
     fuse_train_bn = True
