@@ -419,6 +419,16 @@ inline std::pair<int64_t, int64_t> tile(Kind kind) {
   return visit(kind, [](auto t) { return std::make_pair(int64_t{decltype(t)::kTileH}, int64_t{decltype(t)::kTileW}); });
 }
 
+// d[i] = the SIMD vector at channel c of pixel row p[i], zeros where p[i] is null (a window
+// pixel outside the source, or a tile pixel outside the grid).
+template <int n>
+inline void load_rows(const float* const* p, int64_t c, Simd<float>::Vec* d) {
+  for (int i = 0; i < n; ++i) {
+    if (p[i] != nullptr) std::memcpy(&d[i], p[i] + c, sizeof(Simd<float>::Vec));
+    else d[i] = Simd<float>::Vec{};
+  }
+}
+
 // Whether a Winograd stage of `kind` over an Ho x Wo output grid and N images runs as
 // Winograd (Transform::kMinTiles), rather than as the direct GEMM over its direct taps.
 inline bool worth_it(Kind kind, int64_t N, int64_t Ho, int64_t Wo) {
@@ -555,10 +565,7 @@ class Workspace {
       int64_t c = 0;
       for (; c + L <= C; c += L) {
         Vec d[P], o[P];
-        for (int a = 0; a < P; ++a) {
-          if (p[a] != nullptr) std::memcpy(&d[a], p[a] + c, sizeof(Vec));
-          else d[a] = Vec{};
-        }
+        load_rows<P>(p, c, d);
         Tr::input_tile(d, o);
         for (int a = 0; a < P; ++a) std::memcpy(out + a * a_stride + c, &o[a], sizeof(Vec));
       }
