@@ -198,9 +198,10 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
 
 // The backward of relu(BN(z)) on batch statistics over M rows (pixels) of `count`
 // channels, rows of each input `ld` elements apart (channels contiguous), dz contiguous:
-//   g = grad where y > 0 (ReLU's subgradient: none where y == 0, as torch.relu), y the
-//       activation, or without it bn_affine(z, alpha, shift) as the forward computed it
-//       (the block's output need not be kept for the masks),
+//   g = grad except where y <= 0 (threshold_backward's rule, as eager's ReLU backward: none
+//       where y == 0, and a NaN activation passes its gradient), y the activation, or
+//       without it bn_affine(z, alpha, shift) as the forward computed it (the block's
+//       output need not be kept for the masks),
 //   d_beta = sum g, d_gamma = invstd * sum g (z - mean),
 //   dz = gamma invstd (g - d_beta / M - (z - mean) invstd^2 sum g (z - mean) / M),
 // ATen's CPU batch-norm backward formula. Two passes: the sums, storing g into dz; then dz
@@ -236,13 +237,13 @@ void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, 
           auto act1 = [&](int64_t c) { return yr != nullptr ? yr[c] : bn_affine(zr[c], alpha[c], shift_z[c]); };
           int64_t c = 0;
           for (; c + L <= count; c += L) {
-            const V g = act(c) > zero ? vload(gr + c) : zero;
+            const V g = act(c) <= zero ? zero : vload(gr + c);  // torch's rule: NaN passes
             vstore(out + c, g);
             vstore(a_g + c, vload(a_g + c) + g);
             vstore(a_gz + c, vload(a_gz + c) + g * (vload(zr + c) - vload(mean + c)));
           }
           for (; c < count; ++c) {
-            const Acc g = act1(c) > T(0) ? gr[c] : Acc(0);
+            const Acc g = act1(c) <= T(0) ? Acc(0) : gr[c];
             out[c] = g;
             a_g[c] += g;
             a_gz[c] += g * (zr[c] - mean[c]);

@@ -133,7 +133,8 @@ at::Tensor pack_winograd_cpu(const at::Tensor& w, const at::Tensor& transform, i
 // The weight gradient (cout, cin, 3, 3) of a stride-1 3x3 convolution with padding 1 or 0
 // from its input x (N, cin, H, W) and output gradient grad (N, cout, Ho, Wo), float32,
 // channels contiguous (else copied channels_last), by Winograd's F(tile x tile, 3x3), tile 2
-// or 4 (winograd_weight_grad.cpp). NaN throughout where an input was not finite. Keeps its
+// or 4 (winograd_weight_grad.cpp). NaN throughout where an input was not finite or a
+// transformed sum overflowed (the caller then runs the direct gradient). Keeps its
 // U, V and M scratch per calling thread between calls (~10 MB at GoogLeNet's sizes).
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile);
 

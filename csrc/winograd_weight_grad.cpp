@@ -18,9 +18,10 @@
 // random gradients) the result's distance from float64 was 0.4-1.2e-6 of its norm, the
 // direct fp32 weight gradient's 0.2-1.0e-6.
 //
-// Non-finite inputs: a NaN or inf in x or the gradient makes every result NaN (the caller
-// then runs the direct convolution backward, which puts non-finite values where eager does;
-// the transforms would spread them differently).
+// Non-finite inputs: a NaN or inf in x or the gradient, or a transformed sum that overflows
+// float32, makes every result NaN (the caller then runs the direct convolution backward,
+// which puts non-finite values where eager does; the transforms would spread them
+// differently, and overflow where the direct sums do not).
 #include "inception_cpu.h"
 #include "nhwc.h"
 #include "winograd.h"
@@ -216,10 +217,10 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
   const int64_t ldu = gemm::ceil_div(K, kRows) * kRows, ldv = gemm::ceil_div(C, L) * L;
   // Tiles per chunk: U and V of a chunk in ~8 MB (an L3 slice), at least 256 tiles so that
   // each GEMM reduces over enough rows to amortise loading and storing its sums.
+  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  if (tiles == 0 || K == 0 || C == 0) return at::zeros({K, C, 3, 3}, opts);  // nothing to sum
   const int64_t bytes = P * (ldu + ldv) * static_cast<int64_t>(sizeof(float));
   const int64_t chunk = std::min(tiles, std::max<int64_t>(256, (int64_t{8} << 20) / bytes));
-  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
-  if (tiles == 0) return at::zeros({K, C, 3, 3}, opts);  // an empty batch
   // Position strides one cache line past a whole number of rows: at a multiple of 4 KB the
   // transforms' P stores of one tile would all fall in one L1 set.
   const int64_t sv = chunk * ldv + L, su = chunk * ldu + L;
@@ -252,14 +253,20 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
   if (!finite.load()) return out.fill_(std::numeric_limits<float>::quiet_NaN());
   float* od = out.data_ptr<float>();
   at::parallel_for(0, K * C, 1024, [&](int64_t begin, int64_t end) {
+    float bad = 0.0f;  // w - w: 0 where finite
     for (int64_t j = begin; j < end; ++j) {
       const int64_t k = j / C, c = j % C;
       float mv[P], w[9];
       for (int64_t a = 0; a < P; ++a) mv[a] = md[(a * ldu + k) * ldv + c];
       Tr::weight_tile(mv, w);
+      for (int r = 0; r < 9; ++r) bad += w[r] - w[r];
       std::memcpy(od + 9 * j, w, sizeof(w));
     }
+    if (bad != 0.0f) finite = false;  // NaN: a transformed sum overflowed
   });
+  // Finite inputs whose transformed sums overflow (|values| ~1e18) leave some taps NaN where
+  // the direct gradient is finite: all NaN then too, so that the caller reruns it directly.
+  if (!finite.load()) out.fill_(std::numeric_limits<float>::quiet_NaN());
   return out;
 }
 

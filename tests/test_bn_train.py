@@ -257,6 +257,33 @@ def test_nan_poisons_the_same_outputs_as_eager():
     assert rel_err(got[finite], want[finite]) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("kind", ["googlenet", "stem"])
+def test_nan_gradients_match_eager(kind):
+    """The backward through NaN activations: eager's ReLU backward (threshold_backward) keeps
+    the gradient where the activation is NaN (NaN <= 0 is false), so BN's beta gradient is
+    the plain sum of grad_output there. The C++ mask once dropped it (it kept only act > 0)."""
+    if kind == "stem":
+        original, channels = _stem_unit(1).train(), 10
+        fused = ifast.swap_inception(nn.Sequential(copy.deepcopy(original)), convs=True)[0].train()
+    else:
+        original, fused, channels = _pair(kind, torch.float32)
+    x = torch.randn(2, channels, 7, 7)
+    x[0, 1, 2, 2] = float("nan")
+    grad_out = torch.randn_like(original(x.clone()))
+    _, _, g0 = _grads(original, x, grad_out)
+    _, _, g1 = _grads(fused, x, grad_out)
+    betas = [k for k in g0 if k.endswith("bn.bias")]
+    # The units that write the output have finite beta gradients (those feeding another
+    # convolution get NaN ones, from the NaN statistics behind them).
+    assert any(torch.isfinite(g0[k]).any() for k in betas)
+    for name in betas:
+        want, got = g0[name], g1[name]
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        finite = ~torch.isnan(want)
+        if finite.any():
+            assert rel_err(got[finite], want[finite]) <= TOL[torch.float32], name
+
+
 def test_mixed_bn_modes_run_the_original():
     """One BN frozen (eval) among train-mode ones: neither the fold nor the train form."""
     block = googlenet_block().train()

@@ -64,9 +64,23 @@ def test_differs_from_direct_in_rounding():
     assert not torch.equal(f2, f4) and not torch.equal(f4, direct)
 
 
-def test_empty_batch_is_zero():
-    x, grad = torch.zeros(0, 4, 6, 6), torch.zeros(0, 5, 6, 6)
-    assert torch.equal(_op(x, grad, 1, 4), torch.zeros(5, 4, 3, 3))
+@pytest.mark.parametrize("shapes", [((0, 4, 6, 6), (0, 5, 6, 6)), ((2, 0, 6, 6), (2, 5, 6, 6)),
+                                    ((2, 4, 6, 6), (2, 0, 6, 6)), ((2, 0, 6, 6), (2, 0, 6, 6))],
+                         ids=["empty-batch", "no-cin", "no-cout", "no-channels"])
+def test_empty_sums_are_zero(shapes):
+    x, grad = torch.zeros(*shapes[0]), torch.zeros(*shapes[1])
+    assert torch.equal(_op(x, grad, 1, 4), torch.zeros(shapes[1][1], shapes[0][1], 3, 3))
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_overflowing_transformed_sums_give_nan_throughout(tile):
+    """Finite inputs near 1e18: the exact gradient (~1e37) fits float32, but the transformed
+    sums may overflow; the op then returns NaN throughout (never a mix of NaN and values),
+    and the hook falls back to ATen's direct gradient."""
+    torch.manual_seed(0)
+    x, grad = torch.randn(1, 4, 8, 8) * 1e18, torch.randn(1, 4, 8, 8) * 1e18
+    got = _op(x, grad, 1, tile)
+    assert torch.isnan(got).all() or rel_err(got, _want(x, grad, 1)) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("where", ["x", "grad"])

@@ -510,9 +510,9 @@ def weight_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> int 
 def winograd_weight_grad(g: torch.Tensor, src: torch.Tensor, weight: torch.Tensor, step) -> torch.Tensor | None:
     """graph_backward_reference's weight_grad hook for the CPU: the Winograd weight gradient
     of each convolution that weight_grad_pays for (over an intermediate or over x); None,
-    ATen's convolution backward, for the others, and where an input was not finite (the
-    C++ op then returns NaN throughout: the direct backward puts each non-finite value
-    where eager's convolution does)."""
+    ATen's convolution backward, for the others, and where an input was not finite or a
+    transformed sum overflowed (the C++ op then returns NaN throughout: the direct backward
+    puts each non-finite value where eager's convolution does)."""
     n, _, h, w = src.shape
     tile = weight_grad_pays(n, h, w, step, weight) if src.dtype == torch.float32 and g.device.type == "cpu" else None
     if tile is None:
