@@ -135,7 +135,8 @@ at::Tensor pack_winograd_cpu(const at::Tensor& w, const at::Tensor& transform, i
 // channels contiguous (else copied channels_last), by Winograd's F(tile x tile, 3x3), tile 2
 // or 4 (winograd_weight_grad.cpp). NaN throughout where an input was not finite or a
 // transformed sum overflowed (the caller then runs the direct gradient). Keeps its
-// U, V and M scratch per calling thread between calls (~10 MB at GoogLeNet's sizes).
+// U, V and M scratch per calling thread between calls (up to 16 MB each; ~10 MB in all at
+// GoogLeNet's sizes).
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile);
 
 // Gradients [dx, dW_0, db_0, dW_1, db_1, ...] of a branch-graph block (weights in Conv2d

@@ -184,11 +184,20 @@ class Buffer {
  public:
   float* get(int64_t n) {
     if (n > size_) {
+      data_.reset();
+      size_ = 0;
       data_.reset(static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64)));
       TORCH_CHECK(data_ != nullptr, "winograd_weight_grad: out of memory for ", n, " floats of scratch");
       size_ = n;
     }
     return data_.get();
+  }
+  // Frees a buffer past `floats`: the scratch kept between calls stays bounded.
+  void trim(int64_t floats) {
+    if (size_ > floats) {
+      data_.reset();
+      size_ = 0;
+    }
   }
 
  private:
@@ -199,12 +208,22 @@ class Buffer {
   int64_t size_ = 0;
 };
 
-// U, V and M, kept per calling thread between calls (~10 MB at GoogLeNet's sizes): fresh
-// buffers cost their page faults and zeroing every call, ~1.3 ms of 4e's 4.4 at batch 16.
+// U, V and M, kept per calling thread between calls: fresh buffers cost their page faults
+// and zeroing every call, ~1.3 ms of 4e's 4.4 at batch 16. At most kKeptFloats each are kept
+// (16 MB; GoogLeNet's and Inception-v3's sizes need up to ~10 MB in all); a larger call
+// frees its buffers when it returns.
+constexpr int64_t kKeptFloats = int64_t{4} << 20;
 struct Scratch {
   Buffer u, v, m;
 };
 thread_local Scratch scratch;
+struct TrimScratch {  // on every exit of weight_grad, exceptions included
+  ~TrimScratch() {
+    scratch.u.trim(kKeptFloats);
+    scratch.v.trim(kKeptFloats);
+    scratch.m.trim(kKeptFloats);
+  }
+};
 
 template <typename Tr>
 at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
@@ -224,6 +243,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
   // Position strides one cache line past a whole number of rows: at a multiple of 4 KB the
   // transforms' P stores of one tile would all fall in one L1 set.
   const int64_t sv = chunk * ldv + L, su = chunk * ldu + L;
+  const TrimScratch trim;
   float* vd = scratch.v.get(P * sv);           // V: (P, sv), rows of ldv per tile
   float* ud = scratch.u.get(P * su);           // U: (P, su), rows of ldu per tile
   float* md = scratch.m.get(P * ldu * ldv);    // M_alpha: (P, ldu, ldv)

@@ -72,6 +72,14 @@ def test_empty_sums_are_zero(shapes):
     assert torch.equal(_op(x, grad, 1, 4), torch.zeros(shapes[1][1], shapes[0][1], 3, 3))
 
 
+def test_scratch_past_the_kept_size_then_a_small_call():
+    """A call whose scratch passes what is kept between calls (M: 36 x 600 x 608 floats, 52
+    MB) frees it on return; the calls after it, small and large again, stay right."""
+    for shape in [(1, 600, 600, 8, 8), (2, 17, 33, 11, 11), (1, 600, 600, 8, 8), (3, 40, 24, 14, 14)]:
+        x, grad = _inputs(*shape, 1)
+        assert rel_err(_op(x, grad, 1, 4), _want(x, grad, 1)) <= TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 def test_overflowing_transformed_sums_give_nan_throughout(tile):
     """Finite inputs near 1e18: the exact gradient (~1e37) fits float32, but the transformed
