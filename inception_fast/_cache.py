@@ -56,8 +56,11 @@ class TensorVersionCache(Generic[V]):
         if any(t.is_inference() for t in sources):
             return build()
         # Built as normal tensors even under torch.inference_mode: a cached value is read
-        # again outside it, and keys on its version counter.
-        with torch.inference_mode(False):
+        # again outside it, and keys on its version counter. inference_mode(False) turns
+        # grad mode on (whatever the caller's no_grad): no_grad inside it, so that the value
+        # holds no autograd graph (it held the BN fold's saved tensors, and packed weights
+        # that required grad).
+        with torch.inference_mode(False), torch.no_grad():
             self._value = build()
         self._key = [(t.detach(), t.data_ptr(), t._version) for t in sources]
         self._extra = extra

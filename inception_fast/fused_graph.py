@@ -22,7 +22,7 @@ from torch import nn
 
 from ._cache import TensorVersionCache, tracing
 from ._checks import check_choice, check_input, check_same_dtype_device
-from ._dropin import DropInBlock, autocast_dtype, autocast_off, match_memory_format, uses_batch_statistics
+from ._dropin import DropInBlock, autocast_dtype, autocast_off, log, match_memory_format, uses_batch_statistics
 from .blocks import ConvUnit, NotAnInceptionBlock, fold_conv_bn
 from .graph_parse import parse_branch_graph
 from .ops.backend import BACKENDS, cacheable, resolve_backend
@@ -230,6 +230,10 @@ def _parse(block: nn.Module, found=None):
     return spec, units, traced
 
 
+class _NonFiniteWeights(Exception):
+    """Raised by FusedBranchGraph._packed's build: a folded weight or bias is not finite."""
+
+
 class FusedBranchGraph(DropInBlock):
     """A block on the fused branch-graph op (ops/branch_graph.py: C++ on CPUs, Triton on GPUs),
     forward and backward: Inception-v3's InceptionA to E as built here, any block the
@@ -353,11 +357,33 @@ class FusedBranchGraph(DropInBlock):
                    for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
         if not cacheable(sources[0]):
             return build()
+
+        def build_checked():
+            # Once per change of the weights (meta, fake and traced tensors are not cached,
+            # and not checked): a NaN or inf among them runs the original (forward).
+            if not all(bool(torch.isfinite(t).all()) for t in sources if t.is_floating_point() and not t.is_meta):
+                raise _NonFiniteWeights
+            return build()
+
         cache = self._pack_caches.setdefault((backend, dtype, residual, flags), TensorVersionCache())
         with torch.no_grad():  # a cached value must never hold on to an autograd graph
-            return cache.get(sources, build, extra=tuple(bn.eps for bn in self._bns))
+            return cache.get(sources, build_checked, extra=tuple(bn.eps for bn in self._bns))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x)
+        except _NonFiniteWeights:
+            # A NaN or inf among the folded weights (a corrupted model): the kernels multiply
+            # their zero borders (0 * NaN), where eager's padded convolutions skip the
+            # padding taps and keep the border finite, so the original runs instead. Packing
+            # checks once per change of the weights; under tracing it does not (no packing
+            # cache there), and the fused ops run.
+            if not getattr(self, "_warned_non_finite", False):
+                self._warned_non_finite = True
+                log.warning("%s: non-finite folded weights; running the original block", self.source)
+            return self._run_original(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.graph.in_channels)
         reason = self._unfused_reason(x)
         if reason == "batch statistics" and (train_backend := self._bn_train_backend(x)) is not None:

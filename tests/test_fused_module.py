@@ -156,3 +156,52 @@ def test_backward_saves_no_intermediates():
     weights = sum(p.numel() for p in fused.parameters())
     expected = x.numel() + spec.out_channels * 28 * 28 + weights
     assert sum(saved) == expected
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["cl", "nchw"])
+@pytest.mark.parametrize("kind", ["googlenet", "stem"])
+def test_non_finite_weights_run_the_original(kind, memory_format, caplog):
+    """A NaN in a padded 3x3's weight (a corrupted model): eager's convolution skips the
+    padding taps, the kernel multiplies its zero border (0 * NaN), so the fused forward
+    runs the original block instead, with eager's NaN pattern and values; it fuses again
+    once the weight is finite (the packing cache rebuilds and checks again)."""
+    from torchvision.models.googlenet import BasicConv2d, Inception
+
+    torch.manual_seed(0)
+    block = (randomize_(Inception(10, 4, 5, 7, 3, 6, 5)) if kind == "googlenet"
+             else randomize_(BasicConv2d(10, 24, kernel_size=3, padding=1))).eval()
+    fused = ifast.swap_inception(torch.nn.Sequential(copy.deepcopy(block)), convs=True)[0]
+    assert isinstance(fused, ifast.FusedBranchGraph)
+    x = torch.randn(2, 10, 16, 16).contiguous(memory_format=memory_format)
+    ran = []
+    fused._original[0].register_forward_pre_hook(lambda *a: ran.append(1))
+    conv3 = lambda m: next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (3, 3))
+    with torch.no_grad():
+        # A corner tap: it reads the padding at the bottom and right borders.
+        saved = conv3(block).weight[0, 0, 2, 2].item()
+        for model in (block, fused):
+            conv3(model).weight[0, 0, 2, 2] = float("nan")
+        want, got = block(x), fused(x)
+        assert ran and "non-finite folded weights" in caplog.text
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any()
+        finite = ~torch.isnan(want)
+        assert rel_err(got[finite], want[finite]) <= TOLERANCE[torch.float32]
+        ran.clear()
+        for model in (block, fused):
+            conv3(model).weight[0, 0, 2, 2] = saved
+        assert rel_err(fused(x), block(x)) <= TOLERANCE[torch.float32] and not ran
+
+
+@needs_cpu_kernel
+def test_cached_packed_weights_hold_no_autograd_graph():
+    """The packing cache builds under inference_mode(False), which turns grad mode on: the
+    cached panels must still be plain tensors (no grad_fn keeping the BN fold's saved
+    tensors alive, no requires_grad)."""
+    ref = reference_module(SPEC, batch_norm=True).eval()
+    fused = ifast.FusedInception.from_module(ref).eval()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), torch.inference_mode(not grad):
+            fused(torch.randn(2, 13, 7, 7))
+        cached = [t for cache in fused._pack_caches.values() for part in cache._value for t in part]
+        assert cached and all(t.grad_fn is None and not t.requires_grad for t in cached)
