@@ -197,7 +197,7 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
 
 
 // The backward of relu(BN(z)) on batch statistics over M rows (pixels) of `count`
-// channels, rows of each input `ld` elements apart (channels contiguous), dz contiguous:
+// channels, rows of each input `ld` elements apart (channels contiguous), dz's ld_dz apart:
 //   g = grad except where y <= 0 (threshold_backward's rule, as eager's ReLU backward: none
 //       where y == 0, and a NaN activation passes its gradient), y the activation, or
 //       without it bn_affine(z, alpha, shift) as the forward computed it (the block's
@@ -211,7 +211,8 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
 template <typename T, typename Acc>
 void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, const T* z, int64_t ld_z,
                       int64_t rows, int64_t count, const Acc* mean, const Acc* invstd, const Acc* gamma, T* dz,
-                      Acc* d_gamma, Acc* d_beta, const Acc* alpha = nullptr, const Acc* shift_z = nullptr) {
+                      int64_t ld_dz, Acc* d_gamma, Acc* d_beta, const Acc* alpha = nullptr,
+                      const Acc* shift_z = nullptr) {
   static_assert(std::is_same_v<T, Acc>, "float32 and float64 only");
   using V = typename Simd<T>::Vec;
   constexpr int64_t L = Simd<T>::kLanes;
@@ -229,7 +230,7 @@ void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, 
         for (int64_t m = r0; m < std::min(r0 + kAccRows, m_end); ++m) {
           const T* __restrict__ gr = grad + m * ld_grad;
           const T* __restrict__ zr = z + m * ld_z;
-          T* __restrict__ out = dz + m * count;
+          T* __restrict__ out = dz + m * ld_dz;
           // The activation: y itself, or remade from z as the forward made it.
           const T* __restrict__ yr = y != nullptr ? y + m * ld_y : nullptr;
           auto act = [&](int64_t c) { return yr != nullptr ? vload(yr + c)
@@ -276,7 +277,7 @@ void relu_bn_backward(const T* grad, int64_t ld_grad, const T* y, int64_t ld_y, 
     const Acc* __restrict__ sh = shift.data();
     for (int64_t m = m0; m < m1; ++m) {
       const T* __restrict__ zr = z + m * ld_z;
-      T* __restrict__ out = dz + m * count;
+      T* __restrict__ out = dz + m * ld_dz;
       int64_t c = 0;
       for (; c + L <= count; c += L)
         vstore(out + c, vload(sc + c) * (vload(out + c) - vload(sh + c) -

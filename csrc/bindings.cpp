@@ -22,6 +22,8 @@ TORCH_LIBRARY(inception_fast, m) {
         "(Tensor, Tensor[], Tensor[], Tensor[])");
   m.def("relu_batch_norm_backward(Tensor grad, Tensor? y, Tensor z, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? alpha=None, Tensor? shift=None) -> (Tensor, Tensor, Tensor)");
+  m.def("relu_batch_norm_backward_into(Tensor grad, Tensor? y, Tensor z, Tensor mean, Tensor invstd, "
+        "Tensor? weight, Tensor? alpha, Tensor? shift, Tensor(a!) out) -> (Tensor, Tensor)");
   m.def("max_pool3x3_scatter(Tensor x, Tensor? d_pooled, Tensor(a!)? dx) -> Tensor");
   m.def("pack_winograd_cpu(Tensor w, Tensor transform, int width, bool flip) -> Tensor");
   m.def("winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile) -> Tensor");
@@ -36,6 +38,7 @@ TORCH_LIBRARY_IMPL(inception_fast, CPU, m) {
   m.impl("graph_forward_saving", &inception_fast::inception_graph_forward_saving);
   m.impl("graph_forward_bn_train", &inception_fast::inception_graph_forward_bn_train);
   m.impl("relu_batch_norm_backward", &inception_fast::relu_batch_norm_backward);
+  m.impl("relu_batch_norm_backward_into", &inception_fast::relu_batch_norm_backward_out);
   m.impl("max_pool3x3_scatter", &inception_fast::max_pool3x3_scatter);
   m.impl("pack_winograd_cpu", &inception_fast::pack_winograd_cpu);
   m.impl("winograd_weight_grad", &inception_fast::winograd_weight_grad);

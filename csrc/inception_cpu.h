@@ -115,6 +115,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& y, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
     const std::optional<at::Tensor>& shift);
+// The same with dz written into `out` ((M, channels), channels contiguous, any row stride:
+// a column slice of the walk's shared-x gradient matrix). Returns (d_gamma, d_beta).
+std::tuple<at::Tensor, at::Tensor> relu_batch_norm_backward_out(
+    const at::Tensor& grad, const std::optional<at::Tensor>& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
+    const std::optional<at::Tensor>& shift, at::Tensor& out);
 
 // A 3x3/1 max pool (padding 1) of x and, given d_pooled, its backward scattered into dx in
 // place: each output pixel's d_pooled goes to its window's first maximum in a row-major

@@ -651,10 +651,12 @@ inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::Tens
   return {out, bufs, bn.z, bn.stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
+namespace {
+// relu_batch_norm_backward into `dz` ((rows, count), channels contiguous, any row stride).
+std::tuple<at::Tensor, at::Tensor> relu_batch_norm_backward_to(
     const at::Tensor& grad, const std::optional<at::Tensor>& y_opt, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha_opt,
-    const std::optional<at::Tensor>& shift_opt) {
+    const std::optional<at::Tensor>& shift_opt, at::Tensor& dz) {
   const int64_t rows = z.size(0), count = z.size(1);
   TORCH_CHECK(y_opt.has_value() || (alpha_opt.has_value() && shift_opt.has_value()),
               "relu_batch_norm_backward: the ReLU mask needs y, or alpha and shift");
@@ -676,17 +678,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
     TORCH_CHECK(!t->defined() || (t->numel() == count && t->scalar_type() == z.scalar_type()),
                 "relu_batch_norm_backward: mean, invstd, weight, alpha and shift must be (", count, ",) tensors of ",
                 z.scalar_type());
-  at::Tensor dz = at::empty({rows, count}, z.options());
+  TORCH_CHECK(dz.dim() == 2 && dz.size(0) == rows && dz.size(1) == count && (dz.stride(1) == 1 || count == 1) &&
+                  dz.stride(0) >= count && dz.scalar_type() == z.scalar_type() && dz.device().is_cpu(),
+              "relu_batch_norm_backward: out must be (", rows, ", ", count, ") CPU rows of ", z.scalar_type(),
+              " with contiguous channels, got ", dz.sizes(), " strides ", dz.strides());
+  for (const at::Tensor* t : {&grad, &z})
+    at::assert_no_overlap(dz, *t);
   at::Tensor d_gamma = at::empty({count}, z.options()), d_beta = at::empty({count}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "relu_batch_norm_backward", [&] {
     bn_train::relu_bn_backward<scalar_t, scalar_t>(
         grad.data_ptr<scalar_t>(), grad.stride(0), y_opt.has_value() ? y.data_ptr<scalar_t>() : nullptr, y.stride(0),
         z.data_ptr<scalar_t>(), z.stride(0), rows, count, m.data_ptr<scalar_t>(), is.data_ptr<scalar_t>(),
-        w.defined() ? w.data_ptr<scalar_t>() : nullptr, dz.data_ptr<scalar_t>(), d_gamma.data_ptr<scalar_t>(),
-        d_beta.data_ptr<scalar_t>(), y_opt.has_value() ? nullptr : a.data_ptr<scalar_t>(),
+        w.defined() ? w.data_ptr<scalar_t>() : nullptr, dz.data_ptr<scalar_t>(), dz.stride(0),
+        d_gamma.data_ptr<scalar_t>(), d_beta.data_ptr<scalar_t>(), y_opt.has_value() ? nullptr : a.data_ptr<scalar_t>(),
         y_opt.has_value() ? nullptr : sh.data_ptr<scalar_t>());
   });
+  return {d_gamma, d_beta};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
+    const at::Tensor& grad, const std::optional<at::Tensor>& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
+    const std::optional<at::Tensor>& shift) {
+  at::Tensor dz = at::empty({z.size(0), z.size(1)}, z.options());
+  auto [d_gamma, d_beta] = relu_batch_norm_backward_to(grad, y, z, mean, invstd, weight, alpha, shift, dz);
   return {dz, d_gamma, d_beta};
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_batch_norm_backward_out(
+    const at::Tensor& grad, const std::optional<at::Tensor>& y, const at::Tensor& z, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
+    const std::optional<at::Tensor>& shift, at::Tensor& out) {
+  return relu_batch_norm_backward_to(grad, y, z, mean, invstd, weight, alpha, shift, out);
 }
 
 at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,

@@ -227,13 +227,17 @@ def _walk_backward(grad_out, x, weights: list, gammas: list, eps: list, inter: l
     d_gamma, d_beta = [None] * n_conv, [None] * n_conv
     cpu = backend == "cpu"
 
-    def batch_norm(i, grad, act):
+    def batch_norm(i, grad, act, out=None):
         conv = steps[i]
         c = slice(conv.channel, conv.channel + weights[i].shape[0])
         s = stats[conv.destination + 1]
         zi = z[z_index[i]].reshape(grad.shape)
         # The output's activations are not kept (act None): the mask comes from z.
-        if cpu:
+        if cpu and out is not None:
+            dz = out
+            dg, db = torch.ops.inception_fast.relu_batch_norm_backward_into(
+                grad, act, zi, s[0, c], s[2, c], gammas[i], s[3, c], s[4, c], out)
+        elif cpu:
             dz, dg, db = torch.ops.inception_fast.relu_batch_norm_backward(
                 grad, act, zi, s[0, c], s[2, c], gammas[i], s[3, c], s[4, c])
         else:  # ATen's pair, on any device
@@ -244,7 +248,7 @@ def _walk_backward(grad_out, x, weights: list, gammas: list, eps: list, inter: l
             dz, dg, db = torch.ops.aten.native_batch_norm_backward(
                 image(g, n, gh, gw), image(zi, n, gh, gw), gammas[i], None, None, s[0, c], s[2, c], True,
                 eps[i], [True, needs_gamma[i], needs_beta[i]])
-            dz = rows(dz)
+            dz = rows(dz) if out is None else out.copy_(rows(dz))
         d_gamma[i] = dg if needs_gamma[i] else None
         d_beta[i] = db if needs_beta[i] else None
         return dz

@@ -31,6 +31,11 @@ def _conv_input(x: torch.Tensor, intermediates: list[torch.Tensor], source: int)
     return x if source == Source.X else intermediates[source].permute(0, 3, 1, 2)
 
 
+def _into(rows_: torch.Tensor, a_cols: torch.Tensor | None, cols: slice | None) -> torch.Tensor:
+    """rows_ copied into its columns of the shared-x gradient matrix, when it has them."""
+    return rows_ if cols is None else a_cols[:, cols].copy_(rows_)
+
+
 def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                              intermediates: list[torch.Tensor], weights: list[torch.Tensor], needs: list[bool],
                              backward_plan: list[int], data_grad=None, weight_grad=None,
@@ -63,10 +68,11 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     reads x): the Triton backward gathers that gradient in the GEMM's epilogue.
 
     batch_norm, if given, is train-mode batch norm between each convolution and its ReLU
-    (ops/branch_graph_bn_train.py): batch_norm(i, grad, act) -> the (M, cout) gradient of
-    convolution i's output, from grad, the gradient of its activation act = relu(BN(conv)),
-    (M, cout) rows both (the ReLU's mask is the hook's, fused with BN's backward); it keeps
-    gamma's and beta's gradients itself. The biases' gradients are then those of the
+    (ops/branch_graph_bn_train.py): batch_norm(i, grad, act, out=None) -> the (M, cout)
+    gradient of convolution i's output, from grad, the gradient of its activation act =
+    relu(BN(conv)), (M, cout) rows both (the ReLU's mask is the hook's, fused with BN's
+    backward), written into `out` (columns of the shared-x gradient matrix) when given; it
+    keeps gamma's and beta's gradients itself. The biases' gradients are then those of the
     convolutions' own biases.
 
     conv_1x1 runs the 1x1 GEMM pairs (the shared-x GEMMs, the max-pool branch's
@@ -100,6 +106,19 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     dx_terms: list[torch.Tensor] = []  # logical (N, C, H, W)
     pool_dx = None  # from max_pool_grad: the shared-x GEMM's dx with the max pool's gradient
     pending_pool = None  # (conv index, g, weight) of the max-pool branch, for max_pool_scatter
+    # With conv_1x1, the shared-x GEMM's gradient matrix is made whole up front and each
+    # convolution's masked gradient written into its columns (no concatenation after: 0.7-1
+    # ms a block at batch 16-32, the gradients of 176-448 columns copied once more).
+    shared_cols: dict[int, slice] = {}
+    a_cols = None
+    if conv_1x1:
+        ids = [i for i, st in enumerate(table) if (st.source == Source.X and (st.kh, st.kw, st.stride) == (1, 1, 1))
+               or st.source in (Source.AVG_POOL, Source.AVG_POOL_EXCLUDE_PAD)]
+        offset = 0
+        for i in ids:
+            shared_cols[i] = slice(offset, offset + weights[i].shape[0])
+            offset += weights[i].shape[0]
+        a_cols = grad_rows.new_empty(n * h * w, offset) if ids else None  # (N H W, K0): x's pixel rows
     for i in reversed(range(len(table))):
         source, dest, channel, kh, kw, conv_stride, pad_h, pad_w = table[i]
         weight = weights[i]
@@ -107,21 +126,27 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
         # The gradient of the convolution's activation, and that activation (its ReLU mask).
         raw, act = ((grad_rows[:, channel:channel + co], None if y_rows is None else y_rows[:, channel:channel + co])
                     if dest < 0 else (d_inter[dest], inter_rows[dest]))
+        # Its columns of the shared-x gradient matrix, where the masked gradient goes itself.
+        into = a_cols[:, shared_cols[i]] if i in shared_cols and source == Source.X else None
         if batch_norm is not None:
-            g = batch_norm(i, raw, act)
+            g = batch_norm(i, raw, act) if into is None else batch_norm(i, raw, act, out=into)
+        elif dest >= 0 and masked[dest]:
+            g = raw if into is None else into.copy_(raw)
         else:
-            g = raw if dest >= 0 and masked[dest] else relu_backward(raw, act, 0)
+            g = (relu_backward(raw, act, 0) if into is None
+                 else torch.ops.aten.threshold_backward.grad_input(raw, act, 0, grad_input=into))
         d_biases[i] = g.sum(0) if bias_grads else None
         if source >= 0:
             consumers_left[source] -= 1
         if source == Source.X and (kh, kw, conv_stride) == (1, 1, 1):
             shared[i] = g
         elif source == Source.AVG_POOL:
-            shared[i] = rows(F.avg_pool2d(image(g, n, h, w), 3, 1, 1))  # self-adjoint
+            shared[i] = _into(rows(F.avg_pool2d(image(g, n, h, w), 3, 1, 1)), a_cols, shared_cols.get(i))  # self-adjoint
         elif source == Source.AVG_POOL_EXCLUDE_PAD:
             # S(x) / count, S the self-adjoint 3x3 sum pool: its adjoint is S(g / count).
             count = F.avg_pool2d(x.new_ones(1, 1, h, w), 3, 1, 1, divisor_override=1)
-            shared[i] = rows(F.avg_pool2d(image(g, n, h, w) / count, 3, 1, 1, divisor_override=1))
+            shared[i] = _into(rows(F.avg_pool2d(image(g, n, h, w) / count, 3, 1, 1, divisor_override=1)), a_cols,
+                              shared_cols.get(i))
         elif source == Source.MAX_POOL and max_pool_scatter is not None and conv_1x1:
             pending_pool = (i, g, weight)  # scattered into dx once the shared-x GEMM has made it
         elif source == Source.MAX_POOL and max_pool_grad is not None:
@@ -180,7 +205,8 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
     if order and conv_1x1 and pool_dx is None:
         w_cat = torch.cat([weights[i].reshape(weights[i].shape[0], -1, 1, 1) for i in order])
         d_x, d_w, _ = torch.ops.aten.convolution_backward(
-            image(torch.cat([shared[i] for i in order], dim=1), n, h, w), x, w_cat, None, [1, 1], [0, 0], [1, 1],
+            image(a_cols if shared_cols else torch.cat([shared[i] for i in order], dim=1), n, h, w), x, w_cat, None,
+            [1, 1], [0, 0], [1, 1],
             False, [0, 0], 1, [needs[0], needs[1], False])
         if needs[1]:
             for i, d in zip(order, d_w.split([weights[i].shape[0] for i in order])):
@@ -206,7 +232,7 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             d_weights[i] = torch.ops.aten.convolution_backward(
                 g_img, pooled, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1]
     if order:
-        a = torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
+        a = a_cols if shared_cols else torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
         w_shared = torch.cat([weights[i].flatten(1) for i in order])  # (K0, C)
         if needs[1]:
             d_shared = (a.t() @ x_rows).split([weights[i].shape[0] for i in order])
