@@ -502,3 +502,26 @@ def test_eval_after_a_train_step_of_the_original_sees_the_new_statistics():
             model.train()(x + 1)
             model.eval()
         assert rel_err(fused(x), original(x)) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_relu_batch_norm_backward_into_writes_the_columns_it_is_given(dtype):
+    """The walk's shared-x matrix takes each convolution's masked gradient in its own columns:
+    the out variant equals the plain op there, leaves the other columns alone, and refuses
+    an out of the wrong shape or one overlapping its inputs."""
+    torch.manual_seed(0)
+    m, c = 40, 7
+    grad, z = torch.randn(m, c, dtype=dtype), torch.randn(m, c, dtype=dtype)
+    mean, invstd = z.mean(0), z.var(0, unbiased=False).add(1e-5).rsqrt()
+    gamma = torch.randn(c, dtype=dtype)
+    want = torch.ops.inception_fast.relu_batch_norm_backward(grad, z.relu(), z, mean, invstd, gamma)
+    matrix = torch.full((m, c + 5), 7.0, dtype=dtype)
+    d_gamma, d_beta = torch.ops.inception_fast.relu_batch_norm_backward_into(
+        grad, z.relu(), z, mean, invstd, gamma, None, None, matrix[:, 2:2 + c])
+    assert torch.equal(matrix[:, 2:2 + c], want[0]) and torch.equal(d_gamma, want[1]) and torch.equal(d_beta, want[2])
+    assert (matrix[:, :2] == 7).all() and (matrix[:, 2 + c:] == 7).all()
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.inception_fast.relu_batch_norm_backward_into(grad, z.relu(), z, mean, invstd, gamma, None, None,
+                                                               matrix[:, :c - 1])
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.inception_fast.relu_batch_norm_backward_into(grad, z.relu(), z, mean, invstd, gamma, None, None, grad)
