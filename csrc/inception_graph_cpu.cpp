@@ -651,12 +651,11 @@ inception_graph_forward_bn_train(const at::Tensor& x, at::TensorList b, at::Tens
   return {out, bufs, bn.z, bn.stats};
 }
 
-namespace {
-// relu_batch_norm_backward into `dz` ((rows, count), channels contiguous, any row stride).
-std::tuple<at::Tensor, at::Tensor> relu_batch_norm_backward_to(
+std::tuple<at::Tensor, at::Tensor> relu_batch_norm_backward_out(
     const at::Tensor& grad, const std::optional<at::Tensor>& y_opt, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha_opt,
     const std::optional<at::Tensor>& shift_opt, at::Tensor& dz) {
+  TORCH_CHECK(z.dim() == 2, "relu_batch_norm_backward: z must be (M, channels) rows, got ", z.sizes());
   const int64_t rows = z.size(0), count = z.size(1);
   TORCH_CHECK(y_opt.has_value() || (alpha_opt.has_value() && shift_opt.has_value()),
               "relu_batch_norm_backward: the ReLU mask needs y, or alpha and shift");
@@ -695,22 +694,15 @@ std::tuple<at::Tensor, at::Tensor> relu_batch_norm_backward_to(
   });
   return {d_gamma, d_beta};
 }
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
     const at::Tensor& grad, const std::optional<at::Tensor>& y, const at::Tensor& z, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
     const std::optional<at::Tensor>& shift) {
+  TORCH_CHECK(z.dim() == 2, "relu_batch_norm_backward: z must be (M, channels) rows, got ", z.sizes());
   at::Tensor dz = at::empty({z.size(0), z.size(1)}, z.options());
-  auto [d_gamma, d_beta] = relu_batch_norm_backward_to(grad, y, z, mean, invstd, weight, alpha, shift, dz);
+  auto [d_gamma, d_beta] = relu_batch_norm_backward_out(grad, y, z, mean, invstd, weight, alpha, shift, dz);
   return {dz, d_gamma, d_beta};
-}
-
-std::tuple<at::Tensor, at::Tensor> relu_batch_norm_backward_out(
-    const at::Tensor& grad, const std::optional<at::Tensor>& y, const at::Tensor& z, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
-    const std::optional<at::Tensor>& shift, at::Tensor& out) {
-  return relu_batch_norm_backward_to(grad, y, z, mean, invstd, weight, alpha, shift, out);
 }
 
 at::Tensor inception_graph_forward(const at::Tensor& x, at::TensorList b, at::TensorList bias,

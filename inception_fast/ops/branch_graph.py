@@ -430,13 +430,19 @@ def _data_grad_plan(cout: int, cin: int, kh: int, kw: int, padded: bool = True) 
                                 pool=None, pool_proj=None))
 
 
+def _winograd_3x3(step, weight: torch.Tensor) -> bool:
+    """Whether convolution `step` (a ConvStep) of weight `weight` is one the Winograd
+    gradients can take: an fp32 3x3 at stride 1, with Winograd on (backend.WINOGRAD)."""
+    return (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
+            and step.stride == 1)
+
+
 def data_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> bool:
     """Whether winograd_data_grad takes convolution `step` (a ConvStep) of weight `weight`
-    over an n x h x w input: an fp32 3x3 at stride 1 from DATA_GRAD_MIN_PIXELS output pixels
-    and DATA_GRAD_MIN_MACS multiply-adds, with Winograd on (backend.WINOGRAD)."""
+    over an n x h x w input: _winograd_3x3, from DATA_GRAD_MIN_PIXELS output pixels and
+    DATA_GRAD_MIN_MACS multiply-adds."""
     gh, gw = step.grid(h, w)
-    return (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
-            and step.stride == 1 and n * gh * gw >= DATA_GRAD_MIN_PIXELS
+    return (_winograd_3x3(step, weight) and n * gh * gw >= DATA_GRAD_MIN_PIXELS
             and n * gh * gw * weight.numel() >= DATA_GRAD_MIN_MACS)
 
 
@@ -499,10 +505,9 @@ def weight_grad_tile(n: int, gh: int, gw: int, cin: int, cout: int) -> int | Non
 
 def weight_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> int | None:
     """The tile winograd_weight_grad runs convolution `step` (a ConvStep) of weight `weight`
-    over an n x h x w input with: an fp32 3x3 at stride 1, 'same' or unpadded, where
-    weight_grad_tile picks one, with Winograd on (backend.WINOGRAD); else None."""
-    if not (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
-            and step.stride == 1 and step.pad_h == step.pad_w and step.pad_h in (0, 1)):
+    over an n x h x w input with: _winograd_3x3, 'same' or unpadded, where weight_grad_tile
+    picks one; else None."""
+    if not (_winograd_3x3(step, weight) and step.pad_h == step.pad_w and step.pad_h in (0, 1)):
         return None
     return weight_grad_tile(n, *step.grid(h, w), weight.shape[1], weight.shape[0])
 

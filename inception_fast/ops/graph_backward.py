@@ -201,13 +201,15 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
         dx_terms.append(torch.ops.aten.max_pool2d_with_indices_backward(
             grad_out[:, copy_channel:copy_channel + c], x, [3, 3], [2, 2], [0, 0], [1, 1], False, indices))
     order = sorted(shared)
+    # (M, K0): the shared-x gradient matrix, made whole in the loop where it could be.
     a = w_shared = None
+    if order:
+        a = a_cols if shared_cols else torch.cat([shared[i] for i in order], dim=1)
     if order and conv_1x1 and pool_dx is None:
         w_cat = torch.cat([weights[i].reshape(weights[i].shape[0], -1, 1, 1) for i in order])
         d_x, d_w, _ = torch.ops.aten.convolution_backward(
-            image(a_cols if shared_cols else torch.cat([shared[i] for i in order], dim=1), n, h, w), x, w_cat, None,
-            [1, 1], [0, 0], [1, 1],
-            False, [0, 0], 1, [needs[0], needs[1], False])
+            image(a, n, h, w), x, w_cat, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [needs[0], needs[1], False])
         if needs[1]:
             for i, d in zip(order, d_w.split([weights[i].shape[0] for i in order])):
                 d_weights[i] = d.reshape(weights[i].shape).clone()
@@ -232,7 +234,6 @@ def graph_backward_reference(grad_out: torch.Tensor, x: torch.Tensor, y: torch.T
             d_weights[i] = torch.ops.aten.convolution_backward(
                 g_img, pooled, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1]
     if order:
-        a = a_cols if shared_cols else torch.cat([shared[i] for i in order], dim=1)  # (M, K0)
         w_shared = torch.cat([weights[i].flatten(1) for i in order])  # (K0, C)
         if needs[1]:
             d_shared = (a.t() @ x_rows).split([weights[i].shape[0] for i in order])
