@@ -1,16 +1,19 @@
-"""Winograd (F(4x4, 3x3) or F(2x2, 3x3), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
+"""Winograd (F(4x4, 3x3) or F(2x2, 3x3), F(2x2, 5x5), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
 
-    PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2] [--batch 1,32] [--reps 11]
-        [--baseline direct|f2x2] [--convs]
+    PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2,paper] [--batch 1,32] [--reps 11]
+        [--baseline direct|f2x2|no5x5] [--convs]
 
 Every fused block of each swapped model (torchvision googlenet at 224, pytorch-fid's
-InceptionV3 at 299, timm inception_resnet_v2 at 299; random weights and BN statistics) is
+InceptionV3 at 299, timm inception_resnet_v2 at 299, the paper's GoogLeNet at 224; random
+weights and BN statistics) is
 fed the activation it sees inside the network, and its C++ op runs twice on the same
 input: with the 3x3, 1x7 and 7x1 stride-1 stages packed for Winograd (the default: a 3x3's
 tile by its grid, ops/backend.py winograd_3x3_tile) and packed for the baseline: the direct
 implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing), or with --baseline f2x2 every 3x3 as
 F(2x2, 3x3) (INCEPTION_FAST_WINOGRAD_3X3=2's; rows without an F(4x4, 3x3) stage are left
-out). --convs swaps with convs=True: the stems' lone conv units too. The two alternate in one
+out), or with --baseline no5x5 every 5x5 packed for the direct GEMM and the rest as the
+default (rows without an F(2x2, 5x5) stage are left out: torchvision's googlenet has none,
+its "5x5" branch is a 3x3). --convs swaps with convs=True: the stems' lone conv units too. The two alternate in one
 process; medians of --reps. Also reported: each one's relative error against the block in
 float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
 Rows where none does are left out: blocks without such a stage, and calls below
@@ -34,7 +37,7 @@ from inception_fast.ops.branch_graph import graph_forward, winograd_tiles
 
 
 # csrc/winograd.h, Transform::kMinTiles by filter taps: fewer output tiles in a call run the direct panels
-MIN_TILES = {9: 32, 7: 32, 3: 64}
+MIN_TILES = {25: 32, 9: 32, 7: 32, 3: 64}
 
 
 def _models(names: list[str]) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -48,12 +51,14 @@ def _models(names: list[str]) -> dict[str, tuple[torch.nn.Module, int]]:
             from inception_fast.fid import fid_inception_v3
 
             out[name] = (fid_inception_v3(), 299)
+        elif name == "paper":
+            out[name] = (ifast.models.googlenet_paper(aux_logits=False), 224)
         elif name == "irv2":
             import timm
 
             out[name] = (timm.create_model("inception_resnet_v2", pretrained=False), 299)
         else:
-            raise SystemExit(f"--models: unknown model {name!r} (googlenet, fid, irv2)")
+            raise SystemExit(f"--models: unknown model {name!r} (googlenet, fid, irv2, paper)")
     return out
 
 
@@ -67,15 +72,20 @@ def _random_bn(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _packed(block: FusedBranchGraph, grid: tuple[int, int], winograd: bool = True,
-            tile_3x3: int | None = None) -> tuple[list, list, list[int]]:
+            tile_3x3: int | None = None, direct_5x5: bool = False) -> tuple[list, list, list[int]]:
     """The block's packed weights and flat plan as its CPU inference runs them on an x of
-    `grid`, with Winograd off, or its 3x3s' tile forced."""
+    `grid`, with Winograd off, its 3x3s' tile forced, or its 5x5s packed direct."""
     before = ops_backend.WINOGRAD, ops_backend.WINOGRAD_3X3_TILE
     ops_backend.WINOGRAD, ops_backend.WINOGRAD_3X3_TILE = winograd, tile_3x3 or before[1]
     try:
         block.invalidate_weight_caches()
         block._winograd_flags.clear()
         residual = block._residual_flat is not None
+        graph = block._residual_plan if residual else block._plan
+        flags = winograd_tiles(graph, *grid)
+        if direct_5x5:
+            flags = tuple(False if g.kh == 5 else f for g, f in zip(graph.gemms, flags))
+        block._winograd_flags[(residual, *grid)] = flags
         b, bias = block._packed("cpu", None, residual, grid)
         return b, bias, block._residual_flat if residual else block._flat_plan
     finally:
@@ -101,10 +111,10 @@ def _winograd_runs(block: FusedBranchGraph, n: int, h: int, w: int) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="googlenet,fid,irv2")
+    parser.add_argument("--models", default="googlenet,fid,irv2")  # also: paper
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--reps", type=int, default=11)
-    parser.add_argument("--baseline", choices=("direct", "f2x2"), default="direct")
+    parser.add_argument("--baseline", choices=("direct", "f2x2", "no5x5"), default="direct")
     parser.add_argument("--convs", action="store_true", help="also the stems' conv units (swap_inception(convs=True))")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -131,9 +141,12 @@ def main() -> None:
                 n, _, h, w = x.shape
                 runs = _winograd_runs(block, n, h, w)
                 stages = len(runs)
-                if stages == 0 or (base == "f2x2" and all(tile != 4 for _, tile in runs)):
+                if stages == 0 or (base == "f2x2" and all(tile != 4 for _, tile in runs)) or (
+                        base == "no5x5" and all(g.kh != 5 for g, _ in runs)):
                     continue
-                direct = _packed(block, (h, w), False) if base == "direct" else _packed(block, (h, w), tile_3x3=2)
+                direct = {"direct": lambda: _packed(block, (h, w), False),
+                          "f2x2": lambda: _packed(block, (h, w), tile_3x3=2),
+                          "no5x5": lambda: _packed(block, (h, w), direct_5x5=True)}[base]()
                 wino = _packed(block, (h, w))
                 with torch.no_grad():
                     y64 = copy.deepcopy(block).double()(x.double())

@@ -10,8 +10,8 @@
 //
 // Every GEMM adds its bias, applies ReLU and stores from its epilogue straight into
 // channel slices of the output or of the intermediates the next stages read: there is
-// no concat. An fp32 3x3, 1x7/7x1 or 1x3/3x1 stride-1 stage whose B comes packed for it
-// runs as Winograd's F(2x2, 3x3) or F(4x4, 3x3), F(2, 7) or F(2, 3) (winograd.h): its rows
+// no concat. An fp32 3x3, 5x5, 1x7/7x1 or 1x3/3x1 stride-1 stage whose B comes packed for it
+// runs as Winograd's F(2x2, 3x3) or F(4x4, 3x3), F(2x2, 5x5), F(2, 7) or F(2, 3) (winograd.h): its rows
 // are then output tiles, not pixels. An
 // Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the tail's 1x1
 // over the concat, whose epilogue adds x and stores act(x + sum + bias) into the output.
@@ -108,7 +108,7 @@ void max_pool_stride2_rows(const Plane<const T>& x, int64_t c0, int64_t c1, cons
 
 // The Winograd kind GEMM d's packed B is laid out for (winograd.h), (panels, (positions +
 // taps) k_per_tap, width) in fp32, or none: the direct implicit GEMM's (panels, taps k_per_tap,
-// width). ops/backend.py packs it so for an fp32 3x3, 1x7/7x1 or 1x3/3x1 stride-1 convolution
+// width). ops/backend.py packs it so for an fp32 3x3, 5x5, 1x7/7x1 or 1x3/3x1 stride-1 convolution
 // unless told not to, a 3x3 for either tile (winograd::packed_kind tells them apart).
 std::optional<winograd::Kind> winograd_b(const at::Tensor& b, const GemmDesc& d, int64_t k_per_tap) {
   const auto kind = winograd::kind_of(d.source, d.kh, d.kw, d.stride, d.pad_h, d.pad_w);

@@ -35,7 +35,7 @@ at::Tensor pack_winograd_cpu(const at::Tensor& w, const at::Tensor& transform, i
   const int64_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2), s3 = w.stride(3);
   // One item per (panel, input channel): its taps for every lane gathered once (lanes past
   // cout zero), then each of its P + taps rows written whole.
-  constexpr int64_t kMaxWidth = 64, kMaxTaps = 9;
+  constexpr int64_t kMaxWidth = 64, kMaxTaps = 25;  // a 5x5
   TORCH_CHECK(taps <= kMaxTaps, "pack_winograd_cpu: at most ", kMaxTaps, " taps, got ", kh, "x", kw);
   at::parallel_for(0, panels * cin, 16, [&](int64_t i0, int64_t i1) {
     alignas(64) double g[kMaxTaps][kMaxWidth];

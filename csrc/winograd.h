@@ -3,6 +3,7 @@
 // Networks", CVPR 2016; cuDNN's and NNPACK's 3x3 algorithm):
 //   - F(2x2, 3x3) or F(4x4, 3x3) for 3x3 stages (GoogLeNet, Inception-v3's stem, A and E,
 //     Inception-ResNet), whichever the weights were packed for (ops/backend.py);
+//   - F(2x2, 5x5) for 5x5 stages (GoogLeNet's blocks, Inception-v3's A blocks);
 //   - F(2, 7) for the 1x7 and 7x1 stages of Inception-v3's C and D blocks (Mixed_6b-6e,
 //     Mixed_7a), Inception-v4's B and Inception-ResNet's Block17, along the axis the filter
 //     spans: a 1x2 or 2x1 output tile;
@@ -41,7 +42,7 @@
 //
 // B packing (ops/backend.py, pack_winograd): per panel of kNR columns, the U_alpha blocks
 // (cin rows each, alpha-major) and then the direct implicit GEMM's taps (cin rows each), so
-// (panels, (positions + taps) cin, kNR): 25 cin for a 3x3, 15 cin for a 1x7 or 7x1, 7 cin
+// (panels, (positions + taps) cin, kNR): 25 cin for a 3x3 (45 as F(4x4, 3x3)), 61 for a 5x5, 15 cin for a 1x7 or 7x1, 7 cin
 // for a 1x3 or 3x1. The direct part serves tiles whose outputs are not finite: a NaN or inf
 // in a window reaches the whole tile through the transforms (inf - inf, 0 * inf), where the
 // direct convolution confines it to the pixels whose window holds it. Such tiles are
@@ -72,7 +73,7 @@ using gemm::ceil_div;
 using gemm::kMR;
 using gemm::kNR;
 
-constexpr int64_t kMaxPositions = 36;  // F(4x4, 3x3)'s 6x6 transformed tile
+constexpr int64_t kMaxPositions = 36;  // F(4x4, 3x3)'s and F(2x2, 5x5)'s 6x6 transformed tile
 // Tiles per block: V and M of one block (positions x tiles x channels each) stay in a 1-2 MB
 // L2, and each L1-resident chunk of U_alpha meets 8 register tiles of rows (F(2x2, 3x3)'s
 // 16 positions; a transform with more positions takes proportionally fewer tiles, tiles<>,
@@ -92,7 +93,7 @@ constexpr int64_t tiles() {
 // pytorch-fid's Mixed_7b/7c (8x8) ran 3-5% slower at batch 1 (32 tiles), 8-9% faster at
 // batch 2 (64 tiles); F(2, 3) saves only 1.5x the multiplies.
 
-enum class Kind { k3x3, k3x3_4x4, k1x7, k7x1, k1x3, k3x1 };
+enum class Kind { k3x3, k3x3_4x4, k5x5, k1x7, k7x1, k1x3, k3x1 };
 
 // F(2x2, 3x3) over a 4x4 window: d, out and m are row-major 4x4 (alpha = 4 r + s), y 2x2.
 struct F2x2_3x3 {
@@ -294,6 +295,53 @@ struct F4x4_3x3 {
   }
 };
 
+// F(2x2, 5x5) over a 6x6 window: 36 positions for 4 outputs of 25 taps, 2.78x fewer
+// multiply-adds, for the 5x5 stages of GoogLeNet's blocks and Inception-v3's A blocks
+// (Mixed_5b-5d, pytorch-fid's too). The interpolation points are F(4x4, 3x3)'s, 0, +-2/3,
+// +-3/2 and infinity, so B^T is the same matrix and input_tile is F4x4_3x3's. Simulated over
+// 32-192 channels of post-ReLU inputs (fp32 against float64, output norm): 0.6-1.1e-6 with these
+// points, against 0.9-1.7e-6 with 0, +-1/2, +-2 and 1.3-2.6e-6 with 0, +-1, +-2 (the direct
+// GEMM: 2.1e-7). G (6 x 5) in ops/backend.py, _G5. Applied along both axes:
+//   A^T = [1    1     1    1     1  0]
+//         [0  2/3  -2/3  3/2  -3/2  1]
+// No weight gradient form: its transforms write 9 values per output and channel (F(4x4, 3x3):
+// 2.25), and as winograd_weight_grad.cpp's GEMMs over them it ran 0.4-0.8x oneDNN's direct
+// weight gradient on GoogLeNet's and Inception-v3's 5x5s (16-48 -> 32-128 channels).
+struct F2x2_5x5 {
+  static constexpr int kTileH = 2, kTileW = 2, kWinH = 6, kWinW = 6, kPositions = 36, kTaps = 25;
+  static constexpr int kPadH = 2, kPadW = 2;
+  static constexpr int64_t kMinTiles = 32;
+  // max_i |A^T[i][alpha]| per position: the product of the 1-D column maxima 1, 1, 1, 3/2, 3/2, 1.
+  static constexpr float kW = 1.5f, kWW = kW * kW;
+  static constexpr float kWeight[kPositions] = {1,  1,  1,  kW,  kW,  1,  1,  1,  1,  kW,  kW,  1,
+                                                1,  1,  1,  kW,  kW,  1,  kW, kW, kW, kWW, kWW, kW,
+                                                kW, kW, kW, kWW, kWW, kW, 1,  1,  1,  kW,  kW,  1};
+  // On random post-ReLU inputs and weights (16-192 channels in, 32-128 out) S's ratio to the
+  // largest output of a (tile, panel) had a median of 20 and a maximum of 37: F(4x4, 3x3)'s
+  // range, with the same points. Its bound, for the same reasons.
+  static constexpr float kCancellation = 128.0f;
+
+  template <typename V>
+  static void input_tile(const V* d, V* out) {
+    F4x4_3x3::input_tile(d, out);
+  }
+
+  // y[0..2) = A^T m, m and y strided.
+  template <typename V>
+  static void output_1d(const V* m, int ms, V* y, int ys) {
+    constexpr float k2_3 = 2.0f / 3.0f;
+    y[0] = m[0] + m[ms] + m[2 * ms] + m[3 * ms] + m[4 * ms];
+    y[ys] = k2_3 * (m[ms] - m[2 * ms]) + 1.5f * (m[3 * ms] - m[4 * ms]) + m[5 * ms];
+  }
+  // y = A^T m A: the tile's 2x2 outputs, y[2 r + s].
+  template <typename V>
+  static void output_tile(const V* m, V* y) {
+    V u[12];  // 2 x 6
+    for (int s = 0; s < 6; ++s) output_1d(m + s, 6, u + s, 6);
+    for (int r = 0; r < 2; ++r) output_1d(u + 6 * r, 1, y + 2 * r, 1);
+  }
+};
+
 // The 1-D algorithms, over a flat window along the filter's axis (Along places them).
 // F(2, 3): a 4-pixel window, 2 outputs of 3 taps, 4 multiplies where direct takes 6 (1.5x);
 // the 1-D form of F(2x2, 3x3), with its B^T, G and A^T.
@@ -366,12 +414,13 @@ struct Along : D {
 
 // The Winograd form of a GEMM of the plan, a stride-1 convolution over a zero-bordered
 // buffer (source >= 0) or x (-1; bordered by the kernel when padded): 3x3 with padding 1 or
-// none ('valid': the same tiles over a smaller grid), or 1xK / Kx1 (K = 3, 7) with padding
+// none ('valid': the same tiles over a smaller grid), 5x5 with padding 2 or none, or 1xK / Kx1 (K = 3, 7) with padding
 // K/2 along the filter. ops/plan.py's GemmStep.winograd_tile says the same.
 inline std::optional<Kind> kind_of(int64_t source, int64_t kh, int64_t kw, int64_t stride, int64_t pad_h,
                                    int64_t pad_w) {
   if (source < -1 || stride != 1) return std::nullopt;
   if (kh == 3 && kw == 3 && pad_h == pad_w && (pad_h == 1 || pad_h == 0)) return Kind::k3x3;
+  if (kh == 5 && kw == 5 && pad_h == pad_w && (pad_h == 2 || pad_h == 0)) return Kind::k5x5;
   if (kh == 1 && kw == 7 && pad_h == 0 && pad_w == 3) return Kind::k1x7;
   if (kh == 7 && kw == 1 && pad_h == 3 && pad_w == 0) return Kind::k7x1;
   if (kh == 1 && kw == 3 && pad_h == 0 && pad_w == 1) return Kind::k1x3;
@@ -388,6 +437,7 @@ decltype(auto) visit(Kind kind, Fn&& f) {
     case Kind::k1x3: return f(Along<F2_3, false>{});
     case Kind::k3x1: return f(Along<F2_3, true>{});
     case Kind::k3x3_4x4: return f(F4x4_3x3{});
+    case Kind::k5x5: return f(F2x2_5x5{});
     default: return f(F2x2_3x3{});
   }
 }

@@ -15,7 +15,8 @@ Layouts, for a convolution weight W (cout, cin, kh, kw) in PyTorch's Conv2d layo
               buffer (pack_winograd): per panel, the transformed blocks U_a, cin rows
               each, then the taps of the CPU panels above (csrc/winograd.h; the direct
               part serves tiles with non-finite values). A 3x3 packs F(4x4, 3x3)'s 36
-              blocks (G W G^T)[a], 45*cin rows, or F(2x2, 3x3)'s 16, 25*cin rows; a 1x7
+              blocks (G W G^T)[a], 45*cin rows, or F(2x2, 3x3)'s 16, 25*cin rows; a 5x5
+              F(2x2, 5x5)'s 36, 61*cin rows; a 1x7
               or 7x1 F(2, 7)'s 8 blocks (G W)[a] along the filter's axis, 15*cin rows; a
               1x3 or 3x1 F(2, 3)'s 4, 7*cin rows. The kernel tells them apart by the rows.
 An activation (N, C, H, W) stored channels_last is the row-major matrix of its pixel rows
@@ -42,8 +43,8 @@ __all__ = ["BACKENDS", "CPU_DTYPES", "WINOGRAD", "as_gemm_b", "autocast_dtype", 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-# Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3, 1x7, 7x1, 1x3 and 3x1
-# stride-1 stages as Winograd's F(2x2, 3x3), F(2, 7) and F(2, 3). INCEPTION_FAST_WINOGRAD=0
+# Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3, 5x5, 1x7, 7x1, 1x3 and
+# 3x1 stride-1 stages as Winograd's F(2x2, 3x3) or F(4x4, 3x3), F(2x2, 5x5), F(2, 7) and F(2, 3). INCEPTION_FAST_WINOGRAD=0
 # (or false/off/no), read once at import, packs every stage for the direct implicit GEMM
 # instead: the A/B of benchmarks/winograd.py, or results that do not depend on the
 # algorithm's rounding.
@@ -251,6 +252,13 @@ _G3_F4 = ((1.0, 0.0, 0.0),
           (8 / 65, 12 / 65, 18 / 65),
           (8 / 65, -12 / 65, 18 / 65),
           (0.0, 0.0, 1.0))
+# F(2x2, 5x5)'s G (6 x 5), applied along both axes: the same points and rows, (1, p, ..., p^4).
+_G5 = ((1.0, 0.0, 0.0, 0.0, 0.0),
+       (-81 / 130, -27 / 65, -18 / 65, -12 / 65, -8 / 65),
+       (-81 / 130, 27 / 65, -18 / 65, 12 / 65, -8 / 65),
+       (8 / 65, 12 / 65, 18 / 65, 27 / 65, 81 / 130),
+       (8 / 65, -12 / 65, 18 / 65, -27 / 65, 81 / 130),
+       (0.0, 0.0, 0.0, 0.0, 1.0))
 _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
        tuple(-2 / 9 for _ in range(7)),
        tuple(-2 / 9 * (-1) ** k for k in range(7)),
@@ -263,22 +271,22 @@ _G7 = ((1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
 
 def winograd_positions(kh: int, kw: int, tile: int = 2) -> int:
     """Transformed positions per input channel of a Winograd-packed kh x kw filter: 16
-    (3x3, F(2x2, 3x3)) or 36 (3x3 with tile 4, F(4x4, 3x3)), 8 (1x7 or 7x1, F(2, 7)), 4
-    (1x3 or 3x1, F(2, 3)), or 0 (no Winograd form)."""
-    if (kh, kw) == (3, 3) and tile == 4:
-        return 36
-    return {(3, 3): 16, (1, 7): 8, (7, 1): 8, (1, 3): 4, (3, 1): 4}.get((kh, kw), 0)
+    (3x3, F(2x2, 3x3)) or 36 (3x3 with tile 4, F(4x4, 3x3)), 36 (5x5, F(2x2, 5x5); tile 2
+    only), 8 (1x7 or 7x1, F(2, 7)), 4 (1x3 or 3x1, F(2, 3)), or 0 (no Winograd form)."""
+    if tile == 4:
+        return 36 if (kh, kw) == (3, 3) else 0
+    return {(3, 3): 16, (5, 5): 36, (1, 7): 8, (7, 1): 8, (1, 3): 4, (3, 1): 4}.get((kh, kw), 0)
 
 
 def _g(taps: int, tile: int) -> tuple[tuple[float, ...], ...]:
     """The 1-D weight transform G (positions x taps) of a filter of `taps` taps."""
-    return _G7 if taps == 7 else _G3_F4 if tile == 4 else _G3
+    return {7: _G7, 5: _G5}.get(taps, _G3_F4 if tile == 4 else _G3)
 
 
 def _transform_matrix(kh: int, kw: int, tile: int = 2) -> tuple[tuple[float, ...], ...]:
     """The weight transform of a kh x kw filter as one (positions, taps) matrix over its flat
     taps: kron(G, G) for a 3x3 (G3, or G3_F4 with tile 4; row p a + b, column 3r + s:
-    U[a][b] = sum G[a][r] w[r][s] G[b][s]), G7 or G3 for a 1xK or Kx1 (the flat filter runs
+    U[a][b] = sum G[a][r] w[r][s] G[b][s]) or a 5x5 (G5), G7 or G3 for a 1xK or Kx1 (the flat filter runs
     along its axis)."""
     g = _g(max(kh, kw), tile)
     if kh == kw:
@@ -341,7 +349,7 @@ def _winograd_gradient_preimage(dw: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int | None = None) -> torch.Tensor:
-    """fp32 conv weights (cout, cin, kh, kw), 3x3, 1x7, 7x1, 1x3 or 3x1 -> the Winograd panels
+    """fp32 conv weights (cout, cin, kh, kw), 3x3, 5x5, 1x7, 7x1, 1x3 or 3x1 -> the Winograd panels
     (panels, (positions + kh*kw)*cin, width) of the module docstring: the transformed blocks,
     then the direct panels. U is computed in float64 and rounded once. Linear, so
     differentiable. Raises ValueError for another filter size, or a tile other than 2 or 4
@@ -349,7 +357,7 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int
 
     tile: a 3x3's output tile, 4 (F(4x4, 3x3)) or 2 (F(2x2, 3x3)); default
     WINOGRAD_3X3_TILE, or 2 where that is None (the grid is not known here: modules pick by
-    it, winograd_3x3_tile). The 1-D forms have 2.
+    it, winograd_3x3_tile). The 5x5 and 1-D forms have 2.
 
     gradient=True packs a weight gradient dW as the gradient of the packed tensor, for
     autograd over the bare op: P(v) with P this packing and v the solution of P^T P v = dW.
@@ -360,11 +368,10 @@ def pack_winograd(w: torch.Tensor, width: int, gradient: bool = False, tile: int
     kh, kw = (int(k) for k in w.shape[2:])  # jit.trace hands traced sizes
     if tile is None:
         tile = (WINOGRAD_3X3_TILE or 2) if (kh, kw) == (3, 3) else 2
-    positions = winograd_positions(kh, kw, tile)
-    if positions == 0:
-        raise ValueError(f"pack_winograd: w must be a 3x3, 1x7, 7x1, 1x3 or 3x1 filter, got {kh}x{kw}")
     if tile not in (2, 4) or (tile == 4 and (kh, kw) != (3, 3)):
         raise ValueError(f"pack_winograd: tile must be 2, or 4 for a 3x3 filter, got {tile} for a {kh}x{kw}")
+    if winograd_positions(kh, kw, tile) == 0:
+        raise ValueError(f"pack_winograd: w must be a 3x3, 5x5, 1x7, 7x1, 1x3 or 3x1 filter, got {kh}x{kw}")
     if gradient:
         w = _winograd_gradient_preimage(w, tile)
     if _one_pass_packing(w):

@@ -98,24 +98,44 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
     return packed_b, packed_bias
 
 
+# F(2x2, 5x5) transforms 9 values per output and channel (F(4x4, 3x3): 2.25), a cost linear
+# in cin + cout against savings in cin x cout; a 5x5 GEMM runs it from this many channels of
+# cin cout / (cin + cout). Forward, fused block, 5x5s packed direct against F(2x2, 5x5)
+# (benchmarks/winograd.py --baseline no5x5, Zen 5, 2 threads, batches 1 and 32): the paper
+# GoogLeNet's 3a (16 -> 32: 10.7) 0.97-1.04x, 4a (16 -> 48: 12) 1.01-1.05x, 4b and 4c (24 ->
+# 64: 17.5) 0.95-1.03x; 4d (32 -> 64: 21.3) 1.03x, 4e (32 -> 128: 25.6) 1.05-1.07x, 3b (32 ->
+# 96: 24) 1.06-1.22x, 5a / 5b 1.02x; pytorch-fid's Mixed_5b-5d (48 -> 64: 27.4) 1.11-1.13x.
+WINOGRAD_5X5_MIN_CHANNELS = 20
+
+
+def _winograd_flag(graph: GraphPlan, g, h: int, w: int):
+    """winograd_tiles' flag for GEMM g."""
+    if (g.kh, g.kw) == (3, 3):
+        return _backend.winograd_3x3_tile(*g.grid(h, w)) if g.winograd else True
+    if (g.kh, g.kw) == (5, 5):
+        cin = graph.in_channels if g.source < 0 else graph.buf_channels[g.source]
+        return cin * g.cols >= WINOGRAD_5X5_MIN_CHANNELS * (cin + g.cols)
+    return True
+
+
 def winograd_tiles(graph: GraphPlan, h: int, w: int) -> tuple:
     """pack_weights's per-GEMM `winograd` flags for an h x w input x: a 3x3 Winograd GEMM's
-    tile by its output grid (backend.winograd_3x3_tile), True for the others (their one
-    form, or none), all False when backend.WINOGRAD is off. Symbolic sizes (torch.export
-    or torch.compile with dynamic H and W) take the default tile, True: a choice by the grid
-    would guard the graph on it, and an exported program would refuse other grids."""
+    tile by its output grid (backend.winograd_3x3_tile), a 5x5's from
+    WINOGRAD_5X5_MIN_CHANNELS, True for the others (their one form, or none), all False when
+    backend.WINOGRAD is off. Symbolic sizes (torch.export or torch.compile with dynamic H
+    and W) take the default tile: a choice by the grid would guard the graph on it, and an
+    exported program would refuse other grids."""
     if not _backend.WINOGRAD:
         return (False,) * len(graph.gemms)
     if not (isinstance(h, int) and isinstance(w, int)):
-        return (True,) * len(graph.gemms)
-    return tuple(_backend.winograd_3x3_tile(*g.grid(h, w)) if g.winograd and (g.kh, g.kw) == (3, 3) else True
-                 for g in graph.gemms)
+        return tuple(_winograd_flag(graph, g, h, w) if (g.kh, g.kw) == (5, 5) else True for g in graph.gemms)
+    return tuple(_winograd_flag(graph, g, h, w) for g in graph.gemms)
 
 
 def winograd_packed(graph: GraphPlan, g, b: torch.Tensor, in_channels: int | None = None) -> int:
     """The output tile (2 or 4, truthy) whose Winograd panels `b`, GEMM g's packed B, holds
     (backend.pack_winograd), or 0 for the direct GEMM's panels: (panels, (positions + kh*kw)
-    * channels, width), 45 (F(4x4, 3x3)) or 25 (F(2x2, 3x3)) for a 3x3, 15 for a 1x7 or 7x1,
+    * channels, width), 45 (F(4x4, 3x3)) or 25 (F(2x2, 3x3)) for a 3x3, 61 for a 5x5, 15 for a 1x7 or 7x1,
     7 for a 1x3 or 3x1, which the C++ kernel tells apart by the same shape. in_channels
     (x's) is needed for a GEMM over x (a stem's 3x3); raises ValueError without it."""
     if not g.winograd or b.dim() != 3:
@@ -405,8 +425,8 @@ def _graph_backward_flops(grad_out_shape, x_shape, y_shape, intermediate_shapes,
 register_flop_formula(torch.ops.inception_fast.graph_backward)(_graph_backward_flops)
 
 
-# The data gradient of a stride-1 3x3 convolution is the 3x3 convolution of its output
-# gradient with the flipped, transposed weight: the forward kernel's Winograd form runs it
+# The data gradient of a stride-1 3x3 or 5x5 convolution is the same-sized convolution of its
+# output gradient with the flipped, transposed weight: the forward kernel's Winograd form runs it
 # with fewer multiplies than oneDNN's direct backward, where repacking the weights (every
 # call) pays. Measured on Zen 5, 2 threads, packing included, against oneDNN's data
 # gradient: GoogLeNet's 3a 3x3 (128 -> 96 channels, 28x28) at batch 32 6.5 ms against 10.9,
@@ -414,7 +434,10 @@ register_flop_formula(torch.ops.inception_fast.graph_backward)(_graph_backward_f
 # batch 8; below ~0.4 G multiply-adds it lost (3a's 32 -> 16 channels 0.73 against 0.53,
 # 4e's 128 -> 32 at 14x14 1.19 against 0.90), and below ~2,000 pixels packing costs more
 # than it saves (as for the train-mode form's Winograd forward). Inception-v3's 1x7 / 7x1
-# (F(2, 7), 1.75x fewer multiplies) lost: 2.2 against 2.0 ms at 17x17, batch 8.
+# (F(2, 7), 1.75x fewer multiplies) lost: 2.2 against 2.0 ms at 17x17, batch 8. The 5x5s as
+# F(2x2, 5x5), same method (medians of 9): the paper GoogLeNet's 3b (32 -> 96 at 28x28) at
+# batches 16 and 32 1.37x, 4e (32 -> 128 at 14x14) at 32 1.16x (16: 0.91x, 0.32 G), Inception-v3's
+# Mixed_5b-5d (48 -> 64 at 35x35) at batch 8 1.01x; below 0.4 G: 0.5-1.1x.
 DATA_GRAD_MIN_MACS = 400_000_000
 DATA_GRAD_MIN_PIXELS = 2048
 
@@ -430,20 +453,25 @@ def _data_grad_plan(cout: int, cin: int, kh: int, kw: int, padded: bool = True) 
                                 pool=None, pool_proj=None))
 
 
-def _winograd_3x3(step, weight: torch.Tensor) -> bool:
+def _winograd_square(step, weight: torch.Tensor, sizes: tuple[int, ...]) -> bool:
     """Whether convolution `step` (a ConvStep) of weight `weight` is one the Winograd
-    gradients can take: an fp32 3x3 at stride 1, with Winograd on (backend.WINOGRAD)."""
-    return (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
-            and step.stride == 1)
+    gradients can take: an fp32 k x k at stride 1, k in `sizes`, 'same' (padding k // 2) or
+    unpadded, with Winograd on (backend.WINOGRAD)."""
+    k = weight.shape[2]
+    return (_backend.WINOGRAD and weight.dtype == torch.float32 and k in sizes and weight.shape[3] == k
+            and step.stride == 1 and step.pad_h == step.pad_w and step.pad_h in (0, k // 2))
 
 
 def data_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> bool:
     """Whether winograd_data_grad takes convolution `step` (a ConvStep) of weight `weight`
-    over an n x h x w input: _winograd_3x3, from DATA_GRAD_MIN_PIXELS output pixels and
+    over an n x h x w input: a 3x3 or 5x5 (_winograd_square; a 5x5 from
+    WINOGRAD_5X5_MIN_CHANNELS, as its forward), from DATA_GRAD_MIN_PIXELS output pixels and
     DATA_GRAD_MIN_MACS multiply-adds."""
     gh, gw = step.grid(h, w)
-    return (_winograd_3x3(step, weight) and n * gh * gw >= DATA_GRAD_MIN_PIXELS
-            and n * gh * gw * weight.numel() >= DATA_GRAD_MIN_MACS)
+    cout, cin = weight.shape[:2]
+    return (_winograd_square(step, weight, (3, 5)) and n * gh * gw >= DATA_GRAD_MIN_PIXELS
+            and n * gh * gw * weight.numel() >= DATA_GRAD_MIN_MACS
+            and (weight.shape[2] == 3 or cin * cout >= WINOGRAD_5X5_MIN_CHANNELS * (cin + cout)))
 
 
 def winograd_data_grad(n: int, h: int, w: int):
@@ -463,7 +491,8 @@ def winograd_data_grad(n: int, h: int, w: int):
             bordered = g.new_zeros(n, h + kh - 1, w + kw - 1, cout)
             bordered[:, kh - 1:kh - 1 + gh, kw - 1:kw - 1 + gw] = g.view(n, gh, gw, cout)
             g_image = bordered.permute(0, 3, 1, 2)
-        b = pack_winograd_flipped(weight, panel_width(torch.float32), winograd_tiles(graph, *g_image.shape[2:])[0])
+        tile = winograd_tiles(graph, *g_image.shape[2:])[0]  # a 3x3's by the grid; a 5x5's True
+        b = pack_winograd_flipped(weight, panel_width(torch.float32), tile if tile in (2, 4) else 2)
         d = rows(torch.ops.inception_fast.graph_forward_linear(g_image, [b], [weight.new_zeros(cin)], graph.flat()))
         # d_so_far: the sum of the intermediate's other consumers, a fresh tensor of the walk.
         return (d if d_so_far is None else d_so_far.add_(d)), False
@@ -505,9 +534,9 @@ def weight_grad_tile(n: int, gh: int, gw: int, cin: int, cout: int) -> int | Non
 
 def weight_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> int | None:
     """The tile winograd_weight_grad runs convolution `step` (a ConvStep) of weight `weight`
-    over an n x h x w input with: _winograd_3x3, 'same' or unpadded, where weight_grad_tile
-    picks one; else None."""
-    if not (_winograd_3x3(step, weight) and step.pad_h == step.pad_w and step.pad_h in (0, 1)):
+    over an n x h x w input with: a 3x3 (_winograd_square), where weight_grad_tile picks
+    one; else None."""
+    if not _winograd_square(step, weight, (3,)):
         return None
     return weight_grad_tile(n, *step.grid(h, w), weight.shape[1], weight.shape[0])
 
