@@ -13,7 +13,7 @@ pytestmark = needs_cpu_kernel
 
 # (cout, cin, kh, kw, tile): every filter Winograd runs, channels off the 32-lane panels.
 FILTERS = [(70, 17, 3, 3, 2), (70, 17, 3, 3, 4), (33, 8, 1, 7, 2), (9, 40, 7, 1, 2), (64, 3, 1, 3, 2),
-           (5, 64, 3, 1, 2), (1, 1, 3, 3, 4)]
+           (5, 64, 3, 1, 2), (1, 1, 3, 3, 4), (40, 13, 5, 5, 2)]
 
 
 def _aten(w: torch.Tensor, tile: int) -> torch.Tensor:
@@ -23,8 +23,8 @@ def _aten(w: torch.Tensor, tile: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("cout, cin, kh, kw, tile", FILTERS)
 def test_one_pass_packing_matches_the_aten_path(cout, cin, kh, kw, tile):
-    """Both sum U in float64 and round once: the 3x3s' panels come out bit-identical; F(2, 7)
-    and F(2, 3) sum their taps in another order, so a few values may differ by one ulp."""
+    """Both sum U in float64 and round once: the 3x3s' panels come out bit-identical; F(2, 7),
+    F(2, 3) and F(2x2, 5x5) sum their taps in another order, so a few values may differ by one ulp."""
     w = torch.randn(cout, cin, kh, kw)
     with torch.no_grad():
         got = backend.pack_winograd(w, 32, tile=tile)
