@@ -108,13 +108,19 @@ def pack_weights(graph: GraphPlan, weights, biases, backend: str, winograd=None,
 WINOGRAD_5X5_MIN_CHANNELS = 20
 
 
+def _wide_enough(cin: int, cout: int, minimum: float) -> bool:
+    """cin cout / (cin + cout) >= minimum: where a Winograd form's GEMM savings (in cin x
+    cout) outweigh its transforms (in cin + cout)."""
+    return cin * cout >= minimum * (cin + cout)
+
+
 def _winograd_flag(graph: GraphPlan, g, h: int, w: int):
     """winograd_tiles' flag for GEMM g."""
     if (g.kh, g.kw) == (3, 3):
         return _backend.winograd_3x3_tile(*g.grid(h, w)) if g.winograd else True
     if (g.kh, g.kw) == (5, 5):
-        cin = graph.in_channels if g.source < 0 else graph.buf_channels[g.source]
-        return cin * g.cols >= WINOGRAD_5X5_MIN_CHANNELS * (cin + g.cols)
+        return _wide_enough(graph.in_channels if g.source < 0 else graph.buf_channels[g.source], g.cols,
+                            WINOGRAD_5X5_MIN_CHANNELS)
     return True
 
 
@@ -471,7 +477,7 @@ def data_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> bool:
     cout, cin = weight.shape[:2]
     return (_winograd_square(step, weight, (3, 5)) and n * gh * gw >= DATA_GRAD_MIN_PIXELS
             and n * gh * gw * weight.numel() >= DATA_GRAD_MIN_MACS
-            and (weight.shape[2] == 3 or cin * cout >= WINOGRAD_5X5_MIN_CHANNELS * (cin + cout)))
+            and (weight.shape[2] == 3 or _wide_enough(cin, cout, WINOGRAD_5X5_MIN_CHANNELS)))
 
 
 def winograd_data_grad(n: int, h: int, w: int):
@@ -525,7 +531,7 @@ def weight_grad_tile(n: int, gh: int, gw: int, cin: int, cout: int) -> int | Non
     """The Winograd output tile (4 or 2) that winograd_weight_grad runs the weight gradient
     of a 3x3 stride-1 convolution from cin to cout channels with an n x gh x gw output grid
     in, or None where oneDNN's direct weight gradient is faster (the thresholds above)."""
-    if cin * cout < WEIGHT_GRAD_MIN_CHANNELS * (cin + cout):
+    if not _wide_enough(cin, cout, WEIGHT_GRAD_MIN_CHANNELS):
         return None
     if n * -(-gh // 4) * -(-gw // 4) >= WEIGHT_GRAD_F4_MIN_TILES:
         return 4
