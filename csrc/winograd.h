@@ -62,6 +62,7 @@
 
 #include "gemm.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -94,6 +95,17 @@ constexpr int64_t tiles() {
 // batch 2 (64 tiles); F(2, 3) saves only 1.5x the multiplies.
 
 enum class Kind { k3x3, k3x3_4x4, k5x5, k1x7, k7x1, k1x3, k3x1 };
+
+// The cancellation bound's weights (Workspace::output_transform) of a 6x6 transformed tile
+// whose 1-D A^T has column maxima 1, 1, 1, m, m, 1 (the points 0, +-a, +-b, infinity):
+// max_i |A^T[i][alpha]| of the 2-D transform, per position alpha = 6 r + s.
+constexpr std::array<float, 36> weights_6x6(float m) {
+  const float c[6] = {1, 1, 1, m, m, 1};
+  std::array<float, 36> w{};
+  for (int r = 0; r < 6; ++r)
+    for (int s = 0; s < 6; ++s) w[6 * r + s] = c[r] * c[s];
+  return w;
+}
 
 // F(2x2, 3x3) over a 4x4 window: d, out and m are row-major 4x4 (alpha = 4 r + s), y 2x2.
 struct F2x2_3x3 {
@@ -197,12 +209,8 @@ struct F4x4_3x3 {
   static constexpr int kTileH = 4, kTileW = 4, kWinH = 6, kWinW = 6, kPositions = 36, kTaps = 9;
   static constexpr int kPadH = 1, kPadW = 1;
   static constexpr int64_t kMinTiles = 32;
-  // max_i |A^T[i][alpha]| per position: the product of the 1-D column maxima 1, 1, 1, 27/8,
-  // 27/8, 1.
-  static constexpr float kW = 3.375f, kWW = kW * kW;
-  static constexpr float kWeight[kPositions] = {1,  1,  1,  kW,  kW,  1,  1,  1,  1,  kW,  kW,  1,
-                                                1,  1,  1,  kW,  kW,  1,  kW, kW, kW, kWW, kWW, kW,
-                                                kW, kW, kW, kWW, kWW, kW, 1,  1,  1,  kW,  kW,  1};
+  // max_i |A^T[i][alpha]| per position: 1-D column maxima 1, 1, 1, 27/8, 27/8, 1.
+  static constexpr std::array<float, kPositions> kWeight = weights_6x6(3.375f);
   // With weights up to 11.4, S runs ~6x F(2x2, 3x3)'s for the same outputs: on pytorch-fid's
   // Inception-v3 (random weights, 2 images; its stem, a 35x35 and an 8x8 block) the ratio's
   // median was 14-29 and its maximum 70 (F(2x2, 3x3): 2.5-4.5 and 13.5). 128 leaves 1.8x
@@ -311,11 +319,8 @@ struct F2x2_5x5 {
   static constexpr int kTileH = 2, kTileW = 2, kWinH = 6, kWinW = 6, kPositions = 36, kTaps = 25;
   static constexpr int kPadH = 2, kPadW = 2;
   static constexpr int64_t kMinTiles = 32;
-  // max_i |A^T[i][alpha]| per position: the product of the 1-D column maxima 1, 1, 1, 3/2, 3/2, 1.
-  static constexpr float kW = 1.5f, kWW = kW * kW;
-  static constexpr float kWeight[kPositions] = {1,  1,  1,  kW,  kW,  1,  1,  1,  1,  kW,  kW,  1,
-                                                1,  1,  1,  kW,  kW,  1,  kW, kW, kW, kWW, kWW, kW,
-                                                kW, kW, kW, kWW, kWW, kW, 1,  1,  1,  kW,  kW,  1};
+  // max_i |A^T[i][alpha]| per position: 1-D column maxima 1, 1, 1, 3/2, 3/2, 1.
+  static constexpr std::array<float, kPositions> kWeight = weights_6x6(1.5f);
   // On random post-ReLU inputs and weights (16-192 channels in, 32-128 out) S's ratio to the
   // largest output of a (tile, panel) had a median of 20 and a maximum of 37: F(4x4, 3x3)'s
   // range, with the same points. Its bound, for the same reasons.

@@ -614,6 +614,28 @@ def test_compile_fullgraph(pair):
             _same(compiled(x), original(x))
 
 
+@needs_cpu_kernel
+def test_compile_dynamic_backward_through_the_winograd_packing():
+    """torch.compile(dynamic=True) of a swapped fp32 block, backward included: its 3x3s and
+    5x5 are packed for Winograd inside the graph (the weight transform, a matmul with a
+    constant), and dx and every parameter's gradient match eager's. The transform was a
+    custom autograd.Function, whose backward dynamo could not trace with dynamic shapes
+    (an AssertionError from its SubgraphTracer where the original compiles)."""
+    torch._dynamo.reset()
+    original = small_v3_block("A", 16)  # 3x3s and a 48 -> 64 5x5
+    swapped = ifast.swap_inception(nn.Sequential(copy.deepcopy(original)))
+    compiled = torch.compile(swapped, backend="aot_eager", dynamic=True)
+    xs = [torch.randn(2, 16, 9, 9).requires_grad_() for _ in range(2)]
+    xs[1].data.copy_(xs[0].data)
+    y0, y1 = original(xs[0]), compiled(xs[1])
+    grad = torch.randn_like(y0)
+    y0.backward(grad)
+    y1.backward(grad)
+    assert rel_err(y1, y0) <= 1e-5 and rel_err(xs[1].grad, xs[0].grad) <= 1e-5
+    for (name, p0), p1 in zip(original.named_parameters(), swapped.parameters()):
+        assert rel_err(p1.grad, p0.grad) <= 1e-5, name
+
+
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_onnx_export_runs_in_onnxruntime(pair, dynamo, tmp_path):
     if dynamo:

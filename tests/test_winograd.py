@@ -146,8 +146,9 @@ def test_gradients_through_the_packed_weights_reach_the_convolutions(tile):
         assert rel_err(bb.grad, match[0].bias.grad) <= TOLERANCE[torch.float32]
 
 
-def test_unpacking_returns_the_weights_exactly(tile):
-    spec = SPECS[0].values[0]
+@pytest.mark.parametrize("k5", [3, 5], ids=["k5=3", "k5=5"])
+def test_unpacking_returns_the_weights_exactly(tile, k5):
+    spec = ifast.InceptionSpec(20, 17, 33, 35, 4, 19, 21, k5=k5)  # k5=5: F(2x2, 5x5)'s panels too
     graph = plan(spec.to_graph())
     weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw) for c in spec.to_graph().convs]
     biases = [torch.randn(c.out_channels) for c in spec.to_graph().convs]

@@ -170,17 +170,6 @@ def test_gradients_through_the_packed_weights_reach_the_convolutions(spec):
                            graph_forward(xs, *repacked, graph.flat())) <= TOLERANCE[torch.float32]
 
 
-def test_unpacking_returns_the_weights_exactly():
-    spec = SPECS[0].values[0]
-    graph = plan(spec.to_graph())
-    weights = [torch.randn(c.out_channels, c.in_channels, c.kh, c.kw) for c in spec.to_graph().convs]
-    biases = [torch.randn(c.out_channels) for c in spec.to_graph().convs]
-    b, bias = pack_weights(graph, weights, biases, "cpu", winograd=True)
-    got_w, got_b = unpack_weights(graph, b, bias, "cpu", spec.in_channels)
-    assert all(torch.equal(u, v) for u, v in zip(got_w, weights))
-    assert all(torch.equal(u, v) for u, v in zip(got_b, biases))
-
-
 # A 5x5 straight over x, 'same' (read from a zero-bordered copy) or unpadded (tiles over the
 # (H - 4) x (W - 4) grid).
 OVER_X = {"same": True, "valid": False}

@@ -297,32 +297,16 @@ def _transform_matrix(kh: int, kw: int, tile: int = 2) -> tuple[tuple[float, ...
     return g
 
 
-class _WeightTransform(torch.autograd.Function):
-    """u = w @ T^T along the last dim, T = _transform_matrix(kh, kw, tile), a constant: one matmul
-    (a few graph nodes for torch.compile, where per-tap scalar ops took seconds to lower)
-    whose backward, grad @ T, rebuilds T from its Python constants and so saves nothing."""
-
-    @staticmethod
-    def forward(w: torch.Tensor, kh: int, kw: int, tile: int) -> torch.Tensor:
-        t = torch.tensor(_transform_matrix(kh, kw, tile), dtype=w.dtype, device=w.device)
-        return w @ t.t()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.shape = inputs[1:]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        t = torch.tensor(_transform_matrix(*ctx.shape), dtype=grad.dtype, device=grad.device)
-        return grad @ t, None, None, None
-
-
 def _winograd_u(w: torch.Tensor, tile: int) -> torch.Tensor:
     """U = G w G^T (3x3) or G w along the filter's axis (1x7, 7x1: G7; 1x3, 3x1: G3):
     (cout, cin, kh, kw) -> (cout, cin, positions), position-major as winograd.h reads it.
     Linear, so differentiable."""
     kh, kw = (int(k) for k in w.shape[2:])  # jit.trace hands traced sizes
-    return _WeightTransform.apply(w.flatten(2), kh, kw, tile)
+    # One matmul with a constant (torch.compile lowers it in a few nodes, where per-tap scalar
+    # ops took seconds); its backward saves only the constant. A custom autograd.Function that
+    # rebuilt it in forward and backward broke dynamo's tracing of the backward under
+    # torch.compile(dynamic=True).
+    return w.flatten(2) @ torch.tensor(_transform_matrix(kh, kw, tile), dtype=w.dtype, device=w.device).t()
 
 
 @functools.cache
