@@ -1,7 +1,7 @@
 """Winograd (F(4x4, 3x3) or F(2x2, 3x3), F(2x2, 5x5), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
 
     PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2,paper] [--batch 1,32] [--reps 11]
-        [--baseline direct|f2x2|no5x5] [--convs]
+        [--baseline direct|f2x2|no5x5] [--convs] [--all-5x5]
 
 Every fused block of each swapped model (torchvision googlenet at 224, pytorch-fid's
 InceptionV3 at 299, timm inception_resnet_v2 at 299, the paper's GoogLeNet at 224; random
@@ -13,7 +13,8 @@ implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing), or with --baseline f2x2 eve
 F(2x2, 3x3) (INCEPTION_FAST_WINOGRAD_3X3=2's; rows without an F(4x4, 3x3) stage are left
 out), or with --baseline no5x5 every 5x5 packed for the direct GEMM and the rest as the
 default (rows without an F(2x2, 5x5) stage are left out: torchvision's googlenet has none,
-its "5x5" branch is a 3x3). --convs swaps with convs=True: the stems' lone conv units too. The two alternate in one
+its "5x5" branch is a 3x3). --all-5x5 packs every 5x5 for F(2x2, 5x5), also those below
+ops/branch_graph.py's WINOGRAD_5X5_MIN_CHANNELS (the measurement that set it). --convs swaps with convs=True: the stems' lone conv units too. The two alternate in one
 process; medians of --reps. Also reported: each one's relative error against the block in
 float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
 Rows where none does are left out: blocks without such a stage, and calls below
@@ -33,6 +34,7 @@ import inception_fast as ifast
 from inception_fast.bench import time_alternating
 from inception_fast.fused_graph import FusedBranchGraph
 from inception_fast.ops import backend as ops_backend
+from inception_fast.ops import branch_graph
 from inception_fast.ops.branch_graph import graph_forward, winograd_tiles
 
 
@@ -97,10 +99,11 @@ def _packed(block: FusedBranchGraph, grid: tuple[int, int], winograd: bool = Tru
 def _winograd_runs(block: FusedBranchGraph, n: int, h: int, w: int) -> list:
     """(GEMM, tile) of the block's GEMMs that run as Winograd on an (n, h, w) input as the
     default packing has them (winograd_tiles: a 3x3's tile by its grid): those with at least
-    kMinTiles output tiles."""
+    kMinTiles output tiles, and not left direct by the policy (a 5x5 below
+    WINOGRAD_5X5_MIN_CHANNELS)."""
     runs = []
     for g, flag in zip(block._plan.gemms, winograd_tiles(block._plan, h, w)):
-        if not g.winograd:
+        if not g.winograd or flag is False:
             continue
         th, tw = (flag, flag) if flag in (2, 4) else g.winograd_tile
         gh, gw = g.grid(h, w)
@@ -116,7 +119,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--baseline", choices=("direct", "f2x2", "no5x5"), default="direct")
     parser.add_argument("--convs", action="store_true", help="also the stems' conv units (swap_inception(convs=True))")
+    parser.add_argument("--all-5x5", action="store_true",
+                        help="every 5x5 as F(2x2, 5x5), below WINOGRAD_5X5_MIN_CHANNELS too")
     args = parser.parse_args()
+    if args.all_5x5:
+        branch_graph.WINOGRAD_5X5_MIN_CHANNELS = 0
     torch.manual_seed(0)
     base = args.baseline
     print(f"threads {torch.get_num_threads()}; speedup = {base} time / Winograd time")

@@ -307,9 +307,10 @@ struct F4x4_3x3 {
 // multiply-adds, for the 5x5 stages of GoogLeNet's blocks and Inception-v3's A blocks
 // (Mixed_5b-5d, pytorch-fid's too). The interpolation points are F(4x4, 3x3)'s, 0, +-2/3,
 // +-3/2 and infinity, so B^T is the same matrix and input_tile is F4x4_3x3's. Simulated over
-// 32-192 channels of post-ReLU inputs (fp32 against float64, output norm): 0.6-1.1e-6 with these
-// points, against 0.9-1.7e-6 with 0, +-1/2, +-2 and 1.3-2.6e-6 with 0, +-1, +-2 (the direct
-// GEMM: 2.1e-7). G (6 x 5) in ops/backend.py, _G5. Applied along both axes:
+// 16-192 channels of post-ReLU inputs (benchmarks/winograd_points.py: fp32 against float64,
+// output norm): 0.5-1.2e-6 with these points, against 0.7-1.9e-6 with 0, +-1/2, +-2 and
+// 0.9-2.7e-6 with 0, +-1, +-2 (the direct GEMM: 2.3-2.5e-7). G (6 x 5) in ops/backend.py,
+// _G5. Applied along both axes:
 //   A^T = [1    1     1    1     1  0]
 //         [0  2/3  -2/3  3/2  -3/2  1]
 // No weight gradient form: its transforms write 9 values per output and channel (F(4x4, 3x3):
@@ -321,9 +322,10 @@ struct F2x2_5x5 {
   static constexpr int64_t kMinTiles = 32;
   // max_i |A^T[i][alpha]| per position: 1-D column maxima 1, 1, 1, 3/2, 3/2, 1.
   static constexpr std::array<float, kPositions> kWeight = weights_6x6(1.5f);
-  // On random post-ReLU inputs and weights (16-192 channels in, 32-128 out) S's ratio to the
-  // largest output of a (tile, panel) had a median of 20 and a maximum of 37: F(4x4, 3x3)'s
-  // range, with the same points. Its bound, for the same reasons.
+  // On random post-ReLU inputs and weights (16-192 channels in, 32-128 out;
+  // benchmarks/winograd_points.py) S's ratio to the largest output of a (tile, panel) had a
+  // median of 19-20 and a maximum of 40: F(4x4, 3x3)'s range, with the same points. Its
+  // bound, for the same reasons.
   static constexpr float kCancellation = 128.0f;
 
   template <typename V>

@@ -322,8 +322,8 @@ class BenchReport:
                         and "bf16_kernel" in self.machine else "")
                      + (" GMAC/s count the convolutions' multiply-adds as eager does; the fp32 CPU kernel runs 3×3 "
                         "stride-1 stages as Winograd F(4×4, 3×3) (4× fewer multiplies; grids of 32+ well-fitting 4×4 tiles) "
-                        "or F(2×2, 3×3) (2.25×), 5×5 (20+ channels of cin·cout/(cin + cout)) as F(2×2, 5×5) "
-                        "(2.78×), 1×7/7×1 as F(2, 7) "
+                        "or F(2×2, 3×3) (2.25×), 5×5 as F(2×2, 5×5) (2.78×) where cin·cout/(cin + cout) ≥ 20, "
+                        "1×7/7×1 as F(2, 7) "
                         "(1.75×) and 1×3/3×1 as F(2, 3) (1.5×), so a block may pass 100% of the GEMM ceiling." if not self.peak_tflops and any(c.dtype == "float32" for c in self.cases)
                         else ""))
         return "\n".join(lines)
