@@ -7,15 +7,15 @@ Every fused block of each swapped model (torchvision googlenet at 224, pytorch-f
 InceptionV3 at 299, timm inception_resnet_v2 at 299, the paper's GoogLeNet at 224; random
 weights and BN statistics) is
 fed the activation it sees inside the network, and its C++ op runs twice on the same
-input: with the 3x3, 1x7 and 7x1 stride-1 stages packed for Winograd (the default: a 3x3's
+input: with the 3x3, 5x5, 1x7 and 7x1 stride-1 stages packed for Winograd (the default: a 3x3's
 tile by its grid, ops/backend.py winograd_3x3_tile) and packed for the baseline: the direct
 implicit GEMM (INCEPTION_FAST_WINOGRAD=0's packing), or with --baseline f2x2 every 3x3 as
 F(2x2, 3x3) (INCEPTION_FAST_WINOGRAD_3X3=2's; rows without an F(4x4, 3x3) stage are left
 out), or with --baseline no5x5 every 5x5 packed for the direct GEMM and the rest as the
 default (rows without an F(2x2, 5x5) stage are left out: torchvision's googlenet has none,
 its "5x5" branch is a 3x3). --all-5x5 packs every 5x5 for F(2x2, 5x5), also those below
-ops/branch_graph.py's WINOGRAD_5X5_MIN_CHANNELS (the measurement that set it). --convs swaps with convs=True: the stems' lone conv units too. The two alternate in one
-process; medians of --reps. Also reported: each one's relative error against the block in
+ops/branch_graph.py's WINOGRAD_5X5_MIN_CHANNELS (the measurement that set it). --convs
+swaps with convs=True: the stems' lone conv units too. The two alternate in one process; medians of --reps. Also reported: each one's relative error against the block in
 float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
 Rows where none does are left out: blocks without such a stage, and calls below
 csrc/winograd.h's kMinTiles output tiles (32; 1x3 and 3x1: 64), which run the direct part

@@ -45,9 +45,9 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Whether the CPU kernel runs fp32 (and fp16, computed in fp32) 3x3, 5x5, 1x7, 7x1, 1x3 and
 # 3x1 stride-1 stages as Winograd's F(2x2, 3x3) or F(4x4, 3x3), F(2x2, 5x5), F(2, 7) and
-# F(2, 3). INCEPTION_FAST_WINOGRAD=0 (or false/off/no), read once at import, packs every stage for the direct implicit GEMM
-# instead: the A/B of benchmarks/winograd.py, or results that do not depend on the
-# algorithm's rounding.
+# F(2, 3). INCEPTION_FAST_WINOGRAD=0 (or false/off/no), read once at import, packs every
+# stage for the direct implicit GEMM instead: the A/B of benchmarks/winograd.py, or results
+# that do not depend on the algorithm's rounding.
 WINOGRAD = os.environ.get("INCEPTION_FAST_WINOGRAD", "1").strip().lower() not in ("0", "false", "off", "no")
 
 

@@ -375,7 +375,8 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
           and _walk_backward_pays(x, list(weights), list(backward_plan))):
         grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
                                          list(backward_plan), data_grad=winograd_data_grad(*x.shape[:1], *x.shape[2:]),
-                                         weight_grad=winograd_weight_grad, conv_1x1=True, max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter)
+                                         weight_grad=winograd_weight_grad, conv_1x1=True,
+                                         max_pool_scatter=torch.ops.inception_fast.max_pool3x3_scatter)
     elif x.device.type == "cpu" and x.dtype in CPU_DTYPES and cpu_extension() is not None:
         grads = torch.ops.inception_fast.graph_backward_cpu(grad_out, x, y, intermediates, weights, needs[0],
                                                             needs[1], backward_plan)
