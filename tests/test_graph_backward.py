@@ -310,6 +310,35 @@ def test_max_pool_branch_backward_with_nan_and_ties_matches_the_aten_twin(dtype)
     assert torch.isnan(cpp[-2]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 16, 1, 1), (1, 17, 1, 5), (2, 70, 6, 5), (1, 64, 2, 2), (3, 33, 3, 7),
+                                   (1, 130, 9, 4), (2, 5, 4, 4)], ids=str)
+def test_max_pool3x3_scatter_matches_aten(shape, dtype):
+    """The C++ pass alone (its row sweep keeps the 3x3 window and the scatter's sums in
+    registers) against ATen's max_pool2d_with_indices and its backward added to dx: grids
+    down to 1x1, single rows and columns, whole SIMD vectors, scalar tails and several
+    channel blocks, with ties, NaNs and -infs; the pooled values exactly, dx within the
+    tolerance of its grouped sums."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen).mul(1.5).round()  # ties in most windows
+    flat = x.view(-1)
+    flat[torch.randint(0, x.numel(), (3,), generator=gen)] = float("nan")
+    flat[torch.randint(0, x.numel(), (3,), generator=gen)] = float("-inf")
+    cl = torch.channels_last
+    x = x.to(dtype).contiguous(memory_format=cl)
+    dp = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=cl)
+    dx = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=cl)
+    want_pooled, indices = torch.nn.functional.max_pool2d(x.double(), 3, 1, 1, return_indices=True)
+    want_dx = dx.double() + torch.ops.aten.max_pool2d_with_indices_backward(
+        dp.double(), x.double(), [3, 3], [1, 1], [1, 1], [1, 1], False, indices)
+    pooled = torch.ops.inception_fast.max_pool3x3_scatter(x, dp, dx)
+    assert torch.equal(torch.isnan(pooled), torch.isnan(want_pooled))
+    assert torch.equal(pooled.double().nan_to_num(), want_pooled.nan_to_num())
+    assert rel_err(dx.double(), want_dx) <= TOLERANCE[dtype]
+    alone = torch.ops.inception_fast.max_pool3x3_scatter(x, None, None)  # the pool without a scatter
+    assert torch.equal(alone.nan_to_num(), pooled.nan_to_num())
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_trains_through_the_fused_backward():
     block = _tv_block("A")
