@@ -136,14 +136,15 @@ at::Tensor max_pool3x3_scatter(const at::Tensor& x, const std::optional<at::Tens
 // data gradient's filter).
 at::Tensor pack_winograd_cpu(const at::Tensor& w, const at::Tensor& transform, int64_t width, bool flip);
 
-// The weight gradient (cout, cin, 3, 3) of a stride-1 3x3 convolution with padding 1 or 0
-// from its input x (N, cin, H, W) and output gradient grad (N, cout, Ho, Wo), float32,
-// channels contiguous (else copied channels_last), by Winograd's F(tile x tile, 3x3), tile 2
-// or 4 (winograd_weight_grad.cpp). NaN throughout where an input was not finite or a
+// The weight gradient (cout, cin, kh, kw) of a stride-1 convolution from its input x (N, cin,
+// H, W) and output gradient grad (N, cout, Ho, Wo), float32, channels contiguous (else copied
+// channels_last), by Winograd (winograd_weight_grad.cpp): a 3x3 with padding 1 or 0 as
+// F(tile x tile, 3x3), tile 2 or 4; a 1x7 or 7x1 padded 3 along its filter as F(2, 7). NaN throughout where an input was not finite or a
 // transformed sum overflowed (the caller then runs the direct gradient). Keeps its
 // U, V and M scratch per calling thread between calls (up to 16 MB each; ~10 MB in all at
 // GoogLeNet's sizes).
-at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile);
+at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile,
+                                int64_t kh, int64_t kw);
 
 // Gradients [dx, dW_0, db_0, dW_1, db_1, ...] of a branch-graph block (weights in Conv2d
 // layout, spec order), empty where not needed, from the saved x, output y and

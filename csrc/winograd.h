@@ -408,6 +408,39 @@ struct F2_7 {
     y[0] = m[0] + s12 + s34 + s56;
     y[1] = (m[1] - m[2]) + 2.0f * (m[3] - m[4]) + 0.5f * (m[5] - m[6]) + m[7];
   }
+
+  // The weight gradient's transforms (winograd_weight_grad.cpp), the transposes of the
+  // output and weight transforms: out = A g over a 2-output tile g of the output gradient,
+  // and w = G^T m, the 7 taps' gradients from 8 sums.
+  template <typename V>
+  static void grad_tile(const V* g, V* out) {
+    out[0] = g[0];
+    out[1] = g[0] + g[1];
+    out[2] = g[0] - g[1];
+    out[3] = g[0] + 2.0f * g[1];
+    out[4] = g[0] - 2.0f * g[1];
+    out[5] = g[0] + 0.5f * g[1];
+    out[6] = g[0] - 0.5f * g[1];
+    out[7] = g[1];
+  }
+  template <typename V>
+  static void weight_tile(const V* m, V* w) {
+    for (int k = 0; k < kTaps; ++k) {
+      V sum = kG[0][k] * m[0];
+      for (int a = 1; a < kPositions; ++a) sum += kG[a][k] * m[a];
+      w[k] = sum;
+    }
+  }
+  // G (positions x taps), as _G7 in ops/backend.py, rounded to float.
+  static constexpr float kG[kPositions][kTaps] = {
+      {1, 0, 0, 0, 0, 0, 0},
+      {-2.f / 9, -2.f / 9, -2.f / 9, -2.f / 9, -2.f / 9, -2.f / 9, -2.f / 9},
+      {-2.f / 9, 2.f / 9, -2.f / 9, 2.f / 9, -2.f / 9, 2.f / 9, -2.f / 9},
+      {1.f / 90, 2.f / 90, 4.f / 90, 8.f / 90, 16.f / 90, 32.f / 90, 64.f / 90},
+      {1.f / 90, -2.f / 90, 4.f / 90, -8.f / 90, 16.f / 90, -32.f / 90, 64.f / 90},
+      {64.f / 90, 32.f / 90, 16.f / 90, 8.f / 90, 4.f / 90, 2.f / 90, 1.f / 90},
+      {64.f / 90, -32.f / 90, 16.f / 90, -8.f / 90, 4.f / 90, -2.f / 90, 1.f / 90},
+      {0, 0, 0, 0, 0, 0, 1}};
 };
 
 // A 1-D algorithm along one axis: horizontal (1xK, padding (0, K/2), 1x2 tiles) or vertical

@@ -1,5 +1,5 @@
-// The weight gradient of an fp32 stride-1 3x3 convolution by Winograd's minimal filtering:
-// the transpose of the forward's algorithm (winograd.h). The forward computes each output
+// The weight gradient of an fp32 stride-1 3x3, 1x7 or 7x1 convolution by Winograd's minimal
+// filtering: the transpose of the forward's algorithm (winograd.h). The forward computes each output
 // tile as Y = A^T [ (G g G^T) . (B^T d B) ] A, linear in the filter g; its adjoint gives
 //     dg = sum over tiles of G^T [ (A dY A^T) . (B^T d B) ] G,
 // dY the tile's output gradient. The sum over tiles commutes with G^T . G, so it runs in the
@@ -7,7 +7,9 @@
 //     M_alpha (cout x cin) = sum_t U_alpha[t]^T V_alpha[t],
 // U = A dY A^T (t x cout) and V = B^T d B (t x cin), and each (cout, cin) pair's 3x3 taps are
 // then G^T M G. F(4x4, 3x3) spends 36 multiply-adds per tile of 16 outputs where the direct
-// weight gradient (oneDNN's) spends 144; F(2x2, 3x3) 16 for 4, against 36.
+// weight gradient (oneDNN's) spends 144; F(2x2, 3x3) 16 for 4, against 36. The 1-D F(2, 7)
+// (Inception-v3's 17x17 blocks) runs the same along its filter's axis: 8 per 2 outputs,
+// against 14, with G^T m alone.
 //
 // The GEMMs are our own register-tiled transposed-A kernel (tn_tile), over chunks of tiles
 // whose transformed U and V stay in the last-level cache: ~210 GMAC/s on 2 Zen 5 threads,
@@ -37,6 +39,8 @@
 namespace inception_fast {
 namespace {
 
+using winograd::Along;
+using winograd::F2_7;
 using winograd::F2x2_3x3;
 using winograd::F4x4_3x3;
 
@@ -47,12 +51,13 @@ Plane<const T> plane(const at::Tensor& t) {  // t (N, C, H, W) with its channels
 
 // The transformed tiles t0 + [begin, end) of a chunk: V (positions, tiles, cin) from x's
 // windows, U (positions, tiles, cout) from the gradient's tiles. Tile t is image
-// t / (th tw), tile row t / tw % th, column t % tw; its window starts `pad` pixels up and
-// left of its outputs; pixels outside x and outputs outside the gradient's grid read as 0.
+// t / (th tw), tile row t / tw % th, column t % tw; its window starts pad_h pixels above and
+// pad_w left of its outputs; pixels outside x and outputs outside the gradient's grid read as 0.
 // Returns false where a transformed value is not finite.
 template <typename Tr>
 bool transform_tiles(const Plane<const float>& x, const Plane<const float>& dy, int64_t C, int64_t K, int64_t H,
-                     int64_t W, int64_t Ho, int64_t Wo, int64_t pad, int64_t th, int64_t tw, int64_t t0,
+                     int64_t W, int64_t Ho, int64_t Wo, int64_t pad_h, int64_t pad_w, int64_t th, int64_t tw,
+                     int64_t t0,
                      int64_t begin, int64_t end,
                      float* v /* (P, sv): rows of ldv from row i = tile t0 + i */,
                      int64_t ldv, int64_t sv,
@@ -67,7 +72,7 @@ bool transform_tiles(const Plane<const float>& x, const Plane<const float>& dy, 
     const float* p[P];
     for (int r = 0; r < Tr::kWinH; ++r)
       for (int s = 0; s < Tr::kWinW; ++s) {
-        const int64_t h = h0 - pad + r, w = w0 - pad + s;
+        const int64_t h = h0 - pad_h + r, w = w0 - pad_w + s;
         p[r * Tr::kWinW + s] = h >= 0 && w >= 0 && h < H && w < W ? x.interior_row(n, h, w) : nullptr;
       }
     const float* q[TH * TW];
@@ -80,7 +85,7 @@ bool transform_tiles(const Plane<const float>& x, const Plane<const float>& dy, 
       const int64_t t1 = t + 1, n1 = t1 / (th * tw), h1 = t1 / tw % th * TH, w1 = t1 % tw * TW;
       for (int r = 0; r < Tr::kWinH; ++r)
         for (int s = Tr::kWinW - TW; s < Tr::kWinW; ++s) {  // the columns this tile's window lacks
-          const int64_t h = h1 - pad + r, w = w1 - pad + s;
+          const int64_t h = h1 - pad_h + r, w = w1 - pad_w + s;
           if (h < 0 || w < 0 || h >= H || w >= W) continue;
           const char* row = reinterpret_cast<const char*>(x.interior_row(n1, h, w));
           for (int64_t b = 0; b < C * 4; b += 64) __builtin_prefetch(row + b);
@@ -226,8 +231,10 @@ struct TrimScratch {  // on every exit of weight_grad, exceptions included
 };
 
 template <typename Tr>
-at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
-  constexpr int64_t P = Tr::kPositions, TH = Tr::kTileH, TW = Tr::kTileW;
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad_h, int64_t pad_w) {
+  constexpr int64_t P = Tr::kPositions, TH = Tr::kTileH, TW = Tr::kTileW, kTaps = Tr::kTaps;
+  constexpr int64_t KH = Tr::kWinH - TH + 1, KW = Tr::kWinW - TW + 1;  // the filter
+  static_assert(KH * KW == kTaps, "a transform's window is its tile plus the filter");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t K = dy.size(1), Ho = dy.size(2), Wo = dy.size(3);
   const int64_t th = gemm::ceil_div(Ho, TH), tw = gemm::ceil_div(Wo, TW), tiles = N * th * tw;
@@ -237,7 +244,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
   // Tiles per chunk: U and V of a chunk in ~8 MB (an L3 slice), at least 256 tiles so that
   // each GEMM reduces over enough rows to amortise loading and storing its sums.
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
-  if (tiles == 0 || K == 0 || C == 0) return at::zeros({K, C, 3, 3}, opts);  // nothing to sum
+  if (tiles == 0 || K == 0 || C == 0) return at::zeros({K, C, KH, KW}, opts);  // nothing to sum
   const int64_t bytes = P * (ldu + ldv) * static_cast<int64_t>(sizeof(float));
   const int64_t chunk = std::min(tiles, std::max<int64_t>(256, (int64_t{8} << 20) / bytes));
   // Position strides one cache line past a whole number of rows: at a multiple of 4 KB the
@@ -253,7 +260,8 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
     const int64_t count = std::min(chunk, tiles - t0);
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-      if (!transform_tiles<Tr>(xp, dp, C, K, H, W, Ho, Wo, pad, th, tw, t0, begin, end, vd, ldv, sv, ud, ldu, su))
+      if (!transform_tiles<Tr>(xp, dp, C, K, H, W, Ho, Wo, pad_h, pad_w, th, tw, t0, begin, end, vd, ldv, sv, ud, ldu,
+                               su))
         finite = false;
     });
     // One item per (position, row tile): disjoint sums, no reduction between threads.
@@ -269,18 +277,18 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
       }
     });
   }
-  at::Tensor out = at::empty({K, C, 3, 3}, opts);
+  at::Tensor out = at::empty({K, C, KH, KW}, opts);
   if (!finite.load()) return out.fill_(std::numeric_limits<float>::quiet_NaN());
   float* od = out.data_ptr<float>();
   at::parallel_for(0, K * C, 1024, [&](int64_t begin, int64_t end) {
     float bad = 0.0f;  // w - w: 0 where finite
     for (int64_t j = begin; j < end; ++j) {
       const int64_t k = j / C, c = j % C;
-      float mv[P], w[9];
+      float mv[P], w[kTaps];
       for (int64_t a = 0; a < P; ++a) mv[a] = md[(a * ldu + k) * ldv + c];
       Tr::weight_tile(mv, w);
-      for (int r = 0; r < 9; ++r) bad += w[r] - w[r];
-      std::memcpy(od + 9 * j, w, sizeof(w));
+      for (int r = 0; r < kTaps; ++r) bad += w[r] - w[r];
+      std::memcpy(od + kTaps * j, w, sizeof(w));
     }
     if (bad != 0.0f) finite = false;  // NaN: a transformed sum overflowed
   });
@@ -292,24 +300,34 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad) {
 
 }  // namespace
 
-at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile) {
+at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile,
+                                int64_t kh, int64_t kw) {
   TORCH_CHECK(x.dim() == 4 && grad.dim() == 4 && x.size(0) == grad.size(0), "winograd_weight_grad: x (N, C, H, W) "
               "and grad (N, K, Ho, Wo) must be 4-D over the same batch, got ", x.sizes(), " and ", grad.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat && x.device().is_cpu() &&
                   grad.device().is_cpu(),
               "winograd_weight_grad: x and grad must be float32 CPU tensors, got ", x.scalar_type(), " and ",
               grad.scalar_type());
-  TORCH_CHECK(padding == 0 || padding == 1, "winograd_weight_grad: padding must be 1 ('same') or 0, got ", padding);
-  TORCH_CHECK(tile == 2 || tile == 4, "winograd_weight_grad: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
-              tile);
-  TORCH_CHECK(grad.size(2) == x.size(2) + 2 * padding - 2 && grad.size(3) == x.size(3) + 2 * padding - 2,
-              "winograd_weight_grad: a 3x3 stride-1 convolution with padding ", padding, " maps ", x.size(2), "x",
-              x.size(3), " onto ", x.size(2) + 2 * padding - 2, "x", x.size(3) + 2 * padding - 2, ", but grad is ",
-              grad.size(2), "x", grad.size(3));
+  const bool square = kh == 3 && kw == 3, row = kh == 1 && kw == 7, column = kh == 7 && kw == 1;
+  TORCH_CHECK(square || row || column, "winograd_weight_grad: the filter (kh, kw) must be (3, 3), (1, 7) or (7, 1), "
+              "got (", kh, ", ", kw, ")");
+  TORCH_CHECK(!square || padding == 0 || padding == 1,
+              "winograd_weight_grad: a 3x3's padding must be 1 ('same') or 0, got ", padding);
+  TORCH_CHECK(square || padding == 3, "winograd_weight_grad: a 1x7 or 7x1 is padded 3 along its filter ('same'), got ",
+              padding);
+  TORCH_CHECK(tile == 2 || (square && tile == 4), "winograd_weight_grad: tile must be 2 (F(2x2, 3x3), F(2, 7)) or, "
+              "for a 3x3, 4 (F(4x4, 3x3)), got ", tile);
+  const int64_t pad_h = row ? 0 : padding, pad_w = column ? 0 : padding;
+  const int64_t want_h = x.size(2) + 2 * pad_h - (kh - 1), want_w = x.size(3) + 2 * pad_w - (kw - 1);
+  TORCH_CHECK(grad.size(2) == want_h && grad.size(3) == want_w, "winograd_weight_grad: a ", kh, "x", kw,
+              " stride-1 convolution with padding (", pad_h, ", ", pad_w, ") maps ", x.size(2), "x", x.size(3),
+              " onto ", want_h, "x", want_w, ", but grad is ", grad.size(2), "x", grad.size(3));
   // Channels contiguous (channels_last, or an NHWC buffer's interior), any pixel strides.
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gc = grad.stride(1) == 1 ? grad : grad.contiguous(at::MemoryFormat::ChannelsLast);
-  return tile == 4 ? weight_grad<F4x4_3x3>(xc, gc, padding) : weight_grad<F2x2_3x3>(xc, gc, padding);
+  if (row) return weight_grad<Along<F2_7, false>>(xc, gc, pad_h, pad_w);
+  if (column) return weight_grad<Along<F2_7, true>>(xc, gc, pad_h, pad_w);
+  return tile == 4 ? weight_grad<F4x4_3x3>(xc, gc, pad_h, pad_w) : weight_grad<F2x2_3x3>(xc, gc, pad_h, pad_w);
 }
 
 }  // namespace inception_fast

@@ -132,6 +132,35 @@ def test_winograd_data_gradients_match_eager(kind, monkeypatch, data_grad_spy, w
         assert rel_err(g1[name], want) <= TOL[torch.float32], name
 
 
+def test_seven_by_one_weight_gradients_match_eager(monkeypatch):
+    """Inception-v3's InceptionC (1x7 and 7x1 chains) in the train form with the 7x1s' weight
+    gradients as F(2, 7) (winograd_weight_grad; thresholds off so that a small block takes
+    them, and a spy that they ran): output, dx, every conv weight, gamma and beta against
+    eager."""
+    from inception_fast.ops import branch_graph
+
+    monkeypatch.setattr(branch_graph, "WEIGHT_GRAD_7X1_MIN_CHANNELS", 0)
+    monkeypatch.setattr(branch_graph, "WEIGHT_GRAD_MIN_TILES", 0)
+    taken = []
+    real = torch.ops.inception_fast.winograd_weight_grad
+
+    def spy(x, grad, padding, tile, kh=3, kw=3):
+        taken.append((kh, kw))
+        return real(x, grad, padding, tile, kh, kw)
+
+    monkeypatch.setattr(branch_graph.torch.ops.inception_fast, "winograd_weight_grad", spy)
+    original, fused, channels = _pair("v3-C", torch.float32)
+    x = torch.randn(2, channels, 9, 11)
+    grad_out = torch.randn_like(original(x.clone()))
+    y0, dx0, g0 = _grads(original, x, grad_out)
+    y1, dx1, g1 = _grads(fused, x, grad_out)
+    assert (7, 1) in taken and (1, 7) not in taken
+    assert rel_err(y1, y0) <= TOL[torch.float32]
+    assert rel_err(dx1, dx0) <= TOL[torch.float32]
+    for name, want in g0.items():
+        assert rel_err(g1[name], want) <= TOL[torch.float32], name
+
+
 @pytest.mark.parametrize("kernel", [3, 1])
 def test_one_output_channel_with_an_nchw_grad_output(kernel):
     """A unit of one output channel, its grad_output plain NCHW: that channel's rows have

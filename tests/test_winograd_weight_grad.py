@@ -1,7 +1,8 @@
-"""The Winograd weight gradient of fp32 stride-1 3x3 convolutions (csrc/winograd_weight_grad.cpp,
-torch.ops.inception_fast.winograd_weight_grad) and its hook in the backward walk
-(branch_graph.winograd_weight_grad): against float64 ATen, over awkward shapes and
-layouts, tiles 2 and 4; non-finite inputs and bad arguments."""
+"""The Winograd weight gradient of fp32 stride-1 3x3, 1x7 and 7x1 convolutions
+(csrc/winograd_weight_grad.cpp, torch.ops.inception_fast.winograd_weight_grad) and its hook
+in the backward walk (branch_graph.winograd_weight_grad): against float64 ATen, over
+awkward shapes and layouts, tiles 2 and 4 (F(2, 7) for the 1-D filters); non-finite inputs
+and bad arguments."""
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from inception_fast.spec import Branch, BranchGraphSpec, Conv
 pytestmark = needs_cpu_kernel
 
 
-def _op(x, grad, padding, tile):
-    return torch.ops.inception_fast.winograd_weight_grad(x, grad, padding, tile)
+def _op(x, grad, padding, tile, kh=3, kw=3):
+    return torch.ops.inception_fast.winograd_weight_grad(x, grad, padding, tile, kh, kw)
 
 
 def _want(x, grad, padding):
@@ -62,6 +63,30 @@ def test_differs_from_direct_in_rounding():
     direct = torch.ops.aten.convolution_backward(grad, x, torch.empty(48, 32, 3, 3), None, [1, 1], [1, 1], [1, 1],
                                                  False, [0, 0], 1, [False, True, False])[1]
     assert not torch.equal(f2, f4) and not torch.equal(f4, direct)
+
+
+# (N, cin, cout, H, W) for the 1-D filters: 1x1 and single-row grids, odd lengths along the
+# filter (a 2-output tile half past the edge), channels off the register tiles, and more
+# tiles than one chunk.
+SHAPES_1D = [(2, 17, 33, 11, 9), (1, 5, 7, 1, 1), (3, 40, 24, 17, 17), (1, 1, 1, 3, 8), (6, 24, 36, 45, 41)]
+
+
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+@pytest.mark.parametrize("filt", [(1, 7), (7, 1)], ids=["1x7", "7x1"])
+@pytest.mark.parametrize("shape", SHAPES_1D, ids=lambda s: "n{}-{}to{}-{}x{}".format(*s))
+def test_one_dimensional_filters_match_float64(shape, filt, layout):
+    """F(2, 7) along the filter's axis, 'same' padding (3 along it, 0 across)."""
+    n, cin, cout, h, w = shape
+    kh, kw = filt
+    x, grad = torch.randn(n, cin, h, w).relu_(), torch.randn(n, cout, h, w)
+    if layout == "cl":
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    got = _op(x, grad, 3, 2, kh, kw)
+    want = torch.ops.aten.convolution_backward(grad.double(), x.double(), torch.empty(cout, cin, kh, kw).double(),
+                                               None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], 1,
+                                               [False, True, False])[1]
+    assert got.shape == (cout, cin, kh, kw) and got.dtype == torch.float32 and got.is_contiguous()
+    assert rel_err(got, want) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("shapes", [((0, 4, 6, 6), (0, 5, 6, 6)), ((2, 0, 6, 6), (2, 5, 6, 6)),
@@ -122,6 +147,32 @@ def test_hook_picks_the_tile_and_declines_what_does_not_pay(monkeypatch):
     assert branch_graph.winograd_weight_grad(grad, x, weight, step) is None
 
 
+def _seven_step(kh: int, kw: int, cin: int, cout: int):
+    return plan(BranchGraphSpec(in_channels=cin, branches=(Branch(levels=((Conv(cin, cout, kh, kw),),)),),
+                                pool=None, pool_proj=None)).convs[0]
+
+
+def test_hook_takes_the_wide_seven_by_ones_only():
+    """F(2, 7) runs the weight gradients of 7x1s from WEIGHT_GRAD_7X1_MIN_CHANNELS and
+    WEIGHT_GRAD_MIN_TILES: Inception-v3's 192 -> 192 at 17x17 and batch 8 takes it (and
+    matches float64); its 1x7s, a 128 -> 128 7x1, a 1x1 grid and non-finite inputs do not."""
+    x, grad = torch.randn(8, 192, 17, 17).relu_(), torch.randn(8, 192, 17, 17)
+    x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    got = branch_graph.winograd_weight_grad(grad, x, torch.empty(192, 192, 7, 1), _seven_step(7, 1, 192, 192))
+    want = torch.ops.aten.convolution_backward(grad.double(), x.double(), torch.empty(192, 192, 7, 1).double(), None,
+                                               [1, 1], [3, 0], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+    assert got is not None and rel_err(got, want) <= TOLERANCE[torch.float32]
+    assert branch_graph.winograd_weight_grad(grad, x, torch.empty(192, 192, 1, 7), _seven_step(1, 7, 192, 192)) is None
+    narrow_x, narrow_g = x[:, :128], grad[:, :128]
+    assert branch_graph.winograd_weight_grad(narrow_g, narrow_x, torch.empty(128, 128, 7, 1),
+                                             _seven_step(7, 1, 128, 128)) is None
+    assert branch_graph.winograd_weight_grad(grad[:1, :, :1, :1], x[:1, :, :1, :1], torch.empty(192, 192, 7, 1),
+                                             _seven_step(7, 1, 192, 192)) is None
+    grad = grad.clone()
+    grad[3, 5, 16, 0] = float("inf")
+    assert branch_graph.winograd_weight_grad(grad, x, torch.empty(192, 192, 7, 1), _seven_step(7, 1, 192, 192)) is None
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda x, g: (x.double(), g.double(), 1, 4), "float32"),
     (lambda x, g: (x, g[:, :, :-1], 1, 4), "maps 8x8 onto 8x8"),
@@ -129,6 +180,10 @@ def test_hook_picks_the_tile_and_declines_what_does_not_pay(monkeypatch):
     (lambda x, g: (x, g, 1, 3), "tile must be 2"),
     (lambda x, g: (x[0], g, 1, 4), "4-D"),
     (lambda x, g: (x[:1], g, 1, 4), "same batch"),
+    (lambda x, g: (x, g, 2, 2, 5, 5), r"must be \(3, 3\), \(1, 7\) or \(7, 1\)"),
+    (lambda x, g: (x, g, 1, 2, 1, 7), "padded 3 along its filter"),
+    (lambda x, g: (x, g, 3, 4, 7, 1), "tile must be 2"),
+    (lambda x, g: (x, g[:, :, :-1], 3, 2, 1, 7), r"padding \(0, 3\) maps 8x8 onto 8x8"),
 ])
 def test_bad_arguments_raise(bad, match):
     x, grad = _inputs(2, 4, 5, 8, 8, 1)

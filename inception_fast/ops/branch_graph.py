@@ -189,7 +189,7 @@ _CPP_SCHEMAS = (
     "graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
     "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]",
     "pack_winograd_cpu(Tensor w, Tensor transform, int width, bool flip) -> Tensor",
-    "winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile) -> Tensor",
+    "winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile, int kh=3, int kw=3) -> Tensor",
 )
 if cpu_extension() is None:
     _fallback_library = torch.library.Library("inception_fast", "FRAGMENT")
@@ -402,8 +402,8 @@ def _pack_winograd_cpu_fake(w, transform, width, flip):
 
 
 @torch.library.register_fake("inception_fast::winograd_weight_grad")
-def _winograd_weight_grad_fake(x, grad, padding, tile):
-    return x.new_empty(grad.shape[1], x.shape[1], 3, 3)
+def _winograd_weight_grad_fake(x, grad, padding, tile, kh=3, kw=3):
+    return x.new_empty(grad.shape[1], x.shape[1], kh, kw)
 
 
 @torch.library.register_fake("inception_fast::graph_backward_cpu")
@@ -529,6 +529,15 @@ def winograd_data_grad(n: int, h: int, w: int):
 # Hence F(4x4, 3x3) from WEIGHT_GRAD_F4_MIN_TILES of its tiles, F(2x2, 3x3) from
 # WEIGHT_GRAD_MIN_TILES of its own, and neither where cin cout / (cin + cout) is below
 # WEIGHT_GRAD_MIN_CHANNELS (24 -> 32: 13.7; 32 -> 32: 16, a gain within noise; 32 -> 64: 21.3).
+# Inception-v3's 17x17 7x1s as F(2, 7) (1.75x fewer multiply-adds; its 1x2 tiles waste one
+# column in 18 at 17x17), same method, 11 calls: 192 -> 192 at batches 8 and 16 1.30x and
+# 1.29x, 128 -> 192 1.25x / 1.24x, 160 -> 160 1.15x / 1.13x. Not the 1x7s: oneDNN's weight
+# gradient runs those faster than its 7x1s (2.9 against 3.1 ms; 1.06 against 2.06 for 128
+# channels), and F(2, 7) took them at 0.83x (128 -> 128) to 1.17x (192 at batch 8). Nor the
+# narrower 7x1s: 128 -> 128 gained 1.07x alone, but Inception-v3's Mixed_6b (two of them)
+# trained 1-3% slower with them than with oneDNN's gradients (3 alternating runs, batch 8),
+# hence WEIGHT_GRAD_7X1_MIN_CHANNELS (128 -> 128: 64; 128 -> 192: 76.8).
+WEIGHT_GRAD_7X1_MIN_CHANNELS = 72
 WEIGHT_GRAD_F4_MIN_TILES = 192
 WEIGHT_GRAD_MIN_TILES = 32
 WEIGHT_GRAD_MIN_CHANNELS = 20
@@ -548,10 +557,22 @@ def weight_grad_tile(n: int, gh: int, gw: int, cin: int, cout: int) -> int | Non
 def weight_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> int | None:
     """The tile winograd_weight_grad runs convolution `step` (a ConvStep) of weight `weight`
     over an n x h x w input with: a 3x3 (_winograd_square), where weight_grad_tile picks
-    one; else None."""
+    one; a 7x1 padded (3, 0) (F(2, 7), tile 2) from WEIGHT_GRAD_7X1_MIN_CHANNELS (as
+    _wide_enough) and WEIGHT_GRAD_MIN_TILES of its 2x1 tiles; else None."""
+    cout, cin = weight.shape[:2]
+    if _winograd_seven_by_one(step, weight):
+        gh, gw = step.grid(h, w)
+        wide = _wide_enough(cin, cout, WEIGHT_GRAD_7X1_MIN_CHANNELS)
+        return 2 if wide and n * -(-gh // 2) * gw >= WEIGHT_GRAD_MIN_TILES else None
     if not _winograd_square(step, weight, (3,)):
         return None
-    return weight_grad_tile(n, *step.grid(h, w), weight.shape[1], weight.shape[0])
+    return weight_grad_tile(n, *step.grid(h, w), cin, cout)
+
+
+def _winograd_seven_by_one(step, weight: torch.Tensor) -> bool:
+    """An fp32 7x1 at stride 1 padded (3, 0), with Winograd on: F(2, 7)'s weight gradient."""
+    return (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (7, 1)
+            and step.stride == 1 and (step.pad_h, step.pad_w) == (3, 0))
 
 
 def winograd_weight_grad(g: torch.Tensor, src: torch.Tensor, weight: torch.Tensor, step) -> torch.Tensor | None:
@@ -564,7 +585,7 @@ def winograd_weight_grad(g: torch.Tensor, src: torch.Tensor, weight: torch.Tenso
     tile = weight_grad_pays(n, h, w, step, weight) if src.dtype == torch.float32 and g.device.type == "cpu" else None
     if tile is None:
         return None
-    d = torch.ops.inception_fast.winograd_weight_grad(src, g, step.pad_h, tile)
+    d = torch.ops.inception_fast.winograd_weight_grad(src, g, step.pad_h, tile, *weight.shape[2:])
     return d if bool(torch.isfinite(d).all()) else None
 
 
@@ -589,7 +610,10 @@ def _walk_backward_pays(x: torch.Tensor, weights: list[torch.Tensor], backward_p
     for step, wt in zip(steps, weights):
         gh, gw = step.grid(h, w)
         conv_macs = n * gh * gw * wt.numel()
-        macs += conv_macs * (data_grad_pays(n, h, w, step, wt) + (weight_grad_pays(n, h, w, step, wt) is not None))
+        # The 7x1s' F(2, 7) weight gradients do not count: measured in the train form only.
+        square = wt.shape[2] == wt.shape[3]
+        macs += conv_macs * (data_grad_pays(n, h, w, step, wt)
+                             + (square and weight_grad_pays(n, h, w, step, wt) is not None))
     return macs >= WALK_MIN_MACS
 
 
