@@ -54,13 +54,42 @@ struct PoolLanes<c10::BFloat16> {
   }
 };
 
-// One pixel's scalar channels (a block's tail, fewer than a SIMD vector): pooled = max
-// over the window's `taps` pixels (x rows, row-major), and dx[argmax] += dp.
-template <typename T>
-inline void pool_pixel_scalar(const T* const* x, typename PoolLanes<T>::Acc* const* dx, T* pooled, const T* dp,
-                              int taps, int64_t channels) {
-  using Acc = typename PoolLanes<T>::Acc;
-  for (int64_t c = 0; c < channels; ++c) {
+// One pixel of one channel block (cb channels) of the pool branch: pooled = max over the
+// window's `taps` pixels (x rows, row-major), and dx[argmax] += dp, dx in PoolLanes' Acc.
+// kTaps > 0 fixes the tap count at compile time (an interior pixel's full 3x3 window), so
+// the tap loops unroll.
+template <typename T, int kTaps>
+inline void pool_pixel(const T* const* x, typename PoolLanes<T>::Acc* const* dx, T* pooled, const T* dp, int taps,
+                       int64_t cb) {
+  using P = PoolLanes<T>;
+  using Acc = typename P::Acc;
+  using Vec = typename P::Vec;
+  using Mask = typename P::Mask;
+  constexpr int64_t L = P::kLanes;
+  if constexpr (kTaps > 0) taps = kTaps;
+  int64_t c = 0;
+  for (; c + L <= cb; c += L) {
+    Vec m = P::load(x[0] + c);
+    Mask arg{};
+#pragma GCC unroll 9
+    for (int k = 1; k < taps; ++k) {
+      const Vec v = P::load(x[k] + c);
+      const Mask take = (v > m) | (v != v);
+      m = take ? v : m;
+      arg = take ? Mask{} + k : arg;
+    }
+    P::store_max(pooled + c, m);
+    if (dp == nullptr) continue;
+    const Vec g = P::load(dp + c);
+#pragma GCC unroll 9
+    for (int k = 0; k < taps; ++k) {
+      Vec acc;
+      std::memcpy(&acc, dx[k] + c, sizeof(Vec));
+      acc += arg == k ? g : Vec{};
+      std::memcpy(dx[k] + c, &acc, sizeof(Vec));
+    }
+  }
+  for (; c < cb; ++c) {  // the same, one channel at a time
     T m = x[0][c];
     int arg = 0;
     for (int k = 1; k < taps; ++k) {
@@ -76,11 +105,15 @@ inline void pool_pixel_scalar(const T* const* x, typename PoolLanes<T>::Acc* con
 // and dp sits at base + (h W + w) ld, of dx at dx + (h W + w) ldd (pointers at the vector's
 // first channel). The 3x3 window slides along the row in registers (three new loads per
 // pixel), and so do the scatter's sums for its 3 x 3 input pixels: a column of them is
-// added into dx once no later pixel of the row reaches it, 3 read-modify-writes per pixel
-// where one per tap (9) made each dx element a chain of dependent stores (2.35 against
-// 1.25 ms without the scatter, GoogLeNet 4a's 32 x 480 x 14 x 14 on 2 Zen 5 threads).
+// added into dx once no later pixel of the row reaches it: 3 read-modify-writes per pixel
+// where pool_pixel does one per tap (9). Same process, alternating, medians of 21 (2 Zen 5
+// threads): 1.16x pool_pixel's speed for GoogLeNet 3a's 32 x 256 x 28 x 28, 1.05-1.12x for
+// 4a's and 4d's 14 x 14, but 0.83x for 5b's 7 x 7, whose dx block stays in L1 and whose
+// short rows pay the sweep's start and end: hence kSweepMinPixels.
 // The sums group up to three of a pixel's contributions before they reach dx: the order of
 // additions differs from ATen's scatter by that grouping, never between runs or threads.
+inline constexpr int64_t kSweepMinPixels = 64;  // H x W: 7 x 7 and 8 x 8 grids go pixel by pixel
+
 template <typename T>
 void pool_sweep(const T* x, int64_t ldx, T* pooled, int64_t ldp, const T* dp, int64_t ldg,
                 typename PoolLanes<T>::Acc* dx, int64_t ldd, int64_t H, int64_t W) {
@@ -196,12 +229,14 @@ void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /*
       const int64_t ldd = kWide ? cb : C;
       const T* x_item = x + n * HW * C + c0;
       T* pooled_item = pooled + n * HW * C + c0;
-      const int64_t vector_channels = cb / P::kLanes * P::kLanes;
+      // The row sweep for whole vectors on grids past kSweepMinPixels; the rest (all of a small
+      // grid, whose dx block stays in L1 anyway, and a scalar tail) pixel by pixel.
+      const int64_t vector_channels = HW > kSweepMinPixels ? cb / P::kLanes * P::kLanes : 0;
       for (int64_t c = 0; c < vector_channels; c += P::kLanes)
         pool_sweep<T>(x_item + c, C, pooled_item + c, C, dp_item == nullptr ? nullptr : dp_item + c, ldg,
                       dx == nullptr ? nullptr : dx_at(0, 0) + c, ldd, H, W);
-      const int64_t tail = cb - vector_channels;
-      for (int64_t h = 0; tail > 0 && h < H; ++h) {
+      const int64_t rest = cb - vector_channels;
+      for (int64_t h = 0; rest > 0 && h < H; ++h) {
         for (int64_t w = 0; w < W; ++w) {
           const T* x_rows[9];
           Acc* dx_rows[9];
@@ -212,8 +247,12 @@ void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /*
               dx_rows[taps++] = dx != nullptr ? dx_at(hh, ww) + vector_channels : nullptr;
             }
           const int64_t p = h * W + w;
-          pool_pixel_scalar<T>(x_rows, dx_rows, pooled_item + p * C + vector_channels,
-                               dp_item == nullptr ? nullptr : dp_item + p * ldg + vector_channels, taps, tail);
+          T* out = pooled_item + p * C + vector_channels;
+          const T* dp = dp_item == nullptr ? nullptr : dp_item + p * ldg + vector_channels;
+          if (taps == 9)
+            pool_pixel<T, 9>(x_rows, dx_rows, out, dp, taps, rest);
+          else
+            pool_pixel<T, 0>(x_rows, dx_rows, out, dp, taps, rest);
         }
       }
       if constexpr (kWide) {

@@ -312,13 +312,14 @@ def test_max_pool_branch_backward_with_nan_and_ties_matches_the_aten_twin(dtype)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 16, 1, 1), (1, 17, 1, 5), (2, 70, 6, 5), (1, 64, 2, 2), (3, 33, 3, 7),
-                                   (1, 130, 9, 4), (2, 5, 4, 4)], ids=str)
+                                   (1, 130, 9, 4), (2, 5, 4, 4), (2, 70, 9, 8), (1, 17, 1, 80), (1, 33, 70, 1),
+                                   (1, 48, 12, 11)], ids=str)
 def test_max_pool3x3_scatter_matches_aten(shape, dtype):
-    """The C++ pass alone (its row sweep keeps the 3x3 window and the scatter's sums in
-    registers) against ATen's max_pool2d_with_indices and its backward added to dx: grids
-    down to 1x1, single rows and columns, whole SIMD vectors, scalar tails and several
-    channel blocks, with ties, NaNs and -infs; the pooled values exactly, dx within the
-    tolerance of its grouped sums."""
+    """The C++ pass alone against ATen's max_pool2d_with_indices and its backward added to
+    dx: grids down to 1x1, single rows and columns, whole SIMD vectors, scalar tails and
+    several channel blocks, on both of its paths (pixel by pixel up to 64 pixels, the row
+    sweep that keeps the window and the scatter's sums in registers beyond), with ties, NaNs
+    and -infs; the pooled values exactly, dx within the tolerance of its grouped sums."""
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=gen).mul(1.5).round()  # ties in most windows
     flat = x.view(-1)
