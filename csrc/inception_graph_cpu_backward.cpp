@@ -285,12 +285,17 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
     }
   }
   // An operator's Tensor[] holds no undefined tensors: a gradient not needed is empty. The
-  // layouts are the fake kernel's (channels_last dx, contiguous parameter gradients): some
-  // weight gradients come out of convolution_backward channels_last.
+  // layouts are the fake kernel's: channels_last dx, contiguous biases' gradients, and each
+  // weight's gradient in its weight's layout (ops/backend.py's weight_layout: channels_last
+  // for a channels_last weight, else contiguous), as eager's convolution backward returns it.
   const at::Tensor none = at::empty({0}, x_in.options());
   std::vector<at::Tensor> grads{needs[0] ? dx.contiguous(at::MemoryFormat::ChannelsLast) : none};
   for (int64_t i = 0; i < convs; ++i) {
-    grads.push_back(needs[1] ? d_weights[i].contiguous() : none);
+    const at::Tensor& w = weights[i];
+    const bool w_cl = w.is_contiguous(at::MemoryFormat::ChannelsLast) && !w.is_contiguous();
+    grads.push_back(needs[1] ? d_weights[i].contiguous(w_cl ? at::MemoryFormat::ChannelsLast
+                                                            : at::MemoryFormat::Contiguous)
+                             : none);
     grads.push_back(needs[1] ? d_biases[i].contiguous() : none);
   }
   return grads;

@@ -380,16 +380,19 @@ def test_under_compile_train_mode_runs_the_form_as_one_graph(momentum, monkeypat
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1  # no recompile
 
 
-def test_the_compile_ops_pass_opcheck():
+@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last], ids=["nchw-w", "cl-w"])
+def test_the_compile_ops_pass_opcheck(weight_format):
     """The custom ops' fake kernels and autograd against their real ones
-    (torch.library.opcheck: schema, fake tensor shapes and strides, autograd registration)."""
+    (torch.library.opcheck: schema, fake tensor shapes and strides, autograd registration);
+    channels_last weights get channels_last gradients on both."""
     from inception_fast.ops import branch_graph_bn_train as bn_train
     from inception_fast.ops.branch_graph import pack_weights
 
     original, fused, channels = _pair("googlenet", torch.float32)
     graph = fused._plan
     x = torch.randn(2, channels, 6, 5, requires_grad=True)
-    weights = [u.conv.weight.detach().clone().requires_grad_() for u in fused._units]
+    weights = [u.conv.weight.detach().clone().contiguous(memory_format=weight_format).requires_grad_()
+               for u in fused._units]
     biases = [w.new_zeros(w.shape[0]).requires_grad_() for w in weights]
     bns = [bn_train.BatchNormTrain(bn.weight, bn.bias, bn.eps, None) for bn in fused._bns]
     b, bias = pack_weights(graph, weights, biases, "cpu", False)

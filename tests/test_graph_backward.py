@@ -353,11 +353,14 @@ def test_compile_fullgraph_trains_through_the_fused_backward():
     assert rel_err(fused.branch_pool.bn.weight.grad, block.branch_pool.bn.weight.grad) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last], ids=["nchw-w", "cl-w"])
 @pytest.mark.parametrize("which", ["graph_backward", "graph_backward_cpu", "graph_forward_saving"])
-def test_custom_op_registrations_pass_opcheck(which):
-    """Schema and register_fake agree with the real kernels (shapes, strides, aliasing)."""
+def test_custom_op_registrations_pass_opcheck(which, weight_format):
+    """Schema and register_fake agree with the real kernels (shapes, strides, aliasing);
+    channels_last weights (a model moved to channels_last) get channels_last gradients."""
     spec = SPECS["fan-out"]
     weights, biases = _params(spec, torch.float64)
+    weights = [w.contiguous(memory_format=weight_format) for w in weights]
     x = torch.randn(2, spec.in_channels, 5, 4, dtype=torch.float64)
     y, intermediates, graph = _saved(spec, x, weights, biases)
     if which == "graph_backward":
@@ -369,7 +372,37 @@ def test_custom_op_registrations_pass_opcheck(which):
     else:
         b, bias = pack_weights(graph, weights, biases, "cpu")
         args = (x, b, bias, graph.flat())
-    torch.library.opcheck(getattr(torch.ops.inception_fast, which).default, args)
+    op = getattr(torch.ops.inception_fast, which).default
+    torch.library.opcheck(op, args)
+    if which != "graph_forward_saving":
+        grads = op(*args)[1:]
+        spatial = [(w, g) for w, g in zip(weights, grads[::2]) if w.shape[2] * w.shape[3] > 1]
+        assert spatial and all(g.is_contiguous(memory_format=weight_format) for _, g in spatial)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_weight_gradients_keep_the_parameters_layout(mode):
+    """A block moved to channels_last: every convolution weight's gradient comes back
+    channels_last, as eager's does (no copy into the parameter's layout, no mixed-layout
+    multiply through the folded BN), and matches eager's values; the same for contiguous
+    weights fed channels_last inputs."""
+    for model_format in (torch.channels_last, torch.contiguous_format):
+        block = _tv_block("E").to(memory_format=model_format).train(mode == "train")
+        fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").train(mode == "train")
+        fused.bn_train_min_pixels = 0
+        x = torch.randn(2, 24, 6, 5).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn_like(block(x))
+        block(x).backward(grad)
+        fused(x).backward(grad)
+        for (name, p0), p1 in zip(block.named_parameters(), fused.parameters()):
+            if p0.dim() != 4:
+                continue
+            # Strides of size-1 dims do not matter (a 1x1's two layouts are one memory order;
+            # AccumulateGrad's layout contract skips them too).
+            def strides(t):
+                return [st for st, n in zip(t.stride(), t.shape) if n > 1]
+            assert strides(p1.grad) == strides(p0.grad), (model_format, name)
+            assert rel_err(p1.grad, p0.grad) <= TOLERANCE[torch.float32], (model_format, name)
 
 
 @pytest.mark.slow

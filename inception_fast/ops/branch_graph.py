@@ -34,7 +34,7 @@ from .._extension import cpu_extension, require_cpu_extension
 from . import backend as _backend
 from .backend import (CPU_DTYPES, accumulator_dtype, as_gemm_b, from_gemm_b, image, pack_conv_panels, pack_panels,
                       pack_winograd, pack_winograd_flipped, packed_dtype, panel_width, rows, unpack_panels,
-                      unpack_winograd, winograd_positions)
+                      unpack_winograd, winograd_positions, weight_layout)
 from .graph_backward import graph_backward_reference
 from ..spec import Branch, BranchGraphSpec, Conv
 from .plan import GraphPlan, Source, plan
@@ -384,7 +384,7 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
         grads = graph_backward_reference(grad_out, x, y, list(intermediates), list(weights), list(needs),
                                          list(backward_plan))
     wanted = [needs[0]] + [needs[1]] * (2 * len(weights))
-    formats = [torch.channels_last] + [torch.contiguous_format] * (2 * len(weights))
+    formats = [torch.channels_last] + [f for wt in weights for f in (weight_layout(wt), torch.contiguous_format)]
     return [g.contiguous(memory_format=f) if want else x.new_empty(0) for g, want, f in zip(grads, wanted, formats)]
 
 
@@ -392,7 +392,8 @@ def graph_backward(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, int
 def _graph_backward_fake(grad_out, x, y, intermediates, weights, needs, backward_plan, backend):
     grads = [x.new_empty(x.shape).contiguous(memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
     for wt in weights:
-        grads += [wt.new_empty(wt.shape), wt.new_empty(wt.shape[:1])] if needs[1] else [x.new_empty(0)] * 2
+        grads += ([wt.new_empty(wt.shape).contiguous(memory_format=weight_layout(wt)), wt.new_empty(wt.shape[:1])]
+                  if needs[1] else [x.new_empty(0)] * 2)
     return grads
 
 

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from .backend import image, rows
+from .backend import image, rows, weight_layout
 from .branch_graph import _interiors, pack_weights, winograd_data_grad, winograd_tiles, winograd_weight_grad
 from .graph_backward import graph_backward_reference
 from .plan import GraphPlan
@@ -401,14 +401,16 @@ def graph_bn_train_backward(grad_out: torch.Tensor, x: torch.Tensor, weights: li
         # The fake's layout; a fresh empty tensor for each one not needed (outputs never alias).
         return g.contiguous(memory_format=memory_format) if g is not None else x.new_empty(0)
 
-    return ([given(dx if needs[0] else None, torch.channels_last)] + [given(g) for g in d_w]
+    return ([given(dx if needs[0] else None, torch.channels_last)]
+            + [given(g, weight_layout(wt)) for g, wt in zip(d_w, weights)]
             + [given(g) for g in d_b] + (d_params or [given(None) for _ in bn_params]))
 
 
 @graph_bn_train_backward.register_fake
 def _graph_bn_train_backward_fake(grad_out, x, weights, bn_params, inter, z, stats, backward_plan, z_index, needs):
     return ([torch.empty_like(x, memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
-            + [wt.new_empty(wt.shape if needs[1] else (0,)) for wt in weights]
+            + [wt.new_empty(wt.shape).contiguous(memory_format=weight_layout(wt)) if needs[1] else wt.new_empty(0)
+               for wt in weights]
             + [wt.new_empty(wt.shape[:1] if needs[2] else (0,)) for wt in weights]
             + [p.new_empty(p.shape if needs[3] else (0,)) for p in bn_params])
 
