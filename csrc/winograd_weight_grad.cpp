@@ -1,6 +1,7 @@
 // The weight gradient of an fp32 stride-1 3x3, 1x7 or 7x1 convolution by Winograd's minimal
-// filtering: the transpose of the forward's algorithm (winograd.h). The forward computes each output
-// tile as Y = A^T [ (G g G^T) . (B^T d B) ] A, linear in the filter g; its adjoint gives
+// filtering: the transpose of the forward's algorithm (winograd.h). The forward computes
+// each output tile as Y = A^T [ (G g G^T) . (B^T d B) ] A, linear in the filter g; its
+// adjoint gives
 //     dg = sum over tiles of G^T [ (A dY A^T) . (B^T d B) ] G,
 // dY the tile's output gradient. The sum over tiles commutes with G^T . G, so it runs in the
 // transformed domain as one GEMM per position alpha, reducing over every tile of every image:

@@ -533,8 +533,9 @@ def winograd_data_grad(n: int, h: int, w: int):
 # Inception-v3's 17x17 7x1s as F(2, 7) (1.75x fewer multiply-adds; its 1x2 tiles waste one
 # column in 18 at 17x17), same method, 11 calls: 192 -> 192 at batches 8 and 16 1.30x and
 # 1.29x, 128 -> 192 1.25x / 1.24x, 160 -> 160 1.15x / 1.13x. Not the 1x7s: oneDNN's weight
-# gradient runs those faster than its 7x1s (2.9 against 3.1 ms; 1.06 against 2.06 for 128
-# channels), and F(2, 7) took them at 0.83x (128 -> 128) to 1.17x (192 at batch 8). Nor the
+# gradient runs those faster than its 7x1s (192 -> 192 at batch 8: 2.9 against 3.1 ms;
+# 128 -> 128: 1.06 against 1.39), and F(2, 7) took them at 0.83x (128 -> 128) to 1.17x
+# (192 at batch 8). Nor the
 # narrower 7x1s: 128 -> 128 gained 1.07x alone, but Inception-v3's Mixed_6b (two of them)
 # trained 1-3% slower with them than with oneDNN's gradients (3 alternating runs, batch 8),
 # hence WEIGHT_GRAD_7X1_MIN_CHANNELS (128 -> 128: 64; 128 -> 192: 76.8).
