@@ -287,7 +287,7 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   // An operator's Tensor[] holds no undefined tensors: a gradient not needed is empty. The
   // layouts are the fake kernel's: channels_last dx, contiguous biases' gradients, and each
   // weight's gradient in its weight's layout (ops/backend.py's weight_layout: channels_last
-  // for a channels_last weight, else contiguous), as eager's convolution backward returns it.
+  // for a channels_last weight, else contiguous), which AccumulateGrad keeps without a copy.
   const at::Tensor none = at::empty({0}, x_in.options());
   std::vector<at::Tensor> grads{needs[0] ? dx.contiguous(at::MemoryFormat::ChannelsLast) : none};
   for (int64_t i = 0; i < convs; ++i) {

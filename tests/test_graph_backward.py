@@ -382,27 +382,39 @@ def test_custom_op_registrations_pass_opcheck(which, weight_format):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_weight_gradients_keep_the_parameters_layout(mode):
-    """A block moved to channels_last: every convolution weight's gradient comes back
-    channels_last, as eager's does (no copy into the parameter's layout, no mixed-layout
-    multiply through the folded BN), and matches eager's values; the same for contiguous
-    weights fed channels_last inputs."""
+    """Every convolution weight's gradient reaches autograd in its parameter's layout
+    (channels_last for a block moved to channels_last, contiguous for one that was not, fed
+    channels_last inputs either way), so that AccumulateGrad stores it without a copy and
+    the folded BN's multiply runs on one layout; and matches eager's values. The train
+    form's (C: its 7x1s' F(2, 7) weight gradients, thresholds off) and the eval form's."""
+    from inception_fast.ops import branch_graph
+
+    def strides(t):
+        # Strides of size-1 dims do not matter (a 1x1's two layouts are one memory order;
+        # AccumulateGrad's layout contract skips them too).
+        return [st for st, n in zip(t.stride(), t.shape) if n > 1]
+
     for model_format in (torch.channels_last, torch.contiguous_format):
-        block = _tv_block("E").to(memory_format=model_format).train(mode == "train")
-        fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").train(mode == "train")
-        fused.bn_train_min_pixels = 0
-        x = torch.randn(2, 24, 6, 5).contiguous(memory_format=torch.channels_last)
-        grad = torch.randn_like(block(x))
-        block(x).backward(grad)
-        fused(x).backward(grad)
-        for (name, p0), p1 in zip(block.named_parameters(), fused.parameters()):
-            if p0.dim() != 4:
-                continue
-            # Strides of size-1 dims do not matter (a 1x1's two layouts are one memory order;
-            # AccumulateGrad's layout contract skips them too).
-            def strides(t):
-                return [st for st, n in zip(t.stride(), t.shape) if n > 1]
-            assert strides(p1.grad) == strides(p0.grad), (model_format, name)
-            assert rel_err(p1.grad, p0.grad) <= TOLERANCE[torch.float32], (model_format, name)
+        for kind in ("C", "E"):
+            block = _tv_block(kind).to(memory_format=model_format).train(mode == "train")
+            fused = FusedBranchGraph.from_module(copy.deepcopy(block), backend="cpu").train(mode == "train")
+            fused.bn_train_min_pixels = 0
+            handed = {}
+            for name, p in fused.named_parameters():
+                if p.dim() == 4:
+                    p.register_hook(lambda g, name=name: handed.__setitem__(name, strides(g)))
+            x = torch.randn(2, block.branch1x1.conv.in_channels, 6, 5).contiguous(memory_format=torch.channels_last)
+            grad = torch.randn_like(block(x))
+            block(x).backward(grad)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(branch_graph, "WEIGHT_GRAD_7X1_MIN_CHANNELS", 0)
+                mp.setattr(branch_graph, "WEIGHT_GRAD_MIN_TILES", 0)
+                fused(x).backward(grad)
+            for (name, p0), (fused_name, p1) in zip(block.named_parameters(), fused.named_parameters()):
+                if p0.dim() != 4:
+                    continue
+                assert handed[fused_name] == strides(p1), (model_format, kind, name)
+                assert rel_err(p1.grad, p0.grad) <= TOLERANCE[torch.float32], (model_format, kind, name)
 
 
 @pytest.mark.slow

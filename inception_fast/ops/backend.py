@@ -418,10 +418,10 @@ def image(pixel_rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 def weight_layout(w: torch.Tensor) -> torch.memory_format:
     """The memory format a gradient of convolution weight `w` is returned in: channels_last
     for a channels_last weight (a model moved with .to(memory_format=torch.channels_last)),
-    else contiguous; eager's convolution backward does the same. A contiguous gradient for
-    a channels_last weight cost its folded-BN multiply (mixed layouts: 1.15 ms for
-    Inception-v3's 384 x 448 x 3 x 3) and AccumulateGrad's copy into the parameter's layout,
-    ~5 ms of Mixed_7b's 45 at batch 8. csrc/inception_graph_cpu_backward.cpp follows the same
-    rule."""
+    else contiguous: the parameter's own layout, in which AccumulateGrad stores it. A
+    contiguous gradient for a channels_last weight cost its folded-BN multiply (mixed
+    layouts: 1.15 ms for Inception-v3's 384 x 448 x 3 x 3) and AccumulateGrad's copy into the
+    parameter's layout, ~5 ms of Mixed_7b's 45 at batch 8.
+    csrc/inception_graph_cpu_backward.cpp follows the same rule."""
     channels_last = w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
