@@ -430,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--v3", action="store_true",
                    help="Inception-v3's fused blocks (InceptionA/C/E) instead of GoogLeNet's; with --networks, "
                         "the whole swapped inception_v3")
-    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--out", default=str(RESULTS_DIR),
+                   help=f"folder for bench.json, .csv, .md and the plot (default: {RESULTS_DIR}, relative to the "
+                        "working directory: in a clone, the tracked results)")
     p.add_argument("--write-readme", action="store_true", help="also replace README.md's benchmark table")
     p.set_defaults(run=cmd_bench)
 
@@ -446,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap the Inception blocks only (swap_inception(model)); default: the stem's conv units "
                         "too (convs=True)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (PyTorch's TF32 flags as they are)")
-    p.add_argument("--out", default=str(RESULTS_DIR / "fid"), help="folder for fid.json and fid.md")
+    p.add_argument("--out", default=str(RESULTS_DIR / "fid"),
+                   help=f"folder for fid.json and fid.md (default: {RESULTS_DIR / 'fid'}, relative to the working "
+                        "directory)")
     p.add_argument("--write-readme", action="store_true", help="also replace README.md's fid section")
     p.set_defaults(run=cmd_fid_bench)
 
