@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -101,87 +100,6 @@ inline void pool_pixel(const T* const* x, typename PoolLanes<T>::Acc* const* dx,
   }
 }
 
-// One SIMD vector of channels of one image, swept row by row. Pixel (h, w) of x, pooled
-// and dp sits at base + (h W + w) ld, of dx at dx + (h W + w) ldd (pointers at the vector's
-// first channel). The 3x3 window slides along the row in registers (three new loads per
-// pixel), and so do the scatter's sums for its 3 x 3 input pixels: a column of them is
-// added into dx once no later pixel of the row reaches it: 3 read-modify-writes per pixel
-// where pool_pixel does one per tap (9). Same process, alternating, medians of 21 (2 Zen 5
-// threads): 1.16x pool_pixel's speed for GoogLeNet 3a's 32 x 256 x 28 x 28, 1.05-1.12x for
-// 4a's and 4d's 14 x 14, but 0.83x for 5b's 7 x 7, whose dx block stays in L1 and whose
-// short rows pay the sweep's start and end: hence kSweepMinPixels.
-// The sums group up to three of a pixel's contributions before they reach dx: the order of
-// additions differs from ATen's scatter by that grouping, never between runs or threads.
-inline constexpr int64_t kSweepMinPixels = 64;  // H x W: 7 x 7 and 8 x 8 grids go pixel by pixel
-
-template <typename T>
-void pool_sweep(const T* x, int64_t ldx, T* pooled, int64_t ldp, const T* dp, int64_t ldg,
-                typename PoolLanes<T>::Acc* dx, int64_t ldd, int64_t H, int64_t W) {
-  using P = PoolLanes<T>;
-  using Vec = typename P::Vec;
-  using Mask = typename P::Mask;
-  using S = std::remove_cv_t<std::remove_reference_t<decltype(Vec{}[0])>>;
-  const Vec ninf = Vec{} - std::numeric_limits<S>::infinity();  // a tap outside the image: never the max
-  for (int64_t h = 0; h < H; ++h) {
-    const bool row_in[3] = {h > 0, true, h + 1 < H};
-    Vec xv[3][3], acc[3][3] = {};
-    auto load_column = [&](int j, int64_t w) {  // window column j from image column w
-      for (int i = 0; i < 3; ++i)
-        xv[i][j] = row_in[i] && w >= 0 && w < W ? P::load(x + ((h - 1 + i) * W + w) * ldx) : ninf;
-    };
-    load_column(0, -1);
-    load_column(1, 0);
-    load_column(2, 1);
-    for (int64_t w = 0; w < W; ++w) {
-      // torch's argmax: a row-major scan where a value replaces the running max when it is
-      // greater or NaN. Starting from the first tap inside the image, the taps outside it
-      // (-inf, before it in the scan or not) are never taken.
-      const int first = (h == 0 ? 3 : 0) + (w == 0 ? 1 : 0);
-      Vec m = xv[first / 3][first % 3];
-      Mask arg = Mask{} + first;
-#pragma GCC unroll 9
-      for (int k = 0; k < 9; ++k) {
-        const Vec v = xv[k / 3][k % 3];
-        const Mask take = (v > m) | (v != v);
-        m = take ? v : m;
-        arg = take ? Mask{} + k : arg;
-      }
-      P::store_max(pooled + (h * W + w) * ldp, m);
-      if (dp != nullptr) {
-        const Vec g = P::load(dp + (h * W + w) * ldg);
-#pragma GCC unroll 9
-        for (int k = 0; k < 9; ++k) acc[k / 3][k % 3] = arg == k ? acc[k / 3][k % 3] + g : acc[k / 3][k % 3];
-        for (int i = 0; i < 3; ++i) {
-          if (w > 0 && row_in[i]) {  // column w - 1: complete for this row of outputs
-            Vec d;
-            typename P::Acc* at = dx + ((h - 1 + i) * W + w - 1) * ldd;
-            std::memcpy(&d, at, sizeof(Vec));
-            d += acc[i][0];
-            std::memcpy(at, &d, sizeof(Vec));
-          }
-          acc[i][0] = acc[i][1];
-          acc[i][1] = acc[i][2];
-          acc[i][2] = Vec{};
-        }
-      }
-      for (int i = 0; i < 3; ++i) {
-        xv[i][0] = xv[i][1];
-        xv[i][1] = xv[i][2];
-      }
-      load_column(2, w + 2);
-    }
-    if (dp != nullptr)
-      for (int i = 0; i < 3; ++i) {  // the last column (acc[i][1], past the edge, is empty)
-        if (!row_in[i]) continue;
-        Vec d;
-        typename P::Acc* at = dx + ((h - 1 + i) * W + W - 1) * ldd;
-        std::memcpy(&d, at, sizeof(Vec));
-        d += acc[i][0];
-        std::memcpy(at, &d, sizeof(Vec));
-      }
-  }
-}
-
 // pooled = 3x3/1 max pool of x (pad 1, -inf border); with dx, dx[argmax] += gp @ Wp.
 // The argmax is torch's: the window is scanned row-major and a value replaces the running
 // max when it is greater or NaN, so ties go to the first and NaN to the last NaN. Work items
@@ -222,37 +140,25 @@ void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /*
         if constexpr (kWide) return wide.data() + (hh * W + ww) * cb;
         else return dx + ((n * H + hh) * W + ww) * C + c0;
       };
-      const T* dp_item = dx == nullptr        ? nullptr
-                         : dp_full != nullptr ? dp_full + n * HW * C + c0
-                                              : dp_block.data_ptr<T>();
-      const int64_t ldg = dp_full != nullptr ? C : cb;
-      const int64_t ldd = kWide ? cb : C;
-      const T* x_item = x + n * HW * C + c0;
-      T* pooled_item = pooled + n * HW * C + c0;
-      // The row sweep for whole vectors on grids past kSweepMinPixels; the rest (all of a small
-      // grid, whose dx block stays in L1 anyway, and a scalar tail) pixel by pixel.
-      const int64_t vector_channels = HW > kSweepMinPixels ? cb / P::kLanes * P::kLanes : 0;
-      for (int64_t c = 0; c < vector_channels; c += P::kLanes)
-        pool_sweep<T>(x_item + c, C, pooled_item + c, C, dp_item == nullptr ? nullptr : dp_item + c, ldg,
-                      dx == nullptr ? nullptr : dx_at(0, 0) + c, ldd, H, W);
-      const int64_t rest = cb - vector_channels;
-      for (int64_t h = 0; rest > 0 && h < H; ++h) {
+      for (int64_t h = 0; h < H; ++h) {
         for (int64_t w = 0; w < W; ++w) {
           const T* x_rows[9];
           Acc* dx_rows[9];
           int taps = 0;
           for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
             for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
-              x_rows[taps] = x_item + (hh * W + ww) * C + vector_channels;
-              dx_rows[taps++] = dx != nullptr ? dx_at(hh, ww) + vector_channels : nullptr;
+              x_rows[taps] = x + ((n * H + hh) * W + ww) * C + c0;
+              dx_rows[taps++] = dx != nullptr ? dx_at(hh, ww) : nullptr;
             }
           const int64_t p = h * W + w;
-          T* out = pooled_item + p * C + vector_channels;
-          const T* dp = dp_item == nullptr ? nullptr : dp_item + p * ldg + vector_channels;
+          const T* dp = dx == nullptr        ? nullptr
+                        : dp_full != nullptr ? dp_full + (n * HW + p) * C + c0
+                                             : dp_block.data_ptr<T>() + p * cb;
+          T* out = pooled + (n * HW + p) * C + c0;
           if (taps == 9)
-            pool_pixel<T, 9>(x_rows, dx_rows, out, dp, taps, rest);
+            pool_pixel<T, 9>(x_rows, dx_rows, out, dp, taps, cb);
           else
-            pool_pixel<T, 0>(x_rows, dx_rows, out, dp, taps, rest);
+            pool_pixel<T, 0>(x_rows, dx_rows, out, dp, taps, cb);
         }
       }
       if constexpr (kWide) {

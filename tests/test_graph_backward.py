@@ -317,9 +317,8 @@ def test_max_pool_branch_backward_with_nan_and_ties_matches_the_aten_twin(dtype)
 def test_max_pool3x3_scatter_matches_aten(shape, dtype):
     """The C++ pass alone against ATen's max_pool2d_with_indices and its backward added to
     dx: grids down to 1x1, single rows and columns, whole SIMD vectors, scalar tails and
-    several channel blocks, on both of its paths (pixel by pixel up to 64 pixels, the row
-    sweep that keeps the window and the scatter's sums in registers beyond), with ties, NaNs
-    and -infs; the pooled values exactly, dx within the tolerance of its grouped sums."""
+    several channel blocks, with ties, NaNs and -infs; the pooled values exactly, dx within
+    the tolerance."""
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=gen).mul(1.5).round()  # ties in most windows
     flat = x.view(-1)
