@@ -1,4 +1,5 @@
-"""Winograd (F(4x4, 3x3) or F(2x2, 3x3), F(2x2, 5x5), F(2, 7), F(2, 3)) against the direct implicit GEMM, per fused block, fp32 CPU forward.
+"""Winograd (F(4x4, 3x3) or F(2x2, 3x3), F(2x2, 5x5), F(2, 7), F(2, 3)) against the direct
+implicit GEMM, per fused block, fp32 CPU forward.
 
     PYTHONPATH=. python benchmarks/winograd.py [--models googlenet,fid,irv2,paper] [--batch 1,32] [--reps 11]
         [--baseline direct|f2x2|no5x5] [--convs] [--all-5x5]
@@ -15,8 +16,9 @@ out), or with --baseline no5x5 every 5x5 packed for the direct GEMM and the rest
 default (rows without an F(2x2, 5x5) stage are left out: torchvision's googlenet has none,
 its "5x5" branch is a 3x3). --all-5x5 packs every 5x5 for F(2x2, 5x5), also those below
 ops/branch_graph.py's WINOGRAD_5X5_MIN_CHANNELS (the measurement that set it). --convs
-swaps with convs=True: the stems' lone conv units too. The two alternate in one process; medians of --reps. Also reported: each one's relative error against the block in
-float64, ||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
+swaps with convs=True: the stems' lone conv units too. The two alternate in one process;
+medians of --reps. Also reported: each one's relative error against the block in float64,
+||y - y64|| / ||y64||, and how many of the block's GEMMs run as Winograd stages.
 Rows where none does are left out: blocks without such a stage, and calls below
 csrc/winograd.h's kMinTiles output tiles (32; 1x3 and 3x1: 64), which run the direct part
 of the Winograd panels (GoogLeNet's 7x7 blocks and Inception-v3's 8x8 ones at batch 1).

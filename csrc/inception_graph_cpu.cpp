@@ -10,9 +10,9 @@
 //
 // Every GEMM adds its bias, applies ReLU and stores from its epilogue straight into
 // channel slices of the output or of the intermediates the next stages read: there is
-// no concat. An fp32 3x3, 5x5, 1x7/7x1 or 1x3/3x1 stride-1 stage whose B comes packed for it
-// runs as Winograd's F(2x2, 3x3) or F(4x4, 3x3), F(2x2, 5x5), F(2, 7) or F(2, 3) (winograd.h): its rows
-// are then output tiles, not pixels. An
+// no concat. An fp32 3x3, 5x5, 1x7/7x1 or 1x3/3x1 stride-1 stage whose B comes packed for
+// it runs as Winograd's F(2x2, 3x3) or F(4x4, 3x3), F(2x2, 5x5), F(2, 7) or F(2, 3)
+// (winograd.h): its rows are then output tiles, not pixels. An
 // Inception-ResNet block's plan (plan_with_residual) ends in one more GEMM, the tail's 1x1
 // over the concat, whose epilogue adds x and stores act(x + sum + bias) into the output.
 // In training with batch norm (graph_forward_bn_train), every GEMM stores its sums as they

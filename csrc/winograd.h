@@ -43,8 +43,8 @@
 // B packing (ops/backend.py, pack_winograd): per panel of kNR columns, the U_alpha blocks
 // (cin rows each, alpha-major) and then the direct implicit GEMM's taps (cin rows each), so
 // (panels, (positions + taps) cin, kNR): 25 cin for a 3x3 (45 as F(4x4, 3x3)), 61 for a 5x5,
-// 15 cin for a 1x7 or 7x1, 7 cin for a 1x3 or 3x1. The direct part serves tiles whose outputs are not finite: a NaN or inf
-// in a window reaches the whole tile through the transforms (inf - inf, 0 * inf), where the
+// 15 cin for a 1x7 or 7x1, 7 cin for a 1x3 or 3x1. The direct part serves tiles whose
+// outputs are not finite: a NaN or inf in a window reaches the whole tile through the transforms (inf - inf, 0 * inf), where the
 // direct convolution confines it to the pixels whose window holds it. Such tiles are
 // recomputed directly, so non-finite values land where eager's convolution puts them; so
 // are tiles where the transforms cancel values far larger than the outputs
@@ -454,8 +454,8 @@ struct Along : D {
 
 // The Winograd form of a GEMM of the plan, a stride-1 convolution over a zero-bordered
 // buffer (source >= 0) or x (-1; bordered by the kernel when padded): 3x3 with padding 1 or
-// none ('valid': the same tiles over a smaller grid), 5x5 with padding 2 or none, or 1xK / Kx1 (K = 3, 7) with padding
-// K/2 along the filter. ops/plan.py's GemmStep.winograd_tile says the same.
+// none ('valid': the same tiles over a smaller grid), 5x5 with padding 2 or none, or 1xK /
+// Kx1 (K = 3, 7) with padding K/2 along the filter. ops/plan.py's GemmStep.winograd_tile says the same.
 inline std::optional<Kind> kind_of(int64_t source, int64_t kh, int64_t kw, int64_t stride, int64_t pad_h,
                                    int64_t pad_w) {
   if (source < -1 || stride != 1) return std::nullopt;

@@ -290,8 +290,8 @@ def _g(taps: int, tile: int) -> tuple[tuple[float, ...], ...]:
 def _transform_matrix(kh: int, kw: int, tile: int = 2) -> tuple[tuple[float, ...], ...]:
     """The weight transform of a kh x kw filter as one (positions, taps) matrix over its flat
     taps: kron(G, G) for a 3x3 (G3, or G3_F4 with tile 4; row p a + b, column 3r + s:
-    U[a][b] = sum G[a][r] w[r][s] G[b][s]) or a 5x5 (G5), G7 or G3 for a 1xK or Kx1 (the flat filter runs
-    along its axis)."""
+    U[a][b] = sum G[a][r] w[r][s] G[b][s]) or a 5x5 (G5), G7 or G3 for a 1xK or Kx1 (the
+    flat filter runs along its axis)."""
     g = _g(max(kh, kw), tile)
     if kh == kw:
         return tuple(tuple(ga * gb for ga in g[a] for gb in g[b]) for a in range(len(g)) for b in range(len(g)))

@@ -141,9 +141,10 @@ def winograd_tiles(graph: GraphPlan, h: int, w: int) -> tuple:
 def winograd_packed(graph: GraphPlan, g, b: torch.Tensor, in_channels: int | None = None) -> int:
     """The output tile (2 or 4, truthy) whose Winograd panels `b`, GEMM g's packed B, holds
     (backend.pack_winograd), or 0 for the direct GEMM's panels: (panels, (positions + kh*kw)
-    * channels, width), 45 (F(4x4, 3x3)) or 25 (F(2x2, 3x3)) for a 3x3, 61 for a 5x5, 15 for a 1x7 or 7x1,
-    7 for a 1x3 or 3x1, which the C++ kernel tells apart by the same shape. in_channels
-    (x's) is needed for a GEMM over x (a stem's 3x3); raises ValueError without it."""
+    * channels, width), 45 (F(4x4, 3x3)) or 25 (F(2x2, 3x3)) for a 3x3, 61 for a 5x5, 15
+    for a 1x7 or 7x1, 7 for a 1x3 or 3x1, which the C++ kernel tells apart by the same
+    shape. in_channels (x's) is needed for a GEMM over x (a stem's 3x3); raises ValueError
+    without it."""
     if not g.winograd or b.dim() != 3:
         return 0
     if g.source < 0 and in_channels is None:

@@ -90,9 +90,10 @@ class GemmStep(NamedTuple):
         Winograd's minimal filtering, or None: a stride-1 convolution over a zero-bordered
         buffer or x (bordered by the kernel when padded), 3x3 with padding 1 or none
         (F(2x2, 3x3), 2x2 tiles; packed for F(4x4, 3x3) instead, 4x4: backend.winograd_3x3_tile
-        says which by the grid), 5x5 with padding 2 or none (F(2x2, 5x5), 2x2 tiles), 1x7 with padding (0, 3) or 7x1
-        with padding (3, 0) (F(2, 7), 1x2 or 2x1 tiles), 1x3 with padding (0, 1) or 3x1 with
-        padding (1, 0) (F(2, 3), 1x2 or 2x1 tiles). csrc/winograd.h, kind_of()."""
+        says which by the grid), 5x5 with padding 2 or none (F(2x2, 5x5), 2x2 tiles), 1x7
+        with padding (0, 3) or 7x1 with padding (3, 0) (F(2, 7), 1x2 or 2x1 tiles), 1x3 with
+        padding (0, 1) or 3x1 with padding (1, 0) (F(2, 3), 1x2 or 2x1 tiles).
+        csrc/winograd.h, kind_of()."""
         if self.source < Source.X or self.stride != 1:
             return None
         return {(3, 3, 1, 1): (2, 2), (3, 3, 0, 0): (2, 2), (5, 5, 2, 2): (2, 2), (5, 5, 0, 0): (2, 2),
