@@ -34,6 +34,8 @@ template <typename T, typename Acc>
 struct Slice {
   const T* z;          // (N, gh, gw, count): the segment's pre-BN sums, contiguous (row m at m * count)
   Plane<T> dst;        // where relu(BN(z)) goes, at `channel`
+  T* copy = nullptr;   // or (N, gh, gw, copy_ld) rows at `channel` where it goes too: a bordered
+  int64_t copy_ld = 0; //   buffer's contiguous interior, which the backward reads
   int64_t channel, count;
   int64_t N, gh, gw;
   const Acc* params;  // (3, C) of the destination: rows gamma, beta, eps
@@ -174,17 +176,21 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
       for (int64_t m = m0; m < m1; ++m) {
         const T* __restrict__ z = s.z + m * s.count;
         T* __restrict__ y = s.dst.interior_row(n, h, w) + s.channel;
+        T* __restrict__ y2 = s.copy != nullptr ? s.copy + m * s.copy_ld + s.channel : nullptr;
         using V = typename Simd<T>::Vec;
         constexpr int64_t L = Simd<T>::kLanes;
         const V zero{};
         int64_t c = 0;
         for (; c + L <= s.count; c += L) {
-          const V v = bn_affine(vload(z + c), vload(a + c), vload(b + c));
-          vstore(y + c, v < zero ? zero : v);  // keeps NaN, like torch.relu
+          V v = bn_affine(vload(z + c), vload(a + c), vload(b + c));
+          v = v < zero ? zero : v;  // keeps NaN, like torch.relu
+          vstore(y + c, v);
+          if (y2 != nullptr) vstore(y2 + c, v);
         }
         for (; c < s.count; ++c) {
           const Acc v = bn_affine(z[c], a[c], b[c]);
           y[c] = v < Acc(0) ? Acc(0) : v;
+          if (y2 != nullptr) y2[c] = y[c];
         }
         if (++w == s.gw) {
           w = 0;

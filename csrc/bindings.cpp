@@ -26,7 +26,8 @@ TORCH_LIBRARY(inception_fast, m) {
         "Tensor? weight, Tensor? alpha, Tensor? shift, Tensor(a!) out) -> (Tensor, Tensor)");
   m.def("max_pool3x3_scatter(Tensor x, Tensor? d_pooled, Tensor(a!)? dx) -> Tensor");
   m.def("pack_winograd_cpu(Tensor w, Tensor transform, int width, bool flip) -> Tensor");
-  m.def("winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile, int kh=3, int kw=3) -> Tensor");
+  m.def("winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile, int kh=3, int kw=3, "
+        "bool channels_last=False) -> Tensor");
   m.def("graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
         "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]");
 }

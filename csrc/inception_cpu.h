@@ -97,7 +97,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> inception_graph_forward_saving(c
 // zeros without one); bn_params per destination, the output first, then each buffer: a
 // (3, channels) tensor of x's dtype, rows gamma, beta, eps, in the destination's channel
 // order. The stages run one after another with each one's statistics in between
-// (batch_norm_train.h). Returns (output, buffers (normalised, bordered), z (the pre-BN sums
+// (batch_norm_train.h). Returns (output, each buffer's normalised (N, H, W, channels)
+// interior, contiguous (the backward's input; a bordered buffer is left behind), z (the pre-BN sums
 // of each GEMM segment with weights, in plan order: (N, grid, segment channels) NHWC,
 // contiguous), stats (per destination (5, channels): mean, biased var, invstd, and the
 // normalisation's alpha = gamma invstd and shift = beta - mean alpha)). float32 and
@@ -140,11 +141,12 @@ at::Tensor pack_winograd_cpu(const at::Tensor& w, const at::Tensor& transform, i
 // H, W) and output gradient grad (N, cout, Ho, Wo), float32, channels contiguous (else copied
 // channels_last), by Winograd (winograd_weight_grad.cpp): a 3x3 with padding 1 or 0 as
 // F(tile x tile, 3x3), tile 2 or 4; a 1x7 or 7x1 padded 3 along its filter as F(2, 7).
-// NaN throughout where an input was not finite or a transformed sum overflowed (the caller
+// Returned channels_last where `channels_last` (a channels_last parameter's layout, so that
+// AccumulateGrad keeps it without a copy), else contiguous. NaN throughout where an input was not finite or a transformed sum overflowed (the caller
 // then runs the direct gradient). Keeps its U, V and M scratch per calling thread between
 // calls (up to 16 MB each; ~10 MB in all at GoogLeNet's sizes).
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile,
-                                int64_t kh, int64_t kw);
+                                int64_t kh, int64_t kw, bool channels_last);
 
 // Gradients [dx, dW_0, db_0, dW_1, db_1, ...] of a branch-graph block (weights in Conv2d
 // layout, spec order), empty where not needed, from the saved x, output y and

@@ -232,7 +232,7 @@ struct TrimScratch {  // on every exit of weight_grad, exceptions included
 };
 
 template <typename Tr>
-at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad_h, int64_t pad_w) {
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad_h, int64_t pad_w, bool channels_last) {
   constexpr int64_t P = Tr::kPositions, TH = Tr::kTileH, TW = Tr::kTileW, kTaps = Tr::kTaps;
   constexpr int64_t KH = Tr::kWinH - TH + 1, KW = Tr::kWinW - TW + 1;  // the filter
   static_assert(KH * KW == kTaps, "a transform's window is its tile plus the filter");
@@ -244,7 +244,8 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad_h,
   const int64_t ldu = gemm::ceil_div(K, kRows) * kRows, ldv = gemm::ceil_div(C, L) * L;
   // Tiles per chunk: U and V of a chunk in ~8 MB (an L3 slice), at least 256 tiles so that
   // each GEMM reduces over enough rows to amortise loading and storing its sums.
-  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const auto opts = x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                            : at::MemoryFormat::Contiguous);
   if (tiles == 0 || K == 0 || C == 0) return at::zeros({K, C, KH, KW}, opts);  // nothing to sum
   const int64_t bytes = P * (ldu + ldv) * static_cast<int64_t>(sizeof(float));
   const int64_t chunk = std::min(tiles, std::max<int64_t>(256, (int64_t{8} << 20) / bytes));
@@ -289,7 +290,11 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad_h,
       for (int64_t a = 0; a < P; ++a) mv[a] = md[(a * ldu + k) * ldv + c];
       Tr::weight_tile(mv, w);
       for (int r = 0; r < kTaps; ++r) bad += w[r] - w[r];
-      std::memcpy(od + kTaps * j, w, sizeof(w));
+      if (channels_last) {  // (K, KH, KW, C): tap r of (k, c) at k KH KW C + r C + c
+        for (int r = 0; r < kTaps; ++r) od[(k * kTaps + r) * C + c] = w[r];
+      } else {
+        std::memcpy(od + kTaps * j, w, sizeof(w));
+      }
     }
     if (bad != 0.0f) finite = false;  // NaN: a transformed sum overflowed
   });
@@ -302,7 +307,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad_h,
 }  // namespace
 
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile,
-                                int64_t kh, int64_t kw) {
+                                int64_t kh, int64_t kw, bool channels_last) {
   TORCH_CHECK(x.dim() == 4 && grad.dim() == 4 && x.size(0) == grad.size(0), "winograd_weight_grad: x (N, C, H, W) "
               "and grad (N, K, Ho, Wo) must be 4-D over the same batch, got ", x.sizes(), " and ", grad.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat && x.device().is_cpu() &&
@@ -326,9 +331,10 @@ at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int
   // Channels contiguous (channels_last, or an NHWC buffer's interior), any pixel strides.
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gc = grad.stride(1) == 1 ? grad : grad.contiguous(at::MemoryFormat::ChannelsLast);
-  if (row) return weight_grad<Along<F2_7, false>>(xc, gc, pad_h, pad_w);
-  if (column) return weight_grad<Along<F2_7, true>>(xc, gc, pad_h, pad_w);
-  return tile == 4 ? weight_grad<F4x4_3x3>(xc, gc, pad_h, pad_w) : weight_grad<F2x2_3x3>(xc, gc, pad_h, pad_w);
+  const bool cl = channels_last;
+  if (row) return weight_grad<Along<F2_7, false>>(xc, gc, pad_h, pad_w, cl);
+  if (column) return weight_grad<Along<F2_7, true>>(xc, gc, pad_h, pad_w, cl);
+  return tile == 4 ? weight_grad<F4x4_3x3>(xc, gc, pad_h, pad_w, cl) : weight_grad<F2x2_3x3>(xc, gc, pad_h, pad_w, cl);
 }
 
 }  // namespace inception_fast

@@ -144,9 +144,9 @@ def test_seven_by_one_weight_gradients_match_eager(monkeypatch):
     taken = []
     real = torch.ops.inception_fast.winograd_weight_grad
 
-    def spy(x, grad, padding, tile, kh=3, kw=3):
+    def spy(x, grad, padding, tile, kh=3, kw=3, channels_last=False):
         taken.append((kh, kw))
-        return real(x, grad, padding, tile, kh, kw)
+        return real(x, grad, padding, tile, kh, kw, channels_last=channels_last)
 
     monkeypatch.setattr(branch_graph.torch.ops.inception_fast, "winograd_weight_grad", spy)
     original, fused, channels = _pair("v3-C", torch.float32)
@@ -365,9 +365,9 @@ def test_under_compile_train_mode_runs_the_form_as_one_graph(momentum, monkeypat
     grad_out = torch.randn_like(original(x.clone()))
     with torch.no_grad():
         fused(x)  # the eager form's first step, as the original's above
-    ran = []  # graph_bn_train's body (the eager form's forward reads _interiors too, so only from here)
-    interiors = bn_train._interiors
-    monkeypatch.setattr(bn_train, "_interiors", lambda *a: ran.append(1) or interiors(*a))
+    ran = []  # graph_bn_train's body (the eager form's forward calls _cpu_run too, so only from here)
+    cpu_run = bn_train._cpu_run
+    monkeypatch.setattr(bn_train, "_cpu_run", lambda *a: ran.append(1) or cpu_run(*a))
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for step in range(3):
         y0, dx0, g0 = _grads(original, x * (step + 1), grad_out)

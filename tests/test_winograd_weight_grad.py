@@ -55,6 +55,26 @@ def test_matches_float64(shape, tile, padding, layout):
     assert rel_err(got, _want(x, grad, padding)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("filt", [(3, 3), (1, 7), (7, 1)], ids=["3x3", "1x7", "7x1"])
+@pytest.mark.parametrize("shape", [(2, 17, 33, 11, 9), (1, 5, 7, 1, 1), (1, 1, 1, 3, 8)],
+                         ids=lambda s: "n{}-{}to{}-{}x{}".format(*s))
+def test_channels_last_output_holds_the_same_values(shape, filt):
+    """channels_last=True: the same values (bit for bit) in a channels_last (K, C, kh, kw)
+    tensor, the layout of a channels_last parameter; NaN throughout there too."""
+    n, cin, cout, h, w = shape
+    kh, kw = filt
+    padding = 1 if filt == (3, 3) else 3
+    x = torch.randn(n, cin, h, w).relu_().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(n, cout, h, w).contiguous(memory_format=torch.channels_last)
+    plain = torch.ops.inception_fast.winograd_weight_grad(x, grad, padding, 2, kh, kw)
+    cl = torch.ops.inception_fast.winograd_weight_grad(x, grad, padding, 2, kh, kw, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and (cin == 1 or not cl.is_contiguous())
+    assert torch.equal(cl, plain)
+    x[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(torch.ops.inception_fast.winograd_weight_grad(x, grad, padding, 2, kh, kw,
+                                                                     channels_last=True)).all()
+
+
 def test_differs_from_direct_in_rounding():
     """The op is not a disguised direct convolution backward: fp32 results differ in rounding
     between the tiles and from oneDNN's, all within the tolerance of float64."""

@@ -25,6 +25,7 @@ weights, and residual_tail, Inception-ResNet's ending after the op.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +191,8 @@ _CPP_SCHEMAS = (
     "graph_backward_cpu(Tensor grad_out, Tensor x, Tensor y, Tensor[] intermediates, Tensor[] weights, "
     "bool needs_x, bool needs_weights, int[] backward_plan) -> Tensor[]",
     "pack_winograd_cpu(Tensor w, Tensor transform, int width, bool flip) -> Tensor",
-    "winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile, int kh=3, int kw=3) -> Tensor",
+    "winograd_weight_grad(Tensor x, Tensor grad, int padding, int tile, int kh=3, int kw=3, bool channels_last=False) "
+    "-> Tensor",
 )
 if cpu_extension() is None:
     _fallback_library = torch.library.Library("inception_fast", "FRAGMENT")
@@ -404,8 +406,9 @@ def _pack_winograd_cpu_fake(w, transform, width, flip):
 
 
 @torch.library.register_fake("inception_fast::winograd_weight_grad")
-def _winograd_weight_grad_fake(x, grad, padding, tile, kh=3, kw=3):
-    return x.new_empty(grad.shape[1], x.shape[1], kh, kw)
+def _winograd_weight_grad_fake(x, grad, padding, tile, kh=3, kw=3, channels_last=False):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.new_empty(grad.shape[1], x.shape[1], kh, kw, memory_format=layout)
 
 
 @torch.library.register_fake("inception_fast::graph_backward_cpu")
@@ -583,13 +586,17 @@ def winograd_weight_grad(g: torch.Tensor, src: torch.Tensor, weight: torch.Tenso
     of each convolution that weight_grad_pays for (over an intermediate or over x); None,
     ATen's convolution backward, for the others, and where an input was not finite or a
     transformed sum overflowed (the C++ op then returns NaN throughout: the direct backward
-    puts each non-finite value where eager's convolution does)."""
+    puts each non-finite value where eager's convolution does). Returned in the weight's
+    layout (weight_layout)."""
     n, _, h, w = src.shape
     tile = weight_grad_pays(n, h, w, step, weight) if src.dtype == torch.float32 and g.device.type == "cpu" else None
     if tile is None:
         return None
-    d = torch.ops.inception_fast.winograd_weight_grad(src, g, step.pad_h, tile, *weight.shape[2:])
-    return d if bool(torch.isfinite(d).all()) else None
+    d = torch.ops.inception_fast.winograd_weight_grad(src, g, step.pad_h, tile, *weight.shape[2:],
+                                                      channels_last=weight_layout(weight) == torch.channels_last)
+    # All NaN or all valid (the op's contract), so one element decides: torch.isfinite(d).all()
+    # cost 0.3 ms a 192 x 192 x 7 x 1, 1.3% of Inception-v3's Mixed_6e train step at batch 8.
+    return None if d.numel() and math.isnan(d[0, 0, 0, 0]) else d
 
 
 # The eval form's CPU backward takes the walk with Winograd gradients from this many

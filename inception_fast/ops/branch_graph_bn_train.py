@@ -122,13 +122,11 @@ def _cpu_pack(graph: GraphPlan, x: torch.Tensor, weights: list, biases: list) ->
 
 
 def _cpu_run(x: torch.Tensor, packed_b: list, packed_bias: list, bn_params: list, flat_plan: list[int]):
-    """graph_forward_bn_train, with the intermediates' interiors made contiguous (ATen's
+    """graph_forward_bn_train: (output, the intermediates' interiors (N, H, W, channels)
+    contiguous, z per GEMM segment, stats per destination). Contiguous because ATen's
     convolution backward takes its input fast: a bordered interior view cost the backward
-    ~3x on GoogLeNet's 3x3s). Returns (output, interiors, z per GEMM segment, stats per
-    destination)."""
-    y, buffers, z, stats = torch.ops.inception_fast.graph_forward_bn_train(x, packed_b, packed_bias, bn_params,
-                                                                          flat_plan)
-    return y, _contiguous_interiors(buffers, x.shape[2], x.shape[3]), z, stats
+    ~3x on GoogLeNet's 3x3s; the kernel writes them as it normalises."""
+    return tuple(torch.ops.inception_fast.graph_forward_bn_train(x, packed_b, packed_bias, bn_params, flat_plan))
 
 
 def _contiguous_interiors(buffers: list[torch.Tensor], h: int, w: int) -> list[torch.Tensor]:
@@ -195,8 +193,8 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
             ctx.backward_plan, _segments(ctx.graph).z_index, ctx.backend, needs[0], needs[first:first + n_conv],
             needs[first + n_conv:first + 2 * n_conv], needs[first + 2 * n_conv:first + 3 * n_conv],
             needs[first + 3 * n_conv:first + 4 * n_conv])
-        # In each parameter's layout, so that AccumulateGrad stores them without a copy (the
-        # Winograd weight gradients come out contiguous; oneDNN's follow the channels_last x).
+        # In each parameter's layout, so that AccumulateGrad stores them without a copy
+        # (oneDNN's follow the layout of the convolution's input, not the weight's).
         d_w = [g if g is None else g.contiguous(memory_format=weight_layout(wt)) for g, wt in zip(d_w, weights)]
         return (dx, None, None, None, None, *d_w, *d_b, *d_gamma, *d_beta)
 
