@@ -257,9 +257,11 @@ class FusedBranchGraph(DropInBlock):
     # channels_last, 2 Zen 5 threads, with the Winograd weight gradients and the one-pass
     # packer: GoogLeNet's 4a-4e at batch 8 (1,568 pixels) 0.98-0.99x, at 12 (2,352)
     # 1.03-1.06x, at 16 (3,136) 1.05-1.11x; 5a and 5b at batch 32 (1,568) 0.96-0.99x;
-    # Inception-v3's 17x17 blocks at batch 8 (2,312) 0.96-1.01x, at 12-16 0.98-1.04x. 0 fuses
-    # every call: the form saves ~45% of the bytes eager keeps for the backward.
-    bn_train_min_pixels = 2400
+    # Inception-v3's 17x17 blocks at batch 8 (2,312) 1.02-1.04x (7a 0.98-1.00x) since the
+    # kernel writes the backward's contiguous interiors itself, and a whole Inception-v3 step
+    # at batch 8 2-2.5% faster with them fused than with 2,400 here. 0 fuses every call: the
+    # form saves ~45% of the bytes eager keeps for the backward.
+    bn_train_min_pixels = 2300
     # False: train mode with BN always runs the original block (second-order gradients, or
     # bitwise eager results); per class or per block.
     fuse_train_bn = True
