@@ -465,13 +465,19 @@ def _data_grad_plan(cout: int, cin: int, kh: int, kw: int, padded: bool = True) 
                                 pool=None, pool_proj=None))
 
 
+def _winograd_gradients_on(step, weight: torch.Tensor) -> bool:
+    """What every Winograd gradient needs: Winograd on (backend.WINOGRAD), an fp32 weight,
+    stride 1."""
+    return _backend.WINOGRAD and weight.dtype == torch.float32 and step.stride == 1
+
+
 def _winograd_square(step, weight: torch.Tensor, sizes: tuple[int, ...]) -> bool:
     """Whether convolution `step` (a ConvStep) of weight `weight` is one the Winograd
-    gradients can take: an fp32 k x k at stride 1, k in `sizes`, 'same' (padding k // 2) or
-    unpadded, with Winograd on (backend.WINOGRAD)."""
+    gradients can take: a k x k (_winograd_gradients_on), k in `sizes`, 'same' (padding
+    k // 2) or unpadded."""
     k = weight.shape[2]
-    return (_backend.WINOGRAD and weight.dtype == torch.float32 and k in sizes and weight.shape[3] == k
-            and step.stride == 1 and step.pad_h == step.pad_w and step.pad_h in (0, k // 2))
+    return (_winograd_gradients_on(step, weight) and k in sizes and weight.shape[3] == k
+            and step.pad_h == step.pad_w and step.pad_h in (0, k // 2))
 
 
 def data_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> bool:
@@ -576,9 +582,9 @@ def weight_grad_pays(n: int, h: int, w: int, step, weight: torch.Tensor) -> int 
 
 
 def _winograd_seven_by_one(step, weight: torch.Tensor) -> bool:
-    """An fp32 7x1 at stride 1 padded (3, 0), with Winograd on: F(2, 7)'s weight gradient."""
-    return (_backend.WINOGRAD and weight.dtype == torch.float32 and tuple(weight.shape[2:]) == (7, 1)
-            and step.stride == 1 and (step.pad_h, step.pad_w) == (3, 0))
+    """A 7x1 padded (3, 0) (_winograd_gradients_on): F(2, 7)'s weight gradient."""
+    return (_winograd_gradients_on(step, weight) and tuple(weight.shape[2:]) == (7, 1)
+            and (step.pad_h, step.pad_w) == (3, 0))
 
 
 def winograd_weight_grad(g: torch.Tensor, src: torch.Tensor, weight: torch.Tensor, step) -> torch.Tensor | None:
