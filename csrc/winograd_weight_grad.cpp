@@ -246,7 +246,8 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t pad_h,
   // each GEMM reduces over enough rows to amortise loading and storing its sums.
   const auto opts = x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                             : at::MemoryFormat::Contiguous);
-  if (tiles == 0 || K == 0 || C == 0) return at::zeros({K, C, KH, KW}, opts);  // nothing to sum
+  // Nothing to sum: zeros, in the asked layout (at::zeros drops the memory format in opts).
+  if (tiles == 0 || K == 0 || C == 0) return at::empty({K, C, KH, KW}, opts).zero_();
   const int64_t bytes = P * (ldu + ldv) * static_cast<int64_t>(sizeof(float));
   const int64_t chunk = std::min(tiles, std::max<int64_t>(256, (int64_t{8} << 20) / bytes));
   // Position strides one cache line past a whole number of rows: at a multiple of 4 KB the

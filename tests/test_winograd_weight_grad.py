@@ -75,6 +75,20 @@ def test_channels_last_output_holds_the_same_values(shape, filt):
                                                                      channels_last=True)).all()
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_opcheck_and_empty_sums_keep_the_layout(channels_last):
+    """The fake kernel against the real op (opcheck: shapes, strides, schema), and the
+    nothing-to-sum path (no output rows: a 3x3 unpadded over 2 rows) in the asked layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, grad = _inputs(2, 8, 16, 6, 6, 1)
+    torch.library.opcheck(torch.ops.inception_fast.winograd_weight_grad, (x, grad, 1, 2, 3, 3),
+                          {"channels_last": channels_last})
+    empty = torch.ops.inception_fast.winograd_weight_grad(torch.randn(1, 5, 2, 6), torch.randn(1, 7, 0, 4), 0, 2,
+                                                          channels_last=channels_last)
+    assert torch.equal(empty, torch.zeros(7, 5, 3, 3)) and empty.is_contiguous(memory_format=layout)
+    assert channels_last == (not empty.is_contiguous())
+
+
 def test_differs_from_direct_in_rounding():
     """The op is not a disguised direct convolution backward: fp32 results differ in rounding
     between the tiles and from oneDNN's, all within the tolerance of float64."""

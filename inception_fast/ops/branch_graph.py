@@ -408,7 +408,7 @@ def _pack_winograd_cpu_fake(w, transform, width, flip):
 @torch.library.register_fake("inception_fast::winograd_weight_grad")
 def _winograd_weight_grad_fake(x, grad, padding, tile, kh=3, kw=3, channels_last=False):
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return x.new_empty(grad.shape[1], x.shape[1], kh, kw, memory_format=layout)
+    return torch.empty((grad.shape[1], x.shape[1], kh, kw), dtype=x.dtype, device=x.device, memory_format=layout)
 
 
 @torch.library.register_fake("inception_fast::graph_backward_cpu")
