@@ -142,9 +142,10 @@ at::Tensor pack_winograd_cpu(const at::Tensor& w, const at::Tensor& transform, i
 // channels_last), by Winograd (winograd_weight_grad.cpp): a 3x3 with padding 1 or 0 as
 // F(tile x tile, 3x3), tile 2 or 4; a 1x7 or 7x1 padded 3 along its filter as F(2, 7).
 // Returned channels_last where `channels_last` (a channels_last parameter's layout, so that
-// AccumulateGrad keeps it without a copy), else contiguous. NaN throughout where an input was not finite or a transformed sum overflowed (the caller
-// then runs the direct gradient). Keeps its U, V and M scratch per calling thread between
-// calls (up to 16 MB each; ~10 MB in all at GoogLeNet's sizes).
+// AccumulateGrad keeps it without a copy), else contiguous. NaN throughout where an input
+// was not finite or a transformed sum overflowed (the caller then runs the direct
+// gradient). Keeps its U, V and M scratch per calling thread between calls (up to 16 MB
+// each; ~10 MB in all at GoogLeNet's sizes).
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, int64_t padding, int64_t tile,
                                 int64_t kh, int64_t kw, bool channels_last);
 
