@@ -275,11 +275,17 @@ def swap_inception(model: nn.Module, backend: str = "auto", verify: float | None
         swapped.append(name)
         replaced.append(name)
         units += lone
+    # In train mode with BN what a call runs depends on its batch and grid, which the count
+    # above cannot tell (a newcomer read "swapped 9 block(s)" as every block fused in training).
+    bn_train = [m for m in map(model.get_submodule, swapped) if isinstance(m, FusedBranchGraph) and m._bn_train]
+    hint = (f"; in train mode with batch norm a CPU call runs fused from FusedBranchGraph.bn_train_min_pixels="
+            f"{FusedBranchGraph.bn_train_min_pixels} input pixels (N*H*W), its original block below"
+            if bn_train else "")
     if convs:
-        log.info("swap_inception: swapped %d block(s) and %d conv unit(s), left %d unfused", len(swapped) - units,
-                 units, len(skipped))
+        log.info("swap_inception: swapped %d block(s) and %d conv unit(s), left %d unfused%s", len(swapped) - units,
+                 units, len(skipped), hint)
     else:
-        log.info("swap_inception: swapped %d block(s), left %d unfused", len(swapped), len(skipped))
+        log.info("swap_inception: swapped %d block(s), left %d unfused%s", len(swapped), len(skipped), hint)
     placements = {(p.device.type, p.dtype) for name in swapped for p in model.get_submodule(name).parameters()}
     if (note := _precision_note(placements, backend)) is not None:
         log.warning("swap_inception: %s", note)

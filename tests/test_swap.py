@@ -28,6 +28,9 @@ def test_torchvision_googlenet_all_nine_blocks_within_1e4(caplog):
     fused = [n for n, m in swapped.named_modules() if isinstance(m, ifast.FusedInception)]
     assert len(fused) == 9
     assert "swapped 9 block(s)" in caplog.text
+    # BN blocks: the log says that train mode fuses by the pixel threshold, not every call
+    threshold = ifast.FusedBranchGraph.bn_train_min_pixels
+    assert f"a CPU call runs fused from FusedBranchGraph.bn_train_min_pixels={threshold} input pixels" in caplog.text
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert rel_err(swapped(x), original(x)) <= 1e-4
@@ -36,9 +39,11 @@ def test_torchvision_googlenet_all_nine_blocks_within_1e4(caplog):
 
 
 @needs_cpu_kernel
-def test_paper_googlenet_swaps_and_aux_heads_still_train():
+def test_paper_googlenet_swaps_and_aux_heads_still_train(caplog):
     original = randomize_(googlenet_paper()).eval()
-    swapped = ifast.swap_inception(copy.deepcopy(original), backend="cpu")
+    with caplog.at_level(logging.INFO, logger="inception_fast"):
+        swapped = ifast.swap_inception(copy.deepcopy(original), backend="cpu")
+    assert "swapped 9 block(s)" in caplog.text and "bn_train_min_pixels" not in caplog.text  # no BN: no hint
     assert sum(isinstance(m, ifast.FusedInception) for m in swapped.modules()) == 9
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
