@@ -188,9 +188,10 @@ void normalize_stage(const std::vector<Slice<T, Acc>>& slices) {
           if (y2 != nullptr) vstore(y2 + c, v);
         }
         for (; c < s.count; ++c) {
-          const Acc v = bn_affine(z[c], a[c], b[c]);
-          y[c] = v < Acc(0) ? Acc(0) : v;
-          if (y2 != nullptr) y2[c] = y[c];
+          Acc v = bn_affine(z[c], a[c], b[c]);
+          v = v < Acc(0) ? Acc(0) : v;
+          y[c] = v;
+          if (y2 != nullptr) y2[c] = v;
         }
         if (++w == s.gw) {
           w = 0;

@@ -44,11 +44,11 @@
 // (cin rows each, alpha-major) and then the direct implicit GEMM's taps (cin rows each), so
 // (panels, (positions + taps) cin, kNR): 25 cin for a 3x3 (45 as F(4x4, 3x3)), 61 for a 5x5,
 // 15 cin for a 1x7 or 7x1, 7 cin for a 1x3 or 3x1. The direct part serves tiles whose
-// outputs are not finite: a NaN or inf in a window reaches the whole tile through the transforms (inf - inf, 0 * inf), where the
-// direct convolution confines it to the pixels whose window holds it. Such tiles are
-// recomputed directly, so non-finite values land where eager's convolution puts them; so
-// are tiles where the transforms cancel values far larger than the outputs
-// (Transform::kCancellation).
+// outputs are not finite: a NaN or inf in a window reaches the whole tile through the
+// transforms (inf - inf, 0 * inf), where the direct convolution confines it to the pixels
+// whose window holds it. Such tiles are recomputed directly, so non-finite values land
+// where eager's convolution puts them; so are tiles where the transforms cancel values far
+// larger than the outputs (Transform::kCancellation).
 //
 // fp32 only (fp16 runs the fp32 kernels): the transforms add a few roundings per output and
 // shorten the sums. Against float64, every block measured came out at or below the direct
