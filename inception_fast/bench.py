@@ -54,10 +54,28 @@ def do_bench_median(fn: Callable[[], object], warmup: int = 25, rep: int = 100) 
     return float(do_bench(fn, warmup=warmup, rep=rep))
 
 
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far (getrusage), or None where the platform has
+    no `resource` module (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_alternating(
-    providers: dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2, device: torch.device | str = "cpu"
+    providers: dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2, device: torch.device | str = "cpu",
+    faults: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Median seconds per call of each provider, the providers interleaved in rotating order."""
+    """Median seconds per call of each provider, the providers interleaved in rotating order.
+
+    With `faults` (a dict, CPU only), also the median minor page faults per timed call of
+    each provider, written into it. On the CPU a call that gets fresh pages from the kernel
+    pays for faulting them in, and whether glibc hands a large allocation back to the kernel
+    between calls depends on its heap's state, so the same code can time 20-30% apart in
+    two runs (GoogLeNet 4a's train step: 0 or ~35 MB faulted a call). The counts say which
+    contender paid for that in a given run."""
     device = torch.device(device)
     if device.type == "cuda":
         # do_bench flushes L2 and times with CUDA events; interleave by alternating calls.
@@ -71,14 +89,21 @@ def time_alternating(
         for name in names:
             providers[name]()
     samples = {name: [] for name in names}
+    faulted = {name: [] for name in names}
+    counting = faults is not None and minor_page_faults() is not None
     for rep in range(reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             _sync(device)
+            before = minor_page_faults() if counting else 0
             start = time.perf_counter()
             providers[name]()
             _sync(device)
             samples[name].append(time.perf_counter() - start)
+            if counting:
+                faulted[name].append(minor_page_faults() - before)
+    if counting:
+        faults.update({name: statistics.median(f) for name, f in faulted.items()})
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -161,6 +186,9 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
         "date": time.strftime("%Y-%m-%d"),
         # How the C++ kernel multiplies bf16 on this build: AVX512-BF16 or widened fp32.
         "bf16_kernel": ext.bf16_path() if ext is not None else "none (extension not built)",
+        # glibc's malloc tuning (README: "Page faults"), read once at process start: whether
+        # large buffers are reused across calls or faulted in anew changes every CPU timing.
+        "malloc_env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")),
     }
 
 
@@ -251,6 +279,8 @@ class CaseResult:
     ms: dict[str, float]  # provider -> median milliseconds
     # fused and eager channels_last: peak forward bytes, bytes saved for backward
     memory: dict[str, int | None] = field(default_factory=dict)
+    # provider -> median minor page faults per timed call (time_alternating's `faults`)
+    faults: dict[str, float] = field(default_factory=dict)
 
     @property
     def fused_gmacs(self) -> float:
@@ -293,6 +323,9 @@ class BenchReport:
         head += [f"vs {p}" for p in peers]
         if with_memory:
             head += ["peak MB fused / eager CL", "saved MB fused / eager CL"]
+        with_faults = any("fused" in c.faults and "eager_channels_last" in c.faults for c in self.cases)
+        if with_faults:
+            head += ["page faults/call fused / eager CL"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
         def mb(a: int | None, b: int | None) -> str:
@@ -307,14 +340,21 @@ class BenchReport:
             if with_memory:
                 m = c.memory
                 cells += [mb(m.get("fused_peak"), m.get("eager_peak")), mb(m.get("fused_saved"), m.get("eager_saved"))]
+            if with_faults:
+                f = c.faults
+                cells += [f"{f['fused']:.0f} / {f['eager_channels_last']:.0f}"
+                          if "fused" in f and "eager_channels_last" in f else "–"]
             lines.append("| " + " | ".join(cells) + " |")
         geo = [f"{g:.2f}×" if (g := self.geomean_speedup(p)) is not None else "–" for p in peers]
         lines.append("| **geomean** | | | | | " + ("| | " if self.peak_tflops else "") + " | ".join(f"**{g}**" for g in geo) + " |"
-                     + (" | |" if with_memory else ""))
+                     + (" | |" if with_memory else "") + (" |" if with_faults else ""))
         ceil = ", ".join(f"{k} {v:.1f}" for k, v in self.ceiling_gmacs.items())
         lines.append(f"\nGEMM ceiling (GMAC/s, same run, 2048³, the better of before and after the cases): {ceil}. "
                      f"Machine: {self.machine['cpu']}, {self.machine['threads']} threads, "
                      f"torch {self.machine['torch']}, {self.machine['date']}."
+                     + (f" glibc malloc tuned: {env}." if (env := self.machine.get("malloc_env")) else "")
+                     + (" Page faults: minor faults per timed call, median (getrusage); a call that faults "
+                        "its buffers in anew pays for it in time." if with_faults else "")
                      + (f" **Other processes kept {busy} cores busy when this run began: these timings compare "
                         "contenders under load and are not reliable.**"
                         if (busy := self.machine.get("busy_cores")) and float(busy) >= 0.25 else "")

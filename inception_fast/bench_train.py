@@ -64,14 +64,15 @@ def bench_train_blocks(blocks: list[str], batches: list[int], reps: int = 10,
         grad_cl = grad.contiguous(memory_format=torch.channels_last)
         providers = {"fused": _fwd_bwd(fused, x_cl, grad_cl), "eager_channels_last": _fwd_bwd(block_cl, x_cl, grad_cl),
                      "eager_nchw": _fwd_bwd(block, x, grad)}
-        seconds = time_alternating(providers, reps=reps)
+        faults: dict[str, float] = {}
+        seconds = time_alternating(providers, reps=reps, faults=faults)
         macs = fused.spec.macs(size, size, batch)
         # Under the threshold the swapped block runs the original: say so in its row.
         below = batch * size * size < FusedBranchGraph.bn_train_min_pixels
         cases.append(CaseResult(block=f"{name} (original: below bn_train_min_pixels)" if below else name,
                                 batch=batch, dtype="float32", backend="cpu",
                                 macs=3 * getattr(macs, "total", macs),
-                                ms={k: v * 1e3 for k, v in seconds.items()}))
+                                ms={k: v * 1e3 for k, v in seconds.items()}, faults=faults))
     return BenchReport(machine=machine_info("cpu"), ceiling_gmacs=_better_ceiling(ceiling, torch.float32, "cpu"),
                        cases=cases)
 
@@ -103,19 +104,30 @@ def bench_train_steps(cases: list[tuple[str, int]], reps: int = 6,
                 torch.nn.functional.cross_entropy(model(x), target).backward()
             return run
 
+        faults: dict[str, float] = {}
         seconds = time_alternating({"fused": step(swapped), "fused_convs": step(swapped_convs),
-                                    "eager_channels_last": step(original)}, reps=reps)
+                                    "eager_channels_last": step(original)}, reps=reps, faults=faults)
         eager = seconds["eager_channels_last"]
         rows.append({"model": model_name, "batch": batch, "ms": {k: v * 1e3 for k, v in seconds.items()},
-                     "speedup": eager / seconds["fused"], "speedup_convs": eager / seconds["fused_convs"]})
+                     "speedup": eager / seconds["fused"], "speedup_convs": eager / seconds["fused_convs"],
+                     "page_faults": faults})
     return rows
 
 
 def train_steps_markdown(rows: list[dict]) -> str:
+    """The train-step table; a page-fault column (minor faults per step, median: eager /
+    swapped / convs=True) where the rows have counts."""
+    with_faults = any(r.get("page_faults") for r in rows)
     lines = ["| model | batch | eager CL ms | swapped ms | swapped, convs=True ms | swapped vs eager CL | "
-             "convs=True vs eager CL |", "|---|---|---:|---:|---:|---:|---:|"]
+             "convs=True vs eager CL |" + (" page faults/step eager / swapped / convs=True |" if with_faults else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if with_faults else "")]
     for r in rows:
         ms = r["ms"]
-        lines.append(f"| {r['model']} | {r['batch']} | {ms['eager_channels_last']:.0f} | {ms['fused']:.0f} | "
-                     f"{ms['fused_convs']:.0f} | {r['speedup']:.2f}× | {r['speedup_convs']:.2f}× |")
+        line = (f"| {r['model']} | {r['batch']} | {ms['eager_channels_last']:.0f} | {ms['fused']:.0f} | "
+                f"{ms['fused_convs']:.0f} | {r['speedup']:.2f}× | {r['speedup_convs']:.2f}× |")
+        if with_faults:
+            f = r.get("page_faults") or {}
+            line += (" " + " / ".join(f"{f[k]:.0f}" for k in ("eager_channels_last", "fused", "fused_convs")) + " |"
+                     if all(k in f for k in ("eager_channels_last", "fused", "fused_convs")) else " – |")
+        lines.append(line)
     return "\n".join(lines)

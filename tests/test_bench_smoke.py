@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from inception_fast import bench
 from inception_fast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,29 @@ def test_train_bench_times_blocks_and_steps(monkeypatch):
     table = bench_train.train_steps_markdown(rows)
     assert set(rows[0]["ms"]) == {"fused", "fused_convs", "eager_channels_last"}
     assert "| torchvision googlenet | 2 |" in table and rows[0]["speedup"] > 0 and rows[0]["speedup_convs"] > 0
+    if bench.minor_page_faults() is not None:  # every contender's page faults, in both tables
+        assert set(case.faults) == set(case.ms) and set(rows[0]["page_faults"]) == set(rows[0]["ms"])
+        assert "page faults/call fused / eager CL" in report.to_markdown()
+        assert "page faults/step eager / swapped / convs=True |" in table.splitlines()[0]
+
+
+@pytest.mark.skipif(bench.minor_page_faults() is None, reason="getrusage (the resource module) is Unix-only")
+def test_time_alternating_counts_each_contenders_page_faults():
+    """A contender that maps and writes 64 MiB of fresh pages each call faults at least once
+    per 2 MiB (a huge page, the most the kernel maps per fault); one that touches nothing
+    new faults far less."""
+    import mmap
+
+    def fresh_pages():
+        m = mmap.mmap(-1, 64 << 20)
+        for offset in range(0, 64 << 20, 4096):
+            m[offset] = 1
+        m.close()
+
+    faults: dict[str, float] = {}
+    seconds = bench.time_alternating({"fresh": fresh_pages, "idle": lambda: None}, reps=5, faults=faults)
+    assert set(seconds) == set(faults) == {"fresh", "idle"}
+    assert faults["fresh"] >= 32 and faults["idle"] < faults["fresh"] / 4
 
 
 def test_train_bench_refuses_other_modes(capsys):
