@@ -264,6 +264,7 @@ class FidBenchReport:
                 f"process; errors and FIDs against the original model in eager mode. "
                 f"Machine: {m['cpu']}{'' if m['threads'] == 'GPU' else ', ' + m['threads'] + ' threads'}, "
                 f"torch {m['torch']}, {m['date']}"
+                + (f"; allocator: {m['allocator']}" if m.get("allocator") else "")
                 + (f"; {m['tf32']}." if "tf32" in m else "."))
         return "\n\n".join([head, *(t.to_markdown() for t in self.tables)])
 
