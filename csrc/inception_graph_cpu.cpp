@@ -21,6 +21,7 @@
 
 #include "batch_norm_train.h"
 #include "gemm.h"
+#include "huge_pages.h"
 #include "inception_cpu.h"
 #include "plan.h"
 #include "winograd.h"
@@ -610,14 +611,14 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
       if (bias[g].numel() > 0) at::assert_no_overlap(out, bias[g]);
     }
   } else {
-    out = at::empty(shape, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+    out = empty_large(shape, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
   // The kernel's own output: `out` itself, or for fp16 an fp32 one rounded into it after.
   at::Tensor work = half ? at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast)) : out;
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   for (size_t k = 0; k < p.buf_channels.size(); ++k) {
     const int64_t pad = p.buf_border[k];
-    bufs.push_back(at::empty({N, H + 2 * pad, W + 2 * pad, p.buf_channels[k]}, x.options()));
+    bufs.push_back(empty_large({N, H + 2 * pad, W + 2 * pad, p.buf_channels[k]}, x.options()));
   }
   if (bn != nullptr) {
     TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
@@ -635,12 +636,12 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
       bn->stats.push_back(at::zeros({5, channels}, x.options()));
     }
     for (size_t k = 0; k < bufs.size(); ++k)
-      bn->interiors.push_back(p.buf_border[k] > 0 ? at::empty({N, H, W, p.buf_channels[k]}, x.options()) : bufs[k]);
+      bn->interiors.push_back(p.buf_border[k] > 0 ? empty_large({N, H, W, p.buf_channels[k]}, x.options()) : bufs[k]);
     for (const GemmDesc& d : p.descs) {
       if (d.source == kSourceMaxPoolCopy) continue;
       for (const auto& [begin, end, dest, channel] : d.segments)
-        bn->z.push_back(dest == kDestOut ? at::empty({N, out_h, out_w, end - begin}, x.options())
-                                         : at::empty({N, H, W, end - begin}, x.options()));
+        bn->z.push_back(dest == kDestOut ? empty_large({N, out_h, out_w, end - begin}, x.options())
+                                         : empty_large({N, H, W, end - begin}, x.options()));
     }
   }
   if (out.numel() == 0 || x.numel() == 0) return out;
@@ -711,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_batch_norm_backward(
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& alpha,
     const std::optional<at::Tensor>& shift) {
   TORCH_CHECK(z.dim() == 2, "relu_batch_norm_backward: z must be (M, channels) rows, got ", z.sizes());
-  at::Tensor dz = at::empty({z.size(0), z.size(1)}, z.options());
+  at::Tensor dz = empty_large({z.size(0), z.size(1)}, z.options());
   auto [d_gamma, d_beta] = relu_batch_norm_backward_out(grad, y, z, mean, invstd, weight, alpha, shift, dz);
   return {dz, d_gamma, d_beta};
 }

@@ -17,6 +17,7 @@
 //     copied max pool) are added in place into the GEMM's result.
 
 #include "gemm.h"
+#include "huge_pages.h"
 #include "inception_cpu.h"
 #include "max_pool_backward.h"
 #include "plan.h"
@@ -167,7 +168,7 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
       k0 += weights[i].size(0);
       shared_weights.push_back(weights[i].flatten(1));
     }
-  const at::Tensor a = at::empty({M, k0}, x.options());
+  const at::Tensor a = empty_large({M, k0}, x.options());
 
   std::vector<at::Tensor> d_weights(convs), d_biases(convs), dx_terms;
   int64_t max_pool_conv = -1;  // its scatter waits for dx: the shared GEMM runs after this loop
@@ -245,12 +246,12 @@ std::vector<at::Tensor> inception_graph_backward(const at::Tensor& grad_out_in, 
   if (needs[1] && k0 > 0)
     for (int64_t i = 0; i < convs; ++i)
       if (column[i] >= 0) d_weights[i] = d_shared.narrow(0, column[i], weights[i].size(0)).view(weights[i].sizes()).clone();
-  if (needs[0] && k0 == 0) dx_rows = at::zeros({M, C}, x.options());
+  if (needs[0] && k0 == 0) dx_rows = empty_large({M, C}, x.options()).zero_();
   // The max-pool branch: one pass recomputes the pool and its argmax, scatters g @ Wp into
   // dx_rows in place, and leaves the pooled rows for dW = g^T @ pooled (made even when
   // only the weights need gradients).
   if (max_pool_conv >= 0 && (needs[0] || needs[1])) {
-    const at::Tensor pooled = at::empty({M, C}, x.options());
+    const at::Tensor pooled = empty_large({M, C}, x.options());
     const at::Tensor& weight = weights[max_pool_conv];
     const at::Tensor gp_image = as_image(max_pool_g, N, H, W);  // max_pool_g: contiguous (M, cp) rows
     at::Tensor dp_full;  // fp32: d_pooled = gp @ Wp in full, as the 1x1's data gradient
@@ -313,7 +314,7 @@ at::Tensor max_pool3x3_scatter(const at::Tensor& x, const std::optional<at::Tens
                 "max_pool3x3_scatter: d_pooled and dx must be channels_last like x ", x.sizes(), " of ",
                 x.scalar_type());
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor pooled = at::empty_like(x, x.options().memory_format(cl));
+  at::Tensor pooled = empty_large(x.sizes(), x.options().memory_format(cl));
   if (x.numel() == 0) return pooled;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "max_pool3x3_scatter", [&] {
     max_pool3x3_backward<scalar_t>(x.data_ptr<scalar_t>(), at::Tensor(), at::Tensor(),
