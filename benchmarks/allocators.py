@@ -1,6 +1,7 @@
 """The process's memory allocator against eager and swapped CPU runs: glibc's malloc as it
-comes, glibc tuned (MALLOC_* variables), PyTorch's transparent huge pages
-(THP_MEM_ALLOC_ENABLE=1), tcmalloc and jemalloc (LD_PRELOAD).
+comes, the same without the kernels' huge-page advice (INCEPTION_FAST_HUGE_PAGES=0,
+csrc/huge_pages.h), glibc tuned (MALLOC_* variables), PyTorch's transparent huge pages
+for every tensor (THP_MEM_ALLOC_ENABLE=1), tcmalloc and jemalloc (LD_PRELOAD).
 
     PYTHONPATH=. python benchmarks/allocators.py [--rounds 2] [--reps 5] [--out benchmarks/results/allocators.md]
 
@@ -47,7 +48,8 @@ def configurations() -> dict[str, dict[str, str] | None]:
         found = ctypes.util.find_library(name)
         return {"LD_PRELOAD": found} if found else None
 
-    return {"glibc (default)": {}, "glibc, MALLOC_* tuned": dict(GLIBC_TUNED),
+    return {"glibc (default)": {}, "glibc, INCEPTION_FAST_HUGE_PAGES=0": {"INCEPTION_FAST_HUGE_PAGES": "0"},
+            "glibc, MALLOC_* tuned": dict(GLIBC_TUNED),
             "glibc, THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
             "tcmalloc (LD_PRELOAD)": preload("tcmalloc_minimal") or preload("tcmalloc"),
             "jemalloc (LD_PRELOAD)": preload("jemalloc")}
