@@ -205,3 +205,21 @@ def test_cached_packed_weights_hold_no_autograd_graph():
             fused(torch.randn(2, 13, 7, 7))
         cached = [t for cache in fused._pack_caches.values() for part in cache._value for t in part]
         assert cached and all(t.grad_fn is None and not t.requires_grad for t in cached)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (5, 2), ((1, 7), (0, 3)), ((7, 1), (3, 0))],
+                         ids=["3x3", "5x5", "1x7", "7x1"])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (1, 5, 1, 1), (2, 5, 2, 13)], ids=["9x11", "1x1", "2x13"])
+def test_padded_conv_unit_over_x_on_the_direct_gemm(kernel, padding, shape):
+    """A 'same' conv unit straight over x runs the direct implicit GEMM (float64 has no
+    Winograd form) from a bordered copy of x whose border alone is zeroed: grids smaller
+    than the border included."""
+    from torchvision.models.inception import BasicConv2d
+
+    torch.manual_seed(0)
+    original = randomize_(BasicConv2d(5, 7, kernel_size=kernel, padding=padding)).eval().double()
+    fused = ifast.FusedBranchGraph.from_module(copy.deepcopy(original)).eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(fused(x), original(x)) <= TOLERANCE[torch.float64]
