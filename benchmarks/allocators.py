@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # glibc tuned: the threshold at its ceiling (32 MB), and neither trimming nor top padding
-# handing pages back (README, "Allocators").
+# handing pages back (README, "The allocator").
 GLIBC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
                "MALLOC_TOP_PAD_": "268435456"}
 

@@ -16,9 +16,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cctype>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -28,13 +29,16 @@ namespace inception_fast {
 
 inline constexpr int64_t kHugePageMinBytes = int64_t(32) << 20;  // glibc's largest mmap threshold
 
+// INCEPTION_FAST_HUGE_PAGES, read once: off for 0, false, off or no (any case, spaces
+// around ignored), as ops/backend.py reads its switches.
 inline bool huge_pages_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("INCEPTION_FAST_HUGE_PAGES");
     if (v == nullptr) return true;
-    for (const char* off : {"0", "false", "off", "no", "FALSE", "OFF", "NO", "False", "Off", "No"})
-      if (std::strcmp(v, off) == 0) return false;
-    return true;
+    std::string s;
+    for (const char* c = v; *c != '\0'; ++c)
+      if (!std::isspace(static_cast<unsigned char>(*c))) s += static_cast<char>(std::tolower(static_cast<unsigned char>(*c)));
+    return !(s == "0" || s == "false" || s == "off" || s == "no");
   }();
   return enabled;
 }

@@ -618,7 +618,7 @@ at::Tensor graph_forward(const at::Tensor& x_in, const FlatPlan& p, at::TensorLi
     out = empty_large(shape, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   }
   // The kernel's own output: `out` itself, or for fp16 an fp32 one rounded into it after.
-  at::Tensor work = half ? at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast)) : out;
+  at::Tensor work = half ? empty_large(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast)) : out;
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   for (size_t k = 0; k < p.buf_channels.size(); ++k) {
     const int64_t pad = p.buf_border[k];

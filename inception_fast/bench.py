@@ -193,10 +193,10 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
 def allocator() -> str:
     """The process's memory allocator, as its environment says at start: "tcmalloc" or
     "jemalloc" where LD_PRELOAD names one, else "glibc" with any MALLOC_* tuning and
-    THP_MEM_ALLOC_ENABLE (README, "Allocators"). Whether a call's large buffers come back
-    mapped or get faulted in anew moves every CPU timing: Inception-v3's inference at
-    batch 32 ran 1.17-1.23x faster swapped, 1.3x eager, under tcmalloc than under glibc's
-    defaults (benchmarks/allocators.py)."""
+    THP_MEM_ALLOC_ENABLE (README, "The allocator"). Whether a call's large buffers come
+    back mapped or get faulted in anew moves every CPU timing: Inception-v3's inference at
+    batch 32 ran 1.13-1.16x faster swapped, 1.2-1.3x eager, under tcmalloc than under
+    glibc's defaults (benchmarks/allocators.py)."""
     preload = os.environ.get("LD_PRELOAD", "")
     for name in ("tcmalloc", "jemalloc", "mimalloc"):
         if name in preload:

@@ -56,7 +56,8 @@ def test_a_large_output_is_advised_onto_huge_pages_and_a_small_one_is_not():
         assert "hg" not in vm_flags(small.data_ptr())
 
 
-def test_huge_pages_env_switch_turns_the_advice_off():
+@pytest.mark.parametrize("value", ["0", " Off "])
+def test_huge_pages_env_switch_turns_the_advice_off(value):
     code = ("import torch, inception_fast as ifast\n"
             "from test_huge_pages import unit_and_input, vm_flags\n"
             "original, fused, x = unit_and_input(260)\n"
@@ -64,7 +65,7 @@ def test_huge_pages_env_switch_turns_the_advice_off():
             "    y = fused(x)\n"
             "print('hg' in vm_flags(y.data_ptr() + (4 << 20)), (y - original(x)).abs().max().item() < 1e-3)\n")
     tests = str(Path(__file__).parent)
-    env = dict(os.environ, INCEPTION_FAST_HUGE_PAGES="0",
+    env = dict(os.environ, INCEPTION_FAST_HUGE_PAGES=value,
                PYTHONPATH=os.pathsep.join([tests, str(Path(tests).parent), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
