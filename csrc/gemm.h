@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -450,20 +451,49 @@ inline void max_into(T* out, const T* in, int64_t C) {
 }
 
 // pooled[i][c] = max of x over the 3x3 window (-inf padding) around pixel i; NaN wins, as in
-// torch.max_pool2d. Row i of pooled starts at pooled + i * ld (ld >= C).
+// torch.max_pool2d, whose row-major scan order (a later value replaces the running max
+// when greater or NaN) this keeps, signed zeros included. Row i of pooled starts at
+// pooled + i * ld (ld >= C).
 template <typename T>
 void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, const int64_t* pix_n,
                    const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
     T* out = pooled + i * ld;
-    std::memcpy(out, x.interior_row(n, h, w), C * sizeof(T));
-    for (int64_t dy = -1; dy <= 1; ++dy) {
-      if (h + dy < 0 || h + dy >= H) continue;
-      for (int64_t dx = -1; dx <= 1; ++dx) {
-        if ((dy == 0 && dx == 0) || w + dx < 0 || w + dx >= W) continue;
-        max_into(out, x.interior_row(n, h + dy, w + dx), C);
+    const T* taps[9] = {};  // the window's in-bounds rows, row-major (the centre at least)
+    int count = 0;
+    for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
+      for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww)
+        taps[count++] = x.interior_row(n, hh, ww);
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      // A vector of channels at a time, the running max in a register: 9 loads and one store
+      // per vector, where max_into's pass per tap loaded and stored the row 9 times (10% of
+      // GoogLeNet 3a's fused forward at batch 16).
+      using V = typename Simd<T>::Vec;
+      constexpr int64_t L = Simd<T>::kLanes;
+      int64_t c = 0;
+      for (; c + L <= C; c += L) {
+        V m;
+        std::memcpy(&m, taps[0] + c, sizeof(V));
+#pragma GCC unroll 9
+        for (int k = 1; k < count; ++k) {
+          V v;
+          std::memcpy(&v, taps[k] + c, sizeof(V));
+          m = ((v > m) | (v != v)) ? v : m;
+        }
+        std::memcpy(out + c, &m, sizeof(V));
       }
+      for (; c < C; ++c) {
+        T m = taps[0][c];
+        for (int k = 1; k < count; ++k) {
+          const T v = taps[k][c];
+          if (v > m || v != v) m = v;
+        }
+        out[c] = m;
+      }
+    } else {
+      std::memcpy(out, taps[0], C * sizeof(T));
+      for (int k = 1; k < count; ++k) max_into(out, taps[k], C);
     }
   }
 }
