@@ -5,6 +5,9 @@ for every tensor (THP_MEM_ALLOC_ENABLE=1), tcmalloc and jemalloc (LD_PRELOAD).
 
     PYTHONPATH=. python benchmarks/allocators.py [--rounds 2] [--reps 5] [--out benchmarks/results/allocators.md]
 
+(--out also writes the raw runs as JSON beside it, allocators.json; ~4 minutes at 2 rounds
+of 5 reps on a quiet 2-core machine, ~1.5 at 1 round of 2.)
+
 Why: a CPU forward or train step allocates tens to hundreds of MB of activations and
 frees them again. glibc serves every block over its mmap threshold (at most 32 MB) with
 fresh pages from the kernel and hands smaller ones back when the heap's top is trimmed,
@@ -108,8 +111,11 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.reps)))
         return 0
+    from inception_fast.bench import other_processes_busy
+
     configs = configurations()
     runs: dict[str, list[dict]] = {name: [] for name in configs}
+    busy = other_processes_busy()  # cores other processes keep busy: these timings need a quiet machine
     for r in range(args.rounds):
         for name, env in configs.items():
             if env is None:
@@ -144,9 +150,12 @@ def main() -> int:
     from inception_fast.bench import machine_info
 
     machine = machine_info("cpu")
-    table = "\n".join(lines) + (f"\n\n{args.rounds} runs per allocator (a range where they differ), {args.reps} "
+    runs_word = "run" if args.rounds == 1 else "runs"
+    table = "\n".join(lines) + (f"\n\n{args.rounds} {runs_word} per allocator (a range where they differ), {args.reps} "
                                 f"alternating reps each. Machine: {machine['cpu']}, {machine['threads']} threads, "
-                                f"torch {machine['torch']}, {machine['date']}.")
+                                f"torch {machine['torch']}, {machine['date']}."
+                                + (f" **Other processes kept {busy:.2f} cores busy when this run began: these "
+                                   "timings are not reliable.**" if busy is not None and busy >= 0.25 else ""))
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")

@@ -1,17 +1,20 @@
 // Large kernel outputs on transparent huge pages (Linux).
 //
-// glibc serves every allocation over its mmap threshold (32 MB at most) with a fresh
-// mapping and unmaps it on free, so each call of a large block faults its outputs in anew:
-// a 4 KiB page at a time, each fault zeroing and mapping one page. Inception-v3's stem at
-// batch 32 writes 88-177 MB per conv unit; its forward faulted ~110,000 pages a call in
-// our ops alone. Asking for huge pages on such a fresh mapping before the first write
-// (madvise(MADV_HUGEPAGE), what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every
-// allocation) makes the kernel fault 2 MiB at a time. Only for tensors of at least
-// kHugePageMinBytes: those are mappings of their own, unmapped when freed, so the advice
-// never lands on glibc's heap, which smaller tensors share. Advice only: where the kernel
-// has no THP, or says no, nothing changes. INCEPTION_FAST_HUGE_PAGES=0 (or false/off/no),
-// read once, turns it off: huge pages make the kernel compact memory on a fault where none
-// is free, a stall some latency-bound servers would rather not have.
+// glibc serves an allocation over its mmap threshold (32 MiB at most) with a fresh
+// mapping when no free chunk of its heap fits, and unmaps it on free, so each call of a
+// large block faults its outputs in anew: a 4 KiB page at a time, each fault zeroing and
+// mapping one page. Inception-v3's stem at batch 32 writes 88-177 MB per conv unit; its
+// forward faulted ~110,000 pages a call in our ops alone. Asking for huge pages on the
+// storage before the first write (madvise(MADV_HUGEPAGE), what PyTorch's
+// THP_MEM_ALLOC_ENABLE=1 does for every allocation) makes the kernel fault 2 MiB at a
+// time. Only tensors of at least kHugePageMinBytes, the ones glibc's defaults usually map
+// on their own. Where the allocator hands out memory it already holds (a free heap chunk,
+// the rule under tuned MALLOC_* variables; tcmalloc's page heap) the advice does nothing
+// for that call and stays on the range after the tensor is freed (as glibc's own
+// glibc.malloc.hugetlb=1 tunable advises its whole heap). Advice only: where the kernel has
+// no THP, or says no, nothing changes. INCEPTION_FAST_HUGE_PAGES=0 (or false/off/no) turns
+// it off: a fault on a huge page may stall while the kernel compacts memory, which a
+// latency-bound server may not want.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -191,19 +191,30 @@ def machine_info(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dic
 
 
 def allocator() -> str:
-    """The process's memory allocator, as its environment says at start: "tcmalloc" or
-    "jemalloc" where LD_PRELOAD names one, else "glibc" with any MALLOC_* tuning and
-    THP_MEM_ALLOC_ENABLE (README, "The allocator"). Whether a call's large buffers come
-    back mapped or get faulted in anew moves every CPU timing: Inception-v3's inference at
-    batch 32 ran 1.13-1.16x faster swapped, 1.2-1.3x eager, under tcmalloc than under
-    glibc's defaults (benchmarks/allocators.py)."""
+    """The process's memory allocator: "tcmalloc", "jemalloc" or "mimalloc" where one is
+    mapped into the process (/proc/self/maps; "(LD_PRELOAD)" where that variable names it),
+    else "glibc" with any MALLOC_* tuning and THP_MEM_ALLOC_ENABLE. An LD_PRELOAD whose
+    library did not load (the loader prints one line and goes on) is named as such, not
+    taken for the allocator. Without /proc (not Linux) the environment alone decides.
+    Whether a call's large buffers come back mapped or get faulted in anew moves every CPU
+    timing: Inception-v3's inference at batch 32 ran 1.13-1.16x faster swapped, 1.2-1.3x
+    eager, under tcmalloc than under glibc's defaults (README, "The allocator";
+    benchmarks/allocators.py)."""
     preload = os.environ.get("LD_PRELOAD", "")
-    for name in ("tcmalloc", "jemalloc", "mimalloc"):
-        if name in preload:
-            return f"{name} (LD_PRELOAD)"
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = f.read()
+    except OSError:
+        mapped = None
+    names = ("tcmalloc", "jemalloc", "mimalloc")
+    for name in names:
+        if name in (preload if mapped is None else mapped):
+            return name + (" (LD_PRELOAD)" if name in preload else "")
     tuning = [f"{k}={v}" for k, v in sorted(os.environ.items())
               if k.startswith("MALLOC_") or k == "THP_MEM_ALLOC_ENABLE"]
-    return "glibc" + (", " + " ".join(tuning) if tuning else " (default)")
+    missing = [name for name in names if name in preload]
+    return ("glibc" + (", " + " ".join(tuning) if tuning else " (default)")
+            + (f"; LD_PRELOAD names {missing[0]}, which did not load" if missing else ""))
 
 
 def other_processes_busy(seconds: float = 0.5) -> float | None:

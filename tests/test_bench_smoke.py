@@ -119,12 +119,17 @@ def test_train_bench_times_blocks_and_steps(monkeypatch):
     ({}, "glibc (default)"),
     ({"MALLOC_TOP_PAD_": "268435456", "THP_MEM_ALLOC_ENABLE": "1"},
      "glibc, MALLOC_TOP_PAD_=268435456 THP_MEM_ALLOC_ENABLE=1"),
-    ({"LD_PRELOAD": "libtcmalloc_minimal.so.4", "MALLOC_TOP_PAD_": "1"}, "tcmalloc (LD_PRELOAD)"),
-    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "jemalloc (LD_PRELOAD)"),
+    # Named, but not loaded into this process: said so, not taken for the allocator.
+    ({"LD_PRELOAD": "libtcmalloc_minimal.so.4", "MALLOC_TOP_PAD_": "1"},
+     "glibc, MALLOC_TOP_PAD_=1; LD_PRELOAD names tcmalloc, which did not load"),
 ])
 def test_bench_footer_names_the_allocator(monkeypatch, env, expected):
-    """machine_info's allocator, from the environment the process started with; the
-    footer of every CPU table carries it (it moves CPU timings by 10-30%)."""
+    """machine_info's allocator, from the environment and what the process has mapped;
+    the footer of every CPU table carries it (it moves CPU timings by 10-30%)."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("reads /proc/self/maps (Linux)")
+    if any(name in Path("/proc/self/maps").read_text() for name in ("tcmalloc", "jemalloc", "mimalloc")):
+        pytest.skip("this test process itself runs under another allocator")
     for key in [k for k in os.environ if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")]:
         monkeypatch.delenv(key)
     for key, value in env.items():
@@ -135,6 +140,21 @@ def test_bench_footer_names_the_allocator(monkeypatch, env, expected):
     machine = {"cpu": "x", "threads": "2", "torch": "x", "date": "d", "allocator": bench.allocator()}
     text = bench.BenchReport(machine=machine, ceiling_gmacs={"mm": 100.0}, cases=[case]).to_markdown()
     assert f"Allocator: {expected}." in text
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_allocator_sees_a_preloaded_tcmalloc():
+    """A child process under LD_PRELOAD=tcmalloc (where the library is installed) reports it."""
+    import ctypes.util
+
+    library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if library is None:
+        pytest.skip("tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
+    out = subprocess.run([sys.executable, "-c", "import inception_fast.bench as b; print(b.allocator())"],
+                         env=dict(os.environ, LD_PRELOAD=library, PYTHONPATH=str(ROOT)), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "tcmalloc (LD_PRELOAD)"
 
 
 @pytest.mark.skipif(bench.minor_page_faults() is None, reason="getrusage (the resource module) is Unix-only")
