@@ -513,6 +513,43 @@ void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
                    PoolDivisor divisor = PoolDivisor::kNine) {
   using A = acc_t<T>;
   constexpr bool kWide = !std::is_same_v<A, T>;
+  if constexpr (!kWide) {
+    // float32 and float64: a vector of channels at a time, its sum in a register over the
+    // window's taps, then one division and one store, where a pass per tap loaded and
+    // stored the row 9 times. The same additions in the same order (from 0, row-major),
+    // so the same bits.
+    using V = typename Simd<T>::Vec;
+    constexpr int64_t L = Simd<T>::kLanes;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
+      const int64_t h0 = std::max<int64_t>(h - 1, 0), h1 = std::min(h + 1, H - 1);
+      const int64_t w0 = std::max<int64_t>(w - 1, 0), w1 = std::min(w + 1, W - 1);
+      const T* taps[9] = {};
+      int count = 0;
+      for (int64_t hh = h0; hh <= h1; ++hh)
+        for (int64_t ww = w0; ww <= w1; ++ww) taps[count++] = x.interior_row(n, hh, ww);
+      const T divide_by = divisor == PoolDivisor::kNine ? T(9) : T(count);
+      T* out = pooled + i * ld;
+      int64_t c = 0;
+      for (; c + L <= C; c += L) {
+        V sum{};
+#pragma GCC unroll 9
+        for (int k = 0; k < count; ++k) {
+          V v;
+          std::memcpy(&v, taps[k] + c, sizeof(V));
+          sum += v;
+        }
+        if (divisor != PoolDivisor::kNone) sum /= divide_by;
+        std::memcpy(out + c, &sum, sizeof(V));
+      }
+      for (; c < C; ++c) {
+        T sum = T(0);
+        for (int k = 0; k < count; ++k) sum += taps[k][c];
+        out[c] = divisor != PoolDivisor::kNone ? sum / divide_by : sum;
+      }
+    }
+    return;
+  }
   std::vector<A> wide(kWide ? C : 0);  // bf16's fp32 sums of one row
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
