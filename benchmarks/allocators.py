@@ -65,7 +65,7 @@ def child(reps: int) -> dict:
     import torch
 
     from inception_fast.bench import _inception_v3, time_alternating
-    from inception_fast.bench_train import _googlenet
+    from inception_fast.bench_train import _googlenet, train_step
     from inception_fast.swap import swap_inception
 
     cl = torch.channels_last
@@ -87,16 +87,9 @@ def child(reps: int) -> dict:
     x = torch.randn(16, 3, 224, 224).contiguous(memory_format=cl)
     target = torch.randint(0, 1000, (16,))
 
-    def step(m):
-        def run():
-            torch.manual_seed(1)  # the same dropout masks for both
-            m.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(m(x), target).backward()
-        return run
-
     faults = {}
-    seconds = time_alternating({"eager": step(model), "swapped": step(swapped)}, reps=reps + 1, warmup=2,
-                               faults=faults)
+    seconds = time_alternating({"eager": train_step(model, x, target), "swapped": train_step(swapped, x, target)},
+                               reps=reps + 1, warmup=2, faults=faults)
     result["googlenet train step, batch 16"] = {k: [s * 1e3, faults.get(k)] for k, s in seconds.items()}
     return result
 

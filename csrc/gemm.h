@@ -450,6 +450,18 @@ inline void max_into(T* out, const T* in, int64_t C) {
   }
 }
 
+// The in-bounds rows of the 3x3 window around pixel (n, h, w) of an H x W grid, row-major
+// (torch's scan order), into taps; returns how many (4 to 9: the centre is always in).
+template <typename T>
+inline int window_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t n, int64_t h, int64_t w,
+                       const T* (&taps)[9]) {
+  int count = 0;
+  for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
+    for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww)
+      taps[count++] = x.interior_row(n, hh, ww);
+  return count;
+}
+
 // pooled[i][c] = max of x over the 3x3 window (-inf padding) around pixel i; NaN wins, as in
 // torch.max_pool2d, whose row-major scan order (a later value replaces the running max
 // when greater or NaN) this keeps, signed zeros included. Row i of pooled starts at
@@ -460,11 +472,8 @@ void max_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
     T* out = pooled + i * ld;
-    const T* taps[9] = {};  // the window's in-bounds rows, row-major (the centre at least)
-    int count = 0;
-    for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
-      for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww)
-        taps[count++] = x.interior_row(n, hh, ww);
+    const T* taps[9] = {};
+    const int count = window_rows(x, H, W, n, h, w, taps);
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       // A vector of channels at a time, the running max in a register: 9 loads and one store
       // per vector, where max_into's pass per tap loaded and stored the row 9 times (10% of
@@ -512,8 +521,7 @@ void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
                    const int64_t* pix_h, const int64_t* pix_w, int64_t rows, T* pooled, int64_t ld,
                    PoolDivisor divisor = PoolDivisor::kNine) {
   using A = acc_t<T>;
-  constexpr bool kWide = !std::is_same_v<A, T>;
-  if constexpr (!kWide) {
+  if constexpr (std::is_same_v<A, T>) {
     // float32 and float64: a vector of channels at a time, its sum in a register over the
     // window's taps, then one division and one store, where a pass per tap loaded and
     // stored the row 9 times. The same additions in the same order (from 0, row-major),
@@ -521,13 +529,8 @@ void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
     using V = typename Simd<T>::Vec;
     constexpr int64_t L = Simd<T>::kLanes;
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
-      const int64_t h0 = std::max<int64_t>(h - 1, 0), h1 = std::min(h + 1, H - 1);
-      const int64_t w0 = std::max<int64_t>(w - 1, 0), w1 = std::min(w + 1, W - 1);
       const T* taps[9] = {};
-      int count = 0;
-      for (int64_t hh = h0; hh <= h1; ++hh)
-        for (int64_t ww = w0; ww <= w1; ++ww) taps[count++] = x.interior_row(n, hh, ww);
+      const int count = window_rows(x, H, W, pix_n[i], pix_h[i], pix_w[i], taps);
       const T divide_by = divisor == PoolDivisor::kNine ? T(9) : T(count);
       T* out = pooled + i * ld;
       int64_t c = 0;
@@ -548,28 +551,22 @@ void avg_pool_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t C, con
         out[c] = divisor != PoolDivisor::kNone ? sum / divide_by : sum;
       }
     }
-    return;
-  }
-  std::vector<A> wide(kWide ? C : 0);  // bf16's fp32 sums of one row
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t n = pix_n[i], h = pix_h[i], w = pix_w[i];
-    T* row = pooled + i * ld;
-    A* out;
-    if constexpr (kWide) out = wide.data(); else out = row;
-    std::fill(out, out + C, A(0));
-    const int64_t h0 = std::max<int64_t>(h - 1, 0), h1 = std::min(h + 1, H - 1);
-    const int64_t w0 = std::max<int64_t>(w - 1, 0), w1 = std::min(w + 1, W - 1);
-    for (int64_t hh = h0; hh <= h1; ++hh)
-      for (int64_t ww = w0; ww <= w1; ++ww) {
-        const T* in = x.interior_row(n, hh, ww);
-        for (int64_t c = 0; c < C; ++c) out[c] += static_cast<A>(in[c]);
+  } else {
+    // bf16: a row's sums in fp32, rounded once.
+    std::vector<A> out(C);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* taps[9] = {};
+      const int count = window_rows(x, H, W, pix_n[i], pix_h[i], pix_w[i], taps);
+      std::fill(out.begin(), out.end(), A(0));
+      for (int k = 0; k < count; ++k)
+        for (int64_t c = 0; c < C; ++c) out[c] += static_cast<A>(taps[k][c]);
+      if (divisor != PoolDivisor::kNone) {
+        const A divide_by = divisor == PoolDivisor::kNine ? A(9) : A(count);
+        for (int64_t c = 0; c < C; ++c) out[c] /= divide_by;
       }
-    if (divisor != PoolDivisor::kNone) {
-      const A count = divisor == PoolDivisor::kNine ? A(9) : A((h1 - h0 + 1) * (w1 - w0 + 1));
-      for (int64_t c = 0; c < C; ++c) out[c] /= count;
-    }
-    if constexpr (kWide)
+      T* row = pooled + i * ld;
       for (int64_t c = 0; c < C; ++c) row[c] = static_cast<T>(out[c]);
+    }
   }
 }
 

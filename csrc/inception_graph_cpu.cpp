@@ -175,8 +175,7 @@ void graph_forward_impl(const at::Tensor& x, const std::vector<int64_t>& buf_cha
   if (copy_x) {
     // Only the border zeroed: the interior is x's (a zeroed copy wrote it twice).
     x_copy = empty_large({N, H + 2 * x_border, W + 2 * x_border, C}, x.options());
-    const Plane<T> bordered{x_copy.data_ptr<T>(), (H + 2 * x_border) * (W + 2 * x_border) * C,
-                            (W + 2 * x_border) * C, C, x_border};
+    const Plane<T> bordered = padded_plane<T>(x_copy, H, W, C, x_border);
     for (int64_t n = 0; n < N; ++n) zero_border(bordered, n, H, W, C);
     x_copy.narrow(1, x_border, H).narrow(2, x_border, W).copy_(x.permute({0, 2, 3, 1}));
   } else {

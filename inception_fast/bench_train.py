@@ -15,7 +15,7 @@ import torch
 from .bench import (BenchReport, CaseResult, _better_ceiling, _inception_v3, each_case, gemm_ceiling, machine_info,
                     time_alternating)
 
-__all__ = ["bench_train_blocks", "bench_train_steps", "train_steps_markdown"]
+__all__ = ["bench_train_blocks", "bench_train_steps", "train_step", "train_steps_markdown"]
 
 # torchvision googlenet's Inception modules and their input grids at 224x224.
 GOOGLENET_GRIDS = {"3a": 28, "3b": 28, "4a": 14, "4b": 14, "4c": 14, "4d": 14, "4e": 14, "5a": 7, "5b": 7}
@@ -38,6 +38,17 @@ def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Ca
         module(x).backward(grad)
 
     return step
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    """One train step of `model` as a callable: zero_grad, forward, cross-entropy against
+    `target`, backward; each call re-seeds the RNG so that every contender draws the same
+    dropout masks."""
+    def run():
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+    return run
 
 
 def bench_train_blocks(blocks: list[str], batches: list[int], reps: int = 10,
@@ -97,16 +108,10 @@ def bench_train_steps(cases: list[tuple[str, int]], reps: int = 6,
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, 1000, (batch,))
 
-        def step(model):
-            def run():
-                torch.manual_seed(1)
-                model.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(model(x), target).backward()
-            return run
-
         faults: dict[str, float] = {}
-        seconds = time_alternating({"fused": step(swapped), "fused_convs": step(swapped_convs),
-                                    "eager_channels_last": step(original)}, reps=reps, faults=faults)
+        seconds = time_alternating({"fused": train_step(swapped, x, target),
+                                    "fused_convs": train_step(swapped_convs, x, target),
+                                    "eager_channels_last": train_step(original, x, target)}, reps=reps, faults=faults)
         eager = seconds["eager_channels_last"]
         rows.append({"model": model_name, "batch": batch, "ms": {k: v * 1e3 for k, v in seconds.items()},
                      "speedup": eager / seconds["fused"], "speedup_convs": eager / seconds["fused_convs"],
