@@ -557,28 +557,3 @@ def test_relu_batch_norm_backward_into_writes_the_columns_it_is_given(dtype):
                                                                matrix[:, :c - 1])
     with pytest.raises(RuntimeError, match="single memory location"):
         torch.ops.inception_fast.relu_batch_norm_backward_into(grad, z.relu(), z, mean, invstd, gamma, None, None, grad)
-
-
-@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last], ids=["nchw-w", "cl-w"])
-@pytest.mark.parametrize("kind", ["googlenet", "v3-C"])
-def test_weight_gradients_come_in_each_weights_layout(kind, weight_format):
-    """On a channels_last input, each conv weight's gradient has eager's values whichever
-    layout the weights are in, and lands in the weight's own layout. (AccumulateGrad copies a
-    gradient into its parameter's layout itself, so the op need not: converting in the
-    backward only moved that copy.)"""
-    original, fused, channels = _pair(kind, torch.float32)
-    for model in (original, fused):
-        for p in model.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=weight_format)
-    x = torch.randn(2, channels, 6, 5).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        grad_out = torch.randn_like(original(x))
-    _, _, want = _grads(original, x, grad_out)
-    _, _, got = _grads(fused, x, grad_out)
-    params = dict(fused.named_parameters())
-    convs = [n for n, p in params.items() if p.dim() == 4 and p.shape[2:] != (1, 1)]  # 1x1s: either layout
-    assert convs and set(convs) <= set(want)
-    for name in convs:
-        assert got[name].stride() == params[name].stride(), name
-        assert rel_err(got[name], want[name]) <= 1e-4, name

@@ -193,6 +193,9 @@ class BranchGraphBatchNormFunction(torch.autograd.Function):
             ctx.backward_plan, _segments(ctx.graph).z_index, ctx.backend, needs[0], needs[first:first + n_conv],
             needs[first + n_conv:first + 2 * n_conv], needs[first + 2 * n_conv:first + 3 * n_conv],
             needs[first + 3 * n_conv:first + 4 * n_conv])
+        # In each parameter's layout, so that AccumulateGrad stores them without a copy
+        # (oneDNN's follow the layout of the convolution's input, not the weight's).
+        d_w = [g if g is None else g.contiguous(memory_format=weight_layout(wt)) for g, wt in zip(d_w, weights)]
         return (dx, None, None, None, None, *d_w, *d_b, *d_gamma, *d_beta)
 
 
