@@ -112,7 +112,13 @@ inline void pool_pixel(const T* const* x, typename PoolLanes<T>::Acc* const* dx,
 // small GEMMs at ~40 GMAC/s).
 // (Measured and rejected: items that own a channel block across all images, so that dx
 // and pooled never exist in full either; the many small GEMMs that needs ran at a third
-// of MKL's speed and the whole step got 1.7x slower.)
+// of MKL's speed and the whole step got 1.7x slower. And a gather in place of the scatter:
+// each pixel's argmax kept as a window position in a ring of three rows, then each dx row
+// summing the d_pooled of the neighbours whose argmax it is, one store per element. It won
+// where the tensors fit the 32 MB L3 (GoogLeNet 4a's shape at batch 8: 0.45 against 0.52
+// ms) and lost where they do not (batch 32: 2.85 against 2.33 ms inside the train step):
+// there the pass is bound by memory, ~60 MB a call, and the gather reads d_pooled's rows
+// three image rows at a time, which streams worse than the scatter's one.)
 //
 // bf16 scatters into an fp32 copy of the item's block of dx, zeroed, and adds it to dx
 // once, as eager's bf16 max-pool backward sums in fp32: rounding dx after each of up to
