@@ -456,9 +456,9 @@ template <typename T>
 inline int window_rows(const Plane<const T>& x, int64_t H, int64_t W, int64_t n, int64_t h, int64_t w,
                        const T* (&taps)[9]) {
   int count = 0;
-  for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
-    for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww)
-      taps[count++] = x.interior_row(n, hh, ww);
+  const Window win = window_of(H, W, h, w);
+  for (int64_t hh = win.h0; hh <= win.h1; ++hh)
+    for (int64_t ww = win.w0; ww <= win.w1; ++ww) taps[count++] = x.interior_row(n, hh, ww);
   return count;
 }
 

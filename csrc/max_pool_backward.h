@@ -151,8 +151,9 @@ void max_pool3x3_backward(const T* x /* (N, H, W, C) */, const at::Tensor& gp /*
           const T* x_rows[9];
           Acc* dx_rows[9];
           int taps = 0;
-          for (int64_t hh = std::max<int64_t>(h - 1, 0); hh <= std::min(h + 1, H - 1); ++hh)
-            for (int64_t ww = std::max<int64_t>(w - 1, 0); ww <= std::min(w + 1, W - 1); ++ww) {
+          const Window win = window_of(H, W, h, w);
+          for (int64_t hh = win.h0; hh <= win.h1; ++hh)
+            for (int64_t ww = win.w0; ww <= win.w1; ++ww) {
               x_rows[taps] = x + ((n * H + hh) * W + ww) * C + c0;
               dx_rows[taps++] = dx != nullptr ? dx_at(hh, ww) : nullptr;
             }
